@@ -1,0 +1,1 @@
+"""One module per ``graphprune`` subcommand (see :mod:`graphprune.cli`)."""

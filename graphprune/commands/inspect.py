@@ -1,0 +1,48 @@
+"""``graphprune inspect MODEL``: the residual blocks, as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+
+from ..cli import add_model_arguments, load_model_from_args
+from ..passes import FindBlocks
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("inspect", help="list the residual blocks of a model")
+    add_model_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON to stdout")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    model = load_model_from_args(args)
+    result = FindBlocks().run(model)
+    blocks, total = result.value, result.record["model_macs"]
+    if args.json:
+        print(json.dumps({"model": args.model, "input_shape": list(model.analysis_shape()),
+                          "model_macs": total, "blocks": [b.summary() for b in blocks]}, indent=2))
+        return 0
+    if not blocks:
+        print(f"{args.model}: no residual blocks found (nothing graphprune can drop)")
+        return 0
+    print(format_block_table(blocks, total))
+    return 0
+
+
+def format_block_table(blocks, total_macs: int) -> str:
+    rows = [("block", "kind", "input", "output", "params", "MMACs", "% MACs")]
+    for b in blocks:
+        share = 100.0 * b.macs / total_macs if total_macs else 0.0
+        rows.append((b.name, b.kind, _shape(b.input_shape), _shape(b.output_shape), f"{b.params:,}",
+                     f"{b.macs / 1e6:.2f}", f"{share:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"{len(blocks)} residual blocks; model total {total_macs / 1e6:.2f} MMACs")
+    return "\n".join(lines)
+
+
+def _shape(shape) -> str:
+    return "x".join(str(d) for d in shape) if shape else "?"

@@ -1,0 +1,196 @@
+"""PyTorch in and out.
+
+* An ``nn.Module`` from Python is traced with ``torch.fx.symbolic_trace`` in eval mode; when
+  Python control flow defeats tracing, ``torch.export`` is used instead.
+* A ``.pt2`` file is read only through ``torch.export.load`` (no arbitrary unpickling).
+* ``torchvision:<name>`` builds a torchvision architecture; ``zoo:<name>`` one of graphprune's own
+  (:mod:`graphprune.zoo`). ``weights`` is a state dict read with ``torch.load(weights_only=True)``.
+
+Writing: ``.pt2`` through ``torch.export``; ONNX through ``torch.onnx.export`` (TorchScript
+exporter, opset 17 falling back to 14, then the dynamo exporter), with the batch axis dynamic.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from .errors import GraphpruneError
+from .model import InputSpec, Model
+
+DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
+
+
+def load_module(module: nn.Module, input_shape: tuple[int, ...] | None = None, name: str | None = None) -> Model:
+    """Trace a Python ``nn.Module`` into a :class:`Model`."""
+    if not isinstance(module, nn.Module):
+        raise GraphpruneError(f"expected an nn.Module, got {type(module).__name__}")
+    shape = tuple(input_shape) if input_shape else tuple(getattr(module, "input_shape", DEFAULT_IMAGE_SHAPE))
+    module = module.eval()
+    try:
+        gm = fx.symbolic_trace(module)
+        # symbolic_trace keeps the original module's Python attributes; run once to be sure it works.
+        with torch.no_grad():
+            gm(torch.randn(shape))
+    except Exception:
+        gm = _export_module(module, shape)
+    gm.eval()
+    spec = InputSpec(_placeholder_names(gm)[0], (None, *shape[1:]))
+    return Model(gm, "torch", (spec,), ("output",), name or type(module).__name__, input_shape=shape)
+
+
+def _export_module(module: nn.Module, shape: tuple[int, ...]) -> fx.GraphModule:
+    try:
+        program = torch.export.export(module, (torch.randn(shape),))
+    except Exception as exc:
+        raise GraphpruneError(
+            f"cannot trace {type(module).__name__} with torch.fx or torch.export: {str(exc).splitlines()[0][:200]}"
+        ) from None
+    return plain_graph_module(program.module())
+
+
+def plain_graph_module(exported: fx.GraphModule) -> fx.GraphModule:
+    """An ordinary GraphModule over ``ExportedProgram.module()``'s graph (whose own ``eval()`` and
+    ``train()`` raise), sharing its submodules and weights."""
+    gm = fx.GraphModule(exported, exported.graph)
+    gm.meta.update(getattr(exported, "meta", {}))
+    return gm
+
+
+def _placeholder_names(gm: fx.GraphModule) -> list[str]:
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"] or ["input"]
+
+
+def load_pt2(path: str | os.PathLike, input_shape: tuple[int, ...] | None = None) -> Model:
+    """A program saved with ``torch.export.save``."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        raise GraphpruneError(f"model file not found or empty: {path}")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise GraphpruneError(f"not a readable torch.export program: {path} ({type(exc).__name__})") from None
+    user_inputs = program.graph_signature.user_inputs
+    specs = []
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            specs.append(InputSpec(node.name, (None, *tuple(int(d) for d in val.shape[1:])), val.dtype))
+    gm = plain_graph_module(program.module())
+    example_shape = None
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            example_shape = tuple(int(d) for d in node.meta["val"].shape)
+            break
+    return Model(gm, "pt2", tuple(specs), ("output",), path.stem,
+                 input_shape=tuple(input_shape) if input_shape else example_shape)
+
+
+def build_named(spec: str, weights: str | None = None, input_shape: tuple[int, ...] | None = None) -> Model:
+    """``torchvision:resnet50`` or ``zoo:cifar10_resnet56``, optionally with a state dict."""
+    family, _, arch = spec.partition(":")
+    if family == "torchvision":
+        import torchvision
+
+        try:
+            module = torchvision.models.get_model(arch, weights=None)
+        except Exception:
+            known = ", ".join(sorted(torchvision.models.list_models())[:12])
+            raise GraphpruneError(f"unknown torchvision model '{arch}' (e.g. {known}, ...)") from None
+        shape = DEFAULT_IMAGE_SHAPE
+    elif family == "zoo":
+        from . import zoo
+
+        module = zoo.build(arch)
+        shape = module.input_shape
+    else:
+        raise GraphpruneError(f"unknown model source '{spec}': use a file, torchvision:<name> or zoo:<name>")
+    if weights:
+        load_state_dict_file(module, weights)
+    return load_module(module, input_shape or shape, name=arch)
+
+
+def load_state_dict_file(module: nn.Module, path: str | os.PathLike) -> None:
+    """Load a state dict saved by ``torch.save`` without unpickling code (``weights_only=True``).
+
+    Accepts a bare state dict or one wrapped as ``{"state_dict": ...}``, with or without the
+    ``module.`` prefix DataParallel adds.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GraphpruneError(f"weights file not found: {path}")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise GraphpruneError(f"cannot read weights {path} as a state dict ({type(exc).__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GraphpruneError(f"weights file {path} does not hold a state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise GraphpruneError(f"weights {path} do not fit the architecture: {str(exc).splitlines()[1].strip()[:200]}") from None
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise GraphpruneError(
+            f"weights {path} do not fit the architecture: {len(missing)} missing, {len(unexpected)} unexpected keys "
+            f"(e.g. {(missing + unexpected)[0]})"
+        )
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise GraphpruneError(f"weight '{name}' in {path} contains NaN or infinite values")
+
+
+def export_onnx(model: Model) -> bytes:
+    """Export a PyTorch-sourced model to ONNX bytes with a dynamic batch axis."""
+    gm = model.graph_module.eval()
+    example = model.example_inputs()
+    input_names = [s.name for s in model.inputs]
+    output_names = list(model.output_names) or ["output"]
+    dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
+    errors = []
+    for opset in (17, 14):
+        buffer = io.BytesIO()
+        try:
+            with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                torch.onnx.export(gm, example, buffer, opset_version=opset, dynamo=False,
+                                  input_names=input_names, output_names=output_names,
+                                  dynamic_axes=dynamic_axes, do_constant_folding=True)
+            return buffer.getvalue()
+        except Exception as exc:
+            errors.append(f"opset {opset}: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}")
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.onnx.export(gm, example, dynamo=True, input_names=input_names,
+                                        output_names=output_names,
+                                        dynamic_shapes=tuple({0: batch} for _ in example))
+        return program.model_proto.SerializeToString()
+    except Exception as exc:
+        errors.append(f"dynamo: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}")
+    raise GraphpruneError("ONNX export failed (" + "; ".join(errors) + ")")
+
+
+def export_pt2(model: Model) -> torch.export.ExportedProgram:
+    """A ``torch.export`` program of the model (batch axis dynamic where possible)."""
+    gm = model.graph_module.eval()
+    example = model.example_inputs(batch_size=2)
+    try:
+        batch = torch.export.Dim("batch", min=1)
+        return torch.export.export(gm, example, dynamic_shapes=tuple({0: batch} for _ in example))
+    except Exception:
+        pass
+    try:
+        return torch.export.export(gm, model.example_inputs())
+    except Exception as exc:
+        raise GraphpruneError(f"torch.export failed: {str(exc).splitlines()[0][:200]}") from None

@@ -1,0 +1,145 @@
+"""The :class:`Model` every pass consumes and produces.
+
+A model is a ``torch.fx.GraphModule`` plus what is needed to write it back out in the format it came
+in: the input specification, and for ONNX inputs the original ``ModelProto`` with a one-to-one map
+from fx nodes to ONNX nodes (see :mod:`graphprune.io_onnx`). Passes never mutate a model in place:
+transforms work on :meth:`Model.clone` and return the clone.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from .errors import GraphpruneError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input: its name, shape (``None`` for a dynamic dimension) and dtype."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: torch.dtype = torch.float32
+
+    def concrete_shape(self, override: tuple[int, ...] | None = None, batch_size: int = 1) -> tuple[int, ...]:
+        """The shape to run with: ``override`` if given, else this shape with batch ``batch_size``."""
+        if override is not None:
+            if len(override) != len(self.shape):
+                raise GraphpruneError(
+                    f"--input-shape {','.join(map(str, override))} has {len(override)} dimensions; "
+                    f"input '{self.name}' has {len(self.shape)}"
+                )
+            return tuple(override)
+        dims = list(self.shape)
+        if dims and dims[0] is None:
+            dims[0] = batch_size
+        if any(d is None for d in dims):
+            raise GraphpruneError(
+                f"input '{self.name}' has dynamic dimensions {_fmt_shape(self.shape)}; "
+                "pass --input-shape, e.g. --input-shape 1,3,224,224"
+            )
+        return tuple(int(d) for d in dims)
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+@dataclass
+class Model:
+    """A traced network: the fx graph to analyse and transform, and how to write it back.
+
+    ``source`` is ``"onnx"``, ``"pt2"`` or ``"torch"``. ``onnx`` holds an
+    :class:`graphprune.io_onnx.OnnxOrigin` for ONNX inputs. ``input_shape`` is the concrete shape
+    used for analysis (shapes, MACs, latency) when the user fixes one.
+    """
+
+    graph_module: fx.GraphModule
+    source: str
+    inputs: tuple[InputSpec, ...]
+    output_names: tuple[str, ...] = ()
+    name: str = "model"
+    onnx: Any = None
+    input_shape: tuple[int, ...] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def clone(self) -> "Model":
+        """A deep copy of the graph and its weights; the ONNX origin (read-only) is shared."""
+        gm = self.graph_module
+        new_gm = fx.GraphModule(copy.deepcopy(_root_of(gm)), copy.deepcopy(gm.graph))
+        new_gm.train(gm.training)
+        for node_new, node_old in zip(new_gm.graph.nodes, gm.graph.nodes):
+            node_new.meta = dict(node_old.meta)
+        return dataclasses.replace(self, graph_module=new_gm, meta=dict(self.meta))
+
+    def with_graph_module(self, graph_module: fx.GraphModule) -> "Model":
+        return dataclasses.replace(self, graph_module=graph_module, meta=dict(self.meta))
+
+    def example_inputs(self, batch_size: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Random inputs of the analysis shape (normal for floats, zeros for integers)."""
+        gen = torch.Generator().manual_seed(seed)
+        tensors = []
+        for spec in self.inputs:
+            shape = spec.concrete_shape(self.input_shape if len(self.inputs) == 1 else None, batch_size)
+            if self.input_shape is not None and batch_size != 1 and len(self.inputs) == 1:
+                shape = (batch_size, *shape[1:])
+            if spec.dtype.is_floating_point:
+                tensors.append(torch.randn(shape, generator=gen, dtype=spec.dtype))
+            else:
+                tensors.append(torch.zeros(shape, dtype=spec.dtype))
+        return tuple(tensors)
+
+    def analysis_shape(self) -> tuple[int, ...]:
+        """The single input's concrete shape (batch 1 unless the user fixed one)."""
+        return self.example_inputs()[0].shape
+
+    @torch.no_grad()
+    def run(self, *inputs: torch.Tensor):
+        """Run the graph in eval mode and return its (first) output tensor."""
+        gm = self.graph_module
+        was_training = gm.training
+        gm.eval()
+        try:
+            out = gm(*inputs)
+        finally:
+            gm.train(was_training)
+        return first_tensor(out)
+
+
+def first_tensor(out):
+    """The first tensor in a (possibly nested) model output."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (list, tuple)):
+        for item in out:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    if isinstance(out, dict):
+        for item in out.values():
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _root_of(gm: fx.GraphModule) -> torch.nn.Module:
+    """A plain module holding gm's submodules, parameters and buffers (for copying)."""
+    root = torch.nn.Module()
+    for name, child in gm.named_children():
+        root.add_module(name, child)
+    for name, param in gm.named_parameters(recurse=False):
+        root.register_parameter(name, param)
+    for name, buf in gm.named_buffers(recurse=False):
+        root.register_buffer(name, buf)
+    # get_attr targets that are plain tensor attributes (not registered) must survive too.
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and "." not in node.target and not hasattr(root, node.target):
+            setattr(root, node.target, getattr(gm, node.target))
+    return root

@@ -1,0 +1,101 @@
+"""``load`` and ``save``: every model format in, the right format out, verified, written atomically.
+
+Saving ONNX: lower (ONNX input) or export (PyTorch input), simplify with onnxsim, check with
+``onnx.checker``, and compare onnxruntime against the fx graph on random inputs before a byte is
+written. Every file is written to a temporary name in the destination folder and renamed into
+place, so a failure (or Ctrl-C) never leaves a partial file, and an existing file is replaced only
+by a verified one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import torch
+from torch import nn
+
+from . import io_onnx, io_torch
+from .errors import GraphpruneError
+from .model import Model
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".th", ".bin", ".ckpt")
+
+
+def load(source, input_shape: tuple[int, ...] | None = None, weights: str | None = None) -> Model:
+    """Load a model: an ``nn.Module``, an ``.onnx`` or ``.pt2`` file, ``torchvision:<arch>`` or
+    ``zoo:<arch>`` (with an optional state-dict ``weights`` file)."""
+    if isinstance(source, Model):
+        return source
+    if isinstance(source, nn.Module):
+        return io_torch.load_module(source, input_shape)
+    text = str(source)
+    if text.startswith(("torchvision:", "zoo:")):
+        return io_torch.build_named(text, weights, input_shape)
+    suffix = Path(text).suffix.lower()
+    if suffix == ".onnx":
+        return io_onnx.load_onnx(text, input_shape)
+    if suffix == ".pt2":
+        return io_torch.load_pt2(text, input_shape)
+    if suffix in PICKLE_SUFFIXES:
+        raise GraphpruneError(
+            f"{text}: pickled PyTorch files are never unpickled; export a .pt2 with torch.export.save, "
+            "or pass an architecture (torchvision:<name>, zoo:<name>) with --weights STATE_DICT"
+        )
+    if not Path(text).exists():
+        raise GraphpruneError(f"model file not found: {text}")
+    raise GraphpruneError(f"unknown model format '{suffix or text}': expected .onnx or .pt2")
+
+
+def to_onnx(model: Model, verify: bool = True) -> onnx.ModelProto:
+    """The model as a checked, simplified ONNX graph (verified against the fx graph)."""
+    if model.source == "onnx":
+        proto = io_onnx.lower(model)
+    else:
+        try:
+            proto = onnx.load_model_from_string(io_torch.export_onnx(model))
+        except GraphpruneError:
+            raise
+        except Exception as exc:
+            raise GraphpruneError(f"ONNX export produced an unreadable model ({type(exc).__name__})") from None
+    proto = io_onnx.simplify(proto)
+    io_onnx.check_onnx(proto, "(output)")
+    if verify:
+        io_onnx.verify_against_onnxruntime(proto, model, what="the written model", atol=1e-3)
+    return proto
+
+
+def save(model: Model, path: str | os.PathLike, source_path: str | os.PathLike | None = None) -> Path:
+    """Write ``model`` to ``path`` (``.onnx`` or ``.pt2``), verified and atomically."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".onnx", ".pt2"):
+        raise GraphpruneError(f"output must end in .onnx or .pt2, got '{path.name}'")
+    if not path.parent.exists() or not path.parent.is_dir():
+        raise GraphpruneError(f"output folder does not exist: {path.parent}")
+    for src in (source_path, model.onnx.path if model.onnx is not None else None):
+        if src is not None and Path(src).exists() and path.exists() and path.resolve() == Path(src).resolve():
+            raise GraphpruneError(f"refusing to overwrite the input model {path}; choose another output path")
+    if suffix == ".onnx":
+        data = to_onnx(model).SerializeToString()
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    else:
+        program = io_torch.export_pt2(model)
+        atomic_write(path, lambda tmp: torch.export.save(program, str(tmp)))
+    return path
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=str(path.parent))
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

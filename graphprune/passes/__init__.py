@@ -1,0 +1,16 @@
+"""graphprune's passes. Each module holds one pass; :mod:`.base` holds the infrastructure."""
+
+from .base import Analysis, Pass, PassResult, PassState, Pipeline, Step, Transform, available_passes, run_step
+from .drop_blocks import DropBlocks, drop_blocks, zero_branch
+from .find_blocks import Block, FindBlocks, find_blocks
+
+
+def builtin_passes() -> dict[str, type[Pass]]:
+    return {cls.name: cls for cls in (FindBlocks, DropBlocks)}
+
+
+__all__ = [
+    "Analysis", "Block", "DropBlocks", "FindBlocks", "Pass", "PassResult", "PassState", "Pipeline",
+    "Step", "Transform", "available_passes", "builtin_passes", "drop_blocks", "find_blocks",
+    "run_step", "zero_branch",
+]

@@ -1,0 +1,108 @@
+"""Transform: drop residual blocks exactly.
+
+Dropping a block computes what the original computes when the block's residual branch outputs
+zero: the merge ``shortcut + branch`` becomes ``shortcut`` (the identity, the parameter-free
+shortcut, or the projection). Mechanically: every reader of the merge reads the shortcut's output
+instead, and dead code elimination removes the branch. A post-merge activation stays unless it is
+provably a no-op on the shortcut (a ReLU of a value that is already >= 0), in which case it goes
+too. Nothing else in the graph changes.
+
+:func:`zero_branch` builds the reference for that claim: the original graph with the branch's
+output replaced by zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import GraphpruneError
+from ..model import Model
+from ..ops import is_same_idempotent
+from .base import PassResult, PassState, Transform
+from .find_blocks import Block, find_blocks
+
+
+def resolve_blocks(model: Model, names, blocks: list[Block] | None = None) -> list[Block]:
+    """The blocks called ``names``; an unknown name is an error that lists the available ones."""
+    blocks = find_blocks(model, require=True) if blocks is None else blocks
+    by_name = {b.name: b for b in blocks}
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise GraphpruneError("no block names given")
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        available = ", ".join(by_name)
+        raise GraphpruneError(f"unknown block '{unknown[0]}'; available: {available}")
+    return [by_name[n] for n in dict.fromkeys(names)]
+
+
+class DropBlocks(Transform):
+    """Drop the named blocks (see the module docstring)."""
+
+    name = "drop_blocks"
+
+    def __init__(self, names: list[str] | None = None):
+        self.names = names
+
+    def run(self, model: Model, state: PassState | None = None) -> PassResult:
+        names = self.names
+        blocks = None
+        if state is not None:
+            blocks = state.artifacts.get("blocks")
+            names = names if names is not None else state.artifacts.get("selected_blocks")
+        if names is None:
+            raise GraphpruneError("drop_blocks: no blocks chosen")
+        chosen = resolve_blocks(model, names, blocks)
+        new_model, removed_nodes, removed_activations = _drop(model, chosen)
+        record = {"dropped": [b.name for b in chosen], "removed_nodes": removed_nodes,
+                  "removed_activations": removed_activations}
+        return PassResult(new_model, changed=True, record=record)
+
+
+def drop_blocks(model: Model, names, blocks: list[Block] | None = None) -> Model:
+    """A copy of ``model`` without the named blocks."""
+    if isinstance(names, str):
+        names = names.split(",")
+    return _drop(model, resolve_blocks(model, names, blocks))[0]
+
+
+def _drop(model: Model, chosen: list[Block]) -> tuple[Model, int, list[str]]:
+    new = model.clone()
+    gm = new.graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    before = len(nodes)
+    for block in chosen:
+        merge, shortcut = nodes[block.merge], nodes[block.shortcut_output]
+        merge.replace_all_uses_with(shortcut)
+        gm.graph.erase_node(merge)
+    gm.graph.eliminate_dead_code()
+    removed_activations = []
+    for block in chosen:
+        if block.exit == block.merge or block.exit not in {n.name for n in gm.graph.nodes}:
+            continue
+        act = nodes[block.exit]
+        inner = act.all_input_nodes[0]
+        if len(act.all_input_nodes) == 1 and is_same_idempotent(act, inner, gm):
+            act.replace_all_uses_with(inner)
+            gm.graph.erase_node(act)
+            removed_activations.append(block.exit)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return new, before - len(list(gm.graph.nodes)), removed_activations
+
+
+def zero_branch(model: Model, block: Block) -> Model:
+    """A copy of ``model`` in which ``block``'s residual branch outputs zeros (the reference that a
+    dropped block must equal)."""
+    new = model.clone()
+    gm = new.graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    merge, branch_out = nodes[block.merge], nodes[block.branch_output]
+    with gm.graph.inserting_before(merge):
+        zeros = gm.graph.call_function(torch.zeros_like, (branch_out,))
+    merge.replace_input_with(branch_out, zeros)
+    gm.recompile()
+    return new
+

@@ -1,0 +1,262 @@
+"""Analysis: find every residual block, in any architecture, from the dataflow graph alone.
+
+Definition. Let G be the dataflow graph of the fx nodes that depend on input values (constants and
+shape arithmetic removed, see :func:`graphprune.ops.constant_nodes`), with a virtual root feeding
+every input. A *merge* is an add of two such tensors. For a merge ``m`` with operands ``a`` and
+``b``, the *entry* is ``idom(m)``, its immediate dominator, and the region R is every node on a
+path from the entry to ``m``. ``m`` is a residual block when
+
+1. R is single-entry single-exit: nodes of R other than the entry read only from R, and nodes of R
+   other than ``m`` are read only by R (so dropping the block removes all of it);
+2. R splits into two disjoint paths, one ending in ``a`` and one in ``b``;
+3. one path, the *shortcut*, is empty (``identity``), parameter-free and short (``shortcut``:
+   strided slicing, pooling, channel padding) or one weighted op plus norms (``projection``),
+   and the other, the *branch*, contains at least one weighted op (conv, linear, matmul).
+
+An activation that is the merge's only reader belongs to the block. Blocks are named after the
+module path shared by the merge and the branch's weighted ops (``layer2.1``, ``features.3``);
+where two blocks would share a name (two residuals in one transformer layer) the branch's own path
+is used (``encoder.layers.encoder_layer_4.mlp``); where the graph carries no paths, the merge
+node's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import networkx as nx
+from torch import fx
+
+from ..errors import GraphpruneError
+from ..graph_stats import count_params, node_stats
+from ..model import Model
+from ..ops import ACTIVATIONS, NO_OPS, constant_nodes, is_binary_add, is_weighted, op_kind
+from ..scopes import common_prefix, node_scope
+from .base import Analysis, PassResult, PassState
+
+MAX_SHORTCUT_NODES = 8  # longer parameter-free paths are computations, not shortcuts
+_ROOT = "__root__"
+
+
+@dataclass(frozen=True)
+class Block:
+    """A residual block, by fx node names. ``exit`` is the merge or its post-merge activation."""
+
+    name: str
+    kind: str  # "identity" | "shortcut" | "projection"
+    entry: str
+    merge: str
+    exit: str
+    branch: tuple[str, ...]
+    shortcut: tuple[str, ...]
+    branch_output: str
+    shortcut_output: str
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+    params: int = 0
+    macs: int = 0
+
+    def summary(self) -> dict:
+        """The JSON record used by ``inspect --json`` and reports."""
+        d = asdict(self)
+        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k])
+                for k in ("name", "kind", "input_shape", "output_shape", "params", "macs")}
+
+
+class FindBlocks(Analysis):
+    """Find the residual blocks of a model (see the module docstring for the definition)."""
+
+    name = "find_blocks"
+    provides = "blocks"
+
+    def run(self, model: Model, state: PassState | None = None) -> PassResult:
+        blocks = find_blocks(model)
+        total_macs = sum(s.macs for s in node_stats(model).values()) if blocks else 0
+        record = {"count": len(blocks), "model_macs": total_macs,
+                  "blocks": [b.summary() for b in blocks]}
+        return PassResult(model, changed=False, record=record, value=blocks)
+
+
+def find_blocks(model: Model, require: bool = False) -> list[Block]:
+    """The residual blocks of ``model`` in graph order. With ``require``, none is an error."""
+    gm = model.graph_module
+    constants = constant_nodes(gm)
+    graph = _dataflow_graph(gm, constants)
+    idom = nx.immediate_dominators(graph, _ROOT)
+    stats = node_stats(model)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    raw = []
+    for node in gm.graph.nodes:
+        if node not in graph or not is_binary_add(node, gm):
+            continue
+        a, b = node.args
+        if a in constants or b in constants or a is b:
+            continue
+        found = _match_block(node, a, b, graph, idom, gm, constants)
+        if found is not None:
+            raw.append(found)
+    blocks = _name_blocks(raw, gm, constants, stats)
+    blocks.sort(key=lambda blk: order[_node(gm, blk.merge)])
+    if require and not blocks:
+        raise GraphpruneError(f"no residual blocks found in {model.name}: nothing to drop")
+    return blocks
+
+
+def _node(gm: fx.GraphModule, name: str) -> fx.Node:
+    for node in gm.graph.nodes:
+        if node.name == name:
+            return node
+    raise KeyError(name)
+
+
+def _live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes the output depends on (tracing leaves unused values, e.g. ``x, _ = attention(...)``)."""
+    live, stack = set(), [gm.graph.output_node()]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    return live
+
+
+def _dataflow_graph(gm: fx.GraphModule, constants: set[fx.Node]) -> nx.DiGraph:
+    graph = nx.DiGraph()
+    graph.add_node(_ROOT)
+    live = _live_nodes(gm)
+    for node in gm.graph.nodes:
+        if node in constants or node not in live:
+            continue
+        graph.add_node(node)
+        if node.op == "placeholder":
+            graph.add_edge(_ROOT, node)
+        for inp in node.all_input_nodes:
+            if inp not in constants and inp in live:
+                graph.add_edge(inp, node)
+    return graph
+
+
+@dataclass
+class _Raw:
+    merge: fx.Node
+    entry: fx.Node
+    exit: fx.Node
+    kind: str
+    branch: list[fx.Node]
+    shortcut: list[fx.Node]
+    branch_output: fx.Node
+    shortcut_output: fx.Node
+
+
+def _match_block(merge, a, b, graph, idom, gm, constants) -> _Raw | None:
+    entry = idom.get(merge)
+    if entry is None or entry == _ROOT:
+        return None
+    ancestors = nx.ancestors(graph, merge)
+    region = (nx.descendants(graph, entry) & ancestors) | {entry, merge}
+    for node in region:
+        if node is not entry and any(p not in region for p in graph.predecessors(node)):
+            return None
+        if node is not entry and node is not merge and any(s not in region for s in graph.successors(node)):
+            return None
+    side_a = _side(a, entry, region, graph)
+    side_b = _side(b, entry, region, graph)
+    if side_a & side_b or (side_a | side_b | {entry, merge}) != region:
+        return None
+    sides = []
+    for operand, side in ((a, side_a), (b, side_b)):
+        weighted = [n for n in side if is_weighted(n, gm, constants)]
+        real = [n for n in side if op_kind(n, gm) not in NO_OPS]
+        sides.append((operand, side, weighted, real))
+    shortcut_like = [s for s in sides if _is_shortcut(s, gm, constants)]
+    if not shortcut_like:
+        return None
+    # Prefer the simpler side as the shortcut: fewer weighted ops, then fewer real ops.
+    shortcut = min(shortcut_like, key=lambda s: (len(s[2]), len(s[3])))
+    branch = sides[1] if shortcut is sides[0] else sides[0]
+    if not branch[2]:
+        return None  # the branch must carry weights
+    kind = "projection" if shortcut[2] else ("shortcut" if shortcut[3] else "identity")
+    exit_node = merge
+    users = [u for u in merge.users]
+    if len(users) == 1 and op_kind(users[0], gm) in ACTIVATIONS and \
+            [i for i in users[0].all_input_nodes if i not in constants] == [merge]:
+        exit_node = users[0]
+    topo = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return _Raw(merge, entry, exit_node, kind,
+                sorted(branch[1], key=topo.get), sorted(shortcut[1], key=topo.get), branch[0], shortcut[0])
+
+
+def _side(operand, entry, region, graph) -> set:
+    if operand is entry:
+        return set()
+    return ((nx.ancestors(graph, operand) & region) - {entry}) | {operand}
+
+
+def _is_shortcut(side, gm, constants) -> bool:
+    _, nodes, weighted, real = side
+    if len(weighted) > 1 or len(real) > MAX_SHORTCUT_NODES:
+        return False
+    if weighted:
+        # a projection: one weighted op; the rest norms or parameter-free reshaping
+        return all(n in weighted or not is_weighted(n, gm, constants) for n in nodes)
+    return True
+
+
+def _name_blocks(raw: list[_Raw], gm, constants, stats) -> list[Block]:
+    names = _block_names(raw, gm, constants)
+    blocks = []
+    for r, name in zip(raw, names):
+        region = [r.entry, *r.branch, *r.shortcut, r.merge] + ([r.exit] if r.exit is not r.merge else [])
+        body = region[1:]
+        with_constants = set(body)
+        for node in body:
+            with_constants |= {c for c in _constant_ancestors(node, constants)}
+        blocks.append(Block(
+            name=name, kind=r.kind, entry=r.entry.name, merge=r.merge.name, exit=r.exit.name,
+            branch=tuple(n.name for n in r.branch), shortcut=tuple(n.name for n in r.shortcut),
+            branch_output=r.branch_output.name, shortcut_output=r.shortcut_output.name,
+            input_shape=stats[r.entry.name].shape if r.entry.name in stats else None,
+            output_shape=stats[r.exit.name].shape if r.exit.name in stats else None,
+            params=count_params(with_constants, gm),
+            macs=sum(stats[n.name].macs for n in with_constants if n.name in stats),
+        ))
+    return blocks
+
+
+def _block_names(raw: list[_Raw], gm, constants) -> list[str]:
+    """Name each block after the module that computes its merge (``layer2.1``); where several
+    blocks share that module (two residuals per transformer layer), append the child module most
+    of the branch's weighted ops live in (``...encoder_layer_4.mlp``). Majority voting keeps names
+    stable when a simplifier has renamed a few nodes."""
+    weighted = [[node_scope(n) for n in r.branch if is_weighted(n, gm, constants)] for r in raw]
+    bases = []
+    for r, scopes in zip(raw, weighted):
+        base = node_scope(r.merge) or common_prefix([s for s in scopes if s])
+        bases.append(base or r.merge.meta.get("onnx_name", r.merge.name))
+    names = []
+    for base, scopes in zip(bases, weighted):
+        if bases.count(base) == 1:
+            names.append(base)
+            continue
+        children = [s[len(base) + 1:].split(".")[0] for s in scopes if s.startswith(base + ".")]
+        child = max(dict.fromkeys(children), key=children.count) if children else ""
+        names.append(f"{base}.{child}" if child else base)
+    counts = {name: names.count(name) for name in names}
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):  # last resort: disambiguate duplicates by position
+        if counts[name] > 1:
+            seen[name] = seen.get(name, 0) + 1
+            names[i] = f"{name}#{seen[name]}"
+    return names
+
+
+def _constant_ancestors(node: fx.Node, constants: set[fx.Node]) -> set[fx.Node]:
+    found, stack = set(), [i for i in node.all_input_nodes if i in constants]
+    while stack:
+        current = stack.pop()
+        if current in found:
+            continue
+        found.add(current)
+        stack.extend(i for i in current.all_input_nodes if i in constants)
+    return found

@@ -1,0 +1,105 @@
+"""Shared fixtures: real data location, cached ONNX exports of torchvision models, CLI runner."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # two workers on two cores: avoid oversubscription
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("GRAPHPRUNE_DATA", ROOT.parent / "shared" / "data"))
+
+# torchvision architectures the block finder must get right, with the input size used in tests
+# and the number of residual blocks each has.
+TORCHVISION_MODELS = {
+    "resnet18": ((2, 3, 64, 64), 8),
+    "resnet50": ((2, 3, 64, 64), 16),
+    "mobilenet_v2": ((2, 3, 64, 64), 10),
+    "mobilenet_v3_large": ((2, 3, 64, 64), 10),
+    "efficientnet_b0": ((2, 3, 64, 64), 9),
+    "regnet_x_400mf": ((2, 3, 64, 64), 22),
+    "convnext_tiny": ((2, 3, 64, 64), 18),
+    "vit_b_16": ((1, 3, 224, 224), 24),
+    "swin_t": ((1, 3, 224, 224), 24),
+}
+
+
+def data_path(*parts) -> Path:
+    path = DATA_DIR.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not found: {path} (set GRAPHPRUNE_DATA)")
+    return path
+
+
+def torchvision_module(name: str) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    module = torchvision.models.get_model(name, weights=None).eval()
+    _randomise_norms(module)
+    return module
+
+
+def _randomise_norms(module: torch.nn.Module) -> None:
+    """Random weights make zero biases and unit norms; perturb them so no value is special."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in module.modules():
+            for name in ("bias", "running_mean"):
+                t = getattr(m, name, None)
+                if isinstance(t, torch.Tensor) and t.dim() == 1:
+                    t.copy_(0.1 * torch.randn(t.shape, generator=gen))
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=gen))
+
+
+def export_onnx(module: torch.nn.Module, shape, path: Path, opset: int = 14) -> Path:
+    """Export like a user would: TorchScript exporter, named input/output, dynamic batch."""
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.randn(1, *shape[1:]),), str(path), opset_version=opset, dynamo=False,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return path
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="session")
+def torchvision_onnx(onnx_dir):
+    """Cached ONNX exports: ``torchvision_onnx("resnet18") -> Path``."""
+    def get(name: str) -> Path:
+        path = onnx_dir / f"{name}.onnx"
+        if not path.exists():
+            export_onnx(torchvision_module(name), TORCHVISION_MODELS[name][0], path)
+        return path
+    return get
+
+
+@pytest.fixture()
+def cli(capsys):
+    """Run the CLI in-process: ``cli("inspect", path) -> (exit_code, stdout, stderr)``."""
+    from graphprune.cli import main
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    return run
+
+
+def pytest_configure(config):
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))

@@ -1,0 +1,60 @@
+"""Small hand-written ONNX graphs for loader and error tests (no exporter involved)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def residual_onnx(opset: int = 13, weights_as: str = "initializer", dynamic_spatial: bool = False,
+                  extra_op: str | None = None, seed: int = 0) -> onnx.ModelProto:
+    """X -> [Conv -> Relu -> Conv] + X -> Relu -> GAP -> Flatten -> Gemm (one identity block).
+
+    ``weights_as``: ``"initializer"``, ``"constant"`` (Constant nodes) or ``"input"`` (graph inputs
+    backed by initializers, as old exporters wrote them).
+    """
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32)
+    fc = rng.normal(0, 0.3, (3, 4)).astype(np.float32)
+    fcb = rng.normal(0, 0.1, (3,)).astype(np.float32)
+    weights = {"w1": w1, "w2": w2, "fc": fc, "fcb": fcb}
+    nodes, inits, extra_inputs = [], [], []
+    for name, value in weights.items():
+        if weights_as == "constant":
+            nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name)))
+        else:
+            inits.append(numpy_helper.from_array(value, name))
+            if weights_as == "input":
+                extra_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, value.shape))
+    nodes += [
+        helper.make_node("Relu", ["X"], ["x0"], name="/stem/Relu"),
+        helper.make_node("Conv", ["x0", "w1"], ["c1"], name="/block/conv1/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="/block/relu/Relu"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="/block/conv2/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "x0"], ["s"], name="/block/Add"),
+        helper.make_node("Relu", ["s"], ["r2"], name="/block/relu_1/Relu"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="/pool/GlobalAveragePool"),
+        helper.make_node("Flatten", ["g"], ["f"], name="/Flatten"),
+        helper.make_node("Gemm", ["f", "fc", "fcb"], ["Y"], name="/fc/Gemm", transB=1),
+    ]
+    if extra_op:
+        nodes.insert(-1, helper.make_node(extra_op, ["f"], ["f2"], name="/odd"))
+        nodes[-1].input[0] = "f2"
+    spatial = ["h", "w"] if dynamic_spatial else [8, 8]
+    graph = helper.make_graph(
+        nodes, "residual",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 4, *spatial]), *extra_inputs],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, 7 if opset < 15 else 8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def save(model: onnx.ModelProto, path) -> str:
+    onnx.save(model, str(path))
+    return str(path)

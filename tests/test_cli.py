@@ -1,0 +1,117 @@
+"""The command line: tables, JSON, and one clear line (no traceback, no file) for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from onnx_builders import residual_onnx, save
+
+
+def test_inspect_table_and_json(cli):
+    code, out, err = cli("inspect", "zoo:cifar10_resnet20")
+    assert code == 0 and "layer2.0" in out and "shortcut" in out and "9 residual blocks" in out
+    code, out, err = cli("inspect", "zoo:cifar10_resnet20", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["model"] == "zoo:cifar10_resnet20" and len(doc["blocks"]) == 9
+    first = doc["blocks"][0]
+    assert set(first) == {"name", "kind", "input_shape", "output_shape", "params", "macs"}
+    assert first["input_shape"] == [1, 16, 32, 32] and first["params"] == 4672
+
+
+def test_drop_writes_a_model_that_inspect_reads(cli, tmp_path):
+    src = save(residual_onnx(), tmp_path / "m.onnx")
+    out = tmp_path / "small.onnx"
+    code, stdout, err = cli("drop", src, "--blocks", "block", "-o", out)
+    assert code == 0 and out.exists(), err
+    code, stdout, err = cli("inspect", out)
+    assert code == 0 and "no residual blocks" in stdout
+
+
+def _assert_clean_failure(result, expected: str, output=None, exit_code=None):
+    code, out, err = result
+    assert code != 0 if exit_code is None else code == exit_code
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and expected in lines[0], lines[0]
+    if output is not None:
+        assert not output.exists()
+        assert not [p for p in output.parent.iterdir() if p.name.startswith("." + output.name)]
+
+
+def test_missing_file(cli, tmp_path):
+    _assert_clean_failure(cli("inspect", tmp_path / "nope.onnx"), "not found")
+
+
+def test_empty_file(cli, tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    _assert_clean_failure(cli("inspect", tmp_path / "empty.onnx"), "empty")
+
+
+def test_truncated_file(cli, tmp_path):
+    data = residual_onnx().SerializeToString()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "o.onnx"
+    _assert_clean_failure(cli("drop", tmp_path / "cut.onnx", "--blocks", "block", "-o", out), "ONNX", out)
+
+
+def test_not_onnx(cli, tmp_path):
+    (tmp_path / "text.onnx").write_text("hello, I am not a model\n" * 10)
+    _assert_clean_failure(cli("inspect", tmp_path / "text.onnx"), "ONNX")
+
+
+def test_unsupported_op_is_named(cli, tmp_path):
+    model = residual_onnx(extra_op="Relu")
+    model.graph.node[-2].op_type = "FancyUnknownOp"
+    model.graph.node[-2].domain = "com.example"
+    model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    path = tmp_path / "odd.onnx"
+    onnx.save(model, str(path))
+    _assert_clean_failure(cli("inspect", path), "FancyUnknownOp")
+
+
+def test_unknown_block_lists_available(cli, tmp_path):
+    src = save(residual_onnx(), tmp_path / "m.onnx")
+    out = tmp_path / "o.onnx"
+    _assert_clean_failure(cli("drop", src, "--blocks", "nope", "-o", out), "available: block", out)
+
+
+def test_no_residual_blocks_on_drop(cli, tmp_path):
+    out = tmp_path / "o.onnx"
+    _assert_clean_failure(cli("drop", "torchvision:vgg11", "--input-shape", "1,3,32,32", "--blocks", "x", "-o", out),
+                          "no residual blocks", out)
+
+
+def test_dynamic_spatial_dims_need_input_shape(cli, tmp_path):
+    src = save(residual_onnx(dynamic_spatial=True), tmp_path / "dyn.onnx")
+    _assert_clean_failure(cli("inspect", src), "--input-shape")
+    code, out, err = cli("inspect", src, "--input-shape", "1,4,16,16")
+    assert code == 0 and "block" in out and "1x4x16x16" in out
+
+
+def test_output_folder_must_exist(cli, tmp_path):
+    src = save(residual_onnx(), tmp_path / "m.onnx")
+    _assert_clean_failure(cli("drop", src, "--blocks", "block", "-o", tmp_path / "no" / "o.onnx"), "does not exist")
+
+
+def test_nan_weights(cli, tmp_path):
+    model = residual_onnx()
+    import numpy as np
+    from onnx import numpy_helper
+
+    w = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w[0, 0, 0, 0] = np.nan
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, model.graph.initializer[0].name))
+    path = save(model, tmp_path / "nan.onnx")
+    _assert_clean_failure(cli("inspect", path), "NaN")
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (("drop", "zoo:cifar10_resnet20", "-o", "x.onnx"), "--blocks"),
+    (("inspect", "zoo:cifar10_resnet20", "--input-shape", "a,b"), "--input-shape"),
+    (("frobnicate",), "invalid choice"),
+])
+def test_usage_errors_exit_2(cli, argv, expected):
+    _assert_clean_failure(cli(*argv), expected, exit_code=2)

@@ -1,0 +1,78 @@
+"""Block discovery on real architectures, traced from PyTorch and through their ONNX export."""
+
+from __future__ import annotations
+
+import pytest
+
+import graphprune as gp
+from conftest import TORCHVISION_MODELS, torchvision_module
+
+EXPECTED_FIRST = {
+    "resnet18": ("layer1.0", "identity"), "resnet50": ("layer1.0", "projection"),
+    "mobilenet_v2": ("features.3", "identity"), "mobilenet_v3_large": ("features.1", "identity"),
+    "efficientnet_b0": ("features.2.1", "identity"), "regnet_x_400mf": ("trunk_output.block1.block1-0", "projection"),
+    "convnext_tiny": ("features.1.0", "identity"),
+    "vit_b_16": ("encoder.layers.encoder_layer_0.self_attention", "identity"),
+    "swin_t": ("features.1.0.attn", "identity"),
+}
+
+
+@pytest.mark.parametrize("name", list(TORCHVISION_MODELS))
+def test_torchvision_blocks_match_between_pytorch_and_onnx(name, torchvision_onnx):
+    shape, count = TORCHVISION_MODELS[name]
+    traced = gp.load(torchvision_module(name), input_shape=(1, *shape[1:]))
+    from_onnx = gp.load(torchvision_onnx(name))
+    torch_blocks = gp.find_blocks(traced)
+    onnx_blocks = gp.find_blocks(from_onnx)
+    assert len(torch_blocks) == count
+    assert [b.name for b in torch_blocks] == [b.name for b in onnx_blocks]
+    assert [b.kind for b in torch_blocks] == [b.kind for b in onnx_blocks]
+    assert (torch_blocks[0].name, torch_blocks[0].kind) == EXPECTED_FIRST[name]
+    for block in torch_blocks:
+        assert block.macs > 0 and block.params > 0
+        assert block.input_shape is not None and block.output_shape is not None
+
+
+def test_vit_has_attention_and_mlp_blocks_and_no_positional_embedding_block():
+    blocks = gp.find_blocks(gp.load(torchvision_module("vit_b_16")))
+    names = [b.name for b in blocks]
+    assert "encoder.layers.encoder_layer_4.mlp" in names
+    assert "encoder.layers.encoder_layer_4.self_attention" in names
+    assert not any(n == "encoder" or n.startswith("encoder.pos") for n in names)
+
+
+@pytest.mark.parametrize("depth,count", [(20, 9), (56, 27)])
+def test_cifar_resnets_have_option_a_shortcuts(depth, count):
+    blocks = gp.find_blocks(gp.load(f"zoo:cifar10_resnet{depth}"))
+    assert len(blocks) == count
+    kinds = {b.name: b.kind for b in blocks}
+    assert kinds["layer2.0"] == kinds["layer3.0"] == "shortcut"
+    assert sum(k == "identity" for k in kinds.values()) == count - 2
+    assert blocks[0].input_shape == (1, 16, 32, 32) and blocks[-1].output_shape == (1, 64, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["vgg11", "densenet121"])
+def test_networks_without_residual_blocks(name, cli):
+    model = gp.load(f"torchvision:{name}", input_shape=(1, 3, 64, 64))
+    assert gp.find_blocks(model) == []
+    with pytest.raises(gp.GraphpruneError, match="no residual blocks"):
+        gp.find_blocks(model, require=True)
+    code, out, err = cli("inspect", f"torchvision:{name}", "--input-shape", "1,3,64,64")
+    assert code == 0 and "no residual blocks" in out
+
+
+def test_bias_adds_and_two_long_computations_are_not_blocks():
+    import torch
+    from torch import nn
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+            self.b = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+            self.bias = nn.Parameter(torch.randn(1, 8, 1, 1))
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) + self.bias.reshape(1, 8, 1, 1)
+
+    assert gp.find_blocks(gp.load(Head(), input_shape=(1, 3, 16, 16))) == []

@@ -1,0 +1,152 @@
+"""Loading every supported format, and writing verified files atomically."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import graphprune as gp
+from conftest import data_path
+from graphprune import model_io
+from graphprune.zoo import CifarResNet
+from onnx_builders import residual_onnx, save
+
+
+def _ort(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 17])
+@pytest.mark.parametrize("weights_as", ["initializer", "constant", "input"])
+def test_onnx_variants_load_find_and_drop(tmp_path, opset, weights_as):
+    path = save(residual_onnx(opset, weights_as), tmp_path / "m.onnx")
+    model = gp.load(path)
+    (block,) = gp.find_blocks(model)
+    assert block.name == "block" and block.kind == "identity"
+    out = tmp_path / "dropped.onnx"
+    gp.save(gp.drop_blocks(model, ["block"]), out)
+    x = torch.randn(3, 4, 8, 8)
+    assert np.allclose(_ort(out, x), gp.drop_blocks(model, ["block"]).run(x).numpy(), atol=1e-5)
+    written = onnx.load(str(out))
+    assert [n.op_type for n in written.graph.node].count("Conv") == 0
+
+
+def test_onnx_interface_is_preserved(tmp_path, torchvision_onnx):
+    src = torchvision_onnx("resnet18")
+    model = gp.load(src)
+    out = tmp_path / "r18.onnx"
+    gp.save(gp.drop_blocks(model, ["layer1.1", "layer3.0"]), out)
+    written, original = onnx.load(str(out)), onnx.load(str(src))
+    assert [i.name for i in written.graph.input] == [i.name for i in original.graph.input] == ["input"]
+    assert [o.name for o in written.graph.output] == ["logits"]
+    assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    x = torch.randn(5, 3, 64, 64)
+    assert _ort(out, x).shape == (5, 1000)
+
+
+def test_weights_written_back_into_onnx(tmp_path):
+    model = gp.load(save(residual_onnx(), tmp_path / "m.onnx"))
+    with torch.no_grad():
+        for p in model.graph_module.parameters():
+            p.mul_(1.5)
+    out = tmp_path / "scaled.onnx"
+    gp.save(model, out)
+    x = torch.randn(2, 4, 8, 8)
+    assert np.allclose(_ort(out, x), model.run(x).numpy(), atol=1e-5)
+
+
+def test_torch_module_to_onnx_and_pt2(tmp_path):
+    model = gp.load("zoo:cifar10_resnet20")
+    smaller = gp.drop_blocks(model, ["layer2.2"])
+    x = torch.randn(2, 3, 32, 32)
+    gp.save(smaller, tmp_path / "r20.onnx")
+    assert np.allclose(_ort(tmp_path / "r20.onnx", x), smaller.run(x).numpy(), atol=1e-4)
+    gp.save(smaller, tmp_path / "r20.pt2")
+    reloaded = gp.load(tmp_path / "r20.pt2")
+    assert torch.allclose(reloaded.run(x), smaller.run(x), atol=1e-5)
+    assert len(gp.find_blocks(reloaded)) == 8
+    gp.save(gp.drop_blocks(reloaded, [gp.find_blocks(reloaded)[0].name]), tmp_path / "again.pt2")
+    assert (tmp_path / "again.pt2").stat().st_size > 0
+
+
+def test_module_that_fx_cannot_trace_falls_back_to_torch_export():
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            if x.shape[-1] > 4:  # control flow on a shape: fx symbolic tracing cannot follow it
+                x = x + self.conv(x)
+            return x.mean((2, 3))
+
+    model = gp.load(Branchy(), input_shape=(1, 3, 8, 8))
+    assert len(gp.find_blocks(model)) == 1
+
+
+def test_failed_write_leaves_no_file_and_keeps_existing(tmp_path, monkeypatch):
+    model = gp.load(save(residual_onnx(), tmp_path / "m.onnx"))
+    target = tmp_path / "out.onnx"
+    target.write_bytes(b"previous")
+
+    def boom(*args, **kwargs):
+        raise gp.GraphpruneError("verification failed")
+
+    monkeypatch.setattr(model_io.io_onnx, "verify_against_onnxruntime", boom)
+    with pytest.raises(gp.GraphpruneError):
+        gp.save(model, target)
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_interrupted_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "x.onnx"
+
+    def write(tmp):
+        tmp.write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        model_io.atomic_write(target, write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_overwrite_input(tmp_path):
+    path = save(residual_onnx(), tmp_path / "m.onnx")
+    with pytest.raises(gp.GraphpruneError, match="overwrite the input"):
+        gp.save(gp.load(path), path)
+
+
+def test_pickles_are_never_unpickled(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(gp.GraphpruneError, match="never unpickled"):
+        gp.load(path)
+
+
+def _cifar_test_set():
+    data = np.load(data_path("cifar10", "test_lossless_1000.npz"))
+    x = torch.tensor(data["images"]).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (x - mean) / std, torch.tensor(data["labels"])
+
+
+@pytest.mark.parametrize("depth,weights,accuracy", [(20, "resnet20-12fca82f.th", 0.915), (56, "resnet56-4bfd9763.th", 0.926)])
+def test_pretrained_cifar_resnets_reach_reported_accuracy(depth, weights, accuracy):
+    path = data_path("cifar10-resnet-akamaster", weights)
+    model = gp.load(f"zoo:cifar10_resnet{depth}", weights=str(path))
+    x, y = _cifar_test_set()
+    top1 = (model.run(x).argmax(1) == y).float().mean().item()
+    assert abs(top1 - accuracy) < 0.0015  # the data README's figure on the exact-pixel set
+
+
+def test_state_dict_that_does_not_fit(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(CifarResNet(20).state_dict(), path)
+    with pytest.raises(gp.GraphpruneError, match="do not fit"):
+        gp.load("zoo:cifar10_resnet56", weights=str(path))
