@@ -1,0 +1,79 @@
+"""What every backend needs besides its runtime: checked settings, the batch to feed, and a
+description of the machine that is recorded with every measurement.
+
+Invariant: a measurement that could silently measure the wrong thing is refused. A batch size,
+thread count or device that makes no sense is a :class:`~graphprune.errors.GraphpruneError`, and
+so is a model whose inputs cannot take the requested batch (an ONNX graph with a fixed batch of 1
+would otherwise be timed at batch 1 while the report says 32).
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from importlib import metadata
+
+import torch
+
+from ..errors import GraphpruneError
+from ..model import Model
+from .base import LatencySettings
+
+DEVICES = ("cpu", "cuda")
+
+
+def check_settings(settings: LatencySettings) -> None:
+    """Refuse settings that cannot describe a real measurement."""
+    if settings.device not in DEVICES:
+        raise GraphpruneError(f"unknown device '{settings.device}': use {' or '.join(DEVICES)}")
+    if settings.batch_size < 1:
+        raise GraphpruneError(f"batch size must be at least 1, got {settings.batch_size}")
+    if settings.threads < 1:
+        raise GraphpruneError(f"threads must be at least 1, got {settings.threads}")
+    if settings.min_runs < 1 or settings.max_runs < settings.min_runs:
+        raise GraphpruneError(f"need 1 <= min_runs <= max_runs, got {settings.min_runs} and {settings.max_runs}")
+    if settings.min_time_s < 0 or settings.warmup_s < 0 or settings.warmup_runs < 0:
+        raise GraphpruneError("measurement and warm-up times and counts must not be negative")
+
+
+def batch_inputs(model: Model, settings: LatencySettings) -> tuple[torch.Tensor, ...]:
+    """The model's example inputs at ``settings.batch_size``; an error if the graph fixes another."""
+    inputs = model.example_inputs(batch_size=settings.batch_size)
+    for spec, tensor in zip(model.inputs, inputs):
+        if tensor.dim() and tensor.shape[0] != settings.batch_size:
+            raise GraphpruneError(
+                f"input '{spec.name}' has a fixed batch size of {tensor.shape[0]}; cannot measure batch "
+                f"{settings.batch_size} (export the model with a dynamic batch axis, or use --batch-size "
+                f"{tensor.shape[0]})"
+            )
+    return inputs
+
+
+def library_versions(*names: str) -> dict[str, str]:
+    """Installed versions of the named distributions (``"missing"`` where not installed)."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "missing"
+    return versions
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def describe_common(backend: str, settings: LatencySettings) -> dict:
+    """The fields every backend's ``describe`` shares."""
+    return {"backend": backend, "device": settings.device, "threads": settings.threads,
+            "batch_size": settings.batch_size, "cpu": cpu_name(), "python": platform.python_version()}
