@@ -15,7 +15,7 @@ import warnings
 
 from .errors import GraphpruneError, UsageError
 
-COMMANDS = ("inspect", "drop")
+COMMANDS = ("inspect", "drop", "profile", "optimize", "demo")
 
 
 class _Parser(argparse.ArgumentParser):

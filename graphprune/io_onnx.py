@@ -32,6 +32,7 @@ from .errors import GraphpruneError
 from .model import InputSpec, Model
 from .scopes import scope_from_onnx_metadata, scope_from_onnx_name
 
+BLOCK_NAMES_KEY = "graphprune.block_names"  # model metadata: JSON [[merge node name, block name], ...]
 MAX_MODEL_BYTES = 4 * 2**30  # refuse anything larger (protobuf + external data)
 MIN_OPSET = 9
 _ONNX_DTYPES = {
@@ -148,8 +149,10 @@ def simplify(proto: onnx.ModelProto, fuse: bool = True) -> onnx.ModelProto:
     """onnxsim: constant folding and, with ``fuse``, its graph fusions (which rename the nodes
     they create, so inputs are read with ``fuse=False`` to keep the exporter's module paths).
     The input is returned unchanged if onnxsim cannot help."""
-    import onnxsim
-
+    try:
+        import onnxsim
+    except ImportError:  # onnxsim is a dependency; tolerate its absence on bare GPU images
+        return proto
     try:
         with quiet_native_output():  # onnxsim prints warnings from C++ straight to stdout
             simplified, ok = onnxsim.simplify(copy.deepcopy(proto), perform_optimization=fuse)
@@ -241,6 +244,15 @@ def load_onnx(path: str | os.PathLike, input_shape: tuple[int, ...] | None = Non
     label = str(path)
     proto = read_onnx(path)
     check_onnx(proto, label)
+    model = load_proto(proto, input_shape, label)
+    model.name = Path(path).stem
+    model.onnx.path = label
+    return model
+
+
+def load_proto(proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = None, label: str = "the model") -> Model:
+    """Convert a checked ``ModelProto`` into a :class:`Model` (verified against onnxruntime)."""
+    proto = copy.deepcopy(proto)
     _strip_initializer_inputs(proto)
     _constants_to_initializers(proto)
     proto = simplify(proto, fuse=False)
@@ -253,13 +265,12 @@ def load_onnx(path: str | os.PathLike, input_shape: tuple[int, ...] | None = Non
     if not proto.graph.input:
         raise GraphpruneError(f"the model has no inputs: {label}")
     gm, origin = convert(proto)
-    origin.path = label
     model = Model(
         graph_module=gm,
         source="onnx",
         inputs=_input_specs(proto),
         output_names=tuple(o.name for o in proto.graph.output),
-        name=Path(path).stem,
+        name=proto.graph.name or "model",
         onnx=origin,
         input_shape=tuple(input_shape) if input_shape else None,
     )
@@ -292,6 +303,7 @@ def convert(proto: onnx.ModelProto) -> tuple[fx.GraphModule, OnnxOrigin]:
     nodes = proto.graph.node
     initializer_names = {t.name for t in proto.graph.initializer}
     attr_initializers: dict[str, str] = {}
+    block_names = _recorded_block_names(proto)
     for fx_node in gm.graph.nodes:
         index = _onnx_index(fx_node)
         if index is None:
@@ -300,6 +312,8 @@ def convert(proto: onnx.ModelProto) -> tuple[fx.GraphModule, OnnxOrigin]:
         fx_node.meta["onnx_op"] = onnx_node.op_type
         fx_node.meta["scope"] = _onnx_scope(onnx_node, initializer_names)
         fx_node.meta["onnx_name"] = onnx_node.name or f"{onnx_node.op_type}_{index}"
+        if onnx_node.name in block_names:
+            fx_node.meta["block_name"] = block_names[onnx_node.name]
         if onnx_node.op_type == "Pad":
             fx_node.meta["pad_value_zero"] = _pad_value_is_zero(onnx_node, proto)
         for arg, onnx_input in _arg_links(fx_node, gm):
@@ -309,6 +323,31 @@ def convert(proto: onnx.ModelProto) -> tuple[fx.GraphModule, OnnxOrigin]:
     origin = OnnxOrigin(proto=proto, attr_initializers=attr_initializers)
     origin.weight_links = _link_weights(gm, proto, attr_initializers)
     return gm, origin
+
+
+def _recorded_block_names(proto: onnx.ModelProto) -> dict[str, str]:
+    """Block names graphprune wrote into a file it exported from PyTorch (see :func:`record_block_names`)."""
+    import json
+
+    for prop in proto.metadata_props:
+        if prop.key == BLOCK_NAMES_KEY:
+            try:
+                return {str(node): str(name) for node, name in json.loads(prop.value)}
+            except (ValueError, TypeError):
+                return {}
+    return {}
+
+
+def record_block_names(proto: onnx.ModelProto, merges_to_names: list[tuple[str, str]]) -> None:
+    """Store block names in the model metadata, so a file exported from an fx graph (whose node
+    names lost the module paths) keeps the names ``inspect`` showed for the PyTorch model."""
+    import json
+
+    for prop in list(proto.metadata_props):
+        if prop.key == BLOCK_NAMES_KEY:
+            proto.metadata_props.remove(prop)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = BLOCK_NAMES_KEY, json.dumps(merges_to_names)
 
 
 def _onnx_scope(onnx_node: onnx.NodeProto, initializer_names: set[str]) -> str:

@@ -80,12 +80,28 @@ def save(model: Model, path: str | os.PathLike, source_path: str | os.PathLike |
         if src is not None and Path(src).exists() and path.exists() and path.resolve() == Path(src).resolve():
             raise GraphpruneError(f"refusing to overwrite the input model {path}; choose another output path")
     if suffix == ".onnx":
-        data = to_onnx(model).SerializeToString()
+        proto = to_onnx(model)
+        if model.source != "onnx":
+            _carry_block_names(model, proto)
+        data = proto.SerializeToString()
         atomic_write(path, lambda tmp: tmp.write_bytes(data))
     else:
         program = io_torch.export_pt2(model)
         atomic_write(path, lambda tmp: torch.export.save(program, str(tmp)))
     return path
+
+
+def _carry_block_names(model: Model, proto: onnx.ModelProto) -> None:
+    """Exporting an fx graph loses module paths from ONNX node names; when the exported graph has
+    the same blocks (count and kinds, in order) record the PyTorch names in its metadata."""
+    from .passes.find_blocks import find_blocks
+
+    exported = io_onnx.load_proto(proto, model.input_shape)
+    ours, theirs = find_blocks(model), find_blocks(exported)
+    if [b.kind for b in ours] != [b.kind for b in theirs]:
+        return
+    merge_names = {n.name: n.meta.get("onnx_name") for n in exported.graph_module.graph.nodes}
+    io_onnx.record_block_names(proto, [(merge_names[t.merge], o.name) for o, t in zip(ours, theirs)])
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

@@ -49,7 +49,8 @@ class DropBlocks(Transform):
         blocks = None
         if state is not None:
             blocks = state.artifacts.get("blocks")
-            names = names if names is not None else state.artifacts.get("selected_blocks")
+            selection = state.artifacts.get("selection")
+            names = names if names is not None else (selection.blocks if selection is not None else None)
         if names is None:
             raise GraphpruneError("drop_blocks: no blocks chosen")
         chosen = resolve_blocks(model, names, blocks)

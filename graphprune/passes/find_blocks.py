@@ -235,7 +235,10 @@ def _block_names(raw: list[_Raw], gm, constants) -> list[str]:
         base = node_scope(r.merge) or common_prefix([s for s in scopes if s])
         bases.append(base or r.merge.meta.get("onnx_name", r.merge.name))
     names = []
-    for base, scopes in zip(bases, weighted):
+    for r, base, scopes in zip(raw, bases, weighted):
+        if "block_name" in r.merge.meta:  # recorded by graphprune when it exported the model
+            names.append(r.merge.meta["block_name"])
+            continue
         if bases.count(base) == 1:
             names.append(base)
             continue

@@ -1,0 +1,48 @@
+"""Shared by the benchmark scripts: where the real data lives, the pretrained models as ONNX.
+
+Data comes from ``$GRAPHPRUNE_DATA`` (default ``../shared/data``) and is never copied into the
+project. The pretrained CIFAR ResNets are exported to ONNX once, by graphprune itself, into
+``benchmarks/cache/`` (ignored by git): the benchmarks run on ONNX files as users would.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("GRAPHPRUNE_DATA", ROOT.parent / "shared" / "data"))
+CACHE = ROOT / "benchmarks" / "cache"
+DATA = {
+    "train": str(DATA_DIR / "cifar10" / "train_lossless_4000.npz"),
+    "test_lossless": str(DATA_DIR / "cifar10" / "test_lossless_1000.npz"),
+    "test_jpeg": str(DATA_DIR / "cifar10" / "test.npz"),
+    "imagenet": str(DATA_DIR / "imagenet-samples"),
+}
+WEIGHTS = {
+    "resnet20": DATA_DIR / "cifar10-resnet-akamaster" / "resnet20-12fca82f.th",
+    "resnet56": DATA_DIR / "cifar10-resnet-akamaster" / "resnet56-4bfd9763.th",
+}
+
+
+def results_dir() -> Path:
+    """``benchmarks/results`` (``$GRAPHPRUNE_RESULTS_DIR`` overrides, e.g. on a lent GPU machine)."""
+    path = Path(os.environ.get("GRAPHPRUNE_RESULTS_DIR", ROOT / "benchmarks" / "results"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def ensure_models() -> dict[str, str]:
+    """``{"resnet20": path, "resnet56": path}`` of the pretrained models exported to ONNX."""
+    import graphprune as gp
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, weights in WEIGHTS.items():
+        path = CACHE / f"cifar10_{name}.onnx"
+        if not path.exists():
+            if not weights.exists():
+                raise SystemExit(f"pretrained weights not found: {weights} (set GRAPHPRUNE_DATA)")
+            gp.save(gp.load(f"zoo:cifar10_{name}", weights=str(weights)), path)
+        paths[name] = str(path)
+    return paths

@@ -1,0 +1,221 @@
+"""The tiny set: images from a folder or an ``.npz``, sampled, resized, normalised and split.
+
+* A folder is searched at any depth for image files. When every image sits in a first-level
+  sub-folder, the sub-folders are classes (sorted names -> 0..K-1, or their integer value when
+  every name is an integer); labels are used only for evaluation and class-balanced sampling.
+* An ``.npz`` holds ``images`` (N, H, W, C uint8) and optionally ``labels`` (N,).
+* ``num_samples`` images are drawn with ``seed`` (round-robin over classes when labels exist, so
+  the draw is class-balanced), resized (shorter side to the model's size) and centre-cropped to the
+  model's input size, converted to the model's channel count, and normalised with ``mean``/``std``.
+* :func:`split_holdout` keeps a held-out part (default 20%, at least 16 images) to measure
+  recoverability on images the adaptors never trained on.
+Unreadable files are skipped and counted; a set with no readable image is an error.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import GraphpruneError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class TinySet:
+    """Normalised images (N, C, H, W float32) and labels (N,; -1 when unknown)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    source: str = ""
+    skipped: int = 0
+    classes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.labels >= 0).all()) and len(self) > 0
+
+    def subset(self, index) -> "TinySet":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return TinySet(self.images[index], self.labels[index], self.source, self.skipped, self.classes)
+
+    def summary(self) -> dict:
+        return {"source": self.source, "images": len(self), "skipped_unreadable": self.skipped,
+                "labelled": self.has_labels, "shape": list(self.images.shape[1:])}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw images become model inputs: ``size`` is (C, H, W)."""
+
+    size: tuple[int, int, int]
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        channels = self.size[0]
+        mean = _fit_channels(self.mean, channels, "--mean")
+        std = _fit_channels(self.std, channels, "--std")
+        if any(s <= 0 for s in std):
+            raise GraphpruneError("--std values must be positive")
+        return torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+
+
+def _fit_channels(values, channels: int, flag: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if channels == 1 and len(values) == 3:  # grey model, RGB statistics: use their average
+        return (sum(values) / 3,)
+    if len(values) == 1:
+        return values * channels
+    raise GraphpruneError(f"{flag} has {len(values)} values; the model takes {channels} channels")
+
+
+def load_tiny_set(path: str | Path, prep: Preprocessing, num_samples: int | None = None,
+                  seed: int = 0) -> TinySet:
+    """Read, sample and preprocess a tiny set (see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise GraphpruneError(f"data not found: {path}")
+    if path.is_dir():
+        raw, labels, classes, skipped = _read_folder(path, num_samples, seed)
+    elif path.suffix.lower() == ".npz":
+        raw, labels, classes, skipped = _read_npz(path, num_samples, seed)
+    else:
+        raise GraphpruneError(f"--data must be a folder of images or an .npz file, got {path.name}")
+    images = torch.cat([_to_model_size(img, prep.size) for img in raw]) if raw else None
+    if images is None:
+        raise GraphpruneError(f"no readable images in {path}" + (f" ({skipped} unreadable)" if skipped else ""))
+    mean, std = prep.channel_stats()
+    images = (images - mean) / std
+    return TinySet(images, torch.as_tensor(labels, dtype=torch.long), str(path), skipped, classes)
+
+
+def _read_npz(path: Path, num_samples, seed):
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "images" not in data.files:
+                raise GraphpruneError(f"{path.name} has no 'images' array (found: {', '.join(data.files) or 'none'})")
+            images = data["images"]
+            labels = data["labels"] if "labels" in data.files else None
+    except GraphpruneError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise GraphpruneError(f"cannot read {path.name} as .npz ({type(exc).__name__})") from None
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or images.shape[0] == 0:
+        raise GraphpruneError(f"{path.name}: 'images' must be (N, H, W, C) with C in 1/3/4, got {tuple(images.shape)}")
+    if images.dtype != np.uint8:
+        raise GraphpruneError(f"{path.name}: 'images' must be uint8, got {images.dtype}")
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+            raise GraphpruneError(f"{path.name}: 'labels' must be N integers matching 'images'")
+    order = sample_indices(labels, images.shape[0], num_samples, seed)
+    raw = [torch.from_numpy(np.ascontiguousarray(images[i])).permute(2, 0, 1)[None] for i in order]
+    out_labels = [int(labels[i]) for i in order] if labels is not None else [-1] * len(order)
+    return raw, out_labels, [], 0
+
+
+def _read_folder(root: Path, num_samples, seed):
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise GraphpruneError(f"no image files in {root}")
+    parents = {p.relative_to(root).parts[0] if len(p.relative_to(root).parts) == 2 else None for p in files}
+    classes: list[str] = []
+    labels = None
+    if None not in parents and len(parents) > 1:
+        classes = sorted(parents, key=lambda n: (int(n), n) if n.isdigit() else (float("inf"), n))
+        index = {c: (int(c) if all(n.isdigit() for n in classes) else i) for i, c in enumerate(classes)}
+        labels = np.array([index[p.relative_to(root).parts[0]] for p in files])
+    order = sample_indices(labels, len(files), None, seed)
+    raw, out_labels, skipped = [], [], 0
+    for i in order:  # read in sampled order until enough readable images are found
+        if num_samples is not None and len(raw) >= num_samples:
+            break
+        image = _read_image(files[i])
+        if image is None:
+            skipped += 1
+            continue
+        raw.append(image)
+        out_labels.append(int(labels[i]) if labels is not None else -1)
+    return raw, out_labels, classes, skipped
+
+
+def _read_image(path: Path) -> torch.Tensor | None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
+
+
+def sample_indices(labels, count: int, num_samples: int | None, seed: int) -> list[int]:
+    """A seeded order of ``count`` items; round-robin over classes when labels are given, so any
+    prefix is class-balanced. Truncated to ``num_samples``."""
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        order = rng.permutation(count).tolist()
+    else:
+        labels = np.asarray(labels)
+        per_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
+        rng.shuffle(per_class)
+        order = []
+        while any(per_class):
+            for bucket in per_class:
+                if bucket:
+                    order.append(bucket.pop(0))
+    if num_samples is not None:
+        if num_samples <= 0:
+            raise GraphpruneError(f"--num-samples must be positive, got {num_samples}")
+        order = order[:num_samples]
+    return order
+
+
+def _to_model_size(image: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """uint8 (1, c, h, w) -> float (1, C, H, W) in [0, 1]: shorter side resized, centre-cropped."""
+    channels, height, width = size
+    x = image.float() / 255.0
+    if x.shape[1] == 4:
+        x = x[:, :3]
+    if channels == 1 and x.shape[1] == 3:
+        x = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    elif channels == 3 and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] != channels:
+        raise GraphpruneError(f"images have {x.shape[1]} channels; the model takes {channels}")
+    h, w = x.shape[-2:]
+    if (h, w) != (height, width):
+        scale = max(height / h, width / w)
+        new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=scale < 1)
+        top, left = (new_h - height) // 2, (new_w - width) // 2
+        x = x[..., top:top + height, left:left + width]
+    return x.contiguous()
+
+
+def split_holdout(tiny: TinySet, fraction: float = 0.2, minimum: int = 16, seed: int = 0) -> tuple[TinySet, TinySet]:
+    """(train, held-out): ``max(minimum, fraction * N)`` images held out, never more than half."""
+    n = len(tiny)
+    if n < 4:
+        raise GraphpruneError(f"the tiny set has {n} images; need at least 4")
+    held = min(max(minimum, round(fraction * n)), n // 2)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return tiny.subset(order[held:]), tiny.subset(order[:held])

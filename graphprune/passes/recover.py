@@ -1,0 +1,192 @@
+"""Transform: recover a pruned network on the tiny set by feature mimicking.
+
+    min over student weights   E_x || f_student(aug(x)) - f_teacher(aug(x)) ||^2
+
+where ``f`` are the features before the classifier, the teacher is the original network (frozen,
+eval mode) and ``aug`` is random crop (with padding for small images, random-resized crop for
+large ones) plus horizontal flip, drawn afresh every step and shown to both networks. Every
+weight trains except the classifier, which is not even part of the student's graph here, so it is
+frozen by construction; BatchNorm runs in train mode where the graph has it. SGD with momentum
+and weight decay (or AdamW), cosine or step learning-rate decay.
+
+``loss="label"`` is the paper's BP baseline instead: cross-entropy with the labels through the
+classifier, whose parameters are then explicitly frozen (``requires_grad=False``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..data import TinySet
+from ..errors import GraphpruneError
+from ..features import classifier_parameters, feature_node_name, truncate
+from ..model import Model
+from ..progress import progress_bar
+from .base import PassResult, PassState, Transform
+
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    iterations: int = 1000
+    batch_size: int = 64
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    optimizer: str = "sgd"  # or "adam" (AdamW)
+    clip_grad_norm: float | None = None
+    schedule: str = "cosine"  # or "step" (x0.1 at 40%, as the official code)
+    augment: str = "auto"  # "crop-flip", "resized-crop-flip", "none" or "auto" (by image size)
+    loss: str = "mimic"  # or "label" (cross-entropy, classifier frozen)
+    seed: int = 0
+    device: str = "cpu"
+
+
+class Recover(Transform):
+    """Train the pruned model (``model``) to mimic ``teacher``'s features on ``train``."""
+
+    name = "recover"
+
+    def __init__(self, teacher: Model, train: TinySet, settings: RecoverySettings = RecoverySettings(),
+                 feature_node: str | None = None, show_progress: bool = True):
+        self.teacher, self.train, self.settings = teacher, train, settings
+        self.feature_node, self.show_progress = feature_node, show_progress
+
+    def run(self, model: Model, state: PassState | None = None) -> PassResult:
+        recovered, record = recover(model, self.teacher, self.train, self.settings, self.feature_node,
+                                    self.show_progress)
+        return PassResult(recovered, changed=self.settings.iterations > 0, record=record)
+
+
+def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySettings,
+            feature_node: str | None = None, show_progress: bool = True) -> tuple[Model, dict]:
+    """A trained copy of ``model`` and a record (loss curve, time)."""
+    _check(settings, train)
+    student_model = model.clone()
+    device = torch.device(settings.device)
+    feature = feature_node_name(teacher, feature_node)
+    teacher_gm = truncate(teacher.clone().graph_module, feature).to(device).eval()
+    full = student_model.graph_module.to(device)
+    if settings.loss == "label":
+        student, frozen = full, {id(p) for p in classifier_parameters(student_model)}
+    else:
+        student, frozen = truncate(full, feature), set()
+    params = [p for p in student.parameters() if p.is_floating_point() and id(p) not in frozen]
+    for p in student.parameters():
+        p.requires_grad_(id(p) not in frozen and p.is_floating_point())
+    if not params:
+        raise GraphpruneError("nothing to train: the pruned model has no trainable weights")
+    if settings.optimizer == "adam":
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                                    weight_decay=settings.weight_decay)
+    schedule = _schedule(settings)
+    gen = torch.Generator().manual_seed(settings.seed)
+    images, labels = train.images, train.labels
+    augment = _augmenter(settings.augment, images.shape[-2:])
+    curve, window = [], []
+    start = time.perf_counter()
+    bar = progress_bar(total=settings.iterations, desc="recovery", enabled=show_progress)
+    student.train()
+    for step in range(settings.iterations):
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * schedule(step)
+        index = torch.randint(0, len(images), (min(settings.batch_size, len(images)),), generator=gen)
+        batch = augment(images[index], gen).to(device)
+        if settings.loss == "label":
+            loss = F.cross_entropy(student(batch), labels[index].to(device))
+        else:
+            with torch.no_grad():
+                target = teacher_gm(batch)
+            loss = F.mse_loss(student(batch), target)
+        if not torch.isfinite(loss):
+            raise GraphpruneError(f"recovery diverged at step {step} (loss {loss.item()}); lower --recovery-lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, settings.clip_grad_norm)
+        optimizer.step()
+        window.append(loss.item())
+        if len(window) == max(1, settings.iterations // 50) or step == settings.iterations - 1:
+            curve.append({"step": step + 1, "loss": sum(window) / len(window)})
+            bar.set_postfix_str(f"loss {curve[-1]['loss']:.4g}")
+            window = []
+        bar.update(1)
+    bar.close()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    full.eval()
+    student_model.graph_module = full.to("cpu")
+    record = {"settings": asdict(settings), "feature_node": feature, "trained_tensors": len(params),
+              "loss_curve": curve, "final_loss": curve[-1]["loss"] if curve else None,
+              "train_images": len(images), "seconds": round(time.perf_counter() - start, 2)}
+    return student_model, record
+
+
+def _check(settings: RecoverySettings, train: TinySet) -> None:
+    if settings.iterations < 0 or settings.batch_size <= 0 or settings.lr <= 0:
+        raise GraphpruneError("recovery needs iterations >= 0, batch size > 0 and lr > 0")
+    if settings.loss not in ("mimic", "label"):
+        raise GraphpruneError(f"unknown recovery loss '{settings.loss}' (mimic or label)")
+    if settings.loss == "label" and not train.has_labels:
+        raise GraphpruneError("label recovery needs labelled images")
+    if settings.optimizer not in ("sgd", "adam"):
+        raise GraphpruneError(f"unknown optimizer '{settings.optimizer}' (sgd or adam)")
+    if settings.schedule not in ("cosine", "step"):
+        raise GraphpruneError(f"unknown schedule '{settings.schedule}' (cosine or step)")
+
+
+def _schedule(settings: RecoverySettings):
+    total = max(1, settings.iterations)
+    if settings.schedule == "step":
+        return lambda step: 0.1 if step >= int(0.4 * total) else 1.0
+    return lambda step: 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def _augmenter(kind: str, size):
+    height, width = int(size[0]), int(size[1])
+    if kind == "auto":
+        kind = "crop-flip" if max(height, width) <= 64 else "resized-crop-flip"
+    if kind == "none":
+        return lambda x, gen: x
+    if kind == "crop-flip":
+        pad = max(1, min(height, width) // 8)
+        return lambda x, gen: _flip(_padded_crop(x, pad, gen), gen)
+    if kind == "resized-crop-flip":
+        return lambda x, gen: _flip(_resized_crop(x, gen), gen)
+    raise GraphpruneError(f"unknown augmentation '{kind}' (auto, crop-flip, resized-crop-flip, none)")
+
+
+def _padded_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
+def _resized_crop(x: torch.Tensor, gen: torch.Generator, scale=(0.35, 1.0)) -> torch.Tensor:
+    n, _, h, w = x.shape
+    out = []
+    for i in range(n):
+        area = h * w * float(torch.empty(1).uniform_(*scale, generator=gen))
+        ratio = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)))
+        ch = min(h, max(1, round(math.sqrt(area / ratio))))
+        cw = min(w, max(1, round(math.sqrt(area * ratio))))
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+        crop = x[i:i + 1, :, top:top + ch, left:left + cw]
+        out.append(F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False))
+    return torch.cat(out)
+
+
+def _flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    x = x.clone()
+    x[flip] = x[flip].flip(-1)
+    return x

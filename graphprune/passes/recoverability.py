@@ -1,0 +1,325 @@
+"""Analysis: how well the network recovers from losing each block (PRACTISE's recoverability).
+
+For block ``b``: drop it, insert identity-initialised linear adaptors around the gap, fit only the
+adaptors so the pruned network's features match the original's on the training split, and report
+the remaining feature MSE on the *held-out* split (never the images the adaptors were fitted on):
+
+    R(b) = mean over held-out x of || f_pruned+adaptors(x) - f_original(x) ||^2 / dim(f)
+
+Estimators (``estimator=``):
+
+* ``"practise"``: the paper's adaptors, placed within the dropped block's shape region (same
+  output shape, consecutive blocks): on the branch outputs (and projection outputs) of the blocks
+  before the gap, on the branch inputs of the blocks after it, and on the branch and projection
+  inputs of the first block after the region. Trained with SGD (momentum 0.9, step decay x0.1 at
+  40%) on the features, network frozen in eval mode. The frozen prefix before the region is
+  computed once per image and cached, so each step runs only the region and what follows.
+* ``"lstsq"``: one adaptor at the gap, solved in closed form so that it maps the value arriving at
+  the gap to the original block's output (ridge least squares over every position of every
+  training image), then the held-out feature MSE as above. Costs one partial forward pass.
+* ``"none"``: no adaptor: the feature MSE of the network without the block.
+* ``"influence"``: not PRACTISE but ShortGPT's Block Influence, ``1 - cos(block input, block
+  output)`` averaged over positions of the training images; kept as a baseline criterion.
+
+Why more than one: on a 2-core CPU the paper's 1000+ SGD steps per block make scoring ResNet-56
+take hours. The benchmark ``benchmarks/scoring_study.py`` measures how well each estimator (and
+each iteration count) reproduces the ranking of blocks by accuracy after full recovery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ..adaptors import Adaptor, adaptor_parameters, channel_dim, insert_adaptor
+from ..data import TinySet
+from ..features import feature_node_name, run_batched, suffix_from, truncate
+from ..graph_stats import node_stats
+from ..model import Model
+from ..progress import progress_bar
+from .base import Analysis, PassResult, PassState
+from .drop_blocks import drop_blocks
+from .find_blocks import Block, find_blocks
+
+ESTIMATORS = ("practise", "lstsq", "none", "influence")
+
+
+@dataclass(frozen=True)
+class RecoverabilitySettings:
+    estimator: str = "lstsq"
+    iterations: int = 200
+    lr: float = 0.02
+    batch_size: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    ridge: float = 1e-3
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class BlockRecoverability:
+    name: str
+    recoverability: float  # held-out feature MSE after fitting the adaptors
+    relative: float  # the same, divided by the mean squared teacher feature
+    before_fit: float  # held-out feature MSE with identity adaptors (the block simply gone)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Recoverability(Analysis):
+    """Score every candidate block's recoverability on a tiny set (see the module docstring)."""
+
+    name = "recoverability"
+    provides = "recoverability"
+
+    def __init__(self, train: TinySet, holdout: TinySet, settings: RecoverabilitySettings = RecoverabilitySettings(),
+                 feature_node: str | None = None, show_progress: bool = True, cache=None):
+        self.train, self.holdout = train, holdout
+        self.settings = settings
+        self.feature_node = feature_node
+        self.show_progress = show_progress
+        self.cache = cache  # optional mapping block name -> BlockRecoverability.to_dict() (resume)
+
+    def run(self, model: Model, state: PassState | None = None) -> PassResult:
+        blocks = (state.artifacts.get("blocks") if state else None) or find_blocks(model, require=True)
+        scores = score_blocks(model, blocks, self.train, self.holdout, self.settings, self.feature_node,
+                              self.show_progress, self.cache)
+        record = {"settings": asdict(self.settings), "blocks": [s.to_dict() for s in scores]}
+        return PassResult(model, record=record, value=scores)
+
+
+def score_blocks(model: Model, blocks: list[Block], train: TinySet, holdout: TinySet,
+                 settings: RecoverabilitySettings, feature_node: str | None = None,
+                 show_progress: bool = True, cache=None, candidates: list[str] | None = None
+                 ) -> list[BlockRecoverability]:
+    """Recoverability of each block, in the order given. ``cache`` (a dict-like of JSON records,
+    e.g. :class:`graphprune.cache.JsonCache`) is read before and written after each block, so an
+    interrupted run resumes where it stopped. ``candidates`` limits which blocks are scored (all
+    blocks still define the shape regions adaptors are placed in)."""
+    if settings.estimator not in ESTIMATORS:
+        from ..errors import GraphpruneError
+
+        raise GraphpruneError(f"unknown recoverability estimator '{settings.estimator}' ({', '.join(ESTIMATORS)})")
+    feature = feature_node_name(model, feature_node)
+    context = None  # built on first use: a fully cached run computes nothing
+    results = []
+    todo = [b for b in blocks if candidates is None or b.name in candidates]
+    bar = progress_bar(total=len(todo), desc=f"recoverability ({settings.estimator})", enabled=show_progress)
+    for block in todo:
+        cached = cache.get(block.name) if cache is not None else None
+        if cached is None:
+            context = context or _Context(model, blocks, train, holdout, feature, settings)
+            result = context.score(block)
+            if cache is not None:
+                cache[block.name] = result.to_dict()
+        else:
+            result = BlockRecoverability(**cached)
+        results.append(result)
+        bar.update(1)
+    bar.close()
+    return results
+
+
+class _Context:
+    """What every block's scoring shares: teacher features, shapes, cached prefix activations."""
+
+    def __init__(self, model, blocks, train, holdout, feature, settings):
+        device = torch.device(settings.device)
+        if device.type != "cpu":
+            model = model.clone()
+            model.graph_module.to(device)
+        self.model, self.blocks, self.settings = model, blocks, settings
+        self.train_x, self.holdout_x = train.images.to(device), holdout.images.to(device)
+        self.feature = feature
+        teacher = truncate(model.graph_module, feature)
+        self.teacher_train = run_batched(teacher, self.train_x)
+        self.teacher_holdout = run_batched(teacher, self.holdout_x)
+        self.scale = float(self.teacher_holdout.pow(2).mean()) or 1.0
+        self.shapes = {b.exit: b.output_shape for b in blocks}
+        self.shapes.update({name: s.shape for name, s in node_stats(self._on_cpu(model)).items()})
+        self.prefix_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _on_cpu(model: Model) -> Model:
+        if all(p.device.type == "cpu" for p in model.graph_module.parameters()):
+            return model
+        cpu = model.clone()
+        cpu.graph_module.to("cpu")
+        return cpu
+
+    def score(self, block: Block) -> BlockRecoverability:
+        if self.settings.estimator == "influence":
+            influence = self._influence(block)
+            return BlockRecoverability(block.name, influence, influence, influence)
+        dropped = drop_blocks(self.model, [block.name], self.blocks)
+        gm = dropped.graph_module
+        before = self._holdout_mse(truncate(gm, self.feature), self.holdout_x)
+        if self.settings.estimator == "none":
+            after = before
+        elif self.settings.estimator == "lstsq":
+            after = self._lstsq(block, gm)
+        else:
+            after = self._practise(block, gm)
+        return BlockRecoverability(block.name, after, after / self.scale, before)
+
+    def _holdout_mse(self, features_gm: fx.GraphModule, inputs: torch.Tensor) -> float:
+        return float(F.mse_loss(run_batched(features_gm, inputs), self.teacher_holdout))
+
+    # --- block influence (ShortGPT) -------------------------------------------------------------
+    def _influence(self, block: Block) -> float:
+        original = self.model.graph_module
+        x = run_batched(truncate(original, block.entry), self.train_x)
+        y = run_batched(truncate(original, block.exit), self.train_x)
+        if x.shape != y.shape:  # a shape-changing block: compare its shortcut with its output
+            x = run_batched(truncate(original, block.shortcut_output), self.train_x)
+        dim = channel_dim(_node(original, block.exit), original, tuple(y.shape))
+        cos = F.cosine_similarity(x.movedim(dim, -1).reshape(-1, x.shape[dim]),
+                                  y.movedim(dim, -1).reshape(-1, y.shape[dim]), dim=-1)
+        return float(1 - cos.mean())
+
+    # --- closed form --------------------------------------------------------------------------
+    def _lstsq(self, block: Block, gm: fx.GraphModule) -> float:
+        original = self.model.graph_module
+        readers = [u.name for u in _node(original, block.exit).users]
+        nodes = {n.name: n for n in gm.graph.nodes}
+        gap_readers = [nodes[r] for r in readers if r in nodes]
+        if not gap_readers:
+            return self._holdout_mse(truncate(gm, self.feature), self.holdout_x)
+        position = [i.name for i in _node(original, readers[0]).all_input_nodes].index(block.exit)
+        gap_value = gap_readers[0].all_input_nodes[position]
+        shape = self.shapes[block.exit]
+        dim = channel_dim(_node(original, block.exit), original, shape)
+        x = run_batched(truncate(gm, gap_value.name), self.train_x)
+        y = run_batched(truncate(original, block.exit), self.train_x)
+        weight = _ridge_map(x, y, dim, self.settings.ridge)
+        node = insert_adaptor(gm, gap_value, gap_readers, shape[dim], dim, "gap_adaptor")
+        gm.get_submodule(str(node.target)).weight.data.copy_(weight)
+        gm.recompile()
+        return self._holdout_mse(truncate(gm, self.feature), self.holdout_x)
+
+    # --- PRACTISE adaptors --------------------------------------------------------------------
+    def _practise(self, block: Block, gm: fx.GraphModule) -> float:
+        original = self.model.graph_module
+        region = shape_region(self.blocks, block)
+        sites = adaptor_sites(original, self.blocks, region, block)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for k, (producer, consumers) in enumerate(sites):
+            readers = [nodes[c] for c in consumers if c in nodes]
+            if not readers:
+                continue
+            value = _current_input(original, gm, producer, consumers[0])
+            shape = self.shapes[producer]
+            dim = channel_dim(_node(original, producer), original, shape)
+            insert_adaptor(gm, value, readers, shape[dim], dim, f"adaptor_{k}")
+        gm.recompile()
+        start = region[0].entry
+        train_in, holdout_in = self._prefix(start)
+        student = suffix_from(gm, start, self.feature) if train_in is not None else None
+        if student is None:
+            student, train_in, holdout_in = truncate(gm, self.feature), self.train_x, self.holdout_x
+        _fit_adaptors(student, train_in, self.teacher_train, self.settings)
+        return self._holdout_mse(student, holdout_in)
+
+    def _prefix(self, start: str):
+        """Cached activations of node ``start`` (unchanged by dropping later blocks)."""
+        if start not in self.prefix_cache:
+            prefix = truncate(self.model.graph_module, start)
+            self.prefix_cache[start] = (run_batched(prefix, self.train_x), run_batched(prefix, self.holdout_x))
+        return self.prefix_cache[start]
+
+
+def shape_region(blocks: list[Block], block: Block) -> list[Block]:
+    """The run of consecutive blocks (each one's entry is the previous one's exit) around ``block``
+    whose outputs have ``block``'s shape: one stage of a ResNet, the encoder of a ViT."""
+    index = blocks.index(block)
+    lo = hi = index
+    while lo > 0 and blocks[lo - 1].output_shape == block.output_shape and blocks[lo].entry == blocks[lo - 1].exit:
+        lo -= 1
+    while hi + 1 < len(blocks) and blocks[hi + 1].output_shape == block.output_shape and \
+            blocks[hi + 1].entry == blocks[hi].exit:
+        hi += 1
+    return blocks[lo:hi + 1]
+
+
+def adaptor_sites(gm: fx.GraphModule, blocks: list[Block], region: list[Block],
+                  dropped: Block) -> list[tuple[str, list[str]]]:
+    """(producer, readers) edges of the original graph that get an adaptor when ``dropped`` goes
+    (see the module docstring)."""
+    sites: list[tuple[str, list[str]]] = []
+    position = region.index(dropped)
+    for before in region[:position]:
+        sites.append((before.branch_output, [before.merge]))
+        if before.kind == "projection":
+            sites.append((before.shortcut_output, [before.merge]))
+    after = list(region[position + 1:])
+    following = blocks.index(region[-1]) + 1
+    if following < len(blocks) and blocks[following].entry == region[-1].exit:
+        after.append(blocks[following])
+    for later in after:
+        entry_readers = {u.name for u in _node(gm, later.entry).users}
+        paths = [later.branch] + ([later.shortcut] if later.kind == "projection" else [])
+        for path in paths:
+            readers = [name for name in path if name in entry_readers]
+            if readers:
+                sites.append((later.entry, readers))
+    return sites
+
+
+def _current_input(original: fx.GraphModule, gm: fx.GraphModule, producer: str, consumer: str) -> fx.Node:
+    """The node that now feeds ``consumer`` where ``producer`` did (it may have been replaced)."""
+    position = [i.name for i in _node(original, consumer).all_input_nodes].index(producer)
+    return _node(gm, consumer).all_input_nodes[position]
+
+
+def _node(gm: fx.GraphModule, name: str) -> fx.Node:
+    for node in gm.graph.nodes:
+        if node.name == name:
+            return node
+    raise KeyError(name)
+
+
+def _ridge_map(x: torch.Tensor, y: torch.Tensor, dim: int, ridge: float) -> torch.Tensor:
+    """A minimising sum ||A x_p - y_p||^2 + lam ||A - I||^2 over positions p (channels on ``dim``)."""
+    xs = x.movedim(dim, -1).reshape(-1, x.shape[dim]).double()
+    ys = y.movedim(dim, -1).reshape(-1, y.shape[dim]).double()
+    gram = xs.T @ xs
+    lam = ridge * float(gram.trace()) / gram.shape[0] + 1e-12
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    a_t = torch.linalg.solve(gram + lam * eye, xs.T @ ys + lam * eye)
+    return a_t.T.float()
+
+
+def _fit_adaptors(student: fx.GraphModule, inputs: torch.Tensor, targets: torch.Tensor,
+                  settings: RecoverabilitySettings) -> None:
+    params = adaptor_parameters(student)
+    if not params or settings.iterations <= 0:
+        return
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    student.eval()
+    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    milestone = max(1, int(0.4 * settings.iterations))
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [milestone], gamma=0.1)
+    gen = torch.Generator().manual_seed(settings.seed)
+    n = len(inputs)
+    for _ in range(settings.iterations):
+        index = torch.randint(0, n, (min(settings.batch_size, n),), generator=gen)
+        loss = F.mse_loss(student(inputs[index]), targets[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    for p in params:
+        p.requires_grad_(False)
+
+
+__all__ = ["Adaptor", "BlockRecoverability", "ESTIMATORS", "Recoverability", "RecoverabilitySettings",
+           "adaptor_sites", "score_blocks", "shape_region"]

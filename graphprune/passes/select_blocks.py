@@ -1,0 +1,112 @@
+"""Analysis: choose the blocks to drop so that the *measured* latency cut reaches the target.
+
+    score(b) = recoverability(b) / saved_fraction(b)
+
+(lower is better: little feature error per unit of latency saved; a block whose removal saves
+nothing measurable is never chosen). Blocks are added in score order; savings of single blocks do
+not add up exactly, so whenever the running sum of single-block savings reaches the target, the
+combined graph is measured against the original (interleaved, on the same backend) and more blocks
+are added until the measured cut reaches ``target + margin``. If dropping every candidate cannot
+reach the target, that is an error that names the largest cut measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..backends.base import LatencyBackend, LatencySettings
+from ..errors import GraphpruneError
+from ..model import Model
+from .base import Analysis, PassResult, PassState
+from .drop_blocks import drop_blocks
+from .find_blocks import Block
+from .measure_latency import BlockLatencyTable, CutMeasurement, measure_cut
+
+
+@dataclass(frozen=True)
+class BlockScore:
+    name: str
+    recoverability: float
+    saved_fraction: float
+    saved_ms: float
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "recoverability": self.recoverability, "saved_fraction": self.saved_fraction,
+                "saved_ms": self.saved_ms, "score": None if math.isinf(self.score) else self.score}
+
+
+@dataclass
+class Selection:
+    blocks: list[str]
+    cut: CutMeasurement
+    scores: list[BlockScore]
+    measurements: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"dropped": self.blocks, "measured_cut": self.cut.cut, "measurements": self.measurements,
+                "scores": [s.to_dict() for s in self.scores]}
+
+
+def block_scores(recoverability: dict[str, float], latency: BlockLatencyTable) -> list[BlockScore]:
+    """Scores in ascending order (best candidates first)."""
+    scores = []
+    for row in latency.rows:
+        if row.name not in recoverability:
+            continue
+        saved = row.saved_fraction
+        score = recoverability[row.name] / saved if saved > 0 else math.inf
+        scores.append(BlockScore(row.name, recoverability[row.name], saved, row.saved_ms, score))
+    return sorted(scores, key=lambda s: (s.score, s.name))
+
+
+def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], target: float,
+                  backend: LatencyBackend, settings: LatencySettings, margin: float = 0.0,
+                  order: list[str] | None = None) -> Selection:
+    """Greedy selection in score order (or in ``order``, for baselines) until the measured cut
+    reaches ``target + margin``."""
+    if not 0 < target < 1:
+        raise GraphpruneError(f"--latency-cut must be between 0 and 1, got {target}")
+    goal = min(target + margin, 0.999)
+    ranked = order if order is not None else [s.name for s in scores if s.saved_fraction > 0]
+    saved = {s.name: s.saved_fraction for s in scores}
+    original_run = backend.prepare(model, settings)
+    chosen: list[str] = []
+    predicted = 0.0
+    measurements: list[dict] = []
+    last: CutMeasurement | None = None
+    for name in ranked:
+        chosen.append(name)
+        predicted += max(saved.get(name, 0.0), 0.0)
+        if predicted < goal and name != ranked[-1]:
+            continue
+        last = measure_cut(backend, model, drop_blocks(model, chosen, blocks), settings, original_run)
+        measurements.append({"blocks": len(chosen), "predicted_cut": predicted, "measured_cut": last.cut})
+        if last.cut >= goal:
+            return Selection(list(chosen), last, scores, measurements)
+    best = last.cut if last is not None else 0.0
+    raise GraphpruneError(
+        f"a {target:.0%} latency cut is not reachable: dropping all {len(ranked)} candidate blocks "
+        f"cuts {best:.1%} on this target"
+    )
+
+
+class SelectBlocks(Analysis):
+    """Pick blocks by recoverability per latency saved until the measured cut reaches the target.
+
+    Reads the ``blocks``, ``recoverability`` and ``block_latency`` artefacts."""
+
+    name = "select_blocks"
+    provides = "selection"
+
+    def __init__(self, target: float, backend: LatencyBackend, settings: LatencySettings, margin: float = 0.0):
+        self.target, self.backend, self.settings, self.margin = target, backend, settings, margin
+
+    def run(self, model: Model, state: PassState | None = None) -> PassResult:
+        artifacts = state.artifacts
+        recoverability = {r.name: r.recoverability for r in artifacts["recoverability"]}
+        scores = block_scores(recoverability, artifacts["block_latency"])
+        selection = select_blocks(model, artifacts["blocks"], scores, self.target, self.backend,
+                                  self.settings, self.margin)
+        return PassResult(model, record=selection.to_dict(), value=selection)

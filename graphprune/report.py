@@ -1,0 +1,64 @@
+"""Human-readable output of ``optimize``: the summary table and the PNG plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .model_io import atomic_write
+
+
+def format_summary(report: dict) -> str:
+    latency = report["latency"]
+    lines = [f"{'block':<28} {'recoverability':>14} {'saved':>7} {'score':>10}  dropped"]
+    for b in report["blocks"]:
+        rec = "-" if b["recoverability"] is None else f"{b['recoverability']:.4g}"
+        saved = "-" if b["saved_fraction"] is None else f"{100 * b['saved_fraction']:.1f}%"
+        score = "-" if b["score"] is None else f"{b['score']:.4g}"
+        lines.append(f"{b['name']:<28} {rec:>14} {saved:>7} {score:>10}  {'yes' if b['dropped'] else ''}")
+    lines.append("")
+    lines.append(f"dropped {len(report['dropped'])} of {len(report['blocks'])} blocks: {', '.join(report['dropped'])}")
+    lines.append(f"latency {latency['original_ms']:.3f} ms -> {latency['optimized_ms']:.3f} ms "
+                 f"(measured cut {100 * latency['cut']:.1f}%, target {100 * latency['target']:.1f}%)")
+    if "eval" in report:
+        orig, opt = report["eval"]["original"], report["eval"]["optimized"]
+        if "top1" in orig:
+            lines.append(f"top-1 {100 * orig['top1']:.2f}% -> {100 * opt['top1']:.2f}% on {orig['images']} images")
+        if "agreement" in opt:
+            lines.append(f"top-1 agreement with the original: {100 * opt['agreement']:.2f}%")
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in report["seconds_per_stage"].items())
+    lines.append(f"time: {stages}")
+    if "output" in report:
+        lines.append(f"wrote {report['output']}")
+    return "\n".join(lines)
+
+
+def write_plot(report: dict, path: Path) -> None:
+    """Left: recoverability against latency saved per block (dropped ones marked). Right: the
+    recovery loss curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    rows = [b for b in report["blocks"] if b["recoverability"] is not None and b["saved_fraction"] is not None]
+    for dropped, colour, label in ((False, "tab:blue", "kept"), (True, "tab:red", "dropped")):
+        pts = [b for b in rows if b["dropped"] == dropped]
+        left.scatter([100 * b["saved_fraction"] for b in pts], [b["recoverability"] for b in pts],
+                     c=colour, label=label, s=22)
+    for b in rows:
+        left.annotate(b["name"], (100 * b["saved_fraction"], b["recoverability"]), fontsize=6, alpha=0.7)
+    left.set_xlabel("latency saved by dropping the block alone (%)")
+    left.set_ylabel("recoverability (held-out feature MSE)")
+    left.set_title("block scores (lower-right is cheapest)")
+    left.legend()
+    curve = (report.get("recovery") or {}).get("loss_curve") or []
+    if curve:
+        right.plot([c["step"] for c in curve], [c["loss"] for c in curve])
+        right.set_yscale("log")
+    right.set_xlabel("recovery step")
+    right.set_ylabel("feature MSE (train, augmented)")
+    right.set_title("recovery")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)

@@ -1,0 +1,94 @@
+"""The tiny-set loader: formats, sampling, preprocessing, splitting and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from graphprune.data import Preprocessing, load_tiny_set, sample_indices, split_holdout
+from graphprune.errors import GraphpruneError
+
+PREP = Preprocessing((3, 8, 8))
+
+
+def _npz(path, n=40, size=8, channels=3, labels=True, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {"images": rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)}
+    if labels:
+        arrays["labels"] = np.arange(n) % 4
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_is_normalised_and_class_balanced(tmp_path):
+    path = _npz(tmp_path / "d.npz")
+    tiny = load_tiny_set(path, PREP, num_samples=20, seed=3)
+    assert tiny.images.shape == (20, 3, 8, 8) and tiny.has_labels
+    assert sorted(torch.bincount(tiny.labels).tolist()) == [5, 5, 5, 5]
+    raw = np.load(path)["images"]
+    mean = torch.tensor(PREP.mean).view(3, 1, 1)
+    std = torch.tensor(PREP.std).view(3, 1, 1)
+    first = torch.from_numpy(raw).permute(0, 3, 1, 2).float() / 255
+    matches = [(((first[i] - mean) / std) - tiny.images[0]).abs().max() < 1e-5 for i in range(len(raw))]
+    assert any(matches)
+    again = load_tiny_set(path, PREP, num_samples=20, seed=3)
+    assert torch.equal(again.images, tiny.images)  # reproducible from the seed
+
+
+def test_folder_with_classes_corrupt_files_and_resizing(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    tiny = load_tiny_set(tmp_path, PREP)
+    assert tiny.images.shape == (6, 3, 8, 8)
+    assert tiny.skipped == 1 and tiny.classes == ["cat", "dog"]
+    assert sorted(tiny.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_folder_without_classes_and_grey_model(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(tmp_path / "a" / "b" / "y.png")
+    tiny = load_tiny_set(tmp_path, Preprocessing((1, 8, 8), (0.5,), (0.5,)))
+    assert tiny.images.shape == (2, 1, 8, 8) and not tiny.has_labels
+    assert sorted(tiny.images.flatten().unique().tolist()) == [-1.0, 1.0]
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p.mkdir(), "no image files"),
+    (lambda p: (p.mkdir(), (p / "a.png").write_bytes(b"junk")), "no readable images"),
+    (lambda p: np.savez(p.with_suffix(".npz"), images=np.zeros((4, 8, 8), np.float32)), "uint8"),
+    (lambda p: np.savez(p.with_suffix(".npz"), images=np.zeros((4, 8), np.uint8)), "(N, H, W, C)"),
+    (lambda p: np.savez(p.with_suffix(".npz"), pixels=np.zeros((4, 8, 8, 3), np.uint8)), "no 'images'"),
+    (lambda p: p.with_suffix(".npz").write_bytes(b"PK\x03\x04 broken"), "cannot read"),
+])
+def test_bad_data(tmp_path, make, message):
+    target = tmp_path / "data"
+    make(target)
+    path = target if target.exists() else target.with_suffix(".npz")
+    with pytest.raises(GraphpruneError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_tiny_set(path, PREP)
+
+
+def test_sample_indices_round_robin_prefixes_are_balanced():
+    labels = np.array([0] * 10 + [1] * 10 + [2] * 10)
+    order = sample_indices(labels, 30, 9, seed=1)
+    assert sorted(np.bincount(labels[order]).tolist()) == [3, 3, 3]
+    with pytest.raises(GraphpruneError):
+        sample_indices(labels, 30, 0, seed=1)
+
+
+def test_split_holdout_sizes(tmp_path):
+    tiny = load_tiny_set(_npz(tmp_path / "d.npz", n=100), PREP)
+    train, held = split_holdout(tiny)
+    assert (len(train), len(held)) == (80, 20)
+    small = tiny.subset(range(20))
+    train, held = split_holdout(small)
+    assert (len(train), len(held)) == (10, 10)  # at least 16 wanted, never more than half
+    with pytest.raises(GraphpruneError, match="at least 4"):
+        split_holdout(tiny.subset(range(3)))

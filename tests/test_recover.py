@@ -1,0 +1,70 @@
+"""Recovery: what trains and what stays frozen (structural), and that it mimics (numerical)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import graphprune as gp
+from conftest import data_path
+from graphprune.data import Preprocessing, TinySet, load_tiny_set
+from graphprune.features import classifier_node, feature_node_name, run_batched, truncate
+from graphprune.passes.recover import RecoverySettings, recover
+
+
+@pytest.fixture(scope="module")
+def setup():
+    # Real weights: a random network's BatchNorm statistics do not describe its activations, so
+    # train-mode BatchNorm would move them away from the teacher's and hide what is tested.
+    teacher = gp.load("zoo:cifar10_resnet20", weights=str(data_path("cifar10-resnet-akamaster", "resnet20-12fca82f.th")))
+    pruned = gp.drop_blocks(teacher, ["layer1.1", "layer2.2"])
+    tiny = load_tiny_set(data_path("cifar10", "train_lossless_4000.npz"), Preprocessing((3, 32, 32)), 48, seed=0)
+    return teacher, pruned, tiny
+
+
+def _feature_mse(model, teacher, images):
+    feature = feature_node_name(teacher)
+    return float(F.mse_loss(run_batched(truncate(model.graph_module, feature), images),
+                            run_batched(truncate(teacher.graph_module, feature), images)))
+
+
+def test_feature_node_is_the_classifier_input(setup):
+    teacher, _, _ = setup
+    assert classifier_node(teacher).target == "linear"
+    assert feature_node_name(teacher) == "flatten"
+
+
+def test_mimicking_lowers_feature_error_and_freezes_the_classifier(setup):
+    teacher, pruned, tiny = setup
+    before = _feature_mse(pruned, teacher, tiny.images)
+    snapshot = {k: v.clone() for k, v in pruned.graph_module.state_dict().items()}
+    recovered, record = recover(pruned, teacher, tiny, RecoverySettings(iterations=40, batch_size=16, lr=0.02,
+                                                                        augment="none"), show_progress=False)
+    assert _feature_mse(recovered, teacher, tiny.images) < 0.7 * before
+    state = recovered.graph_module.state_dict()
+    assert torch.equal(state["linear.weight"], snapshot["linear.weight"])
+    assert torch.equal(state["linear.bias"], snapshot["linear.bias"])
+    assert not torch.equal(state["layer1.0.conv1.weight"], snapshot["layer1.0.conv1.weight"])
+    assert not torch.equal(state["layer1.0.bn1.running_mean"], snapshot["layer1.0.bn1.running_mean"])  # BN trained
+    assert all(torch.equal(v, snapshot[k]) for k, v in pruned.graph_module.state_dict().items())  # input untouched
+    assert str(recovered.graph_module.graph) == str(pruned.graph_module.graph)
+    assert record["loss_curve"][-1]["loss"] < record["loss_curve"][0]["loss"]
+
+
+def test_label_loss_keeps_classifier_frozen(setup):
+    teacher, pruned, tiny = setup
+    recovered, _ = recover(pruned, teacher, tiny, RecoverySettings(iterations=5, batch_size=16, loss="label"),
+                           show_progress=False)
+    assert torch.equal(recovered.graph_module.state_dict()["linear.weight"],
+                       pruned.graph_module.state_dict()["linear.weight"])
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(loss="label"), "labelled"), (dict(schedule="wavy"), "schedule"), (dict(augment="zoom"), "augmentation"),
+])
+def test_bad_recovery_settings(setup, bad, message):
+    teacher, pruned, tiny = setup
+    data = TinySet(tiny.images, torch.full((48,), -1)) if bad.get("loss") == "label" else tiny
+    with pytest.raises(gp.GraphpruneError, match=message):
+        recover(pruned, teacher, data, RecoverySettings(iterations=2, **bad), show_progress=False)

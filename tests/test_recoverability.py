@@ -1,0 +1,79 @@
+"""Recoverability: adaptor placement (structural) and what the estimators compute (numerical)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graphprune as gp
+from conftest import data_path
+from graphprune.cache import JsonCache
+from graphprune.data import Preprocessing, load_tiny_set, split_holdout
+from graphprune.passes import recoverability as rec
+from graphprune.passes.recoverability import RecoverabilitySettings, adaptor_sites, score_blocks, shape_region
+
+
+@pytest.fixture(scope="module")
+def pretrained_r20():
+    return gp.load("zoo:cifar10_resnet20", weights=str(data_path("cifar10-resnet-akamaster", "resnet20-12fca82f.th")))
+
+
+@pytest.fixture(scope="module")
+def tiny_split():
+    tiny = load_tiny_set(data_path("cifar10", "train_lossless_4000.npz"), Preprocessing((3, 32, 32)), 96, seed=1)
+    return split_holdout(tiny)
+
+
+def test_adaptor_sites_follow_practise():
+    model = gp.load("zoo:cifar10_resnet20")
+    blocks = gp.find_blocks(model)
+    by_name = {b.name: b for b in blocks}
+    region = shape_region(blocks, by_name["layer2.1"])
+    assert [b.name for b in region] == ["layer2.0", "layer2.1", "layer2.2"]
+    sites = adaptor_sites(model.graph_module, blocks, region, by_name["layer2.1"])
+    producers = [p for p, _ in sites]
+    # before the gap: layer2.0's branch output; after it: layer2.2's and layer3.0's branch inputs
+    assert producers == [by_name["layer2.0"].branch_output, by_name["layer2.2"].entry, by_name["layer3.0"].entry]
+    assert sites[0][1] == [by_name["layer2.0"].merge]
+    assert all(len(readers) == 1 for _, readers in sites[1:])  # each block's first conv
+
+
+def test_estimators_on_real_weights(pretrained_r20, tiny_split):
+    train, holdout = tiny_split
+    blocks = gp.find_blocks(pretrained_r20)
+    some = ["layer1.1", "layer2.0", "layer3.2"]
+
+    def score(**settings):
+        return score_blocks(pretrained_r20, blocks, train, holdout, RecoverabilitySettings(**settings),
+                            show_progress=False, candidates=some)
+
+    none, lstsq = score(estimator="none"), score(estimator="lstsq")
+    practise = score(estimator="practise", iterations=15, batch_size=32)
+    for a, b, c in zip(none, lstsq, practise):
+        assert a.recoverability == a.before_fit > 0
+        assert b.before_fit == pytest.approx(a.before_fit)
+        assert b.recoverability < a.recoverability  # a fitted linear map beats no map
+        assert c.recoverability < a.recoverability  # so do a few SGD steps on the adaptors
+        assert 0 < c.relative < 1
+    assert all(0 < s.recoverability < 1 for s in score(estimator="influence"))
+
+
+def test_scores_are_cached_and_resumed(pretrained_r20, tiny_split, tmp_path, monkeypatch):
+    train, holdout = tiny_split
+    blocks = gp.find_blocks(pretrained_r20)[:2]
+    cache = JsonCache(tmp_path, "recoverability", "k")
+    first = score_blocks(pretrained_r20, blocks, train, holdout, RecoverabilitySettings("none"), cache=cache,
+                         show_progress=False)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a cached block was scored again")
+
+    monkeypatch.setattr(rec, "_Context", boom)
+    again = score_blocks(pretrained_r20, blocks, train, holdout, RecoverabilitySettings("none"),
+                         cache=JsonCache(tmp_path, "recoverability", "k"), show_progress=False)
+    assert again == first
+
+
+def test_unknown_estimator(pretrained_r20, tiny_split):
+    with pytest.raises(gp.GraphpruneError, match="unknown recoverability estimator"):
+        score_blocks(pretrained_r20, gp.find_blocks(pretrained_r20), *tiny_split, RecoverabilitySettings("magic"))
