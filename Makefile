@@ -13,9 +13,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/graphprune inspect zoo:cifar10_resnet20
-	$(VENV)/bin/graphprune drop zoo:cifar10_resnet20 --blocks layer1.2,layer2.2 -o demo.onnx
-	$(VENV)/bin/graphprune inspect demo.onnx
+	$(VENV)/bin/graphprune demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=10

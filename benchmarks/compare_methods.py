@@ -10,6 +10,9 @@ set (train_lossless_4000, drawn with the seed), the measured-cut rule and the re
 * ``filter-l1``       inner channels of every block pruned by L1 magnitude (Torch-Pruning) at the
                       ratio that reaches the measured cut; mimicking recovery
 * ``no-recovery``     graphprune's blocks, no training
+* ``ood-imagenet``    graphprune with the 200 ImageNet photos of shared/data as the tiny set
+* ``data-free-procedural``    graphprune on procedural synthetic images (ONNX input)
+* ``data-free-bn-inversion``  graphprune on BatchNorm-inversion images (a ``.pt2`` program with BatchNorm)
 
 Blocks are added until the *measured* cut (onnxruntime, CPU, 1 thread, batch 1, interleaved with
 the original) reaches the target + 0.005. Each finished row then re-measures its written model's
@@ -39,22 +42,29 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import CACHE, DATA, WEIGHTS, ensure_models, results_dir  # noqa: E402
 
 MARGIN = 0.005
+BN_INVERSION_IMAGES = 256  # a 2-core CPU synthesises about 256 images in 5-7 minutes
+BN_INVERSION_STEPS = 200
 LATENCY = dict(batch_size=1, threads=1, min_time_s=0.5)
-ORDER = ["graphprune", "block-influence", "filter-l1", "random-blocks", "graphprune-bp", "no-recovery"]
+MAIN_METHODS = ["graphprune", "block-influence", "filter-l1", "random-blocks", "graphprune-bp", "no-recovery"]
+
+
+DATA_METHODS = ["ood-imagenet", "data-free-procedural", "data-free-bn-inversion"]
+ORDER = MAIN_METHODS + DATA_METHODS
 
 
 def grid(name: str) -> list[dict]:
-    """Rows in the order they should run: the comparisons that matter most first."""
+    """Rows in the order they should run: seed by seed, so that a partial run already compares
+    every method on the same tiny sets."""
     rows = []
-    if name in ("main", "all"):
-        for seed in (2021, 2022, 2023, 2024, 2025):
+    for seed in (2021, 2022, 2023, 2024, 2025):
+        if name in ("main", "all"):
             for cut in (0.40, 0.22):
-                rows += [dict(method=m, model="resnet56", samples=500, seed=seed, cut=cut) for m in ORDER]
-    if name in ("samples", "all"):
-        for seed in (2021, 2022, 2023):
+                rows += [dict(method=m, model="resnet56", samples=500, seed=seed, cut=cut) for m in MAIN_METHODS]
+        if name in ("data", "all") and seed <= 2023:  # issue 6: other domains, no data
+            rows += [dict(method=m, model="resnet56", samples=500, seed=seed, cut=0.22) for m in DATA_METHODS]
+        if name in ("samples", "all") and seed <= 2023:
             rows += [dict(method="graphprune", model="resnet56", samples=n, seed=seed, cut=0.22) for n in (50, 100, 1000)]
-    if name in ("r20", "all"):
-        for seed in (2021, 2022, 2023):
+        if name in ("r20", "all") and seed <= 2023:
             rows += [dict(method=m, model="resnet20", samples=500, seed=seed, cut=0.22)
                      for m in ("graphprune", "block-influence", "filter-l1")]
     return rows
@@ -100,8 +110,36 @@ class Bench:
         self._tiny = lambda n, seed: load_tiny_set(DATA["train"], prep, n, seed)
         self.block_latency = {}
 
-    def tiny(self, samples: int, seed: int):
-        return self._tiny(samples, seed)
+    def row_inputs(self, row: dict):
+        """(model key, tiny set, description of the tiny set) for a row."""
+        from graphprune.data import Preprocessing, load_tiny_set
+        from graphprune.synthesis import SynthesisSettings, synthetic_tiny_set
+
+        prep = Preprocessing((3, 32, 32))
+        method, samples, seed = row["method"], row["samples"], row["seed"]
+        if method == "ood-imagenet":  # 200 photos: fewer than asked for, all of them used
+            tiny = load_tiny_set(DATA["imagenet"], prep, samples, seed)
+            return row["model"], tiny, f"imagenet-samples ({len(tiny)} photos)"
+        if method == "data-free-procedural":
+            tiny, _ = synthetic_tiny_set(self.models[row["model"]], SynthesisSettings("procedural", samples, seed),
+                                         prep, CACHE)
+            return row["model"], tiny, f"procedural ({samples})"
+        if method == "data-free-bn-inversion":
+            key = self.pt2_model(row["model"])
+            settings = SynthesisSettings("bn-inversion", BN_INVERSION_IMAGES, seed, steps=BN_INVERSION_STEPS)
+            tiny, _ = synthetic_tiny_set(self.models[key], settings, prep, CACHE, show_progress=False)
+            return key, tiny, f"bn-inversion ({BN_INVERSION_IMAGES} images, {BN_INVERSION_STEPS} steps per batch of 64)"
+        return row["model"], self._tiny(samples, seed), f"train_lossless_4000 ({samples}, seed {seed})"
+
+    def pt2_model(self, name: str) -> str:
+        """The pretrained model as a torch.export program (BatchNorm kept), loaded from .pt2."""
+        key = f"{name}_pt2"
+        if key not in self.models:
+            path = CACHE / f"cifar10_{name}.pt2"
+            if not path.exists():
+                self.gp.save(self.gp.load(f"zoo:cifar10_{name}", weights=str(WEIGHTS[name])), path)
+            self.models[key] = self.gp.load(path)
+        return key
 
     def latency_table(self, model: str):
         from graphprune.cache import JsonCache, model_fingerprint, settings_fingerprint
@@ -141,20 +179,20 @@ def select(bench: Bench, model: str, order: list[str], cut: float):
     return select_blocks(m, bench.gp.find_blocks(m), scores, cut, bench.backend, bench.latency, MARGIN, order=order)
 
 
-def block_order(bench: Bench, row: dict, tiny) -> list[str]:
+def block_order(bench: Bench, row: dict, tiny, key: str) -> list[str]:
     from graphprune.optimize import OptimizeConfig
 
-    table = bench.latency_table(row["model"])
+    table = bench.latency_table(key)
     method = row["method"]
     if method == "random-blocks":
         names = sorted(table)
         random.Random(row["seed"]).shuffle(names)
         return names
     if method == "block-influence":
-        influence = bench.scores(row["model"], tiny, row["seed"], "influence", 0)
+        influence = bench.scores(key, tiny, row["seed"], "influence", 0)
         return sorted(influence, key=influence.get)
     defaults = OptimizeConfig().recoverability
-    rec = bench.scores(row["model"], tiny, row["seed"], defaults.estimator, defaults.iterations)
+    rec = bench.scores(key, tiny, row["seed"], defaults.estimator, defaults.iterations)
     candidates = [n for n in rec if table[n].saved_fraction > 0]
     return sorted(candidates, key=lambda n: rec[n] / table[n].saved_fraction)
 
@@ -211,22 +249,22 @@ def run_row(bench: Bench, row: dict) -> dict:
 
     start = time.perf_counter()
     gp = bench.gp
-    original = bench.models[row["model"]]
-    tiny = bench.tiny(row["samples"], row["seed"])
-    removed: dict = {}
+    key, tiny, source = bench.row_inputs(row)
+    original = bench.models[key]
+    removed: dict = {"tiny_set": source}
     if row["method"] == "filter-l1":
         pruned, ratio = filter_pruned(bench, row)
-        removed = {"channel_ratio": ratio}
+        removed["channel_ratio"] = ratio
     else:
-        selection = select(bench, row["model"], block_order(bench, row, tiny), row["cut"])
+        selection = select(bench, key, block_order(bench, row, tiny, key), row["cut"])
         pruned = gp.drop_blocks(original, selection.blocks)
-        removed = {"blocks": selection.blocks, "selection_cut": selection.cut.cut}
+        removed.update(blocks=selection.blocks, selection_cut=selection.cut.cut)
     settings = replace(OptimizeConfig().recovery, seed=row["seed"])
     if row["method"] == "graphprune-bp":
         settings = replace(settings, loss="label", lr=1e-4)
     recovered, record = (pruned, {}) if row["method"] == "no-recovery" else \
         recover(pruned, original, tiny, settings, show_progress=False)
-    out = CACHE / "rows" / (row_id(row).replace("/", "_") + ".onnx")
+    out = CACHE / "rows" / (row_id(row).replace("/", "_") + (".pt2" if original.source == "pt2" else ".onnx"))
     out.parent.mkdir(parents=True, exist_ok=True)
     gp.save(recovered, out)
     written = gp.load(out)
@@ -325,7 +363,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run")
-    run.add_argument("--grid", default="all", choices=["main", "samples", "r20", "all"])
+    run.add_argument("--grid", default="all", choices=["main", "data", "samples", "r20", "all"])
     run.add_argument("--only", help="comma-separated methods")
     run.add_argument("--limit", type=int, help="run at most this many rows")
     run.set_defaults(fn=cmd_run)

@@ -68,7 +68,7 @@ def run_job(job: dict, device: str) -> dict:
     if job["kind"] == "score":
         train, holdout = split_holdout(tiny, seed=job["seed"])
         settings = RecoverabilitySettings(estimator=job["estimator"], iterations=job.get("iterations", 0),
-                                          seed=job["seed"], device=device)
+                                          seed=job["seed"], device=device, batch_size=job.get("batch_size", 64))
         blocks = gp.find_blocks(model)
         scores = score_blocks(model, blocks, train, holdout, settings, show_progress=False)
         return {"scores": {s.name: s.recoverability for s in scores},

@@ -15,7 +15,7 @@ import warnings
 
 from .errors import GraphpruneError, UsageError
 
-COMMANDS = ("inspect", "drop", "profile", "optimize", "demo")
+COMMANDS = ("inspect", "drop", "export", "profile", "optimize", "demo")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -95,12 +95,22 @@ def load_tiny_set(path: str | Path, prep: Preprocessing, num_samples: int | None
         raw, labels, classes, skipped = _read_npz(path, num_samples, seed)
     else:
         raise GraphpruneError(f"--data must be a folder of images or an .npz file, got {path.name}")
-    images = torch.cat([_to_model_size(img, prep.size) for img in raw]) if raw else None
-    if images is None:
+    if not raw:
         raise GraphpruneError(f"no readable images in {path}" + (f" ({skipped} unreadable)" if skipped else ""))
+    return _preprocess(raw, labels, prep, str(path), skipped, classes)
+
+
+def tiny_set_from_array(images: np.ndarray, prep: Preprocessing, source: str) -> TinySet:
+    """A tiny set from uint8 (N, H, W, C) images without labels (synthetic data)."""
+    raw = [torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None] for img in images]
+    return _preprocess(raw, [-1] * len(raw), prep, source, 0, [])
+
+
+def _preprocess(raw, labels, prep: Preprocessing, source: str, skipped: int, classes) -> TinySet:
+    images = torch.cat([_to_model_size(img, prep.size) for img in raw])
     mean, std = prep.channel_stats()
     images = (images - mean) / std
-    return TinySet(images, torch.as_tensor(labels, dtype=torch.long), str(path), skipped, classes)
+    return TinySet(images, torch.as_tensor(labels, dtype=torch.long), source, skipped, classes)
 
 
 def _read_npz(path: Path, num_samples, seed):
@@ -116,8 +126,8 @@ def _read_npz(path: Path, num_samples, seed):
         raise GraphpruneError(f"cannot read {path.name} as .npz ({type(exc).__name__})") from None
     if images.ndim == 3:
         images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or images.shape[0] == 0:
-        raise GraphpruneError(f"{path.name}: 'images' must be (N, H, W, C) with C in 1/3/4, got {tuple(images.shape)}")
+    if images.ndim != 4 or images.shape[0] == 0 or not 1 <= images.shape[-1] <= 4:
+        raise GraphpruneError(f"{path.name}: 'images' must be (N, H, W, C) with C in 1..4, got {tuple(images.shape)}")
     if images.dtype != np.uint8:
         raise GraphpruneError(f"{path.name}: 'images' must be uint8, got {images.dtype}")
     if labels is not None:
@@ -193,7 +203,7 @@ def _to_model_size(image: torch.Tensor, size: tuple[int, int, int]) -> torch.Ten
     """uint8 (1, c, h, w) -> float (1, C, H, W) in [0, 1]: shorter side resized, centre-cropped."""
     channels, height, width = size
     x = image.float() / 255.0
-    if x.shape[1] == 4:
+    if x.shape[1] == 4 and channels != 4:  # RGBA photo: drop alpha
         x = x[:, :3]
     if channels == 1 and x.shape[1] == 3:
         x = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])

@@ -204,6 +204,32 @@ def _constants_to_initializers(proto: onnx.ModelProto) -> None:
     proto.graph.node.extend(keep)
 
 
+def _untie_initializers(proto: onnx.ModelProto) -> None:
+    """Give every node its own copy of a float weight that several nodes read.
+
+    Exporters deduplicate identical initializers (zero biases, tied weights); recovery trains each
+    use separately, so each use needs its own tensor to be written back to."""
+    by_name = {t.name: t for t in proto.graph.initializer}
+    seen: set[str] = set()
+    for node in proto.graph.node:
+        for slot, name in enumerate(node.input):
+            tensor = by_name.get(name)
+            if tensor is None or tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                          onnx.TensorProto.DOUBLE):
+                continue
+            if name not in seen:
+                seen.add(name)
+                continue
+            if int(np.prod(tensor.dims)) <= 1:
+                continue  # scalars (epsilons, exponents) are constants, never trained
+            copy_name = f"{name}__use{len(seen)}"
+            seen.add(copy_name)
+            duplicate = proto.graph.initializer.add()
+            duplicate.CopyFrom(tensor)
+            duplicate.name = copy_name
+            node.input[slot] = copy_name
+
+
 def _strip_initializer_inputs(proto: onnx.ModelProto) -> None:
     names = {t.name for t in proto.graph.initializer}
     keep = [i for i in proto.graph.input if i.name not in names]
@@ -256,6 +282,7 @@ def load_proto(proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = Non
     _strip_initializer_inputs(proto)
     _constants_to_initializers(proto)
     proto = simplify(proto, fuse=False)
+    _untie_initializers(proto)
     missing = unsupported_ops(proto)
     if missing:
         upgraded = _try_upgrade(proto)

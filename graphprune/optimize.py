@@ -64,7 +64,8 @@ def optimize(model: Model, tiny: TinySet, config: OptimizeConfig = OptimizeConfi
         Step("profile_blocks", _profile_blocks(backend, config, caches["latency"])),
         Step("score_recoverability", Recoverability(train, holdout, config.recoverability, config.feature_node,
                                                     config.show_progress, caches["recoverability"])),
-        Step("select_blocks", SelectBlocks(config.latency_cut, backend, config.latency, config.margin)),
+        Step("select_blocks", SelectBlocks(config.latency_cut, backend, config.latency, config.margin,
+                                           caches["selection"])),
         Step("drop_blocks", DropBlocks()),
         Step("recover", Recover(model, tiny, config.recovery, config.feature_node, config.show_progress)),
         Step("measure_result", _measure_result(backend, model, config)),
@@ -81,6 +82,7 @@ def _caches(model: Model, tiny: TinySet, config: OptimizeConfig) -> dict[str, Js
                                      config.seed, config.holdout_fraction, config.holdout_minimum,
                                      config.feature_node)
     return {"latency": JsonCache(config.cache_dir, "latency", latency_key),
+            "selection": JsonCache(config.cache_dir, "selection", latency_key),
             "recoverability": JsonCache(config.cache_dir, "recoverability", score_key)}
 
 
@@ -94,6 +96,7 @@ def _profile_blocks(backend, config: OptimizeConfig, cache: JsonCache):
         if todo:
             measure_block_latency(backend, model, config.latency, todo, config.show_progress,
                                   on_block=lambda row: cache.__setitem__(row.name, asdict(row)))
+        state.artifacts["latency_from_cache"] = len(blocks) - len(todo)
         rows = [BlockLatency(**cache.get(b.name)) for b in blocks]
         originals = [r.original_ms for r in rows]
         original = sorted(originals)[len(originals) // 2]
@@ -151,5 +154,7 @@ def build_report(original: Model, state: PassState, tiny: TinySet, train: TinySe
         "recovery": {k: state.records["recover"].get(k) for k in ("loss_curve", "final_loss", "seconds")},
         "settings": {**config.to_dict(), "backend_info": state.artifacts["block_latency"].backend_info},
         "seconds_per_stage": dict(state.timings),
+        "resumed_from_cache": {"latency_rows": state.artifacts.get("latency_from_cache", 0),
+                               "recoverability": state.records["score_recoverability"].get("from_cache", 0)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

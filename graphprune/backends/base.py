@@ -71,6 +71,11 @@ class LatencyStats:
         return {"median": self.median_ms, "p10": self.p10_ms, "p90": self.p90_ms,
                 "mean": self.mean_ms, "std": self.std_ms, "runs": self.runs}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatencyStats":
+        """The inverse of :meth:`to_dict` (samples are not kept)."""
+        return cls(d["median"], d["p10"], d["p90"], d["mean"], d["std"], d["runs"])
+
 
 def _quantile(ordered: list[float], q: float) -> float:
     """Linear-interpolated quantile of sorted data."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from ..backends.base import LatencySettings
@@ -16,13 +17,19 @@ from ..optimize import OptimizeConfig, optimize
 from ..passes.recover import RecoverySettings
 from ..passes.recoverability import ESTIMATORS, RecoverabilitySettings
 from ..report import format_summary, write_plot
+from ..synthesis import SynthesisSettings, synthetic_tiny_set
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("optimize", help="drop blocks to a measured latency cut and recover on a tiny set")
     add_model_arguments(p)
     p.add_argument("--latency-cut", type=float, required=True, help="fraction of latency to remove, e.g. 0.22")
-    p.add_argument("--data", required=True, help="folder of images (class sub-folders optional) or .npz")
+    p.add_argument("--data", help="folder of images (class sub-folders optional) or .npz (any domain)")
+    p.add_argument("--data-free", action="store_true", help="no images: synthesise a tiny set instead")
+    p.add_argument("--synthetic", default="auto", choices=["auto", "bn-inversion", "procedural"],
+                   help="with --data-free: bn-inversion (needs BatchNorm) or procedural; auto picks")
+    p.add_argument("--synthesis-steps", type=int, default=400, help="bn-inversion steps per batch of 64")
+    p.add_argument("--synthesis-time", type=float, help="bn-inversion time budget in seconds")
     p.add_argument("-o", "--output", required=True, help="output .onnx (or .pt2 for .pt2 input)")
     p.add_argument("--num-samples", type=int, help="images to draw from --data (default: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -36,11 +43,14 @@ def add_parser(sub) -> None:
     p.add_argument("--min-time", type=float, default=0.5, help="seconds per latency measurement (per model)")
     p.add_argument("--margin", type=float, default=0.005, help="select until the measured cut reaches cut+margin")
     p.add_argument("--feature-node", help="node whose output is mimicked (default: input of the classifier)")
-    p.add_argument("--estimator", default="lstsq", choices=ESTIMATORS, help="recoverability estimator")
-    p.add_argument("--score-iterations", type=int, default=200, help="adaptor SGD steps (estimator practise)")
-    p.add_argument("--recovery-iterations", type=int, default=1000)
-    p.add_argument("--recovery-lr", type=float, default=0.02)
-    p.add_argument("--recovery-batch-size", type=int, default=64)
+    scoring, recovery = RecoverabilitySettings(), RecoverySettings()
+    p.add_argument("--estimator", default=scoring.estimator, choices=ESTIMATORS, help="recoverability estimator")
+    p.add_argument("--score-iterations", type=int, default=scoring.iterations,
+                   help="adaptor SGD steps per block (estimator practise)")
+    p.add_argument("--recovery-iterations", type=int, default=recovery.iterations)
+    p.add_argument("--recovery-lr", type=float, default=recovery.lr)
+    p.add_argument("--recovery-optimizer", default=recovery.optimizer, choices=["adam", "sgd"])
+    p.add_argument("--recovery-batch-size", type=int, default=recovery.batch_size)
     p.add_argument("--augment", default="auto", choices=["auto", "crop-flip", "resized-crop-flip", "none"])
     p.add_argument("--train-device", default="cpu", help="device recovery trains on (cpu, cuda)")
     p.add_argument("--eval-data", help="labelled folder/.npz to report top-1 of original and optimised")
@@ -72,6 +82,8 @@ def check_outputs(args) -> None:
 
 
 def run(args) -> int:
+    if bool(args.data) == bool(args.data_free):
+        raise UsageError("give exactly one of --data or --data-free")
     if not 0 < args.latency_cut < 1:
         raise UsageError(f"--latency-cut must be between 0 and 1 (exclusive), got {args.latency_cut}")
     for flag in ("batch_size", "threads", "recovery_batch_size"):
@@ -83,22 +95,30 @@ def run(args) -> int:
     if len(shape) != 4:
         raise GraphpruneError(f"optimize needs an image model (N, C, H, W input); this one takes {shape}")
     prep = Preprocessing(shape[1:], _floats(args.mean, "--mean"), _floats(args.std, "--std"))
-    tiny = load_tiny_set(args.data, prep, args.num_samples, args.seed)
+    cache_dir = None if args.no_cache else (args.cache_dir or str(default_cache_dir()))
+    synthetic = None
+    if args.data_free:
+        settings = SynthesisSettings(method=args.synthetic, num_samples=args.num_samples or 256, seed=args.seed,
+                                     steps=args.synthesis_steps, time_budget_s=args.synthesis_time)
+        tiny, synthetic = synthetic_tiny_set(model, settings, prep, cache_dir, show_progress=not args.quiet)
+    else:
+        tiny = load_tiny_set(args.data, prep, args.num_samples, args.seed)
     config = OptimizeConfig(
         latency_cut=args.latency_cut, backend=args.backend,
         latency=LatencySettings(batch_size=args.batch_size, threads=args.threads, device=args.device,
                                 min_time_s=args.min_time),
         margin=args.margin, holdout_fraction=args.holdout, seed=args.seed, feature_node=args.feature_node,
-        recoverability=RecoverabilitySettings(estimator=args.estimator, iterations=args.score_iterations,
-                                              seed=args.seed),
+        recoverability=replace(RecoverabilitySettings(), estimator=args.estimator, iterations=args.score_iterations,
+                               seed=args.seed),
         recovery=RecoverySettings(iterations=args.recovery_iterations, lr=args.recovery_lr,
-                                  batch_size=args.recovery_batch_size, augment=args.augment, seed=args.seed,
-                                  device=args.train_device),
-        cache_dir=None if args.no_cache else (args.cache_dir or str(default_cache_dir())),
+                                  optimizer=args.recovery_optimizer, batch_size=args.recovery_batch_size,
+                                  augment=args.augment, seed=args.seed, device=args.train_device),
+        cache_dir=cache_dir,
         show_progress=not args.quiet,
     )
     result = optimize(model, tiny, config)
     report = result.report
+    report["data"]["synthetic"] = synthetic
     if args.eval_data:
         test = load_tiny_set(args.eval_data, prep)
         report["eval"] = {"original": evaluate(model, test), "optimized": evaluate(result.model, test, model)}

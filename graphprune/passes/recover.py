@@ -32,12 +32,15 @@ from .base import PassResult, PassState, Transform
 
 @dataclass(frozen=True)
 class RecoverySettings:
-    iterations: int = 1000
+    # Defaults from benchmarks/scoring_study.py's sweep (ResNet-56 ONNX, 40% cut, 500 images): on
+    # graphs whose BatchNorm was folded into the convs, SGD at the paper's lr 0.02 diverges and at
+    # 0.003 reaches 89.2%; AdamW at 3e-4 reaches 90.5% in 2000 steps (4000 steps add nothing).
+    iterations: int = 2000
     batch_size: int = 64
-    lr: float = 0.02
+    lr: float = 3e-4
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    optimizer: str = "sgd"  # or "adam" (AdamW)
+    optimizer: str = "adam"  # AdamW; or "sgd" (with momentum, as the official code)
     clip_grad_norm: float | None = None
     schedule: str = "cosine"  # or "step" (x0.1 at 40%, as the official code)
     augment: str = "auto"  # "crop-flip", "resized-crop-flip", "none" or "auto" (by image size)

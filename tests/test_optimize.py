@@ -1,0 +1,135 @@
+"""optimize end to end on small real-format inputs, and its bad-input corpus."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import graphprune as gp
+from onnx_builders import residual_onnx, save
+
+FAST = ["--min-time", "0.05", "--recovery-iterations", "8", "--recovery-batch-size", "16", "--estimator", "lstsq",
+        "--no-cache", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def r20_onnx(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("opt")
+    torch.manual_seed(0)
+    path = folder / "r20.onnx"
+    gp.save(gp.load("zoo:cifar10_resnet20"), path)
+    images = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    np.savez(folder / "tiny.npz", images=images, labels=np.arange(40) % 10)
+    return path, folder / "tiny.npz"
+
+
+def test_optimize_writes_a_verified_faster_model_and_a_report(cli, r20_onnx, tmp_path):
+    model, data = r20_onnx
+    out, report, plot = tmp_path / "fast.onnx", tmp_path / "r.json", tmp_path / "p.png"
+    code, stdout, err = cli("optimize", model, "--latency-cut", "0.2", "--data", data, "-o", out,
+                            "--report", report, "--plot", plot, "--eval-data", data, *FAST)
+    assert code == 0, err
+    doc = json.loads(report.read_text())
+    assert doc["latency"]["cut"] > 0.1 and doc["latency"]["original_ms"] > doc["latency"]["optimized_ms"]
+    assert doc["dropped"] and set(doc["dropped"]) <= {b["name"] for b in doc["blocks"]}
+    assert all(b["recoverability"] is not None and b["saved_fraction"] is not None for b in doc["blocks"])
+    assert set(doc["seconds_per_stage"]) == {"find_blocks", "profile_blocks", "score_recoverability", "select_blocks",
+                                             "drop_blocks", "recover", "measure_result"}
+    assert "top1" in doc["eval"]["original"] and "agreement" in doc["eval"]["optimized"]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    written = onnx.load(str(out))
+    assert [i.name for i in written.graph.input] == [i.name for i in onnx.load(str(model)).graph.input]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.run(None, {session.get_inputs()[0].name: np.zeros((3, 3, 32, 32), np.float32)})[0].shape == (3, 10)
+    assert len(gp.find_blocks(gp.load(out))) == 9 - len(doc["dropped"])
+    assert "measured cut" in stdout
+
+
+def test_optimize_python_api_is_a_pipeline_of_passes(r20_onnx):
+    from graphprune.backends.base import LatencySettings
+    from graphprune.data import Preprocessing, load_tiny_set
+    from graphprune.optimize import OptimizeConfig, optimize
+    from graphprune.passes.recover import RecoverySettings
+
+    model_path, data = r20_onnx
+    model = gp.load(model_path)
+    tiny = load_tiny_set(data, Preprocessing((3, 32, 32)))
+    config = OptimizeConfig(latency_cut=0.15, latency=LatencySettings(min_time_s=0.05),
+                            recovery=RecoverySettings(iterations=4, batch_size=8), show_progress=False)
+    result = optimize(model, tiny, config)
+    assert list(result.state.records) == ["find_blocks", "profile_blocks", "score_recoverability", "select_blocks",
+                                          "drop_blocks", "recover", "measure_result"]
+    assert len(gp.find_blocks(result.model)) < len(gp.find_blocks(model))
+
+
+def _clean_failure(result, expected, outputs):
+    code, out, err = result
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
+    assert expected in lines[0], lines[0]
+    for path in outputs:
+        assert not path.exists()
+
+
+def _corrupt_folder(tmp_path):
+    folder = tmp_path / "corrupt"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(b"\xff\xd8 not really")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["cut_zero", "cut_one", "unreachable", "empty_folder", "corrupt_folder",
+                                  "npz_shape", "no_blocks", "nan_weights", "missing_output_folder", "both_data"])
+def test_optimize_bad_input(cli, r20_onnx, tmp_path, case):
+    model, data = r20_onnx
+    out = tmp_path / "out.onnx"
+    argv = ["optimize", model, "--latency-cut", "0.2", "--data", data, "-o", out, *FAST]
+    expected = {"cut_zero": "between 0 and 1", "cut_one": "between 0 and 1", "unreachable": "not reachable",
+                "empty_folder": "no image files", "corrupt_folder": "no readable images", "npz_shape": "(N, H, W, C)",
+                "no_blocks": "no residual blocks", "nan_weights": "NaN", "missing_output_folder": "does not exist",
+                "both_data": "exactly one of"}[case]
+    if case == "cut_zero":
+        argv[3] = "0"
+    elif case == "cut_one":
+        argv[3] = "1.5"
+    elif case == "unreachable":
+        argv[1] = save(residual_onnx(), tmp_path / "one_block.onnx")
+        argv[3] = "0.97"
+        argv[5] = save_npz(tmp_path, (40, 8, 8, 4))
+        argv += ["--mean", "0.5", "--std", "0.25"]
+    elif case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        argv[5] = tmp_path / "empty"
+    elif case == "corrupt_folder":
+        argv[5] = _corrupt_folder(tmp_path)
+    elif case == "npz_shape":
+        argv[5] = tmp_path / "bad.npz"
+        np.savez(argv[5], images=np.zeros((40, 32), np.uint8))
+    elif case == "no_blocks":
+        argv[1] = "torchvision:vgg11"
+        argv += ["--input-shape", "1,3,32,32"]
+    elif case == "nan_weights":
+        proto = onnx.load(str(model))
+        init = proto.graph.initializer[0]
+        values = onnx.numpy_helper.to_array(init).copy()
+        values.flat[0] = np.nan
+        init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+        argv[1] = save(proto, tmp_path / "nan.onnx")
+    elif case == "missing_output_folder":
+        out = tmp_path / "nowhere" / "out.onnx"
+        argv[7] = out
+    elif case == "both_data":
+        argv += ["--data-free"]
+    _clean_failure(cli(*argv), expected, [out])
+
+
+def save_npz(tmp_path, shape) -> str:
+    path = tmp_path / "d.npz"
+    np.savez(path, images=np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+    return str(path)
