@@ -294,7 +294,11 @@ def cmd_run(args) -> None:
     bench = Bench()
     for row in todo[: args.limit or None]:
         print(f"[{time.strftime('%H:%M:%S')}] {row_id(row)} ...", flush=True)
-        result = run_row(bench, row)
+        try:
+            result = run_row(bench, row)
+        except Exception as exc:  # a failing row is reported and skipped; the grid goes on
+            print(f"    FAILED: {type(exc).__name__}: {exc}", flush=True)
+            continue
         append_row(row["model"], result)
         print(f"    top-1 {100 * result['top1_lossless1000']:.2f}  cut {result['latency_cut_measured']:.3f}  "
               f"{result['wall_s']:.0f}s", flush=True)

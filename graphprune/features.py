@@ -15,14 +15,14 @@ from torch import fx
 
 from .errors import GraphpruneError
 from .model import Model
-from .ops import constant_nodes, is_weighted
+from .ops import ancestors, constant_nodes, is_weighted
 
 
 def classifier_node(model: Model) -> fx.Node:
     """The last weighted node the output depends on."""
     gm = model.graph_module
     constants = constant_nodes(gm)
-    live = _ancestors(gm.graph.output_node())
+    live = ancestors(gm.graph.output_node())
     candidates = [n for n in gm.graph.nodes if n in live and n not in constants and is_weighted(n, gm, constants)]
     if not candidates:
         raise GraphpruneError("cannot find a classifier (a final linear, matmul or conv layer)")
@@ -107,16 +107,6 @@ def _plain_copy(graph: fx.Graph) -> fx.Graph:
     new = copy.deepcopy(graph)
     new._codegen = fx.graph.CodeGen()
     return new
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.all_input_nodes)
-    return seen
 
 
 @torch.no_grad()

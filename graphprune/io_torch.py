@@ -86,7 +86,7 @@ def load_pt2(path: str | os.PathLike, input_shape: tuple[int, ...] | None = None
     example_shape = None
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name in user_inputs:
-            example_shape = tuple(int(d) for d in node.meta["val"].shape)
+            example_shape = (1, *(int(d) for d in node.meta["val"].shape[1:]))
             break
     return Model(gm, "pt2", tuple(specs), ("output",), path.stem,
                  input_shape=tuple(input_shape) if input_shape else example_shape)

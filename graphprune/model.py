@@ -86,9 +86,9 @@ class Model:
         gen = torch.Generator().manual_seed(seed)
         tensors = []
         for spec in self.inputs:
-            shape = spec.concrete_shape(self.input_shape if len(self.inputs) == 1 else None, batch_size)
-            if self.input_shape is not None and batch_size != 1 and len(self.inputs) == 1:
-                shape = (batch_size, *shape[1:])
+            shape = list(spec.concrete_shape(self.input_shape if len(self.inputs) == 1 else None, batch_size))
+            if spec.shape and spec.shape[0] is None:  # a dynamic batch axis takes the batch asked for
+                shape[0] = batch_size
             if spec.dtype.is_floating_point:
                 tensors.append(torch.randn(shape, generator=gen, dtype=spec.dtype))
             else:

@@ -142,6 +142,17 @@ def iter_input_nodes(node: fx.Node) -> Iterable[fx.Node]:
     return node.all_input_nodes
 
 
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node it depends on."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
 def constant_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes whose value does not depend on the values of the graph inputs.
 

@@ -33,24 +33,24 @@ def format_summary(report: dict) -> str:
 
 
 def write_plot(report: dict, path: Path) -> None:
-    """Left: recoverability against latency saved per block (dropped ones marked). Right: the
-    recovery loss curve."""
+    """Left: each block's score (recoverability / latency saved) against the latency it saves,
+    dropped blocks marked. Right: the recovery loss curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    rows = [b for b in report["blocks"] if b["recoverability"] is not None and b["saved_fraction"] is not None]
+    rows = [b for b in report["blocks"] if b["score"] is not None and b["saved_fraction"] is not None]
     for dropped, colour, label in ((False, "tab:blue", "kept"), (True, "tab:red", "dropped")):
         pts = [b for b in rows if b["dropped"] == dropped]
-        left.scatter([100 * b["saved_fraction"] for b in pts], [b["recoverability"] for b in pts],
-                     c=colour, label=label, s=22)
+        left.scatter([100 * b["saved_fraction"] for b in pts], [b["score"] for b in pts], c=colour, label=label, s=22)
     for b in rows:
-        left.annotate(b["name"], (100 * b["saved_fraction"], b["recoverability"]), fontsize=6, alpha=0.7)
+        left.annotate(b["name"], (100 * b["saved_fraction"], b["score"]), fontsize=6, alpha=0.7)
+    left.set_yscale("log")
     left.set_xlabel("latency saved by dropping the block alone (%)")
-    left.set_ylabel("recoverability (held-out feature MSE)")
-    left.set_title("block scores (lower-right is cheapest)")
+    left.set_ylabel("score = recoverability / latency saved")
+    left.set_title("block scores (lowest are dropped first)")
     left.legend()
     curve = (report.get("recovery") or {}).get("loss_curve") or []
     if curve:

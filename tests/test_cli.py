@@ -115,3 +115,33 @@ def test_nan_weights(cli, tmp_path):
 ])
 def test_usage_errors_exit_2(cli, argv, expected):
     _assert_clean_failure(cli(*argv), expected, exit_code=2)
+
+
+def test_external_data_outside_the_model_folder_is_refused(cli, tmp_path):
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    model = residual_onnx()
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../secret/weights.bin"
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.onnx").write_bytes(model.SerializeToString())  # onnx.save would refuse it
+    _assert_clean_failure(cli("inspect", tmp_path / "models" / "m.onnx"), "outside the model's folder")
+
+
+def test_external_data_inside_the_folder_loads(cli, tmp_path):
+    model = residual_onnx()
+    onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.weights", size_threshold=0)
+    code, out, err = cli("inspect", tmp_path / "m.onnx")
+    assert code == 0 and "block" in out, err
+
+
+def test_export_and_profile_bad_input(cli, tmp_path):
+    _assert_clean_failure(cli("export", tmp_path / "none.onnx", "-o", tmp_path / "x.onnx"), "not found",
+                          tmp_path / "x.onnx")
+    _assert_clean_failure(cli("export", "zoo:cifar10_resnet20", "-o", tmp_path / "x.txt"), ".onnx or .pt2",
+                          tmp_path / "x.txt")
+    _assert_clean_failure(cli("profile", tmp_path / "none.onnx"), "not found")

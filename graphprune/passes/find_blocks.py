@@ -30,7 +30,7 @@ from torch import fx
 from ..errors import GraphpruneError
 from ..graph_stats import count_params, node_stats
 from ..model import Model
-from ..ops import ACTIVATIONS, NO_OPS, constant_nodes, is_binary_add, is_weighted, op_kind
+from ..ops import ACTIVATIONS, NO_OPS, ancestors, constant_nodes, is_binary_add, is_weighted, op_kind
 from ..scopes import common_prefix, node_scope
 from .base import Analysis, PassResult, PassState
 
@@ -109,21 +109,10 @@ def _node(gm: fx.GraphModule, name: str) -> fx.Node:
     raise KeyError(name)
 
 
-def _live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes the output depends on (tracing leaves unused values, e.g. ``x, _ = attention(...)``)."""
-    live, stack = set(), [gm.graph.output_node()]
-    while stack:
-        node = stack.pop()
-        if node not in live:
-            live.add(node)
-            stack.extend(node.all_input_nodes)
-    return live
-
-
 def _dataflow_graph(gm: fx.GraphModule, constants: set[fx.Node]) -> nx.DiGraph:
     graph = nx.DiGraph()
     graph.add_node(_ROOT)
-    live = _live_nodes(gm)
+    live = ancestors(gm.graph.output_node())  # tracing leaves unused values: x, _ = attention(...)
     for node in gm.graph.nodes:
         if node in constants or node not in live:
             continue
