@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import DATA, ensure_models, results_dir  # noqa: E402
-from jobs import done_ids, run_jobs  # noqa: E402
+from jobs import run_jobs  # noqa: E402
 
 SEEDS = (2021, 2022, 2023)
 SAMPLES = 500

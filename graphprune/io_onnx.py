@@ -1,24 +1,17 @@
-"""ONNX in and out.
+"""ONNX in: a checked, normalised file (:mod:`graphprune.onnx_read`) converted to fx.
 
-Reading: the file is checked (``onnx.checker``, opset >= 9, finite weights, every op supported by
-onnx2torch; external data only from the model's own folder), simplified with onnxsim, and converted
-with onnx2torch into an fx graph with exactly one ``call_module`` node per ONNX node (module
-``n<i>`` is ONNX node ``i``). Each fx node gets ``meta["onnx_op"]`` and ``meta["scope"]`` (the
-module path the exporter wrote into the node name).
-
-Writing (:func:`lower`): the output is the *input* graph with the nodes the fx graph no longer has
-removed and every node's inputs re-pointed to whatever fx value now feeds it; trained weights are
-written back into the initializers they came from (:class:`WeightLink`). Op types, attributes,
-opset, input/output names and dynamic axes are those of the input. Re-exporting onnx2torch modules
-through ``torch.onnx`` fails on transformer graphs; rewriting the original graph cannot.
+onnx2torch converts the graph into an fx graph with exactly one ``call_module`` node per ONNX node
+(module ``n<i>`` is ONNX node ``i``). Each fx node gets ``meta["onnx_op"]`` and ``meta["scope"]``
+(the module path the exporter wrote into the node name), and every fx weight a
+:class:`WeightLink` to the initializer it came from, so :mod:`graphprune.onnx_lower` can write the
+model back as the input graph itself. :func:`verify_against_onnxruntime` checks a conversion or an
+output against onnxruntime.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,11 +23,10 @@ from torch import fx
 
 from .errors import GraphpruneError
 from .model import InputSpec, Model
+from .onnx_read import check_onnx, normalise, read_onnx
 from .scopes import scope_from_onnx_metadata, scope_from_onnx_name
 
 BLOCK_NAMES_KEY = "graphprune.block_names"  # model metadata: JSON [[merge node name, block name], ...]
-MAX_MODEL_BYTES = 4 * 2**30  # refuse anything larger (protobuf + external data)
-MIN_OPSET = 9
 _ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
     onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.INT64: torch.int64,
@@ -63,195 +55,6 @@ class OnnxOrigin:
     path: str | None = None
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading
-
-def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """Parse an ONNX file safely: size limits, and external data only from the model's folder."""
-    path = Path(path)
-    if not path.exists():
-        raise GraphpruneError(f"model file not found: {path}")
-    if path.is_dir():
-        raise GraphpruneError(f"model path is a folder, not a file: {path}")
-    size = path.stat().st_size
-    if size == 0:
-        raise GraphpruneError(f"model file is empty: {path}")
-    if size > MAX_MODEL_BYTES:
-        raise GraphpruneError(f"model file is larger than {MAX_MODEL_BYTES >> 30} GiB: {path}")
-    try:
-        proto = onnx.load_model(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-ish or ValueError
-        raise GraphpruneError(f"not a readable ONNX file: {path} ({type(exc).__name__})") from None
-    if not proto.graph.node:
-        raise GraphpruneError(f"not an ONNX model (no graph nodes): {path}")
-    _load_external_data(proto, path.parent)
-    return proto
-
-
-def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
-    external = [t for t in _all_initializers(proto) if t.data_location == onnx.TensorProto.EXTERNAL]
-    if not external:
-        return
-    base = base_dir.resolve()
-    total = 0
-    for tensor in external:
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        target = (base / location).resolve()
-        if os.path.isabs(location) or base not in target.parents:
-            raise GraphpruneError(
-                f"external data '{location}' of tensor '{tensor.name}' is outside the model's folder"
-            )
-        if not target.is_file():
-            raise GraphpruneError(f"external data file not found: {location}")
-        total += int(info.get("length", target.stat().st_size))
-        if total > MAX_MODEL_BYTES:
-            raise GraphpruneError(f"external data is larger than {MAX_MODEL_BYTES >> 30} GiB")
-    try:
-        onnx.external_data_helper.load_external_data_for_model(proto, str(base))
-    except Exception as exc:
-        raise GraphpruneError(f"could not read the model's external data ({exc})") from None
-
-
-def _all_initializers(proto: onnx.ModelProto):
-    yield from proto.graph.initializer
-    for node in proto.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-
-
-def check_onnx(proto: onnx.ModelProto, label: str) -> None:
-    """Structural validity, opset range and finite weights, each as a one-line error."""
-    try:
-        onnx.checker.check_model(proto)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GraphpruneError(f"invalid ONNX model {label}: {first[:300]}") from None
-    opset = default_opset(proto)
-    if opset < MIN_OPSET:
-        raise GraphpruneError(f"ONNX opset {opset} is not supported (need {MIN_OPSET} or newer): {label}")
-    for tensor in _all_initializers(proto):
-        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
-            values = numpy_helper.to_array(tensor)
-            if values.size and not np.isfinite(values).all():
-                raise GraphpruneError(f"weight '{tensor.name}' contains NaN or infinite values: {label}")
-
-
-def default_opset(proto: onnx.ModelProto) -> int:
-    for entry in proto.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    return 0
-
-
-def simplify(proto: onnx.ModelProto, fuse: bool = True) -> onnx.ModelProto:
-    """onnxsim: constant folding and, with ``fuse``, its graph fusions (which rename the nodes
-    they create, so inputs are read with ``fuse=False`` to keep the exporter's module paths).
-    The input is returned unchanged if onnxsim cannot help."""
-    try:
-        import onnxsim
-    except ImportError:  # onnxsim is a dependency; tolerate its absence on bare GPU images
-        return proto
-    try:
-        with quiet_native_output():  # onnxsim prints warnings from C++ straight to stdout
-            simplified, ok = onnxsim.simplify(copy.deepcopy(proto), perform_optimization=fuse)
-    except Exception:
-        return proto
-    return simplified if ok else proto
-
-
-@contextlib.contextmanager
-def quiet_native_output():
-    """Silence stdout/stderr at the file-descriptor level (native libraries bypass sys.stdout)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, devnull):
-            os.close(fd)
-
-
-def _constants_to_initializers(proto: onnx.ModelProto) -> None:
-    """Constant nodes become initializers (onnx2torch reads conv weights only from initializers)."""
-    keep = []
-    for node in proto.graph.node:
-        if node.op_type == "Constant" and not node.domain and len(node.attribute) == 1:
-            attr = node.attribute[0]
-            value = None
-            if attr.name == "value":
-                value = numpy_helper.to_array(attr.t)
-            elif attr.name in ("value_float", "value_int"):
-                value = np.array(attr.f if attr.name == "value_float" else attr.i,
-                                 dtype=np.float32 if attr.name == "value_float" else np.int64)
-            elif attr.name in ("value_floats", "value_ints"):
-                value = np.array(list(attr.floats) if attr.name == "value_floats" else list(attr.ints),
-                                 dtype=np.float32 if attr.name == "value_floats" else np.int64)
-            if value is not None:
-                proto.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
-                continue
-        keep.append(node)
-    del proto.graph.node[:]
-    proto.graph.node.extend(keep)
-
-
-def _untie_initializers(proto: onnx.ModelProto) -> None:
-    """Give every node its own copy of a float weight that several nodes read.
-
-    Exporters deduplicate identical initializers (zero biases, tied weights); recovery trains each
-    use separately, so each use needs its own tensor to be written back to."""
-    by_name = {t.name: t for t in proto.graph.initializer}
-    seen: set[str] = set()
-    for node in proto.graph.node:
-        for slot, name in enumerate(node.input):
-            tensor = by_name.get(name)
-            if tensor is None or tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                                                          onnx.TensorProto.DOUBLE):
-                continue
-            if name not in seen:
-                seen.add(name)
-                continue
-            if int(np.prod(tensor.dims)) <= 1:
-                continue  # scalars (epsilons, exponents) are constants, never trained
-            copy_name = f"{name}__use{len(seen)}"
-            seen.add(copy_name)
-            duplicate = proto.graph.initializer.add()
-            duplicate.CopyFrom(tensor)
-            duplicate.name = copy_name
-            node.input[slot] = copy_name
-
-
-def _strip_initializer_inputs(proto: onnx.ModelProto) -> None:
-    names = {t.name for t in proto.graph.initializer}
-    keep = [i for i in proto.graph.input if i.name not in names]
-    del proto.graph.input[:]
-    proto.graph.input.extend(keep)
-
-
-def unsupported_ops(proto: onnx.ModelProto) -> list[str]:
-    """Op types (with their opset) that onnx2torch has no converter for."""
-    from onnx2torch.node_converters.registry import get_converter
-
-    versions = {e.domain or "": e.version for e in proto.opset_import}
-    missing = set()
-    for node in proto.graph.node:
-        version = versions.get(node.domain or "", versions.get("", 0))
-        try:
-            get_converter(domain=node.domain, operation_type=node.op_type, version=version)
-        except NotImplementedError:
-            missing.add(f"{(node.domain + '.') if node.domain else ''}{node.op_type}-{version}")
-    return sorted(missing)
-
-
 def _input_specs(proto: onnx.ModelProto) -> tuple[InputSpec, ...]:
     specs = []
     for value in proto.graph.input:
@@ -278,19 +81,7 @@ def load_onnx(path: str | os.PathLike, input_shape: tuple[int, ...] | None = Non
 
 def load_proto(proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = None, label: str = "the model") -> Model:
     """Convert a checked ``ModelProto`` into a :class:`Model` (verified against onnxruntime)."""
-    proto = copy.deepcopy(proto)
-    _strip_initializer_inputs(proto)
-    _constants_to_initializers(proto)
-    proto = simplify(proto, fuse=False)
-    _untie_initializers(proto)
-    missing = unsupported_ops(proto)
-    if missing:
-        upgraded = _try_upgrade(proto)
-        if upgraded is None or unsupported_ops(upgraded):
-            raise GraphpruneError(f"unsupported ONNX ops in {label}: {', '.join(missing)}")
-        proto = upgraded
-    if not proto.graph.input:
-        raise GraphpruneError(f"the model has no inputs: {label}")
+    proto = normalise(proto, label)
     gm, origin = convert(proto)
     model = Model(
         graph_module=gm,
@@ -303,16 +94,6 @@ def load_proto(proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = Non
     )
     verify_against_onnxruntime(proto, model, what="conversion of " + label)
     return model
-
-
-def _try_upgrade(proto: onnx.ModelProto) -> onnx.ModelProto | None:
-    """Old opsets sometimes convert once upgraded (onnx2torch covers mainly opset 11+)."""
-    try:
-        upgraded = onnx.version_converter.convert_version(proto, 13)
-        onnx.checker.check_model(upgraded)
-        return upgraded
-    except Exception:
-        return None
 
 
 def convert(proto: onnx.ModelProto) -> tuple[fx.GraphModule, OnnxOrigin]:
@@ -332,7 +113,7 @@ def convert(proto: onnx.ModelProto) -> tuple[fx.GraphModule, OnnxOrigin]:
     attr_initializers: dict[str, str] = {}
     block_names = _recorded_block_names(proto)
     for fx_node in gm.graph.nodes:
-        index = _onnx_index(fx_node)
+        index = onnx_index(fx_node)
         if index is None:
             continue
         onnx_node = nodes[index]
@@ -343,7 +124,7 @@ def convert(proto: onnx.ModelProto) -> tuple[fx.GraphModule, OnnxOrigin]:
             fx_node.meta["block_name"] = block_names[onnx_node.name]
         if onnx_node.op_type == "Pad":
             fx_node.meta["pad_value_zero"] = _pad_value_is_zero(onnx_node, proto)
-        for arg, onnx_input in _arg_links(fx_node, gm):
+        for arg, onnx_input in arg_links(fx_node, gm):
             if arg.op == "get_attr" and onnx_input in initializer_names:
                 attr_initializers[arg.target] = onnx_input
     _promote_weights(gm, attr_initializers)
@@ -393,13 +174,13 @@ def _onnx_scope(onnx_node: onnx.NodeProto, initializer_names: set[str]) -> str:
     return ""
 
 
-def _onnx_index(fx_node: fx.Node) -> int | None:
+def onnx_index(fx_node: fx.Node) -> int | None:
     if fx_node.op == "call_module" and str(fx_node.target).startswith("n") and str(fx_node.target)[1:].isdigit():
         return int(str(fx_node.target)[1:])
     return None
 
 
-def _arg_links(fx_node: fx.Node, gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
+def arg_links(fx_node: fx.Node, gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
     """(fx value, ONNX input name) for each value a converted node reads.
 
     onnx2torch passes the ONNX inputs named in the module's ``onnx_mapping`` as positional
@@ -450,7 +231,7 @@ def _link_weights(gm: fx.GraphModule, proto: onnx.ModelProto, attr_initializers:
     for target, init_name in attr_initializers.items():
         links[target] = WeightLink(init_name, "same")
     for fx_node in gm.graph.nodes:
-        index = _onnx_index(fx_node)
+        index = onnx_index(fx_node)
         if index is None:
             continue
         module = gm.get_submodule(fx_node.target)
@@ -478,129 +259,7 @@ def _match_tensor(value: np.ndarray, candidates: list[str], inits: dict[str, np.
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing
-
-def lower(model: Model) -> onnx.ModelProto:
-    """The input ONNX graph, restricted to what the fx graph still computes, with its weights."""
-    origin: OnnxOrigin = model.onnx
-    base = origin.proto
-    gm = model.graph_module
-    tensor_of: dict[fx.Node, str] = {}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for fx_node, value in zip(placeholders, base.graph.input):
-        tensor_of[fx_node] = value.name
-
-    new_nodes: dict[int, onnx.NodeProto] = {}
-    for fx_node in gm.graph.nodes:
-        if fx_node.op in ("placeholder", "output"):
-            continue
-        if fx_node.op == "get_attr":
-            if fx_node.target not in origin.attr_initializers:
-                raise GraphpruneError(f"cannot write ONNX: weight '{fx_node.target}' has no ONNX initializer")
-            tensor_of[fx_node] = origin.attr_initializers[fx_node.target]
-            continue
-        index = _onnx_index(fx_node)
-        if index is None and fx_node.op == "call_function" and fx_node.target.__name__ == "getitem":
-            producer, position = fx_node.args
-            tensor_of[fx_node] = base.graph.node[_onnx_index(producer)].output[position]
-            continue
-        if index is None:
-            raise GraphpruneError(
-                f"cannot write ONNX: node '{fx_node.name}' ({fx_node.op} {fx_node.target}) is not an ONNX node; "
-                "fold it into its neighbours first"
-            )
-        onnx_node = copy.deepcopy(base.graph.node[index])
-        renames = {name: tensor_of[arg] for arg, name in _arg_links(fx_node, gm)}
-        for slot, name in enumerate(onnx_node.input):
-            onnx_node.input[slot] = renames.get(name, name)
-        tensor_of[fx_node] = onnx_node.output[0]
-        new_nodes[index] = onnx_node
-    _add_conversion_time_producers(new_nodes, base)
-
-    out = onnx.ModelProto()
-    out.CopyFrom(base)
-    del out.graph.node[:]
-    out.graph.node.extend(new_nodes[i] for i in sorted(new_nodes))
-    outputs = gm.graph.output_node().args[0]
-    outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
-    for value, fx_value in zip(base.graph.output, outputs):
-        if tensor_of[fx_value] != value.name:  # the output now comes from elsewhere: keep its name
-            out.graph.node.append(onnx.helper.make_node("Identity", [tensor_of[fx_value]], [value.name]))
-    _write_back_weights(out, model)
-    _prune(out)
-    return out
-
-
-def _add_conversion_time_producers(nodes: dict[int, onnx.NodeProto], base: onnx.ModelProto) -> None:
-    """Bring back producers the fx graph does not model: onnx2torch reads some inputs (a Clip's
-    bounds, a Reshape's shape from a Constant node) at conversion time, so fx has no edge to them."""
-    producer = {out: i for i, node in enumerate(base.graph.node) for out in node.output}
-    available = {i.name for i in base.graph.input} | {t.name for t in base.graph.initializer}
-    stack = list(nodes.values())
-    while stack:
-        node = stack.pop()
-        for name in list(node.input) + sorted(_subgraph_inputs(node)):
-            index = producer.get(name)
-            if name and name not in available and index is not None and index not in nodes:
-                nodes[index] = copy.deepcopy(base.graph.node[index])
-                stack.append(nodes[index])
-
-
-def _write_back_weights(proto: onnx.ModelProto, model: Model) -> None:
-    links = model.onnx.weight_links
-    state = model.graph_module.state_dict()
-    by_name = {t.name: t for t in proto.graph.initializer}
-    written: dict[str, np.ndarray] = {}
-    for key, tensor in state.items():
-        link = links.get(key)
-        if link is None or link.initializer not in by_name:
-            continue
-        if not tensor.is_floating_point():
-            continue  # only float tensors are ever trained
-        init = by_name[link.initializer]
-        original = numpy_helper.to_array(init)
-        value = tensor.detach().cpu().numpy()
-        if link.transform == "transpose":
-            value = value.T
-        value = value.reshape(original.shape).astype(original.dtype, copy=True)  # keeps 0-d as 0-d
-        if link.initializer in written and not np.allclose(written[link.initializer], value):
-            raise GraphpruneError(f"cannot write ONNX: shared weight '{link.initializer}' was trained to two values")
-        written[link.initializer] = value
-        if not np.array_equal(original, value):
-            init.CopyFrom(numpy_helper.from_array(value, link.initializer))
-
-
-def _prune(proto: onnx.ModelProto) -> None:
-    """Drop nodes and initializers that no graph output depends on."""
-    needed = {o.name for o in proto.graph.output}
-    kept = []
-    for node in reversed(proto.graph.node):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-            needed.update(_subgraph_inputs(node))
-    kept.reverse()
-    del proto.graph.node[:]
-    proto.graph.node.extend(kept)
-    inits = [t for t in proto.graph.initializer if t.name in needed]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(inits)
-    value_info = [v for v in proto.graph.value_info if v.name in needed]
-    del proto.graph.value_info[:]
-    proto.graph.value_info.extend(value_info)
-
-
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    names = set()
-    for attr in node.attribute:
-        for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            for inner in graph.node:
-                names.update(inner.input)
-    return names
-
-
-# ----------------------------------------------------------------------------------------------
-# Checking
+# Checking against onnxruntime
 
 def run_onnxruntime(proto_or_bytes, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
     import onnxruntime as ort

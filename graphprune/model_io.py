@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from . import io_onnx, io_torch
+from .onnx_lower import lower
+from .onnx_read import check_onnx, simplify
 from .errors import GraphpruneError
 from .model import Model
 
@@ -53,7 +55,7 @@ def load(source, input_shape: tuple[int, ...] | None = None, weights: str | None
 def to_onnx(model: Model, verify: bool = True) -> onnx.ModelProto:
     """The model as a checked, simplified ONNX graph (verified against the fx graph)."""
     if model.source == "onnx":
-        proto = io_onnx.lower(model)
+        proto = lower(model)
     else:
         try:
             proto = onnx.load_model_from_string(io_torch.export_onnx(model))
@@ -61,8 +63,8 @@ def to_onnx(model: Model, verify: bool = True) -> onnx.ModelProto:
             raise
         except Exception as exc:
             raise GraphpruneError(f"ONNX export produced an unreadable model ({type(exc).__name__})") from None
-    proto = io_onnx.simplify(proto)
-    io_onnx.check_onnx(proto, "(output)")
+    proto = simplify(proto)
+    check_onnx(proto, "(output)")
     if verify:
         io_onnx.verify_against_onnxruntime(proto, model, what="the written model", atol=1e-3)
     return proto

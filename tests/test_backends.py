@@ -11,7 +11,6 @@ import json
 import math
 import time
 
-import onnx
 import pytest
 import torch
 

@@ -1,0 +1,240 @@
+"""Reading ONNX files safely, and bringing them to the form the converter needs.
+
+* :func:`read_onnx`: size limits; external data only from inside the model's own folder.
+* :func:`check_onnx`: ``onnx.checker``, opset >= 9, finite weights, each as a one-line error.
+* :func:`normalise`: initializer-backed graph inputs removed, Constant nodes turned into
+  initializers, onnxsim constant folding (without fusions, so node names keep their module
+  paths), shared float weights untied, and every op checked against onnx2torch's converters
+  (upgrading old opsets once when that helps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import GraphpruneError
+
+MAX_MODEL_BYTES = 4 * 2**30  # refuse anything larger (protobuf + external data)
+MIN_OPSET = 9
+
+
+def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse an ONNX file safely: size limits, and external data only from the model's folder."""
+    path = Path(path)
+    if not path.exists():
+        raise GraphpruneError(f"model file not found: {path}")
+    if path.is_dir():
+        raise GraphpruneError(f"model path is a folder, not a file: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise GraphpruneError(f"model file is empty: {path}")
+    if size > MAX_MODEL_BYTES:
+        raise GraphpruneError(f"model file is larger than {MAX_MODEL_BYTES >> 30} GiB: {path}")
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-ish or ValueError
+        raise GraphpruneError(f"not a readable ONNX file: {path} ({type(exc).__name__})") from None
+    if not proto.graph.node:
+        raise GraphpruneError(f"not an ONNX model (no graph nodes): {path}")
+    _load_external_data(proto, path.parent)
+    return proto
+
+
+def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
+    external = [t for t in _all_initializers(proto) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return
+    base = base_dir.resolve()
+    total = 0
+    for tensor in external:
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or base not in target.parents:
+            raise GraphpruneError(
+                f"external data '{location}' of tensor '{tensor.name}' is outside the model's folder"
+            )
+        if not target.is_file():
+            raise GraphpruneError(f"external data file not found: {location}")
+        total += int(info.get("length", target.stat().st_size))
+        if total > MAX_MODEL_BYTES:
+            raise GraphpruneError(f"external data is larger than {MAX_MODEL_BYTES >> 30} GiB")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(proto, str(base))
+    except Exception as exc:
+        raise GraphpruneError(f"could not read the model's external data ({exc})") from None
+
+
+def _all_initializers(proto: onnx.ModelProto):
+    yield from proto.graph.initializer
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def check_onnx(proto: onnx.ModelProto, label: str) -> None:
+    """Structural validity, opset range and finite weights, each as a one-line error."""
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GraphpruneError(f"invalid ONNX model {label}: {first[:300]}") from None
+    opset = default_opset(proto)
+    if opset < MIN_OPSET:
+        raise GraphpruneError(f"ONNX opset {opset} is not supported (need {MIN_OPSET} or newer): {label}")
+    for tensor in _all_initializers(proto):
+        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+            values = numpy_helper.to_array(tensor)
+            if values.size and not np.isfinite(values).all():
+                raise GraphpruneError(f"weight '{tensor.name}' contains NaN or infinite values: {label}")
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 0
+
+
+def simplify(proto: onnx.ModelProto, fuse: bool = True) -> onnx.ModelProto:
+    """onnxsim: constant folding and, with ``fuse``, its graph fusions (which rename the nodes
+    they create, so inputs are read with ``fuse=False`` to keep the exporter's module paths).
+    The input is returned unchanged if onnxsim cannot help."""
+    try:
+        import onnxsim
+    except ImportError:  # onnxsim is a dependency; tolerate its absence on bare GPU images
+        return proto
+    try:
+        with quiet_native_output():  # onnxsim prints warnings from C++ straight to stdout
+            simplified, ok = onnxsim.simplify(copy.deepcopy(proto), perform_optimization=fuse)
+    except Exception:
+        return proto
+    return simplified if ok else proto
+
+
+@contextlib.contextmanager
+def quiet_native_output():
+    """Silence stdout/stderr at the file-descriptor level (native libraries bypass sys.stdout)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+def _constants_to_initializers(proto: onnx.ModelProto) -> None:
+    """Constant nodes become initializers (onnx2torch reads conv weights only from initializers)."""
+    keep = []
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and not node.domain and len(node.attribute) == 1:
+            attr = node.attribute[0]
+            value = None
+            if attr.name == "value":
+                value = numpy_helper.to_array(attr.t)
+            elif attr.name in ("value_float", "value_int"):
+                value = np.array(attr.f if attr.name == "value_float" else attr.i,
+                                 dtype=np.float32 if attr.name == "value_float" else np.int64)
+            elif attr.name in ("value_floats", "value_ints"):
+                value = np.array(list(attr.floats) if attr.name == "value_floats" else list(attr.ints),
+                                 dtype=np.float32 if attr.name == "value_floats" else np.int64)
+            if value is not None:
+                proto.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+                continue
+        keep.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+
+
+def _untie_initializers(proto: onnx.ModelProto) -> None:
+    """Give every node its own copy of a float weight that several nodes read.
+
+    Exporters deduplicate identical initializers (zero biases, tied weights); recovery trains each
+    use separately, so each use needs its own tensor to be written back to."""
+    by_name = {t.name: t for t in proto.graph.initializer}
+    seen: set[str] = set()
+    for node in proto.graph.node:
+        for slot, name in enumerate(node.input):
+            tensor = by_name.get(name)
+            if tensor is None or tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                          onnx.TensorProto.DOUBLE):
+                continue
+            if name not in seen:
+                seen.add(name)
+                continue
+            if int(np.prod(tensor.dims)) <= 1:
+                continue  # scalars (epsilons, exponents) are constants, never trained
+            copy_name = f"{name}__use{len(seen)}"
+            seen.add(copy_name)
+            duplicate = proto.graph.initializer.add()
+            duplicate.CopyFrom(tensor)
+            duplicate.name = copy_name
+            node.input[slot] = copy_name
+
+
+def _strip_initializer_inputs(proto: onnx.ModelProto) -> None:
+    names = {t.name for t in proto.graph.initializer}
+    keep = [i for i in proto.graph.input if i.name not in names]
+    del proto.graph.input[:]
+    proto.graph.input.extend(keep)
+
+
+def unsupported_ops(proto: onnx.ModelProto) -> list[str]:
+    """Op types (with their opset) that onnx2torch has no converter for."""
+    from onnx2torch.node_converters.registry import get_converter
+
+    versions = {e.domain or "": e.version for e in proto.opset_import}
+    missing = set()
+    for node in proto.graph.node:
+        version = versions.get(node.domain or "", versions.get("", 0))
+        try:
+            get_converter(domain=node.domain, operation_type=node.op_type, version=version)
+        except NotImplementedError:
+            missing.add(f"{(node.domain + '.') if node.domain else ''}{node.op_type}-{version}")
+    return sorted(missing)
+
+
+def normalise(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    """A converted-ready copy of ``proto`` (see the module docstring)."""
+    proto = copy.deepcopy(proto)
+    _strip_initializer_inputs(proto)
+    _constants_to_initializers(proto)
+    proto = simplify(proto, fuse=False)
+    _untie_initializers(proto)
+    missing = unsupported_ops(proto)
+    if missing:
+        upgraded = _try_upgrade(proto)
+        if upgraded is None or unsupported_ops(upgraded):
+            raise GraphpruneError(f"unsupported ONNX ops in {label}: {', '.join(missing)}")
+        proto = upgraded
+    if not proto.graph.input:
+        raise GraphpruneError(f"the model has no inputs: {label}")
+    return proto
+
+
+def _try_upgrade(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """Old opsets sometimes convert once upgraded (onnx2torch covers mainly opset 11+)."""
+    try:
+        upgraded = onnx.version_converter.convert_version(proto, 13)
+        onnx.checker.check_model(upgraded)
+        return upgraded
+    except Exception:
+        return None
