@@ -143,17 +143,13 @@ class Bench:
 
     def latency_table(self, model: str):
         from graphprune.cache import JsonCache, model_fingerprint, settings_fingerprint
-        from graphprune.passes.measure_latency import BlockLatency, measure_block_latency
+        from graphprune.passes.measure_latency import measure_block_latency
 
         if model not in self.block_latency:
             m = self.models[model]
             cache = JsonCache(CACHE, "latency", settings_fingerprint(model_fingerprint(m), "onnxruntime", LATENCY))
-            blocks = self.gp.find_blocks(m)
-            todo = [b for b in blocks if b.name not in cache]
-            if todo:
-                measure_block_latency(self.backend, m, self.latency, todo, False,
-                                      on_block=lambda r: cache.__setitem__(r.name, r.__dict__))
-            self.block_latency[model] = {b.name: BlockLatency(**cache.get(b.name)) for b in blocks}
+            table = measure_block_latency(self.backend, m, self.latency, self.gp.find_blocks(m), False, cache=cache)
+            self.block_latency[model] = {row.name: row for row in table.rows}
         return self.block_latency[model]
 
     def scores(self, model: str, tiny, seed: int, estimator: str, iterations: int) -> dict[str, float]:

@@ -20,7 +20,7 @@ from .data import TinySet, split_holdout
 from .errors import GraphpruneError
 from .model import Model
 from .passes import DropBlocks, FindBlocks, PassResult, PassState, Pipeline, Step
-from .passes.measure_latency import BlockLatency, BlockLatencyTable, measure_block_latency, measure_cut
+from .passes.measure_latency import MeasureBlockLatency, measure_cut
 from .passes.recover import Recover, RecoverySettings
 from .passes.recoverability import Recoverability, RecoverabilitySettings
 from .passes.select_blocks import SelectBlocks
@@ -61,7 +61,8 @@ def optimize(model: Model, tiny: TinySet, config: OptimizeConfig = OptimizeConfi
     caches = _caches(model, tiny, config)
     steps = [
         Step("find_blocks", FindBlocks()),
-        Step("profile_blocks", _profile_blocks(backend, config, caches["latency"])),
+        Step("profile_blocks", MeasureBlockLatency(backend, config.latency, cache=caches["latency"],
+                                                   progress=None if config.show_progress else False)),
         Step("score_recoverability", Recoverability(train, holdout, config.recoverability, config.feature_node,
                                                     config.show_progress, caches["recoverability"])),
         Step("select_blocks", SelectBlocks(config.latency_cut, backend, config.latency, config.margin,
@@ -84,32 +85,6 @@ def _caches(model: Model, tiny: TinySet, config: OptimizeConfig) -> dict[str, Js
     return {"latency": JsonCache(config.cache_dir, "latency", latency_key),
             "selection": JsonCache(config.cache_dir, "selection", latency_key),
             "recoverability": JsonCache(config.cache_dir, "recoverability", score_key)}
-
-
-def _profile_blocks(backend, config: OptimizeConfig, cache: JsonCache):
-    """Per-block latency table; rows already in ``cache`` are not measured again."""
-    def step(model: Model, state: PassState) -> PassResult:
-        blocks = state.artifacts["blocks"]
-        if not blocks:
-            raise GraphpruneError(f"no residual blocks found in {model.name}: nothing to drop")
-        todo = [b for b in blocks if b.name not in cache]
-        if todo:
-            measure_block_latency(backend, model, config.latency, todo, config.show_progress,
-                                  on_block=lambda row: cache.__setitem__(row.name, asdict(row)))
-        state.artifacts["latency_from_cache"] = len(blocks) - len(todo)
-        rows = [BlockLatency(**cache.get(b.name)) for b in blocks]
-        originals = [r.original_ms for r in rows]
-        original = sorted(originals)[len(originals) // 2]
-        table = BlockLatencyTable(_stats_of(original), rows, config.latency, backend.describe(config.latency))
-        state.artifacts["block_latency"] = table
-        return PassResult(model, record=table.to_dict(), value=table)
-    return step
-
-
-def _stats_of(median_ms: float):
-    from .backends.base import LatencyStats
-
-    return LatencyStats.from_samples([median_ms])
 
 
 def _measure_result(backend, original: Model, config: OptimizeConfig):
@@ -154,7 +129,7 @@ def build_report(original: Model, state: PassState, tiny: TinySet, train: TinySe
         "recovery": {k: state.records["recover"].get(k) for k in ("loss_curve", "final_loss", "seconds")},
         "settings": {**config.to_dict(), "backend_info": state.artifacts["block_latency"].backend_info},
         "seconds_per_stage": dict(state.timings),
-        "resumed_from_cache": {"latency_rows": state.artifacts.get("latency_from_cache", 0),
+        "resumed_from_cache": {"latency_rows": state.records["profile_blocks"].get("from_cache", 0),
                                "recoverability": state.records["score_recoverability"].get("from_cache", 0)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -98,30 +98,44 @@ def measure_cut(backend: LatencyBackend, original: Model, candidate: Model, sett
     return CutMeasurement(original_stats, candidate_stats, latency_cut(original_stats, candidate_stats))
 
 
+ORIGINAL_KEY = "__original__"
+
+
 def measure_block_latency(backend: LatencyBackend, model: Model, settings: LatencySettings,
                           blocks: list[Block] | None = None, progress: bool | None = None,
-                          on_block: Callable[[BlockLatency], None] | None = None) -> BlockLatencyTable:
+                          on_block: Callable[[BlockLatency], None] | None = None, cache=None) -> BlockLatencyTable:
     """The per-block table (see the module docstring).
 
     ``progress``: a tqdm bar on stderr; ``None`` shows it only when stderr is a terminal.
-    ``on_block`` is called with each row as soon as it is measured.
+    ``on_block`` is called with each row as soon as it is measured. ``cache`` (a dict-like of JSON
+    records, e.g. :class:`graphprune.cache.JsonCache`) keeps the original's statistics and every
+    row as soon as it is measured, so an interrupted profile resumes where it stopped.
     """
     from tqdm import tqdm
 
+    cache = {} if cache is None else cache
     blocks = find_blocks(model) if blocks is None else blocks
-    original_run = backend.prepare(model, settings)
-    original = time_runs(original_run, settings)
+    original_run = None
+    if ORIGINAL_KEY not in cache:
+        original_run = backend.prepare(model, settings)
+        cache[ORIGINAL_KEY] = time_runs(original_run, settings).to_dict()
+    original = LatencyStats.from_dict(cache.get(ORIGINAL_KEY))
     rows: list[BlockLatency] = []
     with tqdm(total=len(blocks), desc="measuring blocks", unit="block", file=sys.stderr, leave=False,
               disable=None if progress is None else not progress) as bar:
         for block in blocks:
             bar.set_postfix_str(block.name)
-            candidate = drop_blocks(model, [block.name], blocks)
-            cut = measure_cut(backend, model, candidate, settings, original_run)
-            row = BlockLatency(block.name, cut.saved_ms, cut.cut, cut.original.median_ms, cut.candidate.median_ms)
+            if block.name in cache:
+                row = BlockLatency(**cache.get(block.name))
+            else:
+                original_run = original_run or backend.prepare(model, settings)
+                candidate = drop_blocks(model, [block.name], blocks)
+                cut = measure_cut(backend, model, candidate, settings, original_run)
+                row = BlockLatency(block.name, cut.saved_ms, cut.cut, cut.original.median_ms, cut.candidate.median_ms)
+                cache[block.name] = row.to_dict()
+                if on_block is not None:
+                    on_block(row)
             rows.append(row)
-            if on_block is not None:
-                on_block(row)
             bar.update()
     return BlockLatencyTable(original, rows, settings, backend.describe(settings))
 
@@ -134,15 +148,19 @@ class MeasureBlockLatency(Analysis):
     provides = "block_latency"
 
     def __init__(self, backend: LatencyBackend | str = "onnxruntime", settings: LatencySettings | None = None,
-                 blocks: list[Block] | None = None, progress: bool | None = None):
+                 blocks: list[Block] | None = None, progress: bool | None = None, cache=None):
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
         self.settings = settings or LatencySettings()
         self.blocks = blocks
         self.progress = progress
+        self.cache = cache
 
     def run(self, model: Model, state: PassState | None = None) -> PassResult:
         blocks = self.blocks
         if blocks is None and state is not None:
             blocks = state.artifacts.get("blocks")
-        table = measure_block_latency(self.backend, model, self.settings, blocks, self.progress)
-        return PassResult(model, changed=False, record=table.to_dict(), value=table)
+        if not blocks:
+            blocks = find_blocks(model, require=True)
+        cached = sum(1 for b in blocks if self.cache is not None and b.name in self.cache)
+        table = measure_block_latency(self.backend, model, self.settings, blocks, self.progress, cache=self.cache)
+        return PassResult(model, changed=False, record={**table.to_dict(), "from_cache": cached}, value=table)
