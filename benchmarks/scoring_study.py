@@ -258,6 +258,8 @@ def cmd_report(args) -> None:
         summary["selection"].setdefault(str(cut), {})[setting] = {"top1": accs, "blocks": n_blocks}
         lines.append(f"| {cut:.2f} | {setting} | {statistics.mean(accs):.2f} | {', '.join(f'{a:.1f}' for a in accs)} | "
                      f"{n_blocks} |")
+    if not groups:
+        lines.append("| - | not run yet | - | - | - |")
     lines += ["", "## Recovery budget at the 40% cut (ResNet-56, lstsq blocks, seed 2021)", "",
               "| optimizer | iterations | lr | top-1 lossless1000 | final feature MSE | seconds |", "|---|---|---|---|---|---|"]
     for r in sorted((r for r in results if r["id"].startswith("sweep/")), key=lambda r: int(r["id"].split("/")[-1])):
