@@ -237,45 +237,63 @@ def filter_pruned(bench: Bench, row: dict):
     return best
 
 
-def run_row(bench: Bench, row: dict) -> dict:
-    from graphprune.evaluate import evaluate
+def recovery_settings(row: dict):
     from graphprune.optimize import OptimizeConfig
-    from graphprune.passes.measure_latency import measure_cut
-    from graphprune.passes.recover import recover
 
-    start = time.perf_counter()
-    gp = bench.gp
+    settings = replace(OptimizeConfig().recovery, seed=row["seed"])
+    return replace(settings, loss="label", lr=1e-4) if row["method"] == "graphprune-bp" else settings
+
+
+def prepare_row(bench: Bench, row: dict) -> dict:
+    """Everything of a row but its recovery: the tiny set, the blocks (or channels) removed, chosen
+    with latency measured on this machine. ``pruned`` is the un-recovered model."""
     key, tiny, source = bench.row_inputs(row)
     original = bench.models[key]
-    removed: dict = {"tiny_set": source}
+    prepared = {"key": key, "tiny": tiny, "original": original, "removed": {"tiny_set": source},
+                "start": time.perf_counter()}
     if row["method"] == "filter-l1":
         pruned, ratio = filter_pruned(bench, row)
-        removed["channel_ratio"] = ratio
+        prepared["removed"]["channel_ratio"] = ratio
     else:
         selection = select(bench, key, block_order(bench, row, tiny, key), row["cut"])
-        pruned = gp.drop_blocks(original, selection.blocks)
-        removed.update(blocks=selection.blocks, selection_cut=selection.cut.cut)
-    settings = replace(OptimizeConfig().recovery, seed=row["seed"])
-    if row["method"] == "graphprune-bp":
-        settings = replace(settings, loss="label", lr=1e-4)
+        pruned = bench.gp.drop_blocks(original, selection.blocks)
+        prepared["removed"].update(blocks=selection.blocks, selection_cut=selection.cut.cut)
+    prepared["pruned"] = pruned
+    return prepared
+
+
+def finish_row(bench: Bench, row: dict, prepared: dict, model, top1: dict, recovery: dict, wall_s: float) -> dict:
+    """The row: ``model``'s cut re-measured independently against the original, with its top-1."""
+    from graphprune.passes.measure_latency import measure_cut
+
+    cut = measure_cut(bench.backend, prepared["original"], model, bench.latency)
+    return {
+        "id": row_id(row), "method": row["method"], "model": row["model"], "samples": row["samples"],
+        "seed": row["seed"], "latency_cut_target": row["cut"], "latency_cut_measured": cut.cut,
+        "latency_ms": {"original": cut.original.median_ms, "optimized": cut.candidate.median_ms},
+        "top1_lossless1000": top1["lossless1000"], "top1_jpeg10k": top1["jpeg10k"],
+        "removed": prepared["removed"], "recovery": recovery, "wall_s": wall_s,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def run_row(bench: Bench, row: dict) -> dict:
+    """A whole row on this machine: prepare, recover, write the model, re-measure and evaluate it."""
+    from graphprune.evaluate import evaluate
+    from graphprune.passes.recover import recover
+
+    gp = bench.gp
+    prepared = prepare_row(bench, row)
+    original, pruned = prepared["original"], prepared["pruned"]
     recovered, record = (pruned, {}) if row["method"] == "no-recovery" else \
-        recover(pruned, original, tiny, settings, show_progress=False)
+        recover(pruned, original, prepared["tiny"], recovery_settings(row), show_progress=False)
     out = CACHE / "rows" / (row_id(row).replace("/", "_") + (".pt2" if original.source == "pt2" else ".onnx"))
     out.parent.mkdir(parents=True, exist_ok=True)
     gp.save(recovered, out)
     written = gp.load(out)
-    cut = measure_cut(bench.backend, original, written, bench.latency)
-    result = {
-        "id": row_id(row), "method": row["method"], "model": row["model"], "samples": row["samples"],
-        "seed": row["seed"], "latency_cut_target": row["cut"], "latency_cut_measured": cut.cut,
-        "latency_ms": {"original": cut.original.median_ms, "optimized": cut.candidate.median_ms},
-        "top1_lossless1000": evaluate(written, bench.tests["lossless1000"])["top1"],
-        "top1_jpeg10k": evaluate(written, bench.tests["jpeg10k"])["top1"],
-        "removed": removed, "recovery": {"settings": record.get("settings"), "final_loss": record.get("final_loss")},
-        "wall_s": time.perf_counter() - start,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    return result
+    top1 = {name: evaluate(written, test)["top1"] for name, test in bench.tests.items()}
+    recovery = {"settings": record.get("settings"), "final_loss": record.get("final_loss")}
+    return finish_row(bench, row, prepared, written, top1, recovery, time.perf_counter() - prepared["start"])
 
 
 def cmd_run(args) -> None:
@@ -305,13 +323,15 @@ def cmd_report(args) -> None:
              "Command: `python benchmarks/compare_methods.py run --grid all && python benchmarks/compare_methods.py report`",
              "", "top-1 on test_lossless_1000 (exact pixels, ±0.9 points sampling error at n=1000); jpeg10k only"
              " compares methods (JPEG-degraded, about 10 points lower for every model). Cut: measured by"
-             " onnxruntime CPU, 1 thread, batch 1, interleaved with the original.", ""]
+             " onnxruntime CPU, 1 thread, batch 1, interleaved with the original, always on this 2-core"
+             " machine. Rows recovered on a GPU (`benchmarks/device_rows.py`) count the GPU's recovery"
+             " seconds in their wall time.", ""]
     for model in ("resnet56", "resnet20"):
         rows = load_rows(model)
         if not rows:
             continue
         lines += [f"## {model}", "", "| method | samples | target cut | seeds | top-1 lossless1000 (mean ± sd) |"
-                  " top-1 jpeg10k | measured cut (min) | wall s |", "|---|---|---|---|---|---|---|---|"]
+                  " top-1 jpeg10k | measured cut (min) | wall s | recovered on |", "|---|---|---|---|---|---|---|---|---|"]
         groups = {}
         for r in rows:
             groups.setdefault((r["latency_cut_target"], r["samples"], r["method"]), []).append(r)
@@ -321,11 +341,21 @@ def cmd_report(args) -> None:
             sd = statistics.stdev(top1) if len(top1) > 1 else 0.0
             lines.append(f"| {method} | {samples} | {cut:.2f} | {len(rs)} | {statistics.mean(top1):.2f} ± {sd:.2f} | "
                          f"{statistics.mean(jpeg):.2f} | {min(r['latency_cut_measured'] for r in rs):.3f} | "
-                         f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
+                         f"{statistics.mean(r['wall_s'] for r in rs):.0f} | {_devices(rs)} |")
         lines.append("")
     (results_dir() / "compare_methods.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot()
+
+
+def _devices(rows: list[dict]) -> str:
+    """Where the rows' recoveries ran: this 2-core CPU unless device_rows.py sent them to a GPU."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        device = (r.get("recovery") or {}).get("device") or "cpu"
+        name = device.replace("NVIDIA ", "").replace(" 80GB HBM3", "")
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{name} x{n}" for name, n in counts.items())
 
 
 def _plot() -> None:

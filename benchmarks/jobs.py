@@ -13,7 +13,7 @@ Job kinds:
 * ``recover``: ``{"id", "kind": "recover", "model", "data", "samples", "seed", "drop": [...],
   "recovery": {RecoverySettings fields}, "eval": {"name": path, ...}}`` -> top-1 per eval set
   before and after recovery, and seconds. ``"filter_model"`` may replace ``"drop"`` with the path
-  of an already pruned ONNX model.
+  of an already pruned ONNX model; ``"data"`` may be a ``.pt`` of ``{"images", "labels"}`` tensors.
 """
 
 from __future__ import annotations
@@ -43,11 +43,19 @@ def _model(path: str):
 
 
 def _tiny(path: str, shape, samples, seed):
-    from graphprune.data import Preprocessing, load_tiny_set
+    """A tiny set drawn from an image source, or one saved whole as tensors (``.pt``: synthetic or
+    resized images, exactly as the planning machine made them)."""
+    import torch
+
+    from graphprune.data import Preprocessing, TinySet, load_tiny_set
 
     key = (path, tuple(shape), samples, seed)
     if key not in _DATA:
-        _DATA[key] = load_tiny_set(path, Preprocessing(tuple(shape)), samples, seed)
+        if path.endswith(".pt"):
+            saved = torch.load(path, weights_only=True)
+            _DATA[key] = TinySet(saved["images"], saved["labels"], path)
+        else:
+            _DATA[key] = load_tiny_set(path, Preprocessing(tuple(shape)), samples, seed)
     return _DATA[key]
 
 
@@ -60,6 +68,8 @@ def run_job(job: dict, device: str) -> dict:
     from graphprune.passes.recover import RecoverySettings, recover
     from graphprune.passes.recoverability import RecoverabilitySettings, score_blocks
 
+    # full float32 on GPUs too (no TF32 convolutions), so results compare with CPU runs
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     start = time.perf_counter()
     model = _model(job["model"])
     shape = tuple(model.analysis_shape())[1:]
@@ -77,7 +87,8 @@ def run_job(job: dict, device: str) -> dict:
         pruned = _model(job["filter_model"]) if job.get("filter_model") else gp.drop_blocks(model, job["drop"])
         settings = RecoverySettings(**{**job.get("recovery", {}), "device": device, "seed": job["seed"]})
         recovered, record = recover(pruned, model, tiny, settings, show_progress=False)
-        result = {"seconds": time.perf_counter() - start, "final_loss": record["final_loss"], "eval": {}}
+        result = {"seconds": time.perf_counter() - start, "final_loss": record["final_loss"], "eval": {},
+                  "device": torch.cuda.get_device_name() if device.startswith("cuda") else device}
         for name, path in job.get("eval", {}).items():
             test = _tiny(path, shape, None, 0)
             result["eval"][name] = {"before": evaluate(pruned, test)["top1"], "after": evaluate(recovered, test)["top1"]}

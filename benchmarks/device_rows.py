@@ -1,0 +1,148 @@
+"""Rows of ``compare_methods.py`` whose recoveries run on a lent GPU machine.
+
+A row's recovery (2000 training steps) is most of its cost: about 10 minutes on a 2-core CPU, tens
+of seconds on a GPU. Everything that touches latency stays on this machine, so every cut in the
+results is measured on the same CPU whichever machine trained the weights:
+
+1. ``plan`` (here): the row's tiny set and its selection (blocks or channels), chosen by measured
+   latency exactly as ``compare_methods.py run`` does; each row becomes a ``recover`` job of
+   ``benchmarks/jobs.py`` in ``.gpu/plan/jobs.json``, with the files it reads copied under
+   ``.gpu/`` (git-ignored; it travels to the device machine). ``no-recovery`` rows need no
+   training and are finished here directly.
+2. on the device machine: ``python benchmarks/jobs.py .gpu/plan/jobs.json $OUT/rows.jsonl --device
+   cuda --workers 12``: recovery, then top-1 of the recovered model (float32, TF32 off) on
+   test_lossless_1000 and test.npz.
+3. ``ingest RESULTS.jsonl`` (here): each row's cut is re-measured independently on this machine
+   (the pruned graph is the recovered one: recovery changes weights only), and the row is appended
+   to ``benchmarks/results/<model>.json`` with ``recovery.device`` naming where it trained.
+
+    python benchmarks/device_rows.py plan --grid main --only graphprune,block-influence [--limit N]
+    python benchmarks/device_rows.py ingest rows.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import CACHE, DATA  # noqa: E402
+from compare_methods import (Bench, append_row, finish_row, grid, load_rows, prepare_row,  # noqa: E402
+                             recovery_settings, row_id, run_row)
+
+STAGE = ROOT / ".gpu"
+PLAN = STAGE / "plan"
+STAGED_DATA = {"train": "data/cifar10/train_lossless_4000.npz", "lossless1000": "data/cifar10/test_lossless_1000.npz",
+               "jpeg10k": "data/cifar10/test.npz"}
+
+
+def _stage(path: str | Path, name: str) -> str:
+    """Copy ``path`` to ``.gpu/<name>`` (once) and return the path the device machine reads."""
+    target = STAGE / name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return str(target.relative_to(ROOT))
+
+
+def plan_job(bench: Bench, row: dict) -> dict:
+    import torch
+
+    prepared = prepare_row(bench, row)
+    removed = prepared["removed"]
+    job = {"id": row_id(row), "kind": "recover", "seed": row["seed"], "row": row, "removed": removed,
+           "recovery": {k: v for k, v in asdict(recovery_settings(row)).items() if k not in ("device", "seed")},
+           "eval": {name: _stage(DATA["test_lossless" if name == "lossless1000" else "test_jpeg"], STAGED_DATA[name])
+                    for name in ("lossless1000", "jpeg10k")}}
+    model_file = Path(bench.paths[row["model"]]) if prepared["key"] == row["model"] else \
+        CACHE / f"cifar10_{row['model']}.pt2"
+    job["model"] = _stage(model_file, f"plan/{model_file.name}")
+    if removed["tiny_set"].startswith("train_lossless_4000"):
+        job.update(data=_stage(DATA["train"], STAGED_DATA["train"]), samples=row["samples"])
+    else:  # synthetic or resized photos: saved exactly as made here
+        path = PLAN / f"tiny_{job['id'].replace('/', '_')}.pt"
+        torch.save({"images": prepared["tiny"].images, "labels": prepared["tiny"].labels}, path)
+        job.update(data=str(path.relative_to(ROOT)), samples=None)
+    if "channel_ratio" in removed:
+        name = f"filter_{row['model']}_{removed['channel_ratio']:.4f}.onnx"  # written by filter_pruned
+        job["filter_model"] = _stage(CACHE / name, f"plan/{name}")
+    else:
+        job["drop"] = removed["blocks"]
+    job["prepare_s"] = time.perf_counter() - prepared["start"]
+    return job
+
+
+def cmd_plan(args) -> None:
+    rows = grid(args.grid)
+    if args.only:
+        rows = [r for r in rows if r["method"] in args.only.split(",")]
+    jobs_path = PLAN / "jobs.json"
+    jobs = json.loads(jobs_path.read_text()) if jobs_path.exists() else []
+    done = {r["id"] for model in ("resnet56", "resnet20") for r in load_rows(model)} | {j["id"] for j in jobs}
+    todo = [r for r in rows if row_id(r) not in done][: args.limit or None]
+    print(f"{len(todo)} rows to plan", flush=True)
+    if not todo:
+        return
+    PLAN.mkdir(parents=True, exist_ok=True)
+    bench = Bench()
+    for row in todo:
+        print(f"[{time.strftime('%H:%M:%S')}] {row_id(row)} ...", flush=True)
+        try:
+            if row["method"] == "no-recovery":
+                append_row(row["model"], run_row(bench, row))
+                continue
+            jobs.append(plan_job(bench, row))
+        except Exception as exc:  # a failing row is reported and skipped; the grid goes on
+            print(f"    FAILED: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        tmp = jobs_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(jobs, indent=1))
+        tmp.replace(jobs_path)
+
+
+def cmd_ingest(args) -> None:
+    done = {r["id"] for model in ("resnet56", "resnet20") for r in load_rows(model)}
+    results = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    todo = [r for r in results if r.get("ok") and r["id"] not in done and "row" in r["job"]]
+    print(f"{len(todo)} rows to ingest", flush=True)
+    bench = Bench() if todo else None
+    for result in todo:
+        job, row = result["job"], result["job"]["row"]
+        key = bench.pt2_model(row["model"]) if row["method"] == "data-free-bn-inversion" else row["model"]
+        original = bench.models[key]
+        pruned = bench.gp.load(CACHE / Path(job["filter_model"]).name) if job.get("filter_model") else \
+            bench.gp.drop_blocks(original, job["drop"])
+        prepared = {"original": original, "removed": job["removed"]}
+        recovery = {"settings": {**job["recovery"], "seed": row["seed"]}, "final_loss": result["final_loss"],
+                    "device": result.get("device"), "seconds": result["seconds"]}
+        top1 = {name: value["after"] for name, value in result["eval"].items()}
+        done_row = finish_row(bench, row, prepared, pruned, top1, recovery, job["prepare_s"] + result["seconds"])
+        append_row(row["model"], done_row)
+        print(f"{done_row['id']}: top-1 {100 * top1['lossless1000']:.2f}  cut {done_row['latency_cut_measured']:.3f}",
+              flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan")
+    plan.add_argument("--grid", default="all", choices=["main", "data", "samples", "r20", "all"])
+    plan.add_argument("--only", help="comma-separated methods")
+    plan.add_argument("--limit", type=int, help="plan at most this many rows")
+    plan.set_defaults(fn=cmd_plan)
+    ingest = sub.add_parser("ingest")
+    ingest.add_argument("results")
+    ingest.set_defaults(fn=cmd_ingest)
+    args = parser.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
