@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -247,10 +246,10 @@ def recovery_settings(row: dict):
 def prepare_row(bench: Bench, row: dict) -> dict:
     """Everything of a row but its recovery: the tiny set, the blocks (or channels) removed, chosen
     with latency measured on this machine. ``pruned`` is the un-recovered model."""
+    start = time.perf_counter()
     key, tiny, source = bench.row_inputs(row)
     original = bench.models[key]
-    prepared = {"key": key, "tiny": tiny, "original": original, "removed": {"tiny_set": source},
-                "start": time.perf_counter()}
+    prepared = {"key": key, "tiny": tiny, "original": original, "removed": {"tiny_set": source}, "start": start}
     if row["method"] == "filter-l1":
         pruned, ratio = filter_pruned(bench, row)
         prepared["removed"]["channel_ratio"] = ratio
@@ -296,17 +295,31 @@ def run_row(bench: Bench, row: dict) -> dict:
     return finish_row(bench, row, prepared, written, top1, recovery, time.perf_counter() - prepared["start"])
 
 
-def cmd_run(args) -> None:
-    rows = grid(args.grid)
-    if args.only:
-        rows = [r for r in rows if r["method"] in args.only.split(",")]
-    done = {r["id"] for model in ("resnet56", "resnet20") for r in load_rows(model)}
+def add_row_arguments(parser) -> None:
+    parser.add_argument("--grid", default="all", choices=["main", "data", "samples", "r20", "all"])
+    parser.add_argument("--only", help="comma-separated methods")
+    parser.add_argument("--limit", type=int, help="at most this many rows")
+
+
+def finished_ids() -> set[str]:
+    return {r["id"] for model in ("resnet56", "resnet20") for r in load_rows(model)}
+
+
+def rows_to_do(args, also_done: set[str] = frozenset()) -> list[dict]:
+    """The grid's rows that ``--grid``/``--only`` select, minus finished ones, up to ``--limit``."""
+    rows = [r for r in grid(args.grid) if not args.only or r["method"] in args.only.split(",")]
+    done = finished_ids() | set(also_done)
     todo = [r for r in rows if row_id(r) not in done]
-    print(f"{len(rows) - len(todo)} rows done, {len(todo)} to run", flush=True)
+    print(f"{len(rows) - len(todo)} rows done, {len(todo)} to do", flush=True)
+    return todo[: args.limit or None]
+
+
+def cmd_run(args) -> None:
+    todo = rows_to_do(args)
     if not todo:
         return
     bench = Bench()
-    for row in todo[: args.limit or None]:
+    for row in todo:
         print(f"[{time.strftime('%H:%M:%S')}] {row_id(row)} ...", flush=True)
         try:
             result = run_row(bench, row)
@@ -319,83 +332,16 @@ def cmd_run(args) -> None:
 
 
 def cmd_report(args) -> None:
-    lines = ["# graphprune vs peers on CIFAR-10 (real weights, real images)", "",
-             "Command: `python benchmarks/compare_methods.py run --grid all && python benchmarks/compare_methods.py report`",
-             "", "top-1 on test_lossless_1000 (exact pixels, ±0.9 points sampling error at n=1000); jpeg10k only"
-             " compares methods (JPEG-degraded, about 10 points lower for every model). Cut: measured by"
-             " onnxruntime CPU, 1 thread, batch 1, interleaved with the original, always on this 2-core"
-             " machine. Rows recovered on a GPU (`benchmarks/device_rows.py`) count the GPU's recovery"
-             " seconds in their wall time.", ""]
-    for model in ("resnet56", "resnet20"):
-        rows = load_rows(model)
-        if not rows:
-            continue
-        lines += [f"## {model}", "", "| method | samples | target cut | seeds | top-1 lossless1000 (mean ± sd) |"
-                  " top-1 jpeg10k | measured cut (min) | wall s | recovered on |", "|---|---|---|---|---|---|---|---|---|"]
-        groups = {}
-        for r in rows:
-            groups.setdefault((r["latency_cut_target"], r["samples"], r["method"]), []).append(r)
-        for (cut, samples, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], ORDER.index(kv[0][2]) if kv[0][2] in ORDER else 9)):
-            top1 = [100 * r["top1_lossless1000"] for r in rs]
-            jpeg = [100 * r["top1_jpeg10k"] for r in rs]
-            sd = statistics.stdev(top1) if len(top1) > 1 else 0.0
-            lines.append(f"| {method} | {samples} | {cut:.2f} | {len(rs)} | {statistics.mean(top1):.2f} ± {sd:.2f} | "
-                         f"{statistics.mean(jpeg):.2f} | {min(r['latency_cut_measured'] for r in rs):.3f} | "
-                         f"{statistics.mean(r['wall_s'] for r in rs):.0f} | {_devices(rs)} |")
-        lines.append("")
-    (results_dir() / "compare_methods.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    _plot()
+    from compare_report import write_report
 
-
-def _devices(rows: list[dict]) -> str:
-    """Where the rows' recoveries ran: this 2-core CPU unless device_rows.py sent them to a GPU."""
-    counts: dict[str, int] = {}
-    for r in rows:
-        device = (r.get("recovery") or {}).get("device") or "cpu"
-        name = device.replace("NVIDIA ", "").replace(" 80GB HBM3", "")
-        counts[name] = counts.get(name, 0) + 1
-    return ", ".join(f"{name} x{n}" for name, n in counts.items())
-
-
-def _plot() -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    for model in ("resnet56", "resnet20"):
-        rows = [r for r in load_rows(model) if r["samples"] == 500]
-        if not rows:
-            continue
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for method in ORDER:
-            pts = sorted((r["latency_cut_measured"], 100 * r["top1_lossless1000"]) for r in rows if r["method"] == method)
-            if not pts:
-                continue
-            by_target = {}
-            for r in rows:
-                if r["method"] == method:
-                    by_target.setdefault(r["latency_cut_target"], []).append(r)
-            xs = [statistics.mean(r["latency_cut_measured"] for r in v) for _, v in sorted(by_target.items())]
-            ys = [statistics.mean(100 * r["top1_lossless1000"] for r in v) for _, v in sorted(by_target.items())]
-            ax.plot(xs, ys, marker="o", label=method)
-        ax.set_xlabel("measured latency cut (onnxruntime CPU, 1 thread)")
-        ax.set_ylabel("top-1 on test_lossless_1000 (%)")
-        ax.set_title(f"CIFAR-10 {model}, 500 images")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(results_dir() / f"cifar10_{model}.png", dpi=120)
-        plt.close(fig)
+    write_report()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run")
-    run.add_argument("--grid", default="all", choices=["main", "data", "samples", "r20", "all"])
-    run.add_argument("--only", help="comma-separated methods")
-    run.add_argument("--limit", type=int, help="run at most this many rows")
+    add_row_arguments(run)
     run.set_defaults(fn=cmd_run)
     sub.add_parser("report").set_defaults(fn=cmd_report)
     args = parser.parse_args()

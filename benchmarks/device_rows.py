@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import CACHE, DATA  # noqa: E402
-from compare_methods import (Bench, append_row, finish_row, grid, load_rows, prepare_row,  # noqa: E402
-                             recovery_settings, row_id, run_row)
+from compare_methods import (Bench, add_row_arguments, append_row, finish_row, finished_ids,  # noqa: E402
+                             prepare_row, recovery_settings, row_id, rows_to_do, run_row)
 
 STAGE = ROOT / ".gpu"
 PLAN = STAGE / "plan"
@@ -80,14 +80,9 @@ def plan_job(bench: Bench, row: dict) -> dict:
 
 
 def cmd_plan(args) -> None:
-    rows = grid(args.grid)
-    if args.only:
-        rows = [r for r in rows if r["method"] in args.only.split(",")]
     jobs_path = PLAN / "jobs.json"
     jobs = json.loads(jobs_path.read_text()) if jobs_path.exists() else []
-    done = {r["id"] for model in ("resnet56", "resnet20") for r in load_rows(model)} | {j["id"] for j in jobs}
-    todo = [r for r in rows if row_id(r) not in done][: args.limit or None]
-    print(f"{len(todo)} rows to plan", flush=True)
+    todo = rows_to_do(args, {j["id"] for j in jobs})
     if not todo:
         return
     PLAN.mkdir(parents=True, exist_ok=True)
@@ -108,7 +103,7 @@ def cmd_plan(args) -> None:
 
 
 def cmd_ingest(args) -> None:
-    done = {r["id"] for model in ("resnet56", "resnet20") for r in load_rows(model)}
+    done = finished_ids()
     results = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
     todo = [r for r in results if r.get("ok") and r["id"] not in done and "row" in r["job"]]
     print(f"{len(todo)} rows to ingest", flush=True)
@@ -133,9 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan")
-    plan.add_argument("--grid", default="all", choices=["main", "data", "samples", "r20", "all"])
-    plan.add_argument("--only", help="comma-separated methods")
-    plan.add_argument("--limit", type=int, help="plan at most this many rows")
+    add_row_arguments(plan)
     plan.set_defaults(fn=cmd_plan)
     ingest = sub.add_parser("ingest")
     ingest.add_argument("results")
