@@ -137,6 +137,7 @@ class Bench:
             path = CACHE / f"cifar10_{name}.pt2"
             if not path.exists():
                 self.gp.save(self.gp.load(f"zoo:cifar10_{name}", weights=str(WEIGHTS[name])), path)
+            self.paths[key] = str(path)
             self.models[key] = self.gp.load(path)
         return key
 
@@ -192,6 +193,11 @@ def block_order(bench: Bench, row: dict, tiny, key: str) -> list[str]:
     return sorted(candidates, key=lambda n: rec[n] / table[n].saved_fraction)
 
 
+def filter_model_path(model: str, ratio: float) -> Path:
+    """Where ``filter_pruned`` keeps ``model`` with its inner channels pruned at ``ratio``."""
+    return CACHE / f"filter_{model}_{ratio:.4f}.onnx"
+
+
 def filter_pruned(bench: Bench, row: dict):
     """Inner channels of every block pruned by L1 magnitude at the smallest ratio (bisection) whose
     measured cut reaches the target; returns the pruned model (ONNX) and its ratio."""
@@ -217,7 +223,7 @@ def filter_pruned(bench: Bench, row: dict):
                                            importance=tp.importance.MagnitudeImportance(p=1),
                                            pruning_ratio=ratio, ignored_layers=ignored)
         pruner.step()
-        path = CACHE / f"filter_{row['model']}_{ratio:.4f}.onnx"
+        path = filter_model_path(row["model"], ratio)
         if not path.exists():
             gp.save(gp.load(module, input_shape=(1, 3, 32, 32)), path)
         return gp.load(path)

@@ -33,9 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import CACHE, DATA  # noqa: E402
-from compare_methods import (Bench, add_row_arguments, append_row, finish_row, finished_ids,  # noqa: E402
-                             prepare_row, recovery_settings, row_id, rows_to_do, run_row)
+from common import DATA  # noqa: E402
+from compare_methods import (Bench, add_row_arguments, append_row, filter_model_path, finish_row,  # noqa: E402
+                             finished_ids, prepare_row, recovery_settings, row_id, rows_to_do, run_row)
 
 STAGE = ROOT / ".gpu"
 PLAN = STAGE / "plan"
@@ -52,27 +52,41 @@ def _stage(path: str | Path, name: str) -> str:
     return str(target.relative_to(ROOT))
 
 
+def staged_model(path: str | Path) -> str:
+    return _stage(path, f"plan/{Path(path).name}")
+
+
+def staged_train() -> str:
+    return _stage(DATA["train"], STAGED_DATA["train"])
+
+
+def staged_eval() -> dict[str, str]:
+    """The two test sets every recover job is evaluated on, staged for the device machine."""
+    return {"lossless1000": _stage(DATA["test_lossless"], STAGED_DATA["lossless1000"]),
+            "jpeg10k": _stage(DATA["test_jpeg"], STAGED_DATA["jpeg10k"])}
+
+
+def job_recovery(settings) -> dict:
+    """RecoverySettings as a job's ``recovery``: device and seed are the job runner's to set."""
+    return {k: v for k, v in asdict(settings).items() if k not in ("device", "seed")}
+
+
 def plan_job(bench: Bench, row: dict) -> dict:
     import torch
 
     prepared = prepare_row(bench, row)
     removed = prepared["removed"]
     job = {"id": row_id(row), "kind": "recover", "seed": row["seed"], "row": row, "removed": removed,
-           "recovery": {k: v for k, v in asdict(recovery_settings(row)).items() if k not in ("device", "seed")},
-           "eval": {name: _stage(DATA["test_lossless" if name == "lossless1000" else "test_jpeg"], STAGED_DATA[name])
-                    for name in ("lossless1000", "jpeg10k")}}
-    model_file = Path(bench.paths[row["model"]]) if prepared["key"] == row["model"] else \
-        CACHE / f"cifar10_{row['model']}.pt2"
-    job["model"] = _stage(model_file, f"plan/{model_file.name}")
+           "recovery": job_recovery(recovery_settings(row)), "eval": staged_eval(),
+           "model": staged_model(bench.paths[prepared["key"]])}
     if removed["tiny_set"].startswith("train_lossless_4000"):
-        job.update(data=_stage(DATA["train"], STAGED_DATA["train"]), samples=row["samples"])
+        job.update(data=staged_train(), samples=row["samples"])
     else:  # synthetic or resized photos: saved exactly as made here
         path = PLAN / f"tiny_{job['id'].replace('/', '_')}.pt"
         torch.save({"images": prepared["tiny"].images, "labels": prepared["tiny"].labels}, path)
         job.update(data=str(path.relative_to(ROOT)), samples=None)
     if "channel_ratio" in removed:
-        name = f"filter_{row['model']}_{removed['channel_ratio']:.4f}.onnx"  # written by filter_pruned
-        job["filter_model"] = _stage(CACHE / name, f"plan/{name}")
+        job["filter_model"] = staged_model(filter_model_path(row["model"], removed["channel_ratio"]))
     else:
         job["drop"] = removed["blocks"]
     job["prepare_s"] = time.perf_counter() - prepared["start"]
@@ -112,8 +126,8 @@ def cmd_ingest(args) -> None:
         job, row = result["job"], result["job"]["row"]
         key = bench.pt2_model(row["model"]) if row["method"] == "data-free-bn-inversion" else row["model"]
         original = bench.models[key]
-        pruned = bench.gp.load(CACHE / Path(job["filter_model"]).name) if job.get("filter_model") else \
-            bench.gp.drop_blocks(original, job["drop"])
+        pruned = bench.gp.load(filter_model_path(row["model"], job["removed"]["channel_ratio"])) \
+            if job.get("filter_model") else bench.gp.drop_blocks(original, job["drop"])
         prepared = {"original": original, "removed": job["removed"]}
         recovery = {"settings": {**job["recovery"], "seed": row["seed"]}, "final_loss": result["final_loss"],
                     "device": result.get("device"), "seconds": result["seconds"]}

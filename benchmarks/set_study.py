@@ -20,7 +20,6 @@ import json
 import random
 import statistics
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,18 +80,16 @@ def candidate_sets(seed: int) -> dict[str, list[str]]:
 
 
 def cmd_jobs(args) -> None:
+    from common import ensure_models
+    from device_rows import PLAN, job_recovery, staged_eval, staged_model, staged_train
+
     from graphprune.optimize import OptimizeConfig
 
-    recovery = {k: v for k, v in asdict(OptimizeConfig().recovery).items() if k not in ("device", "seed")}
-    jobs = []
-    for seed in args.seeds:
-        for name, blocks in candidate_sets(seed).items():
-            jobs.append({"id": f"set/{seed}/{name}", "kind": "recover", "model": ".gpu/plan/cifar10_resnet56.onnx",
-                         "data": ".gpu/data/cifar10/train_lossless_4000.npz", "samples": 500, "seed": seed,
-                         "drop": blocks, "recovery": recovery,
-                         "eval": {"lossless1000": ".gpu/data/cifar10/test_lossless_1000.npz",
-                                  "jpeg10k": ".gpu/data/cifar10/test.npz"}})
-    out = ROOT / ".gpu" / "plan" / "set_jobs.json"
+    shared = {"kind": "recover", "model": staged_model(ensure_models()["resnet56"]), "data": staged_train(),
+              "samples": 500, "recovery": job_recovery(OptimizeConfig().recovery), "eval": staged_eval()}
+    jobs = [{"id": f"set/{seed}/{name}", "seed": seed, "drop": blocks, **shared}
+            for seed in args.seeds for name, blocks in candidate_sets(seed).items()]
+    out = PLAN / "set_jobs.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(jobs, indent=1))
     print(f"{len(jobs)} jobs -> {out}")
