@@ -61,15 +61,15 @@ def _plot() -> None:
             continue
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for method in ORDER:
-            pts = sorted((r["latency_cut_measured"], 100 * r["top1_lossless1000"]) for r in rows if r["method"] == method)
-            if not pts:
-                continue
-            by_target = {}
+            by_target: dict[float, list[dict]] = {}
             for r in rows:
                 if r["method"] == method:
                     by_target.setdefault(r["latency_cut_target"], []).append(r)
-            xs = [statistics.mean(r["latency_cut_measured"] for r in v) for _, v in sorted(by_target.items())]
-            ys = [statistics.mean(100 * r["top1_lossless1000"] for r in v) for _, v in sorted(by_target.items())]
+            if not by_target:
+                continue
+            groups = [v for _, v in sorted(by_target.items())]
+            xs = [statistics.mean(r["latency_cut_measured"] for r in v) for v in groups]
+            ys = [statistics.mean(100 * r["top1_lossless1000"] for r in v) for v in groups]
             ax.plot(xs, ys, marker="o", label=method)
         ax.set_xlabel("measured latency cut (onnxruntime CPU, 1 thread)")
         ax.set_ylabel("top-1 on test_lossless_1000 (%)")
