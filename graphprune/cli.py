@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 
+from . import interrupts
 from .errors import GraphpruneError, UsageError
 
 COMMANDS = ("inspect", "drop", "export", "profile", "optimize", "demo")
@@ -47,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         logging.basicConfig(level=logging.DEBUG if debug else (logging.INFO if args.verbose else logging.WARNING),
                             format="%(message)s", stream=sys.stderr)
-        return int(args.run(args) or 0)
+        interrupts.install()
+        status = int(args.run(args) or 0)
+        interrupts.raise_if_interrupted()
+        return status
     except GraphpruneError as exc:
         if debug:
             raise

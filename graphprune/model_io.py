@@ -22,6 +22,7 @@ from . import io_onnx, io_torch
 from .onnx_lower import lower
 from .onnx_read import check_onnx, simplify
 from .errors import GraphpruneError
+from .interrupts import raise_if_interrupted
 from .model import Model
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".th", ".bin", ".ckpt")
@@ -113,6 +114,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        raise_if_interrupted()  # a Ctrl-C swallowed while writing must not leave the file behind
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Callable
 
+from ..interrupts import raise_if_interrupted
 from ..model import Model
 
 log = logging.getLogger("graphprune")
@@ -102,6 +103,7 @@ class Pipeline:
 
 def run_step(step: Step, state: PassState) -> PassResult:
     """Run one step on ``state``: time it, log it, check analyses are read-only, store its outputs."""
+    raise_if_interrupted()
     before = graph_fingerprint(state.model) if isinstance(step.fn, Analysis) else None
     log.info("[%s] start", step.name)
     start = time.perf_counter()

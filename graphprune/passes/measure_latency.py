@@ -32,6 +32,7 @@ from typing import Callable
 
 from ..backends.base import (LatencyBackend, LatencySettings, LatencyStats, RunOnce, compare_interleaved,
                              get_backend, latency_cut, time_runs)
+from ..interrupts import raise_if_interrupted
 from ..model import Model
 from .base import Analysis, PassResult, PassState
 from .drop_blocks import drop_blocks
@@ -124,6 +125,7 @@ def measure_block_latency(backend: LatencyBackend, model: Model, settings: Laten
     with tqdm(total=len(blocks), desc="measuring blocks", unit="block", file=sys.stderr, leave=False,
               disable=None if progress is None else not progress) as bar:
         for block in blocks:
+            raise_if_interrupted()
             bar.set_postfix_str(block.name)
             if block.name in cache:
                 row = BlockLatency(**cache.get(block.name))

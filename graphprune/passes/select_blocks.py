@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ..backends.base import LatencyBackend, LatencySettings, LatencyStats
 from ..errors import GraphpruneError
+from ..interrupts import raise_if_interrupted
 from ..model import Model
 from .base import Analysis, PassResult, PassState
 from .drop_blocks import drop_blocks
@@ -82,6 +83,7 @@ def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], t
     measurements: list[dict] = []
     last: CutMeasurement | None = None
     for name in ranked:
+        raise_if_interrupted()
         chosen.append(name)
         predicted += max(saved.get(name, 0.0), 0.0)
         if predicted < goal - ADDITIVITY_SLACK and name != ranked[-1]:

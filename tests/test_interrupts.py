@@ -1,0 +1,65 @@
+"""A Ctrl-C that Python swallows (raised inside a finaliser) is still honoured: the next progress
+update, pipeline step or atomic write raises it, and no output file appears."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from graphprune import interrupts
+from graphprune.model_io import atomic_write
+from graphprune.progress import progress_bar
+
+
+class _InterruptedFinaliser:
+    """Delivers SIGINT while its ``__del__`` runs: Python prints "Exception ignored" and carries on."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):  # the handler runs between these bytecodes, inside the finaliser
+            pass
+
+
+def _swallowed_interrupt() -> None:
+    _InterruptedFinaliser()  # created and collected at once
+
+
+@pytest.fixture
+def installed():
+    previous = signal.getsignal(signal.SIGINT)
+    interrupts.install()
+    yield
+    interrupts._requested.clear()
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_python_swallows_an_interrupt_in_a_finaliser():
+    _swallowed_interrupt()  # default handler: nothing reaches us (why graphprune remembers it)
+
+
+def test_swallowed_interrupt_is_raised_at_the_next_progress_update(installed):
+    bar = progress_bar(total=3, desc="x", enabled=False)
+    bar.update()
+    _swallowed_interrupt()
+    with pytest.raises(KeyboardInterrupt):
+        bar.update()
+
+
+def test_swallowed_interrupt_leaves_no_output_file(installed, tmp_path):
+    target = tmp_path / "model.onnx"
+
+    def write(tmp):
+        tmp.write_bytes(b"model")
+        _swallowed_interrupt()
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_install_nothing_is_remembered(tmp_path):
+    interrupts.raise_if_interrupted()
+    atomic_write(tmp_path / "a.txt", lambda tmp: tmp.write_text("ok"))
+    assert (tmp_path / "a.txt").read_text() == "ok"
