@@ -192,6 +192,24 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return float(value) if not math.isnan(value) else 0.0
 
 
+def picks_at_40(scores: dict, summary: dict) -> list[str]:
+    """Which ResNet-56 blocks each setting would drop for a 40% predicted cut, per seed: blocks per
+    stage, and how many it shares with the set chosen by the slowest (most converged) setting."""
+    saved = latency_fractions()["resnet56"]
+    picks = {(seed, setting): select_by_prediction(rank_order(setting, s, saved), saved, 0.40)
+             for (model, seed, setting), s in sorted(scores.items()) if model == "resnet56"}
+    reference = {seed: set(p) for (seed, setting), p in picks.items() if setting == "practise-1000"}
+    lines = ["", "## Blocks each setting picks at a 40% predicted cut (ResNet-56, 500 images)", "",
+             "Blocks per stage (stage 1-2-3), and how many of them the 1000-step setting's set shares (seed 2021 only).",
+             "", "| seed | setting | blocks per stage | shared with practise-1000 | blocks |", "|---|---|---|---|---|"]
+    for (seed, setting), chosen in picks.items():
+        per_stage = "-".join(str(sum(b.startswith(f"layer{k}.") for b in chosen)) for k in (1, 2, 3))
+        shared = f"{len(reference[seed] & set(chosen))} of {len(chosen)}" if seed in reference else "-"
+        summary.setdefault("picks_40", {})[f"{seed}/{setting}"] = chosen
+        lines.append(f"| {seed} | {setting} | {per_stage} | {shared} | {', '.join(sorted(chosen))} |")
+    return lines
+
+
 def cmd_report(args) -> None:
     import statistics
 
@@ -259,7 +277,8 @@ def cmd_report(args) -> None:
         lines.append(f"| {cut:.2f} | {setting} | {statistics.mean(accs):.2f} | {', '.join(f'{a:.1f}' for a in accs)} | "
                      f"{n_blocks} |")
     if not groups:
-        lines.append("| - | not run yet | - | - | - |")
+        lines.append("| - | not run here: `set_study.md` recovers the 40% set of every ranking (seeds 2021-2022) | - | - | - |")
+    lines += picks_at_40(scores, summary)
     lines += ["", "## Recovery budget at the 40% cut (ResNet-56, lstsq blocks, seed 2021)", "",
               "| optimizer | iterations | lr | top-1 lossless1000 | final feature MSE | seconds |", "|---|---|---|---|---|---|"]
     for r in sorted((r for r in results if r["id"].startswith("sweep/")), key=lambda r: int(r["id"].split("/")[-1])):
