@@ -23,6 +23,8 @@ from torch import fx
 
 from .errors import GraphpruneError
 from .model import InputSpec, Model
+from .batch_axis import free_fixed_batch
+from .onnx_opset import default_opset
 from .onnx_read import check_onnx, normalise, read_onnx
 from .scopes import scope_from_onnx_metadata, scope_from_onnx_name
 
@@ -53,6 +55,7 @@ class OnnxOrigin:
     attr_initializers: dict[str, str] = field(default_factory=dict)
     weight_links: dict[str, WeightLink] = field(default_factory=dict)
     path: str | None = None
+    input_opset: int | None = None  # the file's own opset; a written graph is brought back up to it
 
 
 def _input_specs(proto: onnx.ModelProto) -> tuple[InputSpec, ...]:
@@ -81,8 +84,9 @@ def load_onnx(path: str | os.PathLike, input_shape: tuple[int, ...] | None = Non
 
 def load_proto(proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = None, label: str = "the model") -> Model:
     """Convert a checked ``ModelProto`` into a :class:`Model` (verified against onnxruntime)."""
-    proto = normalise(proto, label)
+    proto, own_opset = normalise(proto, label)
     gm, origin = convert(proto)
+    origin.input_opset = default_opset(own_opset)
     model = Model(
         graph_module=gm,
         source="onnx",
@@ -93,6 +97,9 @@ def load_proto(proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = Non
         input_shape=tuple(input_shape) if input_shape else None,
     )
     verify_against_onnxruntime(proto, model, what="conversion of " + label)
+    if own_opset is not proto:  # the opset was changed for the converter: same results as before?
+        verify_against_onnxruntime(own_opset, model, what=f"opset {default_opset(proto)} form of " + label)
+    free_fixed_batch(model)  # a batch of 1 baked into Reshape shapes would refuse the tiny set's batches
     return model
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import io_onnx, io_torch
 from .onnx_lower import lower
+from .onnx_opset import restore_opset
 from .onnx_read import check_onnx, simplify
 from .errors import GraphpruneError
 from .interrupts import raise_if_interrupted
@@ -56,7 +57,7 @@ def load(source, input_shape: tuple[int, ...] | None = None, weights: str | None
 def to_onnx(model: Model, verify: bool = True) -> onnx.ModelProto:
     """The model as a checked, simplified ONNX graph (verified against the fx graph)."""
     if model.source == "onnx":
-        proto = lower(model)
+        proto = restore_opset(lower(model), model.onnx.input_opset or 0)
     else:
         try:
             proto = onnx.load_model_from_string(io_torch.export_onnx(model))

@@ -4,8 +4,8 @@
 * :func:`check_onnx`: ``onnx.checker``, opset >= 9, finite weights, each as a one-line error.
 * :func:`normalise`: initializer-backed graph inputs removed, Constant nodes turned into
   initializers, onnxsim constant folding (without fusions, so node names keep their module
-  paths), shared float weights untied, and every op checked against onnx2torch's converters
-  (upgrading old opsets once when that helps).
+  paths), shared float weights untied, an inert Reshape `allowzero` dropped, and every op checked against onnx2torch's converters
+  (an opset older or newer than they cover is converted: :mod:`graphprune.onnx_opset`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import GraphpruneError
+from .onnx_opset import default_opset, to_converter_opset
 
 MAX_MODEL_BYTES = 4 * 2**30  # refuse anything larger (protobuf + external data)
 MIN_OPSET = 9
@@ -96,13 +97,6 @@ def check_onnx(proto: onnx.ModelProto, label: str) -> None:
             values = numpy_helper.to_array(tensor)
             if values.size and not np.isfinite(values).all():
                 raise GraphpruneError(f"weight '{tensor.name}' contains NaN or infinite values: {label}")
-
-
-def default_opset(proto: onnx.ModelProto) -> int:
-    for entry in proto.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    return 0
 
 
 def simplify(proto: onnx.ModelProto, fuse: bool = True) -> onnx.ModelProto:
@@ -190,6 +184,20 @@ def _untie_initializers(proto: onnx.ModelProto) -> None:
             node.input[slot] = copy_name
 
 
+def _drop_inert_allowzero(proto: onnx.ModelProto) -> None:
+    """Reshape's ``allowzero=1`` (the dynamo exporter sets it) only changes what a 0 in the shape
+    means; onnx2torch refuses it, so it is dropped where the shape is a constant without zeros."""
+    constants = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type != "Reshape" or node.domain or len(node.input) < 2 or node.input[1] not in constants:
+            continue
+        if 0 in numpy_helper.to_array(constants[node.input[1]]).reshape(-1):
+            continue
+        keep = [a for a in node.attribute if a.name != "allowzero"]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+
+
 def _strip_initializer_inputs(proto: onnx.ModelProto) -> None:
     names = {t.name for t in proto.graph.initializer}
     keep = [i for i in proto.graph.input if i.name not in names]
@@ -212,29 +220,21 @@ def unsupported_ops(proto: onnx.ModelProto) -> list[str]:
     return sorted(missing)
 
 
-def normalise(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
-    """A converted-ready copy of ``proto`` (see the module docstring)."""
+def normalise(proto: onnx.ModelProto, label: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """A converter-ready copy of ``proto`` (see the module docstring), and the same graph before
+    its opset was changed for the converter (the same object when it was not)."""
     proto = copy.deepcopy(proto)
     _strip_initializer_inputs(proto)
     _constants_to_initializers(proto)
     proto = simplify(proto, fuse=False)
     _untie_initializers(proto)
-    missing = unsupported_ops(proto)
-    if missing:
-        upgraded = _try_upgrade(proto)
-        if upgraded is None or unsupported_ops(upgraded):
-            raise GraphpruneError(f"unsupported ONNX ops in {label}: {', '.join(missing)}")
-        proto = upgraded
+    _drop_inert_allowzero(proto)
     if not proto.graph.input:
         raise GraphpruneError(f"the model has no inputs: {label}")
-    return proto
-
-
-def _try_upgrade(proto: onnx.ModelProto) -> onnx.ModelProto | None:
-    """Old opsets sometimes convert once upgraded (onnx2torch covers mainly opset 11+)."""
-    try:
-        upgraded = onnx.version_converter.convert_version(proto, 13)
-        onnx.checker.check_model(upgraded)
-        return upgraded
-    except Exception:
-        return None
+    missing = unsupported_ops(proto)
+    if not missing:
+        return proto, proto
+    converted = to_converter_opset(proto, unsupported_ops)
+    if converted is None:
+        raise GraphpruneError(f"unsupported ONNX ops in {label}: {', '.join(missing)}")
+    return converted, proto

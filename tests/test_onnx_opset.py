@@ -1,0 +1,98 @@
+"""Files newer than onnx2torch's converters (torch's dynamo exporter: opset 18+, batch fixed at 1)
+load, run the tiny set in batches, and are written back at their own opset and batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import graphprune as gp
+from graphprune.batch_axis import free_fixed_batch
+from graphprune.onnx_opset import _downgrade_node, default_opset
+from graphprune.zoo import CifarResNet
+
+
+@pytest.fixture(scope="module")
+def dynamo_resnet20(tmp_path_factory):
+    torch.manual_seed(0)
+    module = CifarResNet(20).eval()
+    path = tmp_path_factory.mktemp("dynamo") / "r20.onnx"
+    torch.onnx.export(module, (torch.randn(1, 3, 32, 32),), str(path), dynamo=True, verbose=False)
+    return module, path
+
+
+def test_dynamo_export_loads_runs_batches_and_writes_back_its_own_form(dynamo_resnet20, tmp_path):
+    module, path = dynamo_resnet20
+    source = onnx.load(str(path))
+    assert default_opset(source) >= 18  # what the exporter writes by default: newer than the converters
+    model = gp.load(path)
+    assert [b.name for b in gp.find_blocks(model)] == [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)]
+
+    batch = torch.randn(4, 3, 32, 32)  # numerical: the baked-in batch of 1 no longer limits the fx graph
+    with torch.no_grad():
+        assert torch.allclose(model.run(batch), module(batch), atol=1e-4)
+
+    dropped = gp.drop_blocks(model, ["layer3.2"])
+    out = tmp_path / "dropped.onnx"
+    gp.save(dropped, out)
+    written = onnx.load(str(out))  # structural: same opset, same fixed batch, one block fewer
+    assert default_opset(written) == default_opset(source)
+    assert [d.dim_value for d in written.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 32, 32]
+    assert sum(n.op_type == "Conv" for n in written.graph.node) == sum(n.op_type == "Conv" for n in source.graph.node) - 2
+    x = torch.randn(1, 3, 32, 32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.allclose(got, dropped.run(x).numpy(), atol=1e-4)
+
+
+def _schema_node(op, inputs, **attrs):
+    return helper.make_node(op, inputs, ["y"], **attrs)
+
+
+def test_reduce_axes_input_becomes_the_attribute():
+    axes = numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "axes")
+    node = _downgrade_node(_schema_node("ReduceMean", ["x", "axes"], keepdims=1), 20, 17, {"axes": axes})
+    assert list(node.input) == ["x"]
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute} == {"keepdims": 1, "axes": [2, 3]}
+
+
+@pytest.mark.parametrize("node,why", [
+    (_schema_node("ReduceMean", ["x"], noop_with_empty_axes=1), "identity when no axes: no older form"),
+    (_schema_node("ReduceMean", ["x", "dynamic_axes"]), "axes computed at run time"),
+    (_schema_node("Split", ["x"], num_outputs=2), "num_outputs did not exist before opset 18"),
+    (_schema_node("Pad", ["x", "pads", "", "axes"]), "the axes input did not exist before opset 18"),
+])
+def test_nodes_whose_meaning_has_no_older_form_are_refused(node, why):
+    assert _downgrade_node(node, 20, 17, {}) is None, why
+
+
+def test_nodes_that_only_gained_types_are_kept():
+    pad = _schema_node("Pad", ["x", "pads"], mode="reflect")
+    assert _downgrade_node(pad, 21, 17, {}) is pad
+    flatten = _schema_node("Flatten", ["x"], axis=1)
+    assert _downgrade_node(flatten, 21, 17, {}) is flatten
+
+
+def _transposed_reshape_model(tmp_path):
+    """X (1,4,2,2) -> Transpose -> Reshape([1, -1]) -> Y: the leading 1 is *not* the batch here."""
+    shape = numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["X"], ["t"], perm=[1, 0, 2, 3]),
+         helper.make_node("Reshape", ["t", "shape"], ["Y"])],
+        "t", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4, 2, 2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 16])], initializer=[shape])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 7
+    onnx.save(proto, str(tmp_path / "t.onnx"))
+    return gp.load(tmp_path / "t.onnx")
+
+
+def test_a_leading_one_that_is_not_the_batch_is_left_alone(tmp_path):
+    model = _transposed_reshape_model(tmp_path)  # loading already tried (and undid) the rewrite
+    assert not free_fixed_batch(model)
+    x = torch.randn(1, 4, 2, 2)
+    assert torch.equal(model.run(x), x.transpose(0, 1).reshape(1, -1))
