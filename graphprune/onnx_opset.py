@@ -12,6 +12,9 @@ the same at the lower opset:
 * the Reduce ops that take ``axes`` as an input since opset 18 get it back as the ``axes``
   attribute when that input is a constant.
 
+An op onnx2torch has no converter for at any version but which ONNX defines as a function of
+other ops (Gelu, new in opset 20) is first replaced by that function's nodes (:func:`expand_functions`).
+
 Anything else leaves the op unsupported and the caller reports it. The lowered graph must pass
 ``onnx.checker`` with shape inference, and ``io_onnx.load_proto`` also verifies the converted fx
 graph against onnxruntime running the graph at its *own* opset, so a node whose meaning changed
@@ -53,6 +56,110 @@ def to_converter_opset(proto: onnx.ModelProto, unsupported: Callable[[onnx.Model
         if candidate is not None and not unsupported(candidate):
             return candidate
     return None
+
+
+def expand_functions(proto: onnx.ModelProto) -> int:
+    """Replace, in place, every node of an op onnx2torch has no converter for at all (Gelu, new in
+    opset 20) by the ONNX function that defines it, when the op's schema has one; the new nodes
+    keep the node's name as a prefix, so its module path (and block name) survives. Returns how
+    many nodes were expanded."""
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
+
+    convertible = {(d.domain, d.operation_type) for d in _CONVERTER_REGISTRY}
+    opset = default_opset(proto)
+    nodes, expanded = [], 0
+    for index, node in enumerate(proto.graph.node):
+        body = None
+        if node.domain in ("", "ai.onnx") and ("", node.op_type) not in convertible:
+            body = _function_body(node, opset, proto)
+        if body is None:
+            nodes.append(node)
+            continue
+        nodes.extend(_inline(node, body, node.name or f"{node.op_type}_{index}"))
+        expanded += 1
+    if expanded:
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+        _castlike_to_cast(proto)
+    return expanded
+
+
+def _castlike_to_cast(proto: onnx.ModelProto) -> None:
+    """Function bodies cast their constants with CastLike (no converter); the type it copies is
+    known once shapes are inferred, so it becomes a plain Cast."""
+    types = _value_types(proto)
+    for node in proto.graph.node:
+        if node.op_type == "CastLike" and node.domain in ("", "ai.onnx") and node.input[1] in types:
+            target = types[node.input[1]].tensor_type.elem_type
+            if not target:
+                continue
+            node.op_type = "Cast"
+            del node.input[1:]
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute("to", target))
+
+
+def _function_body(node: onnx.NodeProto, opset: int, proto: onnx.ModelProto) -> onnx.FunctionProto | None:
+    try:
+        schema = defs.get_schema(node.op_type, max_inclusive_version=opset)
+    except (defs.SchemaError, RuntimeError):
+        return None
+    if schema.has_function:
+        return schema.function_body
+    if not schema.has_context_dependent_function:
+        return None
+    types = _value_types(proto)
+    if any(name and name not in types for name in node.input):
+        return None  # the function may depend on an input type that inference could not give
+    try:
+        body = schema.get_context_dependent_function(
+            node.SerializeToString(), [types[name].SerializeToString() for name in node.input if name])
+    except Exception:
+        return None
+    function = onnx.FunctionProto()
+    function.ParseFromString(body)
+    return function
+
+
+def _value_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:
+        inferred = proto
+    graph = inferred.graph
+    types = {v.name: v.type for v in [*graph.input, *graph.value_info, *graph.output]}
+    types.update({t.name: helper.make_tensor_type_proto(t.data_type, None) for t in graph.initializer})
+    return types
+
+
+def _inline(node: onnx.NodeProto, function: onnx.FunctionProto, prefix: str) -> list[onnx.NodeProto]:
+    """``function``'s nodes with its formal inputs/outputs bound to ``node``'s and its inner values
+    and attribute references made concrete."""
+    names = dict(zip(function.input, node.input))
+    names.update(zip(function.output, node.output))
+    attributes = {a.name: a for a in node.attribute}
+    inlined = []
+    for i, inner in enumerate(function.node):
+        new = copy.deepcopy(inner)
+        new.name = f"{prefix}/{i}_{inner.op_type}"
+        new.metadata_props.extend(node.metadata_props)  # the exporter's module scope, if any
+        for slot, name in enumerate(new.input):
+            new.input[slot] = names.get(name, f"{prefix}/{name}" if name else "")
+        for slot, name in enumerate(new.output):
+            new.output[slot] = names.setdefault(name, f"{prefix}/{name}")
+        resolved = []
+        for attribute in new.attribute:
+            if attribute.ref_attr_name:
+                if attribute.ref_attr_name not in attributes:
+                    continue  # not set on the node: the inner op's default applies
+                value = copy.deepcopy(attributes[attribute.ref_attr_name])
+                value.name = attribute.name
+                attribute = value
+            resolved.append(attribute)
+        del new.attribute[:]
+        new.attribute.extend(resolved)
+        inlined.append(new)
+    return inlined
 
 
 def restore_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:

@@ -21,7 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import GraphpruneError
-from .onnx_opset import default_opset, to_converter_opset
+from .onnx_opset import default_opset, expand_functions, to_converter_opset
 
 MAX_MODEL_BYTES = 4 * 2**30  # refuse anything larger (protobuf + external data)
 MIN_OPSET = 9
@@ -112,7 +112,19 @@ def simplify(proto: onnx.ModelProto, fuse: bool = True) -> onnx.ModelProto:
             simplified, ok = onnxsim.simplify(copy.deepcopy(proto), perform_optimization=fuse)
     except Exception:
         return proto
-    return simplified if ok else proto
+    if not ok:
+        return proto
+    _restore_node_metadata(simplified, proto)
+    return simplified
+
+
+def _restore_node_metadata(simplified: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """onnxsim drops every node's ``metadata_props``, where the dynamo exporter keeps each node's
+    module path; nodes keep their names, so the metadata is copied back by name."""
+    by_name = {n.name: n.metadata_props for n in original.graph.node if n.name and len(n.metadata_props)}
+    for node in simplified.graph.node:
+        if not len(node.metadata_props) and node.name in by_name:
+            node.metadata_props.extend(by_name[node.name])
 
 
 @contextlib.contextmanager
@@ -225,6 +237,7 @@ def normalise(proto: onnx.ModelProto, label: str) -> tuple[onnx.ModelProto, onnx
     its opset was changed for the converter (the same object when it was not)."""
     proto = copy.deepcopy(proto)
     _strip_initializer_inputs(proto)
+    expand_functions(proto)
     _constants_to_initializers(proto)
     proto = simplify(proto, fuse=False)
     _untie_initializers(proto)
