@@ -94,6 +94,9 @@ def run(args) -> int:
     shape = tuple(model.analysis_shape())
     if len(shape) != 4:
         raise GraphpruneError(f"optimize needs an image model (N, C, H, W input); this one takes {shape}")
+    if shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4):
+        raise GraphpruneError(f"the model's input {shape} looks channels-last (N, H, W, C); optimize needs "
+                              "channels-first (N, C, H, W) input: export the model with NCHW input")
     prep = Preprocessing(shape[1:], _floats(args.mean, "--mean"), _floats(args.std, "--std"))
     cache_dir = None if args.no_cache else (args.cache_dir or str(default_cache_dir()))
     synthetic = None
