@@ -61,6 +61,39 @@ def test_weights_written_back_into_onnx(tmp_path):
     assert np.allclose(_ort(out, x), model.run(x).numpy(), atol=1e-5)
 
 
+def _as_float16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    for i, tensor in enumerate(proto.graph.initializer):
+        if tensor.data_type == onnx.TensorProto.FLOAT:
+            half = onnx.numpy_helper.to_array(tensor).astype(np.float16)
+            proto.graph.initializer[i].CopyFrom(onnx.numpy_helper.from_array(half, tensor.name))
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def test_half_precision_file_is_computed_in_float32_and_written_back_in_half(tmp_path):
+    src = save(_as_float16(residual_onnx()), tmp_path / "half.onnx")
+    model = gp.load(src)
+    assert model.inputs[0].dtype == torch.float32  # the tiny set is float32: so is the graph
+    assert {p.dtype for p in model.graph_module.parameters()} == {torch.float32}
+    x = torch.randn(2, 4, 8, 8)
+    reference = _ort(src, x.half()).astype(np.float32)
+    assert np.allclose(model.run(x).numpy(), reference, atol=2e-2 * max(1.0, np.abs(reference).max()))
+    from graphprune.backends.base import LatencySettings, get_backend
+    get_backend("onnxruntime").prepare(model, LatencySettings(batch_size=2, min_time_s=0.0))()  # fed in half
+    with torch.no_grad():  # a "trained" weight change must reach the file, in the file's dtype
+        for p in model.graph_module.parameters():
+            p.mul_(1.5)
+    out = tmp_path / "out.onnx"
+    gp.save(model, out)
+    written = onnx.load(str(out))
+    assert written.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert {t.data_type for t in written.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    got = _ort(out, x.half()).astype(np.float32)
+    assert np.allclose(got, model.run(x).numpy(), atol=2e-2 * max(1.0, np.abs(got).max()))
+
+
 def test_torch_module_to_onnx_and_pt2(tmp_path):
     model = gp.load("zoo:cifar10_resnet20")
     smaller = gp.drop_blocks(model, ["layer2.2"])

@@ -25,6 +25,7 @@ Session settings, and why:
 from __future__ import annotations
 
 from ..errors import GraphpruneError
+from ..io_onnx import ort_feeds
 from ..model import Model
 from ..model_io import to_onnx
 from .base import LatencySettings, RunOnce
@@ -50,7 +51,7 @@ class OnnxRuntimeBackend:
                                            providers=[provider])
         except Exception as exc:
             raise GraphpruneError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
-        feeds = {spec.name: tensor.numpy() for spec, tensor in zip(session.get_inputs(), inputs)}
+        feeds = ort_feeds(session, inputs)
 
         def run_once() -> None:
             session.run(None, feeds)
