@@ -35,7 +35,7 @@ class InputSpec:
                     f"--input-shape {','.join(map(str, override))} has {len(override)} dimensions; "
                     f"input '{self.name}' has {len(self.shape)}"
                 )
-            return tuple(override)
+            return _checked_size(self.name, tuple(override))
         dims = list(self.shape)
         if dims and dims[0] is None:
             dims[0] = batch_size
@@ -44,7 +44,23 @@ class InputSpec:
                 f"input '{self.name}' has dynamic dimensions {_fmt_shape(self.shape)}; "
                 "pass --input-shape, e.g. --input-shape 1,3,224,224"
             )
-        return tuple(int(d) for d in dims)
+        return _checked_size(self.name, tuple(int(d) for d in dims))
+
+
+MAX_INPUT_ELEMENTS = 2**28  # 1 GiB of float32: far above any image batch graphprune runs
+
+
+def _checked_size(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Refuse shapes a file can declare but no machine can allocate (a hostile 1x3x100000x100000)."""
+    elements = 1
+    for d in shape:
+        if d < 0:
+            raise GraphpruneError(f"input '{name}' has a negative dimension: {_fmt_shape(shape)}")
+        elements *= d
+    if elements > MAX_INPUT_ELEMENTS:
+        raise GraphpruneError(f"input '{name}' of shape {_fmt_shape(shape)} has {elements:,} elements; "
+                              f"graphprune handles at most {MAX_INPUT_ELEMENTS:,} (pass a smaller --input-shape)")
+    return shape
 
 
 def _fmt_shape(shape) -> str:

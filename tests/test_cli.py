@@ -158,3 +158,12 @@ def test_channels_last_input_is_refused_by_optimize(cli, tmp_path):
     src = save(proto, tmp_path / "nhwc.onnx")
     out = tmp_path / "o.onnx"
     _assert_clean_failure(cli("optimize", src, "--latency-cut", "0.1", "--data-free", "-o", out), "channels-last", out)
+
+
+def test_an_input_too_large_to_allocate_is_refused(cli, tmp_path):
+    proto = residual_onnx()
+    for dim, value in zip(proto.graph.input[0].type.tensor_type.shape.dim[2:], (100_000, 100_000)):
+        dim.Clear()
+        dim.dim_value = value
+    src = save(proto, tmp_path / "huge.onnx")
+    _assert_clean_failure(cli("inspect", src), "elements")
