@@ -24,6 +24,7 @@ from torch import fx
 
 from .batch_axis import free_fixed_batch
 from .errors import GraphpruneError
+from .input_layout import TO_FILE_LAYOUT, is_channels_last, to_channels_first
 from .model import InputSpec, Model
 from .onnx_opset import default_opset
 from .onnx_read import check_onnx, normalise, read_onnx
@@ -101,7 +102,10 @@ def load_proto(proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = Non
     if own_opset is not proto:  # the opset was changed for the converter: same results as before?
         verify_against_onnxruntime(own_opset, model, what=f"opset {default_opset(proto)} form of " + label)
     free_fixed_batch(model)  # a batch of 1 baked into Reshape shapes would refuse the tiny set's batches
-    return _compute_in_float32(model, proto, label)
+    model = to_channels_first(_compute_in_float32(model, proto, label))
+    if is_channels_last(model):  # the permute in front and the feeds' layout must agree
+        verify_against_onnxruntime(proto, model, what="channels-first view of " + label)
+    return model
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -292,25 +296,29 @@ def _match_tensor(value: np.ndarray, candidates: list[str], inits: dict[str, np.
 # ----------------------------------------------------------------------------------------------
 # Checking against onnxruntime
 
-def run_onnxruntime(proto_or_bytes, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+def run_onnxruntime(proto_or_bytes, inputs: tuple[torch.Tensor, ...], channels_last: bool = False) -> list[np.ndarray]:
     import onnxruntime as ort
 
     data = proto_or_bytes if isinstance(proto_or_bytes, bytes) else proto_or_bytes.SerializeToString()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    return session.run(None, ort_feeds(session, inputs))
+    return session.run(None, ort_feeds(session, inputs, channels_last))
 
 
 _ORT_FLOATS = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
 
 
-def ort_feeds(session, inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
-    """Feeds for an onnxruntime session, each float tensor in the type the file declares (a
-    half-precision file is computed in float32 by graphprune, see :func:`_compute_in_float32`)."""
+def ort_feeds(session, inputs: tuple[torch.Tensor, ...], channels_last: bool = False) -> dict[str, np.ndarray]:
+    """Feeds for an onnxruntime session in the file's own form: each float tensor in the type the
+    file declares (a half-precision file is computed in float32 by graphprune, see
+    :func:`_compute_in_float32`) and, for a ``channels_last`` model, in (N, H, W, C) layout
+    (:mod:`graphprune.input_layout`)."""
     feeds = {}
     for info, tensor in zip(session.get_inputs(), inputs):
-        array = tensor.detach().cpu().numpy()
+        if channels_last and tensor.dim() == 4:
+            tensor = tensor.permute(*TO_FILE_LAYOUT)
+        array = np.ascontiguousarray(tensor.detach().cpu().numpy())
         wanted = _ORT_FLOATS.get(info.type)
         if wanted is not None and np.issubdtype(array.dtype, np.floating) and array.dtype != wanted:
             array = array.astype(wanted)
@@ -334,7 +342,7 @@ def verify_against_onnxruntime(proto: onnx.ModelProto, model: Model, what: str, 
     except GraphpruneError:
         return  # dynamic spatial dims and no --input-shape: checked later, when a shape is known
     try:
-        expected = run_onnxruntime(proto, inputs)[0]
+        expected = run_onnxruntime(proto, inputs, is_channels_last(model))[0]
     except Exception as exc:
         raise GraphpruneError(f"onnxruntime cannot run {what}: {str(exc).splitlines()[0][:200]}") from None
     got = model.run(*inputs)

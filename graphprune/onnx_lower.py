@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from torch import fx
 
 from .errors import GraphpruneError
+from .input_layout import META_KEY as INPUT_LAYOUT
 from .io_onnx import OnnxOrigin, arg_links, onnx_index
 from .model import Model
 
@@ -34,6 +35,9 @@ def lower(model: Model) -> onnx.ModelProto:
     new_nodes: dict[int, onnx.NodeProto] = {}
     for fx_node in gm.graph.nodes:
         if fx_node.op in ("placeholder", "output"):
+            continue
+        if fx_node.meta.get(INPUT_LAYOUT):  # graphprune's channels-first view of the file's own input
+            tensor_of[fx_node] = tensor_of[fx_node.args[0]]
             continue
         if fx_node.op == "get_attr":
             if fx_node.target not in origin.attr_initializers:

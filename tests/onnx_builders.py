@@ -55,6 +55,17 @@ def residual_onnx(opset: int = 13, weights_as: str = "initializer", dynamic_spat
     return model
 
 
+def channels_last_residual() -> onnx.ModelProto:
+    """:func:`residual_onnx` behind a channels-last input: (batch, 8, 8, 3) -> Transpose -> 1x1 Conv to 4."""
+    proto = residual_onnx()
+    proto.graph.initializer.append(numpy_helper.from_array(np.full((4, 3, 1, 1), 0.5, np.float32), "w0"))
+    proto.graph.node.insert(0, helper.make_node("Conv", ["nchw", "w0"], ["X"], name="/stem0/Conv"))
+    proto.graph.node.insert(0, helper.make_node("Transpose", ["nhwc"], ["nchw"], perm=[0, 3, 1, 2], name="/t"))
+    proto.graph.input[0].CopyFrom(helper.make_tensor_value_info("nhwc", TensorProto.FLOAT, ["batch", 8, 8, 3]))
+    onnx.checker.check_model(proto)
+    return proto
+
+
 def save(model: onnx.ModelProto, path) -> str:
     onnx.save(model, str(path))
     return str(path)

@@ -12,7 +12,7 @@ import graphprune as gp
 from conftest import data_path
 from graphprune import model_io
 from graphprune.zoo import CifarResNet
-from onnx_builders import residual_onnx, save
+from onnx_builders import channels_last_residual, residual_onnx, save
 
 
 def _ort(path, x):
@@ -92,6 +92,21 @@ def test_half_precision_file_is_computed_in_float32_and_written_back_in_half(tmp
     assert {t.data_type for t in written.graph.initializer} == {onnx.TensorProto.FLOAT16}
     got = _ort(out, x.half()).astype(np.float32)
     assert np.allclose(got, model.run(x).numpy(), atol=2e-2 * max(1.0, np.abs(got).max()))
+
+
+def test_channels_last_file_is_seen_channels_first_and_written_channels_last(tmp_path):
+    src = save(channels_last_residual(), tmp_path / "nhwc.onnx")
+    model = gp.load(src)
+    assert model.inputs[0].shape == (None, 3, 8, 8)  # what the tiny set, crops and synthesis produce
+    x = torch.randn(2, 3, 8, 8)
+    assert np.allclose(model.run(x).numpy(), _ort(src, x.permute(0, 2, 3, 1).contiguous()), atol=1e-5)
+    dropped = gp.drop_blocks(model, ["block"])
+    out = tmp_path / "out.onnx"
+    gp.save(dropped, out)
+    written = onnx.load(str(out))
+    assert [d.dim_value or d.dim_param for d in written.graph.input[0].type.tensor_type.shape.dim] == ["batch", 8, 8, 3]
+    assert written.graph.node[0].op_type == "Transpose"  # the file's own first node, not a second permute
+    assert np.allclose(_ort(out, x.permute(0, 2, 3, 1).contiguous()), dropped.run(x).numpy(), atol=1e-5)
 
 
 def test_torch_module_to_onnx_and_pt2(tmp_path):

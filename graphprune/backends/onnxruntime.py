@@ -25,6 +25,7 @@ Session settings, and why:
 from __future__ import annotations
 
 from ..errors import GraphpruneError
+from ..input_layout import is_channels_last
 from ..io_onnx import ort_feeds
 from ..model import Model
 from ..model_io import to_onnx
@@ -51,7 +52,7 @@ class OnnxRuntimeBackend:
                                            providers=[provider])
         except Exception as exc:
             raise GraphpruneError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
-        feeds = ort_feeds(session, inputs)
+        feeds = ort_feeds(session, inputs, is_channels_last(model))
 
         def run_once() -> None:
             session.run(None, feeds)
