@@ -165,3 +165,13 @@ def test_an_input_too_large_to_allocate_is_refused(cli, tmp_path):
         dim.dim_value = value
     src = save(proto, tmp_path / "huge.onnx")
     _assert_clean_failure(cli("inspect", src), "elements")
+
+
+def test_optimize_refuses_a_second_input(cli, tmp_path):
+    proto = residual_onnx()
+    proto.graph.input.append(onnx.helper.make_tensor_value_info("scale", onnx.TensorProto.FLOAT, [1]))
+    proto.graph.node.append(onnx.helper.make_node("Mul", ["Y", "scale"], ["Z"], name="/scale/Mul"))
+    proto.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info("Z", onnx.TensorProto.FLOAT, ["batch", 3]))
+    src = save(proto, tmp_path / "two.onnx")
+    out = tmp_path / "o.onnx"
+    _assert_clean_failure(cli("optimize", src, "--latency-cut", "0.1", "--data-free", "-o", out), "one image input", out)

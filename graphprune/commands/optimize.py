@@ -91,6 +91,9 @@ def run(args) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
     check_outputs(args)
     model = load_model_from_args(args)
+    if len(model.inputs) != 1:
+        names = ", ".join(spec.name for spec in model.inputs)
+        raise GraphpruneError(f"optimize needs a model with one image input; this one has {len(model.inputs)} ({names})")
     shape = tuple(model.analysis_shape())
     if len(shape) != 4:
         raise GraphpruneError(f"optimize needs an image model (N, C, H, W input); this one takes {shape}")
