@@ -18,6 +18,7 @@ from .backends.base import LatencySettings, get_backend
 from .cache import JsonCache, model_fingerprint, settings_fingerprint, tensor_fingerprint
 from .data import TinySet, split_holdout
 from .errors import GraphpruneError
+from .input_layout import looks_channels_last
 from .model import Model
 from .passes import DropBlocks, FindBlocks, PassResult, PassState, Pipeline, Step
 from .passes.measure_latency import MeasureBlockLatency, measure_cut
@@ -52,10 +53,25 @@ class OptimizeResult:
     report: dict = field(default_factory=dict)
 
 
+def image_input_shape(model: Model) -> tuple[int, int, int]:
+    """(C, H, W) of the model's one image input; a one-line error for any other kind of model."""
+    if len(model.inputs) != 1:
+        names = ", ".join(spec.name for spec in model.inputs)
+        raise GraphpruneError(f"optimize needs a model with one image input; this one has {len(model.inputs)} ({names})")
+    shape = tuple(model.analysis_shape())
+    if len(shape) != 4:
+        raise GraphpruneError(f"optimize needs an image model (N, C, H, W input); this one takes {shape}")
+    if looks_channels_last(shape):  # ONNX files get a channels-first view on load (input_layout.py)
+        raise GraphpruneError(f"the model's input {shape} looks channels-last (N, H, W, C); optimize needs "
+                              "channels-first (N, C, H, W) input: export the model with NCHW input")
+    return shape[1:]
+
+
 def optimize(model: Model, tiny: TinySet, config: OptimizeConfig = OptimizeConfig()) -> OptimizeResult:
     """Drop blocks until the measured latency cut reaches ``config.latency_cut``, then recover."""
     if not 0 < config.latency_cut < 1:
         raise GraphpruneError(f"--latency-cut must be between 0 and 1 (exclusive), got {config.latency_cut}")
+    image_input_shape(model)
     backend = get_backend(config.backend)
     train, holdout = split_holdout(tiny, config.holdout_fraction, config.holdout_minimum, config.seed)
     caches = _caches(model, tiny, config)

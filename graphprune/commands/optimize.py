@@ -13,7 +13,7 @@ from ..data import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_tiny_set
 from ..errors import GraphpruneError, UsageError
 from ..evaluate import evaluate
 from ..model_io import atomic_write, save
-from ..optimize import OptimizeConfig, optimize
+from ..optimize import OptimizeConfig, image_input_shape, optimize
 from ..passes.recover import RecoverySettings
 from ..passes.recoverability import ESTIMATORS, RecoverabilitySettings
 from ..report import format_summary, write_plot
@@ -91,16 +91,8 @@ def run(args) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
     check_outputs(args)
     model = load_model_from_args(args)
-    if len(model.inputs) != 1:
-        names = ", ".join(spec.name for spec in model.inputs)
-        raise GraphpruneError(f"optimize needs a model with one image input; this one has {len(model.inputs)} ({names})")
-    shape = tuple(model.analysis_shape())
-    if len(shape) != 4:
-        raise GraphpruneError(f"optimize needs an image model (N, C, H, W input); this one takes {shape}")
-    if shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4):
-        raise GraphpruneError(f"the model's input {shape} looks channels-last (N, H, W, C); optimize needs "
-                              "channels-first (N, C, H, W) input: export the model with NCHW input")
-    prep = Preprocessing(shape[1:], _floats(args.mean, "--mean"), _floats(args.std, "--std"))
+    shape = image_input_shape(model)
+    prep = Preprocessing(shape, _floats(args.mean, "--mean"), _floats(args.std, "--std"))
     cache_dir = None if args.no_cache else (args.cache_dir or str(default_cache_dir()))
     synthetic = None
     if args.data_free:
