@@ -193,4 +193,5 @@ def export_pt2(model: Model) -> torch.export.ExportedProgram:
     try:
         return torch.export.export(gm, model.example_inputs())
     except Exception as exc:
-        raise GraphpruneError(f"torch.export failed: {str(exc).splitlines()[0][:200]}") from None
+        hint = " (a model read from ONNX is written back as .onnx)" if model.source == "onnx" else ""
+        raise GraphpruneError(f"torch.export failed{hint}: {str(exc).splitlines()[0][:200]}") from None
