@@ -20,7 +20,7 @@ def _ort(path, x):
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
-@pytest.mark.parametrize("opset", [9, 11, 13, 17, 21])
+@pytest.mark.parametrize("opset", [9, 11, 13, 17, 21, 24])
 @pytest.mark.parametrize("weights_as", ["initializer", "constant", "input"])
 def test_onnx_variants_load_find_and_drop(tmp_path, opset, weights_as):
     path = save(residual_onnx(opset, weights_as), tmp_path / "m.onnx")
