@@ -296,7 +296,8 @@ def _match_tensor(value: np.ndarray, candidates: list[str], inits: dict[str, np.
 # ----------------------------------------------------------------------------------------------
 # Checking against onnxruntime
 
-def run_onnxruntime(proto_or_bytes, inputs: tuple[torch.Tensor, ...], channels_last: bool = False) -> list[np.ndarray]:
+def run_onnxruntime(proto_or_bytes, inputs: tuple[torch.Tensor, ...],
+                    channels_last: bool = False) -> list[np.ndarray]:
     import onnxruntime as ort
 
     data = proto_or_bytes if isinstance(proto_or_bytes, bytes) else proto_or_bytes.SerializeToString()

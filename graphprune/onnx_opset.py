@@ -219,7 +219,8 @@ def _downgrade_node(node: onnx.NodeProto, opset: int, target: int, constants: di
 def _same_signature(node: onnx.NodeProto, new: defs.OpSchema, old: defs.OpSchema) -> bool:
     """The node's inputs, outputs and attributes mean the same under ``old`` as under ``new``."""
     variadic = defs.OpSchema.FormalParameterOption.Variadic
-    for used, new_formals, old_formals in ((node.input, new.inputs, old.inputs), (node.output, new.outputs, old.outputs)):
+    pairs = ((node.input, new.inputs, old.inputs), (node.output, new.outputs, old.outputs))
+    for used, new_formals, old_formals in pairs:
         if len(used) > len(old_formals) and not (old_formals and old_formals[-1].option == variadic):
             return False
         for i in range(min(len(used), len(old_formals), len(new_formals))):

@@ -4,8 +4,9 @@
 * :func:`check_onnx`: ``onnx.checker``, opset >= 9, finite weights, each as a one-line error.
 * :func:`normalise`: initializer-backed graph inputs removed, Constant nodes turned into
   initializers, onnxsim constant folding (without fusions, so node names keep their module
-  paths), shared float weights untied, an inert Reshape `allowzero` dropped, and every op checked against onnx2torch's converters
-  (an opset older or newer than they cover is converted: :mod:`graphprune.onnx_opset`).
+  paths; the exporter's node metadata is copied back), shared float weights untied, an inert
+  Reshape ``allowzero`` dropped, and every op checked against onnx2torch's converters (ops and
+  opsets they do not cover are converted: :mod:`graphprune.onnx_opset`).
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ def image_input_shape(model: Model) -> tuple[int, int, int]:
     """(C, H, W) of the model's one image input; a one-line error for any other kind of model."""
     if len(model.inputs) != 1:
         names = ", ".join(spec.name for spec in model.inputs)
-        raise GraphpruneError(f"optimize needs a model with one image input; this one has {len(model.inputs)} ({names})")
+        raise GraphpruneError(f"optimize needs a model with one image input; "
+                              f"this one has {len(model.inputs)} ({names})")
     shape = tuple(model.analysis_shape())
     if len(shape) != 4:
         raise GraphpruneError(f"optimize needs an image model (N, C, H, W input); this one takes {shape}")
