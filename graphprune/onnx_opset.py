@@ -1,7 +1,7 @@
 """Bringing an ONNX graph to an opset onnx2torch converts, and the written graph back.
 
-onnx2torch has converters for each op's forms up to about opset 17. Files from before opset 11
-are upgraded with onnx's version converter. Newer files, which is what torch's dynamo exporter
+onnx2torch has converters for each op's forms up to about opset 17. An older file with ops it
+cannot convert is upgraded to opset 13 with onnx's version converter. Newer files, which is what torch's dynamo exporter
 writes by default (opset 18-20), are brought *down* node by node, and only where the node means
 the same at the lower opset:
 
@@ -13,7 +13,8 @@ the same at the lower opset:
   attribute when that input is a constant.
 
 An op onnx2torch has no converter for at any version but which ONNX defines as a function of
-other ops (Gelu, new in opset 20) is first replaced by that function's nodes (:func:`expand_functions`).
+other ops (Gelu, new in opset 20) is first replaced by that function's nodes
+(:func:`expand_functions`).
 
 Anything else leaves the op unsupported and the caller reports it. The lowered graph must pass
 ``onnx.checker`` with shape inference, and ``io_onnx.load_proto`` also verifies the converted fx
@@ -49,9 +50,9 @@ def to_converter_opset(proto: onnx.ModelProto, unsupported: Callable[[onnx.Model
     """A copy of ``proto`` at an opset where ``unsupported(copy)`` is empty, or None."""
     opset = default_opset(proto)
     if opset < UPGRADE_OPSET:
-        candidates = [_upgrade(proto, UPGRADE_OPSET)]
+        candidates = (_upgrade(proto, UPGRADE_OPSET),)
     else:
-        candidates = [_downgrade(proto, target) for target in CONVERTER_OPSETS if target < opset]
+        candidates = (_downgrade(proto, target) for target in CONVERTER_OPSETS if target < opset)
     for candidate in candidates:
         if candidate is not None and not unsupported(candidate):
             return candidate
