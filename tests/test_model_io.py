@@ -200,3 +200,15 @@ def test_state_dict_that_does_not_fit(tmp_path):
     torch.save(CifarResNet(20).state_dict(), path)
     with pytest.raises(gp.GraphpruneError, match="do not fit"):
         gp.load("zoo:cifar10_resnet56", weights=str(path))
+
+
+def test_optimize_refuses_a_graph_still_in_half_precision():
+    from graphprune.data import TinySet
+    from graphprune.errors import GraphpruneError
+    from graphprune.optimize import OptimizeConfig, optimize
+
+    model = gp.load("zoo:cifar10_resnet20")
+    model.graph_module.half()  # what a file that casts to half inside is left as
+    tiny = TinySet(torch.zeros(8, 3, 32, 32), torch.full((8,), -1))
+    with pytest.raises(GraphpruneError, match="float32"):
+        optimize(model, tiny, OptimizeConfig(latency_cut=0.2))
