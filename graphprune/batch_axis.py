@@ -32,8 +32,11 @@ def free_fixed_batch(model: Model) -> bool:
         shape_arg = node.args[1] if len(node.args) > 1 else None
         if not isinstance(shape_arg, fx.Node) or shape_arg.op != "get_attr":
             continue
-        shape = _attribute(gm, shape_arg.target)
-        if isinstance(shape, torch.Tensor) and shape.dim() == 1 and shape.numel() > 1 and int(shape[0]) == 1:
+        try:
+            shape = gm.get_buffer(shape_arg.target)  # onnx2torch keeps initializers as buffers
+        except AttributeError:
+            continue
+        if shape.dim() == 1 and shape.numel() > 1 and int(shape[0]) == 1:
             rewritten.append((shape, shape.clone()))
             shape[0] = 0
     if not rewritten:
@@ -43,14 +46,6 @@ def free_fixed_batch(model: Model) -> bool:
     for shape, original in rewritten:
         shape.copy_(original)
     return False
-
-
-def _attribute(gm: fx.GraphModule, target: str):
-    owner = gm
-    *path, name = target.split(".")
-    for part in path:
-        owner = getattr(owner, part)
-    return getattr(owner, name)
 
 
 def _batch_consistent(model: Model) -> bool:

@@ -25,7 +25,7 @@ from torch import fx
 from .batch_axis import free_fixed_batch
 from .errors import GraphpruneError
 from .input_layout import TO_FILE_LAYOUT, is_channels_last, to_channels_first
-from .model import InputSpec, Model
+from .model import HALF_DTYPES, InputSpec, Model
 from .onnx_opset import default_opset
 from .onnx_read import check_onnx, normalise, read_onnx
 from .scopes import scope_from_onnx_metadata, scope_from_onnx_name
@@ -108,9 +108,6 @@ def load_proto(proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = Non
     return model
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 def _compute_in_float32(model: Model, proto: onnx.ModelProto, label: str) -> Model:
     """A half-precision file is analysed and trained in float32: the tiny set is float32 and CPU
     half kernels are slow or missing. Its inputs are then float32 to graphprune (onnxruntime is
@@ -118,11 +115,11 @@ def _compute_in_float32(model: Model, proto: onnx.ModelProto, label: str) -> Mod
     file's dtype (``onnx_lower``). Kept only if the float32 graph still matches onnxruntime
     (a graph that casts to half inside stays as it was)."""
     gm = model.graph_module
-    if not any(t.dtype in _HALF for t in [*gm.parameters(), *gm.buffers()]):
+    if not any(t.dtype in HALF_DTYPES for t in [*gm.parameters(), *gm.buffers()]):
         return model
     candidate = model.clone()
     candidate.graph_module.float()
-    candidate.inputs = tuple(dataclasses.replace(s, dtype=torch.float32) if s.dtype in _HALF else s
+    candidate.inputs = tuple(dataclasses.replace(s, dtype=torch.float32) if s.dtype in HALF_DTYPES else s
                              for s in model.inputs)
     try:
         verify_against_onnxruntime(proto, candidate, what=f"float32 form of {label}")

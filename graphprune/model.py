@@ -47,6 +47,7 @@ class InputSpec:
         return _checked_size(self.name, tuple(int(d) for d in dims))
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # computed in float32 by graphprune (io_onnx)
 MAX_INPUT_ELEMENTS = 2**28  # 1 GiB of float32: far above any image batch graphprune runs
 
 

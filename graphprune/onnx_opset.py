@@ -68,11 +68,14 @@ def expand_functions(proto: onnx.ModelProto) -> int:
 
     convertible = {(d.domain, d.operation_type) for d in _CONVERTER_REGISTRY}
     opset = default_opset(proto)
+    types: dict[str, onnx.TypeProto] | None = None  # inferred once, and only if some node needs them
     nodes, expanded = [], 0
     for index, node in enumerate(proto.graph.node):
         body = None
         if node.domain in ("", "ai.onnx") and ("", node.op_type) not in convertible:
-            body = _function_body(node, opset, proto)
+            if types is None:
+                types = _value_types(proto)
+            body = _function_body(node, opset, types)
         if body is None:
             nodes.append(node)
             continue
@@ -100,7 +103,7 @@ def _castlike_to_cast(proto: onnx.ModelProto) -> None:
             node.attribute.append(helper.make_attribute("to", target))
 
 
-def _function_body(node: onnx.NodeProto, opset: int, proto: onnx.ModelProto) -> onnx.FunctionProto | None:
+def _function_body(node: onnx.NodeProto, opset: int, types: dict[str, onnx.TypeProto]) -> onnx.FunctionProto | None:
     try:
         schema = defs.get_schema(node.op_type, max_inclusive_version=opset)
     except (defs.SchemaError, RuntimeError):
@@ -109,7 +112,6 @@ def _function_body(node: onnx.NodeProto, opset: int, proto: onnx.ModelProto) -> 
         return schema.function_body
     if not schema.has_context_dependent_function:
         return None
-    types = _value_types(proto)
     if any(name and name not in types for name in node.input):
         return None  # the function may depend on an input type that inference could not give
     try:

@@ -14,14 +14,12 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from .backends.base import LatencySettings, get_backend
 from .cache import JsonCache, model_fingerprint, settings_fingerprint, tensor_fingerprint
 from .data import TinySet, split_holdout
 from .errors import GraphpruneError
 from .input_layout import looks_channels_last
-from .model import Model
+from .model import HALF_DTYPES, Model
 from .passes import DropBlocks, FindBlocks, PassResult, PassState, Pipeline, Step
 from .passes.measure_latency import MeasureBlockLatency, measure_cut
 from .passes.recover import Recover, RecoverySettings
@@ -64,7 +62,7 @@ def image_input_shape(model: Model) -> tuple[int, int, int]:
     shape = tuple(model.analysis_shape())
     if len(shape) != 4:
         raise GraphpruneError(f"optimize needs an image model (N, C, H, W input); this one takes {shape}")
-    if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.graph_module.parameters()):
+    if any(p.dtype in HALF_DTYPES for p in model.graph_module.parameters()):
         raise GraphpruneError("optimize needs float32 weights: this half-precision graph could not be run in "
                               "float32 (it casts to half inside); export it in float32")
     if looks_channels_last(shape):  # ONNX files get a channels-first view on load (input_layout.py)
