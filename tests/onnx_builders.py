@@ -8,11 +8,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 def residual_onnx(opset: int = 13, weights_as: str = "initializer", dynamic_spatial: bool = False,
-                  extra_op: str | None = None, seed: int = 0) -> onnx.ModelProto:
+                  extra_op: str | None = None, seed: int = 0, branch_activation: str = "Relu") -> onnx.ModelProto:
     """X -> [Conv -> Relu -> Conv] + X -> Relu -> GAP -> Flatten -> Gemm (one identity block).
 
     ``weights_as``: ``"initializer"``, ``"constant"`` (Constant nodes) or ``"input"`` (graph inputs
-    backed by initializers, as old exporters wrote them).
+    backed by initializers, as old exporters wrote them). ``branch_activation``: the op between the
+    block's two convs (e.g. ``"Gelu"``, an op since opset 20).
     """
     rng = np.random.default_rng(seed)
     w1 = rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32)
@@ -31,7 +32,7 @@ def residual_onnx(opset: int = 13, weights_as: str = "initializer", dynamic_spat
     nodes += [
         helper.make_node("Relu", ["X"], ["x0"], name="/stem/Relu"),
         helper.make_node("Conv", ["x0", "w1"], ["c1"], name="/block/conv1/Conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"], name="/block/relu/Relu"),
+        helper.make_node(branch_activation, ["c1"], ["r1"], name=f"/block/relu/{branch_activation}"),
         helper.make_node("Conv", ["r1", "w2"], ["c2"], name="/block/conv2/Conv", pads=[1, 1, 1, 1]),
         helper.make_node("Add", ["c2", "x0"], ["s"], name="/block/Add"),
         helper.make_node("Relu", ["s"], ["r2"], name="/block/relu_1/Relu"),

@@ -14,6 +14,7 @@ import graphprune as gp
 from graphprune.batch_axis import free_fixed_batch
 from graphprune.onnx_opset import _downgrade_node, default_opset
 from graphprune.zoo import CifarResNet
+from onnx_builders import residual_onnx
 
 
 @pytest.fixture(scope="module")
@@ -98,29 +99,8 @@ def test_a_leading_one_that_is_not_the_batch_is_left_alone(tmp_path):
     assert torch.equal(model.run(x), x.transpose(0, 1).reshape(1, -1))
 
 
-def _gelu_residual(opset: int = 20) -> onnx.ModelProto:
-    """X -> [Conv -> Gelu -> Conv] + X -> GAP -> Flatten -> Gemm, at an opset with a Gelu op."""
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
-             for name, shape in (("w1", (4, 4, 3, 3)), ("w2", (4, 4, 3, 3)), ("fc", (3, 4)))]
-    nodes = [
-        helper.make_node("Conv", ["X", "w1"], ["c1"], name="/block/conv1/Conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Gelu", ["c1"], ["g1"], name="/block/act/Gelu"),
-        helper.make_node("Conv", ["g1", "w2"], ["c2"], name="/block/conv2/Conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Add", ["c2", "X"], ["s"], name="/block/Add"),
-        helper.make_node("GlobalAveragePool", ["s"], ["p"], name="/pool/GlobalAveragePool"),
-        helper.make_node("Flatten", ["p"], ["f"], name="/Flatten"),
-        helper.make_node("Gemm", ["f", "fc"], ["Y"], name="/fc/Gemm", transB=1),
-    ]
-    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 4, 8, 8])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 3])], initializer=inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    onnx.checker.check_model(proto)
-    return proto
-
-
 def test_an_op_without_converter_is_expanded_into_its_onnx_function(tmp_path):
-    onnx.save(_gelu_residual(), str(tmp_path / "gelu.onnx"))
+    onnx.save(residual_onnx(opset=20, branch_activation="Gelu"), str(tmp_path / "gelu.onnx"))
     model = gp.load(tmp_path / "gelu.onnx")  # loading verifies the expansion against onnxruntime's Gelu
     (block,) = gp.find_blocks(model)
     assert block.name == "block" and block.kind == "identity"  # expanded nodes keep the Gelu's scope
@@ -136,7 +116,7 @@ def test_an_op_without_converter_is_expanded_into_its_onnx_function(tmp_path):
 def test_simplifying_keeps_the_exporters_node_metadata():
     from graphprune.onnx_read import simplify
 
-    proto = _gelu_residual(opset=17 + 3)
+    proto = residual_onnx(opset=20, branch_activation="Gelu")
     shape = numpy_helper.from_array(np.array([2, 2], dtype=np.int64), "two")  # foldable: onnxsim changes the graph
     proto.graph.initializer.append(shape)
     proto.graph.node.insert(0, helper.make_node("Add", ["two", "two"], ["four"], name="/fold/Add"))
