@@ -49,6 +49,23 @@ MAIN_METHODS = ["graphprune", "block-influence", "filter-l1", "random-blocks", "
 
 DATA_METHODS = ["ood-imagenet", "data-free-procedural", "data-free-bn-inversion"]
 ORDER = MAIN_METHODS + DATA_METHODS
+# rows whose blocks come from graphprune's own selection (recoverability / pooled latency saved)
+GRAPHPRUNE_SELECTED = {"graphprune", "graphprune-bp", "no-recovery", *DATA_METHODS}
+
+
+def selection_settings() -> dict:
+    """How graphprune chooses blocks today; recorded in every graphprune-selected row, so rows made
+    with earlier defaults can be told apart (``report``) and redone (``run --redo-stale``)."""
+    from graphprune.optimize import OptimizeConfig
+
+    scoring = OptimizeConfig().recoverability
+    return {"estimator": scoring.estimator, "iterations": scoring.iterations, "optimizer": scoring.optimizer,
+            "lr": scoring.lr, "pooled_latency": True}
+
+
+def is_stale(result: dict) -> bool:
+    """A finished graphprune-selected row whose blocks were chosen with other settings than today's."""
+    return result["method"] in GRAPHPRUNE_SELECTED and result["removed"].get("selection") != selection_settings()
 
 
 def grid(name: str) -> list[dict]:
@@ -142,23 +159,28 @@ class Bench:
         return key
 
     def latency_table(self, model: str):
+        """The per-block table measured on this machine, with savings pooled over identical blocks
+        as ``graphprune optimize`` pools them (``graphprune.passes.pool_latency``)."""
         from graphprune.cache import JsonCache, model_fingerprint, settings_fingerprint
         from graphprune.passes.measure_latency import measure_block_latency
+        from graphprune.passes.pool_latency import identical_groups, pool_savings
 
         if model not in self.block_latency:
             m = self.models[model]
+            blocks = self.gp.find_blocks(m)
             cache = JsonCache(CACHE, "latency", settings_fingerprint(model_fingerprint(m), "onnxruntime", LATENCY))
-            table = measure_block_latency(self.backend, m, self.latency, self.gp.find_blocks(m), False, cache=cache)
-            self.block_latency[model] = {row.name: row for row in table.rows}
+            table = measure_block_latency(self.backend, m, self.latency, blocks, False, cache=cache)
+            self.block_latency[model] = pool_savings(table, identical_groups(m, blocks))
         return self.block_latency[model]
 
-    def scores(self, model: str, tiny, seed: int, estimator: str, iterations: int) -> dict[str, float]:
+    def scores(self, model: str, tiny, seed: int, settings) -> dict[str, float]:
+        """Recoverability (``settings``: a RecoverabilitySettings, its seed replaced by ``seed``)."""
         from graphprune.cache import JsonCache, model_fingerprint, settings_fingerprint, tensor_fingerprint
         from graphprune.data import split_holdout
-        from graphprune.passes.recoverability import RecoverabilitySettings, score_blocks
+        from graphprune.passes.recoverability import score_blocks
 
         m = self.models[model]
-        settings = RecoverabilitySettings(estimator=estimator, iterations=iterations, seed=seed)
+        settings = replace(settings, seed=seed)
         key = settings_fingerprint(model_fingerprint(m), tensor_fingerprint(tiny.images), settings.__dict__)
         cache = JsonCache(CACHE, "recoverability", key)
         train, holdout = split_holdout(tiny, seed=seed)
@@ -167,30 +189,30 @@ class Bench:
 
 
 def select(bench: Bench, model: str, order: list[str], cut: float):
-    from graphprune.passes.select_blocks import BlockScore, select_blocks
+    from graphprune.passes.select_blocks import block_scores, select_blocks
 
     m = bench.models[model]
-    table = bench.latency_table(model)
-    scores = [BlockScore(n, 0.0, r.saved_fraction, r.saved_ms, 0.0) for n, r in table.items()]
+    scores = block_scores({name: 0.0 for name in order}, bench.latency_table(model))
     return select_blocks(m, bench.gp.find_blocks(m), scores, cut, bench.backend, bench.latency, MARGIN, order=order)
 
 
 def block_order(bench: Bench, row: dict, tiny, key: str) -> list[str]:
     from graphprune.optimize import OptimizeConfig
+    from graphprune.passes.recoverability import RecoverabilitySettings
+    from graphprune.passes.select_blocks import block_scores
 
     table = bench.latency_table(key)
     method = row["method"]
     if method == "random-blocks":
-        names = sorted(table)
+        names = sorted(table.saved_fractions())
         random.Random(row["seed"]).shuffle(names)
         return names
     if method == "block-influence":
-        influence = bench.scores(key, tiny, row["seed"], "influence", 0)
+        influence = bench.scores(key, tiny, row["seed"], RecoverabilitySettings(estimator="influence", iterations=0))
         return sorted(influence, key=influence.get)
     defaults = OptimizeConfig().recoverability
-    rec = bench.scores(key, tiny, row["seed"], defaults.estimator, defaults.iterations)
-    candidates = [n for n in rec if table[n].saved_fraction > 0]
-    return sorted(candidates, key=lambda n: rec[n] / table[n].saved_fraction)
+    rec = bench.scores(key, tiny, row["seed"], defaults)
+    return [s.name for s in block_scores(rec, table) if s.saved_fraction > 0]
 
 
 def filter_model_path(model: str, ratio: float) -> Path:
@@ -263,6 +285,8 @@ def prepare_row(bench: Bench, row: dict) -> dict:
         selection = select(bench, key, block_order(bench, row, tiny, key), row["cut"])
         pruned = bench.gp.drop_blocks(original, selection.blocks)
         prepared["removed"].update(blocks=selection.blocks, selection_cut=selection.cut.cut)
+        if row["method"] in GRAPHPRUNE_SELECTED:
+            prepared["removed"]["selection"] = selection_settings()
     prepared["pruned"] = pruned
     return prepared
 
@@ -305,16 +329,19 @@ def add_row_arguments(parser) -> None:
     parser.add_argument("--grid", default="all", choices=["main", "data", "samples", "r20", "all"])
     parser.add_argument("--only", help="comma-separated methods")
     parser.add_argument("--limit", type=int, help="at most this many rows")
+    parser.add_argument("--redo-stale", action="store_true",
+                        help="also redo graphprune-selected rows whose blocks were chosen with earlier defaults")
 
 
-def finished_ids() -> set[str]:
-    return {r["id"] for model in ("resnet56", "resnet20") for r in load_rows(model)}
+def finished_ids(redo_stale: bool = False) -> set[str]:
+    return {r["id"] for model in ("resnet56", "resnet20") for r in load_rows(model)
+            if not (redo_stale and is_stale(r))}
 
 
 def rows_to_do(args, also_done: set[str] = frozenset()) -> list[dict]:
     """The grid's rows that ``--grid``/``--only`` select, minus finished ones, up to ``--limit``."""
     rows = [r for r in grid(args.grid) if not args.only or r["method"] in args.only.split(",")]
-    done = finished_ids() | set(also_done)
+    done = finished_ids(getattr(args, "redo_stale", False)) | set(also_done)
     todo = [r for r in rows if row_id(r) not in done]
     print(f"{len(rows) - len(todo)} rows done, {len(todo)} to do", flush=True)
     return todo[: args.limit or None]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 
 from common import results_dir
-from compare_methods import ORDER, load_rows
+from compare_methods import ORDER, is_stale, load_rows
 
 
 def write_report() -> None:
@@ -25,8 +25,8 @@ def write_report() -> None:
                   " top-1 jpeg10k | measured cut (min) | wall s | recovered on |", "|---|---|---|---|---|---|---|---|---|"]
         groups = {}
         for r in rows:
-            groups.setdefault((r["latency_cut_target"], r["samples"], r["method"]), []).append(r)
-        for (cut, samples, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], ORDER.index(kv[0][2]) if kv[0][2] in ORDER else 9)):
+            groups.setdefault((r["latency_cut_target"], r["samples"], _label(r)), []).append(r)
+        for (cut, samples, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], _rank(kv[0][2]))):
             top1 = [100 * r["top1_lossless1000"] for r in rs]
             jpeg = [100 * r["top1_jpeg10k"] for r in rs]
             sd = statistics.stdev(top1) if len(top1) > 1 else 0.0
@@ -37,6 +37,16 @@ def write_report() -> None:
     (results_dir() / "compare_methods.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot()
+
+
+def _label(row: dict) -> str:
+    """The method, marked where its blocks were chosen with earlier graphprune defaults."""
+    return row["method"] + (" (earlier selection)" if is_stale(row) else "")
+
+
+def _rank(label: str) -> tuple[int, str]:
+    method = label.split(" ")[0]
+    return (ORDER.index(method) if method in ORDER else len(ORDER), label)
 
 
 def _devices(rows: list[dict]) -> str:
@@ -60,17 +70,17 @@ def _plot() -> None:
         if not rows:
             continue
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for method in ORDER:
+        for label in sorted({_label(r) for r in rows}, key=_rank):
             by_target: dict[float, list[dict]] = {}
             for r in rows:
-                if r["method"] == method:
+                if _label(r) == label:
                     by_target.setdefault(r["latency_cut_target"], []).append(r)
             if not by_target:
                 continue
             groups = [v for _, v in sorted(by_target.items())]
             xs = [statistics.mean(r["latency_cut_measured"] for r in v) for v in groups]
             ys = [statistics.mean(100 * r["top1_lossless1000"] for r in v) for v in groups]
-            ax.plot(xs, ys, marker="o", label=method)
+            ax.plot(xs, ys, marker="o", label=label)
         ax.set_xlabel("measured latency cut (onnxruntime CPU, 1 thread)")
         ax.set_ylabel("top-1 on test_lossless_1000 (%)")
         ax.set_title(f"CIFAR-10 {model}, 500 images")

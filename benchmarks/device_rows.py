@@ -117,7 +117,7 @@ def cmd_plan(args) -> None:
 
 
 def cmd_ingest(args) -> None:
-    done = finished_ids()
+    done = finished_ids(redo_stale=True)  # a stale row is replaced by a current one
     results = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
     todo = [r for r in results if r.get("ok") and r["id"] not in done and "row" in r["job"]]
     print(f"{len(todo)} rows to ingest", flush=True)

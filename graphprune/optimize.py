@@ -1,7 +1,7 @@
 """``optimize``: the PRACTISE pipeline as one short list of named, timed steps.
 
-    find_blocks -> profile_blocks -> score_recoverability -> select_blocks -> drop_blocks
-    -> recover -> measure_result
+    find_blocks -> profile_blocks -> pool_identical_blocks -> score_recoverability
+    -> select_blocks -> drop_blocks -> recover -> measure_result
 
 Each step is a pass from :mod:`graphprune.passes` (callable on its own from Python); this module
 only wires them together, caches per-block work so an interrupted run resumes, and assembles the
@@ -22,6 +22,7 @@ from .input_layout import looks_channels_last
 from .model import HALF_DTYPES, Model
 from .passes import DropBlocks, FindBlocks, PassResult, PassState, Pipeline, Step
 from .passes.measure_latency import MeasureBlockLatency, measure_cut
+from .passes.pool_latency import PoolIdenticalBlocks
 from .passes.recover import Recover, RecoverySettings
 from .passes.recoverability import Recoverability, RecoverabilitySettings
 from .passes.select_blocks import SelectBlocks
@@ -83,6 +84,7 @@ def optimize(model: Model, tiny: TinySet, config: OptimizeConfig = OptimizeConfi
         Step("find_blocks", FindBlocks()),
         Step("profile_blocks", MeasureBlockLatency(backend, config.latency, cache=caches["latency"],
                                                    progress=None if config.show_progress else False)),
+        Step("pool_identical_blocks", PoolIdenticalBlocks()),
         Step("score_recoverability", Recoverability(train, holdout, config.recoverability, config.feature_node,
                                                     config.show_progress, caches["recoverability"])),
         Step("select_blocks", SelectBlocks(config.latency_cut, backend, config.latency, config.margin,
@@ -121,6 +123,7 @@ def build_report(original: Model, state: PassState, tiny: TinySet, train: TinySe
     """The JSON report: per-block scores, the choice, latency, settings and time per stage."""
     selection = state.artifacts["selection"]
     latency = {row.name: row for row in state.artifacts["block_latency"].rows}
+    pooled = state.artifacts["pooled_latency"].saved_fractions()
     scores = {s.name: s for s in selection.scores}
     recoverability = {r.name: r for r in state.artifacts["recoverability"]}
     blocks = []
@@ -131,6 +134,7 @@ def build_report(original: Model, state: PassState, tiny: TinySet, train: TinySe
             "recoverability": rec.recoverability if rec else None,
             "recoverability_relative": rec.relative if rec else None,
             "saved_ms": row.saved_ms if row else None, "saved_fraction": row.saved_fraction if row else None,
+            "saved_fraction_pooled": pooled.get(block.name),
             "score": score.to_dict()["score"] if score else None,
             "dropped": block.name in selection.blocks,
         })
@@ -143,6 +147,7 @@ def build_report(original: Model, state: PassState, tiny: TinySet, train: TinySe
                     "selection_cut": selection.cut.cut, "original_stats": final.original.to_dict(),
                     "optimized_stats": final.candidate.to_dict()},
         "blocks": blocks,
+        "identical_blocks": state.records["pool_identical_blocks"]["groups"],
         "selection_measurements": selection.measurements,
         "data": {**tiny.summary(), "train_for_scoring": len(train), "held_out_for_scoring": len(holdout),
                  "train_for_recovery": len(tiny)},

@@ -38,8 +38,14 @@ def test_optimize_writes_a_verified_faster_model_and_a_report(cli, r20_onnx, tmp
     assert doc["latency"]["cut"] > 0.1 and doc["latency"]["original_ms"] > doc["latency"]["optimized_ms"]
     assert doc["dropped"] and set(doc["dropped"]) <= {b["name"] for b in doc["blocks"]}
     assert all(b["recoverability"] is not None and b["saved_fraction"] is not None for b in doc["blocks"])
-    assert set(doc["seconds_per_stage"]) == {"find_blocks", "profile_blocks", "score_recoverability", "select_blocks",
-                                             "drop_blocks", "recover", "measure_result"}
+    assert set(doc["seconds_per_stage"]) == {"find_blocks", "profile_blocks", "pool_identical_blocks",
+                                             "score_recoverability", "select_blocks", "drop_blocks", "recover",
+                                             "measure_result"}
+    # ResNet-20's stages: the inner blocks of stages 2 and 3 are identical; stage 1's three too
+    assert [g["blocks"] for g in doc["identical_blocks"]] == [["layer1.0", "layer1.1", "layer1.2"],
+                                                             ["layer2.1", "layer2.2"], ["layer3.1", "layer3.2"]]
+    pooled = {b["name"]: b["saved_fraction_pooled"] for b in doc["blocks"]}
+    assert pooled["layer2.1"] == pooled["layer2.2"] and pooled["layer1.0"] == pooled["layer1.2"]
     assert "top1" in doc["eval"]["original"] and "agreement" in doc["eval"]["optimized"]
     assert plot.read_bytes()[:4] == b"\x89PNG"
     written = onnx.load(str(out))
@@ -62,8 +68,9 @@ def test_optimize_python_api_is_a_pipeline_of_passes(r20_onnx):
     config = OptimizeConfig(latency_cut=0.15, latency=LatencySettings(min_time_s=0.05),
                             recovery=RecoverySettings(iterations=4, batch_size=8), show_progress=False)
     result = optimize(model, tiny, config)
-    assert list(result.state.records) == ["find_blocks", "profile_blocks", "score_recoverability", "select_blocks",
-                                          "drop_blocks", "recover", "measure_result"]
+    assert list(result.state.records) == ["find_blocks", "profile_blocks", "pool_identical_blocks",
+                                          "score_recoverability", "select_blocks", "drop_blocks", "recover",
+                                          "measure_result"]
     assert len(gp.find_blocks(result.model)) < len(gp.find_blocks(model))
 
 

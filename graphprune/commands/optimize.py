@@ -46,7 +46,10 @@ def add_parser(sub) -> None:
     scoring, recovery = RecoverabilitySettings(), RecoverySettings()
     p.add_argument("--estimator", default=scoring.estimator, choices=ESTIMATORS, help="recoverability estimator")
     p.add_argument("--score-iterations", type=int, default=scoring.iterations,
-                   help="adaptor SGD steps per block (estimator practise)")
+                   help="adaptor training steps per block (estimator practise)")
+    p.add_argument("--score-optimizer", default=scoring.optimizer, choices=["adam", "sgd"],
+                   help="adaptor optimiser (sgd: the paper's, momentum 0.9)")
+    p.add_argument("--score-lr", type=float, default=scoring.lr, help="adaptor learning rate")
     p.add_argument("--recovery-iterations", type=int, default=recovery.iterations)
     p.add_argument("--recovery-lr", type=float, default=recovery.lr)
     p.add_argument("--recovery-optimizer", default=recovery.optimizer, choices=["adam", "sgd"])
@@ -86,7 +89,7 @@ def run(args) -> int:
         raise UsageError("give exactly one of --data or --data-free")
     if not 0 < args.latency_cut < 1:
         raise UsageError(f"--latency-cut must be between 0 and 1 (exclusive), got {args.latency_cut}")
-    for flag in ("batch_size", "threads", "recovery_batch_size"):
+    for flag in ("batch_size", "threads", "recovery_batch_size", "score_lr"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
     check_outputs(args)
@@ -107,7 +110,7 @@ def run(args) -> int:
                                 min_time_s=args.min_time),
         margin=args.margin, holdout_fraction=args.holdout, seed=args.seed, feature_node=args.feature_node,
         recoverability=replace(RecoverabilitySettings(), estimator=args.estimator, iterations=args.score_iterations,
-                               seed=args.seed),
+                               optimizer=args.score_optimizer, lr=args.score_lr, seed=args.seed),
         recovery=RecoverySettings(iterations=args.recovery_iterations, lr=args.recovery_lr,
                                   optimizer=args.recovery_optimizer, batch_size=args.recovery_batch_size,
                                   augment=args.augment, seed=args.seed, device=args.train_device),

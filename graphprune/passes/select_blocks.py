@@ -3,7 +3,8 @@
     score(b) = recoverability(b) / saved_fraction(b)
 
 (lower is better: little feature error per unit of latency saved; a block whose removal saves
-nothing measurable is never chosen). Blocks are added in score order; savings of single blocks do
+nothing measurable is never chosen; in the pipeline ``saved_fraction`` is pooled over identical
+blocks, :mod:`.pool_latency`). Blocks are added in score order; savings of single blocks do
 not add up exactly (``benchmarks/results/latency.md``: within about 2 points), so once the running
 sum of single-block savings comes within ``ADDITIVITY_SLACK`` of the goal, every further set is
 measured as a whole against the original (interleaved, on the same backend), and blocks are added
@@ -113,7 +114,8 @@ def _cut_from_dict(d: dict) -> CutMeasurement:
 class SelectBlocks(Analysis):
     """Pick blocks by recoverability per latency saved until the measured cut reaches the target.
 
-    Reads the ``blocks``, ``recoverability`` and ``block_latency`` artefacts."""
+    Reads the ``blocks`` and ``recoverability`` artefacts, and ``pooled_latency``
+    (:mod:`.pool_latency`) where an earlier step provided it, else ``block_latency``."""
 
     name = "select_blocks"
     provides = "selection"
@@ -126,7 +128,8 @@ class SelectBlocks(Analysis):
     def run(self, model: Model, state: PassState | None = None) -> PassResult:
         artifacts = state.artifacts
         recoverability = {r.name: r.recoverability for r in artifacts["recoverability"]}
-        scores = block_scores(recoverability, artifacts["block_latency"])
+        latency = artifacts.get("pooled_latency") or artifacts["block_latency"]
+        scores = block_scores(recoverability, latency)
         selection = select_blocks(model, artifacts["blocks"], scores, self.target, self.backend,
                                   self.settings, self.margin, cache=self.cache)
         return PassResult(model, record=selection.to_dict(), value=selection)
