@@ -31,7 +31,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,12 +60,24 @@ def selection_settings() -> dict:
 
     scoring = OptimizeConfig().recoverability
     return {"estimator": scoring.estimator, "iterations": scoring.iterations, "optimizer": scoring.optimizer,
-            "lr": scoring.lr, "pooled_latency": True}
+            "lr": scoring.lr, "pooled_latency": True, "refine": asdict(OptimizeConfig().refine)}
+
+
+def stale_reason(result: dict) -> str | None:
+    """Why a finished row no longer compares with rows made now, if it does not: its cut was
+    measured on another CPU (block savings differ between CPUs, so every method would choose
+    differently), or it is graphprune-selected with other settings than today's."""
+    from graphprune.backends.environment import cpu_name
+
+    if result.get("cpu") != cpu_name():
+        return f"cut measured on {result.get('cpu') or 'an earlier AMD EPYC machine'}"
+    if result["method"] in GRAPHPRUNE_SELECTED and result["removed"].get("selection") != selection_settings():
+        return "earlier selection"
+    return None
 
 
 def is_stale(result: dict) -> bool:
-    """A finished graphprune-selected row whose blocks were chosen with other settings than today's."""
-    return result["method"] in GRAPHPRUNE_SELECTED and result["removed"].get("selection") != selection_settings()
+    return stale_reason(result) is not None
 
 
 def grid(name: str) -> list[dict]:
@@ -173,19 +185,27 @@ class Bench:
             self.block_latency[model] = pool_savings(table, identical_groups(m, blocks))
         return self.block_latency[model]
 
-    def scores(self, model: str, tiny, seed: int, settings) -> dict[str, float]:
-        """Recoverability (``settings``: a RecoverabilitySettings, its seed replaced by ``seed``)."""
-        from graphprune.cache import JsonCache, model_fingerprint, settings_fingerprint, tensor_fingerprint
+    def score_records(self, model: str, tiny, seed: int, settings) -> list:
+        """Recoverability (``settings``: a RecoverabilitySettings, its seed replaced by ``seed``),
+        cached per block like ``graphprune optimize`` caches it."""
+        from graphprune.cache import JsonCache
         from graphprune.data import split_holdout
         from graphprune.passes.recoverability import score_blocks
 
         m = self.models[model]
         settings = replace(settings, seed=seed)
-        key = settings_fingerprint(model_fingerprint(m), tensor_fingerprint(tiny.images), settings.__dict__)
-        cache = JsonCache(CACHE, "recoverability", key)
+        cache = JsonCache(CACHE, "recoverability", self.score_key(model, tiny, settings))
         train, holdout = split_holdout(tiny, seed=seed)
-        result = score_blocks(m, self.gp.find_blocks(m), train, holdout, settings, show_progress=False, cache=cache)
-        return {r.name: r.recoverability for r in result}
+        return score_blocks(m, self.gp.find_blocks(m), train, holdout, settings, show_progress=False, cache=cache)
+
+    def score_key(self, model: str, tiny, settings) -> str:
+        from graphprune.cache import model_fingerprint, settings_fingerprint, tensor_fingerprint
+
+        return settings_fingerprint(model_fingerprint(self.models[model]), tensor_fingerprint(tiny.images),
+                                    settings.__dict__)
+
+    def scores(self, model: str, tiny, seed: int, settings) -> dict[str, float]:
+        return {r.name: r.recoverability for r in self.score_records(model, tiny, seed, settings)}
 
 
 def select(bench: Bench, model: str, order: list[str], cut: float):
@@ -213,6 +233,29 @@ def block_order(bench: Bench, row: dict, tiny, key: str) -> list[str]:
     defaults = OptimizeConfig().recoverability
     rec = bench.scores(key, tiny, row["seed"], defaults)
     return [s.name for s in block_scores(rec, table) if s.saved_fraction > 0]
+
+
+def refine(bench: Bench, row: dict, key: str, tiny, greedy):
+    """graphprune's refinement of a greedy selection by joint recoverability (the product's pass,
+    ``graphprune.passes.refine_selection``), joint fits cached per model and tiny set."""
+    from graphprune.cache import JsonCache
+    from graphprune.data import split_holdout
+    from graphprune.optimize import OptimizeConfig
+    from graphprune.passes import PassState
+    from graphprune.passes.refine_selection import RefineSelection
+
+    config = OptimizeConfig()
+    scoring = replace(config.recoverability, seed=row["seed"])
+    m = bench.models[key]
+    train, holdout = split_holdout(tiny, seed=row["seed"])
+    state = PassState(m, artifacts={"blocks": bench.gp.find_blocks(m), "selection": greedy,
+                                    "pooled_latency": bench.latency_table(key),
+                                    "recoverability": bench.score_records(key, tiny, row["seed"], scoring)})
+    joint = JsonCache(CACHE, "joint", bench.score_key(key, tiny, scoring))
+    step = RefineSelection(train, holdout, scoring, row["cut"], bench.backend, bench.latency, MARGIN,
+                           config.refine, cache=joint)
+    result = step.run(m, state)
+    return result.value, result.record
 
 
 def filter_model_path(model: str, ratio: float) -> Path:
@@ -283,20 +326,23 @@ def prepare_row(bench: Bench, row: dict) -> dict:
         prepared["removed"]["channel_ratio"] = ratio
     else:
         selection = select(bench, key, block_order(bench, row, tiny, key), row["cut"])
+        if row["method"] in GRAPHPRUNE_SELECTED:
+            selection, record = refine(bench, row, key, tiny, selection)
+            prepared["removed"].update(selection=selection_settings(), greedy_blocks=record["greedy"],
+                                       joint_fits=len(record.get("evaluations", [])))
         pruned = bench.gp.drop_blocks(original, selection.blocks)
         prepared["removed"].update(blocks=selection.blocks, selection_cut=selection.cut.cut)
-        if row["method"] in GRAPHPRUNE_SELECTED:
-            prepared["removed"]["selection"] = selection_settings()
     prepared["pruned"] = pruned
     return prepared
 
 
 def finish_row(bench: Bench, row: dict, prepared: dict, model, top1: dict, recovery: dict, wall_s: float) -> dict:
     """The row: ``model``'s cut re-measured independently against the original, with its top-1."""
+    from graphprune.backends.environment import cpu_name
     from graphprune.passes.measure_latency import measure_cut
 
     cut = measure_cut(bench.backend, prepared["original"], model, bench.latency)
-    return {
+    return {"cpu": cpu_name(),
         "id": row_id(row), "method": row["method"], "model": row["model"], "samples": row["samples"],
         "seed": row["seed"], "latency_cut_target": row["cut"], "latency_cut_measured": cut.cut,
         "latency_ms": {"original": cut.original.median_ms, "optimized": cut.candidate.median_ms},
@@ -329,8 +375,10 @@ def add_row_arguments(parser) -> None:
     parser.add_argument("--grid", default="all", choices=["main", "data", "samples", "r20", "all"])
     parser.add_argument("--only", help="comma-separated methods")
     parser.add_argument("--limit", type=int, help="at most this many rows")
+    parser.add_argument("--cut", type=float, help="only rows with this latency-cut target")
     parser.add_argument("--redo-stale", action="store_true",
-                        help="also redo graphprune-selected rows whose blocks were chosen with earlier defaults")
+                        help="also redo rows measured on another CPU, and graphprune-selected rows whose blocks "
+                             "were chosen with earlier defaults")
 
 
 def finished_ids(redo_stale: bool = False) -> set[str]:
@@ -340,7 +388,8 @@ def finished_ids(redo_stale: bool = False) -> set[str]:
 
 def rows_to_do(args, also_done: set[str] = frozenset()) -> list[dict]:
     """The grid's rows that ``--grid``/``--only`` select, minus finished ones, up to ``--limit``."""
-    rows = [r for r in grid(args.grid) if not args.only or r["method"] in args.only.split(",")]
+    rows = [r for r in grid(args.grid) if (not args.only or r["method"] in args.only.split(","))
+            and (args.cut is None or abs(r["cut"] - args.cut) < 1e-9)]
     done = finished_ids(getattr(args, "redo_stale", False)) | set(also_done)
     todo = [r for r in rows if row_id(r) not in done]
     print(f"{len(rows) - len(todo)} rows done, {len(todo)} to do", flush=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 
 from common import results_dir
-from compare_methods import ORDER, is_stale, load_rows
+from compare_methods import ORDER, load_rows, stale_reason
 
 
 def write_report() -> None:
@@ -40,8 +40,9 @@ def write_report() -> None:
 
 
 def _label(row: dict) -> str:
-    """The method, marked where its blocks were chosen with earlier graphprune defaults."""
-    return row["method"] + (" (earlier selection)" if is_stale(row) else "")
+    """The method, marked where the row does not compare with rows made now (``stale_reason``)."""
+    reason = stale_reason(row)
+    return row["method"] + (f" ({reason})" if reason else "")
 
 
 def _rank(label: str) -> tuple[int, str]:

@@ -8,7 +8,8 @@ that is killed resumes where it stopped.
     python benchmarks/jobs.py JOBS.json RESULTS.jsonl --device cuda --workers 8
 
 Job kinds:
-* ``score``: ``{"id", "kind": "score", "model", "data", "samples", "seed", "estimator", "iterations"}``
+* ``score``: ``{"id", "kind": "score", "model", "data", "samples", "seed", "estimator", "iterations",
+  "optimizer", "lr"}`` (a job without optimizer and lr: the paper's SGD at lr 0.02)
   -> per-block recoverability and seconds.
 * ``recover``: ``{"id", "kind": "recover", "model", "data", "samples", "seed", "drop": [...],
   "recovery": {RecoverySettings fields}, "eval": {"name": path, ...}}`` -> top-1 per eval set
@@ -78,6 +79,7 @@ def run_job(job: dict, device: str) -> dict:
     if job["kind"] == "score":
         train, holdout = split_holdout(tiny, seed=job["seed"])
         settings = RecoverabilitySettings(estimator=job["estimator"], iterations=job.get("iterations", 0),
+                                          optimizer=job.get("optimizer", "sgd"), lr=job.get("lr", 0.02),
                                           seed=job["seed"], device=device, batch_size=job.get("batch_size", 64))
         blocks = gp.find_blocks(model)
         scores = score_blocks(model, blocks, train, holdout, settings, show_progress=False)

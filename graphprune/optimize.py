@@ -1,7 +1,7 @@
 """``optimize``: the PRACTISE pipeline as one short list of named, timed steps.
 
     find_blocks -> profile_blocks -> pool_identical_blocks -> score_recoverability
-    -> select_blocks -> drop_blocks -> recover -> measure_result
+    -> select_blocks -> refine_selection -> drop_blocks -> recover -> measure_result
 
 Each step is a pass from :mod:`graphprune.passes` (callable on its own from Python); this module
 only wires them together, caches per-block work so an interrupted run resumes, and assembles the
@@ -25,6 +25,7 @@ from .passes.measure_latency import MeasureBlockLatency, measure_cut
 from .passes.pool_latency import PoolIdenticalBlocks
 from .passes.recover import Recover, RecoverySettings
 from .passes.recoverability import Recoverability, RecoverabilitySettings
+from .passes.refine_selection import RefineSelection, RefineSettings
 from .passes.select_blocks import SelectBlocks
 
 
@@ -39,6 +40,7 @@ class OptimizeConfig:
     seed: int = 0
     feature_node: str | None = None
     recoverability: RecoverabilitySettings = RecoverabilitySettings()
+    refine: RefineSettings = RefineSettings()
     recovery: RecoverySettings = RecoverySettings()
     cache_dir: str | None = None
     show_progress: bool = True
@@ -89,6 +91,9 @@ def optimize(model: Model, tiny: TinySet, config: OptimizeConfig = OptimizeConfi
                                                     config.show_progress, caches["recoverability"])),
         Step("select_blocks", SelectBlocks(config.latency_cut, backend, config.latency, config.margin,
                                            caches["selection"])),
+        Step("refine_selection", RefineSelection(train, holdout, config.recoverability, config.latency_cut, backend,
+                                                 config.latency, config.margin, config.refine, config.feature_node,
+                                                 caches["joint"], caches["selection"])),
         Step("drop_blocks", DropBlocks()),
         Step("recover", Recover(model, tiny, config.recovery, config.feature_node, config.show_progress)),
         Step("measure_result", _measure_result(backend, model, config)),
@@ -106,7 +111,8 @@ def _caches(model: Model, tiny: TinySet, config: OptimizeConfig) -> dict[str, Js
                                      config.feature_node)
     return {"latency": JsonCache(config.cache_dir, "latency", latency_key),
             "selection": JsonCache(config.cache_dir, "selection", latency_key),
-            "recoverability": JsonCache(config.cache_dir, "recoverability", score_key)}
+            "recoverability": JsonCache(config.cache_dir, "recoverability", score_key),
+            "joint": JsonCache(config.cache_dir, "joint", score_key)}
 
 
 def _measure_result(backend, original: Model, config: OptimizeConfig):
@@ -149,6 +155,7 @@ def build_report(original: Model, state: PassState, tiny: TinySet, train: TinySe
         "blocks": blocks,
         "identical_blocks": state.records["pool_identical_blocks"]["groups"],
         "selection_measurements": selection.measurements,
+        "refinement": state.records["refine_selection"],
         "data": {**tiny.summary(), "train_for_scoring": len(train), "held_out_for_scoring": len(holdout),
                  "train_for_recovery": len(tiny)},
         "recovery": {k: state.records["recover"].get(k) for k in ("loss_curve", "final_loss", "seconds")},

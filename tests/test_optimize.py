@@ -39,8 +39,9 @@ def test_optimize_writes_a_verified_faster_model_and_a_report(cli, r20_onnx, tmp
     assert doc["dropped"] and set(doc["dropped"]) <= {b["name"] for b in doc["blocks"]}
     assert all(b["recoverability"] is not None and b["saved_fraction"] is not None for b in doc["blocks"])
     assert set(doc["seconds_per_stage"]) == {"find_blocks", "profile_blocks", "pool_identical_blocks",
-                                             "score_recoverability", "select_blocks", "drop_blocks", "recover",
-                                             "measure_result"}
+                                             "score_recoverability", "select_blocks", "refine_selection",
+                                             "drop_blocks", "recover", "measure_result"}
+    assert doc["refinement"]["skipped"] == "estimator lstsq"  # joint fits need the PRACTISE adaptors
     # ResNet-20's stages: the inner blocks of stages 2 and 3 are identical; stage 1's three too
     assert [g["blocks"] for g in doc["identical_blocks"]] == [["layer1.0", "layer1.1", "layer1.2"],
                                                              ["layer2.1", "layer2.2"], ["layer3.1", "layer3.2"]]
@@ -69,8 +70,12 @@ def test_optimize_python_api_is_a_pipeline_of_passes(r20_onnx):
                             recovery=RecoverySettings(iterations=4, batch_size=8), show_progress=False)
     result = optimize(model, tiny, config)
     assert list(result.state.records) == ["find_blocks", "profile_blocks", "pool_identical_blocks",
-                                          "score_recoverability", "select_blocks", "drop_blocks", "recover",
-                                          "measure_result"]
+                                          "score_recoverability", "select_blocks", "refine_selection",
+                                          "drop_blocks", "recover", "measure_result"]
+    refinement = result.report["refinement"]
+    assert refinement["evaluations"] and refinement["evaluations"][0]["blocks"] == refinement["greedy"]
+    dropped = set(result.report["dropped"])  # the refined set, cut short or topped up to meet the target
+    assert dropped <= set(refinement["refined"]) or dropped >= set(refinement["refined"])
     assert len(gp.find_blocks(result.model)) < len(gp.find_blocks(model))
 
 

@@ -16,6 +16,7 @@ from ..model_io import atomic_write, save
 from ..optimize import OptimizeConfig, image_input_shape, optimize
 from ..passes.recover import RecoverySettings
 from ..passes.recoverability import ESTIMATORS, RecoverabilitySettings
+from ..passes.refine_selection import RefineSettings
 from ..report import format_summary, write_plot
 from ..synthesis import SynthesisSettings, synthetic_tiny_set
 
@@ -50,6 +51,8 @@ def add_parser(sub) -> None:
     p.add_argument("--score-optimizer", default=scoring.optimizer, choices=["adam", "sgd"],
                    help="adaptor optimiser (sgd: the paper's, momentum 0.9)")
     p.add_argument("--score-lr", type=float, default=scoring.lr, help="adaptor learning rate")
+    p.add_argument("--refine-evaluations", type=int, default=RefineSettings().max_evaluations,
+                   help="joint-recoverability fits to refine the chosen set with (0: keep the greedy set)")
     p.add_argument("--recovery-iterations", type=int, default=recovery.iterations)
     p.add_argument("--recovery-lr", type=float, default=recovery.lr)
     p.add_argument("--recovery-optimizer", default=recovery.optimizer, choices=["adam", "sgd"])
@@ -92,6 +95,8 @@ def run(args) -> int:
     for flag in ("batch_size", "threads", "recovery_batch_size", "score_lr"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
+    if args.refine_evaluations < 0:
+        raise UsageError("--refine-evaluations must be 0 or more")
     check_outputs(args)
     model = load_model_from_args(args)
     shape = image_input_shape(model)
@@ -111,6 +116,7 @@ def run(args) -> int:
         margin=args.margin, holdout_fraction=args.holdout, seed=args.seed, feature_node=args.feature_node,
         recoverability=replace(RecoverabilitySettings(), estimator=args.estimator, iterations=args.score_iterations,
                                optimizer=args.score_optimizer, lr=args.score_lr, seed=args.seed),
+        refine=RefineSettings(max_evaluations=args.refine_evaluations),
         recovery=RecoverySettings(iterations=args.recovery_iterations, lr=args.recovery_lr,
                                   optimizer=args.recovery_optimizer, batch_size=args.recovery_batch_size,
                                   augment=args.augment, seed=args.seed, device=args.train_device),

@@ -133,6 +133,20 @@ def score_blocks(model: Model, blocks: list[Block], train: TinySet, holdout: Tin
     return results
 
 
+def set_scorer(model: Model, blocks: list[Block], train: TinySet, holdout: TinySet,
+               settings: RecoverabilitySettings, feature_node: str | None = None):
+    """A function ``names -> joint recoverability`` of dropping those blocks together (estimator
+    ``practise``); teacher features and prefix activations are computed once, on first use."""
+    feature = feature_node_name(model, feature_node)
+    context = []
+
+    def score(names: list[str]) -> float:
+        if not context:
+            context.append(_Context(model, blocks, train, holdout, feature, settings))
+        return context[0].score_set(names)
+    return score
+
+
 class _Context:
     """What every block's scoring shares: teacher features, shapes, cached prefix activations."""
 
@@ -172,7 +186,7 @@ class _Context:
         elif self.settings.estimator == "lstsq":
             after = self._lstsq(block, gm)
         else:
-            after = self._practise(block, gm)
+            after = self._practise([block], gm)
         return BlockRecoverability(block.name, after, after / self.scale, before)
 
     def _holdout_mse(self, features_gm: fx.GraphModule, inputs: torch.Tensor) -> float:
@@ -216,10 +230,19 @@ class _Context:
         gm.get_submodule(str(node.target)).weight.data.copy_(weight)
 
     # --- PRACTISE adaptors --------------------------------------------------------------------
-    def _practise(self, block: Block, gm: fx.GraphModule) -> float:
+    def score_set(self, names: list[str]) -> float:
+        """Joint recoverability: drop every block of ``names`` at once, fit adaptors around all the
+        gaps together, return the held-out feature MSE (``refine_selection.py``)."""
+        dropped = [b for b in self.blocks if b.name in set(names)]
+        return self._practise(dropped, drop_blocks(self.model, [b.name for b in dropped], self.blocks).graph_module)
+
+    def _practise(self, dropped: list[Block], gm: fx.GraphModule) -> float:
+        """``dropped`` in graph order: the union of each dropped block's adaptor sites."""
         original = self.model.graph_module
-        region = shape_region(self.blocks, block)
-        sites = adaptor_sites(original, self.blocks, region, block)
+        sites: list[tuple[str, list[str]]] = []
+        for block in dropped:
+            sites += [s for s in adaptor_sites(original, self.blocks, shape_region(self.blocks, block), block)
+                      if s not in sites]
         nodes = {n.name: n for n in gm.graph.nodes}
         for k, (producer, consumers) in enumerate(sites):
             readers = [nodes[c] for c in consumers if c in nodes]
@@ -230,7 +253,7 @@ class _Context:
             dim = channel_dim(_node(original, producer), original, shape)
             insert_adaptor(gm, value, readers, shape[dim], dim, f"adaptor_{k}")
         gm.recompile()
-        start = region[0].entry
+        start = shape_region(self.blocks, dropped[0])[0].entry  # every adaptor sits after it
         train_in, holdout_in = self._prefix(start)
         student = suffix_from(gm, start, self.feature) if train_in is not None else None
         if student is None:
@@ -338,4 +361,4 @@ def _fit_adaptors(student: fx.GraphModule, inputs: torch.Tensor, targets: torch.
 
 
 __all__ = ["Adaptor", "BlockRecoverability", "ESTIMATORS", "Recoverability", "RecoverabilitySettings",
-           "adaptor_sites", "score_blocks", "shape_region"]
+           "adaptor_sites", "score_blocks", "set_scorer", "shape_region"]

@@ -1,0 +1,172 @@
+"""Analysis: improve the greedy block set by its *joint* recoverability, then re-meet the target.
+
+The greedy selection (:mod:`.select_blocks`) adds blocks by single-block score, which assumes that
+the error of dropping a set is the sum of its blocks' errors. At deep cuts it is not. On ResNet-56
+at 40% (`benchmarks/results/refine_study.md`), over 22 eleven-block sets recovered with the same
+budget, the sum of single-block recoverabilities ranks the sets' recovered top-1 at Spearman
+0.04-0.63, while the joint recoverability
+
+    J(S) = held-out feature MSE after fitting adaptors around every gap of S at once
+
+(the PRACTISE estimator applied to the whole set: :func:`.recoverability.set_scorer`, same steps
+and optimiser as the single-block scores) ranks them at 0.86-0.91. Sets that empty one stage fit
+badly together although each block alone recovers well.
+
+So the greedy set S is refined by local search on J, first improvement:
+
+* a move swaps one chosen block ``b`` for one unchosen ``c`` from another group of identical blocks
+  (:mod:`.pool_latency`; a block without a twin is a group of its own): ``b`` is the chosen block
+  of its group with the worst single score, ``c`` the unchosen one of its group with the best;
+* the new set's predicted cut (the sum of its pooled single-block savings, corrected by how far
+  that sum missed the greedy set's measured cut) must fall short of the goal by at most
+  ``tolerance``; where ``c`` saves less than ``b`` and the set falls below that, the best-scored
+  other unchosen blocks are added until it does not (blocks differ in cost: on an Intel Xeon one
+  stage-1 block of ResNet-56 saves 5.1%, a stage-2 block 3.7%), so the target stays in reach;
+* moves are tried in order of how little they raise the summed single-block recoverabilities (the
+  additive guess); the first that
+  lowers J by more than ``min_gain`` (relative; less is fitting noise) is taken and the round
+  restarts; the search stops when no move helps or after ``max_evaluations`` joint fits.
+
+The refined set is then measured as a whole, like the greedy one: its blocks in score order, then
+the other candidates, added until the measured cut reaches the goal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..backends.base import LatencyBackend, LatencySettings
+from ..data import TinySet
+from ..interrupts import raise_if_interrupted
+from ..model import Model
+from .base import Analysis, PassResult, PassState
+from .pool_latency import identical_groups
+from .recoverability import RecoverabilitySettings, set_scorer
+from .select_blocks import BlockScore, Selection, block_scores, select_blocks
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    # Defaults: about 20 joint fits of 50 steps take 3-4 minutes for ResNet-56 on a 2-core CPU.
+    max_evaluations: int = 20  # 0: keep the greedy set
+    tolerance: float = 0.005  # how far the corrected predicted cut may fall short of the goal
+    min_gain: float = 0.01  # a move must lower J by more than this fraction
+
+
+def candidate_moves(chosen: list[str], scores: list[BlockScore], groups: list[list[str]],
+                    min_predicted: float) -> list[tuple[str, list[str]]]:
+    """(out, ins) moves from ``chosen``, in order of the rise in summed single-block
+    recoverability: ``out`` leaves, ``ins[0]`` (from another group) comes in, and while the set's
+    summed saving is below ``min_predicted`` the best-scored other unchosen blocks follow."""
+    by_name = {s.name: s for s in scores if s.saved_fraction > 0}
+    ranked = [s.name for s in scores if s.name in by_name]
+    grouped = {n for g in groups for n in g}
+    all_groups = [[n for n in g if n in by_name] for g in groups] + [[n] for n in ranked if n not in grouped]
+    chosen_set = set(chosen)
+    predicted = sum(by_name[n].saved_fraction for n in chosen if n in by_name)
+    moves = []
+    for out_group in all_groups:
+        inside = [n for n in out_group if n in chosen_set]
+        if not inside:
+            continue
+        out = max(inside, key=lambda n: (by_name[n].score, n))
+        for in_group in all_groups:
+            outside = [n for n in in_group if n not in chosen_set]
+            if in_group is out_group or not outside:
+                continue
+            ins = [min(outside, key=lambda n: (by_name[n].score, n))]
+            total = predicted - by_name[out].saved_fraction + by_name[ins[0]].saved_fraction
+            for extra in (n for n in ranked if n not in chosen_set and n not in ins):
+                if total >= min_predicted:
+                    break
+                ins.append(extra)
+                total += by_name[extra].saved_fraction
+            if total < min_predicted:
+                continue
+            rise = sum(by_name[n].recoverability for n in ins) - by_name[out].recoverability
+            moves.append((rise, out, ins))
+    return [(out, ins) for _, out, ins in sorted(moves)]
+
+
+def refine_set(chosen: list[str], scores: list[BlockScore], groups: list[list[str]], joint, min_predicted: float,
+               settings: RefineSettings = RefineSettings(), cache=None) -> tuple[list[str], list[dict]]:
+    """Local search from ``chosen`` (see the module docstring). ``joint(names) -> float``; every
+    set visited keeps a summed single-block saving of at least ``min_predicted``. ``cache``
+    (dict-like) remembers J per set, so a rerun repeats no fit. Returns the refined set (in score
+    order) and one record per evaluated set."""
+    order = {s.name: i for i, s in enumerate(scores)}
+    evaluations: list[dict] = []
+
+    def evaluate(names: list[str]) -> float:
+        key = "|".join(sorted(names))
+        if cache is not None and key in cache:
+            value = float(cache.get(key))
+        else:
+            value = float(joint(names))
+            if cache is not None:
+                cache[key] = value
+        evaluations.append({"blocks": sorted(names, key=order.get), "joint_recoverability": value})
+        return value
+
+    current = sorted(chosen, key=order.get)
+    if settings.max_evaluations <= 0:
+        return current, evaluations
+    best = evaluate(current)
+    improved = True
+    while improved and len(evaluations) < settings.max_evaluations:
+        improved = False
+        for out, ins in candidate_moves(current, scores, groups, min_predicted):
+            raise_if_interrupted()
+            if len(evaluations) >= settings.max_evaluations:
+                break
+            trial = sorted([n for n in current if n != out] + ins, key=order.get)
+            value = evaluate(trial)
+            if value < best * (1 - settings.min_gain):
+                current, best, improved = trial, value, True
+                evaluations[-1]["accepted"] = True
+                break
+    return current, evaluations
+
+
+class RefineSelection(Analysis):
+    """Refine the ``selection`` artefact by joint recoverability and re-measure it (see the module
+    docstring). Reads ``blocks``, ``recoverability``, ``pooled_latency`` (or ``block_latency``) and
+    ``selection``; provides the refined ``selection`` (the greedy one stays in its step's record)."""
+
+    name = "refine_selection"
+    provides = "selection"
+
+    def __init__(self, train: TinySet, holdout: TinySet, scoring: RecoverabilitySettings, target: float,
+                 backend: LatencyBackend, latency: LatencySettings, margin: float = 0.0,
+                 settings: RefineSettings = RefineSettings(), feature_node: str | None = None,
+                 cache=None, selection_cache=None):
+        self.train, self.holdout, self.scoring = train, holdout, scoring
+        self.target, self.backend, self.latency, self.margin = target, backend, latency, margin
+        self.settings, self.feature_node = settings, feature_node
+        self.cache, self.selection_cache = cache, selection_cache
+
+    def run(self, model: Model, state: PassState | None = None) -> PassResult:
+        artifacts = state.artifacts
+        greedy: Selection = artifacts["selection"]
+        record = {"settings": asdict(self.settings), "greedy": greedy.blocks, "greedy_cut": greedy.cut.cut}
+        if self.scoring.estimator != "practise":
+            return PassResult(model, record={**record, "skipped": f"estimator {self.scoring.estimator}"},
+                              value=greedy)
+        blocks = artifacts["blocks"]
+        latency = artifacts.get("pooled_latency") or artifacts["block_latency"]
+        recoverability = {r.name: r.recoverability for r in artifacts["recoverability"]}
+        scores = block_scores(recoverability, latency)
+        joint = set_scorer(model, blocks, self.train, self.holdout, self.scoring, self.feature_node)
+        saved = {s.name: s.saved_fraction for s in scores}
+        error = sum(saved.get(n, 0.0) for n in greedy.blocks) - greedy.cut.cut  # prediction - measurement
+        goal = min(self.target + self.margin, 0.999)
+        refined, evaluations = refine_set(greedy.blocks, scores, identical_groups(model, blocks), joint,
+                                          goal - self.settings.tolerance + error, self.settings, self.cache)
+        record.update(evaluations=evaluations, refined=refined)
+        if set(refined) == set(greedy.blocks):
+            return PassResult(model, record=record, value=greedy)
+        rest = [s.name for s in scores if s.saved_fraction > 0 and s.name not in set(refined)]
+        selection = select_blocks(model, blocks, scores, self.target, self.backend, self.latency, self.margin,
+                                  order=refined + rest, cache=self.selection_cache)
+        record.update(dropped=selection.blocks, measured_cut=selection.cut.cut, measurements=selection.measurements)
+        return PassResult(model, record=record, value=selection)
