@@ -2,15 +2,16 @@
 
 The greedy selection (:mod:`.select_blocks`) adds blocks by single-block score, which assumes that
 the error of dropping a set is the sum of its blocks' errors. At deep cuts it is not. On ResNet-56
-at 40% (`benchmarks/results/refine_study.md`), over 22 eleven-block sets recovered with the same
-budget, the sum of single-block recoverabilities ranks the sets' recovered top-1 at Spearman
-0.04-0.63, while the joint recoverability
+at 40% (`benchmarks/results/refine_study.md`), over 23 eleven-block sets recovered with the same
+budget (two seeds), the sum of single-block recoverabilities ranks the sets' recovered top-1 at
+Spearman 0.19 and 0.55, while the joint recoverability
 
     J(S) = held-out feature MSE after fitting adaptors around every gap of S at once
 
 (the PRACTISE estimator applied to the whole set: :func:`.recoverability.set_scorer`, same steps
-and optimiser as the single-block scores) ranks them at 0.86-0.91. Sets that empty one stage fit
-badly together although each block alone recovers well.
+and optimiser as the single-block scores) ranks them at 0.86 and 0.93 (0.78 and 0.86 without the
+two deliberately lopsided sets; the sum: 0.05 and 0.32). Sets that empty one stage fit badly
+together although each block alone recovers well.
 
 So the greedy set S is refined by local search on J, first improvement:
 
