@@ -15,7 +15,7 @@ from ..evaluate import evaluate
 from ..model_io import atomic_write, save
 from ..optimize import OptimizeConfig, image_input_shape, optimize
 from ..passes.recover import RecoverySettings
-from ..passes.recoverability import ESTIMATORS, RecoverabilitySettings
+from ..passes.recoverability import ESTIMATORS, OPTIMIZERS, RecoverabilitySettings
 from ..passes.refine_selection import RefineSettings
 from ..report import format_summary, write_plot
 from ..synthesis import SynthesisSettings, synthetic_tiny_set
@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
     p.add_argument("--estimator", default=scoring.estimator, choices=ESTIMATORS, help="recoverability estimator")
     p.add_argument("--score-iterations", type=int, default=scoring.iterations,
                    help="adaptor training steps per block (estimator practise)")
-    p.add_argument("--score-optimizer", default=scoring.optimizer, choices=["adam", "sgd"],
+    p.add_argument("--score-optimizer", default=scoring.optimizer, choices=OPTIMIZERS,
                    help="adaptor optimiser (sgd: the paper's, momentum 0.9)")
     p.add_argument("--score-lr", type=float, default=scoring.lr, help="adaptor learning rate")
     p.add_argument("--refine-evaluations", type=int, default=RefineSettings().max_evaluations,

@@ -12,8 +12,9 @@ Estimators (``estimator=``):
   output shape, consecutive blocks): on the branch outputs (and projection outputs) of the blocks
   before the gap, on the branch inputs of the blocks after it, and on the branch and projection
   inputs of the first block after the region. Trained with Adam (or the paper's SGD with momentum
-  0.9; either with step decay x0.1 at 40% of the steps) on the features, network frozen in eval mode. The frozen prefix before the region is
-  computed once per image and cached, so each step runs only the region and what follows.
+  0.9; either with step decay x0.1 at 40% of the steps) on the features, network frozen in eval
+  mode. The frozen prefix before the region is computed once per image and cached, so each step
+  runs only the region and what follows.
 * ``"lstsq"``: one adaptor at the gap, solved in closed form so that it maps the value arriving at
   the gap to the original block's output (ridge least squares over every position of every
   training image), then the held-out feature MSE as above. Costs one partial forward pass.
@@ -36,6 +37,7 @@ from torch import fx
 
 from ..adaptors import Adaptor, adaptor_parameters, channel_dim, insert_adaptor
 from ..data import TinySet
+from ..errors import GraphpruneError
 from ..features import feature_node_name, run_batched, suffix_from, truncate
 from ..graph_stats import node_stats
 from ..model import Model
@@ -45,12 +47,13 @@ from .drop_blocks import drop_blocks
 from .find_blocks import Block, find_blocks
 
 ESTIMATORS = ("practise", "lstsq", "none", "influence")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
 class RecoverabilitySettings:
     # Defaults from benchmarks/scoring_study.py (ResNet-56, 500 images, 27 blocks): 50 adaptor
-    # steps per block take about 3 minutes for all blocks on a 2-core CPU; with Adam at lr 3e-3 they
+    # steps per block take 3-5 minutes for all blocks on a 2-core CPU; with Adam at lr 3e-3 they
     # rank the blocks like 1000 SGD steps do at Spearman 0.96 (the paper's SGD at lr 0.02: 0.93;
     # 200 SGD steps: 0.98; Adam at lr 1e-2: 0.85; lstsq: 0.88; Block Influence: 0.86). Fifty SGD
     # steps under-rate the blocks of the first stage, whose adaptors converge slowest.
@@ -110,9 +113,9 @@ def score_blocks(model: Model, blocks: list[Block], train: TinySet, holdout: Tin
     interrupted run resumes where it stopped. ``candidates`` limits which blocks are scored (all
     blocks still define the shape regions adaptors are placed in)."""
     if settings.estimator not in ESTIMATORS:
-        from ..errors import GraphpruneError
-
         raise GraphpruneError(f"unknown recoverability estimator '{settings.estimator}' ({', '.join(ESTIMATORS)})")
+    if settings.optimizer not in OPTIMIZERS:
+        raise GraphpruneError(f"unknown adaptor optimizer '{settings.optimizer}' ({', '.join(OPTIMIZERS)})")
     feature = feature_node_name(model, feature_node)
     context = None  # built on first use: a fully cached run computes nothing
     results = []
@@ -234,6 +237,8 @@ class _Context:
         """Joint recoverability: drop every block of ``names`` at once, fit adaptors around all the
         gaps together, return the held-out feature MSE (``refine_selection.py``)."""
         dropped = [b for b in self.blocks if b.name in set(names)]
+        if not dropped:
+            return 0.0  # nothing dropped: the features are the original's
         return self._practise(dropped, drop_blocks(self.model, [b.name for b in dropped], self.blocks).graph_module)
 
     def _practise(self, dropped: list[Block], gm: fx.GraphModule) -> float:
