@@ -342,13 +342,13 @@ def finish_row(bench: Bench, row: dict, prepared: dict, model, top1: dict, recov
     from graphprune.passes.measure_latency import measure_cut
 
     cut = measure_cut(bench.backend, prepared["original"], model, bench.latency)
-    return {"cpu": cpu_name(),
+    return {
         "id": row_id(row), "method": row["method"], "model": row["model"], "samples": row["samples"],
         "seed": row["seed"], "latency_cut_target": row["cut"], "latency_cut_measured": cut.cut,
         "latency_ms": {"original": cut.original.median_ms, "optimized": cut.candidate.median_ms},
         "top1_lossless1000": top1["lossless1000"], "top1_jpeg10k": top1["jpeg10k"],
         "removed": prepared["removed"], "recovery": recovery, "wall_s": wall_s,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": cpu_name(),
     }
 
 

@@ -1,6 +1,6 @@
 """Does the joint recoverability of a block set predict how well the set recovers? (refine_selection)
 
-``set_study.py`` recovered 22 different 40% block sets of ResNet-56 (seeds 2021-2022, 500 images,
+``set_study.py`` recovered 23 different 40% block sets of ResNet-56 (seeds 2021-2022, 500 images,
 the default recovery) and measured their top-1. Here every one of those sets gets
 
 * its *joint* recoverability J(S): all its blocks dropped at once, adaptors fitted around every gap

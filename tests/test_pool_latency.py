@@ -72,6 +72,7 @@ def test_pooled_saving_is_the_group_median_and_loners_keep_theirs():
     lone = pool_savings(table, [["a", "b"]]).saved_fractions()
     assert lone["c"] == 0.036 and lone["a"] == pytest.approx(0.0375)
     assert table.saved_fractions()["a"] == 0.030  # the measured table is untouched
+    assert pool_savings(table, [["a", "b"]]).pooled_groups == [["a", "b"]] and table.pooled_groups == []
 
 
 def test_selection_ranks_identical_blocks_by_recoverability_alone():

@@ -27,7 +27,7 @@ combinations.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from ..backends.base import (LatencyBackend, LatencySettings, LatencyStats, RunOnce, compare_interleaved,
@@ -78,6 +78,7 @@ class BlockLatencyTable:
     rows: list[BlockLatency]
     settings: LatencySettings
     backend_info: dict
+    pooled_groups: list[list[str]] = field(default_factory=list)  # set by pool_latency.pool_savings
 
     def saved_fractions(self) -> dict[str, float]:
         return {row.name: row.saved_fraction for row in self.rows}

@@ -73,7 +73,7 @@ def pool_savings(table: BlockLatencyTable, groups: list[list[str]]) -> BlockLate
         for row in members:
             pooled[row.name] = replace(row, saved_fraction=fraction, saved_ms=saved_ms)
     return BlockLatencyTable(table.original, [pooled[row.name] for row in table.rows], table.settings,
-                             table.backend_info)
+                             table.backend_info, [list(names) for names in groups])
 
 
 def _shape(shapes: dict, name: str):

@@ -41,9 +41,8 @@ from ..data import TinySet
 from ..interrupts import raise_if_interrupted
 from ..model import Model
 from .base import Analysis, PassResult, PassState
-from .pool_latency import identical_groups
 from .recoverability import RecoverabilitySettings, set_scorer
-from .select_blocks import BlockScore, Selection, block_scores, select_blocks
+from .select_blocks import BlockScore, Selection, block_scores, goal_cut, select_blocks
 
 
 @dataclass(frozen=True)
@@ -131,8 +130,9 @@ def refine_set(chosen: list[str], scores: list[BlockScore], groups: list[list[st
 
 class RefineSelection(Analysis):
     """Refine the ``selection`` artefact by joint recoverability and re-measure it (see the module
-    docstring). Reads ``blocks``, ``recoverability``, ``pooled_latency`` (or ``block_latency``) and
-    ``selection``; provides the refined ``selection`` (the greedy one stays in its step's record)."""
+    docstring). Reads ``blocks``, ``recoverability``, ``pooled_latency`` (its groups of identical
+    blocks; or ``block_latency``, where every block is a group of its own) and ``selection``;
+    provides the refined ``selection`` (the greedy one stays in its step's record)."""
 
     name = "refine_selection"
     provides = "selection"
@@ -160,9 +160,9 @@ class RefineSelection(Analysis):
         joint = set_scorer(model, blocks, self.train, self.holdout, self.scoring, self.feature_node)
         saved = {s.name: s.saved_fraction for s in scores}
         error = sum(saved.get(n, 0.0) for n in greedy.blocks) - greedy.cut.cut  # prediction - measurement
-        goal = min(self.target + self.margin, 0.999)
-        refined, evaluations = refine_set(greedy.blocks, scores, identical_groups(model, blocks), joint,
-                                          goal - self.settings.tolerance + error, self.settings, self.cache)
+        min_predicted = goal_cut(self.target, self.margin) - self.settings.tolerance + error
+        refined, evaluations = refine_set(greedy.blocks, scores, latency.pooled_groups, joint, min_predicted,
+                                          self.settings, self.cache)
         record.update(evaluations=evaluations, refined=refined)
         if set(refined) == set(greedy.blocks):
             return PassResult(model, record=record, value=greedy)

@@ -67,6 +67,11 @@ def block_scores(recoverability: dict[str, float], latency: BlockLatencyTable) -
     return sorted(scores, key=lambda s: (s.score, s.name))
 
 
+def goal_cut(target: float, margin: float) -> float:
+    """The measured cut a selection must reach: the target plus the margin, below 1."""
+    return min(target + margin, 0.999)
+
+
 def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], target: float,
                   backend: LatencyBackend, settings: LatencySettings, margin: float = 0.0,
                   order: list[str] | None = None, cache=None) -> Selection:
@@ -75,7 +80,7 @@ def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], t
     rerun of the same command makes the same choice instead of re-rolling timing noise."""
     if not 0 < target < 1:
         raise GraphpruneError(f"--latency-cut must be between 0 and 1, got {target}")
-    goal = min(target + margin, 0.999)
+    goal = goal_cut(target, margin)
     ranked = order if order is not None else [s.name for s in scores if s.saved_fraction > 0]
     saved = {s.name: s.saved_fraction for s in scores}
     original_run = None
