@@ -98,7 +98,7 @@ def _plot() -> None:
         ax.set_ylim(floor, None)
         ax.set_xlabel("measured latency cut (onnxruntime CPU, 1 thread)")
         ax.set_ylabel("top-1 on test_lossless_1000 (%)")
-        ax.set_title(f"CIFAR-10 {model}, 500 images (hollow: cut measured on an earlier machine)", fontsize=9)
+        ax.set_title(f"CIFAR-10 {model}, 500 images (hollow: includes rows whose cut was measured on an earlier machine)", fontsize=9)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(results_dir() / f"cifar10_{model}.png", dpi=120)
