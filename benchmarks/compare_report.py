@@ -27,16 +27,20 @@ def write_report() -> None:
         for r in rows:
             groups.setdefault((r["latency_cut_target"], r["samples"], _label(r)), []).append(r)
         for (cut, samples, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], _rank(kv[0][2]))):
-            top1 = [100 * r["top1_lossless1000"] for r in rs]
+            mean, sd = _mean_sd([100 * r["top1_lossless1000"] for r in rs])
             jpeg = [100 * r["top1_jpeg10k"] for r in rs]
-            sd = statistics.stdev(top1) if len(top1) > 1 else 0.0
-            lines.append(f"| {method} | {samples} | {cut:.2f} | {len(rs)} | {statistics.mean(top1):.2f} ± {sd:.2f} | "
+            lines.append(f"| {method} | {samples} | {cut:.2f} | {len(rs)} | {mean:.2f} ± {sd:.2f} | "
                          f"{statistics.mean(jpeg):.2f} | {min(r['latency_cut_measured'] for r in rs):.3f} | "
                          f"{statistics.mean(r['wall_s'] for r in rs):.0f} | {_devices(rs)} |")
         lines.append("")
     (results_dir() / "compare_methods.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot()
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for a single seed)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _label(row: dict) -> str:
@@ -83,9 +87,8 @@ def _plot() -> None:
                     by_target.setdefault(r["latency_cut_target"], []).append(r)
             points = []
             for _, group in sorted(by_target.items()):
-                top1 = [100 * r["top1_lossless1000"] for r in group]
-                points.append((statistics.mean(r["latency_cut_measured"] for r in group), statistics.mean(top1),
-                               statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                mean, sd = _mean_sd([100 * r["top1_lossless1000"] for r in group])
+                points.append((statistics.mean(r["latency_cut_measured"] for r in group), mean, sd,
                                any(stale_reason(r) for r in group)))
             below = [f"{y:.1f} at {x:.2f}" for x, y, _, _ in points if y < floor]
             label = method + (f" (below the axis: {', '.join(below)})" if below else "")
