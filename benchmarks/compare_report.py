@@ -1,5 +1,6 @@
 """The report of ``compare_methods.py``: a Markdown table per model (mean ± sd over seeds, where
-each row's recovery ran) and a plot of top-1 against measured cut, one line per method."""
+each row's recovery ran), graphprune's lead over each method paired by seed, and a plot of top-1
+against measured cut, one line per method."""
 
 from __future__ import annotations
 
@@ -33,9 +34,40 @@ def write_report() -> None:
                          f"{statistics.mean(jpeg):.2f} | {min(r['latency_cut_measured'] for r in rs):.3f} | "
                          f"{statistics.mean(r['wall_s'] for r in rs):.0f} | {_devices(rs)} |")
         lines.append("")
+        lines += _paired(rows)
     (results_dir() / "compare_methods.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot()
+
+
+def _paired(rows: list[dict]) -> list[str]:
+    """graphprune against each other method on the seeds both ran, using only rows that compare
+    with rows made now: the mean per-seed lead, its standard error (sd of the paired differences /
+    sqrt(n)) and range. Pairing removes what a seed's tiny set does to every method alike."""
+    current = {(r["samples"], r["latency_cut_target"], r["method"], r["seed"]): r for r in rows if not stale_reason(r)}
+    settings = sorted({(n, c) for n, c, m, _ in current if m == "graphprune"}, key=lambda nc: (-nc[1], nc[0]))
+    out = []
+    for samples, cut in settings:
+        seeds_of = {}
+        for n, c, m, seed in current:
+            if (n, c) == (samples, cut):
+                seeds_of.setdefault(m, set()).add(seed)
+        for other in sorted(set(seeds_of) - {"graphprune"}, key=_rank):
+            seeds = sorted(seeds_of[other] & seeds_of["graphprune"])
+            if not seeds:
+                continue
+            lead = {test: [100 * (current[samples, cut, "graphprune", s][test] - current[samples, cut, other, s][test])
+                           for s in seeds] for test in ("top1_lossless1000", "top1_jpeg10k")}
+            mean, sd = _mean_sd(lead["top1_lossless1000"])
+            se = f"{sd / len(seeds) ** 0.5:.2f}" if len(seeds) > 1 else "-"
+            out.append(f"| {samples} | {cut:.2f} | {other} | {len(seeds)} | {mean:+.2f} | {se} | "
+                       f"{min(lead['top1_lossless1000']):+.1f} to {max(lead['top1_lossless1000']):+.1f} | "
+                       f"{statistics.mean(lead['top1_jpeg10k']):+.2f} |")
+    if not out:
+        return []
+    return ["graphprune's lead, paired by seed (only rows made with the current defaults on this machine):", "",
+            "| samples | target cut | vs | seeds | lead lossless1000 | standard error | per seed | lead jpeg10k |",
+            "|---|---|---|---|---|---|---|---|", *out, ""]
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
