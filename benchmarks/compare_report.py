@@ -45,15 +45,15 @@ def _paired(rows: list[dict]) -> list[str]:
     with rows made now: the mean per-seed lead, its standard error (sd of the paired differences /
     sqrt(n)) and range. Pairing removes what a seed's tiny set does to every method alike."""
     current = {(r["samples"], r["latency_cut_target"], r["method"], r["seed"]): r for r in rows if not stale_reason(r)}
-    settings = sorted({(n, c) for n, c, m, _ in current if m == "graphprune"}, key=lambda nc: (-nc[1], nc[0]))
+    seeds_of: dict[tuple, dict[str, set]] = {}  # (samples, cut) -> method -> seeds
+    for samples, cut, method, seed in current:
+        seeds_of.setdefault((samples, cut), {}).setdefault(method, set()).add(seed)
     out = []
-    for samples, cut in settings:
-        seeds_of = {}
-        for n, c, m, seed in current:
-            if (n, c) == (samples, cut):
-                seeds_of.setdefault(m, set()).add(seed)
-        for other in sorted(set(seeds_of) - {"graphprune"}, key=_rank):
-            seeds = sorted(seeds_of[other] & seeds_of["graphprune"])
+    for (samples, cut), methods in sorted(seeds_of.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        if "graphprune" not in methods:
+            continue
+        for other in sorted(set(methods) - {"graphprune"}, key=_rank):
+            seeds = sorted(methods[other] & methods["graphprune"])
             if not seeds:
                 continue
             lead = {test: [100 * (current[samples, cut, "graphprune", s][test] - current[samples, cut, other, s][test])
