@@ -263,34 +263,39 @@ def filter_model_path(model: str, ratio: float) -> Path:
     return CACHE / f"filter_{model}_{ratio:.4f}.onnx"
 
 
-def filter_pruned(bench: Bench, row: dict):
-    """Inner channels of every block pruned by L1 magnitude at the smallest ratio (bisection) whose
-    measured cut reaches the target; returns the pruned model (ONNX) and its ratio."""
+def l1_pruned_module(model: str, ratio: float, round_to: int | None = None):
+    """The pretrained CIFAR ResNet ``model`` (a torch module) with the inner channels of every block
+    (each block's first conv) pruned at ``ratio`` by L1 magnitude, Torch-Pruning's MagnitudePruner;
+    ``round_to`` keeps channel counts multiples of it."""
     import torch
     import torch_pruning as tp
 
     from graphprune.io_torch import load_state_dict_file
-    from graphprune.passes.measure_latency import measure_cut
     from graphprune.zoo import CifarResNet
+
+    module = CifarResNet(int(model.removeprefix("resnet")))
+    load_state_dict_file(module, WEIGHTS[model])
+    module.eval()
+    blocks = [b for stage in (module.layer1, module.layer2, module.layer3) for b in stage]
+    ignored = [module.conv1, module.linear] + [b.conv2 for b in blocks]
+    tp.pruner.MagnitudePruner(module, torch.randn(1, 3, 32, 32), importance=tp.importance.MagnitudeImportance(p=1),
+                              pruning_ratio=ratio, ignored_layers=ignored, round_to=round_to).step()
+    return module
+
+
+def filter_pruned(bench: Bench, row: dict):
+    """Inner channels of every block pruned by L1 magnitude at the smallest ratio (bisection) whose
+    measured cut reaches the target; returns the pruned model (ONNX) and its ratio."""
+    from graphprune.passes.measure_latency import measure_cut
 
     gp = bench.gp
     original = bench.models[row["model"]]
     original_run = bench.backend.prepare(original, bench.latency)
-    depth = int(row["model"].removeprefix("resnet"))
 
     def prune(ratio: float):
-        module = CifarResNet(depth)
-        load_state_dict_file(module, WEIGHTS[row["model"]])
-        module.eval()
-        blocks = [b for stage in (module.layer1, module.layer2, module.layer3) for b in stage]
-        ignored = [module.conv1, module.linear] + [b.conv2 for b in blocks]
-        pruner = tp.pruner.MagnitudePruner(module, torch.randn(1, 3, 32, 32),
-                                           importance=tp.importance.MagnitudeImportance(p=1),
-                                           pruning_ratio=ratio, ignored_layers=ignored)
-        pruner.step()
         path = filter_model_path(row["model"], ratio)
         if not path.exists():
-            gp.save(gp.load(module, input_shape=(1, 3, 32, 32)), path)
+            gp.save(gp.load(l1_pruned_module(row["model"], ratio), input_shape=(1, 3, 32, 32)), path)
         return gp.load(path)
 
     lo, hi, best = 0.0, 0.95, None
