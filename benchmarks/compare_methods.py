@@ -31,6 +31,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -63,13 +64,24 @@ def selection_settings() -> dict:
             "lr": scoring.lr, "pooled_latency": True, "refine": asdict(OptimizeConfig().refine)}
 
 
-def stale_reason(result: dict) -> str | None:
-    """Why a finished row no longer compares with rows made now, if it does not: its cut was
-    measured on another CPU (block savings differ between CPUs, so every method would choose
-    differently), or it is graphprune-selected with other settings than today's."""
+def reference_cpu(rows: list[dict]) -> str:
+    """The CPU whose rows a report compares: the one that measured most of ``rows`` (rows from the
+    first, unnamed AMD EPYC machine do not count), else this machine. A report made on any machine
+    from the same results file reads the same."""
     from graphprune.backends.environment import cpu_name
 
-    if result.get("cpu") != cpu_name():
+    counts = Counter(r["cpu"] for r in rows if r.get("cpu"))
+    return counts.most_common(1)[0][0] if counts else cpu_name()
+
+
+def stale_reason(result: dict, cpu: str | None = None) -> str | None:
+    """Why a finished row does not compare with rows made on ``cpu`` (default: this machine) with
+    today's settings, if it does not: its cut was measured on another CPU (block savings differ
+    between CPUs, so every method would choose differently), or it is graphprune-selected with
+    other settings than today's."""
+    from graphprune.backends.environment import cpu_name
+
+    if result.get("cpu") != (cpu or cpu_name()):
         return f"cut measured on {result.get('cpu') or 'an earlier AMD EPYC machine'}"
     if result["method"] in GRAPHPRUNE_SELECTED and result["removed"].get("selection") != selection_settings():
         return "earlier selection"
@@ -112,7 +124,9 @@ def load_rows(model: str) -> list[dict]:
 
 
 def append_row(model: str, row: dict) -> None:
-    rows = [r for r in load_rows(model) if r["id"] != row["id"]] + [row]
+    """Add ``row``, replacing the row of the same id measured on the same CPU: rows from other CPUs
+    stay, since each CPU's rows are compared among themselves (``reference_cpu``)."""
+    rows = [r for r in load_rows(model) if (r["id"], r.get("cpu")) != (row["id"], row.get("cpu"))] + [row]
     path = results_path(model)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"description": __doc__.split("\n\n")[0], "rows": rows}, indent=1))

@@ -5,19 +5,23 @@ against measured cut, one line per method."""
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 
 from common import results_dir
-from compare_methods import ORDER, load_rows, stale_reason
+from compare_methods import ORDER, load_rows, reference_cpu, stale_reason
 
 
 def write_report() -> None:
+    cpu = reference_cpu([r for model in ("resnet56", "resnet20") for r in load_rows(model)])
     lines = ["# graphprune vs peers on CIFAR-10 (real weights, real images)", "",
              "Command: `python benchmarks/compare_methods.py run --grid all && python benchmarks/compare_methods.py report`",
              "", "top-1 on test_lossless_1000 (exact pixels, ±0.9 points sampling error at n=1000); jpeg10k only"
              " compares methods (JPEG-degraded, about 10 points lower for every model). Cut: measured by"
-             " onnxruntime CPU, 1 thread, batch 1, interleaved with the original, always on this 2-core"
-             " machine. Rows recovered on a GPU (`benchmarks/device_rows.py`) count the GPU's recovery"
-             " seconds in their wall time.", ""]
+             " onnxruntime CPU, 1 thread, batch 1, interleaved with the original, on a 2-core machine."
+             " Rows compare only with rows whose cut was measured on the same CPU: the reference is"
+             f" {cpu} (the CPU of most rows); rows from other CPUs are marked and paired by seed only"
+             " among themselves. Rows recovered on a GPU (`benchmarks/device_rows.py`) count the GPU's"
+             " recovery seconds in their wall time.", ""]
     for model in ("resnet56", "resnet20"):
         rows = load_rows(model)
         if not rows:
@@ -26,7 +30,7 @@ def write_report() -> None:
                   " top-1 jpeg10k | measured cut (min) | wall s | recovered on |", "|---|---|---|---|---|---|---|---|---|"]
         groups = {}
         for r in rows:
-            groups.setdefault((r["latency_cut_target"], r["samples"], _label(r)), []).append(r)
+            groups.setdefault((r["latency_cut_target"], r["samples"], _label(r, cpu)), []).append(r)
         for (cut, samples, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], _rank(kv[0][2]))):
             mean, sd = _mean_sd([100 * r["top1_lossless1000"] for r in rs])
             jpeg = [100 * r["top1_jpeg10k"] for r in rs]
@@ -34,17 +38,19 @@ def write_report() -> None:
                          f"{statistics.mean(jpeg):.2f} | {min(r['latency_cut_measured'] for r in rs):.3f} | "
                          f"{statistics.mean(r['wall_s'] for r in rs):.0f} | {_devices(rs)} |")
         lines.append("")
-        lines += _paired(rows)
+        for row_cpu in [cpu] + sorted({r["cpu"] for r in rows if r.get("cpu") and r["cpu"] != cpu}):
+            lines += _paired(rows, row_cpu, reference=row_cpu == cpu)
     (results_dir() / "compare_methods.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    _plot()
+    _plot(cpu)
 
 
-def _paired(rows: list[dict]) -> list[str]:
-    """graphprune against each other method on the seeds both ran, using only rows that compare
-    with rows made now: the mean per-seed lead, its standard error (sd of the paired differences /
-    sqrt(n)) and range. Pairing removes what a seed's tiny set does to every method alike."""
-    current = {(r["samples"], r["latency_cut_target"], r["method"], r["seed"]): r for r in rows if not stale_reason(r)}
+def _paired(rows: list[dict], cpu: str, reference: bool) -> list[str]:
+    """graphprune against each other method on the seeds both ran, using only rows measured on
+    ``cpu`` with today's settings: the mean per-seed lead, its standard error (sd of the paired
+    differences / sqrt(n)) and range. Pairing removes what a seed's tiny set does to every method alike."""
+    current = {(r["samples"], r["latency_cut_target"], r["method"], r["seed"]): r for r in rows
+               if not stale_reason(r, cpu)}
     seeds_of: dict[tuple, dict[str, set]] = {}  # (samples, cut) -> method -> seeds
     for samples, cut, method, seed in current:
         seeds_of.setdefault((samples, cut), {}).setdefault(method, set()).add(seed)
@@ -65,7 +71,9 @@ def _paired(rows: list[dict]) -> list[str]:
                        f"{statistics.mean(lead['top1_jpeg10k']):+.2f} |")
     if not out:
         return []
-    return ["graphprune's lead, paired by seed (only rows made with the current defaults on this machine):", "",
+    which = "the reference CPU" if reference else "another CPU, compared only among its own rows"
+    return [f"graphprune's lead, paired by seed (rows made with the current defaults, cut measured on {cpu}:"
+            f" {which}):", "",
             "| samples | target cut | vs | seeds | lead lossless1000 | standard error | per seed | lead jpeg10k |",
             "|---|---|---|---|---|---|---|---|", *out, ""]
 
@@ -75,15 +83,24 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _label(row: dict) -> str:
-    """The method, marked where the row does not compare with rows made now (``stale_reason``)."""
-    reason = stale_reason(row)
+def _label(row: dict, cpu: str) -> str:
+    """The method, marked where the row does not compare with the reference CPU's rows made with
+    today's settings (``stale_reason``)."""
+    reason = stale_reason(row, cpu)
     return row["method"] + (f" ({reason})" if reason else "")
 
 
 def _rank(label: str) -> tuple[int, str]:
     method = label.split(" ")[0]
     return (ORDER.index(method) if method in ORDER else len(ORDER), label)
+
+
+def _one_cpu(rows: list[dict], cpu: str) -> list[dict]:
+    """The rows measured on ``cpu`` if any are, else those of the CPU that measured most of them:
+    a point never averages cuts measured on two CPUs."""
+    counts = Counter(r.get("cpu") for r in rows)
+    chosen = cpu if cpu in counts else counts.most_common(1)[0][0]
+    return [r for r in rows if r.get("cpu") == chosen]
 
 
 def _devices(rows: list[dict]) -> str:
@@ -96,9 +113,10 @@ def _devices(rows: list[dict]) -> str:
     return ", ".join(f"{name} x{n}" for name, n in counts.items())
 
 
-def _plot() -> None:
-    """One line per method through its mean top-1 (± sd over seeds) at each target; a hollow marker
-    where some of that point's rows do not compare with rows made now (``stale_reason``). The axis
+def _plot(cpu: str) -> None:
+    """One line per method through its mean top-1 (± sd over seeds) at each target, from the rows
+    measured on one CPU (the reference ``cpu`` where it has any, ``_one_cpu``); a hollow marker where
+    some of that point's rows do not compare with the reference rows (``stale_reason``). The axis
     is zoomed on the recovered methods; points below it are named in the legend."""
     import matplotlib
 
@@ -119,9 +137,10 @@ def _plot() -> None:
                     by_target.setdefault(r["latency_cut_target"], []).append(r)
             points = []
             for _, group in sorted(by_target.items()):
+                group = _one_cpu(group, cpu)
                 mean, sd = _mean_sd([100 * r["top1_lossless1000"] for r in group])
                 points.append((statistics.mean(r["latency_cut_measured"] for r in group), mean, sd,
-                               any(stale_reason(r) for r in group)))
+                               any(stale_reason(r, cpu) for r in group)))
             below = [f"{y:.1f} at {x:.2f}" for x, y, _, _ in points if y < floor]
             label = method + (f" (below the axis: {', '.join(below)})" if below else "")
             shown = [p for p in points if p[1] >= floor]
@@ -133,7 +152,8 @@ def _plot() -> None:
         ax.set_ylim(floor, None)
         ax.set_xlabel("measured latency cut (onnxruntime CPU, 1 thread)")
         ax.set_ylabel("top-1 on test_lossless_1000 (%)")
-        ax.set_title(f"CIFAR-10 {model}, 500 images\n(hollow: includes rows whose cut was measured on an earlier machine)", fontsize=9)
+        ax.set_title(f"CIFAR-10 {model}, 500 images, cuts measured on {cpu}\n(hollow: rows measured on"
+                     " another CPU, or made with earlier selection settings)", fontsize=9)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(results_dir() / f"cifar10_{model}.png", dpi=120, bbox_inches="tight")

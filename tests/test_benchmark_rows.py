@@ -1,0 +1,70 @@
+"""The method comparison keeps each CPU's rows apart: a row measured on one CPU never replaces or
+mixes with a row from another, and the report (made on any machine) reads the CPU of most rows
+as its reference and pairs seeds only within one CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+compare_methods = pytest.importorskip("compare_methods")
+
+REFERENCE, OTHER = "Reference CPU @ 2.60GHz", "Other CPU"
+
+
+def _row(method: str, seed: int, cpu: str, top1: float) -> dict:
+    row = {"method": method, "model": "resnet56", "samples": 500, "seed": seed, "cut": 0.4}
+    removed = {"blocks": ["layer1.1"]}
+    if method in compare_methods.GRAPHPRUNE_SELECTED:
+        removed["selection"] = compare_methods.selection_settings()
+    return {"id": compare_methods.row_id(row), "method": method, "model": "resnet56", "samples": 500,
+            "seed": seed, "latency_cut_target": 0.4, "latency_cut_measured": 0.41, "top1_lossless1000": top1,
+            "top1_jpeg10k": top1 - 0.1, "removed": removed, "recovery": {}, "wall_s": 1.0, "cpu": cpu}
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHPRUNE_RESULTS_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_a_row_from_another_cpu_is_kept_beside_the_reference_row(results):
+    compare_methods.append_row("resnet56", _row("graphprune", 2021, REFERENCE, 0.90))
+    compare_methods.append_row("resnet56", _row("graphprune", 2021, OTHER, 0.91))
+    compare_methods.append_row("resnet56", _row("graphprune", 2021, OTHER, 0.92))  # same CPU: replaces
+    rows = compare_methods.load_rows("resnet56")
+    assert sorted((r["cpu"], r["top1_lossless1000"]) for r in rows) == [(OTHER, 0.92), (REFERENCE, 0.90)]
+
+
+def test_staleness_is_relative_to_the_cpu_asked_for():
+    row = _row("block-influence", 2021, REFERENCE, 0.9)
+    assert compare_methods.stale_reason(row, REFERENCE) is None
+    assert compare_methods.stale_reason(row, OTHER) == f"cut measured on {REFERENCE}"
+    old = _row("graphprune", 2021, REFERENCE, 0.9)
+    old["removed"]["selection"] = {"estimator": "earlier"}
+    assert compare_methods.stale_reason(old, REFERENCE) == "earlier selection"
+    assert compare_methods.reference_cpu([row, row, _row("random-blocks", 1, OTHER, 0.8), {"cpu": None}]) == REFERENCE
+
+
+def test_the_report_pairs_seeds_within_each_cpu(results):
+    pytest.importorskip("matplotlib")
+    from compare_report import write_report
+
+    rows = [_row("graphprune", s, REFERENCE, 0.90) for s in (2021, 2022)]
+    rows += [_row("block-influence", s, REFERENCE, 0.88) for s in (2021, 2022)]
+    rows += [_row("graphprune", 2021, OTHER, 0.95), _row("block-influence", 2021, OTHER, 0.80)]
+    (results / "cifar10_resnet56.json").write_text(json.dumps({"rows": rows}))
+    write_report()
+    report = (results / "compare_methods.md").read_text()
+    assert f"cut measured on {REFERENCE}: the reference CPU" in report
+    assert f"cut measured on {OTHER}: another CPU" in report
+    leads = [line for line in report.splitlines() if line.startswith("| 500 | 0.40 | block-influence")]
+    assert leads == ["| 500 | 0.40 | block-influence | 2 | +2.00 | 0.00 | +2.0 to +2.0 | +2.00 |",
+                     "| 500 | 0.40 | block-influence | 1 | +15.00 | - | +15.0 to +15.0 | +15.00 |"]
+    assert f"| graphprune (cut measured on {OTHER}) | 500 | 0.40 | 1 | 95.00 ± 0.00 |" in report
+    assert (results / "cifar10_resnet56.png").exists()
