@@ -104,11 +104,15 @@ def _one_cpu(rows: list[dict], cpu: str) -> list[dict]:
 
 
 def _devices(rows: list[dict]) -> str:
-    """Where the rows' recoveries ran: this 2-core CPU unless device_rows.py sent them to a GPU."""
+    """Where the rows' recoveries ran: this 2-core CPU unless device_rows.py sent them to a GPU, or
+    another CPU where the row took that CPU's recovery of the same network (``earlier_recovery``)."""
     counts: dict[str, int] = {}
     for r in rows:
-        device = (r.get("recovery") or {}).get("device") or "cpu"
+        recovery = r.get("recovery") or {}
+        device = recovery.get("device") or "cpu"
         name = device.replace("NVIDIA ", "").replace(" 80GB HBM3", "")
+        if "reused_from" in recovery:
+            name += f" (reused from {recovery['reused_from']['cpu']})"
         counts[name] = counts.get(name, 0) + 1
     return ", ".join(f"{name} x{n}" for name, n in counts.items())
 

@@ -68,3 +68,30 @@ def test_the_report_pairs_seeds_within_each_cpu(results):
                      "| 500 | 0.40 | block-influence | 1 | +15.00 | - | +15.0 to +15.0 | +15.00 |"]
     assert f"| graphprune (cut measured on {OTHER}) | 500 | 0.40 | 1 | 95.00 ± 0.00 |" in report
     assert (results / "cifar10_resnet56.png").exists()
+
+
+def test_a_network_recovered_on_another_cpu_is_found_only_when_everything_matches(results):
+    from dataclasses import asdict
+
+    from graphprune.backends.environment import cpu_name
+
+    spec = {"method": "block-influence", "model": "resnet56", "samples": 500, "seed": 2021, "cut": 0.4}
+    earlier = _row("block-influence", 2021, OTHER, 0.904)
+    earlier["removed"] = {"tiny_set": "train (500, seed 2021)", "blocks": ["layer2.1", "layer1.5"]}
+    earlier["recovery"] = {"settings": asdict(compare_methods.recovery_settings(spec))}
+    earlier["finished"] = "2026-12-01T00:00:00"
+    compare_methods.append_row("resnet56", earlier)
+
+    def prepared(blocks, tiny_set="train (500, seed 2021)"):
+        return {"removed": {"tiny_set": tiny_set, "blocks": blocks}}
+
+    found = compare_methods.earlier_recovery(spec, prepared(["layer1.5", "layer2.1"]))
+    assert found is not None and found["top1_lossless1000"] == 0.904
+    assert compare_methods.earlier_recovery(spec, prepared(["layer1.5", "layer2.2"])) is None
+    assert compare_methods.earlier_recovery(spec, prepared(["layer1.5", "layer2.1"], "other set")) is None
+    assert compare_methods.earlier_recovery({**spec, "method": "graphprune-bp"}, prepared(["layer1.5", "layer2.1"])) is None
+    for cpu, settings in ((None, earlier["recovery"]["settings"]), (cpu_name(), earlier["recovery"]["settings"]),
+                          (OTHER, {**earlier["recovery"]["settings"], "iterations": 10})):
+        changed = {**earlier, "cpu": cpu, "recovery": {"settings": settings}}
+        (results / "cifar10_resnet56.json").write_text(json.dumps({"rows": [changed]}))
+        assert compare_methods.earlier_recovery(spec, prepared(["layer1.5", "layer2.1"])) is None
