@@ -31,7 +31,6 @@ import json
 import random
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -39,57 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import CACHE, DATA, WEIGHTS, ensure_models, results_dir  # noqa: E402
+from common import CACHE, DATA, WEIGHTS, ensure_models  # noqa: E402
+from compare_rows import (DATA_METHODS, GRAPHPRUNE_SELECTED, MAIN_METHODS, append_row,  # noqa: E402
+                          earlier_recovery, is_stale, load_rows, selection_settings)
 
 MARGIN = 0.005
 BN_INVERSION_IMAGES = 256  # a 2-core CPU synthesises about 256 images in 5-7 minutes
 BN_INVERSION_STEPS = 200
 LATENCY = dict(batch_size=1, threads=1, min_time_s=0.5)
-MAIN_METHODS = ["graphprune", "block-influence", "filter-l1", "random-blocks", "graphprune-bp", "no-recovery"]
-
-
-DATA_METHODS = ["ood-imagenet", "data-free-procedural", "data-free-bn-inversion"]
-ORDER = MAIN_METHODS + DATA_METHODS
-# rows whose blocks come from graphprune's own selection (recoverability / pooled latency saved)
-GRAPHPRUNE_SELECTED = {"graphprune", "graphprune-bp", "no-recovery", *DATA_METHODS}
-
-
-def selection_settings() -> dict:
-    """How graphprune chooses blocks today; recorded in every graphprune-selected row, so rows made
-    with earlier defaults can be told apart (``report``) and redone (``run --redo-stale``)."""
-    from graphprune.optimize import OptimizeConfig
-
-    scoring = OptimizeConfig().recoverability
-    return {"estimator": scoring.estimator, "iterations": scoring.iterations, "optimizer": scoring.optimizer,
-            "lr": scoring.lr, "pooled_latency": True, "refine": asdict(OptimizeConfig().refine)}
-
-
-def reference_cpu(rows: list[dict]) -> str:
-    """The CPU whose rows a report compares: the one that measured most of ``rows`` (rows from the
-    first, unnamed AMD EPYC machine do not count), else this machine. A report made on any machine
-    from the same results file reads the same."""
-    from graphprune.backends.environment import cpu_name
-
-    counts = Counter(r["cpu"] for r in rows if r.get("cpu"))
-    return counts.most_common(1)[0][0] if counts else cpu_name()
-
-
-def stale_reason(result: dict, cpu: str | None = None) -> str | None:
-    """Why a finished row does not compare with rows made on ``cpu`` (default: this machine) with
-    today's settings, if it does not: its cut was measured on another CPU (block savings differ
-    between CPUs, so every method would choose differently), or it is graphprune-selected with
-    other settings than today's."""
-    from graphprune.backends.environment import cpu_name
-
-    if result.get("cpu") != (cpu or cpu_name()):
-        return f"cut measured on {result.get('cpu') or 'an earlier AMD EPYC machine'}"
-    if result["method"] in GRAPHPRUNE_SELECTED and result["removed"].get("selection") != selection_settings():
-        return "earlier selection"
-    return None
-
-
-def is_stale(result: dict) -> bool:
-    return stale_reason(result) is not None
 
 
 def grid(name: str) -> list[dict]:
@@ -112,25 +68,6 @@ def grid(name: str) -> list[dict]:
 
 def row_id(row: dict) -> str:
     return f"{row['method']}/{row['model']}/{row['samples']}/{row['seed']}/{row['cut']}"
-
-
-def results_path(model: str) -> Path:
-    return results_dir() / f"cifar10_{model}.json"
-
-
-def load_rows(model: str) -> list[dict]:
-    path = results_path(model)
-    return json.loads(path.read_text())["rows"] if path.exists() else []
-
-
-def append_row(model: str, row: dict) -> None:
-    """Add ``row``, replacing the row of the same id measured on the same CPU: rows from other CPUs
-    stay, since each CPU's rows are compared among themselves (``reference_cpu``)."""
-    rows = [r for r in load_rows(model) if (r["id"], r.get("cpu")) != (row["id"], row.get("cpu"))] + [row]
-    path = results_path(model)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"description": __doc__.split("\n\n")[0], "rows": rows}, indent=1))
-    tmp.replace(path)
 
 
 class Bench:
@@ -371,32 +308,6 @@ def finish_row(bench: Bench, row: dict, prepared: dict, model, top1: dict, recov
     }
 
 
-def earlier_recovery(row: dict, prepared: dict) -> dict | None:
-    """A finished row from another named CPU that recovered exactly the network ``prepared`` holds:
-    same method, model, tiny set, seed and recovery settings, the same blocks (or channel ratio),
-    trained on a CPU. Its top-1 is this row's too: recovery is seeded and changes weights only, and
-    on two Xeons every set both chose recovered to the same top-1 on both test sets, to the image
-    (README, "second CPU"). Where selections agree, a row made on a new CPU then costs its
-    selection and its cut, not 10-15 minutes of training; ``--recover-again`` trains anyway and
-    records the earlier top-1 beside its own."""
-    from graphprune.backends.environment import cpu_name
-
-    settings = asdict(recovery_settings(row))
-    removed = prepared["removed"]
-    for r in load_rows(row["model"]):
-        recovery = r.get("recovery") or {}
-        if (r["method"], r["samples"], r["seed"]) != (row["method"], row["samples"], row["seed"]) \
-                or r.get("cpu") in (None, cpu_name()) or recovery.get("settings") != settings \
-                or (recovery.get("device") or "cpu") != "cpu" or r["removed"]["tiny_set"] != removed["tiny_set"]:
-            continue
-        if "channel_ratio" in removed:
-            if r["removed"].get("channel_ratio") == removed["channel_ratio"]:
-                return r
-        elif sorted(r["removed"].get("blocks", ())) == sorted(removed["blocks"]):
-            return r
-    return None
-
-
 def run_row(bench: Bench, row: dict, reuse: bool = True) -> dict:
     """A whole row on this machine: prepare, recover, write the model, re-measure and evaluate it;
     or, with ``reuse`` where another CPU already recovered the same network (``earlier_recovery``),
@@ -407,7 +318,8 @@ def run_row(bench: Bench, row: dict, reuse: bool = True) -> dict:
     gp = bench.gp
     prepared = prepare_row(bench, row)
     original, pruned = prepared["original"], prepared["pruned"]
-    earlier = earlier_recovery(row, prepared) if row["method"] != "no-recovery" else None
+    earlier = None if row["method"] == "no-recovery" else \
+        earlier_recovery(row, prepared["removed"], asdict(recovery_settings(row)))
     if reuse and earlier is not None:
         top1 = {"lossless1000": earlier["top1_lossless1000"], "jpeg10k": earlier["top1_jpeg10k"]}
         recovery = {**earlier["recovery"], "reused_from": earlier["recovery"].get("reused_from")

@@ -8,7 +8,7 @@ import statistics
 from collections import Counter
 
 from common import results_dir
-from compare_methods import ORDER, load_rows, reference_cpu, stale_reason
+from compare_rows import ORDER, load_rows, reference_cpu, stale_reason
 
 
 def write_report() -> None:

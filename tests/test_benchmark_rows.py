@@ -13,6 +13,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 compare_methods = pytest.importorskip("compare_methods")
+import compare_rows  # noqa: E402  (after compare_methods, which puts benchmarks/ on the path)
 
 REFERENCE, OTHER = "Reference CPU @ 2.60GHz", "Other CPU"
 
@@ -20,8 +21,8 @@ REFERENCE, OTHER = "Reference CPU @ 2.60GHz", "Other CPU"
 def _row(method: str, seed: int, cpu: str, top1: float) -> dict:
     row = {"method": method, "model": "resnet56", "samples": 500, "seed": seed, "cut": 0.4}
     removed = {"blocks": ["layer1.1"]}
-    if method in compare_methods.GRAPHPRUNE_SELECTED:
-        removed["selection"] = compare_methods.selection_settings()
+    if method in compare_rows.GRAPHPRUNE_SELECTED:
+        removed["selection"] = compare_rows.selection_settings()
     return {"id": compare_methods.row_id(row), "method": method, "model": "resnet56", "samples": 500,
             "seed": seed, "latency_cut_target": 0.4, "latency_cut_measured": 0.41, "top1_lossless1000": top1,
             "top1_jpeg10k": top1 - 0.1, "removed": removed, "recovery": {}, "wall_s": 1.0, "cpu": cpu}
@@ -34,21 +35,21 @@ def results(tmp_path, monkeypatch):
 
 
 def test_a_row_from_another_cpu_is_kept_beside_the_reference_row(results):
-    compare_methods.append_row("resnet56", _row("graphprune", 2021, REFERENCE, 0.90))
-    compare_methods.append_row("resnet56", _row("graphprune", 2021, OTHER, 0.91))
-    compare_methods.append_row("resnet56", _row("graphprune", 2021, OTHER, 0.92))  # same CPU: replaces
-    rows = compare_methods.load_rows("resnet56")
+    compare_rows.append_row("resnet56", _row("graphprune", 2021, REFERENCE, 0.90))
+    compare_rows.append_row("resnet56", _row("graphprune", 2021, OTHER, 0.91))
+    compare_rows.append_row("resnet56", _row("graphprune", 2021, OTHER, 0.92))  # same CPU: replaces
+    rows = compare_rows.load_rows("resnet56")
     assert sorted((r["cpu"], r["top1_lossless1000"]) for r in rows) == [(OTHER, 0.92), (REFERENCE, 0.90)]
 
 
 def test_staleness_is_relative_to_the_cpu_asked_for():
     row = _row("block-influence", 2021, REFERENCE, 0.9)
-    assert compare_methods.stale_reason(row, REFERENCE) is None
-    assert compare_methods.stale_reason(row, OTHER) == f"cut measured on {REFERENCE}"
+    assert compare_rows.stale_reason(row, REFERENCE) is None
+    assert compare_rows.stale_reason(row, OTHER) == f"cut measured on {REFERENCE}"
     old = _row("graphprune", 2021, REFERENCE, 0.9)
     old["removed"]["selection"] = {"estimator": "earlier"}
-    assert compare_methods.stale_reason(old, REFERENCE) == "earlier selection"
-    assert compare_methods.reference_cpu([row, row, _row("random-blocks", 1, OTHER, 0.8), {"cpu": None}]) == REFERENCE
+    assert compare_rows.stale_reason(old, REFERENCE) == "earlier selection"
+    assert compare_rows.reference_cpu([row, row, _row("random-blocks", 1, OTHER, 0.8), {"cpu": None}]) == REFERENCE
 
 
 def test_the_report_pairs_seeds_within_each_cpu(results):
@@ -80,18 +81,19 @@ def test_a_network_recovered_on_another_cpu_is_found_only_when_everything_matche
     earlier["removed"] = {"tiny_set": "train (500, seed 2021)", "blocks": ["layer2.1", "layer1.5"]}
     earlier["recovery"] = {"settings": asdict(compare_methods.recovery_settings(spec))}
     earlier["finished"] = "2026-12-01T00:00:00"
-    compare_methods.append_row("resnet56", earlier)
+    compare_rows.append_row("resnet56", earlier)
+
+    settings = asdict(compare_methods.recovery_settings(spec))
 
     def prepared(blocks, tiny_set="train (500, seed 2021)"):
-        return {"removed": {"tiny_set": tiny_set, "blocks": blocks}}
+        return {"tiny_set": tiny_set, "blocks": blocks}, settings
 
-    found = compare_methods.earlier_recovery(spec, prepared(["layer1.5", "layer2.1"]))
+    found = compare_rows.earlier_recovery(spec, *prepared(["layer1.5", "layer2.1"]))
     assert found is not None and found["top1_lossless1000"] == 0.904
-    assert compare_methods.earlier_recovery(spec, prepared(["layer1.5", "layer2.2"])) is None
-    assert compare_methods.earlier_recovery(spec, prepared(["layer1.5", "layer2.1"], "other set")) is None
-    assert compare_methods.earlier_recovery({**spec, "method": "graphprune-bp"}, prepared(["layer1.5", "layer2.1"])) is None
-    for cpu, settings in ((None, earlier["recovery"]["settings"]), (cpu_name(), earlier["recovery"]["settings"]),
-                          (OTHER, {**earlier["recovery"]["settings"], "iterations": 10})):
-        changed = {**earlier, "cpu": cpu, "recovery": {"settings": settings}}
+    assert compare_rows.earlier_recovery(spec, *prepared(["layer1.5", "layer2.2"])) is None
+    assert compare_rows.earlier_recovery(spec, *prepared(["layer1.5", "layer2.1"], "other set")) is None
+    assert compare_rows.earlier_recovery({**spec, "method": "graphprune-bp"}, *prepared(["layer1.5", "layer2.1"])) is None
+    for cpu, recorded in ((None, settings), (cpu_name(), settings), (OTHER, {**settings, "iterations": 10})):
+        changed = {**earlier, "cpu": cpu, "recovery": {"settings": recorded}}
         (results / "cifar10_resnet56.json").write_text(json.dumps({"rows": [changed]}))
-        assert compare_methods.earlier_recovery(spec, prepared(["layer1.5", "layer2.1"])) is None
+        assert compare_rows.earlier_recovery(spec, *prepared(["layer1.5", "layer2.1"])) is None
