@@ -318,15 +318,15 @@ def run_row(bench: Bench, row: dict, reuse: bool = True) -> dict:
     gp = bench.gp
     prepared = prepare_row(bench, row)
     original, pruned = prepared["original"], prepared["pruned"]
-    earlier = None if row["method"] == "no-recovery" else \
-        earlier_recovery(row, prepared["removed"], asdict(recovery_settings(row)))
+    settings = recovery_settings(row)
+    earlier = None if row["method"] == "no-recovery" else earlier_recovery(row, prepared["removed"], asdict(settings))
     if reuse and earlier is not None:
         top1 = {"lossless1000": earlier["top1_lossless1000"], "jpeg10k": earlier["top1_jpeg10k"]}
         recovery = {**earlier["recovery"], "reused_from": earlier["recovery"].get("reused_from")
                     or {"cpu": earlier["cpu"], "finished": earlier["finished"]}}
         return finish_row(bench, row, prepared, pruned, top1, recovery, time.perf_counter() - prepared["start"])
     recovered, record = (pruned, {}) if row["method"] == "no-recovery" else \
-        recover(pruned, original, prepared["tiny"], recovery_settings(row), show_progress=False)
+        recover(pruned, original, prepared["tiny"], settings, show_progress=False)
     out = CACHE / "rows" / (row_id(row).replace("/", "_") + (".pt2" if original.source == "pt2" else ".onnx"))
     out.parent.mkdir(parents=True, exist_ok=True)
     gp.save(recovered, out)

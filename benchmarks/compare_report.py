@@ -12,7 +12,8 @@ from compare_rows import ORDER, load_rows, reference_cpu, stale_reason
 
 
 def write_report() -> None:
-    cpu = reference_cpu([r for model in ("resnet56", "resnet20") for r in load_rows(model)])
+    rows_of = {model: load_rows(model) for model in ("resnet56", "resnet20")}
+    cpu = reference_cpu([r for rows in rows_of.values() for r in rows])
     lines = ["# graphprune vs peers on CIFAR-10 (real weights, real images)", "",
              "Command: `python benchmarks/compare_methods.py run --grid all && python benchmarks/compare_methods.py report`",
              "", "top-1 on test_lossless_1000 (exact pixels, ±0.9 points sampling error at n=1000); jpeg10k only"
@@ -22,8 +23,7 @@ def write_report() -> None:
              f" {cpu} (the CPU of most rows); rows from other CPUs are marked and paired by seed only"
              " among themselves. Rows recovered on a GPU (`benchmarks/device_rows.py`) count the GPU's"
              " recovery seconds in their wall time.", ""]
-    for model in ("resnet56", "resnet20"):
-        rows = load_rows(model)
+    for model, rows in rows_of.items():
         if not rows:
             continue
         lines += [f"## {model}", "", "| method | samples | target cut | seeds | top-1 lossless1000 (mean ± sd) |"

@@ -85,11 +85,11 @@ def append_row(model: str, row: dict) -> None:
 def earlier_recovery(row: dict, removed: dict, settings: dict) -> dict | None:
     """A finished row from another named CPU that recovered exactly the network ``removed``
     describes: same method, model, tiny set, seed and recovery ``settings`` (a dict), the same
-    blocks (or channel ratio), trained on a CPU. Its top-1 is this row's too: recovery is seeded and changes weights only, and
-    on two Xeons every set both chose recovered to the same top-1 on both test sets, to the image
-    (README, "second CPU"). Where selections agree, a row made on a new CPU then costs its
-    selection and its cut, not 10-15 minutes of training; ``--recover-again`` trains anyway and
-    records the earlier top-1 beside its own."""
+    blocks (or channel ratio), trained on a CPU. Its top-1 is this row's too: recovery is seeded
+    and changes weights only, and on two Xeons every set both chose recovered to the same top-1 on
+    both test sets, to the image (README, "second CPU"). Where selections agree, a row made on a
+    new CPU then costs its selection and its cut, not 10-15 minutes of training;
+    ``--recover-again`` trains anyway and records the earlier top-1 beside its own."""
     from graphprune.backends.environment import cpu_name
 
     for r in load_rows(row["model"]):

@@ -77,13 +77,12 @@ def test_a_network_recovered_on_another_cpu_is_found_only_when_everything_matche
     from graphprune.backends.environment import cpu_name
 
     spec = {"method": "block-influence", "model": "resnet56", "samples": 500, "seed": 2021, "cut": 0.4}
+    settings = asdict(compare_methods.recovery_settings(spec))
     earlier = _row("block-influence", 2021, OTHER, 0.904)
     earlier["removed"] = {"tiny_set": "train (500, seed 2021)", "blocks": ["layer2.1", "layer1.5"]}
-    earlier["recovery"] = {"settings": asdict(compare_methods.recovery_settings(spec))}
+    earlier["recovery"] = {"settings": settings}
     earlier["finished"] = "2026-12-01T00:00:00"
     compare_rows.append_row("resnet56", earlier)
-
-    settings = asdict(compare_methods.recovery_settings(spec))
 
     def prepared(blocks, tiny_set="train (500, seed 2021)"):
         return {"tiny_set": tiny_set, "blocks": blocks}, settings
@@ -92,7 +91,8 @@ def test_a_network_recovered_on_another_cpu_is_found_only_when_everything_matche
     assert found is not None and found["top1_lossless1000"] == 0.904
     assert compare_rows.earlier_recovery(spec, *prepared(["layer1.5", "layer2.2"])) is None
     assert compare_rows.earlier_recovery(spec, *prepared(["layer1.5", "layer2.1"], "other set")) is None
-    assert compare_rows.earlier_recovery({**spec, "method": "graphprune-bp"}, *prepared(["layer1.5", "layer2.1"])) is None
+    bp = {**spec, "method": "graphprune-bp"}
+    assert compare_rows.earlier_recovery(bp, *prepared(["layer1.5", "layer2.1"])) is None
     for cpu, recorded in ((None, settings), (cpu_name(), settings), (OTHER, {**settings, "iterations": 10})):
         changed = {**earlier, "cpu": cpu, "recovery": {"settings": recorded}}
         (results / "cifar10_resnet56.json").write_text(json.dumps({"rows": [changed]}))
