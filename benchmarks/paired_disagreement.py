@@ -1,0 +1,53 @@
+"""How precisely one test set compares two models: the paired difference of their top-1 and its
+standard error, from the images only one of them gets right.
+
+With n test images, a = images only the first model gets right, b = only the second:
+
+    difference = (a - b) / n,    SE = sqrt((a + b) / n - difference^2) / sqrt(n)
+
+(the standard error of a paired difference of proportions). Run on two rows' written models
+(``benchmarks/cache/rows/``), it says whether a lead between them is inside the test set's noise.
+
+    python benchmarks/paired_disagreement.py FIRST.onnx SECOND.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import DATA  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("first")
+    parser.add_argument("second")
+    args = parser.parse_args()
+
+    import torch
+
+    import graphprune as gp
+    from graphprune.data import Preprocessing, load_tiny_set
+
+    models = [gp.load(path).graph_module.eval() for path in (args.first, args.second)]
+    for name in ("test_lossless", "test_jpeg"):
+        test = load_tiny_set(DATA[name], Preprocessing((3, 32, 32)))
+        with torch.inference_mode():
+            right = [torch.cat([m(test.images[i:i + 500]).argmax(1) for i in range(0, len(test.images), 500)])
+                     == test.labels for m in models]
+        n = len(test.labels)
+        only_first, only_second = int((right[0] & ~right[1]).sum()), int((~right[0] & right[1]).sum())
+        diff = (only_first - only_second) / n
+        se = ((only_first + only_second) / n - diff ** 2) ** 0.5 / n ** 0.5
+        print(f"{name}: n {n}, top-1 {100 * right[0].float().mean():.2f} vs {100 * right[1].float().mean():.2f}, "
+              f"only first {only_first}, only second {only_second}, difference {100 * diff:+.2f} (SE {100 * se:.2f})")
+
+
+if __name__ == "__main__":
+    main()
