@@ -294,7 +294,7 @@ def prepare_row(bench: Bench, row: dict) -> dict:
 
 def finish_row(bench: Bench, row: dict, prepared: dict, model, top1: dict, recovery: dict, wall_s: float) -> dict:
     """The row: ``model``'s cut re-measured independently against the original, with its top-1."""
-    from graphprune.backends.environment import cpu_name
+    from graphprune.backends.environment import cpu_name, cpu_signature
     from graphprune.passes.measure_latency import measure_cut
 
     cut = measure_cut(bench.backend, prepared["original"], model, bench.latency)
@@ -305,6 +305,7 @@ def finish_row(bench: Bench, row: dict, prepared: dict, model, top1: dict, recov
         "top1_lossless1000": top1["lossless1000"], "top1_jpeg10k": top1["jpeg10k"],
         "removed": prepared["removed"], "recovery": recovery, "wall_s": wall_s,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": cpu_name(),
+        "cpu_signature": cpu_signature(),
     }
 
 

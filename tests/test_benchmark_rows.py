@@ -71,11 +71,13 @@ def test_the_report_pairs_seeds_within_each_cpu(results):
     assert (results / "cifar10_resnet56.png").exists()
 
 
-def test_a_network_recovered_on_another_cpu_is_found_only_when_everything_matches(results):
+def test_a_network_recovered_on_another_cpu_is_found_only_when_everything_matches(results, monkeypatch):
     from dataclasses import asdict
 
-    from graphprune.backends.environment import cpu_name
+    import graphprune.backends.environment as environment
 
+    monkeypatch.setattr(environment, "cpu_name", lambda: "Other CPU, a newer one")  # same vendor as OTHER
+    cpu_name = environment.cpu_name
     spec = {"method": "block-influence", "model": "resnet56", "samples": 500, "seed": 2021, "cut": 0.4}
     settings = asdict(compare_methods.recovery_settings(spec))
     earlier = _row("block-influence", 2021, OTHER, 0.904)
@@ -93,7 +95,8 @@ def test_a_network_recovered_on_another_cpu_is_found_only_when_everything_matche
     assert compare_rows.earlier_recovery(spec, *prepared(["layer1.5", "layer2.1"], "other set")) is None
     bp = {**spec, "method": "graphprune-bp"}
     assert compare_rows.earlier_recovery(bp, *prepared(["layer1.5", "layer2.1"])) is None
-    for cpu, recorded in ((None, settings), (cpu_name(), settings), (OTHER, {**settings, "iterations": 10})):
+    for cpu, recorded in ((None, settings), (cpu_name(), settings), (OTHER, {**settings, "iterations": 10}),
+                          ("Another vendor's CPU", settings)):
         changed = {**earlier, "cpu": cpu, "recovery": {"settings": recorded}}
         (results / "cifar10_resnet56.json").write_text(json.dumps({"rows": [changed]}))
         assert compare_rows.earlier_recovery(spec, *prepared(["layer1.5", "layer2.1"])) is None

@@ -73,7 +73,29 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_signature() -> str:
+    """Vendor, family, model and stepping from /proc/cpuinfo (``"AuthenticAMD family 26 model 2
+    stepping 0"``): tells apart machines whose model name is only ``"AMD EPYC"``; ``""`` elsewhere."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("vendor_id", "cpu family", "model", "stepping") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:  # the first processor's block is enough
+                    break
+    except OSError:
+        return ""
+    if not fields:
+        return ""
+    return " ".join([fields.get("vendor_id", "unknown")] +
+                    [f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields])
+
+
 def describe_common(backend: str, settings: LatencySettings) -> dict:
     """The fields every backend's ``describe`` shares."""
     return {"backend": backend, "device": settings.device, "threads": settings.threads,
-            "batch_size": settings.batch_size, "cpu": cpu_name(), "python": platform.python_version()}
+            "batch_size": settings.batch_size, "cpu": cpu_name(),
+            "cpu_signature": cpu_signature(), "python": platform.python_version()}
