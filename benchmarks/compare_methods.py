@@ -309,6 +309,15 @@ def finish_row(bench: Bench, row: dict, prepared: dict, model, top1: dict, recov
     }
 
 
+def reused_row(bench: Bench, row: dict, prepared: dict, earlier: dict) -> dict:
+    """The row finished with ``earlier``'s top-1 (the same network recovered on another CPU of the
+    same vendor, ``earlier_recovery``), its cut re-measured here, its source named."""
+    top1 = {"lossless1000": earlier["top1_lossless1000"], "jpeg10k": earlier["top1_jpeg10k"]}
+    recovery = {**earlier["recovery"], "reused_from": earlier["recovery"].get("reused_from")
+                or {"cpu": earlier["cpu"], "finished": earlier["finished"]}}
+    return finish_row(bench, row, prepared, prepared["pruned"], top1, recovery, time.perf_counter() - prepared["start"])
+
+
 def run_row(bench: Bench, row: dict, reuse: bool = True) -> dict:
     """A whole row on this machine: prepare, recover, write the model, re-measure and evaluate it;
     or, with ``reuse`` where another CPU already recovered the same network (``earlier_recovery``),
@@ -322,10 +331,7 @@ def run_row(bench: Bench, row: dict, reuse: bool = True) -> dict:
     settings = recovery_settings(row)
     earlier = None if row["method"] == "no-recovery" else earlier_recovery(row, prepared["removed"], asdict(settings))
     if reuse and earlier is not None:
-        top1 = {"lossless1000": earlier["top1_lossless1000"], "jpeg10k": earlier["top1_jpeg10k"]}
-        recovery = {**earlier["recovery"], "reused_from": earlier["recovery"].get("reused_from")
-                    or {"cpu": earlier["cpu"], "finished": earlier["finished"]}}
-        return finish_row(bench, row, prepared, pruned, top1, recovery, time.perf_counter() - prepared["start"])
+        return reused_row(bench, row, prepared, earlier)
     recovered, record = (pruned, {}) if row["method"] == "no-recovery" else \
         recover(pruned, original, prepared["tiny"], settings, show_progress=False)
     out = CACHE / "rows" / (row_id(row).replace("/", "_") + (".pt2" if original.source == "pt2" else ".onnx"))

@@ -8,7 +8,9 @@ results is measured on the same CPU whichever machine trained the weights:
    latency exactly as ``compare_methods.py run`` does; each row becomes a ``recover`` job of
    ``benchmarks/jobs.py`` in ``.gpu/plan/jobs.json``, with the files it reads copied under
    ``.gpu/`` (git-ignored; it travels to the device machine). ``no-recovery`` rows need no
-   training and are finished here directly.
+   training, and rows whose network a CPU of the same vendor already recovered take that top-1
+   (``compare_rows.earlier_recovery``; ``--recover-again`` plans them anyway): both are finished
+   here directly.
 2. on the device machine: ``python benchmarks/jobs.py .gpu/plan/jobs.json $OUT/rows.jsonl --device
    cuda --workers 12``: recovery, then top-1 of the recovered model (float32, TF32 off) on
    test_lossless_1000 and test.npz.
@@ -35,7 +37,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import DATA  # noqa: E402
 from compare_methods import (Bench, add_row_arguments, append_row, filter_model_path, finish_row,  # noqa: E402
-                             finished_ids, prepare_row, recovery_settings, row_id, rows_to_do, run_row)
+                             finished_ids, prepare_row, recovery_settings, reused_row, row_id, rows_to_do,
+                             run_row)
+from compare_rows import earlier_recovery  # noqa: E402
 
 STAGE = ROOT / ".gpu"
 PLAN = STAGE / "plan"
@@ -71,10 +75,9 @@ def job_recovery(settings) -> dict:
     return {k: v for k, v in asdict(settings).items() if k not in ("device", "seed")}
 
 
-def plan_job(bench: Bench, row: dict) -> dict:
+def plan_job(bench: Bench, row: dict, prepared: dict) -> dict:
     import torch
 
-    prepared = prepare_row(bench, row)
     removed = prepared["removed"]
     job = {"id": row_id(row), "kind": "recover", "seed": row["seed"], "row": row, "removed": removed,
            "recovery": job_recovery(recovery_settings(row)), "eval": staged_eval(),
@@ -107,7 +110,12 @@ def cmd_plan(args) -> None:
             if row["method"] == "no-recovery":
                 append_row(row["model"], run_row(bench, row))
                 continue
-            jobs.append(plan_job(bench, row))
+            prepared = prepare_row(bench, row)
+            earlier = earlier_recovery(row, prepared["removed"], asdict(recovery_settings(row)))
+            if earlier is not None and not args.recover_again:  # trained already: nothing for the GPU
+                append_row(row["model"], reused_row(bench, row, prepared, earlier))
+                continue
+            jobs.append(plan_job(bench, row, prepared))
         except Exception as exc:  # a failing row is reported and skipped; the grid goes on
             print(f"    FAILED: {type(exc).__name__}: {exc}", flush=True)
             continue
@@ -143,6 +151,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan")
     add_row_arguments(plan)
+    plan.add_argument("--recover-again", action="store_true",
+                      help="plan a GPU recovery even where another CPU of the same vendor already recovered the network")
     plan.set_defaults(fn=cmd_plan)
     ingest = sub.add_parser("ingest")
     ingest.add_argument("results")

@@ -100,3 +100,28 @@ def test_a_network_recovered_on_another_cpu_is_found_only_when_everything_matche
         changed = {**earlier, "cpu": cpu, "recovery": {"settings": recorded}}
         (results / "cifar10_resnet56.json").write_text(json.dumps({"rows": [changed]}))
         assert compare_rows.earlier_recovery(spec, *prepared(["layer1.5", "layer2.1"])) is None
+
+
+def test_a_gpu_plan_leaves_out_networks_a_cpu_of_the_same_vendor_already_recovered(tmp_path, monkeypatch):
+    import argparse
+
+    import device_rows
+
+    rows = [{"method": "block-influence", "model": "resnet56", "samples": 500, "seed": s, "cut": 0.4}
+            for s in (2021, 2022)]
+    earlier = {2021: _row("block-influence", 2021, OTHER, 0.904)}  # seed 2021 was recovered before
+    appended, planned = [], []
+    monkeypatch.setattr(device_rows, "PLAN", tmp_path)
+    monkeypatch.setattr(device_rows, "Bench", lambda: None)
+    monkeypatch.setattr(device_rows, "rows_to_do", lambda args, also_done: rows)
+    monkeypatch.setattr(device_rows, "prepare_row", lambda bench, row: {"removed": {"seed": row["seed"]}})
+    monkeypatch.setattr(device_rows, "earlier_recovery", lambda row, removed, settings: earlier.get(removed["seed"]))
+    monkeypatch.setattr(device_rows, "reused_row", lambda bench, row, prepared, found: {**row, "from": found["cpu"]})
+    monkeypatch.setattr(device_rows, "append_row", lambda model, row: appended.append(row))
+    monkeypatch.setattr(device_rows, "plan_job", lambda bench, row, prepared: planned.append(row) or {"id": row["seed"]})
+    device_rows.cmd_plan(argparse.Namespace(recover_again=False))
+    assert [r["seed"] for r in appended] == [2021] and appended[0]["from"] == OTHER
+    assert [r["seed"] for r in planned] == [2022]
+    appended.clear(), planned.clear(), (tmp_path / "jobs.json").unlink()
+    device_rows.cmd_plan(argparse.Namespace(recover_again=True))
+    assert not appended and [r["seed"] for r in planned] == [2021, 2022]
