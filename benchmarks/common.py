@@ -7,6 +7,7 @@ project. The pretrained CIFAR ResNets are exported to ONNX once, by graphprune i
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -46,3 +47,14 @@ def ensure_models() -> dict[str, str]:
             gp.save(gp.load(f"zoo:cifar10_{name}", weights=str(weights)), path)
         paths[name] = str(path)
     return paths
+
+
+def study_main(doc: str, run, report) -> None:
+    """The command line of a resumable study: ``run`` (appends results, skips finished ones) and
+    ``report`` (writes its tables under ``benchmarks/results``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run").set_defaults(fn=run)
+    sub.add_parser("report").set_defaults(fn=report)
+    args = parser.parse_args()
+    args.fn(args)

@@ -19,7 +19,6 @@ judge the sets here only; graphprune never sees them. Resumable: each set's J is
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import results_dir  # noqa: E402
+from common import results_dir, study_main  # noqa: E402
 
 SAMPLES = 500
 EXTREME = ("stage1-all+2", "stage3-heavy")  # set_study's deliberately lopsided sets
@@ -118,14 +117,5 @@ def cmd_report(args) -> None:
     print("\n".join(lines))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run").set_defaults(fn=cmd_run)
-    sub.add_parser("report").set_defaults(fn=cmd_report)
-    args = parser.parse_args()
-    args.fn(args)
-
-
 if __name__ == "__main__":
-    main()
+    study_main(__doc__, cmd_run, cmd_report)
