@@ -1,0 +1,175 @@
+"""Does the recovery leave accuracy on the table? Two variants on fixed 40% block sets of ResNet-56.
+
+Each job recovers one block set (taken from a finished row of ``cifar10_resnet56.json``: the
+graphprune and block-influence rows of seed 2021 on the reference Xeon) with the row's tiny set
+and seed and the default recovery budget (2000 AdamW steps, batch 64), in one of these variants:
+
+* ``default``: graphprune's recovery as it is (on this CPU: the row itself was recovered on an
+  Intel Xeon, so this also shows how far another CPU vendor moves one recovery);
+* ``mixup-0.5``: half of each augmented batch replaced by blends ``lam x_i + (1 - lam) x_j`` of two
+  images (``lam`` uniform), shown to teacher and student alike: inputs between the tiny set's
+  images, which the teacher labels too (function matching, Beyer et al. 2022);
+* ``warm``: the set's joint adaptors (graphprune's default estimator, the fit ``refine_selection``
+  makes) folded into the pruned network, which recovery then starts from instead of the bare
+  network.
+
+    python benchmarks/recovery_study.py run      # about 6-7 minutes a job on a 2-core AMD EPYC
+    python benchmarks/recovery_study.py report   # -> benchmarks/results/recovery_study.{json,md}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import results_dir, study_main  # noqa: E402
+
+REFERENCE_CPU = "Intel(R) Xeon(R) Processor @ 2.60GHz"
+SOURCES = [("graphprune", 2021), ("block-influence", 2021)]
+VARIANTS = ("default", "mixup-0.5", "warm")
+
+
+def jobs() -> list[dict]:
+    rows = json.loads((results_dir() / "cifar10_resnet56.json").read_text())["rows"]
+    out = []
+    for method, seed in SOURCES:
+        row = next(r for r in rows if (r["method"], r["seed"], r["latency_cut_target"], r["samples"], r.get("cpu"))
+                   == (method, seed, 0.4, 500, REFERENCE_CPU))
+        for variant in VARIANTS:
+            out.append({"id": f"{method}/{seed}/{variant}", "method": method, "seed": seed, "variant": variant,
+                        "blocks": row["removed"]["blocks"],
+                        "row_top1": {"lossless1000": row["top1_lossless1000"], "jpeg10k": row["top1_jpeg10k"]}})
+    return out
+
+
+def _done(path: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())} if path.exists() else {}
+
+
+def _with_mixup(fraction: float):
+    """The recovery module's augmenter, followed by mixup of ``fraction`` of each batch."""
+    import torch
+
+    import graphprune.passes.recover as recover_module
+
+    plain = recover_module._augmenter
+
+    def augmenter(kind, size):
+        augment = plain(kind, size)
+
+        def mixed(x, gen):
+            x = augment(x, gen)
+            n = x.shape[0]
+            chosen = torch.rand(n, generator=gen) < fraction
+            partner = torch.randint(0, n, (n,), generator=gen)
+            lam = torch.rand(n, 1, 1, 1, generator=gen)
+            return torch.where(chosen.view(n, 1, 1, 1), lam * x + (1 - lam) * x[partner], x)
+        return mixed
+    return recover_module, plain, augmenter
+
+
+def _warm_start(bench, job, tiny):
+    """The pruned network with the set's jointly fitted adaptors folded in, and the set's J."""
+    import graphprune.passes.recoverability as recoverability
+    from graphprune.adaptors import fold_adaptors
+    from graphprune.data import split_holdout
+    from graphprune.features import feature_node_name
+    from graphprune.optimize import OptimizeConfig
+
+    model = bench.models["resnet56"]
+    fitted = []
+    plain = recoverability.drop_blocks
+
+    def keep(*args, **kwargs):  # score_set fits adaptors inside the model drop_blocks returns
+        fitted.append(plain(*args, **kwargs))
+        return fitted[-1]
+    train, holdout = split_holdout(tiny, seed=job["seed"])
+    settings = replace(OptimizeConfig().recoverability, seed=job["seed"])
+    recoverability.drop_blocks = keep
+    try:
+        context = recoverability._Context(model, bench.gp.find_blocks(model), train, holdout,
+                                          feature_node_name(model), settings)
+        joint = context.score_set(job["blocks"])
+    finally:
+        recoverability.drop_blocks = plain
+    unfolded = fold_adaptors(fitted[-1].graph_module)
+    if unfolded:
+        raise RuntimeError(f"adaptors that do not fold: {unfolded}")
+    return fitted[-1], joint
+
+
+def cmd_run(args) -> None:
+    from compare_methods import Bench
+
+    from graphprune.backends.environment import cpu_name
+    from graphprune.evaluate import evaluate
+    from graphprune.optimize import OptimizeConfig
+    from graphprune.passes.recover import recover
+
+    out = results_dir() / "recovery_study.jsonl"
+    done = _done(out)
+    todo = [j for j in jobs() if j["id"] not in done]
+    if not todo:
+        return
+    bench = Bench()
+    for job in todo:
+        start = time.perf_counter()
+        tiny = bench._tiny(500, job["seed"])
+        record = dict(job)
+        if job["variant"] == "warm":
+            pruned, record["J"] = _warm_start(bench, job, tiny)
+            record["before_recovery"] = {k: evaluate(pruned, t)["top1"] for k, t in bench.tests.items()}
+        else:
+            pruned = bench.gp.drop_blocks(bench.models["resnet56"], job["blocks"])
+        settings = replace(OptimizeConfig().recovery, seed=job["seed"])
+        module, plain, mixed = _with_mixup(0.5)
+        if job["variant"] == "mixup-0.5":
+            module._augmenter = mixed
+        try:
+            recovered, log = recover(pruned, bench.models["resnet56"], tiny, settings, show_progress=False)
+        finally:
+            module._augmenter = plain
+        record.update(top1={k: evaluate(recovered, t)["top1"] for k, t in bench.tests.items()},
+                      final_loss=log["final_loss"], seconds=time.perf_counter() - start, cpu=cpu_name())
+        with out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"{job['id']}: top-1 {100 * record['top1']['lossless1000']:.1f} / "
+              f"{100 * record['top1']['jpeg10k']:.2f}  {record['seconds']:.0f}s", flush=True)
+
+
+def cmd_report(args) -> None:
+    records = _done(results_dir() / "recovery_study.jsonl")
+    lines = ["# Recovery variants on fixed 40% block sets of ResNet-56 (500 images, seed 2021)", "",
+             "Command: `python benchmarks/recovery_study.py run && python benchmarks/recovery_study.py report`. "
+             "Top-1 lossless1000 / jpeg10k (±0.9 points of sampling error on lossless1000 per model); "
+             f"'row' is the result file's row, recovered on the reference CPU ({REFERENCE_CPU}).", "",
+             "| set | row | " + " | ".join(VARIANTS) + " | warm, before recovery | recovered on |",
+             "|---|---|" + "---|" * len(VARIANTS) + "---|---|"]
+    for method, seed in SOURCES:
+        cells, cpus, before = [], set(), "-"
+        row = None
+        for variant in VARIANTS:
+            r = records.get(f"{method}/{seed}/{variant}")
+            if r is None:
+                cells.append("-")
+                continue
+            row, cpus = r["row_top1"], cpus | {r["cpu"]}
+            cells.append(f"{100 * r['top1']['lossless1000']:.1f} / {100 * r['top1']['jpeg10k']:.2f}")
+            if "before_recovery" in r:
+                before = f"{100 * r['before_recovery']['lossless1000']:.1f} / {100 * r['before_recovery']['jpeg10k']:.2f}"
+        row_cell = f"{100 * row['lossless1000']:.1f} / {100 * row['jpeg10k']:.2f}" if row else "-"
+        lines.append(f"| {method} {seed} | {row_cell} | " + " | ".join(cells) + f" | {before} | {', '.join(sorted(cpus))} |")
+    (results_dir() / "recovery_study.md").write_text("\n".join(lines) + "\n")
+    (results_dir() / "recovery_study.json").write_text(json.dumps({"records": list(records.values())}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    study_main(__doc__, cmd_run, cmd_report)
