@@ -49,12 +49,16 @@ def ensure_models() -> dict[str, str]:
     return paths
 
 
-def study_main(doc: str, run, report) -> None:
-    """The command line of a resumable study: ``run`` (appends results, skips finished ones) and
-    ``report`` (writes its tables under ``benchmarks/results``)."""
+def study_main(doc: str, run, report, run_options=None) -> None:
+    """The command line of a resumable study: ``run`` (appends results, skips finished ones; its
+    parser is given to ``run_options`` to add options) and ``report`` (writes its tables under
+    ``benchmarks/results``)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run").set_defaults(fn=run)
+    run_parser = sub.add_parser("run")
+    run_parser.set_defaults(fn=run)
+    if run_options:
+        run_options(run_parser)
     sub.add_parser("report").set_defaults(fn=report)
     args = parser.parse_args()
     args.fn(args)

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import DATA, results_dir, study_main  # noqa: E402
 
 SAMPLES, POOL = 500, 1000
+DEFAULT_ITERATIONS = 50  # graphprune's default adaptor steps (RecoverabilitySettings.iterations)
 PROXIES = ("feat", "logit", "kl", "disagree")
 SPLITS = ("ho", "tr", "pool")
 
@@ -56,8 +57,14 @@ def recovered_sets() -> dict[tuple[int, tuple[str, ...]], list]:
     return sets
 
 
-def _done(path: Path) -> dict[str, dict]:
-    return {r["key"]: r for r in map(json.loads, path.read_text().splitlines())} if path.exists() else {}
+def _iterations(record: dict) -> int:
+    return record.get("iterations", DEFAULT_ITERATIONS)  # records made before the option: the default
+
+
+def _done(path: Path) -> dict[tuple[int, str], dict]:
+    """(adaptor steps, set) -> record."""
+    records = map(json.loads, path.read_text().splitlines()) if path.exists() else []
+    return {(_iterations(r), r["key"]): r for r in records}
 
 
 def _proxies(features, teacher, head) -> dict[str, float]:
@@ -103,11 +110,12 @@ def cmd_run(args) -> None:
         others = [i for i, x in enumerate(every.images) if hashlib.md5(x.numpy().tobytes()).hexdigest() not in inside]
         order = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:POOL]
         pool = every.images[torch.tensor(others)[order]]
-        context = Fitted(model, blocks, train, holdout, feature, replace(OptimizeConfig().recoverability, seed=seed))
+        settings = replace(OptimizeConfig().recoverability, seed=seed, iterations=args.iterations)
+        context = Fitted(model, blocks, train, holdout, feature, settings)
         teacher_pool = run_batched(truncate(gm, feature), pool)
         for (set_seed, names), sources in sets.items():
             key = f"{seed}/{'|'.join(names)}"
-            if set_seed != seed or key in done:
+            if set_seed != seed or (args.iterations, key) in done:
                 continue
             start = time.perf_counter()
             joint = context.score_set(list(names))
@@ -115,7 +123,7 @@ def cmd_run(args) -> None:
             train_in, holdout_in = context._prefix(first)
             pool_in = run_batched(truncate(gm, first), pool)
             student = context.student
-            record = {"key": key, "seed": seed, "blocks": list(names),
+            record = {"key": key, "seed": seed, "iterations": args.iterations, "blocks": list(names),
                       "per_stage": [sum(n.startswith(f"layer{i}.") for n in names) for i in (1, 2, 3)],
                       "sources": sources, "J": joint,
                       "ho": _proxies(run_batched(student, holdout_in), context.teacher_holdout, head),
@@ -131,41 +139,59 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def cmd_report(args) -> None:
+def _spearman(records: list[dict], seeds: list[int], column: int, split: str, proxy: str) -> tuple[float, list]:
+    """Per-seed Spearman of ``split``/``proxy`` with recovered top-1 (``column`` 1: lossless1000,
+    2: jpeg10k), positive when lower error goes with higher top-1; and its mean weighted by sets."""
     from scipy.stats import spearmanr
 
-    records = list(_done(results_dir() / "proxy_study.jsonl").values())
-    seeds = sorted({r["seed"] for r in records})
+    per_seed, weights = [], []
+    for seed in seeds:
+        rows = [r for r in records if r["seed"] == seed]
+        top1 = [_mean([s[column] for s in r["sources"]]) for r in rows]
+        per_seed.append(-float(spearmanr([r[split][proxy] for r in rows], top1).statistic))
+        weights.append(len(rows))
+    return sum(w * v for w, v in zip(weights, per_seed)) / sum(weights), per_seed
+
+
+def cmd_report(args) -> None:
+    every = list(_done(results_dir() / "proxy_study.jsonl").values())
+    counts = sorted({_iterations(r) for r in every}, key=lambda n: (n != DEFAULT_ITERATIONS, n))
+    seeds = sorted({r["seed"] for r in every})
+    by_count = {n: [r for r in every if _iterations(r) == n] for n in counts}
     summary, lines = {}, ["# Which set-level proxy predicts a 40% block set's recovered top-1? (ResNet-56)", "",
-                          "Command: `python benchmarks/proxy_study.py run && python benchmarks/proxy_study.py "
-                          "report`. One joint adaptor fit per set (graphprune's default estimator); every set "
+                          "Command: `python benchmarks/proxy_study.py run [--iterations N] && python "
+                          "benchmarks/proxy_study.py report`. One joint adaptor fit per set (graphprune's default "
+                          f"estimator, {DEFAULT_ITERATIONS} Adam steps unless the row names another count); every set "
                           "that was recovered with the default recovery and 500 images (set_study, and the "
                           "40% rows of cifar10_resnet56.json; a set recovered twice counts with its mean "
                           "top-1). `ho`: the held-out 20% of the tiny set (`ho feat` is J); `tr`: the "
                           "images the adaptors were fitted on; `pool`: 1000 other training images. Spearman "
-                          "correlation with recovered top-1 per seed (" +
-                          ", ".join(f"{s}: {sum(r['seed'] == s for r in records)} sets" for s in seeds) +
-                          "), and its mean weighted by sets.", ""]
-    for test in ("lossless1000", "jpeg10k"):
-        column = 1 if test == "lossless1000" else 2
+                          "correlation with recovered top-1 per seed, and its mean weighted by sets. Sets per "
+                          "seed: " + "; ".join(f"{n} steps: " + ", ".join(
+                              f"{s}: {sum(r['seed'] == s for r in rows)}" for s in seeds) for n, rows in by_count.items()),
+                          ""]
+    for column, test in ((1, "lossless1000"), (2, "jpeg10k")):
         lines += [f"## top-1 {test}", "", "| proxy | mean | " + " | ".join(map(str, seeds)) + " |",
                   "|---|---|" + "---|" * len(seeds)]
-        for split in SPLITS:
-            for proxy in PROXIES:
-                per_seed, weights = [], []
-                for seed in seeds:
-                    rows = [r for r in records if r["seed"] == seed]
-                    top1 = [_mean([s[column] for s in r["sources"]]) for r in rows]
-                    per_seed.append(-float(spearmanr([r[split][proxy] for r in rows], top1).statistic))
-                    weights.append(len(rows))
-                mean = sum(w * v for w, v in zip(weights, per_seed)) / sum(weights)
-                summary[f"{test}/{split}/{proxy}"] = {"mean": mean, "per_seed": per_seed}
-                lines.append(f"| {split} {proxy} | {mean:.2f} | " + " | ".join(f"{v:.2f}" for v in per_seed) + " |")
+        for count, records in by_count.items():
+            steps = "" if count == DEFAULT_ITERATIONS else f", {count} steps"
+            present = sorted({r["seed"] for r in records})
+            for split in SPLITS:
+                for proxy in PROXIES:
+                    mean, per_seed = _spearman(records, present, column, split, proxy)
+                    summary[f"{test}/{split}/{proxy}/{count}"] = {"mean": mean, "per_seed": dict(zip(present, per_seed))}
+                    cells = [f"{dict(zip(present, per_seed))[s]:.2f}" if s in present else "-" for s in seeds]
+                    lines.append(f"| {split} {proxy}{steps} | {mean:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
     (results_dir() / "proxy_study.md").write_text("\n".join(lines))
-    (results_dir() / "proxy_study.json").write_text(json.dumps({"summary": summary, "sets": records}, indent=1))
+    (results_dir() / "proxy_study.json").write_text(json.dumps({"summary": summary, "sets": every}, indent=1))
     print("\n".join(lines))
 
 
+def _run_options(parser) -> None:
+    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
+                        help="adaptor steps of each joint fit (the report compares other counts with the default)")
+
+
 if __name__ == "__main__":
-    study_main(__doc__, cmd_run, cmd_report)
+    study_main(__doc__, cmd_run, cmd_report, _run_options)
