@@ -119,6 +119,22 @@ def test_backend_times_a_tiny_model(backend, tiny_onnx):
     assert get_backend(backend.name).name == backend.name
 
 
+def test_cpu_signature_reads_the_first_processor(tmp_path, monkeypatch):
+    import builtins
+
+    from graphprune.backends.environment import cpu_signature
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                    "model name\t: AMD EPYC\nstepping\t: 1\n\nprocessor\t: 1\nvendor_id\t: Other\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path,
+                                                                         *a, **k))
+    assert cpu_signature() == "AuthenticAMD family 26 model 2 stepping 1"
+    info.write_text("")
+    assert cpu_signature() == ""
+
+
 def test_torch_backend_leaves_the_callers_model_and_threads_alone(resnet20):
     model = resnet20.clone()
     model.graph_module.train()
