@@ -273,6 +273,8 @@ def recovery_settings(row: dict):
 def prepare_row(bench: Bench, row: dict) -> dict:
     """Everything of a row but its recovery: the tiny set, the blocks (or channels) removed, chosen
     with latency measured on this machine. ``pruned`` is the un-recovered model."""
+    from graphprune.passes.select_blocks import SELECTION_RULE
+
     start = time.perf_counter()
     key, tiny, source = bench.row_inputs(row)
     original = bench.models[key]
@@ -287,7 +289,8 @@ def prepare_row(bench: Bench, row: dict) -> dict:
             prepared["removed"].update(selection=selection_settings(), greedy_blocks=record["greedy"],
                                        joint_fits=len(record.get("evaluations", [])))
         pruned = bench.gp.drop_blocks(original, selection.blocks)
-        prepared["removed"].update(blocks=selection.blocks, selection_cut=selection.cut.cut)
+        prepared["removed"].update(blocks=selection.blocks, selection_cut=selection.cut.cut,
+                                   selection_rule=SELECTION_RULE)
     prepared["pruned"] = pruned
     return prepared
 

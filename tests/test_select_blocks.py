@@ -1,0 +1,92 @@
+"""Selection to a measured latency goal: blocks are added in order until the measured cut reaches
+the goal, then every block the set does not need is given back (structural: which blocks, which
+sets are measured; numerical: a real onnxruntime measurement of the chosen set reaches the goal)."""
+
+from __future__ import annotations
+
+import pytest
+
+import graphprune as gp
+import graphprune.passes.select_blocks as select_module
+from graphprune.backends.base import LatencySettings, LatencyStats, get_backend
+from graphprune.passes.measure_latency import CutMeasurement
+from graphprune.passes.select_blocks import BlockScore, select_blocks
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    model = gp.load("zoo:cifar10_resnet20")
+    return model, gp.find_blocks(model)
+
+
+def _stats(ms: float) -> LatencyStats:
+    return LatencyStats(median_ms=ms, p10_ms=ms, p90_ms=ms, mean_ms=ms, std_ms=0.0, runs=1)
+
+
+@pytest.fixture
+def costed(monkeypatch):
+    """Measurements from a cost table: a set's cut is the sum of its blocks' costs; records every
+    set measured."""
+    measured: list[list[str]] = []
+    costs: dict[str, float] = {}
+
+    class Backend:
+        name = "costed"
+
+        def prepare(self, model, settings):
+            return lambda: None
+
+    def measure_cut(backend, model, candidate, settings, original_run=None):
+        measured.append(candidate)
+        cut = sum(costs[n] for n in candidate)
+        return CutMeasurement(_stats(1.0), _stats(1.0 - cut), cut)
+
+    monkeypatch.setattr(select_module, "drop_blocks", lambda model, names, blocks: list(names))
+    monkeypatch.setattr(select_module, "measure_cut", measure_cut)
+    return Backend(), costs, measured
+
+
+def _scores(costs: dict[str, float]) -> list[BlockScore]:
+    return [BlockScore(n, 0.1, c, c, 0.1 / c) for n, c in costs.items()]
+
+
+def test_a_block_the_goal_no_longer_needs_is_given_back(resnet20, costed):
+    model, blocks = resnet20
+    backend, costs, measured = costed
+    costs.update({"layer2.2": 0.10, "layer2.1": 0.11, "layer1.0": 0.12})
+    order = ["layer2.2", "layer2.1", "layer1.0"]
+    selection = select_blocks(model, blocks, _scores(costs), 0.22, backend, LatencySettings(), 0.005, order=order)
+    # 0.21 falls short, all three overshoot (0.33); without layer2.1 the set cuts 0.22, still short of
+    # the 0.225 goal, so it stays; without layer2.2 it cuts 0.23: layer2.2 is given back
+    assert measured == [order[:2], order, ["layer2.2", "layer1.0"], ["layer2.1", "layer1.0"]]
+    assert selection.blocks == ["layer2.1", "layer1.0"]
+    assert selection.cut.cut == pytest.approx(0.23)
+    assert selection.measurements[-1] == {"blocks": 2, "without": "layer2.2", "measured_cut": pytest.approx(0.23)}
+
+
+def test_a_set_without_surplus_costs_no_extra_measurement(resnet20, costed):
+    model, blocks = resnet20
+    backend, costs, measured = costed
+    costs.update({"layer1.0": 0.08, "layer1.1": 0.08, "layer1.2": 0.08})
+    selection = select_blocks(model, blocks, _scores(costs), 0.22, backend, LatencySettings(), 0.005,
+                              order=["layer1.0", "layer1.1", "layer1.2"])
+    assert selection.blocks == ["layer1.0", "layer1.1", "layer1.2"]
+    assert measured == [["layer1.0", "layer1.1", "layer1.2"]]  # 0.24 - 0.08 is too far below the goal to try
+
+
+def test_an_unreachable_goal_is_an_error(resnet20, costed):
+    model, blocks = resnet20
+    backend, costs, _ = costed
+    costs.update({"layer1.0": 0.05, "layer1.1": 0.05})
+    with pytest.raises(gp.GraphpruneError, match="not reachable.*cuts 10.0%"):
+        select_blocks(model, blocks, _scores(costs), 0.4, backend, LatencySettings(), order=["layer1.0", "layer1.1"])
+
+
+def test_a_real_measurement_of_the_chosen_set_reaches_the_goal(resnet20):
+    model, blocks = resnet20
+    backend = get_backend("onnxruntime")
+    settings = LatencySettings(min_runs=5, min_time_s=0.05, warmup_s=0.0)
+    names = [b.name for b in blocks]
+    scores = [BlockScore(n, 0.1, 0.1, 0.1, 1.0) for n in names]
+    selection = select_blocks(model, blocks, scores, 0.15, backend, settings, order=names)
+    assert selection.cut.cut >= 0.15 and 1 <= len(selection.blocks) < len(names)
