@@ -189,7 +189,7 @@ def block_order(bench: Bench, row: dict, tiny, key: str) -> list[str]:
 def refine(bench: Bench, row: dict, key: str, tiny, greedy):
     """graphprune's refinement of a greedy selection by joint recoverability (the product's pass,
     ``graphprune.passes.refine_selection``), joint fits cached per model and tiny set."""
-    from graphprune.cache import JsonCache
+    from graphprune.cache import JsonCache, settings_fingerprint
     from graphprune.data import split_holdout
     from graphprune.optimize import OptimizeConfig
     from graphprune.passes import PassState
@@ -202,7 +202,8 @@ def refine(bench: Bench, row: dict, key: str, tiny, greedy):
     state = PassState(m, artifacts={"blocks": bench.gp.find_blocks(m), "selection": greedy,
                                     "pooled_latency": bench.latency_table(key),
                                     "recoverability": bench.score_records(key, tiny, row["seed"], scoring)})
-    joint = JsonCache(CACHE, "joint", bench.score_key(key, tiny, scoring))
+    joint = JsonCache(CACHE, "joint", settings_fingerprint(bench.score_key(key, tiny, scoring),
+                                                          config.refine.joint_iterations))
     step = RefineSelection(train, holdout, scoring, row["cut"], bench.backend, bench.latency, MARGIN,
                            config.refine, cache=joint)
     result = step.run(m, state)

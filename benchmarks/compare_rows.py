@@ -88,8 +88,9 @@ def same_vendor(cpu: str, other: str) -> bool:
 
 
 def earlier_recovery(row: dict, removed: dict, settings: dict) -> dict | None:
-    """A finished row from another named CPU that recovered exactly the network ``removed``
-    describes: same method, model, tiny set, seed and recovery ``settings`` (a dict), the same
+    """A finished row (from this CPU, e.g. one made stale by a change of selection settings that
+    chose the same blocks again, or from another named CPU) that recovered exactly the network
+    ``removed`` describes: same method, model, tiny set, seed and recovery ``settings`` (a dict), the same
     blocks (or channel ratio), trained on a CPU of the same vendor. Its top-1 is this row's too:
     recovery is seeded and changes weights only, and on two Xeons every set both chose recovered to
     the same top-1 on both test sets, to the image (README, "second CPU"). Across vendors it does
@@ -103,7 +104,7 @@ def earlier_recovery(row: dict, removed: dict, settings: dict) -> dict | None:
     for r in load_rows(row["model"]):
         recovery = r.get("recovery") or {}
         if (r["method"], r["samples"], r["seed"]) != (row["method"], row["samples"], row["seed"]) \
-                or r.get("cpu") in (None, here) or not same_vendor(r["cpu"], here) \
+                or r.get("cpu") is None or not same_vendor(r["cpu"], here) \
                 or recovery.get("settings") != settings \
                 or (recovery.get("device") or "cpu") != "cpu" or r["removed"]["tiny_set"] != removed["tiny_set"]:
             continue

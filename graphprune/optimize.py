@@ -112,7 +112,7 @@ def _caches(model: Model, tiny: TinySet, config: OptimizeConfig) -> dict[str, Js
     return {"latency": JsonCache(config.cache_dir, "latency", latency_key),
             "selection": JsonCache(config.cache_dir, "selection", latency_key),
             "recoverability": JsonCache(config.cache_dir, "recoverability", score_key),
-            "joint": JsonCache(config.cache_dir, "joint", score_key)}
+            "joint": JsonCache(config.cache_dir, "joint", settings_fingerprint(score_key, config.refine.joint_iterations))}
 
 
 def _measure_result(backend, original: Model, config: OptimizeConfig):

@@ -87,3 +87,12 @@ def test_joint_recoverability_on_real_weights(pretrained_r20):
     pair = ["layer1.1", "layer2.1"]
     assert 0 < joint(pair) < none(pair)
     assert none(pair) > none(["layer2.1"])  # losing two blocks costs more than one
+
+
+def test_joint_fits_take_their_own_step_count():
+    from graphprune.passes.refine_selection import joint_scoring
+
+    scoring = RecoverabilitySettings(iterations=50, lr=0.003)
+    assert joint_scoring(scoring, RefineSettings()).iterations == RefineSettings().joint_iterations == 200
+    assert joint_scoring(scoring, RefineSettings(joint_iterations=None)).iterations == 50
+    assert joint_scoring(scoring, RefineSettings(joint_iterations=7)) == RecoverabilitySettings(iterations=7, lr=0.003)

@@ -53,6 +53,8 @@ def add_parser(sub) -> None:
     p.add_argument("--score-lr", type=float, default=scoring.lr, help="adaptor learning rate")
     p.add_argument("--refine-evaluations", type=int, default=RefineSettings().max_evaluations,
                    help="joint-recoverability fits to refine the chosen set with (0: keep the greedy set)")
+    p.add_argument("--joint-iterations", type=int, default=RefineSettings().joint_iterations,
+                   help="adaptor steps of each joint-recoverability fit")
     p.add_argument("--recovery-iterations", type=int, default=recovery.iterations)
     p.add_argument("--recovery-lr", type=float, default=recovery.lr)
     p.add_argument("--recovery-optimizer", default=recovery.optimizer, choices=["adam", "sgd"])
@@ -97,6 +99,8 @@ def run(args) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
     if args.refine_evaluations < 0:
         raise UsageError("--refine-evaluations must be 0 or more")
+    if args.joint_iterations < 1:
+        raise UsageError("--joint-iterations must be at least 1")
     check_outputs(args)
     model = load_model_from_args(args)
     shape = image_input_shape(model)
@@ -116,7 +120,7 @@ def run(args) -> int:
         margin=args.margin, holdout_fraction=args.holdout, seed=args.seed, feature_node=args.feature_node,
         recoverability=replace(RecoverabilitySettings(), estimator=args.estimator, iterations=args.score_iterations,
                                optimizer=args.score_optimizer, lr=args.score_lr, seed=args.seed),
-        refine=RefineSettings(max_evaluations=args.refine_evaluations),
+        refine=RefineSettings(max_evaluations=args.refine_evaluations, joint_iterations=args.joint_iterations),
         recovery=RecoverySettings(iterations=args.recovery_iterations, lr=args.recovery_lr,
                                   optimizer=args.recovery_optimizer, batch_size=args.recovery_batch_size,
                                   augment=args.augment, seed=args.seed, device=args.train_device),

@@ -8,10 +8,11 @@ Spearman 0.19 and 0.55, while the joint recoverability
 
     J(S) = held-out feature MSE after fitting adaptors around every gap of S at once
 
-(the PRACTISE estimator applied to the whole set: :func:`.recoverability.set_scorer`, same steps
-and optimiser as the single-block scores) ranks them at 0.86 and 0.93 (0.78 and 0.86 without the
-two deliberately lopsided sets; the sum: 0.05 and 0.32). Sets that empty one stage fit badly
-together although each block alone recovers well.
+(the PRACTISE estimator applied to the whole set: :func:`.recoverability.set_scorer`, with 50
+steps like the single-block scores) ranks them at 0.86 and 0.93 (0.78 and 0.86 without the two
+deliberately lopsided sets; the sum: 0.05 and 0.32). Sets that empty one stage fit badly together
+although each block alone recovers well. A joint fit has adaptors at every gap, which 50 steps
+leave short of converged, so J is fitted with ``RefineSettings.joint_iterations`` (200) steps.
 
 So the greedy set S is refined by local search on J, first improvement:
 
@@ -34,7 +35,7 @@ the other candidates, added until the measured cut reaches the goal.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ..backends.base import LatencyBackend, LatencySettings
 from ..data import TinySet
@@ -47,10 +48,21 @@ from .select_blocks import BlockScore, Selection, block_scores, goal_cut, select
 
 @dataclass(frozen=True)
 class RefineSettings:
-    # Defaults: about 20 joint fits of 50 steps take 3-4 minutes for ResNet-56 on a 2-core CPU.
+    # Defaults: 20 joint fits of 200 steps take 6-10 minutes for ResNet-56 on a 2-core CPU.
     max_evaluations: int = 20  # 0: keep the greedy set
     tolerance: float = 0.005  # how far the corrected predicted cut may fall short of the goal
     min_gain: float = 0.01  # a move must lower J by more than this fraction
+    # Adaptor steps of each joint fit (None: the single-block scores' count). A set has adaptors
+    # at every gap, and 50 steps leave them short of converged, stage-1 ones most: over 40
+    # recovered 40% sets of ResNet-56 (benchmarks/results/proxy_study.md), J after 200 steps ranks
+    # the sets' jpeg10k top-1 at Spearman 0.76 against 0.62 after 50, and their lossless1000 top-1
+    # (1000 images: noisier) at 0.88 either way.
+    joint_iterations: int | None = 200
+
+
+def joint_scoring(scoring: RecoverabilitySettings, settings: RefineSettings) -> RecoverabilitySettings:
+    """The estimator settings of a joint fit: the single-block ones with ``joint_iterations`` steps."""
+    return replace(scoring, iterations=settings.joint_iterations or scoring.iterations)
 
 
 def candidate_moves(chosen: list[str], scores: list[BlockScore], groups: list[list[str]],
@@ -157,7 +169,8 @@ class RefineSelection(Analysis):
         latency = artifacts.get("pooled_latency") or artifacts["block_latency"]
         recoverability = {r.name: r.recoverability for r in artifacts["recoverability"]}
         scores = block_scores(recoverability, latency)
-        joint = set_scorer(model, blocks, self.train, self.holdout, self.scoring, self.feature_node)
+        joint = set_scorer(model, blocks, self.train, self.holdout, joint_scoring(self.scoring, self.settings),
+                           self.feature_node)
         saved = {s.name: s.saved_fraction for s in scores}
         error = sum(saved.get(n, 0.0) for n in greedy.blocks) - greedy.cut.cut  # prediction - measurement
         min_predicted = goal_cut(self.target, self.margin) - self.settings.tolerance + error
