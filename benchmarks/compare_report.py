@@ -8,7 +8,7 @@ import statistics
 from collections import Counter
 
 from common import results_dir
-from compare_rows import ORDER, load_rows, reference_cpu, stale_reason
+from compare_rows import GRAPHPRUNE_SELECTED, ORDER, load_rows, reference_cpu, stale_reason
 
 
 def write_report() -> None:
@@ -40,17 +40,24 @@ def write_report() -> None:
         lines.append("")
         for row_cpu in [cpu] + sorted({r["cpu"] for r in rows if r.get("cpu") and r["cpu"] != cpu}):
             lines += _paired(rows, row_cpu, reference=row_cpu == cpu)
+            lines += _paired(rows, row_cpu, reference=row_cpu == cpu, earlier=True)
     (results_dir() / "compare_methods.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(cpu)
 
 
-def _paired(rows: list[dict], cpu: str, reference: bool) -> list[str]:
+def _paired(rows: list[dict], cpu: str, reference: bool, earlier: bool = False) -> list[str]:
     """graphprune against each other method on the seeds both ran, using only rows measured on
     ``cpu`` with today's settings: the mean per-seed lead, its standard error (sd of the paired
-    differences / sqrt(n)) and range. Pairing removes what a seed's tiny set does to every method alike."""
-    current = {(r["samples"], r["latency_cut_target"], r["method"], r["seed"]): r for r in rows
-               if not stale_reason(r, cpu)}
+    differences / sqrt(n)) and range. Pairing removes what a seed's tiny set does to every method alike.
+    ``earlier``: the same for graphprune-selected rows made with earlier selection settings on
+    ``cpu``, against the other methods' rows of that CPU (a record of what those settings gave)."""
+    def usable(r: dict) -> bool:
+        reason = stale_reason(r, cpu)
+        if not earlier or r["method"] not in GRAPHPRUNE_SELECTED:
+            return reason is None
+        return reason == "earlier selection"
+    current = {(r["samples"], r["latency_cut_target"], r["method"], r["seed"]): r for r in rows if usable(r)}
     seeds_of: dict[tuple, dict[str, set]] = {}  # (samples, cut) -> method -> seeds
     for samples, cut, method, seed in current:
         seeds_of.setdefault((samples, cut), {}).setdefault(method, set()).add(seed)
@@ -72,8 +79,9 @@ def _paired(rows: list[dict], cpu: str, reference: bool) -> list[str]:
     if not out:
         return []
     which = "the reference CPU" if reference else "another CPU, compared only among its own rows"
-    return [f"graphprune's lead, paired by seed (rows made with the current defaults, cut measured on {cpu}:"
-            f" {which}):", "",
+    made = "graphprune-selected rows made with earlier selection settings, the other methods' current rows" if earlier \
+        else "rows made with the current defaults"
+    return [f"graphprune's lead, paired by seed ({made}, cut measured on {cpu}: {which}):", "",
             "| samples | target cut | vs | seeds | lead lossless1000 | standard error | per seed | lead jpeg10k |",
             "|---|---|---|---|---|---|---|---|", *out, ""]
 

@@ -127,3 +127,18 @@ def test_a_gpu_plan_leaves_out_networks_a_cpu_of_the_same_vendor_already_recover
     appended.clear(), planned.clear(), (tmp_path / "jobs.json").unlink()
     device_rows.cmd_plan(argparse.Namespace(recover_again=True))
     assert not appended and [r["seed"] for r in planned] == [2021, 2022]
+
+
+def test_graphprune_rows_of_earlier_settings_are_paired_in_a_table_of_their_own(results):
+    pytest.importorskip("matplotlib")
+    from compare_report import write_report
+
+    old = _row("graphprune", 2021, REFERENCE, 0.91)
+    old["removed"]["selection"] = {"estimator": "earlier"}
+    rows = [old, _row("block-influence", 2021, REFERENCE, 0.90)]
+    (results / "cifar10_resnet56.json").write_text(json.dumps({"rows": rows}))
+    write_report()
+    report = (results / "compare_methods.md").read_text()
+    assert "rows made with the current defaults" not in report  # no current graphprune row to pair
+    assert "graphprune-selected rows made with earlier selection settings" in report
+    assert "| 500 | 0.40 | block-influence | 1 | +1.00 | - | +1.0 to +1.0 | +1.00 |" in report
