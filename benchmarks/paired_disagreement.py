@@ -7,8 +7,10 @@ With n test images, a = images only the first model gets right, b = only the sec
 
 (the standard error of a paired difference of proportions). Run on two rows' written models
 (``benchmarks/cache/rows/``), it says whether a lead between them is inside the test set's noise.
+With ``--original``, the same for agreement with the original network's top class instead of
+the label: how faithfully each pruned model reproduces the original on each test set.
 
-    python benchmarks/paired_disagreement.py FIRST.onnx SECOND.onnx
+    python benchmarks/paired_disagreement.py FIRST.onnx SECOND.onnx [--original benchmarks/cache/cifar10_resnet56.onnx]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("first")
     parser.add_argument("second")
+    parser.add_argument("--original", help="also compare agreement with this model's top class")
     args = parser.parse_args()
 
     import torch
@@ -35,18 +38,25 @@ def main() -> None:
     import graphprune as gp
     from graphprune.data import Preprocessing, load_tiny_set
 
-    models = [gp.load(path).graph_module.eval() for path in (args.first, args.second)]
+    paths = [args.first, args.second] + ([args.original] if args.original else [])
+    models = [gp.load(path).graph_module.eval() for path in paths]
     for name in ("test_lossless", "test_jpeg"):
         test = load_tiny_set(DATA[name], Preprocessing((3, 32, 32)))
         with torch.inference_mode():
-            right = [torch.cat([m(test.images[i:i + 500]).argmax(1) for i in range(0, len(test.images), 500)])
-                     == test.labels for m in models]
-        n = len(test.labels)
-        only_first, only_second = int((right[0] & ~right[1]).sum()), int((~right[0] & right[1]).sum())
-        diff = (only_first - only_second) / n
-        se = ((only_first + only_second) / n - diff ** 2) ** 0.5 / n ** 0.5
-        print(f"{name}: n {n}, top-1 {100 * right[0].float().mean():.2f} vs {100 * right[1].float().mean():.2f}, "
-              f"only first {only_first}, only second {only_second}, difference {100 * diff:+.2f} (SE {100 * se:.2f})")
+            predicted = [torch.cat([m(test.images[i:i + 500]).argmax(1) for i in range(0, len(test.images), 500)])
+                         for m in models]
+        _compare(name, "top-1", [p == test.labels for p in predicted[:2]])
+        if args.original:
+            _compare(name, "agreement with the original", [p == predicted[2] for p in predicted[:2]])
+
+
+def _compare(name: str, what: str, right) -> None:
+    n = len(right[0])
+    only_first, only_second = int((right[0] & ~right[1]).sum()), int((~right[0] & right[1]).sum())
+    diff = (only_first - only_second) / n
+    se = ((only_first + only_second) / n - diff ** 2) ** 0.5 / n ** 0.5
+    print(f"{name}: n {n}, {what} {100 * right[0].float().mean():.2f} vs {100 * right[1].float().mean():.2f}, "
+          f"only first {only_first}, only second {only_second}, difference {100 * diff:+.2f} (SE {100 * se:.2f})")
 
 
 if __name__ == "__main__":
