@@ -37,14 +37,14 @@ def main() -> None:
 
     import graphprune as gp
     from graphprune.data import Preprocessing, load_tiny_set
+    from graphprune.evaluate import predictions
 
     paths = [args.first, args.second] + ([args.original] if args.original else [])
-    models = [gp.load(path).graph_module.eval() for path in paths]
+    models = [gp.load(path) for path in paths]
     for name in ("test_lossless", "test_jpeg"):
         test = load_tiny_set(DATA[name], Preprocessing((3, 32, 32)))
         with torch.inference_mode():
-            predicted = [torch.cat([m(test.images[i:i + 500]).argmax(1) for i in range(0, len(test.images), 500)])
-                         for m in models]
+            predicted = [predictions(m, test.images, batch_size=500) for m in models]
         _compare(name, "top-1", [p == test.labels for p in predicted[:2]])
         if args.original:
             _compare(name, "agreement with the original", [p == predicted[2] for p in predicted[:2]])
