@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import CACHE, DATA, WEIGHTS, ensure_models  # noqa: E402
 from compare_rows import (DATA_METHODS, GRAPHPRUNE_SELECTED, MAIN_METHODS, append_row,  # noqa: E402
-                          earlier_recovery, is_stale, load_rows, selection_settings)
+                          earlier_recovery, is_stale, load_rows, selection_settings, this_machine)
 
 MARGIN = 0.005
 BN_INVERSION_IMAGES = 256  # a 2-core CPU synthesises about 256 images in 5-7 minutes
@@ -298,7 +298,7 @@ def prepare_row(bench: Bench, row: dict) -> dict:
 
 def finish_row(bench: Bench, row: dict, prepared: dict, model, top1: dict, recovery: dict, wall_s: float) -> dict:
     """The row: ``model``'s cut re-measured independently against the original, with its top-1."""
-    from graphprune.backends.environment import cpu_name, cpu_signature
+    from graphprune.backends.environment import cpu_signature
     from graphprune.passes.measure_latency import measure_cut
 
     cut = measure_cut(bench.backend, prepared["original"], model, bench.latency)
@@ -308,7 +308,7 @@ def finish_row(bench: Bench, row: dict, prepared: dict, model, top1: dict, recov
         "latency_ms": {"original": cut.original.median_ms, "optimized": cut.candidate.median_ms},
         "top1_lossless1000": top1["lossless1000"], "top1_jpeg10k": top1["jpeg10k"],
         "removed": prepared["removed"], "recovery": recovery, "wall_s": wall_s,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": cpu_name(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": this_machine(),
         "cpu_signature": cpu_signature(),
     }
 

@@ -25,6 +25,25 @@ ORDER = MAIN_METHODS + DATA_METHODS
 GRAPHPRUNE_SELECTED = {"graphprune", "graphprune-bp", "no-recovery", *DATA_METHODS}
 
 
+def machine_label(name: str, signature: str = "") -> str:
+    """How rows name a CPU: its model name, and its family and model where known. Virtual machines
+    show different CPUs under one name: "AMD EPYC" was a family-26 (Zen 5) machine in one session
+    and a family-25 (Zen 3, about 3.6x slower at recovery) one in the next, and their block savings
+    need not agree, so their rows must not replace or be compared with each other's."""
+    words = signature.split()
+    known = dict(zip(words[1::2], words[2::2]))  # "AuthenticAMD family 26 model 2 stepping 1"
+    if "family" in known and "model" in known:
+        return f"{name}, family {known['family']} model {known['model']}"
+    return name
+
+
+def this_machine() -> str:
+    """This machine's CPU as rows name it (:func:`machine_label`)."""
+    from graphprune.backends.environment import cpu_name, cpu_signature
+
+    return machine_label(cpu_name(), cpu_signature())
+
+
 def selection_settings() -> dict:
     """How graphprune chooses blocks today; recorded in every graphprune-selected row, so rows made
     with earlier defaults can be told apart (``report``) and redone (``run --redo-stale``)."""
@@ -39,10 +58,8 @@ def reference_cpu(rows: list[dict]) -> str:
     """The CPU whose rows a report compares: the one that measured most of ``rows`` (rows from the
     first, unnamed AMD EPYC machine do not count), else this machine. A report made on any machine
     from the same results file reads the same."""
-    from graphprune.backends.environment import cpu_name
-
     counts = Counter(r["cpu"] for r in rows if r.get("cpu"))
-    return counts.most_common(1)[0][0] if counts else cpu_name()
+    return counts.most_common(1)[0][0] if counts else this_machine()
 
 
 def stale_reason(result: dict, cpu: str | None = None) -> str | None:
@@ -50,9 +67,7 @@ def stale_reason(result: dict, cpu: str | None = None) -> str | None:
     today's settings, if it does not: its cut was measured on another CPU (block savings differ
     between CPUs, so every method would choose differently), or it is graphprune-selected with
     other settings than today's."""
-    from graphprune.backends.environment import cpu_name
-
-    if result.get("cpu") != (cpu or cpu_name()):
+    if result.get("cpu") != (cpu or this_machine()):
         return f"cut measured on {result.get('cpu') or 'an earlier AMD EPYC machine'}"
     if result["method"] in GRAPHPRUNE_SELECTED and result["removed"].get("selection") != selection_settings():
         return "earlier selection"
@@ -98,9 +113,7 @@ def earlier_recovery(row: dict, removed: dict, settings: dict) -> dict | None:
     Xeons and to 90.8 / 84.61 on an AMD EPYC (other floating-point kernels). Where selections
     agree, a row made on a new CPU then costs its selection and its cut, not 10-15 minutes of
     training; ``--recover-again`` trains anyway and records the earlier top-1 beside its own."""
-    from graphprune.backends.environment import cpu_name
-
-    here = cpu_name()
+    here = this_machine()
     for r in load_rows(row["model"]):
         recovery = r.get("recovery") or {}
         if (r["method"], r["samples"], r["seed"]) != (row["method"], row["samples"], row["seed"]) \

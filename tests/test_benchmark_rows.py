@@ -142,3 +142,15 @@ def test_graphprune_rows_of_earlier_settings_are_paired_in_a_table_of_their_own(
     assert "rows made with the current defaults" not in report  # no current graphprune row to pair
     assert "graphprune-selected rows made with earlier selection settings" in report
     assert "| 500 | 0.40 | block-influence | 1 | +1.00 | - | +1.0 to +1.0 | +1.00 |" in report
+
+
+def test_one_cpu_name_with_two_signatures_names_two_machines(monkeypatch):
+    import graphprune.backends.environment as environment
+
+    monkeypatch.setattr(environment, "cpu_name", lambda: "AMD EPYC")
+    monkeypatch.setattr(environment, "cpu_signature", lambda: "AuthenticAMD family 25 model 1 stepping 1")
+    assert compare_rows.this_machine() == "AMD EPYC, family 25 model 1"
+    other = _row("block-influence", 2021, compare_rows.machine_label("AMD EPYC", "AuthenticAMD family 26 model 2 stepping 1"), 0.9)
+    assert compare_rows.stale_reason(other) == "cut measured on AMD EPYC, family 26 model 2"
+    assert compare_rows.stale_reason({**other, "cpu": "AMD EPYC, family 25 model 1"}) is None
+    assert compare_rows.machine_label("Intel(R) Xeon(R) Processor", "") == "Intel(R) Xeon(R) Processor"
