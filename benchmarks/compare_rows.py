@@ -97,6 +97,10 @@ def append_row(model: str, row: dict) -> None:
     tmp.replace(path)
 
 
+# recovery settings added after rows were made, with the value those rows had (so they still match)
+RECOVERY_SETTINGS_ADDED = {"target": "features"}
+
+
 def same_vendor(cpu: str, other: str) -> bool:
     """Whether two CPU model names come from one vendor (their first word: ``Intel(R)``, ``AMD``)."""
     return cpu.split()[:1] == other.split()[:1]
@@ -118,7 +122,7 @@ def earlier_recovery(row: dict, removed: dict, settings: dict) -> dict | None:
         recovery = r.get("recovery") or {}
         if (r["method"], r["samples"], r["seed"]) != (row["method"], row["samples"], row["seed"]) \
                 or r.get("cpu") is None or not same_vendor(r["cpu"], here) \
-                or recovery.get("settings") != settings \
+                or {**RECOVERY_SETTINGS_ADDED, **(recovery.get("settings") or {})} != settings \
                 or (recovery.get("device") or "cpu") != "cpu" or r["removed"]["tiny_set"] != removed["tiny_set"]:
             continue
         if "channel_ratio" in removed:

@@ -4,6 +4,12 @@ The *classifier* is the last weighted op (linear, matmul, conv) on the way to th
 *features* are its input (the pooled, flattened tensor for a CNN; the class token for a ViT). Both
 recoverability and recovery compare features before the classifier, so the classifier is never
 part of what is trained. ``feature_node`` overrides the choice by fx node name (or ONNX node name).
+
+The *feature map* is what the features are read from without weights: walking back from the
+features through weight-free nodes of one tensor input (flatten, reshape, pooling, token select),
+the first tensor with more elements per image than the node that reads it (the 64x8x8 map a CIFAR
+ResNet pools into its 64 features). Mimicking the map gives more targets per image, and the
+features follow from it (the reduction is fixed).
 """
 
 from __future__ import annotations
@@ -43,6 +49,50 @@ def feature_node_name(model: Model, override: str | None = None) -> str:
     if not inputs:
         raise GraphpruneError("the classifier reads no tensor input")
     return inputs[0].name
+
+
+def feature_map_node_name(model: Model, feature: str) -> str | None:
+    """The fx node whose output is the feature map behind node ``feature`` (see the module
+    docstring), or ``None`` where the features are read through weights or several inputs."""
+    gm = model.graph_module
+    constants = constant_nodes(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    sizes = _per_image_sizes(model)
+    node = nodes[feature]
+    while not is_weighted(node, gm, constants):
+        inputs = [i for i in node.all_input_nodes if i not in constants]
+        if len(inputs) != 1 or inputs[0].op == "placeholder" or inputs[0].name not in sizes:
+            return None
+        previous = inputs[0]
+        if sizes[previous.name] > sizes.get(node.name, sizes[previous.name]):
+            return previous.name
+        node = previous
+    return None
+
+
+@torch.no_grad()
+def _per_image_sizes(model: Model) -> dict[str, int]:
+    """Elements per image of every tensor-valued node with a batch axis, from one run at batch 2
+    (or the graph's fixed batch)."""
+    gm = model.graph_module
+    inputs = model.example_inputs(batch_size=2)
+    batch = inputs[0].shape[0]
+    sizes: dict[str, int] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            if isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] == batch:
+                sizes[node.name] = out.numel() // batch
+            return out
+
+    was_training = gm.training
+    gm.eval()
+    try:
+        Recorder(gm).run(*inputs)
+    finally:
+        gm.train(was_training)
+    return sizes
 
 
 def classifier_parameters(model: Model) -> list[torch.nn.Parameter]:

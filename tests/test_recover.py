@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import graphprune as gp
 from conftest import data_path
 from graphprune.data import Preprocessing, TinySet, load_tiny_set
-from graphprune.features import classifier_node, feature_node_name, run_batched, truncate
+from graphprune.features import classifier_node, feature_map_node_name, feature_node_name, run_batched, truncate
 from graphprune.passes.recover import RecoverySettings, recover
 
 
@@ -60,8 +60,45 @@ def test_label_loss_keeps_classifier_frozen(setup):
                        pruned.graph_module.state_dict()["linear.weight"])
 
 
+def _output(model, node, images):
+    return run_batched(truncate(model.graph_module, node), images)
+
+
+def test_the_feature_map_is_the_tensor_the_features_are_pooled_from(setup):
+    teacher, _, tiny = setup
+    feature = feature_node_name(teacher)
+    name = feature_map_node_name(teacher, feature)
+    assert _output(teacher, name, tiny.images[:2]).shape == (2, 64, 8, 8)
+    assert torch.allclose(_output(teacher, name, tiny.images[:2]).mean((2, 3)), _output(teacher, feature, tiny.images[:2]))
+    without_last = gp.drop_blocks(teacher, ["layer3.2"])  # the map was that block's output
+    other = feature_map_node_name(without_last, feature)
+    assert other != name and _output(without_last, other, tiny.images[:2]).shape == (2, 64, 8, 8)
+    mlp = gp.load(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)),
+                  input_shape=(1, 3, 2, 2))
+    assert feature_map_node_name(mlp, feature_node_name(mlp)) is None  # features come through weights
+    with pytest.raises(gp.GraphpruneError, match="feature-map"):
+        recover(mlp, mlp, TinySet(torch.randn(4, 3, 2, 2), torch.zeros(4, dtype=torch.long)),
+                RecoverySettings(iterations=1, target="feature-map"), show_progress=False)
+
+
+def test_mimicking_the_feature_map_lowers_the_map_and_the_feature_error(setup):
+    teacher, pruned, tiny = setup
+    feature = feature_node_name(teacher)
+    name = feature_map_node_name(teacher, feature)
+
+    def map_mse(model):
+        return float(F.mse_loss(_output(model, name, tiny.images), _output(teacher, name, tiny.images)))
+    before_map, before_features = map_mse(pruned), _feature_mse(pruned, teacher, tiny.images)
+    recovered, record = recover(pruned, teacher, tiny, RecoverySettings(iterations=40, batch_size=16, lr=0.02,
+                                                                        augment="none", target="feature-map"),
+                                show_progress=False)
+    assert record["mimicked_nodes"] == {"original": name, "pruned": name}
+    assert map_mse(recovered) < 0.7 * before_map
+    assert _feature_mse(recovered, teacher, tiny.images) < before_features
+
+
 @pytest.mark.parametrize("bad,message", [
-    (dict(loss="label"), "labelled"), (dict(schedule="wavy"), "schedule"), (dict(augment="zoom"), "augmentation"),
+    (dict(loss="label"), "labelled"), (dict(target="pixels"), "recovery target"), (dict(schedule="wavy"), "schedule"), (dict(augment="zoom"), "augmentation"),
 ])
 def test_bad_recovery_settings(setup, bad, message):
     teacher, pruned, tiny = setup

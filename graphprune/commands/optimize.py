@@ -59,6 +59,8 @@ def add_parser(sub) -> None:
     p.add_argument("--recovery-lr", type=float, default=recovery.lr)
     p.add_argument("--recovery-optimizer", default=recovery.optimizer, choices=["adam", "sgd"])
     p.add_argument("--recovery-batch-size", type=int, default=recovery.batch_size)
+    p.add_argument("--recovery-target", default=recovery.target, choices=["features", "feature-map"],
+                   help="what recovery mimics: the features before the classifier, or the map they are pooled from")
     p.add_argument("--augment", default="auto", choices=["auto", "crop-flip", "resized-crop-flip", "none"])
     p.add_argument("--train-device", default="cpu", help="device recovery trains on (cpu, cuda)")
     p.add_argument("--eval-data", help="labelled folder/.npz to report top-1 of original and optimised")
@@ -123,6 +125,7 @@ def run(args) -> int:
         refine=RefineSettings(max_evaluations=args.refine_evaluations, joint_iterations=args.joint_iterations),
         recovery=RecoverySettings(iterations=args.recovery_iterations, lr=args.recovery_lr,
                                   optimizer=args.recovery_optimizer, batch_size=args.recovery_batch_size,
+                                  target=args.recovery_target,
                                   augment=args.augment, seed=args.seed, device=args.train_device),
         cache_dir=cache_dir,
         show_progress=not args.quiet,

@@ -2,7 +2,8 @@
 
     min over student weights   E_x || f_student(aug(x)) - f_teacher(aug(x)) ||^2
 
-where ``f`` are the features before the classifier, the teacher is the original network (frozen,
+where ``f`` are the features before the classifier (or, with ``target="feature-map"``, the map
+those features are pooled from: :func:`~graphprune.features.feature_map_node_name`), the teacher is the original network (frozen,
 eval mode) and ``aug`` is random crop (with padding for small images, random-resized crop for
 large ones) plus horizontal flip, drawn afresh every step and shown to both networks. Every
 weight trains except the classifier, which is not even part of the student's graph here, so it is
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from ..data import TinySet
 from ..errors import GraphpruneError
-from ..features import classifier_parameters, feature_node_name, truncate
+from ..features import classifier_parameters, feature_map_node_name, feature_node_name, truncate
 from ..model import Model
 from ..progress import progress_bar
 from .base import PassResult, PassState, Transform
@@ -45,6 +46,7 @@ class RecoverySettings:
     schedule: str = "cosine"  # or "step" (x0.1 at 40%, as the official code)
     augment: str = "auto"  # "crop-flip", "resized-crop-flip", "none" or "auto" (by image size)
     loss: str = "mimic"  # or "label" (cross-entropy, classifier frozen)
+    target: str = "features"  # what "mimic" matches: "features" or "feature-map" (before pooling)
     seed: int = 0
     device: str = "cpu"
 
@@ -72,12 +74,13 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     student_model = model.clone()
     device = torch.device(settings.device)
     feature = feature_node_name(teacher, feature_node)
-    teacher_gm = truncate(teacher.clone().graph_module, feature).to(device).eval()
+    mimicked = _mimicked_nodes(teacher, student_model, feature, settings)
+    teacher_gm = truncate(teacher.clone().graph_module, mimicked[0]).to(device).eval()
     full = student_model.graph_module.to(device)
     if settings.loss == "label":
         student, frozen = full, {id(p) for p in classifier_parameters(student_model)}
     else:
-        student, frozen = truncate(full, feature), set()
+        student, frozen = truncate(full, mimicked[1]), set()
     params = [p for p in student.parameters() if p.is_floating_point() and id(p) not in frozen]
     for p in student.parameters():
         p.requires_grad_(id(p) not in frozen and p.is_floating_point())
@@ -106,7 +109,11 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
         else:
             with torch.no_grad():
                 target = teacher_gm(batch)
-            loss = F.mse_loss(student(batch), target)
+            output = student(batch)
+            if output.shape != target.shape:
+                raise GraphpruneError(f"the pruned model's mimicked tensor has shape {tuple(output.shape[1:])}, "
+                                      f"the original's {tuple(target.shape[1:])}: it cannot be mimicked")
+            loss = F.mse_loss(output, target)
         if not torch.isfinite(loss):
             raise GraphpruneError(f"recovery diverged at step {step} (loss {loss.item()}); lower --recovery-lr")
         optimizer.zero_grad(set_to_none=True)
@@ -126,14 +133,30 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     full.eval()
     student_model.graph_module = full.to("cpu")
     record = {"settings": asdict(settings), "feature_node": feature, "trained_tensors": len(params),
+              "mimicked_nodes": {"original": mimicked[0], "pruned": mimicked[1]},
               "loss_curve": curve, "final_loss": curve[-1]["loss"] if curve else None,
               "train_images": len(images), "seconds": round(time.perf_counter() - start, 2)}
     return student_model, record
 
 
+def _mimicked_nodes(teacher: Model, student: Model, feature: str, settings: RecoverySettings) -> tuple[str, str]:
+    """(teacher node, student node) whose outputs are compared. The feature node keeps its name in
+    the pruned model, but the map before it may not (it is the last block's output, and that
+    block may be dropped), so each model's map is found from its own features."""
+    if settings.target == "features" or settings.loss == "label":
+        return feature, feature
+    maps = feature_map_node_name(teacher, feature), feature_map_node_name(student, feature)
+    if None in maps:
+        raise GraphpruneError("recovery target 'feature-map': the features are not pooled or reshaped from a "
+                              "larger tensor without weights; use the target 'features'")
+    return maps
+
+
 def _check(settings: RecoverySettings, train: TinySet) -> None:
     if settings.iterations < 0 or settings.batch_size <= 0 or settings.lr <= 0:
         raise GraphpruneError("recovery needs iterations >= 0, batch size > 0 and lr > 0")
+    if settings.target not in ("features", "feature-map"):
+        raise GraphpruneError(f"unknown recovery target '{settings.target}' (features or feature-map)")
     if settings.loss not in ("mimic", "label"):
         raise GraphpruneError(f"unknown recovery loss '{settings.loss}' (mimic or label)")
     if settings.loss == "label" and not train.has_labels:
