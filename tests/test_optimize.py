@@ -57,6 +57,17 @@ def test_optimize_writes_a_verified_faster_model_and_a_report(cli, r20_onnx, tmp
     assert "measured cut" in stdout
 
 
+def test_optimize_can_recover_by_mimicking_the_feature_map(cli, r20_onnx, tmp_path):
+    model, data = r20_onnx
+    out, report = tmp_path / "fast.onnx", tmp_path / "r.json"
+    code, _, err = cli("optimize", model, "--latency-cut", "0.2", "--data", data, "-o", out, "--report", report,
+                       "--recovery-target", "feature-map", *FAST)
+    assert code == 0, err
+    doc = json.loads(report.read_text())
+    assert doc["settings"]["recovery"]["target"] == "feature-map" and doc["recovery"]["final_loss"] > 0
+    assert ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
 def test_optimize_python_api_is_a_pipeline_of_passes(r20_onnx):
     from graphprune.backends.base import LatencySettings
     from graphprune.data import Preprocessing, load_tiny_set
