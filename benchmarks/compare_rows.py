@@ -28,7 +28,7 @@ GRAPHPRUNE_SELECTED = {"graphprune", "graphprune-bp", "no-recovery", *DATA_METHO
 def machine_label(name: str, signature: str = "") -> str:
     """How rows name a CPU: its model name, and its family and model where known. Virtual machines
     show different CPUs under one name: "AMD EPYC" was a family-26 (Zen 5) machine in one session
-    and a family-25 (Zen 3, about 3.6x slower at recovery) one in the next, and their block savings
+    and a family-25 (Zen 3, 3-4x slower at recovery) one in the next, and their block savings
     need not agree, so their rows must not replace or be compared with each other's."""
     words = signature.split()
     known = dict(zip(words[1::2], words[2::2]))  # "AuthenticAMD family 26 model 2 stepping 1"
