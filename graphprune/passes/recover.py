@@ -7,8 +7,9 @@ those features are pooled from: :func:`~graphprune.features.feature_map_node_nam
 teacher is the original network (frozen, eval mode) and ``aug`` is random crop (with padding for
 small images, random-resized crop for large ones) plus horizontal flip, drawn afresh every step
 and shown to both networks. Every weight trains except the classifier, which is not even part of
-the student's graph here, so it is frozen by construction; BatchNorm runs in train mode where the graph has it. SGD with momentum
-and weight decay (or AdamW), cosine or step learning-rate decay.
+the student's graph here, so it is frozen by construction; BatchNorm runs in train mode where
+the graph has it. SGD with momentum and weight decay (or AdamW), cosine or step learning-rate
+decay.
 
 ``loss="label"`` is the paper's BP baseline instead: cross-entropy with the labels through the
 classifier, whose parameters are then explicitly frozen (``requires_grad=False``).
