@@ -15,11 +15,13 @@ features follow from it (the reduction is fixed).
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import fx
 
 from .errors import GraphpruneError
+from .graph_stats import node_stats
 from .model import Model
 from .ops import ancestors, constant_nodes, is_weighted
 
@@ -57,7 +59,8 @@ def feature_map_node_name(model: Model, feature: str) -> str | None:
     gm = model.graph_module
     constants = constant_nodes(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
-    sizes = _per_image_sizes(model)
+    # elements per image of each tensor-valued node (graph_stats runs at batch 1)
+    sizes = {name: math.prod(stat.shape) for name, stat in node_stats(model).items() if stat.shape}
     node = nodes[feature]
     while not is_weighted(node, gm, constants):
         inputs = [i for i in node.all_input_nodes if i not in constants]
@@ -68,31 +71,6 @@ def feature_map_node_name(model: Model, feature: str) -> str | None:
             return previous.name
         node = previous
     return None
-
-
-@torch.no_grad()
-def _per_image_sizes(model: Model) -> dict[str, int]:
-    """Elements per image of every tensor-valued node with a batch axis, from one run at batch 2
-    (or the graph's fixed batch)."""
-    gm = model.graph_module
-    inputs = model.example_inputs(batch_size=2)
-    batch = inputs[0].shape[0]
-    sizes: dict[str, int] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, node):
-            out = super().run_node(node)
-            if isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] == batch:
-                sizes[node.name] = out.numel() // batch
-            return out
-
-    was_training = gm.training
-    gm.eval()
-    try:
-        Recorder(gm).run(*inputs)
-    finally:
-        gm.train(was_training)
-    return sizes
 
 
 def classifier_parameters(model: Model) -> list[torch.nn.Parameter]:

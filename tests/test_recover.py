@@ -25,8 +25,7 @@ def setup():
 
 def _feature_mse(model, teacher, images):
     feature = feature_node_name(teacher)
-    return float(F.mse_loss(run_batched(truncate(model.graph_module, feature), images),
-                            run_batched(truncate(teacher.graph_module, feature), images)))
+    return float(F.mse_loss(_output(model, feature, images), _output(teacher, feature, images)))
 
 
 def test_feature_node_is_the_classifier_input(setup):
