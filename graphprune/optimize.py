@@ -23,7 +23,7 @@ from .model import HALF_DTYPES, Model
 from .passes import DropBlocks, FindBlocks, PassResult, PassState, Pipeline, Step
 from .passes.measure_latency import MeasureBlockLatency, measure_cut
 from .passes.pool_latency import PoolIdenticalBlocks
-from .passes.recover import Recover, RecoverySettings
+from .passes.recover import Recover, RecoverySettings, check_recovery
 from .passes.recoverability import Recoverability, RecoverabilitySettings
 from .passes.refine_selection import RefineSelection, RefineSettings
 from .passes.select_blocks import SelectBlocks
@@ -79,6 +79,7 @@ def optimize(model: Model, tiny: TinySet, config: OptimizeConfig = OptimizeConfi
     if not 0 < config.latency_cut < 1:
         raise GraphpruneError(f"--latency-cut must be between 0 and 1 (exclusive), got {config.latency_cut}")
     image_input_shape(model)
+    check_recovery(model, tiny, config.recovery, config.feature_node)
     backend = get_backend(config.backend)
     train, holdout = split_holdout(tiny, config.holdout_fraction, config.holdout_minimum, config.seed)
     caches = _caches(model, tiny, config)

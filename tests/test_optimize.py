@@ -68,6 +68,36 @@ def test_optimize_can_recover_by_mimicking_the_feature_map(cli, r20_onnx, tmp_pa
     assert ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
 
 
+class _HiddenHead(torch.nn.Module):
+    """One residual block, then features that come through a Linear: there is no map to mimic."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.hidden, self.classifier = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + torch.relu(self.conv(x))
+        return self.classifier(torch.relu(self.hidden(x.mean((2, 3)))))
+
+
+def test_optimize_refuses_a_recovery_it_cannot_run_before_measuring_anything(monkeypatch):
+    import graphprune.optimize as optimize_module
+    from graphprune.data import TinySet
+    from graphprune.optimize import OptimizeConfig, optimize
+    from graphprune.passes.recover import RecoverySettings
+
+    monkeypatch.setattr(optimize_module, "get_backend", lambda *a, **k: pytest.fail("measured before refusing"))
+    model = gp.load(_HiddenHead(), input_shape=(1, 3, 8, 8))
+    tiny = TinySet(torch.randn(12, 3, 8, 8), torch.full((12,), -1))
+    for recovery, message in [(RecoverySettings(target="feature-map"), "feature-map"),
+                              (RecoverySettings(loss="label"), "labelled"),
+                              (RecoverySettings(augment="zoom"), "augmentation")]:
+        with pytest.raises(gp.GraphpruneError, match=message):
+            optimize(model, tiny, OptimizeConfig(latency_cut=0.2, recovery=recovery, show_progress=False))
+
+
 def test_optimize_python_api_is_a_pipeline_of_passes(r20_onnx):
     from graphprune.backends.base import LatencySettings
     from graphprune.data import Preprocessing, load_tiny_set

@@ -71,7 +71,7 @@ class Recover(Transform):
 def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySettings,
             feature_node: str | None = None, show_progress: bool = True) -> tuple[Model, dict]:
     """A trained copy of ``model`` and a record (loss curve, time)."""
-    _check(settings, train)
+    check_recovery(teacher, train, settings, feature_node)
     student_model = model.clone()
     device = torch.device(settings.device)
     feature = feature_node_name(teacher, feature_node)
@@ -146,11 +146,24 @@ def _mimicked_nodes(teacher: Model, student: Model, feature: str, settings: Reco
     block may be dropped), so each model's map is found from its own features."""
     if settings.target == "features" or settings.loss == "label":
         return feature, feature
-    maps = feature_map_node_name(teacher, feature), feature_map_node_name(student, feature)
-    if None in maps:
+    return _feature_map(teacher, feature), _feature_map(student, feature)
+
+
+def _feature_map(model: Model, feature: str) -> str:
+    name = feature_map_node_name(model, feature)
+    if name is None:
         raise GraphpruneError("recovery target 'feature-map': the features are not pooled or reshaped from a "
                               "larger tensor without weights; use the target 'features'")
-    return maps
+    return name
+
+
+def check_recovery(teacher: Model, train: TinySet, settings: RecoverySettings, feature_node: str | None = None) -> None:
+    """Refuse, with a one-line error, settings that ``recover`` would refuse, before anything runs:
+    a pipeline calls this first so that a bad setting does not cost the scoring before it."""
+    _check(settings, train)
+    _augmenter(settings.augment, train.images.shape[-2:])
+    if settings.loss == "mimic" and settings.target == "feature-map":
+        _feature_map(teacher, feature_node_name(teacher, feature_node))
 
 
 def _check(settings: RecoverySettings, train: TinySet) -> None:
