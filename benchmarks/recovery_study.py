@@ -1,8 +1,9 @@
 """Does the recovery leave accuracy on the table? Variants on fixed 40% block sets of ResNet-56.
 
 Each job recovers one block set (taken from a finished row of ``cifar10_resnet56.json``: the
-graphprune and block-influence rows of seed 2021 on the reference Xeon) with the row's tiny set
-and seed and the default recovery budget (2000 AdamW steps, batch 64), in one of these variants:
+graphprune and block-influence rows on the reference Xeon: seed 2021 in every variant, seeds
+2022-2025 in ``spatial``) with the row's tiny set and seed and the default recovery budget (2000
+AdamW steps, batch 64), in one of these variants:
 
 * ``default``: graphprune's recovery as it is (on this CPU: the row itself was recovered on an
   Intel Xeon, so this also shows how far another CPU vendor moves one recovery);
@@ -16,7 +17,7 @@ and seed and the default recovery budget (2000 AdamW steps, batch 64), in one of
   makes) folded into the pruned network, which recovery then starts from instead of the bare
   network.
 
-    python benchmarks/recovery_study.py run      # about 6-7 minutes a job on a 2-core AMD EPYC
+    python benchmarks/recovery_study.py run      # 6-7 min a job on a 2-core AMD EPYC family 26, ~25 on family 25
     python benchmarks/recovery_study.py report   # -> benchmarks/results/recovery_study.{json,md}
 """
 
@@ -40,7 +41,7 @@ VARIANTS = ("default", "mixup-0.5", "warm", "spatial")
 # ``default`` being the row itself (recovered on the reference Xeon; across CPU vendors one
 # recovery moved by 0.1 points: seed 2021's row and ``default`` column)
 SOURCES = [(m, 2021, VARIANTS) for m in ("graphprune", "block-influence")] + \
-    [(m, seed, ("spatial",)) for seed in (2022, 2023) for m in ("graphprune", "block-influence")]
+    [(m, seed, ("spatial",)) for seed in (2022, 2023, 2024, 2025) for m in ("graphprune", "block-influence")]
 
 
 def jobs() -> list[dict]:
