@@ -178,10 +178,24 @@ def cmd_report(args) -> None:
         lines.append(f"| {method} {seed} | {_cell(rows[method, seed])} | " + " | ".join(cells) + f" | {before} | {where} |")
     lines += ["", "graphprune's lead over block-influence per seed (lossless1000 / jpeg10k points), as rows and "
               "with the spatial recovery:", "", "| seed | rows | spatial |", "|---|---|---|"]
+    paired = {"rows": [], "spatial": []}  # per seed with both spatial runs: (lead as rows, lead spatial)
     for seed in sorted({seed for _, seed, _ in SOURCES}):
         spatial = [records.get(f"{m}/{seed}/spatial") for m in ("graphprune", "block-influence")]
         lead = _lead(rows["graphprune", seed], rows["block-influence", seed])
         lines.append(f"| {seed} | {lead} | {_lead(spatial[0]['top1'], spatial[1]['top1']) if all(spatial) else '-'} |")
+        if all(spatial):
+            paired["rows"].append(_difference(rows["graphprune", seed], rows["block-influence", seed]))
+            paired["spatial"].append(_difference(spatial[0]["top1"], spatial[1]["top1"]))
+    if paired["spatial"]:
+        lines.append(f"| mean ± SE over {len(paired['spatial'])} | {_mean_se(paired['rows'])} | "
+                     f"{_mean_se(paired['spatial'])} |")
+    lines += ["", "What the spatial recovery adds to each set (spatial minus the row; lossless1000 / jpeg10k points):",
+              "", "| method | seeds | per seed | mean ± SE |", "|---|---|---|---|"]
+    for method in ("graphprune", "block-influence"):
+        lifts = [_difference(r["top1"], rows[method, r["seed"]]) for r in records.values()
+                 if r["method"] == method and r["variant"] == "spatial"]
+        per_seed = ", ".join(f"{a:+.1f} / {b:+.2f}" for a, b in lifts)
+        lines.append(f"| {method} | {len(lifts)} | {per_seed} | {_mean_se(lifts) if lifts else '-'} |")
     (results_dir() / "recovery_study.md").write_text("\n".join(lines) + "\n")
     (results_dir() / "recovery_study.json").write_text(json.dumps({"records": list(records.values())}, indent=1))
     print("\n".join(lines))
@@ -189,6 +203,21 @@ def cmd_report(args) -> None:
 
 def _cell(top1: dict) -> str:
     return f"{100 * top1['lossless1000']:.1f} / {100 * top1['jpeg10k']:.2f}"
+
+
+def _difference(ours: dict, theirs: dict) -> tuple[float, float]:
+    return tuple(100 * (ours[k] - theirs[k]) for k in ("lossless1000", "jpeg10k"))
+
+
+def _mean_se(pairs: list[tuple[float, float]]) -> str:
+    """Mean ± standard error of each component over the seeds."""
+    import statistics
+
+    cells = []
+    for values in zip(*pairs):
+        se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+        cells.append(f"{statistics.mean(values):+.2f} ± {se:.2f}")
+    return " / ".join(cells)
 
 
 def _lead(ours: dict, theirs: dict) -> str:
