@@ -75,9 +75,15 @@ def test_the_feature_map_is_the_tensor_the_features_are_pooled_from(setup):
     mlp = gp.load(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)),
                   input_shape=(1, 3, 2, 2))
     assert feature_map_node_name(mlp, feature_node_name(mlp)) is None  # features come through weights
+    few = TinySet(torch.randn(4, 3, 2, 2), torch.zeros(4, dtype=torch.long))
     with pytest.raises(gp.GraphpruneError, match="feature-map"):
-        recover(mlp, mlp, TinySet(torch.randn(4, 3, 2, 2), torch.zeros(4, dtype=torch.long)),
-                RecoverySettings(iterations=1, target="feature-map"), show_progress=False)
+        recover(mlp, mlp, few, RecoverySettings(iterations=1, target="feature-map"), show_progress=False)
+    # "auto" takes the map where both networks have one, else the features, and never refuses
+    _, record = recover(mlp, mlp, few, RecoverySettings(iterations=1, target="auto"), show_progress=False)
+    mlp_feature = feature_node_name(mlp)
+    assert record["mimicked_nodes"] == {"original": mlp_feature, "pruned": mlp_feature}
+    _, record = recover(without_last, teacher, tiny, RecoverySettings(iterations=1, target="auto"), show_progress=False)
+    assert record["mimicked_nodes"] == {"original": name, "pruned": other}
 
 
 def test_mimicking_the_feature_map_lowers_the_map_and_the_feature_error(setup):

@@ -59,8 +59,9 @@ def add_parser(sub) -> None:
     p.add_argument("--recovery-lr", type=float, default=recovery.lr)
     p.add_argument("--recovery-optimizer", default=recovery.optimizer, choices=["adam", "sgd"])
     p.add_argument("--recovery-batch-size", type=int, default=recovery.batch_size)
-    p.add_argument("--recovery-target", default=recovery.target, choices=["features", "feature-map"],
-                   help="what recovery mimics: the features before the classifier, or the map they are pooled from")
+    p.add_argument("--recovery-target", default=recovery.target, choices=["features", "feature-map", "auto"],
+                   help="what recovery mimics: the features before the classifier, the map they are pooled from, "
+                        "or auto: that map where the model has one, else the features")
     p.add_argument("--augment", default="auto", choices=["auto", "crop-flip", "resized-crop-flip", "none"])
     p.add_argument("--train-device", default="cpu", help="device recovery trains on (cpu, cuda)")
     p.add_argument("--eval-data", help="labelled folder/.npz to report top-1 of original and optimised")

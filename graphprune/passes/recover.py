@@ -3,7 +3,8 @@
     min over student weights   E_x || f_student(aug(x)) - f_teacher(aug(x)) ||^2
 
 where ``f`` are the features before the classifier (or, with ``target="feature-map"``, the map
-those features are pooled from: :func:`~graphprune.features.feature_map_node_name`), the
+those features are pooled from: :func:`~graphprune.features.feature_map_node_name`; with
+``target="auto"`` that map where both networks have one, else the features), the
 teacher is the original network (frozen, eval mode) and ``aug`` is random crop (with padding for
 small images, random-resized crop for large ones) plus horizontal flip, drawn afresh every step
 and shown to both networks. Every weight trains except the classifier, which is not even part of
@@ -47,7 +48,7 @@ class RecoverySettings:
     schedule: str = "cosine"  # or "step" (x0.1 at 40%, as the official code)
     augment: str = "auto"  # "crop-flip", "resized-crop-flip", "none" or "auto" (by image size)
     loss: str = "mimic"  # or "label" (cross-entropy, classifier frozen)
-    target: str = "features"  # what "mimic" matches: "features" or "feature-map" (before pooling)
+    target: str = "features"  # what "mimic" matches: "features", "feature-map" (before pooling) or "auto"
     seed: int = 0
     device: str = "cpu"
 
@@ -146,6 +147,9 @@ def _mimicked_nodes(teacher: Model, student: Model, feature: str, settings: Reco
     block may be dropped), so each model's map is found from its own features."""
     if settings.target == "features" or settings.loss == "label":
         return feature, feature
+    if settings.target == "auto":
+        maps = feature_map_node_name(teacher, feature), feature_map_node_name(student, feature)
+        return (feature, feature) if None in maps else maps
     return _feature_map(teacher, feature), _feature_map(student, feature)
 
 
@@ -169,8 +173,8 @@ def check_recovery(teacher: Model, train: TinySet, settings: RecoverySettings, f
 def _check(settings: RecoverySettings, train: TinySet) -> None:
     if settings.iterations < 0 or settings.batch_size <= 0 or settings.lr <= 0:
         raise GraphpruneError("recovery needs iterations >= 0, batch size > 0 and lr > 0")
-    if settings.target not in ("features", "feature-map"):
-        raise GraphpruneError(f"unknown recovery target '{settings.target}' (features or feature-map)")
+    if settings.target not in ("features", "feature-map", "auto"):
+        raise GraphpruneError(f"unknown recovery target '{settings.target}' (features, feature-map or auto)")
     if settings.loss not in ("mimic", "label"):
         raise GraphpruneError(f"unknown recovery loss '{settings.loss}' (mimic or label)")
     if settings.loss == "label" and not train.has_labels:
