@@ -1,12 +1,13 @@
-"""Does the recovery leave accuracy on the table? Variants on fixed 40% block sets of ResNet-56.
+"""Does the recovery leave accuracy on the table? Variants on fixed block sets.
 
-Each job recovers one block set (taken from a finished row of ``cifar10_resnet56.json``: the
-graphprune and block-influence rows on the reference Xeon: seed 2021 in every variant, seeds
-2022-2025 in ``spatial``) with the row's tiny set and seed and the default recovery budget (2000
-AdamW steps, batch 64), in one of these variants:
+Each job recovers one block set (taken from a finished row: ResNet-56's 40% graphprune and
+block-influence rows on the reference Xeon, seed 2021 in every variant and seeds 2022-2025 in
+``spatial``; ResNet-20's 22% graphprune rows, seeds 2021-2023, in ``spatial``) with the row's tiny
+set and seed and the default recovery budget (2000 AdamW steps, batch 64), in one of these variants:
 
-* ``default``: graphprune's recovery as it is (on this CPU: the row itself was recovered on an
-  Intel Xeon, so this also shows how far another CPU vendor moves one recovery);
+* ``default``: the recovery the rows were made with (``target="features"``; on this CPU: the row
+  itself was recovered on an Intel Xeon, so this also shows how far another CPU vendor moves one
+  recovery);
 * ``mixup-0.5``: half of each augmented batch replaced by blends ``lam x_i + (1 - lam) x_j`` of two
   images (``lam`` uniform), shown to teacher and student alike: inputs between the tiny set's
   images, which the teacher labels too (function matching, Beyer et al. 2022);
@@ -17,7 +18,7 @@ AdamW steps, batch 64), in one of these variants:
   makes) folded into the pruned network, which recovery then starts from instead of the bare
   network.
 
-    python benchmarks/recovery_study.py run      # 6-7 min a job on a 2-core AMD EPYC family 26, ~25 on family 25
+    python benchmarks/recovery_study.py run [--only resnet20]   # 6-7 min a job on a 2-core AMD EPYC family 26, ~25 on family 25
     python benchmarks/recovery_study.py report   # -> benchmarks/results/recovery_study.{json,md}
 """
 
@@ -37,22 +38,31 @@ from common import results_dir, study_main  # noqa: E402
 
 REFERENCE_CPU = "Intel(R) Xeon(R) Processor @ 2.60GHz"
 VARIANTS = ("default", "mixup-0.5", "warm", "spatial")
-# (method, seed, variants): seed 2021 in every variant; later seeds in ``spatial`` only, their
-# ``default`` being the row itself (recovered on the reference Xeon; across CPU vendors one
-# recovery moved by 0.1 points: seed 2021's row and ``default`` column)
-SOURCES = [(m, 2021, VARIANTS) for m in ("graphprune", "block-influence")] + \
-    [(m, seed, ("spatial",)) for seed in (2022, 2023, 2024, 2025) for m in ("graphprune", "block-influence")]
+MAIN = ("resnet56", 0.4, REFERENCE_CPU)  # (model, cut, CPU of the rows): the sets the lead tables compare
+# (model, cut, CPU, method, seed, variants): seed 2021 in every variant; later seeds in ``spatial``
+# only, their ``default`` being the row itself (recovered on the reference Xeon; across CPU vendors
+# one recovery moved by 0.1 points: seed 2021's row and ``default`` column). Then ResNet-20 at 22%
+# (graphprune's rows; Block Influence chose the same two blocks on every seed), whose rows were
+# recovered on an AMD EPYC: on two AMD machines those recoveries gave the same top-1 to the image.
+SOURCES = [(*MAIN, m, 2021, VARIANTS) for m in ("graphprune", "block-influence")] + \
+    [(*MAIN, m, seed, ("spatial",)) for seed in (2022, 2023, 2024, 2025) for m in ("graphprune", "block-influence")] + \
+    [("resnet20", 0.22, "AMD EPYC, family 26 model 2", "graphprune", seed, ("spatial",)) for seed in (2021, 2022, 2023)]
+
+
+def _name(model: str, cut: float, method: str, seed: int) -> str:
+    """A set's name in job ids and tables; the main sets keep their earlier short names."""
+    return f"{method}/{seed}" if (model, cut) == MAIN[:2] else f"{model}-{cut:g}/{method}/{seed}"
 
 
 def jobs() -> list[dict]:
-    rows = json.loads((results_dir() / "cifar10_resnet56.json").read_text())["rows"]
     out = []
-    for method, seed, variants in SOURCES:
+    for model, cut, cpu, method, seed, variants in SOURCES:
+        rows = json.loads((results_dir() / f"cifar10_{model}.json").read_text())["rows"]
         row = next(r for r in rows if (r["method"], r["seed"], r["latency_cut_target"], r["samples"], r.get("cpu"))
-                   == (method, seed, 0.4, 500, REFERENCE_CPU))
+                   == (method, seed, cut, 500, cpu))
         for variant in variants:
-            out.append({"id": f"{method}/{seed}/{variant}", "method": method, "seed": seed, "variant": variant,
-                        "blocks": row["removed"]["blocks"],
+            out.append({"id": f"{_name(model, cut, method, seed)}/{variant}", "model": model, "cut": cut,
+                        "method": method, "seed": seed, "variant": variant, "blocks": row["removed"]["blocks"],
                         "row_top1": {"lossless1000": row["top1_lossless1000"], "jpeg10k": row["top1_jpeg10k"]}})
     return out
 
@@ -91,7 +101,7 @@ def _warm_start(bench, job, tiny):
     from graphprune.features import feature_node_name
     from graphprune.optimize import OptimizeConfig
 
-    model = bench.models["resnet56"]
+    model = bench.models[job["model"]]
     fitted = []
     plain = recoverability.drop_blocks
 
@@ -123,7 +133,7 @@ def cmd_run(args) -> None:
 
     out = results_dir() / "recovery_study.jsonl"
     done = _done(out)
-    todo = [j for j in jobs() if j["id"] not in done]
+    todo = [j for j in jobs() if j["id"] not in done and j["id"].startswith(args.only)]
     if not todo:
         return
     bench = Bench()
@@ -135,15 +145,15 @@ def cmd_run(args) -> None:
             pruned, record["J"] = _warm_start(bench, job, tiny)
             record["before_recovery"] = {k: evaluate(pruned, t)["top1"] for k, t in bench.tests.items()}
         else:
-            pruned = bench.gp.drop_blocks(bench.models["resnet56"], job["blocks"])
-        settings = replace(OptimizeConfig().recovery, seed=job["seed"])
+            pruned = bench.gp.drop_blocks(bench.models[job["model"]], job["blocks"])
+        settings = replace(OptimizeConfig().recovery, seed=job["seed"], target="features")
         module, plain, mixed = _with_mixup(0.5)
         if job["variant"] == "mixup-0.5":
             module._augmenter = mixed
         if job["variant"] == "spatial":
             settings = replace(settings, target="feature-map")
         try:
-            recovered, log = recover(pruned, bench.models["resnet56"], tiny, settings, show_progress=False)
+            recovered, log = recover(pruned, bench.models[job["model"]], tiny, settings, show_progress=False)
         finally:
             module._augmenter = plain
         record.update(top1={k: evaluate(recovered, t)["top1"] for k, t in bench.tests.items()},
@@ -156,17 +166,19 @@ def cmd_run(args) -> None:
 
 def cmd_report(args) -> None:
     records = _done(results_dir() / "recovery_study.jsonl")
-    rows = {(j["method"], j["seed"]): j["row_top1"] for j in jobs()}
-    lines = ["# Recovery variants on fixed 40% block sets of ResNet-56 (500 images)", "",
+    rows = {_name(m, c, method, seed): j["row_top1"] for j in jobs()
+            for m, c, method, seed in [(j["model"], j["cut"], j["method"], j["seed"])]}
+    lines = ["# Recovery variants on fixed block sets (500 images)", "",
              "Command: `python benchmarks/recovery_study.py run && python benchmarks/recovery_study.py report`. "
              "Top-1 lossless1000 / jpeg10k (±0.9 points of sampling error on lossless1000 per model); "
-             f"'row' is the result file's row, recovered on the reference CPU ({REFERENCE_CPU}).", "",
+             f"'row' is the result file's row: ResNet-56's 40% sets (named method/seed) recovered on the reference "
+             f"CPU ({REFERENCE_CPU}), others as named in `SOURCES`.", "",
              "| set | row | " + " | ".join(VARIANTS) + " | warm, before recovery | recovered on |",
              "|---|---|" + "---|" * len(VARIANTS) + "---|---|"]
-    for method, seed, _ in SOURCES:
-        cells, cpus, before = [], {}, "-"
+    for model, cut, _, method, seed, _ in SOURCES:
+        name, cells, cpus, before = _name(model, cut, method, seed), [], {}, "-"
         for variant in VARIANTS:
-            r = records.get(f"{method}/{seed}/{variant}")
+            r = records.get(f"{name}/{variant}")
             if r is None:
                 cells.append("-")
                 continue
@@ -175,27 +187,32 @@ def cmd_report(args) -> None:
             if "before_recovery" in r:
                 before = _cell(r["before_recovery"])
         where = "; ".join(f"{', '.join(v)}: {cpu}" for cpu, v in sorted(cpus.items()))
-        lines.append(f"| {method} {seed} | {_cell(rows[method, seed])} | " + " | ".join(cells) + f" | {before} | {where} |")
-    lines += ["", "graphprune's lead over block-influence per seed (lossless1000 / jpeg10k points), as rows and "
-              "with the spatial recovery:", "", "| seed | rows | spatial |", "|---|---|---|"]
+        lines.append(f"| {name} | {_cell(rows[name])} | " + " | ".join(cells) + f" | {before} | {where} |")
+    lines += ["", "graphprune's lead over block-influence per seed on ResNet-56's 40% sets (lossless1000 / jpeg10k "
+              "points), as rows and with the spatial recovery:", "", "| seed | rows | spatial |", "|---|---|---|"]
     paired = {"rows": [], "spatial": []}  # per seed with both spatial runs: (lead as rows, lead spatial)
-    for seed in sorted({seed for _, seed, _ in SOURCES}):
-        spatial = [records.get(f"{m}/{seed}/spatial") for m in ("graphprune", "block-influence")]
-        lead = _lead(rows["graphprune", seed], rows["block-influence", seed])
+    for seed in sorted({seed for *source, _, seed, _ in SOURCES if tuple(source) == MAIN}):
+        ours, theirs = f"graphprune/{seed}", f"block-influence/{seed}"
+        spatial = [records.get(f"{name}/spatial") for name in (ours, theirs)]
+        lead = _lead(rows[ours], rows[theirs])
         lines.append(f"| {seed} | {lead} | {_lead(spatial[0]['top1'], spatial[1]['top1']) if all(spatial) else '-'} |")
         if all(spatial):
-            paired["rows"].append(_difference(rows["graphprune", seed], rows["block-influence", seed]))
+            paired["rows"].append(_difference(rows[ours], rows[theirs]))
             paired["spatial"].append(_difference(spatial[0]["top1"], spatial[1]["top1"]))
     if paired["spatial"]:
         lines.append(f"| mean ± SE over {len(paired['spatial'])} | {_mean_se(paired['rows'])} | "
                      f"{_mean_se(paired['spatial'])} |")
     lines += ["", "What the spatial recovery adds to each set (spatial minus the row; lossless1000 / jpeg10k points):",
-              "", "| method | seeds | per seed | mean ± SE |", "|---|---|---|---|"]
-    for method in ("graphprune", "block-influence"):
-        lifts = [_difference(r["top1"], rows[method, r["seed"]]) for r in records.values()
-                 if r["method"] == method and r["variant"] == "spatial"]
+              "", "| sets | seeds | per seed | mean ± SE |", "|---|---|---|---|"]
+    groups: dict[str, list] = {}
+    for model, cut, _, method, seed, _ in SOURCES:
+        r = records.get(f"{_name(model, cut, method, seed)}/spatial")
+        if r is not None:
+            groups.setdefault(f"{model} {cut:g} {method}", []).append(
+                _difference(r["top1"], rows[_name(model, cut, method, seed)]))
+    for label, lifts in groups.items():
         per_seed = ", ".join(f"{a:+.1f} / {b:+.2f}" for a, b in lifts)
-        lines.append(f"| {method} | {len(lifts)} | {per_seed} | {_mean_se(lifts) if lifts else '-'} |")
+        lines.append(f"| {label} | {len(lifts)} | {per_seed} | {_mean_se(lifts)} |")
     (results_dir() / "recovery_study.md").write_text("\n".join(lines) + "\n")
     (results_dir() / "recovery_study.json").write_text(json.dumps({"records": list(records.values())}, indent=1))
     print("\n".join(lines))
@@ -224,5 +241,9 @@ def _lead(ours: dict, theirs: dict) -> str:
     return " / ".join(f"{100 * (ours[k] - theirs[k]):+.1f}" for k in ("lossless1000", "jpeg10k"))
 
 
+def _run_options(parser) -> None:
+    parser.add_argument("--only", default="", help="run only the jobs whose id starts with this (e.g. resnet20)")
+
+
 if __name__ == "__main__":
-    study_main(__doc__, cmd_run, cmd_report)
+    study_main(__doc__, cmd_run, cmd_report, _run_options)
