@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import CACHE, DATA, WEIGHTS, ensure_models  # noqa: E402
 from compare_rows import (DATA_METHODS, GRAPHPRUNE_SELECTED, MAIN_METHODS, append_row,  # noqa: E402
-                          earlier_recovery, is_stale, load_rows, selection_settings, this_machine)
+                          earlier_recovery, is_stale, load_rows, recovery_settings, selection_settings, this_machine)
 
 MARGIN = 0.005
 BN_INVERSION_IMAGES = 256  # a 2-core CPU synthesises about 256 images in 5-7 minutes
@@ -262,13 +262,6 @@ def filter_pruned(bench: Bench, row: dict):
     if best is None:
         raise RuntimeError(f"filter pruning cannot reach a {row['cut']:.0%} cut")
     return best
-
-
-def recovery_settings(row: dict):
-    from graphprune.optimize import OptimizeConfig
-
-    settings = replace(OptimizeConfig().recovery, seed=row["seed"])
-    return replace(settings, loss="label", lr=1e-4) if row["method"] == "graphprune-bp" else settings
 
 
 def prepare_row(bench: Bench, row: dict) -> dict:

@@ -39,24 +39,32 @@ def write_report() -> None:
                          f"{statistics.mean(r['wall_s'] for r in rs):.0f} | {_devices(rs)} |")
         lines.append("")
         for row_cpu in [cpu] + sorted({r["cpu"] for r in rows if r.get("cpu") and r["cpu"] != cpu}):
-            lines += _paired(rows, row_cpu, reference=row_cpu == cpu)
-            lines += _paired(rows, row_cpu, reference=row_cpu == cpu, earlier=True)
+            for earlier_recovery in (False, True):
+                for earlier_selection in (False, True):
+                    lines += _paired(rows, row_cpu, row_cpu == cpu, earlier_selection, earlier_recovery)
     (results_dir() / "compare_methods.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(cpu)
 
 
-def _paired(rows: list[dict], cpu: str, reference: bool, earlier: bool = False) -> list[str]:
+def _paired(rows: list[dict], cpu: str, reference: bool, earlier_selection: bool = False,
+            earlier_recovery: bool = False) -> list[str]:
     """graphprune against each other method on the seeds both ran, using only rows measured on
     ``cpu`` with today's settings: the mean per-seed lead, its standard error (sd of the paired
     differences / sqrt(n)) and range. Pairing removes what a seed's tiny set does to every method alike.
-    ``earlier``: the same for graphprune-selected rows made with earlier selection settings on
-    ``cpu``, against the other methods' rows of that CPU (a record of what those settings gave)."""
+    ``earlier_selection``: the same for graphprune-selected rows made with earlier selection
+    settings, against the other methods' rows; ``earlier_recovery``: for rows (of every method)
+    recovered with an earlier recovery recipe. A record of what those settings gave: rows are
+    paired only with rows whose settings differ from today's in the same way."""
     def usable(r: dict) -> bool:
-        reason = stale_reason(r, cpu)
-        if not earlier or r["method"] not in GRAPHPRUNE_SELECTED:
-            return reason is None
-        return reason == "earlier selection"
+        reason = stale_reason(r, cpu) or ""
+        if reason.startswith("cut measured on"):
+            return False
+        parts = set(reason.split(", ")) - {""}
+        wanted = {"earlier recovery"} if earlier_recovery and r["method"] != "no-recovery" else set()
+        if earlier_selection and r["method"] in GRAPHPRUNE_SELECTED:
+            wanted.add("earlier selection")
+        return parts == wanted
     current = {(r["samples"], r["latency_cut_target"], r["method"], r["seed"]): r for r in rows if usable(r)}
     seeds_of: dict[tuple, dict[str, set]] = {}  # (samples, cut) -> method -> seeds
     for samples, cut, method, seed in current:
@@ -79,8 +87,11 @@ def _paired(rows: list[dict], cpu: str, reference: bool, earlier: bool = False) 
     if not out:
         return []
     which = "the reference CPU" if reference else "another CPU, compared only among its own rows"
-    made = "graphprune-selected rows made with earlier selection settings, the other methods' current rows" if earlier \
-        else "rows made with the current defaults"
+    made = "graphprune-selected rows made with earlier selection settings, the other methods' current rows" \
+        if earlier_selection else "rows made with the current defaults"
+    if earlier_recovery:
+        made = made.replace("current rows", "rows").replace("the current defaults", "the current selection") + \
+            ", all recovered with the earlier recovery recipe"
     return [f"graphprune's lead, paired by seed ({made}, cut measured on {cpu}: {which}):", "",
             "| samples | target cut | vs | seeds | lead lossless1000 | standard error | per seed | lead jpeg10k |",
             "|---|---|---|---|---|---|---|---|", *out, ""]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from common import results_dir
@@ -62,16 +62,42 @@ def reference_cpu(rows: list[dict]) -> str:
     return counts.most_common(1)[0][0] if counts else this_machine()
 
 
+def recovery_settings(row: dict):
+    """How a row of ``row["method"]`` recovers today (a RecoverySettings): the product's default
+    recovery with the row's seed; the BP baseline trains on labels instead."""
+    from graphprune.optimize import OptimizeConfig
+
+    settings = replace(OptimizeConfig().recovery, seed=row["seed"])
+    return replace(settings, loss="label", lr=1e-4) if row["method"] == "graphprune-bp" else settings
+
+
+def recovery_recipe(settings: dict) -> dict:
+    """The recovery settings that decide what a recovery does, with the keys added since a row was
+    made filled in as they were then: not its seed (each row has its own) or its device."""
+    recipe = {**RECOVERY_SETTINGS_ADDED, **settings}
+    for key in ("seed", "device"):
+        recipe.pop(key, None)
+    if recipe.get("loss") == "label":  # what "mimic" matches does not apply to label training
+        recipe.pop("target", None)
+    return recipe
+
+
 def stale_reason(result: dict, cpu: str | None = None) -> str | None:
     """Why a finished row does not compare with rows made on ``cpu`` (default: this machine) with
     today's settings, if it does not: its cut was measured on another CPU (block savings differ
-    between CPUs, so every method would choose differently), or it is graphprune-selected with
-    other settings than today's."""
+    between CPUs, so every method would choose differently); else "earlier selection" (it is
+    graphprune-selected with other selection settings than today's) and/or "earlier recovery" (it
+    was recovered with another recipe than its method's today), joined by ", "."""
     if result.get("cpu") != (cpu or this_machine()):
         return f"cut measured on {result.get('cpu') or 'an earlier AMD EPYC machine'}"
+    parts = []
     if result["method"] in GRAPHPRUNE_SELECTED and result["removed"].get("selection") != selection_settings():
-        return "earlier selection"
-    return None
+        parts.append("earlier selection")
+    recorded = (result.get("recovery") or {}).get("settings")
+    if recorded and result["method"] != "no-recovery" \
+            and recovery_recipe(recorded) != recovery_recipe(asdict(recovery_settings(result))):
+        parts.append("earlier recovery")
+    return ", ".join(parts) or None
 
 
 def is_stale(result: dict) -> bool:

@@ -52,6 +52,50 @@ def test_staleness_is_relative_to_the_cpu_asked_for():
     assert compare_rows.reference_cpu([row, row, _row("random-blocks", 1, OTHER, 0.8), {"cpu": None}]) == REFERENCE
 
 
+def _recovered_as(row: dict, **changes) -> dict:
+    """``row`` recorded as recovered with its method's settings of today, ``changes`` applied."""
+    from dataclasses import asdict
+
+    spec = {"method": row["method"], "seed": row["seed"]}
+    return {**row, "recovery": {"settings": {**asdict(compare_rows.recovery_settings(spec)), **changes}}}
+
+
+def test_a_row_recovered_with_another_recipe_is_stale_but_not_for_its_seed_or_device():
+    today = _recovered_as(_row("block-influence", 2021, REFERENCE, 0.9), seed=7, device="cuda")
+    assert compare_rows.stale_reason(today, REFERENCE) is None
+    other = "features" if compare_rows.recovery_settings({"method": "x", "seed": 0}).target != "features" else "auto"
+    assert compare_rows.stale_reason(_recovered_as(today, target=other), REFERENCE) == "earlier recovery"
+    assert compare_rows.stale_reason(_recovered_as(today, iterations=10), REFERENCE) == "earlier recovery"
+    old = _recovered_as(_row("graphprune", 2021, REFERENCE, 0.9), target=other)
+    old["removed"]["selection"] = {"estimator": "earlier"}
+    assert compare_rows.stale_reason(old, REFERENCE) == "earlier selection, earlier recovery"
+    bp = _recovered_as(_row("graphprune-bp", 2021, REFERENCE, 0.9), target=other)  # labels: no target
+    assert compare_rows.stale_reason(bp, REFERENCE) is None
+    # rows made before the target existed lack the key, and had what "features" means today
+    before = _recovered_as(_row("block-influence", 2021, REFERENCE, 0.9))
+    del before["recovery"]["settings"]["target"]
+    assert compare_rows.recovery_recipe(before["recovery"]["settings"])["target"] == "features"
+
+
+def test_rows_of_an_earlier_recovery_are_paired_only_among_themselves(results):
+    pytest.importorskip("matplotlib")
+    from compare_report import write_report
+
+    other = "features" if compare_rows.recovery_settings({"method": "x", "seed": 0}).target != "features" else "auto"
+    rows = [_recovered_as(_row("graphprune", 2021, REFERENCE, 0.93)), _recovered_as(_row("block-influence", 2021, REFERENCE, 0.92)),
+            _recovered_as(_row("graphprune", 2022, REFERENCE, 0.90), target=other),
+            _recovered_as(_row("block-influence", 2022, REFERENCE, 0.87), target=other)]
+    (results / "cifar10_resnet56.json").write_text(json.dumps({"rows": rows}))
+    write_report()
+    report = (results / "compare_methods.md").read_text()
+    tables = report.split("graphprune's lead, paired by seed")[1:]
+    assert len(tables) == 2 and "rows made with the current defaults" in tables[0]
+    assert "| 500 | 0.40 | block-influence | 1 | +1.00 |" in tables[0]
+    assert "all recovered with the earlier recovery recipe" in tables[1]
+    assert "| 500 | 0.40 | block-influence | 1 | +3.00 |" in tables[1]
+    assert "| graphprune (earlier recovery) | 500 | 0.40 | 1 | 90.00 ± 0.00 |" in report
+
+
 def test_the_report_pairs_seeds_within_each_cpu(results):
     pytest.importorskip("matplotlib")
     from compare_report import write_report
