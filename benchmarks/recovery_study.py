@@ -3,7 +3,8 @@
 Each job recovers one block set (taken from a finished row: ResNet-56's 40% graphprune and
 block-influence rows on the reference Xeon, seed 2021 in every variant and seeds 2022-2025 in
 ``spatial``; ResNet-20's 22% graphprune rows, seeds 2021-2023, in ``spatial``, 2021 also in
-``default``) with the row's tiny set and seed and the default recovery budget (2000 AdamW steps,
+``default``; ResNet-56's 22% graphprune row of seed 2021, from the family-26 AMD EPYC, in
+``spatial``) with the row's tiny set and seed and the default recovery budget (2000 AdamW steps,
 batch 64), in one of these variants:
 
 * ``default``: the recovery the rows were made with (``target="features"``; on this CPU: the row
@@ -49,7 +50,8 @@ MAIN = ("resnet56", 0.4, REFERENCE_CPU)  # (model, cut, CPU of the rows): the se
 SOURCES = [(*MAIN, m, 2021, VARIANTS) for m in ("graphprune", "block-influence")] + \
     [(*MAIN, m, seed, ("spatial",)) for seed in (2022, 2023, 2024, 2025) for m in ("graphprune", "block-influence")] + \
     [("resnet20", 0.22, "AMD EPYC, family 26 model 2", "graphprune", seed, ("spatial",) + ("default",) * (seed == 2021))
-     for seed in (2021, 2022, 2023)]
+     for seed in (2021, 2022, 2023)] + \
+    [("resnet56", 0.22, "AMD EPYC, family 26 model 2", "graphprune", 2021, ("spatial",))]  # the easy end, deeper net
 
 
 def _name(model: str, cut: float, method: str, seed: int) -> str:
