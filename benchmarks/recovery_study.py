@@ -237,8 +237,8 @@ def _mean_se(pairs: list[tuple[float, float]]) -> str:
 
     cells = []
     for values in zip(*pairs):
-        se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
-        cells.append(f"{statistics.mean(values):+.2f} ± {se:.2f}")
+        se = f" ± {statistics.stdev(values) / len(values) ** 0.5:.2f}" if len(values) > 1 else ""  # one seed: no SE
+        cells.append(f"{statistics.mean(values):+.2f}{se}")
     return " / ".join(cells)
 
 
