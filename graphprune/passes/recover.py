@@ -72,7 +72,7 @@ class Recover(Transform):
 def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySettings,
             feature_node: str | None = None, show_progress: bool = True) -> tuple[Model, dict]:
     """A trained copy of ``model`` and a record (loss curve, time)."""
-    check_recovery(teacher, train, settings, feature_node)
+    _check(settings, train)  # the augmentation and the maps are checked where they are built below
     student_model = model.clone()
     device = torch.device(settings.device)
     feature = feature_node_name(teacher, feature_node)
