@@ -8,7 +8,7 @@ import statistics
 from collections import Counter
 
 from common import results_dir
-from compare_rows import GRAPHPRUNE_SELECTED, ORDER, load_rows, reference_cpu, stale_reason
+from compare_rows import GRAPHPRUNE_SELECTED, ORDER, load_rows, reference_cpu, stale_parts, stale_reason
 
 
 def write_report() -> None:
@@ -57,14 +57,10 @@ def _paired(rows: list[dict], cpu: str, reference: bool, earlier_selection: bool
     recovered with an earlier recovery recipe. A record of what those settings gave: rows are
     paired only with rows whose settings differ from today's in the same way."""
     def usable(r: dict) -> bool:
-        reason = stale_reason(r, cpu) or ""
-        if reason.startswith("cut measured on"):
-            return False
-        parts = set(reason.split(", ")) - {""}
         wanted = {"earlier recovery"} if earlier_recovery and r["method"] != "no-recovery" else set()
         if earlier_selection and r["method"] in GRAPHPRUNE_SELECTED:
             wanted.add("earlier selection")
-        return parts == wanted
+        return set(stale_parts(r, cpu)) == wanted  # a row of another CPU is never wanted
     current = {(r["samples"], r["latency_cut_target"], r["method"], r["seed"]): r for r in rows if usable(r)}
     seeds_of: dict[tuple, dict[str, set]] = {}  # (samples, cut) -> method -> seeds
     for samples, cut, method, seed in current:

@@ -82,14 +82,14 @@ def recovery_recipe(settings: dict) -> dict:
     return recipe
 
 
-def stale_reason(result: dict, cpu: str | None = None) -> str | None:
+def stale_parts(result: dict, cpu: str | None = None) -> list[str]:
     """Why a finished row does not compare with rows made on ``cpu`` (default: this machine) with
     today's settings, if it does not: its cut was measured on another CPU (block savings differ
-    between CPUs, so every method would choose differently); else "earlier selection" (it is
-    graphprune-selected with other selection settings than today's) and/or "earlier recovery" (it
-    was recovered with another recipe than its method's today), joined by ", "."""
+    between CPUs, so every method would choose differently; then that alone); else "earlier
+    selection" (it is graphprune-selected with other selection settings than today's) and/or
+    "earlier recovery" (it was recovered with another recipe than its method's today)."""
     if result.get("cpu") != (cpu or this_machine()):
-        return f"cut measured on {result.get('cpu') or 'an earlier AMD EPYC machine'}"
+        return [f"cut measured on {result.get('cpu') or 'an earlier AMD EPYC machine'}"]
     parts = []
     if result["method"] in GRAPHPRUNE_SELECTED and result["removed"].get("selection") != selection_settings():
         parts.append("earlier selection")
@@ -97,7 +97,12 @@ def stale_reason(result: dict, cpu: str | None = None) -> str | None:
     if recorded and result["method"] != "no-recovery" \
             and recovery_recipe(recorded) != recovery_recipe(asdict(recovery_settings(result))):
         parts.append("earlier recovery")
-    return ", ".join(parts) or None
+    return parts
+
+
+def stale_reason(result: dict, cpu: str | None = None) -> str | None:
+    """``stale_parts`` joined by ", ", or None for a row that compares with today's."""
+    return ", ".join(stale_parts(result, cpu)) or None
 
 
 def is_stale(result: dict) -> bool:

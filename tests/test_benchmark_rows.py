@@ -60,10 +60,15 @@ def _recovered_as(row: dict, **changes) -> dict:
     return {**row, "recovery": {"settings": {**asdict(compare_rows.recovery_settings(spec)), **changes}}}
 
 
+def _another_target() -> str:
+    """A recovery target other than today's default."""
+    return "features" if compare_rows.recovery_settings({"method": "x", "seed": 0}).target != "features" else "auto"
+
+
 def test_a_row_recovered_with_another_recipe_is_stale_but_not_for_its_seed_or_device():
     today = _recovered_as(_row("block-influence", 2021, REFERENCE, 0.9), seed=7, device="cuda")
     assert compare_rows.stale_reason(today, REFERENCE) is None
-    other = "features" if compare_rows.recovery_settings({"method": "x", "seed": 0}).target != "features" else "auto"
+    other = _another_target()
     assert compare_rows.stale_reason(_recovered_as(today, target=other), REFERENCE) == "earlier recovery"
     assert compare_rows.stale_reason(_recovered_as(today, iterations=10), REFERENCE) == "earlier recovery"
     old = _recovered_as(_row("graphprune", 2021, REFERENCE, 0.9), target=other)
@@ -81,7 +86,7 @@ def test_rows_of_an_earlier_recovery_are_paired_only_among_themselves(results):
     pytest.importorskip("matplotlib")
     from compare_report import write_report
 
-    other = "features" if compare_rows.recovery_settings({"method": "x", "seed": 0}).target != "features" else "auto"
+    other = _another_target()
     rows = [_recovered_as(_row("graphprune", 2021, REFERENCE, 0.93)), _recovered_as(_row("block-influence", 2021, REFERENCE, 0.92)),
             _recovered_as(_row("graphprune", 2022, REFERENCE, 0.90), target=other),
             _recovered_as(_row("block-influence", 2022, REFERENCE, 0.87), target=other)]
