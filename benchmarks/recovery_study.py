@@ -60,10 +60,11 @@ def _name(model: str, cut: float, method: str, seed: int) -> str:
 
 
 def jobs() -> list[dict]:
-    out = []
+    out, rows_of = [], {}
     for model, cut, cpu, method, seed, variants in SOURCES:
-        rows = json.loads((results_dir() / f"cifar10_{model}.json").read_text())["rows"]
-        row = next(r for r in rows if (r["method"], r["seed"], r["latency_cut_target"], r["samples"], r.get("cpu"))
+        if model not in rows_of:
+            rows_of[model] = json.loads((results_dir() / f"cifar10_{model}.json").read_text())["rows"]
+        row = next(r for r in rows_of[model] if (r["method"], r["seed"], r["latency_cut_target"], r["samples"], r.get("cpu"))
                    == (method, seed, cut, 500, cpu))
         for variant in variants:
             out.append({"id": f"{_name(model, cut, method, seed)}/{variant}", "model": model, "cut": cut,
@@ -171,8 +172,7 @@ def cmd_run(args) -> None:
 
 def cmd_report(args) -> None:
     records = _done(results_dir() / "recovery_study.jsonl")
-    rows = {_name(m, c, method, seed): j["row_top1"] for j in jobs()
-            for m, c, method, seed in [(j["model"], j["cut"], j["method"], j["seed"])]}
+    rows = {_name(j["model"], j["cut"], j["method"], j["seed"]): j["row_top1"] for j in jobs()}
     lines = ["# Recovery variants on fixed block sets (500 images)", "",
              "Command: `python benchmarks/recovery_study.py run && python benchmarks/recovery_study.py report`. "
              "Top-1 lossless1000 / jpeg10k (±0.9 points of sampling error on lossless1000 per model); "
@@ -243,7 +243,7 @@ def _mean_se(pairs: list[tuple[float, float]]) -> str:
 
 
 def _lead(ours: dict, theirs: dict) -> str:
-    return " / ".join(f"{100 * (ours[k] - theirs[k]):+.1f}" for k in ("lossless1000", "jpeg10k"))
+    return " / ".join(f"{d:+.1f}" for d in _difference(ours, theirs))
 
 
 def _run_options(parser) -> None:
