@@ -84,3 +84,38 @@ def test_unknown_block_lists_available():
     model = gp.load("zoo:cifar10_resnet20")
     with pytest.raises(gp.GraphpruneError, match=r"unknown block 'layer9.9'; available: layer1.0, layer1.1"):
         gp.drop_blocks(model, ["layer9.9"])
+
+
+def test_consecutive_blocks_without_activation_drop_in_any_order():
+    """MobileNetV2 / EfficientNet style: no activation after the merge, so each block's identity
+    shortcut is the previous block's merge; dropping the earlier block first must still work."""
+    from itertools import permutations
+
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+                                        for _ in range(3))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for block in self.blocks:
+                x = x + block(x)
+            return self.head(x.mean((2, 3)))
+
+    model = gp.load(Net(), input_shape=(1, 3, 8, 8))
+    blocks = gp.find_blocks(model)
+    assert len(blocks) == 3
+    x = torch.randn(4, 3, 8, 8)
+    for order in [*permutations(blocks, 2), *permutations(blocks, 3)]:
+        reference = model
+        for block in order:
+            reference = zero_branch(reference, block)
+        dropped = gp.drop_blocks(model, [b.name for b in order], blocks)
+        assert torch.allclose(dropped.run(x), reference.run(x), atol=1e-6), [b.name for b in order]
+        kept = {b.name for b in gp.find_blocks(dropped)}
+        assert kept == {b.name for b in blocks} - {b.name for b in order}

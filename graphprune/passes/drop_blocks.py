@@ -14,6 +14,7 @@ output replaced by zeros.
 from __future__ import annotations
 
 import torch
+from torch import fx
 
 from ..errors import GraphpruneError
 from ..model import Model
@@ -72,10 +73,16 @@ def _drop(model: Model, chosen: list[Block]) -> tuple[Model, int, list[str]]:
     gm = new.graph_module
     nodes = {n.name: n for n in gm.graph.nodes}
     before = len(nodes)
+    replaced: dict[str, fx.Node] = {}
     for block in chosen:
+        # Without a post-merge activation, a block's entry (its identity shortcut) is the previous
+        # block's merge; if that merge is already gone, the shortcut is what replaced it.
         merge, shortcut = nodes[block.merge], nodes[block.shortcut_output]
+        while shortcut.name in replaced:
+            shortcut = replaced[shortcut.name]
         merge.replace_all_uses_with(shortcut)
         gm.graph.erase_node(merge)
+        replaced[merge.name] = shortcut
     gm.graph.eliminate_dead_code()
     removed_activations = []
     for block in chosen:
