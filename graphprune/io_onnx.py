@@ -268,11 +268,17 @@ def _link_weights(gm: fx.GraphModule, proto: onnx.ModelProto, attr_initializers:
             continue
         module = gm.get_submodule(fx_node.target)
         candidates = [n for n in proto.graph.node[index].input if n in inits]
+        claimed: set[str] = set()
         for pname, tensor in list(module.named_parameters(recurse=True)) + list(module.named_buffers(recurse=True)):
-            key = f"{fx_node.target}.{pname}"
-            link = _match_tensor(tensor.detach().cpu().numpy(), candidates, inits)
+            # One node's inputs can hold equal values (a fresh BatchNorm: scale = var = 1, bias =
+            # mean = 0); each tensor takes an input no earlier tensor of the node took, so they
+            # are written back to different initializers.
+            value = tensor.detach().cpu().numpy()
+            link = (_match_tensor(value, [c for c in candidates if c not in claimed], inits)
+                    or _match_tensor(value, candidates, inits))
             if link is not None:
-                links[key] = link
+                links[f"{fx_node.target}.{pname}"] = link
+                claimed.add(link.initializer)
     return links
 
 

@@ -61,6 +61,44 @@ def test_weights_written_back_into_onnx(tmp_path):
     assert np.allclose(_ort(out, x), model.run(x).numpy(), atol=1e-5)
 
 
+
+def test_equal_tensors_of_one_node_are_written_back_separately(tmp_path):
+    """Fresh BatchNorms (scale = var = 1, bias = mean = 0) in a pre-activation net stay ONNX
+    BatchNormalization nodes, and the exporter shares their equal tensors; once each tensor has a
+    value of its own (recovery trains the scale and bias and updates the statistics), every one
+    must reach its own initializer."""
+    from torch import nn
+
+    class PreActivation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.blocks = nn.ModuleList(nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+                                        for _ in range(2))
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for block in self.blocks:
+                x = x + block(x)
+            return self.head(x.mean((2, 3)))
+
+    path = tmp_path / "preact.onnx"
+    torch.onnx.export(PreActivation().eval(), torch.randn(1, 3, 8, 8), path, opset_version=13, dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "N"}})
+    model = gp.load(path)
+    batchnorms = [m for m in model.graph_module.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(batchnorms) == 2
+    with torch.no_grad():
+        for k, bn in enumerate(batchnorms):
+            for j, tensor in enumerate([bn.weight, bn.bias, bn.running_mean, bn.running_var]):
+                tensor.copy_(torch.full_like(tensor, 0.5 + k + 0.25 * j))
+    out = tmp_path / "written.onnx"
+    gp.save(model, out)
+    x = torch.randn(2, 3, 8, 8)
+    assert np.allclose(_ort(out, x), model.run(x).numpy(), atol=1e-5)
+
+
 def _as_float16(proto: onnx.ModelProto) -> onnx.ModelProto:
     for i, tensor in enumerate(proto.graph.initializer):
         if tensor.data_type == onnx.TensorProto.FLOAT:
