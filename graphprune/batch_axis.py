@@ -41,14 +41,15 @@ def free_fixed_batch(model: Model) -> bool:
             shape[0] = 0
     if not rewritten:
         return False
-    if _batch_consistent(model):
+    if batch_consistent(model):
         return True
     for shape, original in rewritten:
         shape.copy_(original)
     return False
 
 
-def _batch_consistent(model: Model) -> bool:
+def batch_consistent(model: Model) -> bool:
+    """A batch of two inputs gives, row for row, what each input gives alone."""
     (one,) = model.example_inputs(batch_size=1, seed=0)
     (other,) = model.example_inputs(batch_size=1, seed=1)
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from .batch_axis import batch_consistent
 from .errors import GraphpruneError
 from .model import InputSpec, Model
 
@@ -84,12 +85,29 @@ def load_pt2(path: str | os.PathLike, input_shape: tuple[int, ...] | None = None
             specs.append(InputSpec(node.name, (None, *tuple(int(d) for d in val.shape[1:])), val.dtype))
     gm = plain_graph_module(program.module())
     example_shape = None
+    fixed_batch = False
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name in user_inputs:
             example_shape = (1, *(int(d) for d in node.meta["val"].shape[1:]))
+            fixed_batch = isinstance(node.meta["val"].shape[0], int)
             break
-    return Model(gm, "pt2", tuple(specs), ("output",), path.stem,
-                 input_shape=tuple(input_shape) if input_shape else example_shape)
+    model = Model(gm, "pt2", tuple(specs), ("output",), path.stem,
+                  input_shape=tuple(input_shape) if input_shape else example_shape)
+    if fixed_batch:
+        _free_exported_batch(model, path)
+    return model
+
+
+def _free_exported_batch(model: Model, path: Path) -> None:
+    """A program exported without ``dynamic_shapes`` guards its example's batch, but the tiny set
+    runs in batches: drop the guard where the graph itself computes every row alone."""
+    gm = model.graph_module
+    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        gm.graph.erase_node(node)
+    gm.recompile()
+    if not batch_consistent(model):
+        raise GraphpruneError(f"{path.name} was exported with a fixed batch its graph depends on; "
+                              "export it with a dynamic batch (torch.export dynamic_shapes)")
 
 
 def build_named(spec: str, weights: str | None = None, input_shape: tuple[int, ...] | None = None) -> Model:

@@ -119,3 +119,40 @@ def test_consecutive_blocks_without_activation_drop_in_any_order():
         assert torch.allclose(dropped.run(x), reference.run(x), atol=1e-6), [b.name for b in order]
         kept = {b.name for b in gp.find_blocks(dropped)}
         assert kept == {b.name for b in blocks} - {b.name for b in order}
+
+
+def test_program_with_in_place_activations_drops_the_whole_branch(tmp_path):
+    """torch.export writes ReLU(inplace=True) as relu_, which fx's dead-code pass keeps as impure;
+    a dropped branch must go entirely. The program is exported with its example's batch fixed,
+    so loading must also let it run batches."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(inplace=True),
+                                                      nn.Conv2d(8, 8, 3, padding=1)) for _ in range(2))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for block in self.blocks:
+                x = x + block(x)
+            return self.head(x.mean((2, 3)))
+
+    path = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(Net().eval(), (torch.randn(1, 3, 8, 8),)), path)
+    model = gp.load(path)
+    x = torch.randn(3, 3, 8, 8)
+    assert model.run(x).shape == (3, 2)
+    blocks = gp.find_blocks(model)
+    assert len(blocks) == 2
+    for order in (blocks, blocks[::-1], blocks[:1]):
+        dropped = gp.drop_blocks(model, [b.name for b in order], blocks)
+        left = {n.name for n in dropped.graph_module.graph.nodes}
+        assert not left & {name for b in order for name in b.branch}
+        reference = model
+        for block in order:
+            reference = zero_branch(reference, block)
+        assert torch.allclose(dropped.run(x), reference.run(x), atol=1e-6)

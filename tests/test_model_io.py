@@ -250,3 +250,21 @@ def test_optimize_refuses_a_graph_still_in_half_precision():
     tiny = TinySet(torch.zeros(8, 3, 32, 32), torch.full((8,), -1))
     with pytest.raises(GraphpruneError, match="float32"):
         optimize(model, tiny, OptimizeConfig(latency_cut=0.2))
+
+
+def test_program_whose_graph_fixes_the_batch_is_refused_in_one_line(tmp_path):
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):  # the batch-1 example baked in: a batch of n gives n*4 features
+            return self.head(self.conv(x).mean((2, 3)).reshape(1, -1)[:, :4])
+
+    path = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(Net().eval(), (torch.randn(1, 3, 8, 8),)), path)
+    with pytest.raises(gp.GraphpruneError, match="fixed batch its graph depends on"):
+        gp.load(path)

@@ -83,7 +83,10 @@ def _drop(model: Model, chosen: list[Block]) -> tuple[Model, int, list[str]]:
         merge.replace_all_uses_with(shortcut)
         gm.graph.erase_node(merge)
         replaced[merge.name] = shortcut
-    gm.graph.eliminate_dead_code()
+    # A dropped branch's in-place ops (torch.export's relu_/hardtanh_) look impure to fx, which
+    # would keep the whole branch computing; nothing outside the branch reads them.
+    branch_nodes = {name for block in chosen for name in block.branch}
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.name not in branch_nodes and n.is_impure())
     removed_activations = []
     for block in chosen:
         if block.exit == block.merge or block.exit not in {n.name for n in gm.graph.nodes}:
