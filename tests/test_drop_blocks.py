@@ -86,28 +86,30 @@ def test_unknown_block_lists_available():
         gp.drop_blocks(model, ["layer9.9"])
 
 
+class _ChainNet(torch.nn.Module):
+    """``x = x + block(x)`` repeated, with no activation after the merge (MobileNetV2 style)."""
+
+    def __init__(self, depth: int, inplace: bool = False):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(inplace=inplace),
+                                                  nn.Conv2d(8, 8, 3, padding=1)) for _ in range(depth))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.mean((2, 3)))
+
+
 def test_consecutive_blocks_without_activation_drop_in_any_order():
     """MobileNetV2 / EfficientNet style: no activation after the merge, so each block's identity
     shortcut is the previous block's merge; dropping the earlier block first must still work."""
     from itertools import permutations
 
-    from torch import nn
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Conv2d(3, 8, 3, padding=1)
-            self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
-                                        for _ in range(3))
-            self.head = nn.Linear(8, 2)
-
-        def forward(self, x):
-            x = self.stem(x)
-            for block in self.blocks:
-                x = x + block(x)
-            return self.head(x.mean((2, 3)))
-
-    model = gp.load(Net(), input_shape=(1, 3, 8, 8))
+    model = gp.load(_ChainNet(3), input_shape=(1, 3, 8, 8))
     blocks = gp.find_blocks(model)
     assert len(blocks) == 3
     x = torch.randn(4, 3, 8, 8)
@@ -125,24 +127,8 @@ def test_program_with_in_place_activations_drops_the_whole_branch(tmp_path):
     """torch.export writes ReLU(inplace=True) as relu_, which fx's dead-code pass keeps as impure;
     a dropped branch must go entirely. The program is exported with its example's batch fixed,
     so loading must also let it run batches."""
-    from torch import nn
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Conv2d(3, 8, 3, padding=1)
-            self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(inplace=True),
-                                                      nn.Conv2d(8, 8, 3, padding=1)) for _ in range(2))
-            self.head = nn.Linear(8, 2)
-
-        def forward(self, x):
-            x = self.stem(x)
-            for block in self.blocks:
-                x = x + block(x)
-            return self.head(x.mean((2, 3)))
-
     path = tmp_path / "net.pt2"
-    torch.export.save(torch.export.export(Net().eval(), (torch.randn(1, 3, 8, 8),)), path)
+    torch.export.save(torch.export.export(_ChainNet(2, inplace=True).eval(), (torch.randn(1, 3, 8, 8),)), path)
     model = gp.load(path)
     x = torch.randn(3, 3, 8, 8)
     assert model.run(x).shape == (3, 2)
