@@ -237,7 +237,13 @@ def l1_pruned_module(model: str, ratio: float, round_to: int | None = None):
 
 def filter_pruned(bench: Bench, row: dict):
     """Inner channels of every block pruned by L1 magnitude at the smallest ratio (bisection) whose
-    measured cut reaches the target; returns the pruned model (ONNX) and its ratio."""
+    measured cut reaches the target; returns the pruned model (ONNX) and its ratio.
+
+    A ratio counts as reaching the target only when a second, independent measurement agrees
+    (the smaller of the two cuts): thinned convs time far less steadily than dropped blocks. On an
+    AMD EPYC (family 26) one ResNet-56 pruned at ratio 0.72 measured a cut above 0.405 once in the
+    bisection and 0.29-0.31 in three later measurements, so a single lucky measurement let a 40%
+    row through at a 29% cut."""
     from graphprune.passes.measure_latency import measure_cut
 
     gp = bench.gp
@@ -250,11 +256,17 @@ def filter_pruned(bench: Bench, row: dict):
             gp.save(gp.load(l1_pruned_module(row["model"], ratio), input_shape=(1, 3, 32, 32)), path)
         return gp.load(path)
 
+    def cut_of(pruned) -> float:
+        first = measure_cut(bench.backend, original, pruned, bench.latency, original_run).cut
+        if first < row["cut"] + MARGIN:
+            return first
+        return min(first, measure_cut(bench.backend, original, pruned, bench.latency).cut)
+
     lo, hi, best = 0.0, 0.95, None
     for _ in range(7):
         mid = (lo + hi) / 2
         pruned = prune(mid)
-        cut = measure_cut(bench.backend, original, pruned, bench.latency, original_run).cut
+        cut = cut_of(pruned)
         if cut >= row["cut"] + MARGIN:
             hi, best = mid, (pruned, mid)
         else:
