@@ -3,7 +3,7 @@ how its blocks were chosen, and which rows compare with which.
 
 Rows of different CPUs live side by side (block savings differ between CPUs, so each method may
 choose differently on each): a row replaces only the row of the same id from the same CPU, a
-report compares rows of one CPU at a time with the CPU of most rows as its reference
+report compares rows of one CPU at a time with the CPU of most current rows as its reference
 (``reference_cpu``), and a row made on a new CPU may take the top-1 of the same network recovered
 on another (``earlier_recovery``).
 """
@@ -55,11 +55,17 @@ def selection_settings() -> dict:
 
 
 def reference_cpu(rows: list[dict]) -> str:
-    """The CPU whose rows a report compares: the one that measured most of ``rows`` (rows from the
-    first, unnamed AMD EPYC machine do not count), else this machine. A report made on any machine
-    from the same results file reads the same."""
-    counts = Counter(r["cpu"] for r in rows if r.get("cpu"))
-    return counts.most_common(1)[0][0] if counts else this_machine()
+    """The CPU whose rows a report compares: the one with most of ``rows`` made with today's
+    settings (``stale_parts`` empty on their own CPU), so the headline tables show what the product
+    does now rather than where most rows were once made; ties go to the CPU of most rows. Rows from
+    the first, unnamed AMD EPYC machine do not count; with no named rows, this machine. A report
+    made on any machine from the same results file reads the same."""
+    named = [r for r in rows if r.get("cpu")]
+    if not named:
+        return this_machine()
+    current = Counter(r["cpu"] for r in named if not stale_parts(r, r["cpu"]))
+    total = Counter(r["cpu"] for r in named)
+    return max(total, key=lambda cpu: (current[cpu], total[cpu]))
 
 
 def recovery_settings(row: dict):

@@ -1,6 +1,6 @@
 """The method comparison keeps each CPU's rows apart: a row measured on one CPU never replaces or
-mixes with a row from another, and the report (made on any machine) reads the CPU of most rows
-as its reference and pairs seeds only within one CPU."""
+mixes with a row from another, and the report (made on any machine) reads the CPU of most rows made
+with today's settings as its reference and pairs seeds only within one CPU."""
 
 from __future__ import annotations
 
@@ -50,6 +50,16 @@ def test_staleness_is_relative_to_the_cpu_asked_for():
     old["removed"]["selection"] = {"estimator": "earlier"}
     assert compare_rows.stale_reason(old, REFERENCE) == "earlier selection"
     assert compare_rows.reference_cpu([row, row, _row("random-blocks", 1, OTHER, 0.8), {"cpu": None}]) == REFERENCE
+
+
+def test_the_reference_is_the_cpu_of_most_rows_made_with_todays_settings():
+    old = [_row("graphprune", seed, REFERENCE, 0.9) for seed in (2021, 2022, 2023)]
+    for row in old:
+        row["removed"]["selection"] = {"estimator": "earlier"}
+    current = [_row("graphprune", 2021, OTHER, 0.9), _row("block-influence", 2021, OTHER, 0.9)]
+    one_current_here = [_row("block-influence", 2021, REFERENCE, 0.9)]
+    assert compare_rows.reference_cpu(old + current + one_current_here) == OTHER
+    assert compare_rows.reference_cpu(old + current[:1] + one_current_here) == REFERENCE  # a tie: most rows
 
 
 def _recovered_as(row: dict, **changes) -> dict:
