@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -213,3 +214,29 @@ def test_one_cpu_name_with_two_signatures_names_two_machines(monkeypatch):
     assert compare_rows.stale_reason(other) == "cut measured on AMD EPYC, family 26 model 2"
     assert compare_rows.stale_reason({**other, "cpu": "AMD EPYC, family 25 model 1"}) is None
     assert compare_rows.machine_label("Intel(R) Xeon(R) Processor", "") == "Intel(R) Xeon(R) Processor"
+
+
+def test_filter_pruning_accepts_a_ratio_only_when_a_second_measurement_agrees(tmp_path, monkeypatch):
+    """A ratio whose first measured cut is lucky (as ratio 0.72 once was on an AMD EPYC: >= 0.405,
+    then 0.29-0.31) must not be chosen: the bisection keeps the smaller of two measurements."""
+    from types import SimpleNamespace
+
+    import graphprune.passes.measure_latency as measure_latency
+
+    measured: dict[str, int] = {}
+
+    def fake_cut(backend, original, pruned, settings, original_run=None):
+        ratio = float(pruned)
+        lucky = 0.1 if 0.7 < ratio < 0.8 and not measured.get(pruned) else 0.0  # its first measurement only
+        measured[pruned] = measured.get(pruned, 0) + 1
+        return SimpleNamespace(cut=ratio / 2 + lucky)  # the true cut: half the ratio
+
+    monkeypatch.setattr(measure_latency, "measure_cut", fake_cut)
+    monkeypatch.setattr(compare_methods, "filter_model_path", lambda model, ratio: tmp_path / f"{ratio:.6f}")
+    monkeypatch.setattr(compare_methods, "l1_pruned_module", lambda model, ratio: "module")
+    bench = SimpleNamespace(models={"resnet56": "original"}, latency=None,
+                            backend=SimpleNamespace(prepare=lambda model, settings: None),
+                            gp=SimpleNamespace(save=lambda model, path: None, load=lambda path, **kw: Path(path).name))
+    _, ratio = compare_methods.filter_pruned(bench, {"model": "resnet56", "cut": 0.4})
+    assert ratio / 2 >= 0.4 + compare_methods.MARGIN  # without the second measurement: 0.7125 (true cut 0.36)
+    assert any(n == 2 for n in measured.values())  # some lucky ratio was measured again and rejected
