@@ -276,18 +276,42 @@ def filter_pruned(bench: Bench, row: dict):
     return best
 
 
+# baselines defined by graphprune's blocks: recovered with labels instead, or not recovered
+SAME_BLOCKS_AS_GRAPHPRUNE = ("graphprune-bp", "no-recovery")
+
+
+def graphprune_row(row: dict) -> dict | None:
+    """The finished graphprune row whose blocks ``row`` (a SAME_BLOCKS_AS_GRAPHPRUNE method) takes:
+    same model, tiny set, seed and target, its cut measured on this CPU with today's selection
+    settings. Selecting again would cost the whole selection (joint fits included) and, since
+    latency measurements vary, could pick other blocks than the row the baseline is compared with
+    (on the reference Xeon 3 of 5 40% graphprune-bp rows had other blocks than graphprune's)."""
+    for r in load_rows(row["model"]):
+        if r["method"] == "graphprune" and r.get("cpu") == this_machine() \
+                and (r["samples"], r["seed"], r["latency_cut_target"]) == (row["samples"], row["seed"], row["cut"]) \
+                and r["removed"].get("selection") == selection_settings():
+            return r
+    return None
+
+
 def prepare_row(bench: Bench, row: dict) -> dict:
     """Everything of a row but its recovery: the tiny set, the blocks (or channels) removed, chosen
-    with latency measured on this machine. ``pruned`` is the un-recovered model."""
+    with latency measured on this machine (or, for the baselines defined by graphprune's blocks,
+    taken from its row, ``graphprune_row``, where there is one). ``pruned`` is the un-recovered model."""
     from graphprune.passes.select_blocks import SELECTION_RULE
 
     start = time.perf_counter()
     key, tiny, source = bench.row_inputs(row)
     original = bench.models[key]
     prepared = {"key": key, "tiny": tiny, "original": original, "removed": {"tiny_set": source}, "start": start}
+    same_as = graphprune_row(row) if row["method"] in SAME_BLOCKS_AS_GRAPHPRUNE else None
     if row["method"] == "filter-l1":
         pruned, ratio = filter_pruned(bench, row)
         prepared["removed"]["channel_ratio"] = ratio
+    elif same_as is not None:
+        prepared["removed"].update({k: v for k, v in same_as["removed"].items() if k != "tiny_set"},
+                                   blocks_of=same_as["id"])
+        pruned = bench.gp.drop_blocks(original, same_as["removed"]["blocks"])
     else:
         selection = select(bench, key, block_order(bench, row, tiny, key), row["cut"])
         if row["method"] in GRAPHPRUNE_SELECTED:

@@ -240,3 +240,28 @@ def test_filter_pruning_accepts_a_ratio_only_when_a_second_measurement_agrees(tm
     _, ratio = compare_methods.filter_pruned(bench, {"model": "resnet56", "cut": 0.4})
     assert ratio / 2 >= 0.4 + compare_methods.MARGIN  # without the second measurement: 0.7125 (true cut 0.36)
     assert any(n == 2 for n in measured.values())  # some lucky ratio was measured again and rejected
+
+
+def test_the_label_and_no_recovery_baselines_take_the_blocks_of_graphprunes_row(results, monkeypatch):
+    from types import SimpleNamespace
+
+    graphprune = _row("graphprune", 2021, REFERENCE, 0.9)
+    graphprune["removed"].update(blocks=["layer1.4", "layer2.7"], tiny_set="tiny")
+    compare_rows.append_row("resnet56", graphprune)
+    monkeypatch.setattr(compare_methods, "this_machine", lambda: REFERENCE)
+
+    def rank_blocks(*args):
+        raise LookupError("selected again")
+
+    monkeypatch.setattr(compare_methods, "block_order", rank_blocks)
+    bench = SimpleNamespace(row_inputs=lambda row: ("resnet56", None, "tiny"), models={"resnet56": "original"},
+                            gp=SimpleNamespace(drop_blocks=lambda model, blocks: tuple(blocks)))
+    for method in ("graphprune-bp", "no-recovery"):
+        row = {"method": method, "model": "resnet56", "samples": 500, "seed": 2021, "cut": 0.4}
+        prepared = compare_methods.prepare_row(bench, row)
+        assert prepared["pruned"] == ("layer1.4", "layer2.7")
+        assert prepared["removed"]["blocks_of"] == graphprune["id"]
+        assert compare_rows.stale_reason({**graphprune, "method": method, "removed": prepared["removed"]}, REFERENCE) is None
+    with pytest.raises(LookupError):  # no graphprune row for this seed yet: select as graphprune would
+        compare_methods.prepare_row(bench, {"method": "graphprune-bp", "model": "resnet56", "samples": 500,
+                                            "seed": 2022, "cut": 0.4})
