@@ -149,7 +149,7 @@ def earlier_recovery(row: dict, removed: dict, settings: dict) -> dict | None:
     ``removed`` describes: same method, model, tiny set, seed and recovery ``settings`` (a dict), the same
     blocks (or channel ratio), trained on a CPU of the same vendor. Its top-1 is this row's too:
     recovery is seeded and changes weights only, and on two Xeons every set both chose recovered to
-    the same top-1 on both test sets, to the image (README, "second CPU"). Across vendors it does
+    the same top-1 on both test sets, to the image (docs/BENCHMARKS.md, "second CPU"). Across vendors it does
     not: graphprune's 40% seed-2021 set recovered to 90.7 / 84.48 (lossless1000 / jpeg10k) on both
     Xeons and to 90.8 / 84.61 on an AMD EPYC (other floating-point kernels). Where selections
     agree, a row made on a new CPU then costs its selection and its cut, not 10-15 minutes of
