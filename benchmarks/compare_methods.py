@@ -286,10 +286,10 @@ def graphprune_row(row: dict) -> dict | None:
     settings. Selecting again would cost the whole selection (joint fits included) and, since
     latency measurements vary, could pick other blocks than the row the baseline is compared with
     (on the reference Xeon 3 of 5 40% graphprune-bp rows had other blocks than graphprune's)."""
+    here, today = this_machine(), selection_settings()
     for r in load_rows(row["model"]):
-        if r["method"] == "graphprune" and r.get("cpu") == this_machine() \
-                and (r["samples"], r["seed"], r["latency_cut_target"]) == (row["samples"], row["seed"], row["cut"]) \
-                and r["removed"].get("selection") == selection_settings():
+        if r["method"] == "graphprune" and r.get("cpu") == here and r["removed"].get("selection") == today \
+                and (r["samples"], r["seed"], r["latency_cut_target"]) == (row["samples"], row["seed"], row["cut"]):
             return r
     return None
 

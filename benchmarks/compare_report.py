@@ -20,8 +20,8 @@ def write_report() -> None:
              " compares methods (JPEG-degraded, about 10 points lower for every model). Cut: measured by"
              " onnxruntime CPU, 1 thread, batch 1, interleaved with the original, on a 2-core machine."
              " Rows compare only with rows whose cut was measured on the same CPU: the reference is"
-             f" {cpu} (the CPU of most rows made with today's settings); rows from other CPUs are marked and paired by seed only"
-             " among themselves. Rows recovered on a GPU (`benchmarks/device_rows.py`) count the GPU's"
+             f" {cpu} (the CPU of most rows made with today's settings); rows from other CPUs are marked"
+             " and paired by seed only among themselves. Rows recovered on a GPU (`benchmarks/device_rows.py`) count the GPU's"
              " recovery seconds in their wall time.", ""]
     for model, rows in rows_of.items():
         if not rows:
