@@ -222,7 +222,7 @@ def l1_pruned_module(model: str, ratio: float, round_to: int | None = None):
     import torch
     import torch_pruning as tp
 
-    from graphprune.io_torch import load_state_dict_file
+    from graphprune.formats.io_torch import load_state_dict_file
     from graphprune.zoo import CifarResNet
 
     module = CifarResNet(int(model.removeprefix("resnet")))

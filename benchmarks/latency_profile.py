@@ -45,7 +45,7 @@ from pathlib import Path
 import graphprune as gp
 from graphprune.backends.base import LatencySettings, time_runs
 from graphprune.backends.onnxruntime import OnnxRuntimeBackend
-from graphprune.model_io import atomic_write
+from graphprune.formats.model_io import atomic_write
 from graphprune.passes import measure_block_latency, measure_cut
 
 HERE = Path(__file__).resolve().parent

@@ -11,7 +11,7 @@ Python API (each step is also a pass in :mod:`graphprune.passes`)::
 
 from .errors import GraphpruneError
 from .model import InputSpec, Model
-from .model_io import load, save, to_onnx
+from .formats.model_io import load, save, to_onnx
 from .passes import Block, drop_blocks, find_blocks
 
 __version__ = "0.1.0"

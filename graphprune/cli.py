@@ -96,7 +96,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model_from_args(args):
-    from .model_io import load
+    from .formats.model_io import load
 
     return load(args.model, input_shape=parse_shape(args.input_shape), weights=args.weights)
 

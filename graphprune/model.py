@@ -2,7 +2,7 @@
 
 A model is a ``torch.fx.GraphModule`` plus what is needed to write it back out in the format it came
 in: the input specification, and for ONNX inputs the original ``ModelProto`` with a one-to-one map
-from fx nodes to ONNX nodes (see :mod:`graphprune.io_onnx`). Passes never mutate a model in place:
+from fx nodes to ONNX nodes (see :mod:`graphprune.formats.io_onnx`). Passes never mutate a model in place:
 transforms work on :meth:`Model.clone` and return the clone.
 """
 
@@ -73,7 +73,7 @@ class Model:
     """A traced network: the fx graph to analyse and transform, and how to write it back.
 
     ``source`` is ``"onnx"``, ``"pt2"`` or ``"torch"``. ``onnx`` holds an
-    :class:`graphprune.io_onnx.OnnxOrigin` for ONNX inputs. ``input_shape`` is the concrete shape
+    :class:`graphprune.formats.io_onnx.OnnxOrigin` for ONNX inputs. ``input_shape`` is the concrete shape
     used for analysis (shapes, MACs, latency) when the user fixes one.
     """
 

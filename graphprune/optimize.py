@@ -18,7 +18,7 @@ from .backends.base import LatencySettings, get_backend
 from .cache import JsonCache, model_fingerprint, settings_fingerprint, tensor_fingerprint
 from .data import TinySet, split_holdout
 from .errors import GraphpruneError
-from .input_layout import looks_channels_last
+from .formats.input_layout import looks_channels_last
 from .model import HALF_DTYPES, Model
 from .passes import DropBlocks, FindBlocks, PassResult, PassState, Pipeline, Step
 from .passes.measure_latency import MeasureBlockLatency, measure_cut

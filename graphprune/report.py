@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .model_io import atomic_write
+from .formats.model_io import atomic_write
 
 
 def format_summary(report: dict) -> str:

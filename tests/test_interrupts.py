@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from graphprune import interrupts
-from graphprune.model_io import atomic_write
+from graphprune.formats.model_io import atomic_write
 from graphprune.progress import progress_bar
 
 

@@ -10,7 +10,7 @@ import torch
 
 import graphprune as gp
 from conftest import data_path
-from graphprune import model_io
+from graphprune.formats import model_io
 from graphprune.zoo import CifarResNet
 from onnx_builders import channels_last_residual, residual_onnx, save
 

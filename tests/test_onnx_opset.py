@@ -11,8 +11,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune as gp
-from graphprune.batch_axis import free_fixed_batch
-from graphprune.onnx_opset import _downgrade_node, default_opset
+from graphprune.formats.batch_axis import free_fixed_batch
+from graphprune.formats.onnx_opset import _downgrade_node, default_opset
 from graphprune.zoo import CifarResNet
 from onnx_builders import residual_onnx
 
@@ -114,7 +114,7 @@ def test_an_op_without_converter_is_expanded_into_its_onnx_function(tmp_path):
 
 
 def test_simplifying_keeps_the_exporters_node_metadata():
-    from graphprune.onnx_read import simplify
+    from graphprune.formats.onnx_read import simplify
 
     proto = residual_onnx(opset=20, branch_activation="Gelu")
     shape = numpy_helper.from_array(np.array([2, 2], dtype=np.int64), "two")  # foldable: onnxsim changes the graph

@@ -1,6 +1,6 @@
 """The onnxruntime backend: time the graph that would be deployed, as onnxruntime runs it.
 
-``prepare`` writes the model as it would be saved (:func:`graphprune.model_io.to_onnx`: lowered or
+``prepare`` writes the model as it would be saved (:func:`graphprune.formats.model_io.to_onnx`: lowered or
 exported, then simplified; not re-verified, which only costs time here), builds one
 ``InferenceSession`` and returns a callable that runs it on one fixed random batch. The feeds are
 made once, so a run times the session and nothing else.
@@ -25,10 +25,10 @@ Session settings, and why:
 from __future__ import annotations
 
 from ..errors import GraphpruneError
-from ..input_layout import is_channels_last
-from ..io_onnx import ort_feeds
+from ..formats.input_layout import is_channels_last
+from ..formats.io_onnx import ort_feeds
 from ..model import Model
-from ..model_io import to_onnx
+from ..formats.model_io import to_onnx
 from .base import LatencySettings, RunOnce
 from .environment import batch_inputs, check_settings, describe_common, library_versions
 

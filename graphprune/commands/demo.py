@@ -19,7 +19,7 @@ from .. import zoo
 from ..backends.base import LatencySettings
 from ..data import Preprocessing, load_tiny_set
 from ..evaluate import evaluate
-from ..model_io import load, save
+from ..formats.model_io import load, save
 from ..optimize import OptimizeConfig, optimize
 from ..passes.recover import RecoverySettings
 from ..report import format_summary

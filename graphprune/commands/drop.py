@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..cli import add_model_arguments, load_model_from_args
 from ..errors import UsageError
-from ..model_io import save
+from ..formats.model_io import save
 from ..passes import drop_blocks
 
 

@@ -7,7 +7,7 @@ ONNX file the other commands (and the benchmarks) take.
 from __future__ import annotations
 
 from ..cli import add_model_arguments, load_model_from_args
-from ..model_io import save
+from ..formats.model_io import save
 
 
 def add_parser(sub) -> None:

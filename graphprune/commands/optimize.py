@@ -12,7 +12,7 @@ from ..cli import add_model_arguments, load_model_from_args
 from ..data import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_tiny_set
 from ..errors import GraphpruneError, UsageError
 from ..evaluate import evaluate
-from ..model_io import atomic_write, save
+from ..formats.model_io import atomic_write, save
 from ..optimize import OptimizeConfig, image_input_shape, optimize
 from ..passes.recover import RecoverySettings
 from ..passes.recoverability import ESTIMATORS, OPTIMIZERS, RecoverabilitySettings

@@ -18,13 +18,13 @@ import onnx
 import torch
 from torch import nn
 
+from ..errors import GraphpruneError
+from ..interrupts import raise_if_interrupted
+from ..model import Model
 from . import io_onnx, io_torch
 from .onnx_lower import lower
 from .onnx_opset import restore_opset
 from .onnx_read import check_onnx, simplify
-from .errors import GraphpruneError
-from .interrupts import raise_if_interrupted
-from .model import Model
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".th", ".bin", ".ckpt")
 
@@ -98,7 +98,7 @@ def save(model: Model, path: str | os.PathLike, source_path: str | os.PathLike |
 def _carry_block_names(model: Model, proto: onnx.ModelProto) -> None:
     """Exporting an fx graph loses module paths from ONNX node names; when the exported graph has
     the same blocks (count and kinds, in order) record the PyTorch names in its metadata."""
-    from .passes.find_blocks import find_blocks
+    from ..passes.find_blocks import find_blocks
 
     exported = io_onnx.load_proto(proto, model.input_shape)
     ours, theirs = find_blocks(model), find_blocks(exported)

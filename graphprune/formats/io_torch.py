@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from ..errors import GraphpruneError
+from ..model import InputSpec, Model
 from .batch_axis import batch_consistent
-from .errors import GraphpruneError
-from .model import InputSpec, Model
 
 DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
 
@@ -123,7 +123,7 @@ def build_named(spec: str, weights: str | None = None, input_shape: tuple[int, .
             raise GraphpruneError(f"unknown torchvision model '{arch}' (e.g. {known}, ...)") from None
         shape = DEFAULT_IMAGE_SHAPE
     elif family == "zoo":
-        from . import zoo
+        from .. import zoo
 
         module = zoo.build(arch)
         shape = module.input_shape

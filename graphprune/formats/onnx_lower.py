@@ -2,7 +2,7 @@
 
 The output is the *input* graph with the nodes the fx graph no longer has removed and every node's
 inputs re-pointed to whatever fx value now feeds it; trained weights are written back into the
-initializers they came from (:class:`~graphprune.io_onnx.WeightLink`). Op types, attributes,
+initializers they came from (:class:`~graphprune.formats.io_onnx.WeightLink`). Op types, attributes,
 opset, input/output names and dynamic axes are those of the input. Re-exporting onnx2torch modules
 through ``torch.onnx`` fails on transformer graphs; rewriting the original graph cannot.
 """
@@ -16,10 +16,10 @@ import onnx
 from onnx import numpy_helper
 from torch import fx
 
-from .errors import GraphpruneError
+from ..errors import GraphpruneError
+from ..model import Model
 from .input_layout import META_KEY as INPUT_LAYOUT
 from .io_onnx import OnnxOrigin, arg_links, onnx_index
-from .model import Model
 
 
 def lower(model: Model) -> onnx.ModelProto:

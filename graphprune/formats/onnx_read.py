@@ -6,7 +6,7 @@
   initializers, onnxsim constant folding (without fusions, so node names keep their module
   paths; the exporter's node metadata is copied back), shared float weights untied, an inert
   Reshape ``allowzero`` dropped, and every op checked against onnx2torch's converters (ops and
-  opsets they do not cover are converted: :mod:`graphprune.onnx_opset`).
+  opsets they do not cover are converted: :mod:`graphprune.formats.onnx_opset`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import GraphpruneError
+from ..errors import GraphpruneError
 from .onnx_opset import default_opset, expand_functions, to_converter_opset
 
 MAX_MODEL_BYTES = 4 * 2**30  # refuse anything larger (protobuf + external data)

@@ -20,7 +20,7 @@ import dataclasses
 
 import torch
 
-from .model import Model
+from ..model import Model
 
 TO_FILE_LAYOUT = (0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
 META_KEY = "input_layout"

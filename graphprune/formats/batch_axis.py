@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .model import Model
+from ..model import Model
 
 
 def free_fixed_batch(model: Model) -> bool:

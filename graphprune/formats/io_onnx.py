@@ -1,9 +1,9 @@
-"""ONNX in: a checked, normalised file (:mod:`graphprune.onnx_read`) converted to fx.
+"""ONNX in: a checked, normalised file (:mod:`graphprune.formats.onnx_read`) converted to fx.
 
 onnx2torch converts the graph into an fx graph with exactly one ``call_module`` node per ONNX node
 (module ``n<i>`` is ONNX node ``i``). Each fx node gets ``meta["onnx_op"]`` and ``meta["scope"]``
 (the module path the exporter wrote into the node name), and every fx weight a
-:class:`WeightLink` to the initializer it came from, so :mod:`graphprune.onnx_lower` can write the
+:class:`WeightLink` to the initializer it came from, so :mod:`graphprune.formats.onnx_lower` can write the
 model back as the input graph itself. :func:`verify_against_onnxruntime` checks a conversion or an
 output against onnxruntime.
 """
@@ -22,13 +22,13 @@ import torch
 from onnx import numpy_helper
 from torch import fx
 
+from ..errors import GraphpruneError
+from ..model import HALF_DTYPES, InputSpec, Model
+from ..scopes import scope_from_onnx_metadata, scope_from_onnx_name
 from .batch_axis import free_fixed_batch
-from .errors import GraphpruneError
 from .input_layout import TO_FILE_LAYOUT, is_channels_last, to_channels_first
-from .model import HALF_DTYPES, InputSpec, Model
 from .onnx_opset import default_opset
 from .onnx_read import check_onnx, normalise, read_onnx
-from .scopes import scope_from_onnx_metadata, scope_from_onnx_name
 
 BLOCK_NAMES_KEY = "graphprune.block_names"  # model metadata: JSON [[merge node name, block name], ...]
 _ONNX_DTYPES = {
@@ -317,7 +317,7 @@ def ort_feeds(session, inputs: tuple[torch.Tensor, ...], channels_last: bool = F
     """Feeds for an onnxruntime session in the file's own form: each float tensor in the type the
     file declares (a half-precision file is computed in float32 by graphprune, see
     :func:`_compute_in_float32`) and, for a ``channels_last`` model, in (N, H, W, C) layout
-    (:mod:`graphprune.input_layout`)."""
+    (:mod:`graphprune.formats.input_layout`)."""
     feeds = {}
     for info, tensor in zip(session.get_inputs(), inputs):
         if channels_last and tensor.dim() == 4:
