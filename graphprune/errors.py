@@ -3,13 +3,25 @@
 Anything a user can cause (a broken file, an unknown block name, an impossible target) raises
 :class:`GraphpruneError` with a message that fits on one line; the CLI prints it and exits non-zero.
 Any other exception is a bug in graphprune and shows a traceback only with ``--debug``.
+
+Library messages name the Python parameter at fault (``latency_cut``, ``recovery.lr``) and record it
+in :attr:`GraphpruneError.parameter`; the CLI translates that name into its own flag
+(``--latency-cut``, ``--recovery-lr``), so neither layer needs to know the other's spelling.
 """
+
+from __future__ import annotations
 
 
 class GraphpruneError(Exception):
-    """A problem with the user's input, reported as one line."""
+    """A problem with the user's input, reported as one line.
+
+    ``parameter``: the library parameter the message names (as written in the message), if any."""
 
     exit_code = 1
+
+    def __init__(self, message: str = "", parameter: str | None = None):
+        super().__init__(message)
+        self.parameter = parameter
 
 
 class UsageError(GraphpruneError):
