@@ -1,0 +1,90 @@
+"""Timing int8 models on onnxruntime, so that choices are made on the models as they will run.
+
+* :func:`onnxruntime_cut`: the ``measure`` callable :func:`graphprune.passes.quantize_plan.plan_quantization`
+  takes: each quantised candidate timed interleaved with the float model (A B A B), its cut
+  ``1 - candidate / float`` from that one run (as :mod:`graphprune.passes.measure_latency` does for
+  blocks), with the same session options as :class:`~graphprune.backends.onnxruntime.OnnxRuntimeBackend`.
+* :class:`QuantizedOnnxRuntime`: a :class:`~graphprune.backends.base.LatencyBackend` that times every
+  model *quantised with a fixed plan* (format, types, float groups), for block selection on an int8
+  target. Float groups are roles, re-derived in each model (a dropped block's nodes are gone; the
+  first conv and the classifier are found again), never node names.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+
+from ..errors import GraphpruneError
+from ..formats.input_layout import is_channels_last, looks_channels_last
+from ..formats.io_onnx import ort_feeds
+from ..formats.model_io import to_onnx
+from ..model import Model
+from ..passes.quantize import QuantConfig, as_images, check_int8_device, first_line, quantize_onnx
+from ..passes.quantize_plan import Timing
+from .base import LatencySettings, RunOnce, compare_interleaved, latency_cut
+from .environment import batch_inputs, check_settings
+from .onnxruntime import OnnxRuntimeBackend
+
+
+def ort_runner(proto: onnx.ModelProto, inputs: tuple[torch.Tensor, ...], settings: LatencySettings,
+               channels_last: bool = False) -> RunOnce:
+    """A callable that runs ``proto`` once on ``inputs`` with the timing session options."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), OnnxRuntimeBackend.session_options(settings),
+                                       providers=[OnnxRuntimeBackend.provider(settings)])
+        feeds = ort_feeds(session, inputs, channels_last)
+        session.run(None, feeds)
+    except GraphpruneError:
+        raise
+    except Exception as exc:
+        raise GraphpruneError(f"onnxruntime cannot run the quantised model: {first_line(exc)}") from None
+    return lambda: session.run(None, feeds)
+
+
+def onnxruntime_cut(reference: onnx.ModelProto, images, settings: LatencySettings = LatencySettings()):
+    """``measure(candidate) -> Timing``: ``candidate`` and ``reference`` timed interleaved on the
+    first ``settings.batch_size`` of ``images`` (N, C, H, W; fed in the file's own layout)."""
+    check_settings(settings)
+    batch = (torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+             .float()[:settings.batch_size],)
+    channels_last = _file_channels_last(reference)
+    reference_run = ort_runner(reference, batch, settings, channels_last)
+
+    def measure(candidate: onnx.ModelProto) -> Timing:
+        run = ort_runner(candidate, batch, settings, channels_last)
+        ref, cand = compare_interleaved([reference_run, run], settings)
+        return Timing(latency_cut(ref, cand), ref.median_ms, cand.median_ms)
+
+    return measure
+
+
+def _file_channels_last(proto: onnx.ModelProto) -> bool:
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    return looks_channels_last(tuple(d.dim_value if d.HasField("dim_value") else None for d in dims))
+
+
+class QuantizedOnnxRuntime:
+    """Time each model as ``config`` quantises it (calibrated on ``calibration`` each time)."""
+
+    name = "onnxruntime-int8"
+
+    def __init__(self, calibration, config: QuantConfig = QuantConfig(), base: OnnxRuntimeBackend | None = None):
+        self.calibration = as_images(calibration)
+        self.config = config
+        self.base = base or OnnxRuntimeBackend()
+
+    def prepare(self, model: Model, settings: LatencySettings) -> RunOnce:
+        check_settings(settings)
+        check_int8_device(settings.device)
+        quantized = quantize_onnx(to_onnx(model, verify=False), self.calibration, self.config, settings.device)
+        return ort_runner(quantized, batch_inputs(model, settings), settings, is_channels_last(model))
+
+    def describe(self, settings: LatencySettings) -> dict:
+        info = self.base.describe(settings)
+        info["backend"] = self.name
+        info["quantization"] = {**self.config.to_dict(), "calibration_images": len(self.calibration)}
+        return info

@@ -1,0 +1,375 @@
+"""Static int8 quantisation with onnxruntime, chosen by measurement: the core a pass wraps.
+
+* :func:`quantize_onnx`: one static quantisation (``onnxruntime.quantization.quantize_static``)
+  of an ONNX graph, calibrated on every given image (batched, fed in the file's own input layout
+  and dtype), ``quant_pre_process`` first where it works, per-channel int8 weights. The result is
+  loaded by onnxruntime before it is returned, and says in its metadata how it was made
+  (:func:`quantization_info`).
+* :func:`graphprune.passes.quantize_plan.plan_quantization` chooses among quantisations by
+  measurement (split out: this module is the mechanism, that one the policy).
+* :func:`to_float16` for GPU targets (int8 on onnxruntime's CUDA provider gains little without
+  TensorRT).
+
+Evidence (issue 28; AMD EPYC with avx512_vnni, onnxruntime CPU, 1 thread, batch 1): QDQ with uint8
+activations / int8 per-channel weights cut CIFAR ResNet-56 by 54.7% (top-1 92.6 -> 92.8) and
+EfficientNet-Lite0 by 49.3%; QOperator the same; int8 *activations* made ResNet-56 41% slower. So
+both formats and both activation types are candidates and the measurement decides.
+
+Opsets: per-channel ``DequantizeLinear`` (its ``axis``) needs opset 13, so a QDQ per-channel
+quantisation of an older graph (PP-OCRv4's detector is opset 12) converts it to 13 first and says
+so; QOperator (``QLinearConv`` takes per-channel scales since opset 10) and per-tensor QDQ keep the
+input's opset.
+
+Float groups (``nodes_to_exclude``) are *roles* (``first_conv``, ``classifier``, ``add_concat``),
+resolved to node names in each graph as it is quantised, so they survive block dropping.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from ..errors import GraphpruneError
+from ..formats.input_layout import looks_channels_last
+from ..formats.io_onnx import ort_feeds
+from ..formats.onnx_opset import default_opset
+
+FORMATS = ("qdq", "qoperator")
+TYPES = ("uint8", "int8")
+METHODS = ("minmax", "entropy", "percentile")
+FLOAT_GROUPS = ("first_conv", "classifier", "add_concat")
+# A guard, not a measured knee: MinMax ranges are the extremes of the calibration activations, so
+# from a handful of images they depend on those images. On CIFAR ResNet-56 (this CPU, 7-bit
+# weights) top-1 was 92.6-92.9 from 4 (repeated), 16, 64 or 500 images (float 92.6), so the
+# minimum costs nothing there; 16 is also graphprune's held-out minimum (data.split_holdout).
+MIN_CALIBRATION_IMAGES = 16
+PER_CHANNEL_QDQ_OPSET = 13  # DequantizeLinear's axis attribute (per-channel weights) is opset 13+
+INFO_KEY = "graphprune.quantization"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """One quantisation: format, activation/weight types, calibration and the groups left in float."""
+
+    fmt: str = "qdq"
+    activations: str = "uint8"
+    weights: str = "int8"
+    per_channel: bool = True
+    method: str = "minmax"
+    float_groups: tuple[str, ...] = ()
+    reduce_range: bool | None = None  # 7-bit weights; None: where 8-bit ones saturate (saturating_cpu)
+
+    @property
+    def label(self) -> str:
+        short = {"uint8": "u8", "int8": "s8"}
+        extra = "".join(f"+float:{g}" for g in self.float_groups)
+        return f"{self.fmt}-{short[self.activations]}{short[self.weights]}{'-7bit' if self.reduce_range else ''}{extra}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "float_groups": list(self.float_groups), "label": self.label}
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """What :func:`plan_quantization` tries and how it judges.
+
+    Accuracy bound, by what the held-out set allows: ``max_top1_drop`` with labels; otherwise, for
+    a classifier output (N, K), ``max_disagreement`` (top-1 changes against the float model, an
+    upper bound on the accuracy it can lose); otherwise ``max_relative_error`` of the output.
+    ``time_noise``: cut differences below this are noise; ``error_noise``: relative-error
+    improvements below this fraction are noise (agreement uses a paired sign test instead)."""
+
+    formats: tuple[str, ...] = FORMATS
+    activation_types: tuple[str, ...] = TYPES
+    weight_type: str = "int8"
+    per_channel: bool = True
+    calibration_method: str = "minmax"
+    max_calibration_images: int = 500
+    batch_size: int = 32
+    max_top1_drop: float = 0.01
+    max_disagreement: float = 0.03
+    max_relative_error: float = 0.1
+    float_groups: tuple[str, ...] = FLOAT_GROUPS
+    time_noise: float = 0.02
+    error_noise: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+    reduce_range: bool | None = None  # None: on a CPU where 8-bit weights saturate (saturating_cpu)
+
+    def check(self) -> None:
+        for name, values, allowed in (("formats", self.formats, FORMATS), ("activation_types", self.activation_types, TYPES),
+                                      ("weight_type", (self.weight_type,), TYPES),
+                                      ("calibration_method", (self.calibration_method,), METHODS),
+                                      ("float_groups", self.float_groups, FLOAT_GROUPS)):
+            bad = [v for v in values if v not in allowed]
+            if bad or (not values and name in ("formats", "activation_types")):
+                raise GraphpruneError(f"{name} must be chosen from {', '.join(allowed)}, got {', '.join(bad) or 'none'}",
+                                      parameter=name)
+        if self.max_calibration_images < MIN_CALIBRATION_IMAGES or self.batch_size < 1:
+            raise GraphpruneError(f"max_calibration_images must be at least {MIN_CALIBRATION_IMAGES} and batch_size "
+                                  "at least 1", parameter="max_calibration_images")
+        check_int8_device(self.device)
+
+    def candidates(self) -> list[QuantConfig]:
+        reduce = saturating_cpu() if self.reduce_range is None else self.reduce_range
+        return [QuantConfig(fmt, act, self.weight_type, self.per_channel, self.calibration_method, (), reduce)
+                for fmt in self.formats for act in self.activation_types]
+
+
+def saturating_cpu() -> bool:
+    """An x86 CPU without VNNI, where onnxruntime's uint8 x int8 kernels add pairs of products in
+    16 bits with saturation: 7-bit weights (``reduce_range``) avoid it. Measured on such an AMD
+    EPYC (AVX2, no VNNI): a small convnet's output error 13.5% without, 1.6% with (0.9% in
+    onnxruntime's unoptimised QDQ reference)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
+        return False
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False  # not Linux: cannot tell; reduce_range=True when needed
+    return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+def check_int8_device(device: str) -> None:
+    """int8 is a CPU optimisation here: refuse it, in one line, for CUDA."""
+    if device.startswith("cuda") or "CUDA" in device:
+        raise GraphpruneError(
+            f"int8 quantisation for device '{device}': onnxruntime's CUDA provider gains little from int8 "
+            "without TensorRT; use fp16 (to_float16) for GPU targets", parameter="device")
+
+
+def float_group_nodes(proto: onnx.ModelProto, group: str) -> list[str]:
+    """Node names of ``group`` in this graph: the first Conv, the last Gemm/MatMul (classifier), or
+    every Add/Concat/Sum of two or more computed tensors (residual merges, concatenations)."""
+    nodes = list(proto.graph.node)
+    if group == "first_conv":
+        return [n.name for n in nodes if n.op_type in ("Conv", "ConvTranspose")][:1]
+    if group == "classifier":
+        return [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")][-1:]
+    if group == "add_concat":
+        constant = {t.name for t in proto.graph.initializer} | {o for n in nodes if n.op_type == "Constant" for o in n.output}
+        return [n.name for n in nodes
+                if n.op_type in ("Add", "Concat", "Sum") and sum(i not in constant for i in n.input if i) >= 2]
+    raise GraphpruneError(f"unknown float group '{group}': use {', '.join(FLOAT_GROUPS)}", parameter="float_groups")
+
+
+def quantization_info(proto: onnx.ModelProto) -> dict:
+    """How :func:`quantize_onnx` made ``proto`` (config, opsets, float nodes, notes); {} if it did not."""
+    for prop in proto.metadata_props:
+        if prop.key == INFO_KEY:
+            return json.loads(prop.value)
+    return {}
+
+
+def image_batches(session, images: torch.Tensor, batch_size: int):
+    """Feeds for ``session``, ``batch_size`` images at a time (the input's fixed batch where it has
+    one), in the file's own input layout and float type (:func:`~graphprune.formats.io_onnx.ort_feeds`)."""
+    if len(session.get_inputs()) != 1:
+        raise GraphpruneError(f"quantisation takes models with one image input; this one has {len(session.get_inputs())}")
+    (info,) = session.get_inputs()
+    fixed = info.shape[0] if info.shape and isinstance(info.shape[0], int) and info.shape[0] > 0 else None
+    step = fixed or batch_size
+    channels_last = looks_channels_last(tuple(info.shape))
+    for start in range(0, len(images) - (len(images) % step if fixed else 0), step):
+        yield ort_feeds(session, (images[start:start + step],), channels_last)
+
+
+def cpu_session(proto_or_bytes, what: str = "the model"):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    data = proto_or_bytes if isinstance(proto_or_bytes, bytes) else proto_or_bytes.SerializeToString()
+    try:
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise GraphpruneError(f"onnxruntime refuses {what}: {first_line(exc)}") from None
+
+
+def run_outputs(session, images: torch.Tensor, batch_size: int) -> np.ndarray:
+    """The first output of ``session`` on ``images``, batched."""
+    return np.concatenate([session.run(None, feeds)[0] for feeds in image_batches(session, images, batch_size)])
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def as_images(images, what: str = "calibration") -> torch.Tensor:
+    images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images).float()
+    if images.dim() != 4:
+        raise GraphpruneError(f"{what} images must be (N, C, H, W), got shape {tuple(images.shape)}", parameter=what)
+    if len(images) < MIN_CALIBRATION_IMAGES:
+        raise GraphpruneError(f"{what} needs at least {MIN_CALIBRATION_IMAGES} images, got {len(images)}",
+                              parameter=what)
+    return images
+
+
+class Calibrated:
+    """One float graph ready to quantise many ways: the graph per opset (converted, named,
+    pre-processed) and one calibration per opset and method, reused by every format/type
+    (MinMax/Entropy/Percentile ranges do not depend on them)."""
+
+    def __init__(self, proto: onnx.ModelProto, calibration, batch_size: int = 32):
+        self.source = proto
+        self.images = as_images(calibration)
+        self.batch_size = batch_size
+        self.opset = default_opset(proto)
+        self._dir = tempfile.TemporaryDirectory(prefix="graphprune-quant-")
+        self._graphs: dict[int, tuple[onnx.ModelProto, list[str]]] = {}
+
+    def graph(self, opset: int) -> tuple[onnx.ModelProto, list[str]]:
+        """The float graph to quantise at ``opset`` and the notes on how it was made."""
+        if opset not in self._graphs:
+            with quiet():
+                self._graphs[opset] = self._make(opset)
+        return self._graphs[opset]
+
+    def path(self, opset: int) -> str:
+        """:meth:`graph` as a file: onnxruntime's quantisation tools turn a ``ModelProto`` they
+        are given into external-data references, so they only ever get paths."""
+        self.graph(opset)
+        return str(Path(self._dir.name) / f"pre{opset}.onnx")
+
+    def _make(self, opset: int) -> tuple[onnx.ModelProto, list[str]]:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        proto, notes = onnx.ModelProto(), []
+        proto.CopyFrom(self.source)
+        if opset != self.opset:
+            try:
+                proto = onnx.version_converter.convert_version(proto, opset)
+            except Exception as exc:
+                raise GraphpruneError(f"cannot convert opset {self.opset} to {opset} for per-channel quantisation "
+                                      f"({first_line(exc)}); use per_channel=False", parameter="per_channel") from None
+            notes.append(f"opset {self.opset} converted to {opset}: per-channel DequantizeLinear (axis) needs opset 13")
+        for i, node in enumerate(proto.graph.node):  # nodes_to_exclude works by name
+            node.name = node.name or f"{node.op_type}_{i}"
+        path, raw = Path(self._dir.name) / f"pre{opset}.onnx", Path(self._dir.name) / f"float{opset}.onnx"
+        onnx.save(proto, str(raw))
+        try:
+            quant_pre_process(str(raw), str(path), skip_symbolic_shape=True)
+            proto = onnx.load(str(path))
+        except Exception as exc:
+            notes.append(f"quant_pre_process failed ({first_line(exc)}); quantised without it")
+            onnx.save(proto, str(path))
+        return proto, notes
+
+    def cache_path(self, opset: int, method: str) -> str:
+        return str(Path(self._dir.name) / f"ranges{opset}-{method}.json")
+
+    def reader(self, proto: onnx.ModelProto):
+        from onnxruntime.quantization import CalibrationDataReader
+
+        batches = list(image_batches(cpu_session(proto, "the float model"), self.images, self.batch_size))
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.pending = iter(batches)
+
+            def get_next(self):
+                return next(self.pending, None)
+
+        return Reader()
+
+
+def quantize_onnx(proto: onnx.ModelProto | Calibrated, calibration=None, config: QuantConfig = QuantConfig(),
+                  device: str = "cpu") -> onnx.ModelProto:
+    """``proto`` statically quantised with ``config``, calibrated on all of ``calibration``
+    ((N, C, H, W) float, normalised as the model expects; at least 16 images). Pass a
+    :class:`Calibrated` instead to reuse one calibration across quantisations (``calibration``
+    is then ignored). Never returns a model onnxruntime refuses to load."""
+    check_int8_device(device)
+    if config.reduce_range is None:
+        config = replace(config, reduce_range=saturating_cpu())
+    prepared = proto if isinstance(proto, Calibrated) else Calibrated(proto, calibration)
+    opset = prepared.opset
+    if config.per_channel and config.fmt == "qdq" and opset < PER_CHANNEL_QDQ_OPSET:
+        opset = PER_CHANNEL_QDQ_OPSET
+    opsets = [opset] + ([PER_CHANNEL_QDQ_OPSET] if config.per_channel and opset < PER_CHANNEL_QDQ_OPSET else [])
+    for attempt in opsets:  # at 13 too when an op's per-channel form is newer than the file
+        try:
+            return _quantize(prepared, config, attempt)
+        except _Refused as exc:
+            refused = exc
+    raise GraphpruneError(f"onnxruntime refuses the quantised model: {refused}")
+
+
+@contextmanager
+def quiet():
+    """onnxruntime's quantisation tools log warnings and tracebacks (root and module loggers) for
+    conditions graphprune handles or reports itself."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+class _Refused(Exception):
+    """The quantised model does not load in onnxruntime."""
+
+
+def _quantize(prepared: Calibrated, config: QuantConfig, opset: int) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    graph, notes = prepared.graph(opset)
+    excluded = [name for group in config.float_groups for name in float_group_nodes(graph, group)]
+    cache = prepared.cache_path(opset, config.method)
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    out = Path(prepared._dir.name) / "quantized.onnx"
+    with quiet():
+        try:
+            quantize_static(prepared.path(opset), str(out), None if Path(cache).exists() else prepared.reader(graph),
+                            quant_format={"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[config.fmt],
+                            per_channel=config.per_channel, activation_type=types[config.activations],
+                            weight_type=types[config.weights], nodes_to_exclude=excluded, reduce_range=config.reduce_range,
+                            calibrate_method=getattr(CalibrationMethod, {"minmax": "MinMax", "entropy": "Entropy",
+                                                                          "percentile": "Percentile"}[config.method]),
+                            calibration_cache_path=cache)
+            quantized = onnx.load(str(out))
+        except Exception as exc:  # GraphpruneError too: the calibration session failed
+            raise GraphpruneError(f"onnxruntime cannot quantise the model{_culprit(graph, exc)}: {first_line(exc)}") from None
+    try:
+        cpu_session(quantized)
+    except GraphpruneError as exc:
+        raise _Refused(str(exc).split(": ", 1)[-1]) from None
+    if opset > prepared.opset and config.per_channel:
+        notes = [*notes, f"output stays at opset {opset}: per-channel {config.fmt} weights need it"]
+    info = {"config": config.to_dict(), "input_opset": prepared.opset, "opset": default_opset(quantized),
+            "float_nodes": excluded, "calibration_images": len(prepared.images), "notes": notes}
+    quantized.metadata_props.add(key=INFO_KEY, value=json.dumps(info))
+    return quantized
+
+
+def _culprit(graph: onnx.ModelProto, exc: BaseException) -> str:
+    """' (node NAME, OP)' for the first node the error names by name or op type, else ''."""
+    text = str(exc)
+    for node in graph.graph.node:
+        if (node.name and node.name in text) or f"{node.op_type}(" in text or f":{node.op_type}" in text:
+            return f" (node {node.name}, {node.domain + ':' if node.domain else ''}{node.op_type})"
+    return ""
+
+
+def to_float16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with float16 weights and compute, its inputs and outputs still float32 (GPU
+    targets; onnxruntime's own converter, its default list of ops kept in float32)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    try:
+        half = convert_float_to_float16(proto, keep_io_types=True)
+    except Exception as exc:
+        raise GraphpruneError(f"cannot convert the model to float16: {first_line(exc)}") from None
+    cpu_session(half, "the float16 model")
+    return half

@@ -1,0 +1,192 @@
+"""Choosing a quantisation by measurement: :func:`plan_quantization`.
+
+Split from :mod:`.quantize` (the mechanism: one quantisation, used as it is by the int8 latency
+backend) because this is the policy a pass wraps: every candidate of
+:class:`~.quantize.QuantizeSettings` quantised, *measured* on the target by a ``measure``
+callable (:func:`graphprune.backends.onnxruntime_int8.onnxruntime_cut` times it interleaved with
+the float model), judged against the float model on held-out images; the fastest within the
+accuracy bound is kept, then each float group (first conv, classifier, Add/Concat merges) is tried
+and kept only when the measurement says it helps. ``plan.proto is None`` with a reason when
+quantisation does not pay ("auto leaves it off").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+from ..errors import GraphpruneError
+from .quantize import (Calibrated, QuantConfig, QuantizeSettings, as_images, cpu_session, float_group_nodes,
+                       quantization_info, quantize_onnx, run_outputs)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What ``measure`` returns: the cut against the float model (1 - quantised / float median,
+    timed interleaved), and the medians when known."""
+
+    cut: float
+    float_ms: float | None = None
+    quantized_ms: float | None = None
+
+
+Measure = Callable[[onnx.ModelProto], "Timing | float"]
+
+
+@dataclass
+class Candidate:
+    """One quantisation tried: its timing, accuracy against the float model, and what was done
+    (``info``: opset, float nodes, notes). ``error`` when onnxruntime could not make it."""
+
+    config: QuantConfig
+    timing: Timing | None = None
+    relative_error: float | None = None
+    agreement: float | None = None
+    top1: float | None = None
+    within_bound: bool = False
+    error: str | None = None
+    info: dict = field(default_factory=dict)
+    proto: onnx.ModelProto | None = field(default=None, repr=False)
+    correct: np.ndarray | None = field(default=None, repr=False)  # per held-out image, for paired tests
+
+    def to_dict(self) -> dict:
+        timing = asdict(self.timing) if self.timing else None
+        return {"config": self.config.to_dict(), "timing": timing, "relative_error": self.relative_error,
+                "agreement": self.agreement, "top1": self.top1, "within_bound": self.within_bound,
+                "error": self.error, "opset": self.info.get("opset"), "float_nodes": self.info.get("float_nodes"),
+                "notes": self.info.get("notes")}
+
+
+@dataclass
+class QuantizationPlan:
+    """The chosen quantisation (``proto``/``config``; both ``None`` when quantisation does not
+    pay, with the ``reason``) and every candidate measured on the way."""
+
+    proto: onnx.ModelProto | None
+    config: QuantConfig | None
+    reason: str
+    metric: str
+    bound: float
+    candidates: list[Candidate]
+    float_top1: float | None = None
+
+    @property
+    def chosen(self) -> Candidate | None:
+        return next((c for c in self.candidates if self.config is not None and c.config == self.config), None)
+
+    def to_dict(self) -> dict:
+        chosen = self.chosen
+        return {"chosen": self.config.to_dict() if self.config else None, "reason": self.reason, "metric": self.metric,
+                "bound": self.bound, "float_top1": self.float_top1,
+                "float_nodes": chosen.info.get("float_nodes") if chosen else None,
+                "notes": chosen.info.get("notes") if chosen else None,
+                "candidates": [c.to_dict() for c in self.candidates]}
+
+
+def plan_quantization(proto: onnx.ModelProto, calibration, holdout, settings: QuantizeSettings,
+                      measure: Measure, holdout_labels=None) -> QuantizationPlan:
+    """Measure every candidate of ``settings`` and choose (see the module docstring)."""
+    settings.check()
+    calibration = as_images(calibration)
+    if len(calibration) > settings.max_calibration_images:
+        pick = torch.randperm(len(calibration), generator=torch.Generator().manual_seed(settings.seed))
+        calibration = calibration[pick[:settings.max_calibration_images]]
+    prepared = Calibrated(proto, calibration, settings.batch_size)
+    judge = _Judge(proto, as_images(holdout, "holdout"), holdout_labels, settings)
+    tried = [judge.evaluate(prepared, config, measure) for config in settings.candidates()]
+    done = [c for c in tried if c.error is None]
+    if not done:
+        raise GraphpruneError(tried[0].error)
+
+    def plan(best: Candidate | None, reason: str) -> QuantizationPlan:
+        for candidate in tried:  # only the chosen model is kept in memory
+            candidate.proto = candidate.proto if candidate is best else None
+        return QuantizationPlan(best.proto if best else None, best.config if best else None, reason, judge.metric,
+                                judge.bound, tried, judge.float_top1)
+
+    faster = [c for c in done if c.timing.cut > settings.time_noise]
+    if not faster:
+        best_cut = max(c.timing.cut for c in done)
+        return plan(None, f"every candidate measured no faster than the float model (best cut {best_cut:+.1%}); "
+                          "auto leaves quantisation off")
+    within = [c for c in faster if c.within_bound]
+    current = max(within or faster, key=lambda c: c.timing.cut)
+    for group in settings.float_groups:
+        if not float_group_nodes(proto, group):
+            continue
+        trial = judge.evaluate(prepared, replace(current.config, float_groups=(*current.config.float_groups, group)),
+                               measure)
+        tried.append(trial)
+        if trial.error is None and judge.better(trial, current):
+            current = trial
+    if not current.within_bound:
+        return plan(None, f"no candidate stays within the accuracy bound ({judge.metric} {judge.bound}); "
+                          "auto leaves quantisation off")
+    return plan(current, f"{current.config.label}: fastest within the accuracy bound, cut {current.timing.cut:.1%}")
+
+
+class _Judge:
+    """Held-out accuracy of candidates against the float model, and the choice between two."""
+
+    def __init__(self, proto, holdout: torch.Tensor, labels, settings: QuantizeSettings):
+        self.settings, self.holdout = settings, holdout
+        self.reference = run_outputs(cpu_session(proto, "the float model"), holdout, settings.batch_size)
+        self.labels = None if labels is None else np.asarray(labels).reshape(-1)
+        classifier = self.reference.ndim == 2 and self.reference.shape[1] > 1
+        self.float_top1 = None
+        if self.labels is not None and classifier:
+            self.metric, self.bound = "top1_drop", settings.max_top1_drop
+            self.float_top1 = float((self.reference.argmax(1) == self.labels).mean())
+        elif classifier:
+            self.metric, self.bound = "disagreement", settings.max_disagreement
+        else:
+            self.metric, self.bound = "relative_error", settings.max_relative_error
+
+    def evaluate(self, prepared: Calibrated, config: QuantConfig, measure: Measure) -> Candidate:
+        try:
+            quantized = quantize_onnx(prepared, config=config, device=self.settings.device)
+        except GraphpruneError as exc:
+            return Candidate(config, error=str(exc))
+        out = run_outputs(cpu_session(quantized), self.holdout, self.settings.batch_size)
+        timing = measure(quantized)
+        timing = timing if isinstance(timing, Timing) else Timing(float(timing))
+        error = float(np.linalg.norm(out - self.reference) / max(np.linalg.norm(self.reference), 1e-12))
+        candidate = Candidate(config, timing, error, proto=quantized, info=quantization_info(quantized))
+        if self.metric == "relative_error":
+            candidate.within_bound = error <= self.bound
+            return candidate
+        target = self.labels if self.labels is not None else self.reference.argmax(1)
+        candidate.correct = out.argmax(1) == target
+        candidate.agreement = float((out.argmax(1) == self.reference.argmax(1)).mean())
+        if self.labels is not None:
+            candidate.top1 = float(candidate.correct.mean())
+            candidate.within_bound = self.float_top1 - candidate.top1 <= self.bound
+        else:
+            candidate.within_bound = 1.0 - candidate.agreement <= self.bound
+        return candidate
+
+    def more_accurate(self, a: Candidate, b: Candidate) -> bool:
+        """``a`` beats ``b`` by more than noise: a paired sign test on the held-out images
+        (images only one gets right: the difference above two standard deviations), or for
+        non-classifiers a relative error lower by more than ``error_noise``."""
+        if a.correct is None:
+            return a.relative_error < (1 - self.settings.error_noise) * b.relative_error
+        wins, losses = int((a.correct & ~b.correct).sum()), int((~a.correct & b.correct).sum())
+        return wins - losses > 2 * math.sqrt(wins + losses)
+
+    def better(self, trial: Candidate, current: Candidate) -> bool:
+        """Keep ``trial`` (one more group in float)? Within the bound: when it is faster by more
+        than noise without losing accuracy, or more accurate and not slower by more than noise.
+        Over the bound: when it is more accurate and still faster than the float model."""
+        noise = self.settings.time_noise
+        if not current.within_bound:
+            return self.more_accurate(trial, current) and trial.timing.cut > noise
+        if not trial.within_bound or self.more_accurate(current, trial):
+            return False
+        return (trial.timing.cut > current.timing.cut + noise
+                or (self.more_accurate(trial, current) and trial.timing.cut >= current.timing.cut - noise))

@@ -1,0 +1,293 @@
+"""Static int8 quantisation (graphprune.passes.quantize) and the int8 latency backend: small
+hand-made models, few images, no timing assertions (fake ``measure`` callables decide)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from graphprune.backends import LatencySettings
+from graphprune.backends.onnxruntime_int8 import QuantizedOnnxRuntime, onnxruntime_cut
+from graphprune.errors import GraphpruneError
+from graphprune.formats.io_onnx import load_proto
+from graphprune.passes.quantize import (Calibrated, QuantConfig, QuantizeSettings, float_group_nodes, quantization_info,
+                                        quantize_onnx, run_outputs, cpu_session, to_float16)
+from graphprune.passes.quantize_plan import Timing, plan_quantization
+from onnx_builders import channels_last_residual
+
+
+def convnet(opset: int = 13, classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """X (batch, 3, 16, 16) -> stem Conv -> Relu -> [Conv -> Relu -> Conv] + -> Relu -> GAP -> Gemm."""
+    rng = np.random.default_rng(seed)
+
+    def init(name, *shape, scale=0.3):
+        return numpy_helper.from_array(rng.normal(0, scale, shape).astype(np.float32), name)
+
+    inits = [init("w0", 8, 3, 3, 3), init("b0", 8, scale=0.1), init("w1", 8, 8, 3, 3, scale=0.15),
+             init("w2", 8, 8, 3, 3, scale=0.15), init("fc", classes, 8), init("fcb", classes, scale=0.1)]
+    nodes = [
+        helper.make_node("Conv", ["X", "w0", "b0"], ["c0"], name="/stem/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"], name="/stem/Relu"),
+        helper.make_node("Conv", ["r0", "w1"], ["c1"], name="/block/conv1/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="/block/Relu"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="/block/conv2/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r0"], ["s"], name="/block/Add"),
+        helper.make_node("Relu", ["s"], ["r2"], name="/block/Relu_1"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="/pool"),
+        helper.make_node("Flatten", ["g"], ["f"], name="/Flatten"),
+        helper.make_node("Gemm", ["f", "fc", "fcb"], ["Y"], name="/fc/Gemm", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "convnet", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    return model
+
+
+def images(n: int, shape=(3, 16, 16), seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
+
+
+def outputs(proto, x) -> np.ndarray:
+    return run_outputs(cpu_session(proto), torch.as_tensor(x), 16)
+
+
+def op_types(proto) -> set[str]:
+    return {n.op_type for n in proto.graph.node}
+
+
+def relative_error(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def one_line(exc) -> str:
+    text = str(exc.value)
+    assert text and "\n" not in text
+    return text
+
+
+@pytest.mark.parametrize("fmt, marker", [("qdq", "QuantizeLinear"), ("qoperator", "QLinearConv")])
+def test_quantised_structure_and_outputs_close_to_float(fmt, marker):
+    proto, x = convnet(), images(48)
+    q = quantize_onnx(proto, x[:32], QuantConfig(fmt=fmt))
+    assert marker in op_types(q) and "DequantizeLinear" in op_types(q)
+    assert quantization_info(q)["config"]["label"].startswith(f"{fmt}-u8s8") and quantization_info(q)["opset"] == 13
+    float_out, quant_out = outputs(proto, x[32:]), outputs(q, x[32:])
+    assert relative_error(quant_out, float_out) < 0.05
+    assert (quant_out.argmax(1) == float_out.argmax(1)).mean() >= 0.9
+
+
+def test_per_channel_weights_have_one_scale_per_output_channel():
+    q = quantize_onnx(convnet(), images(16), QuantConfig())
+    scales = {t.name: t for t in q.graph.initializer}
+    conv_dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w1")]
+    assert conv_dq and tuple(scales[conv_dq[0].input[1]].dims) == (8,)
+
+
+def test_float_groups_stay_float_ops():
+    proto = convnet()
+    assert float_group_nodes(proto, "first_conv") == ["/stem/Conv"]
+    assert float_group_nodes(proto, "classifier") == ["/fc/Gemm"]
+    assert float_group_nodes(proto, "add_concat") == ["/block/Add"]
+    q = quantize_onnx(proto, images(16), QuantConfig(fmt="qoperator", float_groups=("first_conv", "classifier")))
+    by_name = {n.name: n for n in q.graph.node}
+    assert by_name["/stem/Conv"].op_type == "Conv" and by_name["/fc/Gemm"].op_type == "Gemm"
+    assert "QLinearConv" in op_types(q)  # the other convs are still quantised
+    q = quantize_onnx(proto, images(16), QuantConfig(fmt="qdq", float_groups=("first_conv",)))
+    dequantized = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    stem = next(n for n in q.graph.node if n.name == "/stem/Conv")
+    assert not dequantized & set(stem.input)
+    conv2 = next(n for n in q.graph.node if n.name == "/block/conv2/Conv")
+    assert set(conv2.input) <= dequantized
+    assert quantization_info(q)["float_nodes"] == ["/stem/Conv"]
+
+
+@pytest.mark.parametrize("fmt, opset", [("qdq", 13), ("qoperator", 12)])
+def test_opset12_model_quantises_and_loads(fmt, opset):
+    """PP-OCRv4's detector case: per-channel QDQ at opset 12 writes a DequantizeLinear with an
+    axis onnxruntime refuses; it is converted to 13 (and says so); QOperator keeps 12."""
+    proto, x = convnet(opset=12), images(40)
+    q = quantize_onnx(proto, x[:24], QuantConfig(fmt=fmt))
+    info = quantization_info(q)
+    assert info["input_opset"] == 12 and info["opset"] == opset
+    assert [o.version for o in q.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+    assert any("converted to 13" in note for note in info["notes"]) == (opset == 13)
+    assert relative_error(outputs(q, x[24:]), outputs(proto, x[24:])) < 0.05
+
+
+def test_per_tensor_keeps_opset12():
+    q = quantize_onnx(convnet(opset=12), images(16), QuantConfig(per_channel=False))
+    assert quantization_info(q)["opset"] == 12 and quantization_info(q)["notes"] == []
+
+
+def test_channels_last_input_is_fed_in_its_own_layout():
+    proto, x = channels_last_residual(), images(24, (8, 8, 3))
+    q = quantize_onnx(proto, torch.as_tensor(x).permute(0, 3, 1, 2), QuantConfig())
+    assert q.graph.input[0].type.tensor_type.shape.dim[3].dim_value == 3
+    got = cpu_session(q).run(None, {"nhwc": x})[0]
+    want = cpu_session(proto).run(None, {"nhwc": x})[0]
+    assert relative_error(got, want) < 0.1
+
+
+def test_one_calibration_serves_every_format():
+    prepared = Calibrated(convnet(), images(16))
+    first = quantize_onnx(prepared, config=QuantConfig(fmt="qdq"))
+    prepared.images = torch.zeros_like(prepared.images)  # would give other ranges if calibrated again
+    again = quantize_onnx(prepared, config=QuantConfig(fmt="qdq"))
+    scales = lambda q: {t.name: numpy_helper.to_array(t).tolist() for t in q.graph.initializer if t.name.endswith("_scale")}
+    assert scales(first) == scales(again)
+
+
+def test_error_calibration_set_too_small():
+    with pytest.raises(GraphpruneError) as exc:
+        quantize_onnx(convnet(), images(8), QuantConfig())
+    assert "at least 16 images" in one_line(exc) and exc.value.parameter == "calibration"
+
+
+def test_error_int8_for_cuda():
+    with pytest.raises(GraphpruneError) as exc:
+        quantize_onnx(convnet(), images(16), QuantConfig(), device="cuda")
+    assert "TensorRT" in one_line(exc) and "fp16" in str(exc.value)
+    with pytest.raises(GraphpruneError):
+        QuantizeSettings(device="cuda").check()
+
+
+def test_error_model_onnxruntime_cannot_quantise_names_the_node():
+    proto = convnet()
+    proto.graph.node[1].op_type, proto.graph.node[1].domain = "Mystery", "com.example"
+    proto.opset_import.append(helper.make_opsetid("com.example", 1))
+    with pytest.raises(GraphpruneError) as exc:
+        quantize_onnx(proto, images(16), QuantConfig())
+    text = one_line(exc)
+    assert "cannot quantise" in text and "/stem/Relu" in text and "Mystery" in text
+
+
+def test_error_refused_model_is_never_returned(monkeypatch):
+    import graphprune.passes.quantize as quantize
+
+    real = quantize.cpu_session
+
+    def refuse_quantised(proto, what="the model"):
+        if isinstance(proto, onnx.ModelProto) and "QuantizeLinear" in op_types(proto):
+            raise GraphpruneError(f"onnxruntime refuses {what}: Unrecognized attribute: axis")
+        return real(proto, what)
+
+    monkeypatch.setattr(quantize, "cpu_session", refuse_quantised)
+    with pytest.raises(GraphpruneError) as exc:
+        quantize_onnx(convnet(opset=12), images(16), QuantConfig())
+    assert "refuses the quantised model" in one_line(exc)
+
+
+def test_error_unknown_setting():
+    with pytest.raises(GraphpruneError) as exc:
+        QuantizeSettings(formats=("int4",)).check()
+    assert exc.value.parameter == "formats" and "int4" in one_line(exc)
+
+
+def test_to_float16_keeps_float32_io_and_matches():
+    proto, x = convnet(), images(8)
+    half = to_float16(proto)
+    assert half.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert half.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert any(t.data_type == TensorProto.FLOAT16 for t in half.graph.initializer)
+    assert relative_error(outputs(half, x), outputs(proto, x)) < 1e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# plan_quantization with fake measurements
+
+def fake_measure(cuts: dict[str, float]):
+    """A ``measure`` that reads the candidate's label from its metadata and looks its cut up."""
+    seen = []
+
+    def measure(proto):
+        label = quantization_info(proto)["config"]["label"].replace("-7bit", "")  # this CPU's choice
+        seen.append(label)
+        return Timing(cuts.get(label, cuts.get("*", 0.0)), 1.0, 1.0 - cuts.get(label, 0.0))
+
+    measure.seen = seen
+    return measure
+
+
+SETTINGS = QuantizeSettings(max_calibration_images=16, batch_size=16)
+
+
+def test_plan_picks_the_faster_candidate():
+    measure = fake_measure({"qdq-u8s8": 0.5, "qoperator-u8s8": 0.3, "*": 0.2})
+    plan = plan_quantization(convnet(), images(16), images(32, seed=1), SETTINGS, measure)
+    assert (plan.config.fmt, plan.config.activations) == ("qdq", "uint8") and plan.proto is not None
+    assert measure.seen[:4] == ["qdq-u8s8", "qdq-s8s8", "qoperator-u8s8", "qoperator-s8s8"]
+    assert len(plan.to_dict()["candidates"]) == len(measure.seen) and plan.metric == "disagreement"
+    assert plan.chosen.agreement >= 0.9
+    assert plan.chosen.relative_error < 0.05
+
+
+def test_plan_with_labels_returns_none_when_no_candidate_is_within_the_bound():
+    """Labels the float model gets all right (top-1 1.0): a bound no candidate can meet leaves
+    quantisation off; a loose one takes the fastest (int8 activations, made 'faster' here)."""
+    proto, holdout = convnet(), images(32, seed=1)
+    labels = outputs(proto, holdout).argmax(1)
+    measure = fake_measure({"qdq-s8s8": 0.6, "*": 0.3})
+    settings = QuantizeSettings(max_calibration_images=16, batch_size=16, max_top1_drop=-0.5, float_groups=())
+    plan = plan_quantization(proto, images(16), holdout, settings, measure, holdout_labels=labels)
+    assert plan.proto is None and "accuracy bound" in plan.reason
+    assert plan.float_top1 == 1.0 and all(not c.within_bound for c in plan.candidates)
+    settings = QuantizeSettings(max_calibration_images=16, batch_size=16, max_top1_drop=0.5, float_groups=())
+    plan = plan_quantization(proto, images(16), holdout, settings, fake_measure({"qdq-s8s8": 0.6, "*": 0.3}),
+                             holdout_labels=labels)
+    assert (plan.config.fmt, plan.config.activations) == ("qdq", "int8")
+
+
+def test_plan_rejects_the_fastest_when_it_alone_is_inaccurate(monkeypatch):
+    import graphprune.passes.quantize_plan as quantize_plan
+
+    real = quantize_plan._Judge.evaluate
+
+    def evaluate(self, prepared, config, measure):
+        candidate = real(self, prepared, config, measure)
+        if config.fmt == "qoperator":
+            candidate.within_bound = False
+        return candidate
+
+    monkeypatch.setattr(quantize_plan._Judge, "evaluate", evaluate)
+    plan = plan_quantization(convnet(), images(16), images(32, seed=1), QuantizeSettings(
+        max_calibration_images=16, batch_size=16, float_groups=()), fake_measure({"qoperator-u8s8": 0.7, "*": 0.2}))
+    assert plan.config.fmt == "qdq"
+
+
+def test_plan_returns_none_when_every_candidate_is_slower():
+    plan = plan_quantization(convnet(), images(16), images(32, seed=1), SETTINGS, fake_measure({"*": -0.4}))
+    assert plan.proto is None and plan.config is None and "no faster" in plan.reason
+    assert plan.to_dict()["chosen"] is None and len(plan.candidates) == 4
+
+
+def test_plan_keeps_a_float_group_only_when_it_measures_faster():
+    measure = fake_measure({"qdq-u8s8": 0.4, "qdq-u8s8+float:first_conv": 0.5,
+                            "qdq-u8s8+float:first_conv+float:classifier": 0.3, "*": 0.1})
+    plan = plan_quantization(convnet(), images(16), images(32, seed=1), SETTINGS, measure)
+    assert plan.config.float_groups == ("first_conv",)
+    assert measure.seen[4:] == ["qdq-u8s8+float:first_conv", "qdq-u8s8+float:first_conv+float:classifier",
+                                "qdq-u8s8+float:first_conv+float:add_concat"]
+    assert plan.to_dict()["float_nodes"][0] == "/stem/Conv"
+
+
+def test_onnxruntime_cut_measures_interleaved():
+    proto = convnet()
+    measure = onnxruntime_cut(proto, images(4), LatencySettings(min_runs=3, min_time_s=0.0, warmup_runs=1, warmup_s=0))
+    timing = measure(quantize_onnx(proto, images(16), QuantConfig()))
+    assert timing.float_ms > 0 and timing.quantized_ms > 0
+    assert timing.cut == pytest.approx(1 - timing.quantized_ms / timing.float_ms)
+
+
+def test_quantized_backend_runs_the_int8_model_of_any_model():
+    model = load_proto(convnet())
+    backend = QuantizedOnnxRuntime(images(16), QuantConfig(float_groups=("first_conv",)))
+    settings = LatencySettings(batch_size=2)
+    backend.prepare(model, settings)()
+    assert backend.describe(settings)["quantization"]["float_groups"] == ["first_conv"]
+    with pytest.raises(GraphpruneError):
+        backend.prepare(model, LatencySettings(device="cuda"))
