@@ -13,6 +13,8 @@ from graphprune.backends import LatencySettings
 from graphprune.backends.onnxruntime_int8 import QuantizedOnnxRuntime, onnxruntime_cut
 from graphprune.errors import GraphpruneError
 from graphprune.formats.io_onnx import load_proto
+from graphprune.formats.model_io import to_onnx
+from graphprune.passes import drop_blocks, find_blocks
 from graphprune.passes.quantize import (Calibrated, QuantConfig, QuantizeSettings, float_group_nodes, quantization_info,
                                         quantize_onnx, run_outputs, cpu_session, to_float16)
 from graphprune.passes.quantize_plan import Timing, plan_quantization
@@ -291,3 +293,13 @@ def test_quantized_backend_runs_the_int8_model_of_any_model():
     assert backend.describe(settings)["quantization"]["float_groups"] == ["first_conv"]
     with pytest.raises(GraphpruneError):
         backend.prepare(model, LatencySettings(device="cuda"))
+
+
+def test_quantized_backend_rederives_float_groups_after_block_dropping():
+    model = load_proto(convnet())
+    (block,) = find_blocks(model)
+    smaller = drop_blocks(model, [block.name])
+    backend = QuantizedOnnxRuntime(images(16), QuantConfig(float_groups=("add_concat", "classifier")))
+    backend.prepare(smaller, LatencySettings())()
+    assert float_group_nodes(to_onnx(smaller, verify=False), "add_concat") == []
+    assert float_group_nodes(to_onnx(smaller, verify=False), "classifier") == ["/fc/Gemm"]
