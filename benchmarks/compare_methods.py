@@ -133,8 +133,8 @@ class Bench:
             blocks = self.gp.find_blocks(m)
             cache = JsonCache(CACHE, "latency", settings_fingerprint(model_fingerprint(m), "onnxruntime", LATENCY))
             table = measure_block_latency(self.backend, m, self.latency, blocks, False, cache=cache)
-            self.block_latency[model] = pool_savings(table, identical_groups(m, blocks))
-        return self.block_latency[model]
+            self.block_latency[model] = (table, pool_savings(table, identical_groups(m, blocks)))
+        return self.block_latency[model][1]
 
     def score_records(self, model: str, tiny, seed: int, settings) -> list:
         """Recoverability (``settings``: a RecoverabilitySettings, its seed replaced by ``seed``),
@@ -189,25 +189,23 @@ def block_order(bench: Bench, row: dict, tiny, key: str) -> list[str]:
 def refine(bench: Bench, row: dict, key: str, tiny, greedy):
     """graphprune's refinement of a greedy selection by joint recoverability (the product's pass,
     ``graphprune.passes.refine_selection``), joint fits cached per model and tiny set."""
-    from graphprune.cache import JsonCache, settings_fingerprint
     from graphprune.data import split_holdout
     from graphprune.optimize import OptimizeConfig
-    from graphprune.passes import PassState
+    from graphprune.passes import BlockRecoverabilities, Blocks, PassContext
     from graphprune.passes.refine_selection import RefineSelection
 
     config = OptimizeConfig()
     scoring = replace(config.recoverability, seed=row["seed"])
     m = bench.models[key]
     train, holdout = split_holdout(tiny, seed=row["seed"])
-    state = PassState(m, artifacts={"blocks": bench.gp.find_blocks(m), "selection": greedy,
-                                    "pooled_latency": bench.latency_table(key),
-                                    "recoverability": bench.score_records(key, tiny, row["seed"], scoring)})
-    joint = JsonCache(CACHE, "joint", settings_fingerprint(bench.score_key(key, tiny, scoring),
-                                                          config.refine.joint_iterations))
-    step = RefineSelection(train, holdout, scoring, row["cut"], bench.backend, bench.latency, MARGIN,
-                           config.refine, cache=joint)
-    result = step.run(m, state)
-    return result.value, result.record
+    ctx = PassContext(m, tiny=tiny, train=train, holdout=holdout, backend=bench.backend, latency=bench.latency,
+                      latency_cut=row["cut"], margin=MARGIN, cache_dir=str(CACHE), show_progress=False)
+    recoverabilities = BlockRecoverabilities(bench.score_records(key, tiny, row["seed"], scoring), scoring)
+    pooled = bench.latency_table(key)
+    measured = bench.block_latency[key][0]
+    result = RefineSelection(config.refine)(m, ctx, Blocks(bench.gp.find_blocks(m)), greedy, measured, pooled,
+                                            recoverabilities)
+    return result.artifacts[0], result.record
 
 
 def filter_model_path(model: str, ratio: float) -> Path:

@@ -7,16 +7,20 @@ Python API (each step is also a pass in :mod:`graphprune.passes`)::
     blocks = gp.find_blocks(model)           # analysis: never changes the model
     smaller = gp.drop_blocks(model, ["layer2.1"])   # transform: returns a new model
     gp.save(smaller, "model.small.onnx")     # verified with onnxruntime, written atomically
+
+    steps = gp.default_pipeline(config)      # the PRACTISE pipeline as an editable list of passes
+    result = gp.optimize(model, tiny, config, pipeline=steps)
 """
 
 from .errors import GraphpruneError
 from .model import InputSpec, Model
 from .formats.model_io import load, save, to_onnx
-from .passes import Block, drop_blocks, find_blocks
+from .optimize import OptimizeConfig, default_pipeline, optimize
+from .passes import Block, Pipeline, drop_blocks, find_blocks
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Block", "GraphpruneError", "InputSpec", "Model", "drop_blocks", "find_blocks", "load", "save",
-    "to_onnx", "__version__",
+    "Block", "GraphpruneError", "InputSpec", "Model", "OptimizeConfig", "Pipeline", "default_pipeline",
+    "drop_blocks", "find_blocks", "load", "optimize", "save", "to_onnx", "__version__",
 ]

@@ -3,10 +3,12 @@
     find_blocks -> profile_blocks -> pool_identical_blocks -> score_recoverability
     -> select_blocks -> refine_selection -> drop_blocks -> recover -> measure_result
 
-Each step is a pass from :mod:`graphprune.passes` (callable on its own from Python); this module
-only wires them together, caches per-block work so an interrupted run resumes, and assembles the
-report. The tiny set is split once: the held-out part measures recoverability, and recovery then
-trains on every image.
+:func:`default_pipeline` is that list; a user edits it (insert, replace, remove passes) and hands
+it to :func:`optimize`, which builds the :class:`~graphprune.passes.PassContext` (backend, latency
+settings, the target, the tiny set split once: the held-out part measures recoverability, recovery
+trains on every image; resume caches), checks the order, runs it, and assembles the report from the
+typed artefacts the steps left. Each step is a pass from :mod:`graphprune.passes`, callable on its
+own from Python.
 """
 
 from __future__ import annotations
@@ -15,18 +17,17 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .backends.base import LatencySettings, get_backend
-from .cache import JsonCache, model_fingerprint, settings_fingerprint, tensor_fingerprint
 from .data import TinySet, split_holdout
 from .errors import GraphpruneError
 from .formats.input_layout import looks_channels_last
 from .model import HALF_DTYPES, Model
-from .passes import DropBlocks, FindBlocks, PassResult, PassState, Pipeline, Step
-from .passes.measure_latency import MeasureBlockLatency, measure_cut
-from .passes.pool_latency import PoolIdenticalBlocks
-from .passes.recover import Recover, RecoverySettings, check_recovery
-from .passes.recoverability import Recoverability, RecoverabilitySettings
-from .passes.refine_selection import RefineSelection, RefineSettings
-from .passes.select_blocks import SelectBlocks
+from .passes import (BlockLatencyTable, BlockRecoverabilities, Blocks, DropBlocks, FinalCut, FindBlocks,
+                     MeasureBlockLatency, MeasureResult, Pass, PassContext, PassState, Pipeline, PooledLatency,
+                     PoolIdenticalBlocks, Recover, Recoverability, RecoveryLog, Refinement, RefineSelection,
+                     SelectBlocks, Selection, available_passes)
+from .passes.recover import RecoverySettings
+from .passes.recoverability import RecoverabilitySettings
+from .passes.refine_selection import RefineSettings
 
 
 @dataclass(frozen=True)
@@ -74,95 +75,99 @@ def image_input_shape(model: Model) -> tuple[int, int, int]:
     return shape[1:]
 
 
-def optimize(model: Model, tiny: TinySet, config: OptimizeConfig = OptimizeConfig()) -> OptimizeResult:
-    """Drop blocks until the measured latency cut reaches ``config.latency_cut``, then recover."""
-    if not 0 < config.latency_cut < 1:
-        raise GraphpruneError(f"--latency-cut must be between 0 and 1 (exclusive), got {config.latency_cut}")
-    image_input_shape(model)
-    check_recovery(model, tiny, config.recovery, config.feature_node)
-    backend = get_backend(config.backend)
-    train, holdout = split_holdout(tiny, config.holdout_fraction, config.holdout_minimum, config.seed)
-    caches = _caches(model, tiny, config)
-    steps = [
-        Step("find_blocks", FindBlocks()),
-        Step("profile_blocks", MeasureBlockLatency(backend, config.latency, cache=caches["latency"],
-                                                   progress=None if config.show_progress else False)),
-        Step("pool_identical_blocks", PoolIdenticalBlocks()),
-        Step("score_recoverability", Recoverability(train, holdout, config.recoverability, config.feature_node,
-                                                    config.show_progress, caches["recoverability"])),
-        Step("select_blocks", SelectBlocks(config.latency_cut, backend, config.latency, config.margin,
-                                           caches["selection"])),
-        Step("refine_selection", RefineSelection(train, holdout, config.recoverability, config.latency_cut, backend,
-                                                 config.latency, config.margin, config.refine, config.feature_node,
-                                                 caches["joint"], caches["selection"])),
-        Step("drop_blocks", DropBlocks()),
-        Step("recover", Recover(model, tiny, config.recovery, config.feature_node, config.show_progress)),
-        Step("measure_result", _measure_result(backend, model, config)),
+def default_pipeline(config: OptimizeConfig = OptimizeConfig()) -> list[Pass]:
+    """The PRACTISE pipeline: the list ``optimize`` runs unless given another."""
+    return [
+        FindBlocks(),
+        MeasureBlockLatency(),
+        PoolIdenticalBlocks(),
+        Recoverability(config.recoverability),
+        SelectBlocks(),
+        RefineSelection(config.refine),
+        DropBlocks(),
+        Recover(config.recovery),
+        MeasureResult(),
     ]
+
+
+def pipeline_from_names(names: list[str], config: OptimizeConfig = OptimizeConfig()) -> list[Pass]:
+    """Passes by registered name (built-in or from the ``graphprune.passes`` entry points), each
+    built from ``config`` (:meth:`Pass.from_config`)."""
+    registry = available_passes()
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise GraphpruneError(f"unknown pass '{unknown[0]}'; available: {', '.join(sorted(registry))}",
+                              parameter="passes")
+    return [registry[name].from_config(config) for name in names]
+
+
+def optimize(model: Model, tiny: TinySet, config: OptimizeConfig = OptimizeConfig(),
+             pipeline: list[Pass] | None = None) -> OptimizeResult:
+    """Run ``pipeline`` (default: :func:`default_pipeline`) on ``model`` with the tiny set: drop
+    blocks until the measured latency cut reaches ``config.latency_cut``, then recover."""
+    image_input_shape(model)
+    steps = default_pipeline(config) if pipeline is None else pipeline
+    ctx = make_context(model, tiny, config)
     state = PassState(model)
-    Pipeline(steps).run(model, state)
-    return OptimizeResult(state.model, state, build_report(model, state, tiny, train, holdout, config))
+    Pipeline(steps).run(model, ctx, state)
+    return OptimizeResult(state.model, state, build_report(model, state, ctx, config))
 
 
-def _caches(model: Model, tiny: TinySet, config: OptimizeConfig) -> dict[str, JsonCache]:
-    model_key = model_fingerprint(model)
-    latency_key = settings_fingerprint(model_key, config.backend, config.latency.to_dict())
-    score_key = settings_fingerprint(model_key, tensor_fingerprint(tiny.images), asdict(config.recoverability),
-                                     config.seed, config.holdout_fraction, config.holdout_minimum,
-                                     config.feature_node)
-    return {"latency": JsonCache(config.cache_dir, "latency", latency_key),
-            "selection": JsonCache(config.cache_dir, "selection", latency_key),
-            "recoverability": JsonCache(config.cache_dir, "recoverability", score_key),
-            "joint": JsonCache(config.cache_dir, "joint", settings_fingerprint(score_key, config.refine.joint_iterations))}
+def make_context(model: Model, tiny: TinySet, config: OptimizeConfig) -> PassContext:
+    """What the passes share, from ``config``: the backend, the target and the tiny set's split."""
+    train, holdout = split_holdout(tiny, config.holdout_fraction, config.holdout_minimum, config.seed)
+    return PassContext(original=model, tiny=tiny, train=train, holdout=holdout, backend=get_backend(config.backend),
+                       latency=config.latency, latency_cut=config.latency_cut, margin=config.margin,
+                       feature_node=config.feature_node, cache_dir=config.cache_dir,
+                       show_progress=config.show_progress, config=config)
 
 
-def _measure_result(backend, original: Model, config: OptimizeConfig):
-    """An independent interleaved timing of the final model against the original."""
-    def step(model: Model, state: PassState) -> PassResult:
-        cut = measure_cut(backend, original, model, config.latency)
-        state.artifacts["final_cut"] = cut
-        return PassResult(model, record=cut.to_dict(), value=cut)
-    return step
-
-
-def build_report(original: Model, state: PassState, tiny: TinySet, train: TinySet, holdout: TinySet,
-                 config: OptimizeConfig) -> dict:
-    """The JSON report: per-block scores, the choice, latency, settings and time per stage."""
-    selection = state.artifacts["selection"]
-    latency = {row.name: row for row in state.artifacts["block_latency"].rows}
-    pooled = state.artifacts["pooled_latency"].saved_fractions()
-    scores = {s.name: s for s in selection.scores}
-    recoverability = {r.name: r for r in state.artifacts["recoverability"]}
+def build_report(original: Model, state: PassState, ctx: PassContext, config: OptimizeConfig) -> dict:
+    """The JSON report, from the artefacts the steps left (a step a user removed leaves its part
+    empty): per-block scores, the choice, latency, settings and time per stage."""
+    found = state.artifacts
+    selection, final = found.get(Selection), found.get(FinalCut)
+    table, pooled = found.get(BlockLatencyTable), found.get(PooledLatency)
+    recoverabilities, refinement, recovery = found.get(BlockRecoverabilities), found.get(Refinement), found.get(RecoveryLog)
+    latency = {row.name: row for row in table.rows} if table else {}
+    pooled_saved = pooled.saved_fractions() if pooled else {}
+    scores = {s.name: s for s in selection.scores} if selection else {}
+    recoverability = {r.name: r for r in recoverabilities or []}
+    dropped = selection.blocks if selection else []
     blocks = []
-    for block in state.artifacts["blocks"]:
+    for block in found.get(Blocks) or []:
         row, score, rec = latency.get(block.name), scores.get(block.name), recoverability.get(block.name)
         blocks.append({
             "name": block.name, "kind": block.kind, "macs": block.macs, "params": block.params,
             "recoverability": rec.recoverability if rec else None,
             "recoverability_relative": rec.relative if rec else None,
             "saved_ms": row.saved_ms if row else None, "saved_fraction": row.saved_fraction if row else None,
-            "saved_fraction_pooled": pooled.get(block.name),
+            "saved_fraction_pooled": pooled_saved.get(block.name),
             "score": score.to_dict()["score"] if score else None,
-            "dropped": block.name in selection.blocks,
+            "dropped": block.name in dropped,
         })
-    final = state.artifacts["final_cut"]
+    measured = table.saved_fractions() if table else {}
     return {
         "model": original.name,
-        "dropped": selection.blocks,
+        "dropped": dropped,
         "latency": {"original_ms": final.original.median_ms, "optimized_ms": final.candidate.median_ms,
                     "cut": final.cut, "target": config.latency_cut,
-                    "selection_cut": selection.cut.cut, "original_stats": final.original.to_dict(),
-                    "optimized_stats": final.candidate.to_dict()},
+                    "selection_cut": selection.cut.cut if selection else None,
+                    "original_stats": final.original.to_dict(),
+                    "optimized_stats": final.candidate.to_dict()} if final else None,
         "blocks": blocks,
-        "identical_blocks": state.records["pool_identical_blocks"]["groups"],
-        "selection_measurements": selection.measurements,
-        "refinement": state.records["refine_selection"],
-        "data": {**tiny.summary(), "train_for_scoring": len(train), "held_out_for_scoring": len(holdout),
-                 "train_for_recovery": len(tiny)},
-        "recovery": {k: state.records["recover"].get(k) for k in ("loss_curve", "final_loss", "seconds")},
-        "settings": {**config.to_dict(), "backend_info": state.artifacts["block_latency"].backend_info},
+        "identical_blocks": [{"blocks": names, "measured": [measured.get(n) for n in names],
+                              "pooled": pooled_saved.get(names[0])} for names in (pooled.pooled_groups if pooled else [])],
+        "selection_measurements": selection.measurements if selection else [],
+        "refinement": refinement.record if refinement else None,
+        "data": {**ctx.tiny.summary(), "train_for_scoring": len(ctx.train), "held_out_for_scoring": len(ctx.holdout),
+                 "train_for_recovery": len(ctx.tiny)},
+        "recovery": ({"loss_curve": recovery.loss_curve, "final_loss": recovery.final_loss,
+                      "seconds": recovery.seconds} if recovery else None),
+        "settings": {**config.to_dict(), "backend_info": table.backend_info if table else None},
         "seconds_per_stage": dict(state.timings),
-        "resumed_from_cache": {"latency_rows": state.records["profile_blocks"].get("from_cache", 0),
-                               "recoverability": state.records["score_recoverability"].get("from_cache", 0)},
+        "resumed_from_cache": {"latency_rows": table.from_cache if table else 0,
+                               "recoverability": recoverabilities.from_cache if recoverabilities else 0},
+        "pipeline": list(state.records),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

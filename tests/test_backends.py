@@ -18,8 +18,8 @@ import graphprune as gp
 from graphprune.backends.base import LatencySettings, LatencyStats, compare_interleaved, get_backend, time_runs
 from graphprune.backends.onnxruntime import OnnxRuntimeBackend
 from graphprune.backends.torch_eager import TorchEagerBackend
-from graphprune.passes import (MeasureBlockLatency, PassState, Pipeline, available_passes, measure_block_latency,
-                               measure_cut)
+from graphprune.passes import (Artifacts, BlockLatencyTable, Blocks, MeasureBlockLatency, PassContext, PassState,
+                               Pipeline, available_passes, measure_block_latency, measure_cut)
 from onnx_builders import residual_onnx, save
 
 FAST = LatencySettings(warmup_runs=1, warmup_s=0.0, min_runs=3, min_time_s=0.0)
@@ -214,15 +214,15 @@ class CountingBackend:
 
 def test_per_block_covers_every_block_and_reuses_the_original(resnet20):
     backend = CountingBackend()
-    state = PassState(resnet20, artifacts={"blocks": gp.find_blocks(resnet20)})  # as FindBlocks leaves it
-    state = Pipeline([MeasureBlockLatency(backend, FAST)]).run(resnet20, state)
-    table = state.artifacts["block_latency"]
-    names = [b.name for b in state.artifacts["blocks"]]
+    state = PassState(resnet20, Artifacts([Blocks(gp.find_blocks(resnet20))]))  # as FindBlocks leaves it
+    state = Pipeline([MeasureBlockLatency()]).run(resnet20, PassContext(resnet20, backend=backend, latency=FAST), state)
+    table = state.artifacts[BlockLatencyTable]
+    names = [b.name for b in state.artifacts[Blocks]]
     assert [row.name for row in table.rows] == names and len(names) == 9
     assert len(backend.prepared) == 1 + len(names)  # the original once, then one candidate per block
     assert all(n < backend.prepared[0] for n in backend.prepared[1:])  # candidates are smaller graphs
     assert table.original.runs == FAST.min_runs  # measured alone, once, with the reused original
-    record = state.records["measure_block_latency"]
+    record = state.records["profile_blocks"]
     assert json.loads(json.dumps(record))["blocks"][0]["name"] == "layer1.0"
     assert record["settings"]["backend"] == "fake" and record["settings"]["min_runs"] == 3
     assert available_passes()["measure_block_latency"] is MeasureBlockLatency

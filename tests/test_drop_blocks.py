@@ -7,7 +7,7 @@ import torch
 
 import graphprune as gp
 from conftest import TORCHVISION_MODELS, torchvision_module
-from graphprune.passes import DropBlocks, PassState, zero_branch
+from graphprune.passes import DropBlocks, zero_branch
 
 
 def _assert_every_block_drops_exactly(model: gp.Model, shape) -> None:
@@ -44,7 +44,7 @@ def test_drop_equals_zeroed_branch_cifar(depth):
 def test_drop_removes_only_the_block_and_redundant_relu():
     model = gp.load("zoo:cifar10_resnet20")
     before = {n.name for n in model.graph_module.graph.nodes}
-    result = DropBlocks(["layer1.1"]).run(model, PassState(model))
+    result = DropBlocks(["layer1.1"])(model)
     after = {n.name for n in result.model.graph_module.graph.nodes}
     removed = before - after
     blocks = {b.name: b for b in gp.find_blocks(model)}

@@ -83,12 +83,13 @@ class _HiddenHead(torch.nn.Module):
 
 
 def test_optimize_refuses_a_recovery_it_cannot_run_before_measuring_anything(monkeypatch):
-    import graphprune.optimize as optimize_module
     from graphprune.data import TinySet
     from graphprune.optimize import OptimizeConfig, optimize
     from graphprune.passes.recover import RecoverySettings
 
-    monkeypatch.setattr(optimize_module, "get_backend", lambda *a, **k: pytest.fail("measured before refusing"))
+    from graphprune.backends.onnxruntime import OnnxRuntimeBackend
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "prepare", lambda *a, **k: pytest.fail("measured before refusing"))
     model = gp.load(_HiddenHead(), input_shape=(1, 3, 8, 8))
     tiny = TinySet(torch.randn(12, 3, 8, 8), torch.full((12,), -1))
     for recovery, message in [(RecoverySettings(target="feature-map"), "feature-map"),

@@ -8,7 +8,7 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.backends.base import LatencySettings, LatencyStats
-from graphprune.passes import PassState
+from graphprune.passes import Blocks
 from graphprune.passes.measure_latency import BlockLatency, BlockLatencyTable
 from graphprune.passes.pool_latency import PoolIdenticalBlocks, identical_groups, pool_savings
 from graphprune.passes.select_blocks import block_scores
@@ -80,8 +80,7 @@ def test_selection_ranks_identical_blocks_by_recoverability_alone():
     the more recoverable block comes first."""
     model = gp.load(Mixed(), input_shape=(1, 3, 16, 16))
     table = _table({"a0": 0.030, "a1": 0.045, "k5": 0.040, "d2": 0.040, "a2": 0.036})
-    state = PassState(model, artifacts={"blocks": gp.find_blocks(model), "block_latency": table})
-    result = PoolIdenticalBlocks().run(model, state)
+    result = PoolIdenticalBlocks()(model, None, Blocks(gp.find_blocks(model)), table)
     assert result.record["groups"] == [{"blocks": ["a0", "a1", "a2"], "measured": [0.030, 0.045, 0.036],
                                         "pooled": 0.036}]
     recoverability = {"a0": 0.010, "a1": 0.013, "k5": 1.0, "d2": 1.0, "a2": 0.5}

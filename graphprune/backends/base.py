@@ -157,6 +157,28 @@ def compare_interleaved(runs: list[RunOnce], settings: LatencySettings,
     return [LatencyStats.from_samples(s) for s in samples]
 
 
+@dataclass(frozen=True)
+class CutMeasurement:
+    """An original and a candidate timed in one interleaved run; ``cut`` = 1 - candidate/original."""
+
+    original: LatencyStats
+    candidate: LatencyStats
+    cut: float
+
+    @property
+    def saved_ms(self) -> float:
+        return self.original.median_ms - self.candidate.median_ms
+
+    def to_dict(self) -> dict:
+        return {"original_ms": self.original.to_dict(), "candidate_ms": self.candidate.to_dict(),
+                "cut": self.cut, "saved_ms": self.saved_ms}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CutMeasurement":
+        return cls(LatencyStats.from_dict(d["original_ms"]), LatencyStats.from_dict(d["candidate_ms"]), d["cut"])
+
+
+
 def latency_cut(original: LatencyStats, candidate: LatencyStats) -> float:
     """Fraction of the original's median latency that the candidate saves."""
     return 1.0 - candidate.median_ms / original.median_ms

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     model = load_model_from_args(args)
-    result = FindBlocks().run(model)
+    result = FindBlocks()(model)
     blocks, total = result.value, result.record["model_macs"]
     if args.json:
         print(json.dumps({"model": args.model, "input_shape": list(model.analysis_shape()),

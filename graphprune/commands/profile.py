@@ -59,7 +59,7 @@ def run(args) -> int:
     model = load_model_from_args(args)
     progress = False if args.no_progress else None
     if args.per_block:
-        blocks = FindBlocks().run(model).value
+        blocks = FindBlocks()(model).value
         table = measure_block_latency(backend, model, settings, blocks, progress=progress)
         original, rows, info = table.original, table.rows, table.backend_info
     else:

@@ -25,6 +25,7 @@ from torch import fx
 from ..errors import GraphpruneError
 from ..model import HALF_DTYPES, InputSpec, Model
 from ..scopes import scope_from_onnx_metadata, scope_from_onnx_name
+from ..steplog import timed_step
 from .batch_axis import free_fixed_batch
 from .input_layout import TO_FILE_LAYOUT, is_channels_last, to_channels_first
 from .onnx_opset import default_opset
@@ -85,9 +86,12 @@ def load_onnx(path: str | os.PathLike, input_shape: tuple[int, ...] | None = Non
 
 
 def load_proto(proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = None, label: str = "the model") -> Model:
-    """Convert a checked ``ModelProto`` into a :class:`Model` (verified against onnxruntime)."""
-    proto, own_opset = normalise(proto, label)
-    gm, origin = convert(proto)
+    """Convert a checked ``ModelProto`` into a :class:`Model` (verified against onnxruntime). Every
+    rewrite on the way is a named, timed step; ``model.meta["load_seconds"]`` keeps the times."""
+    timings: dict[str, float] = {}
+    proto, own_opset = normalise(proto, label, timings)
+    with timed_step("load:convert", timings):
+        gm, origin = convert(proto)
     origin.input_opset = default_opset(own_opset)
     model = Model(
         graph_module=gm,
@@ -98,13 +102,19 @@ def load_proto(proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = Non
         onnx=origin,
         input_shape=tuple(input_shape) if input_shape else None,
     )
-    verify_against_onnxruntime(proto, model, what="conversion of " + label)
-    if own_opset is not proto:  # the opset was changed for the converter: same results as before?
-        verify_against_onnxruntime(own_opset, model, what=f"opset {default_opset(proto)} form of " + label)
-    free_fixed_batch(model)  # a batch of 1 baked into Reshape shapes would refuse the tiny set's batches
-    model = to_channels_first(_compute_in_float32(model, proto, label))
-    if is_channels_last(model):  # the permute in front and the feeds' layout must agree
-        verify_against_onnxruntime(proto, model, what="channels-first view of " + label)
+    with timed_step("load:verify", timings):
+        verify_against_onnxruntime(proto, model, what="conversion of " + label)
+        if own_opset is not proto:  # the opset was changed for the converter: same results as before?
+            verify_against_onnxruntime(own_opset, model, what=f"opset {default_opset(proto)} form of " + label)
+    with timed_step("load:free_fixed_batch", timings):
+        free_fixed_batch(model)  # a batch of 1 baked into Reshape shapes would refuse the tiny set's batches
+    with timed_step("load:compute_in_float32", timings):
+        model = _compute_in_float32(model, proto, label)
+    with timed_step("load:channels_first", timings):
+        model = to_channels_first(model)
+        if is_channels_last(model):  # the permute in front and the feeds' layout must agree
+            verify_against_onnxruntime(proto, model, what="channels-first view of " + label)
+    model.meta["load_seconds"] = timings
     return model
 
 

@@ -22,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import GraphpruneError
+from ..steplog import timed_step
 from .onnx_opset import default_opset, expand_functions, to_converter_opset
 
 MAX_MODEL_BYTES = 4 * 2**30  # refuse anything larger (protobuf + external data)
@@ -233,22 +234,34 @@ def unsupported_ops(proto: onnx.ModelProto) -> list[str]:
     return sorted(missing)
 
 
-def normalise(proto: onnx.ModelProto, label: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+def normalise(proto: onnx.ModelProto, label: str,
+              timings: dict[str, float] | None = None) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """A converter-ready copy of ``proto`` (see the module docstring), and the same graph before
-    its opset was changed for the converter (the same object when it was not)."""
+    its opset was changed for the converter (the same object when it was not). Each rewrite is a
+    named, timed step (``--verbose`` logs it; its seconds go into ``timings``)."""
     proto = copy.deepcopy(proto)
-    _strip_initializer_inputs(proto)
-    expand_functions(proto)
-    _constants_to_initializers(proto)
-    proto = simplify(proto, fuse=False)
-    _untie_initializers(proto)
-    _drop_inert_allowzero(proto)
+    for name, rewrite in REWRITES:
+        with timed_step(f"load:{name}", timings):
+            result = rewrite(proto)
+            proto = result if isinstance(result, onnx.ModelProto) else proto
     if not proto.graph.input:
         raise GraphpruneError(f"the model has no inputs: {label}")
     missing = unsupported_ops(proto)
     if not missing:
         return proto, proto
-    converted = to_converter_opset(proto, unsupported_ops)
+    with timed_step("load:to_converter_opset", timings):
+        converted = to_converter_opset(proto, unsupported_ops)
     if converted is None:
         raise GraphpruneError(f"unsupported ONNX ops in {label}: {', '.join(missing)}")
     return converted, proto
+
+
+# The rewrites in order: each edits the proto in place or returns a new one.
+REWRITES = [
+    ("strip_initializer_inputs", _strip_initializer_inputs),
+    ("expand_functions", expand_functions),
+    ("constants_to_initializers", _constants_to_initializers),
+    ("simplify", lambda proto: simplify(proto, fuse=False)),
+    ("untie_initializers", _untie_initializers),
+    ("drop_inert_allowzero", _drop_inert_allowzero),
+]

@@ -1,20 +1,35 @@
-"""graphprune's passes. Each module holds one pass; :mod:`.base` holds the infrastructure."""
+"""graphprune's passes. Each module holds one pass; :mod:`.base` holds the contracts,
+:mod:`.context` what passes share, :mod:`.pipeline` the runner and its instruments."""
 
-from .base import Analysis, Pass, PassResult, PassState, Pipeline, Step, Transform, available_passes, run_step
+from .base import Analysis, Artifacts, Pass, PassResult, Transform, available_passes
+from .context import PassContext
 from .drop_blocks import DropBlocks, drop_blocks, zero_branch
-from .find_blocks import Block, FindBlocks, find_blocks
-from .measure_latency import (BlockLatency, BlockLatencyTable, CutMeasurement, MeasureBlockLatency,
-                              measure_block_latency, measure_cut)
+from .find_blocks import Block, Blocks, FindBlocks, find_blocks
+from .measure_latency import (BlockLatency, BlockLatencyTable, CutMeasurement, FinalCut, MeasureBlockLatency,
+                              MeasureResult, measure_block_latency, measure_cut)
+from .pipeline import Instrument, PassState, Pipeline, Step, default_instruments, run_step
+from .pool_latency import PooledLatency, PoolIdenticalBlocks
+from .recover import Recover, RecoveryLog
+from .recoverability import BlockRecoverabilities, Recoverability
+from .refine_selection import RefineSelection, Refinement
+from .select_blocks import SelectBlocks
+from .selection import BlockScore, Selection
+
+BUILTIN_PASSES = (FindBlocks, MeasureBlockLatency, PoolIdenticalBlocks, Recoverability, SelectBlocks,
+                  RefineSelection, DropBlocks, Recover, MeasureResult)
+ALIASES = {"measure_block_latency": MeasureBlockLatency, "recoverability": Recoverability}  # earlier names
 
 
 def builtin_passes() -> dict[str, type[Pass]]:
-    return {cls.name: cls for cls in (FindBlocks, DropBlocks, MeasureBlockLatency)}
+    return {**{cls.name: cls for cls in BUILTIN_PASSES}, **ALIASES}
 
 
 __all__ = [
-    "Analysis", "Block", "DropBlocks", "FindBlocks", "Pass", "PassResult", "PassState", "Pipeline",
-    "Step", "Transform", "available_passes", "builtin_passes", "drop_blocks", "find_blocks",
-    "run_step", "zero_branch",
-    "BlockLatency", "BlockLatencyTable", "CutMeasurement", "MeasureBlockLatency", "measure_block_latency",
-    "measure_cut",
+    "Analysis", "Artifacts", "Pass", "PassContext", "PassResult", "PassState", "Pipeline", "Step", "Transform",
+    "Instrument", "available_passes", "builtin_passes", "default_instruments", "run_step",
+    "Block", "BlockLatency", "BlockLatencyTable", "BlockRecoverabilities", "BlockScore", "Blocks", "CutMeasurement",
+    "FinalCut", "PooledLatency", "Refinement", "RecoveryLog", "Selection",
+    "DropBlocks", "FindBlocks", "MeasureBlockLatency", "MeasureResult", "PoolIdenticalBlocks", "Recover",
+    "Recoverability", "RefineSelection", "SelectBlocks",
+    "drop_blocks", "find_blocks", "measure_block_latency", "measure_cut", "zero_branch",
 ]

@@ -19,8 +19,9 @@ from torch import fx
 from ..errors import GraphpruneError
 from ..model import Model
 from ..ops import is_same_idempotent
-from .base import PassResult, PassState, Transform
-from .find_blocks import Block, find_blocks
+from .base import PassResult, Transform
+from .find_blocks import Block, Blocks, find_blocks
+from .selection import Selection
 
 
 def resolve_blocks(model: Model, names, blocks: list[Block] | None = None) -> list[Block]:
@@ -38,23 +39,20 @@ def resolve_blocks(model: Model, names, blocks: list[Block] | None = None) -> li
 
 
 class DropBlocks(Transform):
-    """Drop the named blocks (see the module docstring)."""
+    """Drop the named blocks, or those of the ``Selection`` artefact (see the module docstring)."""
 
     name = "drop_blocks"
+    optional = (Blocks, Selection)
 
     def __init__(self, names: list[str] | None = None):
         self.names = names
 
-    def run(self, model: Model, state: PassState | None = None) -> PassResult:
-        names = self.names
-        blocks = None
-        if state is not None:
-            blocks = state.artifacts.get("blocks")
-            selection = state.artifacts.get("selection")
-            names = names if names is not None else (selection.blocks if selection is not None else None)
+    def run(self, model: Model, ctx=None, inputs=None) -> PassResult:
+        selection = inputs.get(Selection) if inputs is not None else None
+        names = self.names if self.names is not None else (selection.blocks if selection is not None else None)
         if names is None:
-            raise GraphpruneError("drop_blocks: no blocks chosen")
-        chosen = resolve_blocks(model, names, blocks)
+            raise GraphpruneError("drop_blocks: no blocks named and no selection to drop")
+        chosen = resolve_blocks(model, names, inputs.get(Blocks) if inputs is not None else None)
         new_model, removed_nodes, removed_activations = _drop(model, chosen)
         record = {"dropped": [b.name for b in chosen], "removed_nodes": removed_nodes,
                   "removed_activations": removed_activations}

@@ -32,7 +32,7 @@ from ..graph_stats import count_params, node_stats
 from ..model import Model
 from ..ops import ACTIVATIONS, NO_OPS, ancestors, constant_nodes, is_binary_add, is_weighted, op_kind
 from ..scopes import common_prefix, node_scope
-from .base import Analysis, PassResult, PassState
+from .base import Analysis, PassResult
 
 MAX_SHORTCUT_NODES = 8  # longer parameter-free paths are computations, not shortcuts
 _ROOT = "__root__"
@@ -63,18 +63,22 @@ class Block:
                 for k in ("name", "kind", "input_shape", "output_shape", "params", "macs")}
 
 
+class Blocks(list):
+    """Artefact: the residual blocks of the model the pipeline started from (a list of :class:`Block`)."""
+
+
 class FindBlocks(Analysis):
     """Find the residual blocks of a model (see the module docstring for the definition)."""
 
     name = "find_blocks"
-    provides = "blocks"
+    provides = (Blocks,)
 
-    def run(self, model: Model, state: PassState | None = None) -> PassResult:
+    def run(self, model: Model, ctx=None, inputs=None) -> PassResult:
         blocks = find_blocks(model)
         total_macs = sum(s.macs for s in node_stats(model).values()) if blocks else 0
         record = {"count": len(blocks), "model_macs": total_macs,
                   "blocks": [b.summary() for b in blocks]}
-        return PassResult(model, changed=False, record=record, value=blocks)
+        return PassResult(model, changed=False, record=record, artifacts=[Blocks(blocks)])
 
 
 def find_blocks(model: Model, require: bool = False) -> list[Block]:

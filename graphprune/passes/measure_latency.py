@@ -30,30 +30,13 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from ..backends.base import (LatencyBackend, LatencySettings, LatencyStats, RunOnce, compare_interleaved,
-                             get_backend, latency_cut, time_runs)
+from ..backends.base import (CutMeasurement, LatencyBackend, LatencySettings, LatencyStats, RunOnce,
+                             compare_interleaved, latency_cut, time_runs)
 from ..interrupts import raise_if_interrupted
 from ..model import Model
-from .base import Analysis, PassResult, PassState
+from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
-from .find_blocks import Block, find_blocks
-
-
-@dataclass(frozen=True)
-class CutMeasurement:
-    """An original and a candidate timed in one interleaved run; ``cut`` = 1 - candidate/original."""
-
-    original: LatencyStats
-    candidate: LatencyStats
-    cut: float
-
-    @property
-    def saved_ms(self) -> float:
-        return self.original.median_ms - self.candidate.median_ms
-
-    def to_dict(self) -> dict:
-        return {"original_ms": self.original.to_dict(), "candidate_ms": self.candidate.to_dict(),
-                "cut": self.cut, "saved_ms": self.saved_ms}
+from .find_blocks import Block, Blocks, find_blocks
 
 
 @dataclass(frozen=True)
@@ -79,6 +62,7 @@ class BlockLatencyTable:
     settings: LatencySettings
     backend_info: dict
     pooled_groups: list[list[str]] = field(default_factory=list)  # set by pool_latency.pool_savings
+    from_cache: int = 0  # rows read from a resume cache rather than measured in this run
 
     def saved_fractions(self) -> dict[str, float]:
         return {row.name: row.saved_fraction for row in self.rows}
@@ -144,26 +128,36 @@ def measure_block_latency(backend: LatencyBackend, model: Model, settings: Laten
 
 
 class MeasureBlockLatency(Analysis):
-    """Per-block latency savings on a backend (see the module docstring). Uses the ``blocks``
-    artefact of an earlier :class:`~graphprune.passes.FindBlocks` step when there is one."""
+    """Per-block latency savings on ``ctx.backend`` (see the module docstring), for the blocks of
+    the ``Blocks`` artefact where an earlier step found them. Rows resume from ``ctx.cache``."""
 
-    name = "measure_block_latency"
-    provides = "block_latency"
+    name = "profile_blocks"
+    optional = (Blocks,)
+    provides = (BlockLatencyTable,)
 
-    def __init__(self, backend: LatencyBackend | str = "onnxruntime", settings: LatencySettings | None = None,
-                 blocks: list[Block] | None = None, progress: bool | None = None, cache=None):
-        self.backend = get_backend(backend) if isinstance(backend, str) else backend
-        self.settings = settings or LatencySettings()
-        self.blocks = blocks
-        self.progress = progress
-        self.cache = cache
+    def run(self, model: Model, ctx, inputs) -> PassResult:
+        blocks = inputs.get(Blocks) or find_blocks(model, require=True)
+        backend = ctx.need("backend", self.name)
+        cache = ctx.cache("latency", backend.name, ctx.latency.to_dict())
+        cached = sum(1 for b in blocks if b.name in cache)
+        table = measure_block_latency(backend, model, ctx.latency, blocks, None if ctx.show_progress else False,
+                                      cache=cache)
+        table.from_cache = cached
+        return PassResult(model, record={**table.to_dict(), "from_cache": cached}, artifacts=[table])
 
-    def run(self, model: Model, state: PassState | None = None) -> PassResult:
-        blocks = self.blocks
-        if blocks is None and state is not None:
-            blocks = state.artifacts.get("blocks")
-        if not blocks:
-            blocks = find_blocks(model, require=True)
-        cached = sum(1 for b in blocks if self.cache is not None and b.name in self.cache)
-        table = measure_block_latency(self.backend, model, self.settings, blocks, self.progress, cache=self.cache)
-        return PassResult(model, changed=False, record={**table.to_dict(), "from_cache": cached}, value=table)
+
+@dataclass(frozen=True)
+class FinalCut(CutMeasurement):
+    """Artefact: the pipeline's final model timed against the original, independently of selection."""
+
+
+class MeasureResult(Analysis):
+    """An independent interleaved timing of the current model against ``ctx.original``."""
+
+    name = "measure_result"
+    provides = (FinalCut,)
+
+    def run(self, model: Model, ctx, inputs) -> PassResult:
+        cut = measure_cut(ctx.need("backend", self.name), ctx.original, model, ctx.latency)
+        final = FinalCut(cut.original, cut.candidate, cut.cut)
+        return PassResult(model, record=final.to_dict(), artifacts=[final])

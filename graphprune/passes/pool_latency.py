@@ -19,15 +19,15 @@ A block with no twin keeps its own measurement. Combined sets are still measured
 from __future__ import annotations
 
 import statistics
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from torch import fx
 
 from ..graph_stats import node_stats
 from ..model import Model
 from ..ops import op_kind
-from .base import Analysis, PassResult, PassState
-from .find_blocks import Block, find_blocks
+from .base import Analysis, PassResult
+from .find_blocks import Block, Blocks, find_blocks
 from .measure_latency import BlockLatencyTable
 
 
@@ -60,7 +60,13 @@ def identical_groups(model: Model, blocks: list[Block]) -> list[list[str]]:
     return [names for names in by_signature.values() if len(names) > 1]
 
 
-def pool_savings(table: BlockLatencyTable, groups: list[list[str]]) -> BlockLatencyTable:
+@dataclass
+class PooledLatency(BlockLatencyTable):
+    """Artefact: a block latency table whose identical blocks share their group's median saving
+    (``pooled_groups`` lists the groups)."""
+
+
+def pool_savings(table: BlockLatencyTable, groups: list[list[str]]) -> PooledLatency:
     """``table`` with every grouped block's saving replaced by its group's median (see above)."""
     rows = {row.name: row for row in table.rows}
     pooled = dict(rows)
@@ -72,7 +78,7 @@ def pool_savings(table: BlockLatencyTable, groups: list[list[str]]) -> BlockLate
         saved_ms = statistics.median(r.saved_ms for r in members)
         for row in members:
             pooled[row.name] = replace(row, saved_fraction=fraction, saved_ms=saved_ms)
-    return BlockLatencyTable(table.original, [pooled[row.name] for row in table.rows], table.settings,
+    return PooledLatency(table.original, [pooled[row.name] for row in table.rows], table.settings,
                              table.backend_info, [list(names) for names in groups])
 
 
@@ -82,18 +88,19 @@ def _shape(shapes: dict, name: str):
 
 
 class PoolIdenticalBlocks(Analysis):
-    """Reads ``blocks`` and ``block_latency``; provides ``pooled_latency`` (see the module docstring)."""
+    """Provides ``PooledLatency``: the block latency table with identical blocks' savings pooled."""
 
     name = "pool_identical_blocks"
-    provides = "pooled_latency"
+    requires = (BlockLatencyTable,)
+    optional = (Blocks,)
+    provides = (PooledLatency,)
 
-    def run(self, model: Model, state: PassState | None = None) -> PassResult:
-        artifacts = state.artifacts if state is not None else {}
-        blocks = artifacts.get("blocks") or find_blocks(model, require=True)
-        table: BlockLatencyTable = artifacts["block_latency"]
+    def run(self, model: Model, ctx, inputs) -> PassResult:
+        blocks = inputs.get(Blocks) or find_blocks(model, require=True)
+        table: BlockLatencyTable = inputs[BlockLatencyTable]
         groups = identical_groups(model, blocks)
         pooled = pool_savings(table, groups)
         measured = table.saved_fractions()
         record = {"groups": [{"blocks": names, "measured": [measured.get(n) for n in names],
                               "pooled": pooled.saved_fractions().get(names[0])} for names in groups]}
-        return PassResult(model, record=record, value=pooled)
+        return PassResult(model, record=record, artifacts=[pooled])

@@ -30,7 +30,7 @@ from ..errors import GraphpruneError
 from ..features import classifier_parameters, feature_map_node_name, feature_node_name, truncate
 from ..model import Model
 from ..progress import progress_bar
-from .base import PassResult, PassState, Transform
+from .base import PassResult, Transform
 
 
 @dataclass(frozen=True)
@@ -53,20 +53,33 @@ class RecoverySettings:
     device: str = "cpu"
 
 
+@dataclass(frozen=True)
+class RecoveryLog:
+    """Artefact: how recovery went (the loss curve of ``{step, loss}`` points, the last loss, seconds)."""
+
+    loss_curve: list
+    final_loss: float | None
+    seconds: float
+
+
 class Recover(Transform):
-    """Train the pruned model (``model``) to mimic ``teacher``'s features on ``train``."""
+    """Train the pruned model to mimic ``ctx.original``'s features on every image of ``ctx.tiny``."""
 
     name = "recover"
+    config_field = "recovery"
+    provides = (RecoveryLog,)
 
-    def __init__(self, teacher: Model, train: TinySet, settings: RecoverySettings = RecoverySettings(),
-                 feature_node: str | None = None, show_progress: bool = True):
-        self.teacher, self.train, self.settings = teacher, train, settings
-        self.feature_node, self.show_progress = feature_node, show_progress
+    def __init__(self, settings: RecoverySettings = RecoverySettings()):
+        self.settings = settings
 
-    def run(self, model: Model, state: PassState | None = None) -> PassResult:
-        recovered, record = recover(model, self.teacher, self.train, self.settings, self.feature_node,
-                                    self.show_progress)
-        return PassResult(recovered, changed=self.settings.iterations > 0, record=record)
+    def check(self, model: Model, ctx) -> None:
+        check_recovery(ctx.original, ctx.need("tiny", self.name), self.settings, ctx.feature_node)
+
+    def run(self, model: Model, ctx, inputs) -> PassResult:
+        recovered, record = recover(model, ctx.original, ctx.need("tiny", self.name), self.settings,
+                                    ctx.feature_node, ctx.show_progress)
+        log = RecoveryLog(record["loss_curve"], record["final_loss"], record["seconds"])
+        return PassResult(recovered, changed=self.settings.iterations > 0, record=record, artifacts=[log])
 
 
 def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySettings,
@@ -117,7 +130,8 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
                                       f"the original's {tuple(target.shape[1:])}: it cannot be mimicked")
             loss = F.mse_loss(output, target)
         if not torch.isfinite(loss):
-            raise GraphpruneError(f"recovery diverged at step {step} (loss {loss.item()}); lower --recovery-lr")
+            raise GraphpruneError(f"recovery diverged at step {step} (loss {loss.item()}); lower recovery.lr",
+                                  parameter="recovery.lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if settings.clip_grad_norm:

@@ -36,15 +36,16 @@ import torch.nn.functional as F
 from torch import fx
 
 from ..adaptors import Adaptor, adaptor_parameters, channel_dim, insert_adaptor
+from ..cache import tensor_fingerprint
 from ..data import TinySet
 from ..errors import GraphpruneError
 from ..features import feature_node_name, run_batched, suffix_from, truncate
 from ..graph_stats import node_stats
 from ..model import Model
 from ..progress import progress_bar
-from .base import Analysis, PassResult, PassState
+from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
-from .find_blocks import Block, find_blocks
+from .find_blocks import Block, Blocks, find_blocks
 
 ESTIMATORS = ("practise", "lstsq", "none", "influence")
 OPTIMIZERS = ("adam", "sgd")
@@ -80,28 +81,42 @@ class BlockRecoverability:
         return asdict(self)
 
 
+class BlockRecoverabilities(list):
+    """Artefact: every candidate block's :class:`BlockRecoverability`, and the estimator settings
+    that measured them (a refinement's joint fits use the same estimator)."""
+
+    def __init__(self, scores=(), settings: RecoverabilitySettings = RecoverabilitySettings(), from_cache: int = 0):
+        super().__init__(scores)
+        self.settings, self.from_cache = settings, from_cache
+
+
+def data_key(ctx) -> str:
+    """What recoverability depends on besides the model and the estimator: the split images."""
+    return tensor_fingerprint(ctx.train.images, ctx.holdout.images)
+
+
 class Recoverability(Analysis):
-    """Score every candidate block's recoverability on a tiny set (see the module docstring)."""
+    """Score every candidate block's recoverability on ``ctx.train``/``ctx.holdout`` (see the module
+    docstring); block scores resume from ``ctx.cache``."""
 
-    name = "recoverability"
-    provides = "recoverability"
+    name = "score_recoverability"
+    config_field = "recoverability"
+    optional = (Blocks,)
+    provides = (BlockRecoverabilities,)
 
-    def __init__(self, train: TinySet, holdout: TinySet, settings: RecoverabilitySettings = RecoverabilitySettings(),
-                 feature_node: str | None = None, show_progress: bool = True, cache=None):
-        self.train, self.holdout = train, holdout
+    def __init__(self, settings: RecoverabilitySettings = RecoverabilitySettings()):
         self.settings = settings
-        self.feature_node = feature_node
-        self.show_progress = show_progress
-        self.cache = cache  # optional mapping block name -> BlockRecoverability.to_dict() (resume)
 
-    def run(self, model: Model, state: PassState | None = None) -> PassResult:
-        blocks = (state.artifacts.get("blocks") if state else None) or find_blocks(model, require=True)
-        cached = sum(1 for b in blocks if self.cache is not None and b.name in self.cache)
-        scores = score_blocks(model, blocks, self.train, self.holdout, self.settings, self.feature_node,
-                              self.show_progress, self.cache)
+    def run(self, model: Model, ctx, inputs) -> PassResult:
+        blocks = inputs.get(Blocks) or find_blocks(model, require=True)
+        train, holdout = ctx.need("train", self.name), ctx.need("holdout", self.name)
+        cache = ctx.cache("recoverability", data_key(ctx), asdict(self.settings), ctx.feature_node)
+        cached = sum(1 for b in blocks if b.name in cache)
+        scores = score_blocks(model, blocks, train, holdout, self.settings, ctx.feature_node,
+                              ctx.show_progress, cache)
         record = {"settings": asdict(self.settings), "blocks": [s.to_dict() for s in scores],
                   "from_cache": cached}
-        return PassResult(model, record=record, value=scores)
+        return PassResult(model, record=record, artifacts=[BlockRecoverabilities(scores, self.settings, cached)])
 
 
 def score_blocks(model: Model, blocks: list[Block], train: TinySet, holdout: TinySet,

@@ -37,13 +37,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from ..backends.base import LatencyBackend, LatencySettings
-from ..data import TinySet
 from ..interrupts import raise_if_interrupted
 from ..model import Model
-from .base import Analysis, PassResult, PassState
-from .recoverability import RecoverabilitySettings, set_scorer
-from .select_blocks import BlockScore, Selection, block_scores, goal_cut, select_blocks
+from .base import Analysis, PassResult
+from .find_blocks import Blocks
+from .measure_latency import BlockLatencyTable
+from .pool_latency import PooledLatency
+from .recoverability import BlockRecoverabilities, RecoverabilitySettings, data_key, set_scorer
+from .select_blocks import block_scores, goal_cut, scoring_latency, select_blocks, selection_cache
+from .selection import BlockScore, Selection
 
 
 @dataclass(frozen=True)
@@ -140,47 +142,54 @@ def refine_set(chosen: list[str], scores: list[BlockScore], groups: list[list[st
     return current, evaluations
 
 
+@dataclass
+class Refinement:
+    """Artefact: what the refinement did (the greedy set and its cut, each joint fit, the outcome)."""
+
+    record: dict
+
+
 class RefineSelection(Analysis):
-    """Refine the ``selection`` artefact by joint recoverability and re-measure it (see the module
-    docstring). Reads ``blocks``, ``recoverability``, ``pooled_latency`` (its groups of identical
-    blocks; or ``block_latency``, where every block is a group of its own) and ``selection``;
-    provides the refined ``selection`` (the greedy one stays in its step's record)."""
+    """Refine the ``Selection`` by joint recoverability and re-measure it (see the module
+    docstring): it updates ``Selection`` (the greedy one stays in ``Refinement``). Groups of
+    identical blocks come from ``PooledLatency`` where a step pooled them, else every block is a
+    group of its own. Joint fits use the ``BlockRecoverabilities``' estimator and resume from
+    ``ctx.cache``; measured sets are shared with :class:`~.select_blocks.SelectBlocks`."""
 
     name = "refine_selection"
-    provides = "selection"
+    config_field = "refine"
+    requires = (Blocks, BlockRecoverabilities, BlockLatencyTable, Selection)
+    optional = (PooledLatency,)
+    provides = (Selection, Refinement)
 
-    def __init__(self, train: TinySet, holdout: TinySet, scoring: RecoverabilitySettings, target: float,
-                 backend: LatencyBackend, latency: LatencySettings, margin: float = 0.0,
-                 settings: RefineSettings = RefineSettings(), feature_node: str | None = None,
-                 cache=None, selection_cache=None):
-        self.train, self.holdout, self.scoring = train, holdout, scoring
-        self.target, self.backend, self.latency, self.margin = target, backend, latency, margin
-        self.settings, self.feature_node = settings, feature_node
-        self.cache, self.selection_cache = cache, selection_cache
+    def __init__(self, settings: RefineSettings = RefineSettings()):
+        self.settings = settings
 
-    def run(self, model: Model, state: PassState | None = None) -> PassResult:
-        artifacts = state.artifacts
-        greedy: Selection = artifacts["selection"]
+    def run(self, model: Model, ctx, inputs) -> PassResult:
+        greedy: Selection = inputs[Selection]
+        recoverabilities = inputs[BlockRecoverabilities]
+        scoring = recoverabilities.settings
         record = {"settings": asdict(self.settings), "greedy": greedy.blocks, "greedy_cut": greedy.cut.cut}
-        if self.scoring.estimator != "practise":
-            return PassResult(model, record={**record, "skipped": f"estimator {self.scoring.estimator}"},
-                              value=greedy)
-        blocks = artifacts["blocks"]
-        latency = artifacts.get("pooled_latency") or artifacts["block_latency"]
-        recoverability = {r.name: r.recoverability for r in artifacts["recoverability"]}
-        scores = block_scores(recoverability, latency)
-        joint = set_scorer(model, blocks, self.train, self.holdout, joint_scoring(self.scoring, self.settings),
-                           self.feature_node)
+        if scoring.estimator != "practise":
+            record["skipped"] = f"estimator {scoring.estimator}"
+            return PassResult(model, record=record, artifacts=[greedy, Refinement(record)])
+        latency = scoring_latency(inputs)
+        scores = block_scores({r.name: r.recoverability for r in recoverabilities}, latency)
+        joint_settings = joint_scoring(scoring, self.settings)
+        train, holdout = ctx.need("train", self.name), ctx.need("holdout", self.name)
+        joint = set_scorer(model, inputs[Blocks], train, holdout, joint_settings, ctx.feature_node)
         saved = {s.name: s.saved_fraction for s in scores}
         error = sum(saved.get(n, 0.0) for n in greedy.blocks) - greedy.cut.cut  # prediction - measurement
-        min_predicted = goal_cut(self.target, self.margin) - self.settings.tolerance + error
+        target = ctx.need("latency_cut", self.name)
+        min_predicted = goal_cut(target, ctx.margin) - self.settings.tolerance + error
+        cache = ctx.cache("joint", data_key(ctx), asdict(joint_settings), ctx.feature_node)
         refined, evaluations = refine_set(greedy.blocks, scores, latency.pooled_groups, joint, min_predicted,
-                                          self.settings, self.cache)
+                                          self.settings, cache)
         record.update(evaluations=evaluations, refined=refined)
         if set(refined) == set(greedy.blocks):
-            return PassResult(model, record=record, value=greedy)
+            return PassResult(model, record=record, artifacts=[greedy, Refinement(record)])
         rest = [s.name for s in scores if s.saved_fraction > 0 and s.name not in set(refined)]
-        selection = select_blocks(model, blocks, scores, self.target, self.backend, self.latency, self.margin,
-                                  order=refined + rest, cache=self.selection_cache)
+        selection = select_blocks(model, inputs[Blocks], scores, target, ctx.need("backend", self.name), ctx.latency,
+                                  ctx.margin, order=refined + rest, cache=selection_cache(ctx))
         record.update(dropped=selection.blocks, measured_cut=selection.cut.cut, measurements=selection.measurements)
-        return PassResult(model, record=record, value=selection)
+        return PassResult(model, record=record, artifacts=[selection, Refinement(record)])

@@ -25,44 +25,21 @@ measurement. The result: every chosen block is needed, as measured.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
-from ..backends.base import LatencyBackend, LatencySettings, LatencyStats
+from ..backends.base import CutMeasurement, LatencyBackend, LatencySettings
 from ..errors import GraphpruneError
 from ..interrupts import raise_if_interrupted
 from ..model import Model
-from .base import Analysis, PassResult, PassState
+from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
-from .find_blocks import Block
-from .measure_latency import BlockLatencyTable, CutMeasurement, measure_cut
+from .find_blocks import Block, Blocks
+from .measure_latency import BlockLatencyTable, measure_cut
+from .pool_latency import PooledLatency
+from .recoverability import BlockRecoverabilities
+from .selection import BlockScore, Selection
 
 ADDITIVITY_SLACK = 0.02
 SELECTION_RULE = "add in order until the measured goal, then trim unneeded blocks"  # recorded by benchmarks
-
-
-@dataclass(frozen=True)
-class BlockScore:
-    name: str
-    recoverability: float
-    saved_fraction: float
-    saved_ms: float
-    score: float
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "recoverability": self.recoverability, "saved_fraction": self.saved_fraction,
-                "saved_ms": self.saved_ms, "score": None if math.isinf(self.score) else self.score}
-
-
-@dataclass
-class Selection:
-    blocks: list[str]
-    cut: CutMeasurement
-    scores: list[BlockScore]
-    measurements: list[dict] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"dropped": self.blocks, "measured_cut": self.cut.cut, "measurements": self.measurements,
-                "scores": [s.to_dict() for s in self.scores]}
 
 
 def block_scores(recoverability: dict[str, float], latency: BlockLatencyTable) -> list[BlockScore]:
@@ -77,6 +54,12 @@ def block_scores(recoverability: dict[str, float], latency: BlockLatencyTable) -
     return sorted(scores, key=lambda s: (s.score, s.name))
 
 
+def check_latency_cut(value: float) -> None:
+    """The one rule for a latency target: a fraction strictly between 0 and 1."""
+    if not 0 < value < 1:  # also refuses nan
+        raise GraphpruneError(f"latency_cut must be between 0 and 1 (exclusive), got {value}", parameter="latency_cut")
+
+
 def goal_cut(target: float, margin: float) -> float:
     """The measured cut a selection must reach: the target plus the margin, below 1."""
     return min(target + margin, 0.999)
@@ -88,8 +71,7 @@ def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], t
     """Greedy selection in score order (or in ``order``, for baselines) until the measured cut
     reaches ``target + margin``. ``cache`` (dict-like) remembers each measured combination, so a
     rerun of the same command makes the same choice instead of re-rolling timing noise."""
-    if not 0 < target < 1:
-        raise GraphpruneError(f"--latency-cut must be between 0 and 1, got {target}")
+    check_latency_cut(target)
     goal = goal_cut(target, margin)
     ranked = order if order is not None else [s.name for s in scores if s.saved_fraction > 0]
     saved = {s.name: s.saved_fraction for s in scores}
@@ -98,7 +80,7 @@ def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], t
     def measure(names: list[str]) -> CutMeasurement:
         key = "|".join(names)
         if cache is not None and key in cache:
-            return _cut_from_dict(cache.get(key))
+            return CutMeasurement.from_dict(cache.get(key))
         if not prepared:
             prepared.append(backend.prepare(model, settings))
         cut = measure_cut(backend, model, drop_blocks(model, names, blocks), settings, prepared[0])
@@ -144,29 +126,32 @@ def _trim(chosen: list[str], cut: CutMeasurement, goal: float, saved: dict[str, 
     return chosen, cut
 
 
-def _cut_from_dict(d: dict) -> CutMeasurement:
-    return CutMeasurement(LatencyStats.from_dict(d["original_ms"]), LatencyStats.from_dict(d["candidate_ms"]), d["cut"])
+def scoring_latency(inputs) -> BlockLatencyTable:
+    """The savings blocks are scored by: pooled over identical blocks where a step pooled them."""
+    return inputs.get(PooledLatency) or inputs[BlockLatencyTable]
 
 
 class SelectBlocks(Analysis):
-    """Pick blocks by recoverability per latency saved until the measured cut reaches the target.
-
-    Reads the ``blocks`` and ``recoverability`` artefacts, and ``pooled_latency``
-    (:mod:`.pool_latency`) where an earlier step provided it, else ``block_latency``."""
+    """Pick blocks by recoverability per latency saved until the measured cut reaches the target
+    (``ctx.latency_cut`` + ``ctx.margin``, measured on ``ctx.backend``)."""
 
     name = "select_blocks"
-    provides = "selection"
+    requires = (Blocks, BlockRecoverabilities, BlockLatencyTable)
+    optional = (PooledLatency,)
+    provides = (Selection,)
 
-    def __init__(self, target: float, backend: LatencyBackend, settings: LatencySettings, margin: float = 0.0,
-                 cache=None):
-        self.target, self.backend, self.settings, self.margin = target, backend, settings, margin
-        self.cache = cache
+    def check(self, model: Model, ctx) -> None:
+        check_latency_cut(ctx.need("latency_cut", self.name))
 
-    def run(self, model: Model, state: PassState | None = None) -> PassResult:
-        artifacts = state.artifacts
-        recoverability = {r.name: r.recoverability for r in artifacts["recoverability"]}
-        latency = artifacts.get("pooled_latency") or artifacts["block_latency"]
-        scores = block_scores(recoverability, latency)
-        selection = select_blocks(model, artifacts["blocks"], scores, self.target, self.backend,
-                                  self.settings, self.margin, cache=self.cache)
-        return PassResult(model, record=selection.to_dict(), value=selection)
+    def run(self, model: Model, ctx, inputs) -> PassResult:
+        recoverability = {r.name: r.recoverability for r in inputs[BlockRecoverabilities]}
+        scores = block_scores(recoverability, scoring_latency(inputs))
+        selection = select_blocks(model, inputs[Blocks], scores, ctx.need("latency_cut", self.name),
+                                  ctx.need("backend", self.name), ctx.latency, ctx.margin,
+                                  cache=selection_cache(ctx))
+        return PassResult(model, record=selection.to_dict(), artifacts=[selection])
+
+
+def selection_cache(ctx):
+    """Measured block sets on this backend and settings, shared by selection and refinement."""
+    return ctx.cache("selection", ctx.backend.name, ctx.latency.to_dict())

@@ -1,0 +1,39 @@
+"""optimize runs a pipeline a user edited: the README's example, a pass inserted after find_blocks."""
+
+from __future__ import annotations
+
+import torch
+
+import graphprune as gp
+from graphprune.backends.base import LatencySettings
+from graphprune.data import TinySet
+from graphprune.passes import Analysis, Blocks, PassResult
+from graphprune.passes.recover import RecoverySettings
+from graphprune.passes.recoverability import RecoverabilitySettings
+
+
+class KeepFirstStage(Analysis):
+    """Never drop the first stage's blocks: the candidates lose them."""
+
+    name = "keep_first_stage"
+    requires = provides = (Blocks,)  # an update of the block list
+
+    def run(self, model, ctx, inputs):
+        kept = Blocks(b for b in inputs[Blocks] if not b.name.startswith("layer1."))
+        return PassResult(model, record={"kept": len(kept)}, artifacts=[kept])
+
+
+def test_a_pass_inserted_into_the_default_pipeline_shapes_the_result():
+    model = gp.load("zoo:cifar10_resnet20")
+    tiny = TinySet(torch.randn(40, 3, 32, 32), torch.arange(40) % 10)
+    config = gp.OptimizeConfig(latency_cut=0.15, latency=LatencySettings(min_time_s=0.05),
+                               recoverability=RecoverabilitySettings(estimator="lstsq"),
+                               recovery=RecoverySettings(iterations=2, batch_size=8), show_progress=False)
+    steps = gp.default_pipeline(config)
+    steps.insert(1, KeepFirstStage())
+    result = gp.optimize(model, tiny, config, pipeline=steps)
+    assert list(result.state.records)[:3] == ["find_blocks", "keep_first_stage", "profile_blocks"]
+    assert result.state.records["keep_first_stage"]["kept"] == 6
+    assert result.report["dropped"] and not any(n.startswith("layer1.") for n in result.report["dropped"])
+    assert [b["name"] for b in result.report["blocks"]] == [b.name for b in gp.find_blocks(model)][3:]
+    assert result.report["latency"]["cut"] > 0 and result.report["pipeline"][1] == "keep_first_stage"
