@@ -7,6 +7,7 @@ project. The pretrained CIFAR ResNets are exported to ONNX once, by graphprune i
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -48,3 +49,20 @@ def ensure_models() -> dict[str, str]:
             gp.save(gp.load(f"zoo:cifar10_{name}", weights=str(weights)), path)
         paths[name] = str(path)
     return paths
+
+
+def run_report_main(doc: str, run, report, run_options=None, **others) -> None:
+    """The command line of a resumable benchmark: ``run`` (appends results, skips finished ones; its
+    parser is given to ``run_options`` to add options), ``report`` (writes its tables from the
+    results) and any ``others`` (subcommand name -> function of the parsed arguments)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn in others.items():
+        sub.add_parser(name).set_defaults(fn=fn)
+    run_parser = sub.add_parser("run")
+    run_parser.set_defaults(fn=run)
+    if run_options:
+        run_options(run_parser)
+    sub.add_parser("report").set_defaults(fn=report)
+    args = parser.parse_args()
+    args.fn(args)

@@ -26,12 +26,11 @@ they finish; a rerun skips finished rows; block scores are cached per model and 
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from dataclasses import asdict, replace
 
-from benchmarks.common import CACHE, DATA, WEIGHTS, ensure_models
+from benchmarks.common import CACHE, DATA, WEIGHTS, ensure_models, run_report_main
 from benchmarks.compare_rows import (DATA_METHODS, GRAPHPRUNE_SELECTED, MAIN_METHODS, append_row, earlier_recovery,
                                      is_stale, load_rows, recovery_settings, selection_settings, this_machine)
 from benchmarks.filter_l1 import filter_pruned
@@ -357,18 +356,11 @@ def cmd_report(args) -> None:
     write_report()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run")
+def run_options(run) -> None:
     add_row_arguments(run)
     run.add_argument("--recover-again", action="store_true",
                      help="recover every row, even where another CPU already recovered the same network")
-    run.set_defaults(fn=cmd_run)
-    sub.add_parser("report").set_defaults(fn=cmd_report)
-    args = parser.parse_args()
-    args.fn(args)
 
 
 if __name__ == "__main__":
-    main()
+    run_report_main(__doc__, cmd_run, cmd_report, run_options)

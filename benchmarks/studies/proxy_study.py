@@ -30,8 +30,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.common import DATA, results_dir
-from benchmarks.studies.base import study_main, study_results_dir
+from benchmarks.common import DATA, results_dir, run_report_main
+from benchmarks.studies.base import study_results_dir
 
 SAMPLES, POOL = 500, 1000
 DEFAULT_ITERATIONS = 50  # graphprune's default adaptor steps (RecoverabilitySettings.iterations)
@@ -190,4 +190,4 @@ def _run_options(parser) -> None:
 
 
 if __name__ == "__main__":
-    study_main(__doc__, cmd_run, cmd_report, _run_options)
+    run_report_main(__doc__, cmd_run, cmd_report, _run_options)

@@ -31,8 +31,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.common import results_dir
-from benchmarks.studies.base import study_main, study_results_dir
+from benchmarks.common import results_dir, run_report_main
+from benchmarks.studies.base import study_results_dir
 
 REFERENCE_CPU = "Intel(R) Xeon(R) Processor @ 2.60GHz"
 VARIANTS = ("default", "mixup-0.5", "warm", "spatial")
@@ -247,4 +247,4 @@ def _run_options(parser) -> None:
 
 
 if __name__ == "__main__":
-    study_main(__doc__, cmd_run, cmd_report, _run_options)
+    run_report_main(__doc__, cmd_run, cmd_report, _run_options)

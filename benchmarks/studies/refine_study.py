@@ -24,7 +24,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.studies.base import study_main, study_results_dir
+from benchmarks.common import run_report_main
+from benchmarks.studies.base import study_results_dir
 
 SAMPLES = 500
 EXTREME = ("stage1-all+2", "stage3-heavy")  # set_study's deliberately lopsided sets
@@ -113,4 +114,4 @@ def cmd_report(args) -> None:
 
 
 if __name__ == "__main__":
-    study_main(__doc__, cmd_run, cmd_report)
+    run_report_main(__doc__, cmd_run, cmd_report)

@@ -24,13 +24,12 @@ needs no CPU timing; every selected set's real cut is measured on this CPU by ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
 from pathlib import Path
 
-from benchmarks.common import DATA, ensure_models
+from benchmarks.common import DATA, ensure_models, run_report_main
 from benchmarks.jobs import run_jobs
 from benchmarks.studies.base import study_results_dir
 
@@ -299,22 +298,14 @@ def cmd_report(args) -> None:
     print("\n".join(lines))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("latency").set_defaults(fn=cmd_latency)
-    run = sub.add_parser("run")
+def run_options(run) -> None:
     run.add_argument("--device", default="cpu")
     run.add_argument("--workers", type=int, default=1)
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--no-selection", action="store_true",
                      help="skip the ResNet-56 selection recoveries (42 x 2000 steps: GPU work; on a CPU "
                           "benchmarks.compare_methods answers the same question with the default estimator)")
-    run.set_defaults(fn=cmd_run)
-    sub.add_parser("report").set_defaults(fn=cmd_report)
-    args = parser.parse_args()
-    args.fn(args)
 
 
 if __name__ == "__main__":
-    main()
+    run_report_main(__doc__, cmd_run, cmd_report, run_options, latency=cmd_latency)
