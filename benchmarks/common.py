@@ -14,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("GRAPHPRUNE_DATA", ROOT.parent / "shared" / "data"))
 CACHE = ROOT / "benchmarks" / "cache"
+RESULTS = ROOT / "benchmarks" / "results"
 DATA = {
     "train": str(DATA_DIR / "cifar10" / "train_lossless_4000.npz"),
     "test_lossless": str(DATA_DIR / "cifar10" / "test_lossless_1000.npz"),
@@ -26,9 +27,10 @@ WEIGHTS = {
 }
 
 
-def results_dir() -> Path:
-    """``benchmarks/results`` (``$GRAPHPRUNE_RESULTS_DIR`` overrides, e.g. on a lent GPU machine)."""
-    path = Path(os.environ.get("GRAPHPRUNE_RESULTS_DIR", ROOT / "benchmarks" / "results"))
+def results_dir(default: Path = RESULTS, env: str = "GRAPHPRUNE_RESULTS_DIR") -> Path:
+    """``benchmarks/results``, made if missing (``$GRAPHPRUNE_RESULTS_DIR`` overrides, e.g. on a lent GPU
+    machine); ``default`` and ``env`` name another results folder and its override."""
+    path = Path(os.environ.get(env, default))
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -49,12 +51,14 @@ def ensure_models() -> dict[str, str]:
     return paths
 
 
-def study_main(doc: str, run, report, run_options=None) -> None:
-    """The command line of a resumable study: ``run`` (appends results, skips finished ones; its
-    parser is given to ``run_options`` to add options) and ``report`` (writes its tables under
-    ``benchmarks/results``)."""
+def run_report_main(doc: str, run, report, run_options=None, **others) -> None:
+    """The command line of a resumable benchmark: ``run`` (appends results, skips finished ones; its
+    parser is given to ``run_options`` to add options), ``report`` (writes its tables from the
+    results) and any ``others`` (subcommand name -> function of the parsed arguments)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn in others.items():
+        sub.add_parser(name).set_defaults(fn=fn)
     run_parser = sub.add_parser("run")
     run_parser.set_defaults(fn=run)
     if run_options:

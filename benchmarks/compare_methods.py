@@ -20,27 +20,20 @@ cut independently and evaluates top-1 on test_lossless_1000 (exact pixels) and t
 JPEG-degraded: compare methods only). Rows are appended to ``benchmarks/results/<model>.json`` as
 they finish; a rerun skips finished rows; block scores are cached per model and tiny set.
 
-    python benchmarks/compare_methods.py run [--only graphprune,block-influence] [--grid main|samples|r20|all]
-    python benchmarks/compare_methods.py report
+    python -m benchmarks.compare_methods run [--only graphprune,block-influence] [--grid main|samples|r20|all]
+    python -m benchmarks.compare_methods report
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
-import sys
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import CACHE, DATA, WEIGHTS, ensure_models  # noqa: E402
-from compare_rows import (DATA_METHODS, GRAPHPRUNE_SELECTED, MAIN_METHODS, append_row,  # noqa: E402
-                          earlier_recovery, is_stale, load_rows, recovery_settings, selection_settings, this_machine)
+from benchmarks.common import CACHE, DATA, WEIGHTS, ensure_models, run_report_main
+from benchmarks.compare_rows import (DATA_METHODS, GRAPHPRUNE_SELECTED, MAIN_METHODS, append_row, earlier_recovery,
+                                     is_stale, load_rows, recovery_settings, selection_settings, this_machine)
+from benchmarks.filter_l1 import filter_pruned
 
 MARGIN = 0.005
 BN_INVERSION_IMAGES = 256  # a 2-core CPU synthesises about 256 images in 5-7 minutes
@@ -208,72 +201,6 @@ def refine(bench: Bench, row: dict, key: str, tiny, greedy):
     return result.artifacts[0], result.record
 
 
-def filter_model_path(model: str, ratio: float) -> Path:
-    """Where ``filter_pruned`` keeps ``model`` with its inner channels pruned at ``ratio``."""
-    return CACHE / f"filter_{model}_{ratio:.4f}.onnx"
-
-
-def l1_pruned_module(model: str, ratio: float, round_to: int | None = None):
-    """The pretrained CIFAR ResNet ``model`` (a torch module) with the inner channels of every block
-    (each block's first conv) pruned at ``ratio`` by L1 magnitude, Torch-Pruning's MagnitudePruner;
-    ``round_to`` keeps channel counts multiples of it."""
-    import torch
-    import torch_pruning as tp
-
-    from graphprune.formats.io_torch import load_state_dict_file
-    from graphprune.zoo import CifarResNet
-
-    module = CifarResNet(int(model.removeprefix("resnet")))
-    load_state_dict_file(module, WEIGHTS[model])
-    module.eval()
-    blocks = [b for stage in (module.layer1, module.layer2, module.layer3) for b in stage]
-    ignored = [module.conv1, module.linear] + [b.conv2 for b in blocks]
-    tp.pruner.MagnitudePruner(module, torch.randn(1, 3, 32, 32), importance=tp.importance.MagnitudeImportance(p=1),
-                              pruning_ratio=ratio, ignored_layers=ignored, round_to=round_to).step()
-    return module
-
-
-def filter_pruned(bench: Bench, row: dict):
-    """Inner channels of every block pruned by L1 magnitude at the smallest ratio (bisection) whose
-    measured cut reaches the target; returns the pruned model (ONNX) and its ratio.
-
-    A ratio counts as reaching the target only when a second, independent measurement agrees
-    (the smaller of the two cuts): thinned convs time far less steadily than dropped blocks. On an
-    AMD EPYC (family 26) one ResNet-56 pruned at ratio 0.72 measured a cut above 0.405 once in the
-    bisection and 0.29-0.31 in three later measurements, so a single lucky measurement let a 40%
-    row through at a 29% cut."""
-    from graphprune.passes.measure_latency import measure_cut
-
-    gp = bench.gp
-    original = bench.models[row["model"]]
-    original_run = bench.backend.prepare(original, bench.latency)
-
-    def prune(ratio: float):
-        path = filter_model_path(row["model"], ratio)
-        if not path.exists():
-            gp.save(gp.load(l1_pruned_module(row["model"], ratio), input_shape=(1, 3, 32, 32)), path)
-        return gp.load(path)
-
-    def cut_of(pruned) -> float:
-        first = measure_cut(bench.backend, original, pruned, bench.latency, original_run).cut
-        if first < row["cut"] + MARGIN:
-            return first
-        return min(first, measure_cut(bench.backend, original, pruned, bench.latency).cut)
-
-    lo, hi, best = 0.0, 0.95, None
-    for _ in range(7):
-        mid = (lo + hi) / 2
-        pruned = prune(mid)
-        cut = cut_of(pruned)
-        if cut >= row["cut"] + MARGIN:
-            hi, best = mid, (pruned, mid)
-        else:
-            lo = mid
-    if best is None:
-        raise RuntimeError(f"filter pruning cannot reach a {row['cut']:.0%} cut")
-    return best
-
-
 # baselines defined by graphprune's blocks: recovered with labels instead, or not recovered
 SAME_BLOCKS_AS_GRAPHPRUNE = ("graphprune-bp", "no-recovery")
 
@@ -304,7 +231,7 @@ def prepare_row(bench: Bench, row: dict) -> dict:
     prepared = {"key": key, "tiny": tiny, "original": original, "removed": {"tiny_set": source}, "start": start}
     same_as = graphprune_row(row) if row["method"] in SAME_BLOCKS_AS_GRAPHPRUNE else None
     if row["method"] == "filter-l1":
-        pruned, ratio = filter_pruned(bench, row)
+        pruned, ratio = filter_pruned(bench, row, MARGIN)
         prepared["removed"]["channel_ratio"] = ratio
     elif same_as is not None:
         prepared["removed"].update({k: v for k, v in same_as["removed"].items() if k != "tiny_set"},
@@ -422,23 +349,16 @@ def cmd_run(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from compare_report import write_report
+    from benchmarks.compare_report import write_report
 
     write_report()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run")
+def run_options(run) -> None:
     add_row_arguments(run)
     run.add_argument("--recover-again", action="store_true",
                      help="recover every row, even where another CPU already recovered the same network")
-    run.set_defaults(fn=cmd_run)
-    sub.add_parser("report").set_defaults(fn=cmd_report)
-    args = parser.parse_args()
-    args.fn(args)
 
 
 if __name__ == "__main__":
-    main()
+    run_report_main(__doc__, cmd_run, cmd_report, run_options)

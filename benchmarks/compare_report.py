@@ -1,4 +1,4 @@
-"""The report of ``compare_methods.py``: a Markdown table per model (mean ± sd over seeds, where
+"""The report of ``benchmarks.compare_methods``: a Markdown table per model (mean ± sd over seeds, where
 each row's recovery ran), graphprune's lead over each method paired by seed, and a plot of top-1
 against measured cut, one line per method."""
 
@@ -7,21 +7,21 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 
-from common import results_dir
-from compare_rows import GRAPHPRUNE_SELECTED, ORDER, load_rows, reference_cpu, stale_parts, stale_reason
+from benchmarks.common import results_dir
+from benchmarks.compare_rows import GRAPHPRUNE_SELECTED, ORDER, load_rows, reference_cpu, stale_parts, stale_reason
 
 
 def write_report() -> None:
     rows_of = {model: load_rows(model) for model in ("resnet56", "resnet20")}
     cpu = reference_cpu([r for rows in rows_of.values() for r in rows])
     lines = ["# graphprune vs peers on CIFAR-10 (real weights, real images)", "",
-             "Command: `python benchmarks/compare_methods.py run --grid all && python benchmarks/compare_methods.py report`",
+             "Command: `python -m benchmarks.compare_methods run --grid all && python -m benchmarks.compare_methods report`",
              "", "top-1 on test_lossless_1000 (exact pixels, ±0.9 points sampling error at n=1000); jpeg10k only"
              " compares methods (JPEG-degraded, about 10 points lower for every model). Cut: measured by"
              " onnxruntime CPU, 1 thread, batch 1, interleaved with the original, on a 2-core machine."
              " Rows compare only with rows whose cut was measured on the same CPU: the reference is"
              f" {cpu} (the CPU of most rows made with today's settings); rows from other CPUs are marked"
-             " and paired by seed only among themselves. Rows recovered on a GPU (`benchmarks/device_rows.py`) count the GPU's"
+             " and paired by seed only among themselves. Rows recovered on a GPU (`python -m benchmarks.device_rows`) count the GPU's"
              " recovery seconds in their wall time.", ""]
     for model, rows in rows_of.items():
         if not rows:
@@ -119,7 +119,7 @@ def _one_cpu(rows: list[dict], cpu: str) -> list[dict]:
 
 
 def _devices(rows: list[dict]) -> str:
-    """Where the rows' recoveries ran: this 2-core CPU unless device_rows.py sent them to a GPU, or
+    """Where the rows' recoveries ran: this 2-core CPU unless ``benchmarks.device_rows`` sent them to a GPU, or
     another CPU where the row took that CPU's recovery of the same network (``earlier_recovery``)."""
     counts: dict[str, int] = {}
     for r in rows:

@@ -1,4 +1,4 @@
-"""The results files of ``compare_methods.py``: which methods there are, what a row records about
+"""The results files of ``benchmarks.compare_methods``: which methods there are, what a row records about
 how its blocks were chosen, and which rows compare with which.
 
 Rows of different CPUs live side by side (block savings differ between CPUs, so each method may
@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from common import results_dir
+from benchmarks.common import results_dir
 
 DESCRIPTION = "graphprune against its peers on real weights and real images (CIFAR-10 ResNet-56/20, as ONNX)."
 MAIN_METHODS = ["graphprune", "block-influence", "filter-l1", "random-blocks", "graphprune-bp", "no-recovery"]

@@ -1,25 +1,25 @@
-"""Rows of ``compare_methods.py`` whose recoveries run on a lent GPU machine.
+"""Rows of ``benchmarks.compare_methods`` whose recoveries run on a lent GPU machine.
 
 A row's recovery (2000 training steps) is most of its cost: about 10 minutes on a 2-core CPU, tens
 of seconds on a GPU. Everything that touches latency stays on this machine, so every cut in the
 results is measured on the same CPU whichever machine trained the weights:
 
 1. ``plan`` (here): the row's tiny set and its selection (blocks or channels), chosen by measured
-   latency exactly as ``compare_methods.py run`` does; each row becomes a ``recover`` job of
-   ``benchmarks/jobs.py`` in ``.gpu/plan/jobs.json``, with the files it reads copied under
+   latency exactly as ``python -m benchmarks.compare_methods run`` does; each row becomes a ``recover``
+   job of ``benchmarks.jobs`` in ``.gpu/plan/jobs.json``, with the files it reads copied under
    ``.gpu/`` (git-ignored; it travels to the device machine). ``no-recovery`` rows need no
    training, and rows whose network a CPU of the same vendor already recovered take that top-1
    (``compare_rows.earlier_recovery``; ``--recover-again`` plans them anyway): both are finished
    here directly.
-2. on the device machine: ``python benchmarks/jobs.py .gpu/plan/jobs.json $OUT/rows.jsonl --device
+2. on the device machine: ``python -m benchmarks.jobs .gpu/plan/jobs.json $OUT/rows.jsonl --device
    cuda --workers 12``: recovery, then top-1 of the recovered model (float32, TF32 off) on
    test_lossless_1000 and test.npz.
 3. ``ingest RESULTS.jsonl`` (here): each row's cut is re-measured independently on this machine
    (the pruned graph is the recovered one: recovery changes weights only), and the row is appended
    to ``benchmarks/results/<model>.json`` with ``recovery.device`` naming where it trained.
 
-    python benchmarks/device_rows.py plan --grid main --only graphprune,block-influence [--limit N]
-    python benchmarks/device_rows.py ingest rows.jsonl
+    python -m benchmarks.device_rows plan --grid main --only graphprune,block-influence [--limit N]
+    python -m benchmarks.device_rows ingest rows.jsonl
 """
 
 from __future__ import annotations
@@ -27,19 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import DATA  # noqa: E402
-from compare_methods import (Bench, add_row_arguments, append_row, filter_model_path, finish_row,  # noqa: E402
-                             finished_ids, prepare_row, recovery_settings, reused_row, row_id, rows_to_do,
-                             run_row)
-from compare_rows import earlier_recovery  # noqa: E402
+from benchmarks.common import DATA, ROOT
+from benchmarks.compare_methods import (Bench, add_row_arguments, append_row, finish_row, finished_ids, prepare_row,
+                                        recovery_settings, reused_row, row_id, rows_to_do, run_row)
+from benchmarks.compare_rows import earlier_recovery
+from benchmarks.filter_l1 import filter_model_path
 
 STAGE = ROOT / ".gpu"
 PLAN = STAGE / "plan"

@@ -5,7 +5,7 @@ recoveries share one GPU. A job is a JSON object; its result is appended as one 
 output file as soon as it finishes, and jobs whose ``id`` is already there are skipped, so a run
 that is killed resumes where it stopped.
 
-    python benchmarks/jobs.py JOBS.json RESULTS.jsonl --device cuda --workers 8
+    python -m benchmarks.jobs JOBS.json RESULTS.jsonl --device cuda --workers 8
 
 Job kinds:
 * ``score``: ``{"id", "kind": "score", "model", "data", "samples", "seed", "estimator", "iterations",
@@ -23,13 +23,9 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import sys
 import time
 import traceback
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 _MODELS: dict = {}
 _DATA: dict = {}

@@ -23,10 +23,10 @@ a rerun skips the rows it already has. The Markdown report and the PNGs are rebu
 the end (``--report-only`` rebuilds them without measuring). The machine's load average is recorded
 before and after every row: another busy process on this 2-core machine shows up there.
 
-    python benchmarks/latency_profile.py                        # the full run (about 30-40 min)
-    python benchmarks/latency_profile.py --quick                # minutes; writes latency_quick.*
-    python benchmarks/latency_profile.py --models resnet56 --batch-sizes 1
-    python benchmarks/latency_profile.py --redo-above 1.5        # re-measure rows taken under load
+    python -m benchmarks.latency_profile                        # the full run (about 30-40 min)
+    python -m benchmarks.latency_profile --quick                # minutes; writes latency_quick.*
+    python -m benchmarks.latency_profile --models resnet56 --batch-sizes 1
+    python -m benchmarks.latency_profile --redo-above 1.5        # re-measure rows taken under load
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.spread_repeats, args.per_block_repeats, args.sets = 3, 1, 3
     out = Path(args.out) if args.out else RESULTS / ("latency_quick.json" if args.quick else "latency.json")
-    command = "python benchmarks/latency_profile.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m benchmarks.latency_profile " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if not args.report_only:
         run_all(args, out, command)
     write_report(out)

@@ -6,11 +6,12 @@ Then, independently of the report: the written file is timed against the origina
 three times, and evaluated on test_lossless_1000. Writes
 ``benchmarks/results/optimize_resnet56_cut22_seed2021.{json,md}`` (and the run's plot).
 
-    python benchmarks/optimize_bar.py
+    python -m benchmarks.optimize_bar
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -20,17 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import DATA, ensure_models, results_dir  # noqa: E402
+from benchmarks.common import DATA, ROOT, ensure_models, results_dir
 
 NAME = "optimize_resnet56_cut22_seed2021"
 REPEATS = 3
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # no options: --help, and refuse others
+
     import graphprune as gp
     from graphprune.backends.base import LatencySettings, get_backend
     from graphprune.data import Preprocessing, load_tiny_set
@@ -80,7 +79,7 @@ def _markdown(r: dict) -> str:
     ms = "; ".join(f"{a:.3f} -> {b:.3f} ms" for a, b in r["independent_ms"])
     return "\n".join([
         "# The issue-4 bar: ResNet-56, 22% cut, 500 images (seed 2021), onnxruntime CPU 1 thread batch 1", "",
-        f"Produced by `python benchmarks/optimize_bar.py` (finished {r['finished']}; 2-core machine, "
+        f"Produced by `python -m benchmarks.optimize_bar` (finished {r['finished']}; 2-core machine, "
         f"load average at the end {r['load_average'][0]:.2f}). The command it runs, with an empty cache:", "",
         "```sh", r["command"], "```", "",
         "| | value |", "|---|---|",

@@ -7,15 +7,20 @@ ignored" and carries on, so a Ctrl-C could end in a finished run and exit status
 therefore installs :func:`install`, whose handler also *remembers* the interrupt; long loops
 (progress bars), pipeline steps and every atomic write call :func:`raise_if_interrupted`, so a
 swallowed interrupt is raised again at the next of those points and no output file appears.
-Library use without :func:`install` keeps Python's default behaviour (the flag is never set).
+Python also prints a swallowed interrupt, "Exception ignored in ..." and a traceback, on stderr;
+after :func:`install` the unraisable hook drops those (they are remembered, and the CLI ends with
+one line), so a Ctrl-C never shows a traceback. Every other unraisable exception is reported as
+before. Library use without :func:`install` keeps Python's default behaviour (the flag is never set).
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 _requested = threading.Event()
+_previous_unraisablehook = sys.unraisablehook
 
 
 def _handler(signum, frame) -> None:
@@ -23,10 +28,21 @@ def _handler(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _unraisablehook(unraisable) -> None:
+    if issubclass(unraisable.exc_type, KeyboardInterrupt) and _requested.is_set():
+        return  # remembered: raised again at the next check, not printed
+    _previous_unraisablehook(unraisable)
+
+
 def install() -> None:
-    """Make SIGINT remembered as well as raised (main thread only; call once, from the CLI)."""
+    """Make SIGINT remembered as well as raised, and a swallowed one silent (main thread only; call
+    once, from the CLI)."""
+    global _previous_unraisablehook
     _requested.clear()
     signal.signal(signal.SIGINT, _handler)
+    if sys.unraisablehook is not _unraisablehook:
+        _previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _unraisablehook
 
 
 def raise_if_interrupted() -> None:

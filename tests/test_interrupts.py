@@ -1,10 +1,11 @@
 """A Ctrl-C that Python swallows (raised inside a finaliser) is still honoured: the next progress
-update, pipeline step or atomic write raises it, and no output file appears."""
+update, pipeline step or atomic write raises it, no output file appears and no traceback is printed."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import pytest
 
@@ -28,15 +29,42 @@ def _swallowed_interrupt() -> None:
 
 @pytest.fixture
 def installed():
-    previous = signal.getsignal(signal.SIGINT)
+    previous, previous_hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
     interrupts.install()
     yield
     interrupts._requested.clear()
     signal.signal(signal.SIGINT, previous)
+    sys.unraisablehook = previous_hook
 
 
 def test_python_swallows_an_interrupt_in_a_finaliser():
-    _swallowed_interrupt()  # default handler: nothing reaches us (why graphprune remembers it)
+    """Why graphprune remembers interrupts: with Python's own handler the KeyboardInterrupt raised in
+    the finaliser goes to the unraisable hook (which prints it with a traceback), not to the caller."""
+    previous, previous_hook = signal.signal(signal.SIGINT, signal.default_int_handler), sys.unraisablehook
+    swallowed = []
+    sys.unraisablehook = lambda unraisable: swallowed.append(unraisable.exc_type)
+    try:
+        _swallowed_interrupt()  # returns normally
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
+    assert swallowed == [KeyboardInterrupt]
+
+
+def test_swallowed_interrupt_prints_no_traceback_and_other_unraisables_still_do(installed, capsys, monkeypatch):
+    reported = []
+    monkeypatch.setattr(interrupts, "_previous_unraisablehook", lambda unraisable: reported.append(unraisable.exc_type))
+    _swallowed_interrupt()
+    assert reported == [] and capsys.readouterr().err == ""  # remembered instead of printed
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.raise_if_interrupted()
+
+    class _FailingFinaliser:
+        def __del__(self):
+            raise ValueError("a finaliser's own error")
+
+    _FailingFinaliser()
+    assert reported == [ValueError]
 
 
 def test_swallowed_interrupt_is_raised_at_the_next_progress_update(installed):

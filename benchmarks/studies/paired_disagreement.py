@@ -10,20 +10,14 @@ With n test images, a = images only the first model gets right, b = only the sec
 With ``--original``, the same for agreement with the original network's top class instead of
 the label: how faithfully each pruned model reproduces the original on each test set.
 
-    python benchmarks/paired_disagreement.py FIRST.onnx SECOND.onnx [--original benchmarks/cache/cifar10_resnet56.onnx]
+    python -m benchmarks.studies.paired_disagreement FIRST.onnx SECOND.onnx [--original benchmarks/cache/cifar10_resnet56.onnx]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import DATA  # noqa: E402
+from benchmarks.common import DATA
 
 
 def main() -> None:

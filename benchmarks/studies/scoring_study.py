@@ -12,11 +12,11 @@ Two questions, answered on the real pretrained CIFAR-10 ResNets and real images:
 Plus a sweep of the recovery budget (optimizer, learning rate, iterations) at the 40% cut; the
 best budget within 2000 iterations is used for the comparisons.
 
-Stages (each resumable through ``benchmarks/jobs.py``'s result file):
+Stages (each resumable through ``benchmarks.jobs``' result file):
 
-    python benchmarks/scoring_study.py latency         # per-block latency tables (this CPU, ORT 1 thread)
-    python benchmarks/scoring_study.py run --device cuda --workers 8   # scores, then recoveries
-    python benchmarks/scoring_study.py report          # Markdown + JSON under benchmarks/results/
+    python -m benchmarks.studies.scoring_study latency         # per-block latency tables (this CPU, ORT 1 thread)
+    python -m benchmarks.studies.scoring_study run --device cuda --workers 8   # scores, then recoveries
+    python -m benchmarks.studies.scoring_study report          # Markdown + JSON under benchmarks/studies/results/
 
 Selection here uses the *predicted* cut (sum of measured single-block savings) so that the GPU run
 needs no CPU timing; every selected set's real cut is measured on this CPU by ``report``.
@@ -24,19 +24,14 @@ needs no CPU timing; every selected set's real cut is measured on this CPU by ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import DATA, ensure_models, results_dir  # noqa: E402
-from jobs import run_jobs  # noqa: E402
+from benchmarks.common import DATA, ensure_models, run_report_main
+from benchmarks.jobs import run_jobs
+from benchmarks.studies.base import study_results_dir
 
 SEEDS = (2021, 2022, 2023)
 SAMPLES = 500
@@ -163,7 +158,7 @@ def cmd_latency(args) -> None:
     import graphprune as gp
 
     models = ensure_models()
-    out = results_dir() / "block_latency_onnxruntime_cpu_1thread_b1.json"
+    out = study_results_dir() / "block_latency_onnxruntime_cpu_1thread_b1.json"
     tables = json.loads(out.read_text()) if out.exists() else {}
     for name, path in models.items():
         if name in tables:
@@ -176,13 +171,13 @@ def cmd_latency(args) -> None:
 
 
 def latency_fractions() -> dict[str, dict[str, float]]:
-    tables = json.loads((results_dir() / "block_latency_onnxruntime_cpu_1thread_b1.json").read_text())
+    tables = json.loads((study_results_dir() / "block_latency_onnxruntime_cpu_1thread_b1.json").read_text())
     return {name: {row["name"]: row["saved_fraction"] for row in table["blocks"]} for name, table in tables.items()}
 
 
 def cmd_run(args) -> None:
     models = ensure_models()
-    out = results_dir() / "scoring_study.jsonl"
+    out = study_results_dir() / "scoring_study.jsonl"
     latency = latency_fractions()
     run_jobs(score_jobs(models), out, args.device, args.workers, args.threads)
     scores = collect_scores(load_results(out))
@@ -221,7 +216,7 @@ def picks_at_40(scores: dict, summary: dict) -> list[str]:
 def cmd_report(args) -> None:
     import statistics
 
-    results = load_results(results_dir() / "scoring_study.jsonl")
+    results = load_results(study_results_dir() / "scoring_study.jsonl")
     scores = collect_scores(results)
     times, wheres = {}, {}
     for r in results:
@@ -235,8 +230,8 @@ def cmd_report(args) -> None:
         if r["id"].startswith("single/"):
             _, _, seed, block = r["id"].split("/")
             truth.setdefault(int(seed), {})[block] = r["eval"]["lossless1000"]["after"]
-    lines = ["# Scoring study", "", "Command: `python benchmarks/scoring_study.py latency && python benchmarks/"
-             "scoring_study.py run --device cuda --workers 8 && python benchmarks/scoring_study.py report`", ""]
+    lines = ["# Scoring study", "", "Command: `python -m benchmarks.studies.scoring_study latency && python -m benchmarks.studies."
+             "scoring_study run --device cuda --workers 8 && python -m benchmarks.studies.scoring_study report`", ""]
     lines += ["## Ranking fidelity on ResNet-20 (single-block drops, the best swept recovery budget, 500 images)", "",
               "| setting | Spearman with accuracy loss (mean over seeds) | per seed | scoring time ResNet-20 (s) | ResNet-56 (s) |",
               "|---|---|---|---|---|"]
@@ -298,27 +293,19 @@ def cmd_report(args) -> None:
         summary["sweep"].append({**rec, "top1": r["eval"]["lossless1000"]["after"], "seconds": r["seconds"]})
         lines.append(f"| {rec['optimizer']} | {rec['iterations']} | {rec['lr']} | "
                      f"{100 * r['eval']['lossless1000']['after']:.2f} | {r['final_loss']:.4f} | {r['seconds']:.0f} |")
-    (results_dir() / "scoring_study.md").write_text("\n".join(lines) + "\n")
-    (results_dir() / "scoring_study.json").write_text(json.dumps(summary, indent=1))
+    (study_results_dir() / "scoring_study.md").write_text("\n".join(lines) + "\n")
+    (study_results_dir() / "scoring_study.json").write_text(json.dumps(summary, indent=1))
     print("\n".join(lines))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("latency").set_defaults(fn=cmd_latency)
-    run = sub.add_parser("run")
+def run_options(run) -> None:
     run.add_argument("--device", default="cpu")
     run.add_argument("--workers", type=int, default=1)
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--no-selection", action="store_true",
                      help="skip the ResNet-56 selection recoveries (42 x 2000 steps: GPU work; on a CPU "
-                          "compare_methods.py answers the same question with the default estimator)")
-    run.set_defaults(fn=cmd_run)
-    sub.add_parser("report").set_defaults(fn=cmd_report)
-    args = parser.parse_args()
-    args.fn(args)
+                          "benchmarks.compare_methods answers the same question with the default estimator)")
 
 
 if __name__ == "__main__":
-    main()
+    run_report_main(__doc__, cmd_run, cmd_report, run_options, latency=cmd_latency)

@@ -8,21 +8,19 @@ If latency followed MACs, the cut would track 1 - (MACs kept); if only unaligned
 held pruning back, ``round_to`` would reach deeper cuts. Rows whose channel counts coincide are
 the same model measured twice: their difference is the measurement's noise.
 
-    python benchmarks/filter_latency.py [--model resnet56]
-        -> benchmarks/results/filter_latency.json and .md
+    python -m benchmarks.studies.filter_latency [--model resnet56]
+        -> benchmarks/studies/results/filter_latency.json and .md
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare_methods import LATENCY, l1_pruned_module  # noqa: E402
-from common import ensure_models, results_dir  # noqa: E402
+from benchmarks.common import ensure_models
+from benchmarks.compare_methods import LATENCY
+from benchmarks.filter_l1 import l1_pruned_module
+from benchmarks.studies.base import study_results_dir
 
 RATIOS = (0.3, 0.5, 0.7, 0.84)
 ROUND_TO = (None, 8, 16)
@@ -60,11 +58,11 @@ def main() -> None:
                              macs_kept=macs / original_macs, cut=cut))
             print(rows[-1], flush=True)
 
-    out = results_dir() / "filter_latency"
+    out = study_results_dir() / "filter_latency"
     out.with_suffix(".json").write_text(json.dumps({"model": args.model, "cpu": cpu_name(), "latency": LATENCY,
                                                     "rows": rows}, indent=1))
     lines = [f"# filter-l1 pruning: MACs against measured cut ({args.model}, {cpu_name()})", "",
-             "`python benchmarks/filter_latency.py`; onnxruntime, CPU, 1 thread, batch 1.", "",
+             "`python -m benchmarks.studies.filter_latency`; onnxruntime, CPU, 1 thread, batch 1.", "",
              "| round_to | ratio | inner channels per stage | MACs kept | measured cut |", "|---|---|---|---|---|"]
     for r in rows:
         channels = " / ".join(",".join(map(str, c)) for c in r["inner_channels"])

@@ -20,23 +20,19 @@ batch 64), in one of these variants:
   makes) folded into the pruned network, which recovery then starts from instead of the bare
   network.
 
-    python benchmarks/recovery_study.py run [--only resnet20]   # 6-7 min a job on a 2-core AMD EPYC family 26, ~25 on family 25
-    python benchmarks/recovery_study.py report   # -> benchmarks/results/recovery_study.{json,md}
+    python -m benchmarks.studies.recovery_study run [--only resnet20]   # 6-7 min a job on a 2-core AMD EPYC family 26, ~25 on family 25
+    python -m benchmarks.studies.recovery_study report   # -> benchmarks/studies/results/recovery_study.{json,md}
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import results_dir, study_main  # noqa: E402
+from benchmarks.common import results_dir, run_report_main
+from benchmarks.studies.base import study_results_dir
 
 REFERENCE_CPU = "Intel(R) Xeon(R) Processor @ 2.60GHz"
 VARIANTS = ("default", "mixup-0.5", "warm", "spatial")
@@ -130,14 +126,14 @@ def _warm_start(bench, job, tiny):
 
 
 def cmd_run(args) -> None:
-    from compare_methods import Bench
+    from benchmarks.compare_methods import Bench
 
-    from compare_rows import this_machine
+    from benchmarks.compare_rows import this_machine
     from graphprune.evaluate import evaluate
     from graphprune.optimize import OptimizeConfig
     from graphprune.passes.recover import recover
 
-    out = results_dir() / "recovery_study.jsonl"
+    out = study_results_dir() / "recovery_study.jsonl"
     done = _done(out)
     todo = [j for j in jobs() if j["id"] not in done and j["id"].startswith(args.only)]
     if not todo:
@@ -171,10 +167,10 @@ def cmd_run(args) -> None:
 
 
 def cmd_report(args) -> None:
-    records = _done(results_dir() / "recovery_study.jsonl")
+    records = _done(study_results_dir() / "recovery_study.jsonl")
     rows = {_name(j["model"], j["cut"], j["method"], j["seed"]): j["row_top1"] for j in jobs()}
     lines = ["# Recovery variants on fixed block sets (500 images)", "",
-             "Command: `python benchmarks/recovery_study.py run && python benchmarks/recovery_study.py report`. "
+             "Command: `python -m benchmarks.studies.recovery_study run && python -m benchmarks.studies.recovery_study report`. "
              "Top-1 lossless1000 / jpeg10k (±0.9 points of sampling error on lossless1000 per model); "
              f"'row' is the result file's row: ResNet-56's 40% sets (named method/seed) recovered on the reference "
              f"CPU ({REFERENCE_CPU}), others as named in `SOURCES`.", "",
@@ -218,8 +214,8 @@ def cmd_report(args) -> None:
     for label, lifts in groups.items():
         per_seed = ", ".join(f"{a:+.1f} / {b:+.2f}" for a, b in lifts)
         lines.append(f"| {label} | {len(lifts)} | {per_seed} | {_mean_se(lifts)} |")
-    (results_dir() / "recovery_study.md").write_text("\n".join(lines) + "\n")
-    (results_dir() / "recovery_study.json").write_text(json.dumps({"records": list(records.values())}, indent=1))
+    (study_results_dir() / "recovery_study.md").write_text("\n".join(lines) + "\n")
+    (study_results_dir() / "recovery_study.json").write_text(json.dumps({"records": list(records.values())}, indent=1))
     print("\n".join(lines))
 
 
@@ -251,4 +247,4 @@ def _run_options(parser) -> None:
 
 
 if __name__ == "__main__":
-    study_main(__doc__, cmd_run, cmd_report, _run_options)
+    run_report_main(__doc__, cmd_run, cmd_report, _run_options)

@@ -1,6 +1,6 @@
 """Does the joint recoverability of a block set predict how well the set recovers? (refine_selection)
 
-``set_study.py`` recovered 23 different 40% block sets of ResNet-56 (seeds 2021-2022, 500 images,
+``set_study`` recovered 23 different 40% block sets of ResNet-56 (seeds 2021-2022, 500 images,
 the default recovery) and measured their top-1. Here every one of those sets gets
 
 * its *joint* recoverability J(S): all its blocks dropped at once, adaptors fitted around every gap
@@ -11,32 +11,28 @@ the default recovery) and measured their top-1. Here every one of those sets get
 
 and the report gives the Spearman correlation of each with the sets' recovered top-1. Test labels
 judge the sets here only; graphprune never sees them. Resumable: each set's J is appended to
-``benchmarks/results/refine_study.jsonl`` and skipped when rerun.
+``benchmarks/studies/results/refine_study.jsonl`` and skipped when rerun.
 
-    python benchmarks/refine_study.py run        # about 10 s a set on this 2-core CPU
-    python benchmarks/refine_study.py report     # -> benchmarks/results/refine_study.{json,md}
+    python -m benchmarks.studies.refine_study run        # about 10 s a set on this 2-core CPU
+    python -m benchmarks.studies.refine_study report     # -> benchmarks/studies/results/refine_study.{json,md}
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import results_dir, study_main  # noqa: E402
+from benchmarks.common import run_report_main
+from benchmarks.studies.base import study_results_dir
 
 SAMPLES = 500
 EXTREME = ("stage1-all+2", "stage3-heavy")  # set_study's deliberately lopsided sets
 
 
 def _set_rows() -> list[dict]:
-    return json.loads((results_dir() / "set_study.json").read_text())["rows"]
+    return json.loads((study_results_dir() / "set_study.json").read_text())["rows"]
 
 
 def _done(path: Path) -> dict[str, dict]:
@@ -46,13 +42,13 @@ def _done(path: Path) -> dict[str, dict]:
 
 
 def cmd_run(args) -> None:
-    from compare_methods import Bench
+    from benchmarks.compare_methods import Bench
 
     from graphprune.data import split_holdout
     from graphprune.optimize import OptimizeConfig
     from graphprune.passes.recoverability import set_scorer
 
-    out = results_dir() / "refine_study.jsonl"
+    out = study_results_dir() / "refine_study.jsonl"
     done = _done(out)
     bench = Bench()
     model = bench.models["resnet56"]
@@ -82,9 +78,9 @@ def cmd_run(args) -> None:
 def cmd_report(args) -> None:
     from scipy.stats import spearmanr
 
-    records = list(_done(results_dir() / "refine_study.jsonl").values())
+    records = list(_done(study_results_dir() / "refine_study.jsonl").values())
     lines = ["# Joint recoverability vs the additive guess (ResNet-56, 40% block sets)", "",
-             "Command: `python benchmarks/refine_study.py run && python benchmarks/refine_study.py report`. "
+             "Command: `python -m benchmarks.studies.refine_study run && python -m benchmarks.studies.refine_study report`. "
              "Sets and their recovered top-1: `set_study.md` (recovered on an H100, 500 images, default "
              "recovery). J and single scores: graphprune's default estimator (PRACTISE adaptors, 50 Adam "
              "steps, lr 3e-3) on the held-out 20% of the same tiny set, computed on this 2-core CPU.", "",
@@ -112,10 +108,10 @@ def cmd_report(args) -> None:
     for r in sorted(records, key=lambda r: (r["seed"], r["joint"])):
         lines.append(f"| {r['seed']} | {r['set']} | {'-'.join(map(str, r['per_stage']))} | {r['joint']:.4f} | "
                      f"{r['sum_of_singles']:.4f} | {100 * r['top1_lossless1000']:.1f} | {100 * r['top1_jpeg10k']:.2f} |")
-    (results_dir() / "refine_study.md").write_text("\n".join(lines) + "\n")
-    (results_dir() / "refine_study.json").write_text(json.dumps({"summary": summary, "sets": records}, indent=1))
+    (study_results_dir() / "refine_study.md").write_text("\n".join(lines) + "\n")
+    (study_results_dir() / "refine_study.json").write_text(json.dumps({"summary": summary, "sets": records}, indent=1))
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    study_main(__doc__, cmd_run, cmd_report)
+    run_report_main(__doc__, cmd_run, cmd_report)

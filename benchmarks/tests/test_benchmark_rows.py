@@ -5,16 +5,11 @@ with today's settings as its reference and pairs seeds only within one CPU."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-compare_methods = pytest.importorskip("compare_methods")
-import compare_rows  # noqa: E402  (after compare_methods, which puts benchmarks/ on the path)
+from benchmarks import compare_methods, compare_rows, filter_l1
 
 REFERENCE, OTHER = "Reference CPU @ 2.60GHz", "Other CPU"
 
@@ -95,7 +90,7 @@ def test_a_row_recovered_with_another_recipe_is_stale_but_not_for_its_seed_or_de
 
 def test_rows_of_an_earlier_recovery_are_paired_only_among_themselves(results):
     pytest.importorskip("matplotlib")
-    from compare_report import write_report
+    from benchmarks.compare_report import write_report
 
     other = _another_target()
     rows = [_recovered_as(_row("graphprune", 2021, REFERENCE, 0.93)), _recovered_as(_row("block-influence", 2021, REFERENCE, 0.92)),
@@ -114,7 +109,7 @@ def test_rows_of_an_earlier_recovery_are_paired_only_among_themselves(results):
 
 def test_the_report_pairs_seeds_within_each_cpu(results):
     pytest.importorskip("matplotlib")
-    from compare_report import write_report
+    from benchmarks.compare_report import write_report
 
     rows = [_row("graphprune", s, REFERENCE, 0.90) for s in (2021, 2022)]
     rows += [_row("block-influence", s, REFERENCE, 0.88) for s in (2021, 2022)]
@@ -167,7 +162,7 @@ def test_a_network_recovered_on_another_cpu_is_found_only_when_everything_matche
 def test_a_gpu_plan_leaves_out_networks_a_cpu_of_the_same_vendor_already_recovered(tmp_path, monkeypatch):
     import argparse
 
-    import device_rows
+    from benchmarks import device_rows
 
     rows = [{"method": "block-influence", "model": "resnet56", "samples": 500, "seed": s, "cut": 0.4}
             for s in (2021, 2022)]
@@ -191,7 +186,7 @@ def test_a_gpu_plan_leaves_out_networks_a_cpu_of_the_same_vendor_already_recover
 
 def test_graphprune_rows_of_earlier_settings_are_paired_in_a_table_of_their_own(results):
     pytest.importorskip("matplotlib")
-    from compare_report import write_report
+    from benchmarks.compare_report import write_report
 
     old = _row("graphprune", 2021, REFERENCE, 0.91)
     old["removed"]["selection"] = {"estimator": "earlier"}
@@ -232,12 +227,12 @@ def test_filter_pruning_accepts_a_ratio_only_when_a_second_measurement_agrees(tm
         return SimpleNamespace(cut=ratio / 2 + lucky)  # the true cut: half the ratio
 
     monkeypatch.setattr(measure_latency, "measure_cut", fake_cut)
-    monkeypatch.setattr(compare_methods, "filter_model_path", lambda model, ratio: tmp_path / f"{ratio:.6f}")
-    monkeypatch.setattr(compare_methods, "l1_pruned_module", lambda model, ratio: "module")
+    monkeypatch.setattr(filter_l1, "filter_model_path", lambda model, ratio: tmp_path / f"{ratio:.6f}")
+    monkeypatch.setattr(filter_l1, "l1_pruned_module", lambda model, ratio: "module")
     bench = SimpleNamespace(models={"resnet56": "original"}, latency=None,
                             backend=SimpleNamespace(prepare=lambda model, settings: None),
                             gp=SimpleNamespace(save=lambda model, path: None, load=lambda path, **kw: Path(path).name))
-    _, ratio = compare_methods.filter_pruned(bench, {"model": "resnet56", "cut": 0.4})
+    _, ratio = filter_l1.filter_pruned(bench, {"model": "resnet56", "cut": 0.4}, compare_methods.MARGIN)
     assert ratio / 2 >= 0.4 + compare_methods.MARGIN  # without the second measurement: 0.7125 (true cut 0.36)
     assert any(n == 2 for n in measured.values())  # some lucky ratio was measured again and rejected
 

@@ -8,9 +8,10 @@ random sets) with the same tiny set and recovery, and reports top-1 against the 
 the per-block latency table (block_latency_onnxruntime_cpu_1thread_b1.json). Test labels are
 used only to judge the sets here, never to choose blocks in graphprune.
 
-    python benchmarks/set_study.py jobs            # -> .gpu/plan/set_jobs.json (recover jobs)
-    python benchmarks/jobs.py .gpu/plan/set_jobs.json set_study.jsonl --device cuda --workers 12
-    python benchmarks/set_study.py report set_study.jsonl   # -> benchmarks/results/set_study.{json,md}
+    python -m benchmarks.studies.set_study jobs            # -> .gpu/plan/set_jobs.json (recover jobs)
+    python -m benchmarks.jobs .gpu/plan/set_jobs.json set_study.jsonl --device cuda --workers 12
+    python -m benchmarks.studies.set_study report set_study.jsonl   # -> benchmarks/studies/results/set_study.{json,md}
+    python -m benchmarks.studies.set_study report   # the same tables, rebuilt from the committed set_study.json
 """
 
 from __future__ import annotations
@@ -19,14 +20,9 @@ import argparse
 import json
 import random
 import statistics
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import results_dir  # noqa: E402
+from benchmarks.studies.base import study_results_dir
 
 SIZE = 11  # blocks per set: what reaches a 40% measured cut on ResNet-56 (3.3-4.3% each)
 STAGE1 = [f"layer1.{i}" for i in range(1, 9)]
@@ -35,7 +31,7 @@ STAGE3 = [f"layer3.{i}" for i in range(1, 9)]
 
 
 def _saved_fraction() -> dict[str, float]:
-    table = json.loads((results_dir() / "block_latency_onnxruntime_cpu_1thread_b1.json").read_text())["resnet56"]
+    table = json.loads((study_results_dir() / "block_latency_onnxruntime_cpu_1thread_b1.json").read_text())["resnet56"]
     return {b["name"]: b["saved_fraction"] for b in table["blocks"]}
 
 
@@ -43,7 +39,7 @@ def _rankings(seed: int) -> dict[str, list[str]]:
     """Block orders (score / saved latency, ascending) of every estimator the scoring study ran."""
     saved = _saved_fraction()
     orders = {}
-    for line in (results_dir() / "scoring_study.jsonl").read_text().splitlines():
+    for line in (study_results_dir() / "scoring_study.jsonl").read_text().splitlines():
         record = json.loads(line)
         job = record["job"]
         if job["kind"] != "score" or "resnet56" not in job["model"] or job["seed"] != seed or not record.get("ok"):
@@ -80,8 +76,8 @@ def candidate_sets(seed: int) -> dict[str, list[str]]:
 
 
 def cmd_jobs(args) -> None:
-    from common import ensure_models
-    from device_rows import PLAN, job_recovery, staged_eval, staged_model, staged_train
+    from benchmarks.common import ensure_models
+    from benchmarks.device_rows import PLAN, job_recovery, staged_eval, staged_model, staged_train
 
     from graphprune.optimize import OptimizeConfig
 
@@ -95,10 +91,11 @@ def cmd_jobs(args) -> None:
     print(f"{len(jobs)} jobs -> {out}")
 
 
-def cmd_report(args) -> None:
+def _recovered_rows(results: Path) -> list[dict]:
+    """The sets' rows from ``jobs``' result file (one JSON line per recovered set)."""
     saved = _saved_fraction()
     rows = []
-    for line in Path(args.results).read_text().splitlines():
+    for line in results.read_text().splitlines():
         record = json.loads(line)
         if not record.get("ok") or not record["id"].startswith("set/"):
             continue
@@ -109,11 +106,19 @@ def cmd_report(args) -> None:
                      "predicted_cut": sum(saved[b] for b in blocks),
                      "top1_lossless1000": record["eval"]["lossless1000"]["after"],
                      "top1_jpeg10k": record["eval"]["jpeg10k"]["after"], "device": record.get("device")})
+    return rows
+
+
+def cmd_report(args) -> None:
+    """The tables, from ``args.results`` (``jobs``' result file) or, without it, from the committed
+    ``set_study.json``."""
+    rows = _recovered_rows(Path(args.results)) if args.results else \
+        json.loads((study_results_dir() / "set_study.json").read_text())["rows"]
     rows.sort(key=lambda r: (r["seed"], -r["top1_jpeg10k"]))
-    (results_dir() / "set_study.json").write_text(json.dumps({"description": __doc__.split("\n\n")[0],
-                                                              "rows": rows}, indent=1))
+    description = __doc__.split("\n\n")[0]
+    (study_results_dir() / "set_study.json").write_text(json.dumps({"description": description, "rows": rows}, indent=1))
     lines = ["# Which 40% block sets of ResNet-56 recover best?", "", __doc__.split("\n\n")[1], "",
-             "Commands: see the header of `benchmarks/set_study.py`. Recovered on: "
+             "Commands: see the header of `benchmarks/studies/set_study.py`. Recovered on: "
              f"{', '.join(sorted({str(r['device']) for r in rows}))} (default recovery: 2000 AdamW steps, 500 images).",
              "",
              "| seed | set | blocks per stage | predicted cut | top-1 lossless1000 | top-1 jpeg10k |",
@@ -125,7 +130,7 @@ def cmd_report(args) -> None:
         jpeg = [100 * r["top1_jpeg10k"] for r in rows if r["seed"] == seed]
         lines.append(f"\nSeed {seed}: jpeg10k over {len(jpeg)} sets: best {max(jpeg):.2f}, median "
                      f"{statistics.median(jpeg):.2f}, worst {min(jpeg):.2f}.")
-    (results_dir() / "set_study.md").write_text("\n".join(lines) + "\n")
+    (study_results_dir() / "set_study.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -136,7 +141,7 @@ def main() -> None:
     jobs.add_argument("--seeds", type=int, nargs="+", default=[2021, 2022])
     jobs.set_defaults(fn=cmd_jobs)
     report = sub.add_parser("report")
-    report.add_argument("results")
+    report.add_argument("results", nargs="?", help="jobs' result file (default: rebuild from set_study.json)")
     report.set_defaults(fn=cmd_report)
     args = parser.parse_args()
     args.fn(args)

@@ -18,24 +18,20 @@ The report gives, per seed, the Spearman correlation of each proxy with the sets
 (positive: a lower error goes with a higher top-1) and its mean over seeds weighted by the number
 of sets. Test labels judge the sets here only. Resumable: one JSON line per set.
 
-    python benchmarks/proxy_study.py run       # about 8 s a set on a 2-core CPU
-    python benchmarks/proxy_study.py report    # -> benchmarks/results/proxy_study.{json,md}
+    python -m benchmarks.studies.proxy_study run       # about 8 s a set on a 2-core CPU
+    python -m benchmarks.studies.proxy_study report    # -> benchmarks/studies/results/proxy_study.{json,md}
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import DATA, results_dir, study_main  # noqa: E402
+from benchmarks.common import DATA, results_dir, run_report_main
+from benchmarks.studies.base import study_results_dir
 
 SAMPLES, POOL = 500, 1000
 DEFAULT_ITERATIONS = 50  # graphprune's default adaptor steps (RecoverabilitySettings.iterations)
@@ -46,7 +42,7 @@ SPLITS = ("ho", "tr", "pool")
 def recovered_sets() -> dict[tuple[int, tuple[str, ...]], list]:
     """(seed, sorted blocks) -> [(source, top-1 lossless1000, top-1 jpeg10k), ...]."""
     sets: dict = {}
-    for r in json.loads((results_dir() / "set_study.json").read_text())["rows"]:
+    for r in json.loads((study_results_dir() / "set_study.json").read_text())["rows"]:
         sets.setdefault((r["seed"], tuple(sorted(r["blocks"]))), []).append(
             (r["set"], r["top1_lossless1000"], r["top1_jpeg10k"]))
     for r in json.loads((results_dir() / "cifar10_resnet56.json").read_text())["rows"]:
@@ -81,7 +77,7 @@ def _proxies(features, teacher, head) -> dict[str, float]:
 
 def cmd_run(args) -> None:
     import torch
-    from compare_methods import Bench
+    from benchmarks.compare_methods import Bench
 
     from graphprune.data import Preprocessing, load_tiny_set, split_holdout
     from graphprune.features import feature_node_name, run_batched, suffix_from, truncate
@@ -94,7 +90,7 @@ def cmd_run(args) -> None:
             self.student = features_gm
             return super()._holdout_mse(features_gm, inputs)
 
-    out = results_dir() / "proxy_study.jsonl"
+    out = study_results_dir() / "proxy_study.jsonl"
     done = _done(out)
     bench = Bench()
     model = bench.models["resnet56"]
@@ -154,13 +150,13 @@ def _spearman(records: list[dict], seeds: list[int], column: int, split: str, pr
 
 
 def cmd_report(args) -> None:
-    every = list(_done(results_dir() / "proxy_study.jsonl").values())
+    every = list(_done(study_results_dir() / "proxy_study.jsonl").values())
     counts = sorted({_iterations(r) for r in every}, key=lambda n: (n != DEFAULT_ITERATIONS, n))
     seeds = sorted({r["seed"] for r in every})
     by_count = {n: [r for r in every if _iterations(r) == n] for n in counts}
     summary, lines = {}, ["# Which set-level proxy predicts a 40% block set's recovered top-1? (ResNet-56)", "",
-                          "Command: `python benchmarks/proxy_study.py run [--iterations N] && python "
-                          "benchmarks/proxy_study.py report`. One joint adaptor fit per set (graphprune's default "
+                          "Command: `python -m benchmarks.studies.proxy_study run [--iterations N] && python -m "
+                          "benchmarks.studies.proxy_study report`. One joint adaptor fit per set (graphprune's default "
                           f"estimator, {DEFAULT_ITERATIONS} Adam steps unless the row names another count); every set "
                           "that was recovered with the default recovery and 500 images (set_study, and the "
                           "40% rows of cifar10_resnet56.json; a set recovered twice counts with its mean "
@@ -183,8 +179,8 @@ def cmd_report(args) -> None:
                     cells = [f"{dict(zip(present, per_seed))[s]:.2f}" if s in present else "-" for s in seeds]
                     lines.append(f"| {split} {proxy}{steps} | {mean:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
-    (results_dir() / "proxy_study.md").write_text("\n".join(lines))
-    (results_dir() / "proxy_study.json").write_text(json.dumps({"summary": summary, "sets": every}, indent=1))
+    (study_results_dir() / "proxy_study.md").write_text("\n".join(lines))
+    (study_results_dir() / "proxy_study.json").write_text(json.dumps({"summary": summary, "sets": every}, indent=1))
     print("\n".join(lines))
 
 
@@ -194,4 +190,4 @@ def _run_options(parser) -> None:
 
 
 if __name__ == "__main__":
-    study_main(__doc__, cmd_run, cmd_report, _run_options)
+    run_report_main(__doc__, cmd_run, cmd_report, _run_options)
