@@ -1,63 +1,91 @@
-"""The ``graphprune`` command line.
+"""The ``graphprune`` command line: one click group.
 
-Each subcommand lives in :mod:`graphprune.commands` as a module with ``add_parser(subparsers)``
-and ``run(args) -> int``. Errors a user can cause are :class:`~graphprune.errors.GraphpruneError`:
-one line on stderr and a non-zero exit (2 for usage errors); a traceback only with ``--debug``.
+Each subcommand is a module in :mod:`graphprune.commands` whose ``command`` is a click command
+(made with :func:`graphprune.cli_options.subcommand`); modules are imported only when their command
+runs or its help is shown. Options that set library settings are declared in
+:mod:`graphprune.cli_options`; ``optimize --config FILE`` in :mod:`graphprune.cli_config`.
+
+Errors: anything a user can cause prints one line, ``graphprune: error: ...``, on stderr. A
+:class:`~graphprune.errors.GraphpruneError` exits 1 (:class:`~graphprune.errors.UsageError`: 2); a
+malformed command line (click's usage errors: missing or unknown option, bad value or choice, no
+such command) exits 2, its message on one line as argparse worded it. Any other exception is a bug:
+``graphprune: internal error: ...``, exit 1. Tracebacks only with ``--debug``. Ctrl-C:
+``graphprune: interrupted``, exit 130. ``graphprune`` alone prints the help and exits 2.
+
+Shell completion (click's): ``eval "$(_GRAPHPRUNE_COMPLETE=bash_source graphprune)"`` in
+``~/.bashrc`` (``zsh_source`` for zsh, ``fish_source`` for fish).
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import logging
 import os
 import sys
 import warnings
 
+import click
+from click.core import ParameterSource
+
 from . import interrupts
-from .errors import GraphpruneError, UsageError
+from .cli_options import CONTEXT, GroupedArgument, GroupedOption, Numbers, config_key, flag, stack
+from .errors import GraphpruneError
 
 COMMANDS = ("inspect", "drop", "export", "profile", "optimize", "demo")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints usage too; keep it short)
-        raise UsageError(message)
+class _Group(click.Group):
+    """The subcommands, in :data:`COMMANDS` order, each imported when it is needed."""
+
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        return importlib.import_module(f".commands.{name}", __package__).command
+
+    def resolve_command(self, ctx, args):
+        name = args[0]
+        if name not in COMMANDS and not name.startswith("-") and not ctx.resilient_parsing:
+            raise click.UsageError(f"argument COMMAND: invalid choice: '{name}' (choose from {', '.join(COMMANDS)})",
+                                   ctx)
+        return super().resolve_command(ctx, args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
-    parser = _Parser(prog="graphprune", description="Make trained residual networks faster with tiny data.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each pipeline step")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMANDS:
-        importlib.import_module(f".commands.{name}", __package__).add_parser(sub)
-    return parser
+@click.group("graphprune", cls=_Group, invoke_without_command=True, context_settings=CONTEXT,
+             help="Make trained residual networks faster with tiny data.")
+@click.option("--debug", is_flag=True, help="show tracebacks and debug logs")
+@click.option("-v", "--verbose", is_flag=True, help="log each pipeline step")
+@click.pass_context
+def graphprune(ctx: click.Context, debug: bool, verbose: bool) -> None:
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+        ctx.exit(2)
+    logging.basicConfig(level=logging.DEBUG if debug else (logging.INFO if verbose else logging.WARNING),
+                        format="%(message)s", stream=sys.stderr)
+    interrupts.install()
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     debug = "--debug" in argv
     _quiet_libraries(debug)
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 2
-        logging.basicConfig(level=logging.DEBUG if debug else (logging.INFO if args.verbose else logging.WARNING),
-                            format="%(message)s", stream=sys.stderr)
-        interrupts.install()
-        status = int(args.run(args) or 0)
+        status = graphprune.main(argv, prog_name="graphprune", standalone_mode=False)
         interrupts.raise_if_interrupted()
-        return status
+        return int(status or 0)
+    except click.ClickException as exc:  # the command line itself: click's messages, made one line
+        if debug:
+            raise
+        print(f"graphprune: error: {usage_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     except GraphpruneError as exc:
         if debug:
             raise
         print(f"graphprune: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.Abort):  # click turns a KeyboardInterrupt into Abort
         print("graphprune: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug: say so in one line unless --debug
@@ -68,6 +96,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def usage_line(exc: click.ClickException) -> str:
+    """One line for a click error, worded as argparse did (``argument --threads: must be ...``)."""
+    param = getattr(exc, "param", None)
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.MissingParameter) and param is not None:
+        text = f"the following arguments are required: {flag(param)}"
+    elif isinstance(exc, click.BadParameter) and param is not None:
+        from_file = ctx is not None and ctx.get_parameter_source(param.name) == ParameterSource.DEFAULT_MAP
+        text = f"{f'--config key {config_key(param)!r}' if from_file else f'argument {flag(param)}'}: {exc.message}"
+    else:
+        text = exc.format_message()
+    return " ".join(text.split())
+
+
 def _quiet_libraries(debug: bool) -> None:
     if debug:
         return
@@ -75,30 +117,30 @@ def _quiet_libraries(debug: bool) -> None:
     os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
 
 
-def parse_shape(text: str | None) -> tuple[int, ...] | None:
-    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``."""
-    if text is None:
-        return None
-    try:
-        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
-    except ValueError:
-        raise UsageError(f"--input-shape must be comma-separated integers, got '{text}'") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise UsageError(f"--input-shape must be positive integers, got '{text}'")
-    return dims
+def _complete_files(ctx, param, incomplete):
+    return [click.shell_completion.CompletionItem(incomplete, type="file")]
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """MODEL, --input-shape and --weights, shared by every command that loads a model."""
-    parser.add_argument("model", help="an .onnx or .pt2 file, torchvision:<arch> or zoo:<arch>")
-    parser.add_argument("--input-shape", help="input shape, e.g. 1,3,224,224 (needed for dynamic spatial sizes)")
-    parser.add_argument("--weights", help="state dict (.pth) for torchvision:/zoo: architectures (weights_only)")
+# MODEL, --input-shape and --weights, shared by every command that loads a model
+model_options = stack(
+    click.argument("model", cls=GroupedArgument, group="input", shell_complete=_complete_files,
+                   help="an .onnx or .pt2 file, torchvision:<arch> or zoo:<arch>"),
+    click.option("--input-shape", cls=GroupedOption, group="input", type=Numbers(int), metavar="SHAPE",
+                 help="input shape, e.g. 1,3,224,224 (needed for dynamic spatial sizes)"),
+    click.option("--weights", cls=GroupedOption, group="input", type=click.Path(exists=True, dir_okay=False),
+                 help="state dict (.pth) for torchvision:/zoo: architectures (weights_only)"))
+
+
+def output_option(help: str = "output .onnx or .pt2"):
+    """-o/--output, required (the writer checks its suffix and folder)."""
+    return click.option("-o", "--output", cls=GroupedOption, group="output", required=True,
+                        type=click.Path(dir_okay=False), help=help)
 
 
 def load_model_from_args(args):
     from .formats.model_io import load
 
-    return load(args.model, input_shape=parse_shape(args.input_shape), weights=args.weights)
+    return load(args.model, input_shape=args.input_shape, weights=args.weights)
 
 
 if __name__ == "__main__":  # pragma: no cover

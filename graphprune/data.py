@@ -65,14 +65,14 @@ class Preprocessing:
 
     def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         channels = self.size[0]
-        mean = _fit_channels(self.mean, channels, "--mean")
-        std = _fit_channels(self.std, channels, "--std")
+        mean = _fit_channels(self.mean, channels, "mean")
+        std = _fit_channels(self.std, channels, "std")
         if any(s <= 0 for s in std):
-            raise GraphpruneError("--std values must be positive")
+            raise GraphpruneError("std values must be positive", parameter="std")
         return torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
 
 
-def _fit_channels(values, channels: int, flag: str) -> tuple[float, ...]:
+def _fit_channels(values, channels: int, name: str) -> tuple[float, ...]:
     values = tuple(float(v) for v in values)
     if len(values) == channels:
         return values
@@ -80,7 +80,7 @@ def _fit_channels(values, channels: int, flag: str) -> tuple[float, ...]:
         return (sum(values) / 3,)
     if len(values) == 1:
         return values * channels
-    raise GraphpruneError(f"{flag} has {len(values)} values; the model takes {channels} channels")
+    raise GraphpruneError(f"{name} has {len(values)} values; the model takes {channels} channels", parameter=name)
 
 
 def load_tiny_set(path: str | Path, prep: Preprocessing, num_samples: int | None = None,
@@ -94,7 +94,7 @@ def load_tiny_set(path: str | Path, prep: Preprocessing, num_samples: int | None
     elif path.suffix.lower() == ".npz":
         raw, labels, classes, skipped = _read_npz(path, num_samples, seed)
     else:
-        raise GraphpruneError(f"--data must be a folder of images or an .npz file, got {path.name}")
+        raise GraphpruneError(f"path must be a folder of images or an .npz file, got {path.name}", parameter="path")
     if not raw:
         raise GraphpruneError(f"no readable images in {path}" + (f" ({skipped} unreadable)" if skipped else ""))
     return _preprocess(raw, labels, prep, str(path), skipped, classes)
@@ -194,7 +194,7 @@ def sample_indices(labels, count: int, num_samples: int | None, seed: int) -> li
                     order.append(bucket.pop(0))
     if num_samples is not None:
         if num_samples <= 0:
-            raise GraphpruneError(f"--num-samples must be positive, got {num_samples}")
+            raise GraphpruneError(f"num_samples must be positive, got {num_samples}", parameter="num_samples")
         order = order[:num_samples]
     return order
 

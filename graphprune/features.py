@@ -44,7 +44,7 @@ def feature_node_name(model: Model, override: str | None = None) -> str:
         for node in gm.graph.nodes:
             if override in (node.name, node.meta.get("onnx_name"), str(node.target)):
                 return node.name
-        raise GraphpruneError(f"--feature-node '{override}' is not a node of the model")
+        raise GraphpruneError(f"feature_node '{override}' is not a node of the model", parameter="feature_node")
     classifier = classifier_node(model)
     constants = constant_nodes(gm)
     inputs = [i for i in classifier.all_input_nodes if i not in constants]

@@ -32,8 +32,8 @@ class InputSpec:
         if override is not None:
             if len(override) != len(self.shape):
                 raise GraphpruneError(
-                    f"--input-shape {','.join(map(str, override))} has {len(override)} dimensions; "
-                    f"input '{self.name}' has {len(self.shape)}"
+                    f"input_shape {','.join(map(str, override))} has {len(override)} dimensions; "
+                    f"input '{self.name}' has {len(self.shape)}", parameter="input_shape"
                 )
             return _checked_size(self.name, tuple(override))
         dims = list(self.shape)
@@ -42,7 +42,7 @@ class InputSpec:
         if any(d is None for d in dims):
             raise GraphpruneError(
                 f"input '{self.name}' has dynamic dimensions {_fmt_shape(self.shape)}; "
-                "pass --input-shape, e.g. --input-shape 1,3,224,224"
+                "pass input_shape, e.g. input_shape 1,3,224,224", parameter="input_shape"
             )
         return _checked_size(self.name, tuple(int(d) for d in dims))
 
@@ -60,7 +60,8 @@ def _checked_size(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         elements *= d
     if elements > MAX_INPUT_ELEMENTS:
         raise GraphpruneError(f"input '{name}' of shape {_fmt_shape(shape)} has {elements:,} elements; "
-                              f"graphprune handles at most {MAX_INPUT_ELEMENTS:,} (pass a smaller --input-shape)")
+                              f"graphprune handles at most {MAX_INPUT_ELEMENTS:,} (pass a smaller input_shape)",
+                              parameter="input_shape")
     return shape
 
 

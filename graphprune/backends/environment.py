@@ -43,8 +43,8 @@ def batch_inputs(model: Model, settings: LatencySettings) -> tuple[torch.Tensor,
         if tensor.dim() and tensor.shape[0] != settings.batch_size:
             raise GraphpruneError(
                 f"input '{spec.name}' has a fixed batch size of {tensor.shape[0]}; cannot measure batch "
-                f"{settings.batch_size} (export the model with a dynamic batch axis, or use --batch-size "
-                f"{tensor.shape[0]})"
+                f"{settings.batch_size} (export the model with a dynamic batch axis, or use batch_size "
+                f"{tensor.shape[0]})", parameter="batch_size"
             )
     return inputs
 

@@ -11,12 +11,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import zoo
 from ..backends.base import LatencySettings
+from ..cli_options import FRACTION, POSITIVE_INT, GroupedOption, Settings, subcommand
 from ..data import Preprocessing, load_tiny_set
 from ..evaluate import evaluate
 from ..formats.model_io import load, save
@@ -25,15 +27,7 @@ from ..passes.recover import RecoverySettings
 from ..report import format_summary
 
 MEAN, STD = (0.3,), (0.4,)
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="train a small residual CNN on bundled digits and optimise it")
-    p.add_argument("--latency-cut", type=float, default=0.22)
-    p.add_argument("--epochs", type=int, default=8, help="training epochs for the demo network")
-    p.add_argument("--workdir", help="keep the demo files here (default: a temporary folder)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(run=run)
+SETTINGS = Settings(OptimizeConfig)
 
 
 def digits_npz(folder: Path, seed: int = 0) -> tuple[Path, Path]:
@@ -72,7 +66,17 @@ def train_digits_model(train_npz: Path, epochs: int, seed: int = 0) -> torch.nn.
     return model.eval()
 
 
-def run(args) -> int:
+SETTINGS = Settings(OptimizeConfig)
+
+
+@subcommand("demo", help="Train a small residual CNN on bundled digits and optimise it.")
+@SETTINGS.option("latency", "--latency-cut", fills="latency_cut", type=FRACTION, help="fraction of latency to remove")
+@click.option("--epochs", cls=GroupedOption, group="data", type=POSITIVE_INT, default=8, show_default=True,
+              help="training epochs for the demo network")
+@click.option("--workdir", cls=GroupedOption, group="output", type=click.Path(file_okay=False),
+              help="keep the demo files here (default: a temporary folder)")
+@click.option("--quiet", cls=GroupedOption, group="output", is_flag=True, help="no progress bars")
+def command(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.workdir) if args.workdir else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from ..cli import add_model_arguments, load_model_from_args
+import click
+
+from ..cli import load_model_from_args, model_options, output_option
+from ..cli_options import GroupedOption, subcommand
 from ..errors import UsageError
 from ..formats.model_io import save
 from ..passes import drop_blocks
 
 
-def add_parser(sub) -> None:
-    parser = sub.add_parser("drop", help="drop named residual blocks and write the result")
-    add_model_arguments(parser)
-    parser.add_argument("--blocks", required=True, help="comma-separated block names (see inspect)")
-    parser.add_argument("-o", "--output", required=True, help="output .onnx or .pt2")
-    parser.set_defaults(run=run)
-
-
-def run(args) -> int:
+@subcommand("drop", help="Drop named residual blocks and write the result.")
+@model_options
+@click.option("--blocks", cls=GroupedOption, group="input", required=True,
+              help="comma-separated block names (see inspect)")
+@output_option()
+def command(args) -> int:
     names = [n for n in args.blocks.split(",") if n.strip()]
     if not names:
         raise UsageError("--blocks is empty")

@@ -6,18 +6,15 @@ ONNX file the other commands (and the benchmarks) take.
 
 from __future__ import annotations
 
-from ..cli import add_model_arguments, load_model_from_args
+from ..cli import load_model_from_args, model_options, output_option
+from ..cli_options import subcommand
 from ..formats.model_io import save
 
 
-def add_parser(sub) -> None:
-    parser = sub.add_parser("export", help="write a model as verified .onnx or .pt2")
-    add_model_arguments(parser)
-    parser.add_argument("-o", "--output", required=True, help="output .onnx or .pt2")
-    parser.set_defaults(run=run)
-
-
-def run(args) -> int:
+@subcommand("export", help="Write a model as verified .onnx or .pt2.")
+@model_options
+@output_option()
+def command(args) -> int:
     path = save(load_model_from_args(args), args.output, source_path=args.model)
     print(f"wrote {path}")
     return 0

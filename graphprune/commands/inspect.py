@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 
-from ..cli import add_model_arguments, load_model_from_args
+import click
+
+from ..cli import load_model_from_args, model_options
+from ..cli_options import GroupedOption, subcommand
 from ..passes import FindBlocks
 
 
-def add_parser(sub) -> None:
-    parser = sub.add_parser("inspect", help="list the residual blocks of a model")
-    add_model_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print JSON to stdout")
-    parser.set_defaults(run=run)
-
-
-def run(args) -> int:
+@subcommand("inspect", help="List the residual blocks of a model.")
+@model_options
+@click.option("--json", cls=GroupedOption, group="output", is_flag=True, help="print JSON to stdout")
+def command(args) -> int:
     model = load_model_from_args(args)
     result = FindBlocks()(model)
     blocks, total = result.value, result.record["model_macs"]

@@ -1,83 +1,143 @@
-"""``graphprune optimize MODEL --latency-cut 0.22 --data TINY -o OUT``: the PRACTISE pipeline."""
+"""``graphprune optimize MODEL --latency-cut 0.22 --data TINY -o OUT``: the PRACTISE pipeline.
+
+Each option below that sets a library setting names the field it fills (``fills=``) and takes its
+default from it (:mod:`graphprune.cli_options`); ``--config FILE`` takes any option from a TOML or
+YAML file (keys: the long option names without dashes; see :mod:`graphprune.cli_config`).
+"""
 
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import replace
 from pathlib import Path
 
-from ..backends.base import LatencySettings
+import click
+
 from ..cache import default_cache_dir
-from ..cli import add_model_arguments, load_model_from_args
-from ..data import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_tiny_set
+from ..cli import load_model_from_args, model_options, output_option
+from ..cli_config import config_file, config_option
+from ..cli_options import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Numbers, Settings, flags_for,
+                           latency_options, subcommand)
+from ..data import Preprocessing, load_tiny_set
 from ..errors import GraphpruneError, UsageError
 from ..evaluate import evaluate
 from ..formats.model_io import atomic_write, save
 from ..optimize import OptimizeConfig, image_input_shape, optimize
-from ..passes.recover import RecoverySettings
-from ..passes.recoverability import ESTIMATORS, OPTIMIZERS, RecoverabilitySettings
-from ..passes.refine_selection import RefineSettings
+from ..passes.recoverability import ESTIMATORS, OPTIMIZERS
 from ..report import format_summary, write_plot
-from ..synthesis import SynthesisSettings, synthetic_tiny_set
+from ..synthesis import METHODS, SynthesisSettings, synthetic_tiny_set
+
+# What one run is configured by: OptimizeConfig (paths without a prefix), the synthesis of a
+# data-free tiny set and the images' normalisation. Each option below fills the fields it names.
+SETTINGS = Settings(OptimizeConfig, synthesis=SynthesisSettings, preprocessing=Preprocessing)
+opt = SETTINGS.option
+# Fields no option sets, deliberately: tuned defaults (documented where they are defined) that
+# the Python API can change; tests/test_cli_options.py checks every other field has an option.
+INTERNAL = ("holdout_minimum", "latency.warmup_runs", "latency.warmup_s", "latency.min_runs", "latency.max_runs",
+            "recoverability.batch_size", "recoverability.momentum", "recoverability.weight_decay",
+            "recoverability.ridge", "recoverability.device", "refine.tolerance", "refine.min_gain",
+            "recovery.momentum", "recovery.weight_decay", "recovery.clip_grad_norm", "recovery.schedule",
+            "recovery.loss", "synthesis.batch_size", "synthesis.lr", "synthesis.class_weight",
+            "synthesis.tv_weight", "synthesis.l2_weight")
+DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.size": "the model's input"}
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("optimize", help="drop blocks to a measured latency cut and recover on a tiny set")
-    add_model_arguments(p)
-    p.add_argument("--latency-cut", type=float, required=True, help="fraction of latency to remove, e.g. 0.22")
-    p.add_argument("--data", help="folder of images (class sub-folders optional) or .npz (any domain)")
-    p.add_argument("--data-free", action="store_true", help="no images: synthesise a tiny set instead")
-    p.add_argument("--synthetic", default="auto", choices=["auto", "bn-inversion", "procedural"],
-                   help="with --data-free: bn-inversion (needs BatchNorm) or procedural; auto picks")
-    p.add_argument("--synthesis-steps", type=int, default=400, help="bn-inversion steps per batch of 64")
-    p.add_argument("--synthesis-time", type=float, help="bn-inversion time budget in seconds")
-    p.add_argument("-o", "--output", required=True, help="output .onnx (or .pt2 for .pt2 input)")
-    p.add_argument("--num-samples", type=int, help="images to draw from --data (default: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mean", default=",".join(map(str, IMAGENET_MEAN)), help="normalisation mean (comma-separated)")
-    p.add_argument("--std", default=",".join(map(str, IMAGENET_STD)), help="normalisation std (comma-separated)")
-    p.add_argument("--holdout", type=float, default=0.2, help="fraction held out to measure recoverability")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--batch-size", type=int, default=1, help="batch size the latency is measured at")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads the latency is measured with")
-    p.add_argument("--min-time", type=float, default=0.5, help="seconds per latency measurement (per model)")
-    p.add_argument("--margin", type=float, default=0.005, help="select until the measured cut reaches cut+margin")
-    p.add_argument("--feature-node", help="node whose output is mimicked (default: input of the classifier)")
-    scoring, recovery = RecoverabilitySettings(), RecoverySettings()
-    p.add_argument("--estimator", default=scoring.estimator, choices=ESTIMATORS, help="recoverability estimator")
-    p.add_argument("--score-iterations", type=int, default=scoring.iterations,
-                   help="adaptor training steps per block (estimator practise)")
-    p.add_argument("--score-optimizer", default=scoring.optimizer, choices=OPTIMIZERS,
-                   help="adaptor optimiser (sgd: the paper's, momentum 0.9)")
-    p.add_argument("--score-lr", type=float, default=scoring.lr, help="adaptor learning rate")
-    p.add_argument("--refine-evaluations", type=int, default=RefineSettings().max_evaluations,
-                   help="joint-recoverability fits to refine the chosen set with (0: keep the greedy set)")
-    p.add_argument("--joint-iterations", type=int, default=RefineSettings().joint_iterations,
-                   help="adaptor steps of each joint-recoverability fit")
-    p.add_argument("--recovery-iterations", type=int, default=recovery.iterations)
-    p.add_argument("--recovery-lr", type=float, default=recovery.lr)
-    p.add_argument("--recovery-optimizer", default=recovery.optimizer, choices=["adam", "sgd"])
-    p.add_argument("--recovery-batch-size", type=int, default=recovery.batch_size)
-    p.add_argument("--recovery-target", default=recovery.target, choices=["features", "feature-map", "auto"],
-                   help="what recovery mimics: the features before the classifier, the map they are pooled from, "
-                        "or auto: that map where the model has one, else the features")
-    p.add_argument("--augment", default="auto", choices=["auto", "crop-flip", "resized-crop-flip", "none"])
-    p.add_argument("--train-device", default="cpu", help="device recovery trains on (cpu, cuda)")
-    p.add_argument("--eval-data", help="labelled folder/.npz to report top-1 of original and optimised")
-    p.add_argument("--report", help="write the JSON report here")
-    p.add_argument("--plot", help="write a PNG (scores vs latency saved; recovery loss)")
-    p.add_argument("--cache-dir", default=None, help=f"resume cache (default {default_cache_dir()})")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the resume cache")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=run)
-
-
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise UsageError(f"{flag} must be comma-separated numbers, got '{text}'") from None
+@subcommand("optimize", help="Drop blocks to a measured latency cut and recover on a tiny set.\n\n"
+         "Every option can also come from --config FILE (TOML or YAML; keys: the long option names "
+         "without dashes, optionally in a table per group: [data], [latency], [recovery], ...).")
+@model_options
+@config_option
+@opt("data", "--data", type=click.Path(exists=True),
+     help="folder of images (class sub-folders optional) or .npz (any domain)")
+@opt("data", "--data-free", is_flag=True, help="no images: synthesise a tiny set instead")
+@opt("data", "--synthetic", fills="synthesis.method", type=click.Choice(["auto", *METHODS]),
+     help="with --data-free: bn-inversion (needs BatchNorm) or procedural; auto picks")
+@opt("data", "--synthesis-steps", fills="synthesis.steps", type=POSITIVE_INT, help="bn-inversion steps per batch")
+@opt("data", "--synthesis-time", fills="synthesis.time_budget_s", type=POSITIVE, metavar="SECONDS",
+     help="bn-inversion time budget in seconds")
+@opt("data", "--num-samples", fills="synthesis.num_samples", type=POSITIVE_INT, default=None,
+     show_default=f"all of --data; {SETTINGS.default('synthesis.num_samples')} with --data-free",
+     help="images to draw from --data, or to synthesise")
+@opt("data", "--seed", fills=("seed", "recoverability.seed", "recovery.seed", "synthesis.seed"), type=int,
+     help="seeds sampling, synthesis, adaptors and recovery")
+@opt("data", "--mean", fills="preprocessing.mean", type=Numbers(), help="normalisation mean (comma-separated)")
+@opt("data", "--std", fills="preprocessing.std", type=Numbers(), help="normalisation std (comma-separated)")
+@opt("data", "--holdout", fills="holdout_fraction", type=FRACTION, help="fraction held out to measure recoverability")
+@opt("data", "--eval-data", type=click.Path(exists=True),
+     help="labelled folder/.npz to report top-1 of original and optimised")
+@opt("latency", "--latency-cut", fills="latency_cut", type=FRACTION, required=True,
+     help="fraction of latency to remove, e.g. 0.22")
+@opt("latency", "--backend", fills="backend", type=click.Choice(["onnxruntime", "torch"]))
+@opt("latency", "--device", fills="latency.device", type=click.Choice(["cpu", "cuda"]),
+     help="device the latency is measured on")
+@latency_options(SETTINGS, prefix="latency.")
+@opt("latency", "--margin", fills="margin", type=NON_NEGATIVE, help="select until the measured cut reaches cut+margin")
+@opt("scoring", "--estimator", fills="recoverability.estimator", type=click.Choice(ESTIMATORS),
+     help="recoverability estimator")
+@opt("scoring", "--score-iterations", fills="recoverability.iterations", type=COUNT,
+     help="adaptor training steps per block (estimator practise)")
+@opt("scoring", "--score-optimizer", fills="recoverability.optimizer", type=click.Choice(OPTIMIZERS),
+     help="adaptor optimiser (sgd: the paper's, momentum 0.9)")
+@opt("scoring", "--score-lr", fills="recoverability.lr", type=POSITIVE, help="adaptor learning rate")
+@opt("scoring", "--feature-node", fills="feature_node",
+     help="node whose output is mimicked (default: input of the classifier)")
+@opt("refinement", "--refine-evaluations", fills="refine.max_evaluations", type=COUNT,
+     help="joint-recoverability fits to refine the chosen set with (0: keep the greedy set)")
+@opt("refinement", "--joint-iterations", fills="refine.joint_iterations", type=POSITIVE_INT,
+     help="adaptor steps of each joint-recoverability fit")
+@opt("recovery", "--recovery-iterations", fills="recovery.iterations", type=COUNT, help="training steps")
+@opt("recovery", "--recovery-lr", fills="recovery.lr", type=POSITIVE, help="learning rate")
+@opt("recovery", "--recovery-optimizer", fills="recovery.optimizer", type=click.Choice(OPTIMIZERS),
+     help="adam (AdamW) or sgd (with momentum)")
+@opt("recovery", "--recovery-batch-size", fills="recovery.batch_size", type=POSITIVE_INT, help="images per step")
+@opt("recovery", "--recovery-target", fills="recovery.target", type=click.Choice(["features", "feature-map", "auto"]),
+     help="what recovery mimics: the features before the classifier, the map they are pooled from, "
+          "or auto: that map where the model has one, else the features")
+@opt("recovery", "--augment", fills="recovery.augment",
+     type=click.Choice(["auto", "crop-flip", "resized-crop-flip", "none"]), help="augmentation (auto: by image size)")
+@opt("recovery", "--train-device", fills="recovery.device", help="device recovery trains on (cpu, cuda)")
+@output_option(help="output .onnx (or .pt2 for .pt2 input)")
+@opt("output", "--report", type=click.Path(dir_okay=False), help="write the JSON report here")
+@opt("output", "--plot", type=click.Path(dir_okay=False), help="write a PNG (scores vs latency saved; recovery loss)")
+@opt("output", "--cache-dir", type=click.Path(file_okay=False), show_default=str(default_cache_dir()),
+     help="resume cache")
+@opt("output", "--no-cache", is_flag=True, help="do not read or write the resume cache")
+@opt("output", "--quiet", fills="show_progress", to_field=operator.not_, is_flag=True, help="no progress bars")
+def command(args) -> int:
+    if bool(args.data) == bool(args.data_free):
+        raise UsageError("give exactly one of --data or --data-free")
+    check_outputs(args)
+    ctx = click.get_current_context()
+    params = ctx.command.params
+    model = load_model_from_args(args)
+    prep = SETTINGS.build(params, args, "preprocessing", image_input_shape(model))
+    cache_dir = None if args.no_cache else (args.cache_dir or str(default_cache_dir()))
+    synthetic = None
+    if args.data_free:
+        synthesis = SETTINGS.build(params, args, "synthesis")
+        tiny, synthetic = synthetic_tiny_set(model, synthesis, prep, cache_dir, show_progress=not args.quiet)
+    else:
+        with flags_for(path="--data"):
+            tiny = load_tiny_set(args.data, prep, args.num_samples, args.seed)
+    config = replace(SETTINGS.build(params, args), cache_dir=cache_dir)
+    result = optimize(model, tiny, config)
+    report = result.report
+    report["data"]["synthetic"] = synthetic
+    report["config_file"] = config_file(ctx)
+    if args.eval_data:
+        with flags_for(path="--eval-data"):
+            test = load_tiny_set(args.eval_data, prep)
+        report["eval"] = {"original": evaluate(model, test), "optimized": evaluate(result.model, test, model)}
+    save(result.model, args.output, source_path=args.model)
+    report["output"] = str(args.output)
+    if args.report:
+        text = json.dumps(report, indent=2, default=str)
+        atomic_write(Path(args.report), lambda tmp: tmp.write_text(text))
+    if args.plot:
+        write_plot(report, Path(args.plot))
+    print(format_summary(report))
+    return 0
 
 
 def check_outputs(args) -> None:
@@ -90,59 +150,3 @@ def check_outputs(args) -> None:
         raise UsageError(f"-o must end in .onnx or .pt2, got '{args.output}'")
     if Path(args.model).exists() and Path(args.output).resolve() == Path(args.model).resolve():
         raise GraphpruneError("refusing to overwrite the input model; choose another output path")
-
-
-def run(args) -> int:
-    if bool(args.data) == bool(args.data_free):
-        raise UsageError("give exactly one of --data or --data-free")
-    if not 0 < args.latency_cut < 1:
-        raise UsageError(f"--latency-cut must be between 0 and 1 (exclusive), got {args.latency_cut}")
-    for flag in ("batch_size", "threads", "recovery_batch_size", "score_lr"):
-        if getattr(args, flag) <= 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive")
-    if args.refine_evaluations < 0:
-        raise UsageError("--refine-evaluations must be 0 or more")
-    if args.joint_iterations < 1:
-        raise UsageError("--joint-iterations must be at least 1")
-    check_outputs(args)
-    model = load_model_from_args(args)
-    shape = image_input_shape(model)
-    prep = Preprocessing(shape, _floats(args.mean, "--mean"), _floats(args.std, "--std"))
-    cache_dir = None if args.no_cache else (args.cache_dir or str(default_cache_dir()))
-    synthetic = None
-    if args.data_free:
-        settings = SynthesisSettings(method=args.synthetic, num_samples=args.num_samples or 256, seed=args.seed,
-                                     steps=args.synthesis_steps, time_budget_s=args.synthesis_time)
-        tiny, synthetic = synthetic_tiny_set(model, settings, prep, cache_dir, show_progress=not args.quiet)
-    else:
-        tiny = load_tiny_set(args.data, prep, args.num_samples, args.seed)
-    config = OptimizeConfig(
-        latency_cut=args.latency_cut, backend=args.backend,
-        latency=LatencySettings(batch_size=args.batch_size, threads=args.threads, device=args.device,
-                                min_time_s=args.min_time),
-        margin=args.margin, holdout_fraction=args.holdout, seed=args.seed, feature_node=args.feature_node,
-        recoverability=replace(RecoverabilitySettings(), estimator=args.estimator, iterations=args.score_iterations,
-                               optimizer=args.score_optimizer, lr=args.score_lr, seed=args.seed),
-        refine=RefineSettings(max_evaluations=args.refine_evaluations, joint_iterations=args.joint_iterations),
-        recovery=RecoverySettings(iterations=args.recovery_iterations, lr=args.recovery_lr,
-                                  optimizer=args.recovery_optimizer, batch_size=args.recovery_batch_size,
-                                  target=args.recovery_target,
-                                  augment=args.augment, seed=args.seed, device=args.train_device),
-        cache_dir=cache_dir,
-        show_progress=not args.quiet,
-    )
-    result = optimize(model, tiny, config)
-    report = result.report
-    report["data"]["synthetic"] = synthetic
-    if args.eval_data:
-        test = load_tiny_set(args.eval_data, prep)
-        report["eval"] = {"original": evaluate(model, test), "optimized": evaluate(result.model, test, model)}
-    save(result.model, args.output, source_path=args.model)
-    report["output"] = str(args.output)
-    if args.report:
-        text = json.dumps(report, indent=2, default=str)
-        atomic_write(Path(args.report), lambda tmp: tmp.write_text(text))
-    if args.plot:
-        write_plot(report, Path(args.plot))
-    print(format_summary(report))
-    return 0

@@ -9,53 +9,39 @@ savings time each candidate interleaved with the original (see
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+import click
+
 from ..backends.base import LatencySettings, compare_interleaved, get_backend
-from ..cli import add_model_arguments, load_model_from_args
+from ..cli import load_model_from_args, model_options
+from ..cli_options import POSITIVE_INT, GroupedOption, Settings, latency_options, subcommand
+from ..optimize import OptimizeConfig
 from ..passes import FindBlocks, measure_block_latency
 
-DEFAULT_MIN_TIME_S = 1.0
-DEFAULT_MIN_RUNS = 10
+SETTINGS = Settings(LatencySettings)
+# profile times one model (or each block against it) once, for a figure to quote, so it spends twice
+# what optimize spends on each of the dozens of candidates it measures while selecting.
+MIN_TIME_S = 2 * SETTINGS.default("min_time_s")
 
 
-def add_parser(sub) -> None:
-    parser = sub.add_parser("profile", help="measure latency on a target, optionally what each block costs")
-    add_model_arguments(parser)
-    parser.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or torch")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--batch-size", type=_positive(int), default=1, metavar="N", help="batch size (default 1)")
-    parser.add_argument("--threads", type=_positive(int), default=1, metavar="N",
-                        help="CPU threads for the runtime (default 1)")
-    parser.add_argument("--per-block", action="store_true", help="also measure what dropping each block saves")
-    parser.add_argument("--json", action="store_true", help="print JSON to stdout")
-    parser.add_argument("--min-time", type=_positive(float), default=DEFAULT_MIN_TIME_S, metavar="SECONDS",
-                        help=f"time each model for at least this long (default {DEFAULT_MIN_TIME_S:g})")
-    parser.add_argument("--min-runs", type=_positive(int), default=DEFAULT_MIN_RUNS, metavar="N",
-                        help=f"and at least this many runs (default {DEFAULT_MIN_RUNS})")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal)")
-    parser.set_defaults(run=run)
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = 0
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be a positive {'integer' if kind is int else 'number'}, "
-                                             f"got '{text}'")
-        return value
-    return parse
-
-
-def run(args) -> int:
+@subcommand("profile", help="Measure latency on a target, optionally what each block costs.")
+@model_options
+@click.option("--backend", cls=GroupedOption, group="latency", default=OptimizeConfig.backend, show_default=True,
+              help="onnxruntime or torch")
+@SETTINGS.option("latency", "--device", fills="device", help="cpu or cuda")
+@latency_options(SETTINGS, prefix="", min_time=MIN_TIME_S)
+@SETTINGS.option("latency", "--min-runs", fills="min_runs", type=POSITIVE_INT, metavar="N",
+                 help="and at least this many runs")
+@click.option("--per-block", cls=GroupedOption, group="latency", is_flag=True,
+              help="also measure what dropping each block saves")
+@click.option("--json", cls=GroupedOption, group="output", is_flag=True, help="print JSON to stdout")
+@click.option("--no-progress", cls=GroupedOption, group="output", is_flag=True,
+              help="no progress bar (it is shown only on a terminal)")
+def command(args) -> int:
     backend = get_backend(args.backend)
-    settings = LatencySettings(batch_size=args.batch_size, threads=args.threads, device=args.device,
-                               min_runs=args.min_runs, min_time_s=args.min_time)
+    settings = SETTINGS.build(click.get_current_context().command.params, args)
     model = load_model_from_args(args)
     progress = False if args.no_progress else None
     if args.per_block:

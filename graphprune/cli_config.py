@@ -1,0 +1,106 @@
+"""``--config FILE``: a command's options from a TOML (``.toml``) or YAML (``.yaml``, ``.yml``) file.
+
+Keys are the long option names without their dashes (``latency-cut``, ``score-iterations``,
+``output``, ``data-free``) and ``model`` for the MODEL argument, either at the top level or inside a
+table named after the option's ``--help`` group (``input``, ``data``, ``latency``, ``scoring``,
+``refinement``, ``recovery``, ``output``)::
+
+    model = "resnet56.onnx"
+    latency-cut = 0.4
+    data = "tiny/"
+    output = "fast.onnx"
+
+    [recovery]
+    recovery-iterations = 4000
+    recovery-lr = 3e-4
+
+Values are checked like the command line's (ranges, choices, paths); lists may stand for
+comma-separated values (``mean = [0.5, 0.5, 0.5]``). Flags on the command line override the file.
+An unknown key, a key in another group's table, or a key given twice is a one-line error (exit 2).
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+
+import click
+
+from .cli_options import GroupedOption, config_key, group_of
+from .errors import UsageError
+
+CONFIG_META = "graphprune.config_file"  # ctx.meta: {"path": ..., "keys": [...]} of the file read
+
+
+def config_option(f):
+    """``--config FILE``, read before every other option (``is_eager``) into click's default map."""
+    return click.option("--config", cls=GroupedOption, group="input", type=click.Path(exists=True, dir_okay=False),
+                        is_eager=True, expose_value=False, callback=_load,
+                        help="read options from this TOML or YAML file (keys: long option names without "
+                             "dashes); flags given here override it")(f)
+
+
+def config_file(ctx: click.Context) -> dict | None:
+    """The path and keys of the ``--config`` file this command read, or ``None``."""
+    return ctx.meta.get(CONFIG_META)
+
+
+def _load(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is None or ctx.resilient_parsing:
+        return
+    values = config_values(read_config(Path(value)), ctx.command.params, value)
+    by_key = {config_key(p): p for p in ctx.command.params if p.expose_value}
+    ctx.default_map = {**(ctx.default_map or {}), **{by_key[k].name: v for k, v in values.items()}}
+    ctx.meta[CONFIG_META] = {"path": str(value), "keys": list(values)}
+
+
+def read_config(path: Path) -> dict:
+    """The file's top-level table (a one-line error for anything else)."""
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        parse, errors = tomllib.loads, (tomllib.TOMLDecodeError,)
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        parse, errors = yaml.safe_load, (yaml.YAMLError,)
+    else:
+        raise UsageError(f"--config must be a .toml, .yaml or .yml file, got '{path}'")
+    try:
+        doc = parse(path.read_text())
+    except (*errors, OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config {path}: {' '.join(str(exc).split())}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise UsageError(f"--config {path}: expected a table of option names, got {type(doc).__name__}")
+    return doc
+
+
+def config_values(doc: dict, params, path) -> dict[str, object]:
+    """``{key: value}`` for every key of ``doc`` (group tables flattened), each a parameter of ``params``."""
+    by_key = {config_key(p): p for p in params if p.expose_value}
+    values: dict[str, object] = {}
+
+    def add(key: str, shown: str, value, group: str | None = None) -> None:
+        param = by_key.get(key)
+        if param is None or (group is not None and group_of(param) != group):
+            close = difflib.get_close_matches(key, list(by_key), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UsageError(f"--config {path}: unknown key '{shown}'{hint}")
+        if key in values:
+            raise UsageError(f"--config {path}: key '{key}' is given twice")
+        values[key] = value
+
+    groups = {group_of(p) for p in by_key.values()}
+    for key, value in doc.items():
+        if key in groups and key not in by_key and isinstance(value, dict):
+            for inner, inner_value in value.items():
+                add(str(inner), f"{key}.{inner}", inner_value, group=key)
+        else:
+            add(str(key), str(key), value)
+    return values
