@@ -31,7 +31,7 @@ from .errors import GraphpruneError
 
 # option groups: key (also the --config table name) -> title in --help, in --help order
 GROUPS = {"input": "Model and input", "data": "Data", "latency": "Latency target", "scoring": "Scoring",
-          "refinement": "Refinement", "recovery": "Recovery", "output": "Output"}
+          "refinement": "Refinement", "recovery": "Recovery", "pipeline": "Pipeline", "output": "Output"}
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 

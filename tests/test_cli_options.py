@@ -138,7 +138,7 @@ def captured(monkeypatch):
     """optimize's command up to the pipeline: the config it would run, the pipeline itself skipped."""
     seen = {}
 
-    def fake_optimize(model, tiny, config):
+    def fake_optimize(model, tiny, config, pipeline=None):
         seen.update(config=config, tiny=tiny)
         return OptimizeResult(model, None, {"data": {}, "settings": config.to_dict()})
     monkeypatch.setattr(optimize_command, "optimize", fake_optimize)

@@ -37,3 +37,23 @@ def test_a_pass_inserted_into_the_default_pipeline_shapes_the_result():
     assert result.report["dropped"] and not any(n.startswith("layer1.") for n in result.report["dropped"])
     assert [b["name"] for b in result.report["blocks"]] == [b.name for b in gp.find_blocks(model)][3:]
     assert result.report["latency"]["cut"] > 0 and result.report["pipeline"][1] == "keep_first_stage"
+
+
+def test_optimize_passes_names_the_steps(cli, tmp_path):
+    """--passes runs the named steps (here the default list without refinement); an unknown name is
+    one line naming the available passes, before the model is even read."""
+    import json
+
+    import numpy as np
+
+    data, out, report = tmp_path / "tiny.npz", tmp_path / "fast.onnx", tmp_path / "r.json"
+    np.savez(data, images=np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
+    common = ["optimize", "zoo:cifar10_resnet20", "--latency-cut", "0.15", "--data", data, "-o", out,
+              "--min-time", "0.05", "--estimator", "lstsq", "--recovery-iterations", "2", "--no-cache", "--quiet"]
+    code, _, err = cli(*common, "--passes", "find_blocks,bogus")
+    assert code == 1 and err.strip().count("\n") == 0 and "unknown pass 'bogus'" in err and "refine_selection" in err
+    assert not out.exists()
+    steps = [p.name for p in gp.default_pipeline() if p.name != "refine_selection"]
+    code, _, err = cli(*common, "--passes", ",".join(steps), "--report", report)
+    assert code == 0, err
+    assert json.loads(report.read_text())["pipeline"] == steps and out.exists()

@@ -23,7 +23,7 @@ from ..data import Preprocessing, load_tiny_set
 from ..errors import GraphpruneError, UsageError
 from ..evaluate import evaluate
 from ..formats.model_io import atomic_write, save
-from ..optimize import OptimizeConfig, image_input_shape, optimize
+from ..optimize import OptimizeConfig, image_input_shape, optimize, pipeline_from_names
 from ..passes.recoverability import ESTIMATORS, OPTIMIZERS
 from ..report import format_summary, write_plot
 from ..synthesis import METHODS, SynthesisSettings, synthetic_tiny_set
@@ -97,6 +97,10 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
 @opt("recovery", "--augment", fills="recovery.augment",
      type=click.Choice(["auto", "crop-flip", "resized-crop-flip", "none"]), help="augmentation (auto: by image size)")
 @opt("recovery", "--train-device", fills="recovery.device", help="device recovery trains on (cpu, cuda)")
+@opt("pipeline", "--passes", metavar="NAMES",
+     help="the pipeline's steps by registered name, comma-separated, third-party passes included "
+          "(default: find_blocks,profile_blocks,pool_identical_blocks,score_recoverability,select_blocks,"
+          "refine_selection,drop_blocks,recover,measure_result)")
 @output_option(help="output .onnx (or .pt2 for .pt2 input)")
 @opt("output", "--report", type=click.Path(dir_okay=False), help="write the JSON report here")
 @opt("output", "--plot", type=click.Path(dir_okay=False), help="write a PNG (scores vs latency saved; recovery loss)")
@@ -110,9 +114,12 @@ def command(args) -> int:
     check_outputs(args)
     ctx = click.get_current_context()
     params = ctx.command.params
+    cache_dir = None if args.no_cache else (args.cache_dir or str(default_cache_dir()))
+    config = replace(SETTINGS.build(params, args), cache_dir=cache_dir)
+    pipeline = pipeline_from_names([n.strip() for n in args.passes.split(",") if n.strip()], config) \
+        if args.passes else None
     model = load_model_from_args(args)
     prep = SETTINGS.build(params, args, "preprocessing", image_input_shape(model))
-    cache_dir = None if args.no_cache else (args.cache_dir or str(default_cache_dir()))
     synthetic = None
     if args.data_free:
         synthesis = SETTINGS.build(params, args, "synthesis")
@@ -120,8 +127,7 @@ def command(args) -> int:
     else:
         with flags_for(path="--data"):
             tiny = load_tiny_set(args.data, prep, args.num_samples, args.seed)
-    config = replace(SETTINGS.build(params, args), cache_dir=cache_dir)
-    result = optimize(model, tiny, config)
+    result = optimize(model, tiny, config, pipeline)
     report = result.report
     report["data"]["synthetic"] = synthetic
     report["config_file"] = config_file(ctx)
