@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test bench bench-test clean
+.PHONY: demo test test-fast bench bench-test clean
 
 # the product and what its tests need (setup.cfg extra `test`)
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -23,6 +23,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=10
+
+# the suite without the tests marked slow (setup.cfg `markers`); every test module keeps tests here
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" --durations=10
 
 # the benchmarks' environment; the benchmarks themselves take minutes to hours (README, "Benchmarks")
 bench: $(VENV)/.installed-bench

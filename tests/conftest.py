@@ -34,6 +34,13 @@ TORCHVISION_MODELS = {
 }
 
 
+def models_with_slow(*slow: str) -> list:
+    """TORCHVISION_MODELS' names for ``parametrize``, those in ``slow`` marked slow (10 s or more a
+    test on a shared 2-core machine, ``--durations``): ``make test-fast`` leaves them out."""
+    assert set(slow) <= set(TORCHVISION_MODELS), slow
+    return [pytest.param(name, marks=pytest.mark.slow) if name in slow else name for name in TORCHVISION_MODELS]
+
+
 def data_path(*parts) -> Path:
     path = DATA_DIR.joinpath(*parts)
     if not path.exists():

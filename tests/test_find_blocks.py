@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import graphprune as gp
-from conftest import TORCHVISION_MODELS, torchvision_module
+from conftest import TORCHVISION_MODELS, models_with_slow, torchvision_module
 
 EXPECTED_FIRST = {
     "resnet18": ("layer1.0", "identity"), "resnet50": ("layer1.0", "projection"),
@@ -17,7 +17,7 @@ EXPECTED_FIRST = {
 }
 
 
-@pytest.mark.parametrize("name", list(TORCHVISION_MODELS))
+@pytest.mark.parametrize("name", models_with_slow("vit_b_16", "swin_t"))
 def test_torchvision_blocks_match_between_pytorch_and_onnx(name, torchvision_onnx):
     shape, count = TORCHVISION_MODELS[name]
     traced = gp.load(torchvision_module(name), input_shape=(1, *shape[1:]))

@@ -48,6 +48,7 @@ def _recoverability_entries(cache) -> int:
         return 0
 
 
+@pytest.mark.slow  # three optimize runs: minutes on a shared 2-core machine
 def test_ctrl_c_then_resume(inputs, tmp_path):
     out, report = tmp_path / "fast.onnx", tmp_path / "report.json"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -81,3 +82,21 @@ def test_ctrl_c_then_resume(inputs, tmp_path):
     assert doc2["dropped"] == doc["dropped"]  # same command, same seed: same blocks
     strip = lambda d: [{k: v for k, v in b.items()} for b in d["blocks"]]
     assert strip(doc2) == strip(doc)
+
+
+def test_a_cache_write_cut_by_ctrl_c_keeps_the_entries_before_it(tmp_path, monkeypatch):
+    """What resuming relies on: a Ctrl-C during a cache write (here between writing the new file and
+    renaming it over the old one) leaves the entries already there, and a rerun reads them."""
+    from graphprune.cache import JsonCache
+
+    cache = JsonCache(tmp_path, "recoverability", "key")
+    cache["layer1.0"] = {"recoverability": 1.0}
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache["layer1.1"] = {"recoverability": 2.0}
+    monkeypatch.undo()
+    assert JsonCache(tmp_path, "recoverability", "key").data == {"layer1.0": {"recoverability": 1.0}}
