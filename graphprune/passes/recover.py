@@ -35,7 +35,7 @@ from .base import PassResult, Transform
 
 @dataclass(frozen=True)
 class RecoverySettings:
-    # Defaults from benchmarks/scoring_study.py's sweep (ResNet-56 ONNX, 40% cut, 500 images): on
+    # Defaults from benchmarks/studies/scoring_study.py's sweep (ResNet-56 ONNX, 40% cut, 500 images): on
     # graphs whose BatchNorm was folded into the convs, SGD at the paper's lr 0.02 diverges and at
     # 0.003 reaches 89.2%; AdamW at 3e-4 reaches 90.5% in 2000 steps (4000 steps add nothing).
     iterations: int = 2000

@@ -23,7 +23,7 @@ Estimators (``estimator=``):
   output)`` averaged over positions of the training images; kept as a baseline criterion.
 
 Why more than one: on a 2-core CPU the paper's 1000+ SGD steps per block make scoring ResNet-56
-take hours. The benchmark ``benchmarks/scoring_study.py`` measures how well each estimator (and
+take hours. The benchmark ``benchmarks/studies/scoring_study.py`` measures how well each estimator (and
 each iteration count) reproduces the ranking of blocks by accuracy after full recovery.
 """
 
@@ -53,7 +53,7 @@ OPTIMIZERS = ("adam", "sgd")
 
 @dataclass(frozen=True)
 class RecoverabilitySettings:
-    # Defaults from benchmarks/scoring_study.py (ResNet-56, 500 images, 27 blocks): 50 adaptor
+    # Defaults from benchmarks/studies/scoring_study.py (ResNet-56, 500 images, 27 blocks): 50 adaptor
     # steps per block take 3-5 minutes for all blocks on a 2-core CPU; with Adam at lr 3e-3 they
     # rank the blocks like 1000 SGD steps do at Spearman 0.96 (the paper's SGD at lr 0.02: 0.93;
     # 200 SGD steps: 0.98; Adam at lr 1e-2: 0.85; lstsq: 0.88; Block Influence: 0.86). Fifty SGD

@@ -2,7 +2,7 @@
 
 The greedy selection (:mod:`.select_blocks`) adds blocks by single-block score, which assumes that
 the error of dropping a set is the sum of its blocks' errors. At deep cuts it is not. On ResNet-56
-at 40% (`benchmarks/results/refine_study.md`), over 23 eleven-block sets recovered with the same
+at 40% (`benchmarks/studies/results/refine_study.md`), over 23 eleven-block sets recovered with the same
 budget (two seeds), the sum of single-block recoverabilities ranks the sets' recovered top-1 at
 Spearman 0.19 and 0.55, while the joint recoverability
 
@@ -56,7 +56,7 @@ class RefineSettings:
     min_gain: float = 0.01  # a move must lower J by more than this fraction
     # Adaptor steps of each joint fit (None: the single-block scores' count). A set has adaptors
     # at every gap, and 50 steps leave them short of converged, stage-1 ones most: over 40
-    # recovered 40% sets of ResNet-56 (benchmarks/results/proxy_study.md), J after 200 steps ranks
+    # recovered 40% sets of ResNet-56 (benchmarks/studies/results/proxy_study.md), J after 200 steps ranks
     # the sets' jpeg10k top-1 at Spearman 0.76 against 0.62 after 50, and their lossless1000 top-1
     # (1000 images: noisier) at 0.88 either way.
     joint_iterations: int | None = 200
