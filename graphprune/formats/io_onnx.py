@@ -24,6 +24,7 @@ from torch import fx
 
 from ..errors import GraphpruneError
 from ..model import HALF_DTYPES, InputSpec, Model
+from ..ops import merge_duplicate_getitems
 from ..scopes import scope_from_onnx_metadata, scope_from_onnx_name
 from ..steplog import timed_step
 from .batch_axis import free_fixed_batch
@@ -158,6 +159,7 @@ def convert(proto: onnx.ModelProto) -> tuple[fx.GraphModule, OnnxOrigin]:
     except Exception as exc:
         raise GraphpruneError(f"could not convert the ONNX graph: {type(exc).__name__}: {str(exc)[:200]}") from None
 
+    merge_duplicate_getitems(gm)
     nodes = proto.graph.node
     initializer_names = {t.name for t in proto.graph.initializer}
     attr_initializers: dict[str, str] = {}
