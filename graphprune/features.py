@@ -23,7 +23,7 @@ from torch import fx
 from .errors import GraphpruneError
 from .graph_stats import node_stats
 from .model import Model
-from .ops import ancestors, constant_nodes, is_weighted
+from .ops import ancestors, constant_nodes, is_multi_output, is_weighted
 
 
 def classifier_node(model: Model) -> fx.Node:
@@ -102,9 +102,12 @@ def truncate(gm: fx.GraphModule, output: str) -> fx.GraphModule:
 
 def suffix_from(gm: fx.GraphModule, start: str, output: str) -> fx.GraphModule | None:
     """A GraphModule computing ``output`` from node ``start``'s value (its only input), or
-    ``None`` when ``output`` also depends on the graph inputs by another path."""
+    ``None`` when ``output`` also depends on the graph inputs by another path or ``start``'s value
+    is a tuple (a Split's outputs), which the suffix could not be fed as one batch of tensors."""
     graph = _plain_copy(gm.graph)
     nodes = {n.name: n for n in graph.nodes}
+    if is_multi_output(nodes[start]):
+        return None
     old_out = graph.output_node()
     with graph.inserting_after(old_out):
         graph.output(nodes[output])

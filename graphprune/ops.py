@@ -10,6 +10,7 @@ end. :func:`constant_nodes` finds the nodes whose value does not depend on the i
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -135,6 +136,35 @@ def fetch_attr(gm: fx.GraphModule, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def is_multi_output(node: fx.Node) -> bool:
+    """True for a node whose value is a tuple of tensors (an ONNX ``Split``, ``torch.chunk``): read
+    only through ``getitem``, never a tensor to cache, feed or fit an adaptor on."""
+    return bool(node.users) and all(u.op == "call_function" and u.target is operator.getitem for u in node.users)
+
+
+def merge_duplicate_getitems(gm: fx.GraphModule) -> int:
+    """One ``getitem`` node per output of a multi-output node (onnx2torch makes one per reader),
+    so that a ``Split`` output read by a residual branch and its shortcut is one value, the
+    block's entry; returns how many duplicates went."""
+    first: dict[tuple, fx.Node] = {}
+    merged = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not operator.getitem or node.kwargs:
+            continue
+        key = (node.args[0], node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], int) else None
+        if key is None:
+            continue
+        if key in first:
+            node.replace_all_uses_with(first[key])
+            gm.graph.erase_node(node)
+            merged += 1
+        else:
+            first[key] = node
+    if merged:
+        gm.recompile()
+    return merged
 
 
 def iter_input_nodes(node: fx.Node) -> Iterable[fx.Node]:

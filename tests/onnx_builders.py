@@ -11,8 +11,10 @@ def residual_onnx(opset: int = 13, weights_as: str = "initializer", dynamic_spat
                   extra_op: str | None = None, seed: int = 0, branch_activation: str = "Relu") -> onnx.ModelProto:
     """X -> [Conv -> Relu -> Conv] + X -> Relu -> GAP -> Flatten -> Gemm (one identity block).
 
-    ``weights_as``: ``"initializer"``, ``"constant"`` (Constant nodes) or ``"input"`` (graph inputs
-    backed by initializers, as old exporters wrote them). ``branch_activation``: the op between the
+    ``weights_as``: ``"initializer"``, ``"constant"`` (Constant nodes), ``"input"`` (graph inputs
+    backed by initializers, as old exporters wrote them) or ``"computed"`` (each weight made at run
+    time: ``ConstantOfShape(shape) * values``, as onnx's ``light_*`` models make theirs, in an IR-3
+    file whose initializers are all graph inputs). ``branch_activation``: the op between the
     block's two convs (e.g. ``"Gelu"``, an op since opset 20).
     """
     rng = np.random.default_rng(seed)
@@ -25,6 +27,12 @@ def residual_onnx(opset: int = 13, weights_as: str = "initializer", dynamic_spat
     for name, value in weights.items():
         if weights_as == "constant":
             nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name)))
+        elif weights_as == "computed":
+            inits += [numpy_helper.from_array(np.array(value.shape, np.int64), f"{name}_shape"),
+                      numpy_helper.from_array(value / 2, f"{name}_half")]
+            nodes += [helper.make_node("ConstantOfShape", [f"{name}_shape"], [f"{name}_two"],
+                                       value=numpy_helper.from_array(np.array([2.0], np.float32))),
+                      helper.make_node("Mul", [f"{name}_two", f"{name}_half"], [name])]
         else:
             inits.append(numpy_helper.from_array(value, name))
             if weights_as == "input":
@@ -52,6 +60,9 @@ def residual_onnx(opset: int = 13, weights_as: str = "initializer", dynamic_spat
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = min(model.ir_version, 7 if opset < 15 else 8)
+    if weights_as == "computed":
+        model.ir_version = 3
+        model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits)
     onnx.checker.check_model(model)
     return model
 
@@ -70,3 +81,42 @@ def channels_last_residual() -> onnx.ModelProto:
 def save(model: onnx.ModelProto, path) -> str:
     onnx.save(model, str(path))
     return str(path)
+
+
+def unknown_rank_norm(then: str = "BatchNormalization", seed: int = 0) -> onnx.ModelProto:
+    """X -> Conv -> Relu -> Reshape(to a shape computed at run time) -> ``then``: shape inference
+    gives the Reshape's output no rank (PaddleOCR's recogniser has this), which onnx2torch's
+    BatchNormalization and pooling converters need. ``then``: ``"BatchNormalization"`` or ``"MaxPool"``."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([2], np.int64), "two"),
+             numpy_helper.from_array(np.array([-1, 2], np.int64), "tail")]
+    nodes = [helper.make_node("Conv", ["X", "w"], ["c"], pads=[1, 1, 1, 1], name="/conv/Conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="/relu/Relu"),
+             helper.make_node("Shape", ["r"], ["shape"], name="/Shape"),
+             helper.make_node("Slice", ["shape", "zero", "two", "zero"], ["lead"], name="/Slice"),
+             helper.make_node("Concat", ["lead", "tail"], ["new_shape"], axis=0, name="/Concat"),
+             helper.make_node("Reshape", ["r", "new_shape"], ["flat"], name="/Reshape")]
+    if then == "BatchNormalization":
+        for name, value in (("scale", rng.uniform(0.5, 1.5, 4)), ("bias", rng.normal(0, 0.1, 4)),
+                            ("mean", rng.normal(0, 0.1, 4)), ("var", rng.uniform(0.5, 1.5, 4))):
+            inits.append(numpy_helper.from_array(value.astype(np.float32), name))
+        nodes.append(helper.make_node(then, ["flat", "scale", "bias", "mean", "var"], ["Y"], name="/bn/Norm"))
+        out_shape = ["batch", 4, 32, 2]
+    else:
+        nodes.append(helper.make_node(then, ["flat"], ["Y"], kernel_shape=[2, 1], strides=[2, 1], name="/pool"))
+        out_shape = ["batch", 4, 16, 2]
+    graph = helper.make_graph(nodes, "unknown_rank", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, out_shape)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    return model
+
+
+def with_metadata(model: onnx.ModelProto, **props: str) -> onnx.ModelProto:
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    return model

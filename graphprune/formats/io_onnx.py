@@ -24,10 +24,12 @@ from torch import fx
 
 from ..errors import GraphpruneError
 from ..model import HALF_DTYPES, InputSpec, Model
+from ..ops import merge_duplicate_getitems
 from ..scopes import scope_from_onnx_metadata, scope_from_onnx_name
 from ..steplog import timed_step
 from .batch_axis import free_fixed_batch
 from .input_layout import TO_FILE_LAYOUT, is_channels_last, to_channels_first
+from .input_shape import resolve_input_shape
 from .onnx_opset import default_opset
 from .onnx_read import check_onnx, normalise, read_onnx
 
@@ -89,19 +91,23 @@ def load_proto(proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = Non
     """Convert a checked ``ModelProto`` into a :class:`Model` (verified against onnxruntime). Every
     rewrite on the way is a named, timed step; ``model.meta["load_seconds"]`` keeps the times."""
     timings: dict[str, float] = {}
+    given = proto
     proto, own_opset = normalise(proto, label, timings)
     with timed_step("load:convert", timings):
         gm, origin = convert(proto)
     origin.input_opset = default_opset(own_opset)
+    specs = _input_specs(proto)
+    input_shape, shape_source = resolve_input_shape(given, specs, input_shape)
     model = Model(
         graph_module=gm,
         source="onnx",
-        inputs=_input_specs(proto),
+        inputs=specs,
         output_names=tuple(o.name for o in proto.graph.output),
         name=proto.graph.name or "model",
         onnx=origin,
-        input_shape=tuple(input_shape) if input_shape else None,
+        input_shape=input_shape,
     )
+    model.meta["input_shape_source"] = shape_source
     with timed_step("load:verify", timings):
         verify_against_onnxruntime(proto, model, what="conversion of " + label)
         if own_opset is not proto:  # the opset was changed for the converter: same results as before?
@@ -142,6 +148,9 @@ def convert(proto: onnx.ModelProto) -> tuple[fx.GraphModule, OnnxOrigin]:
     """onnx2torch conversion with one fx module ``n<i>`` per ONNX node ``i``."""
     import onnx2torch
 
+    from .onnx_converters import register
+
+    register()
     renamed = copy.deepcopy(proto)
     for i, node in enumerate(renamed.graph.node):
         node.name = f"n{i}"
@@ -150,6 +159,7 @@ def convert(proto: onnx.ModelProto) -> tuple[fx.GraphModule, OnnxOrigin]:
     except Exception as exc:
         raise GraphpruneError(f"could not convert the ONNX graph: {type(exc).__name__}: {str(exc)[:200]}") from None
 
+    merge_duplicate_getitems(gm)
     nodes = proto.graph.node
     initializer_names = {t.name for t in proto.graph.initializer}
     attr_initializers: dict[str, str] = {}

@@ -3,8 +3,9 @@
 * :func:`read_onnx`: size limits; external data only from inside the model's own folder.
 * :func:`check_onnx`: ``onnx.checker``, opset >= 9, finite weights, each as a one-line error.
 * :func:`normalise`: initializer-backed graph inputs removed, Constant nodes turned into
-  initializers, onnxsim constant folding (without fusions, so node names keep their module
-  paths; the exporter's node metadata is copied back), shared float weights untied, an inert
+  initializers, constant subgraphs (``ConstantOfShape`` weights) folded into initializers
+  (:mod:`graphprune.formats.onnx_fold`), onnxsim constant folding (without fusions, so node
+  names keep their module paths; the exporter's node metadata is copied back), shared float weights untied, an inert
   Reshape ``allowzero`` dropped, and every op checked against onnx2torch's converters (ops and
   opsets they do not cover are converted: :mod:`graphprune.formats.onnx_opset`).
 """
@@ -23,6 +24,7 @@ from onnx import numpy_helper
 
 from ..errors import GraphpruneError
 from ..steplog import timed_step
+from .onnx_fold import fold_constants
 from .onnx_opset import default_opset, expand_functions, to_converter_opset
 
 MAX_MODEL_BYTES = 4 * 2**30  # refuse anything larger (protobuf + external data)
@@ -117,6 +119,8 @@ def simplify(proto: onnx.ModelProto, fuse: bool = True) -> onnx.ModelProto:
     if not ok:
         return proto
     _restore_node_metadata(simplified, proto)
+    for prop in [p for p in simplified.metadata_props if p.key.startswith("onnxsim.")]:
+        simplified.metadata_props.remove(prop)  # its own bookkeeping would end up in written files
     return simplified
 
 
@@ -213,10 +217,14 @@ def _drop_inert_allowzero(proto: onnx.ModelProto) -> None:
 
 
 def _strip_initializer_inputs(proto: onnx.ModelProto) -> None:
+    """Initializers listed as graph inputs (old exporters) are weights, not inputs. Before IR 4 a
+    file had to list them, so the file is raised to IR 4, or onnx's checker (and so onnxsim, which
+    then folds nothing) refuses the result."""
     names = {t.name for t in proto.graph.initializer}
     keep = [i for i in proto.graph.input if i.name not in names]
     del proto.graph.input[:]
     proto.graph.input.extend(keep)
+    proto.ir_version = max(proto.ir_version, 4)
 
 
 def unsupported_ops(proto: onnx.ModelProto) -> list[str]:
@@ -261,6 +269,7 @@ REWRITES = [
     ("strip_initializer_inputs", _strip_initializer_inputs),
     ("expand_functions", expand_functions),
     ("constants_to_initializers", _constants_to_initializers),
+    ("fold_constants", fold_constants),
     ("simplify", lambda proto: simplify(proto, fuse=False)),
     ("untie_initializers", _untie_initializers),
     ("drop_inert_allowzero", _drop_inert_allowzero),

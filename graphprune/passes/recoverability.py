@@ -42,6 +42,7 @@ from ..errors import GraphpruneError
 from ..features import feature_node_name, run_batched, suffix_from, truncate
 from ..graph_stats import node_stats
 from ..model import Model
+from ..ops import is_multi_output
 from ..progress import progress_bar
 from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
@@ -213,9 +214,12 @@ class _Context:
     # --- block influence (ShortGPT) -------------------------------------------------------------
     def _influence(self, block: Block) -> float:
         original = self.model.graph_module
-        x = run_batched(truncate(original, block.entry), self.train_x)
         y = run_batched(truncate(original, block.exit), self.train_x)
-        if x.shape != y.shape:  # a shape-changing block: compare its shortcut with its output
+        # the block's input, or, where the entry is a tuple (a Split) or the block changes the
+        # shape, the value its shortcut adds to the branch
+        x = None if is_multi_output(_node(original, block.entry)) else \
+            run_batched(truncate(original, block.entry), self.train_x)
+        if x is None or x.shape != y.shape:
             x = run_batched(truncate(original, block.shortcut_output), self.train_x)
         dim = channel_dim(_node(original, block.exit), original, tuple(y.shape))
         cos = F.cosine_similarity(x.movedim(dim, -1).reshape(-1, x.shape[dim]),
@@ -237,14 +241,15 @@ class _Context:
         gap_readers = [nodes[r] for r in readers if r in nodes]
         if not gap_readers:
             return
-        position = [i.name for i in _node(original, readers[0]).all_input_nodes].index(block.exit)
-        gap_value = gap_readers[0].all_input_nodes[position]
+        gap_value = _current_input(original, gm, block.exit, gap_readers[0].name)
         shape = self.shapes[block.exit]
         dim = channel_dim(_node(original, block.exit), original, shape)
         x = run_batched(truncate(gm, gap_value.name), self.train_x)
         y = run_batched(truncate(original, block.exit), self.train_x)
         weight = _ridge_map(x, y, dim, self.settings.ridge)
-        node = insert_adaptor(gm, gap_value, gap_readers, shape[dim], dim, "gap_adaptor")
+        node = insert_adaptor(gm, gap_value, [], shape[dim], dim, "gap_adaptor")
+        for reader in gap_readers:
+            _redirect(original, reader, block.exit, node)
         gm.get_submodule(str(node.target)).weight.data.copy_(weight)
 
     # --- PRACTISE adaptors --------------------------------------------------------------------
@@ -266,12 +271,14 @@ class _Context:
         nodes = {n.name: n for n in gm.graph.nodes}
         for k, (producer, consumers) in enumerate(sites):
             readers = [nodes[c] for c in consumers if c in nodes]
-            if not readers:
-                continue
-            value = _current_input(original, gm, producer, consumers[0])
+            if not readers or is_multi_output(_node(original, producer)):
+                continue  # nothing reads it any more, or a tuple: its parts get adaptors where read
+            value = _current_input(original, gm, producer, readers[0].name)
             shape = self.shapes[producer]
             dim = channel_dim(_node(original, producer), original, shape)
-            insert_adaptor(gm, value, readers, shape[dim], dim, f"adaptor_{k}")
+            adaptor = insert_adaptor(gm, value, [], shape[dim], dim, f"adaptor_{k}")
+            for reader in readers:
+                _redirect(original, reader, producer, adaptor)
         gm.recompile()
         start = shape_region(self.blocks, dropped[0])[0].entry  # every adaptor sits after it
         train_in, holdout_in = self._prefix(start)
@@ -282,7 +289,10 @@ class _Context:
         return self._holdout_mse(student, holdout_in)
 
     def _prefix(self, start: str):
-        """Cached activations of node ``start`` (unchanged by dropping later blocks)."""
+        """Cached activations of node ``start`` (unchanged by dropping later blocks); ``(None,
+        None)`` for a tuple-valued node (a Split), whose suffix then runs from the images."""
+        if is_multi_output(_node(self.model.graph_module, start)):
+            return None, None
         if start not in self.prefix_cache:
             prefix = truncate(self.model.graph_module, start)
             self.prefix_cache[start] = (run_batched(prefix, self.train_x), run_batched(prefix, self.holdout_x))
@@ -328,8 +338,32 @@ def adaptor_sites(gm: fx.GraphModule, blocks: list[Block], region: list[Block],
 
 def _current_input(original: fx.GraphModule, gm: fx.GraphModule, producer: str, consumer: str) -> fx.Node:
     """The node that now feeds ``consumer`` where ``producer`` did (it may have been replaced)."""
-    position = [i.name for i in _node(original, consumer).all_input_nodes].index(producer)
-    return _node(gm, consumer).all_input_nodes[position]
+    slot = _slots(_node(original, consumer), _node(original, producer))[0]
+    return _tensor_args(_node(gm, consumer))[slot]
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    """Every node ``node`` reads, one entry per argument slot: a Concat that reads a Split's half
+    and, where a block was dropped, the same half again in the block's place lists it twice."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
+
+
+def _slots(node: fx.Node, value: fx.Node) -> list[int]:
+    return [i for i, arg in enumerate(_tensor_args(node)) if arg is value]
+
+
+def _redirect(original: fx.GraphModule, reader: fx.Node, producer: str, new: fx.Node) -> None:
+    """Make ``reader`` read ``new`` in the argument slots where, in ``original``, it read
+    ``producer`` (and in no other slot, even one holding the same value)."""
+    slots = set(_slots(_node(original, reader.name), _node(original, producer)))
+    counter = iter(range(len(_tensor_args(reader))))
+
+    def swap(arg: fx.Node) -> fx.Node:
+        return new if next(counter) in slots else arg
+    reader.args = fx.node.map_arg(reader.args, swap)
+    reader.kwargs = fx.node.map_arg(reader.kwargs, swap)
 
 
 def _node(gm: fx.GraphModule, name: str) -> fx.Node:

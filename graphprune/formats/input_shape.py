@@ -1,0 +1,82 @@
+"""Which input shape a model with dynamic spatial dimensions is analysed at, and where it came from.
+
+A shape the caller gives (``--input-shape``) wins. Otherwise a file that records its image size
+gives it: ultralytics writes ``imgsz: [640, 640]`` into the ONNX ``metadata_props`` of every
+detector it exports with dynamic axes. The choice is logged in one line and kept in
+``model.meta["input_shape_source"]``: ``"input_shape"`` (given), ``"metadata:imgsz"`` (the file's
+record) or ``"declared"`` (the file's static shape); ``None`` when none is known, and the first
+run then asks for ``--input-shape`` in one line.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+
+import onnx
+
+from ..model import InputSpec
+
+log = logging.getLogger("graphprune")
+IMAGE_SIZE_KEYS = ("imgsz",)
+
+
+def resolve_input_shape(proto: onnx.ModelProto, specs: tuple[InputSpec, ...],
+                        given: tuple[int, ...] | None) -> tuple[tuple[int, ...] | None, str | None]:
+    """``(shape, source)`` for a model whose inputs are ``specs`` (see the module docstring)."""
+    if given:
+        if len(specs) == 1 and _dynamic_spatial(specs[0]):
+            log.info("input shape %s from --input-shape", _fmt(given))
+        return tuple(given), "input_shape"
+    if len(specs) != 1 or not _dynamic_spatial(specs[0]):
+        return None, ("declared" if len(specs) == 1 else None)
+    size = recorded_image_size(proto)
+    shape = _with_image_size(specs[0].shape, size) if size else None
+    if shape is None:
+        return None, None
+    key = next(k for k in IMAGE_SIZE_KEYS if k in _metadata(proto))
+    log.warning("input shape %s from the file's metadata (%s); pass --input-shape to use another", _fmt(shape), key)
+    return shape, f"metadata:{key}"
+
+
+def recorded_image_size(proto: onnx.ModelProto) -> tuple[int, int] | None:
+    """(height, width) the file records (``imgsz: [640, 640]`` or ``imgsz: 640``), or None."""
+    metadata = _metadata(proto)
+    for key in IMAGE_SIZE_KEYS:
+        if key not in metadata:
+            continue
+        try:
+            value = ast.literal_eval(metadata[key].strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            continue
+        if isinstance(value, int):
+            value = [value, value]
+        if isinstance(value, (list, tuple)) and len(value) in (1, 2) and \
+                all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            return (value[0], value[-1])
+    return None
+
+
+def _metadata(proto: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def _dynamic_spatial(spec: InputSpec) -> bool:
+    return any(d is None for d in spec.shape[1:])
+
+
+def _with_image_size(declared: tuple[int | None, ...], size: tuple[int, int]) -> tuple[int, ...] | None:
+    """A (1, C, H, W) or, channels-last, (1, H, W, C) shape with the recorded H and W; None when
+    the input is no image with a known channel count."""
+    if len(declared) != 4:
+        return None
+    batch = declared[0] or 1
+    if declared[1] is not None and declared[2] is None and declared[3] is None:
+        return (batch, declared[1], *size)
+    if declared[3] is not None and declared[1] is None and declared[2] is None:
+        return (batch, *size, declared[3])
+    return None
+
+
+def _fmt(shape) -> str:
+    return ",".join(map(str, shape))

@@ -1,0 +1,95 @@
+"""Converters graphprune adds to onnx2torch's registry, for nodes its own ones refuse.
+
+onnx2torch picks ``nn.BatchNorm1d/2d/3d`` (and the pooling classes) from the rank shape inference
+gives the node's input; where inference cannot give one (a ``Conv`` reading a ``Reshape`` whose
+shape is computed at run time, as in PaddleOCR's SVTR recogniser) it refuses the whole graph
+("BatchNorm operation with spatial rank == -2"). The wrappers here keep onnx2torch's converter and
+only step in where it raises:
+
+* ``BatchNormalization`` with constant weights: :class:`AnyRankBatchNorm`, a batch norm over
+  dimension 1 of an input of any rank, holding its weights and statistics as a ``BatchNorm2d``
+  does (so they are trained, linked back to their initializers and written back alike);
+* ``MaxPool``/``AveragePool``: the rank is ``2 + len(kernel_shape)``, which the node itself says.
+
+:func:`register` installs them once (``io_onnx.convert`` calls it).
+"""
+
+from __future__ import annotations
+
+from onnx import helper
+from torch import nn
+
+_REGISTERED = False
+_POOLS = ("MaxPool", "AveragePool")
+
+
+class AnyRankBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """``nn.BatchNorm2d`` without its rank check: normalises dimension 1 of any input of rank >= 2."""
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of rank 2 or more (got {input.dim()})")
+
+
+def register() -> None:
+    """Wrap onnx2torch's BatchNormalization and pooling converters (once per process)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
+
+    for description, converter in list(_CONVERTER_REGISTRY.items()):
+        if description.domain not in ("", "ai.onnx"):
+            continue
+        if description.operation_type == "BatchNormalization":
+            _CONVERTER_REGISTRY[description] = _batch_norm_fallback(converter)
+        elif description.operation_type in _POOLS:
+            _CONVERTER_REGISTRY[description] = _pool_fallback(converter)
+    _REGISTERED = True
+
+
+def _batch_norm_fallback(converter):
+    def convert(node, graph):
+        try:
+            return converter(node, graph)
+        except NotImplementedError:
+            weights = node.input_values[1:]
+            if len(node.output_values) != 1 or len(weights) != 4 or \
+                    not all(name in graph.initializers for name in weights):
+                raise
+        return _any_rank_batch_norm(node, graph)
+    return convert
+
+
+def _any_rank_batch_norm(node, graph):
+    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
+
+    scale, bias, mean, var = (graph.initializers[name].to_torch() for name in node.input_values[1:])
+    module = AnyRankBatchNorm(scale.shape[0], eps=node.attributes.get("epsilon", 1e-5),
+                              momentum=1 - node.attributes.get("momentum", 0.9))
+    module.weight.data, module.bias.data = scale, bias
+    module.running_mean.data, module.running_var.data = mean, var
+    return OperationConverterResult(
+        torch_module=module, onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values))
+
+
+def _pool_fallback(converter):
+    def convert(node, graph):
+        try:
+            return converter(node, graph)
+        except (NotImplementedError, KeyError):  # KeyError: no value_info for the input at all
+            kernel = node.attributes.get("kernel_shape")
+            name = node.input_values[0]
+            known = graph.value_info.get(name)
+            if not kernel or (known is not None and len(known.type.tensor_type.shape.dim)):
+                raise
+        rank = 2 + len(kernel)
+        graph._value_info[name] = helper.make_tensor_value_info(name, 1, [None] * rank)
+        try:
+            return converter(node, graph)
+        finally:
+            if known is None:
+                del graph._value_info[name]
+            else:
+                graph._value_info[name] = known
+    return convert

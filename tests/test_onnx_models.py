@@ -1,0 +1,156 @@
+"""Well-formed ONNX files a deployment pipeline holds: weights computed by constant subgraphs
+(onnx's light_* models), norms and pools whose input rank shape inference cannot give (PaddleOCR's
+SVTR recogniser), and dynamic spatial sizes taken from the file's own record (ultralytics' imgsz)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import graphprune as gp
+from graphprune.errors import GraphpruneError
+from graphprune.formats.onnx_converters import AnyRankBatchNorm
+from graphprune.formats.onnx_fold import fold_constants
+from onnx_builders import residual_onnx, save, unknown_rank_norm, with_metadata
+
+
+def _ort(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _onnx_light_model(name: str) -> Path:
+    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"light_{name}.onnx"
+    if not path.is_file():
+        pytest.skip(f"this onnx wheel does not ship {path.name}")
+    return path
+
+
+def _rapidocr_model(name: str) -> Path:
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or spec.origin is None:
+        pytest.skip("rapidocr-onnxruntime is not installed (it ships PaddleOCR's PP-OCRv4 ONNX models)")
+    path = Path(spec.origin).parent / "models" / name
+    if not path.is_file():
+        pytest.skip(f"this rapidocr-onnxruntime does not ship {name}")
+    return path
+
+
+# --- weights made by constant subgraphs ------------------------------------------------------
+
+def test_computed_weights_are_folded_into_initializers(tmp_path):
+    source = residual_onnx(opset=9, weights_as="computed")
+    path = save(source, tmp_path / "computed.onnx")
+    model = gp.load(path)
+    folded = model.onnx.proto
+    assert not {"ConstantOfShape", "Mul"} & {n.op_type for n in folded.graph.node}
+    assert {"w1", "w2", "fc", "fcb"} <= {t.name for t in folded.graph.initializer}
+    assert folded.ir_version >= 4  # an IR-3 file without its initializer inputs is raised, so checks pass
+    assert [b.name for b in gp.find_blocks(model)] == ["block"]
+    x = torch.randn(2, 4, 8, 8)
+    assert np.allclose(_ort(path, x), model.run(x).numpy(), atol=1e-5)  # the file's own values
+    out = tmp_path / "dropped.onnx"
+    dropped = gp.drop_blocks(model, ["block"])
+    gp.save(dropped, out)
+    assert np.allclose(_ort(out, x), dropped.run(x).numpy(), atol=1e-5)
+
+
+def test_folding_leaves_what_it_cannot_bound():
+    proto = residual_onnx(opset=9, weights_as="computed")
+    shape = next(t for t in proto.graph.initializer if t.name == "w1_shape")
+    shape.CopyFrom(onnx.numpy_helper.from_array(np.array([2**20, 2**20, 3, 3], np.int64), "w1_shape"))
+    assert fold_constants(proto) == 6  # the other three weights' ConstantOfShape and Mul
+    assert [n.op_type for n in proto.graph.node if "w1" in n.output[0]] == ["ConstantOfShape", "Mul"]
+
+
+def test_load_fails_in_one_line_where_a_weight_stays_computed(tmp_path):
+    proto = residual_onnx(opset=9, weights_as="computed")
+    next(n for n in proto.graph.node if n.op_type == "ConstantOfShape").input[0] = "X"  # not constant
+    with pytest.raises(GraphpruneError) as error:
+        gp.load(save(proto, tmp_path / "bad.onnx"))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_onnx_light_resnet50_loads_with_its_blocks():
+    model = gp.load(_onnx_light_model("resnet50"))  # converted and checked against onnxruntime
+    assert not any(n.op_type == "ConstantOfShape" for n in model.onnx.proto.graph.node)
+    blocks = gp.find_blocks(model)
+    assert len(blocks) == 16 and [b.kind for b in blocks].count("projection") == 4
+
+
+# --- norms and pools of unknown input rank ---------------------------------------------------
+
+def test_batch_norm_of_unknown_rank_converts_and_its_weights_are_written_back(tmp_path):
+    path = save(unknown_rank_norm("BatchNormalization"), tmp_path / "bn.onnx")
+    model = gp.load(path)
+    (norm,) = [m for m in model.graph_module.modules() if isinstance(m, AnyRankBatchNorm)]
+    x = torch.randn(3, 4, 8, 8)
+    assert np.allclose(_ort(path, x), model.run(x).numpy(), atol=1e-5)
+    with torch.no_grad():
+        norm.weight.mul_(1.5)
+        norm.running_mean.add_(0.25)
+    out = tmp_path / "scaled.onnx"
+    gp.save(model, out)
+    assert np.allclose(_ort(out, x), model.run(x).numpy(), atol=1e-5)
+    assert not np.allclose(_ort(out, x), _ort(path, x), atol=1e-3)
+
+
+def test_pool_of_unknown_rank_takes_it_from_its_kernel(tmp_path):
+    path = save(unknown_rank_norm("MaxPool"), tmp_path / "pool.onnx")
+    model = gp.load(path)
+    x = torch.randn(2, 4, 8, 8)
+    assert tuple(model.run(x).shape) == (2, 4, 16, 2)
+    assert np.allclose(_ort(path, x), model.run(x).numpy(), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ppocr_recogniser_loads_and_a_transformer_block_drops(tmp_path):
+    path = _rapidocr_model("ch_PP-OCRv4_rec_infer.onnx")
+    model = gp.load(path, input_shape=(1, 3, 48, 320))
+    blocks = gp.find_blocks(model)
+    assert len(blocks) == 4 and all(b.output_shape == (1, 40, 120) for b in blocks)  # 2 layers: attention, MLP
+    dropped = gp.drop_blocks(model, [blocks[1].name], blocks)
+    out = tmp_path / "rec.small.onnx"
+    gp.save(dropped, out)
+    x = torch.rand(1, 3, 48, 320)
+    assert np.allclose(_ort(out, x), dropped.run(x).numpy(), atol=1e-4)
+    assert _ort(out, torch.rand(2, 3, 48, 200)).shape[:2] == (2, 25)  # width stays dynamic
+
+
+# --- where the input shape comes from ---------------------------------------------------------
+
+def test_imgsz_metadata_gives_the_input_shape(tmp_path, caplog):
+    path = save(with_metadata(residual_onnx(dynamic_spatial=True), imgsz="[12, 10]"), tmp_path / "m.onnx")
+    with caplog.at_level(logging.INFO, logger="graphprune"):
+        model = gp.load(path)
+    assert model.input_shape == (1, 4, 12, 10) and model.meta["input_shape_source"] == "metadata:imgsz"
+    assert [r.levelname for r in caplog.records if "imgsz" in r.getMessage()] == ["WARNING"]
+    (block,) = gp.find_blocks(model)
+    assert block.input_shape == (1, 4, 12, 10)
+    x = torch.randn(2, 4, 12, 10)
+    assert np.allclose(_ort(path, x), model.run(x).numpy(), atol=1e-5)
+
+
+def test_given_input_shape_wins_over_the_metadata(tmp_path):
+    path = save(with_metadata(residual_onnx(dynamic_spatial=True), imgsz="640"), tmp_path / "m.onnx")
+    model = gp.load(path, input_shape=(1, 4, 16, 16))
+    assert model.input_shape == (1, 4, 16, 16) and model.meta["input_shape_source"] == "input_shape"
+    assert gp.load(save(residual_onnx(), tmp_path / "static.onnx")).meta["input_shape_source"] == "declared"
+
+
+@pytest.mark.parametrize("imgsz", [None, "[640, 'x']", "oops(", "[0, 640]", "[1, 2, 3]"])
+def test_without_a_usable_shape_the_one_line_error_stays(tmp_path, imgsz):
+    proto = residual_onnx(dynamic_spatial=True)
+    model = gp.load(save(with_metadata(proto, imgsz=imgsz) if imgsz else proto, tmp_path / "m.onnx"))
+    assert model.input_shape is None and model.meta["input_shape_source"] is None
+    with pytest.raises(GraphpruneError, match="pass --input-shape") as error:
+        gp.find_blocks(model)
+    assert "\n" not in str(error.value)

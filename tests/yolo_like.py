@@ -1,0 +1,105 @@
+"""A small YOLOv8-style detector for tests: C2f blocks (conv -> split in two -> bottlenecks with a
+residual add on the second half -> concat -> conv) and an anchor-free detect head with one output
+(batch, 4 + classes, anchors), exported to ONNX as ultralytics exports it (dynamic batch and
+spatial axes, ``imgsz`` in the metadata)."""
+
+from __future__ import annotations
+
+import io
+
+import onnx
+import torch
+from torch import nn
+
+
+class ConvBnAct(nn.Module):
+    def __init__(self, c_in, c_out, k=3, s=1):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, k, s, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.cv1, self.cv2 = ConvBnAct(c, c), ConvBnAct(c, c)
+
+    def forward(self, x):
+        return x + self.cv2(self.cv1(x))
+
+
+class C2f(nn.Module):
+    def __init__(self, c_in, c_out, n=1):
+        super().__init__()
+        self.c = c_out // 2
+        self.cv1 = ConvBnAct(c_in, 2 * self.c, 1)
+        self.m = nn.ModuleList(Bottleneck(self.c) for _ in range(n))
+        self.cv2 = ConvBnAct((2 + n) * self.c, c_out, 1)
+
+    def forward(self, x):
+        y = list(self.cv1(x).split((self.c, self.c), 1))  # one Split node with two outputs
+        for m in self.m:
+            y.append(m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class Detect(nn.Module):
+    def __init__(self, channels, classes):
+        super().__init__()
+        self.box = nn.ModuleList(nn.Sequential(ConvBnAct(c, 16), nn.Conv2d(16, 4, 1)) for c in channels)
+        self.cls = nn.ModuleList(nn.Sequential(ConvBnAct(c, 16), nn.Conv2d(16, classes, 1)) for c in channels)
+
+    def forward(self, features):
+        outs = []
+        for x, box, cls in zip(features, self.box, self.cls):
+            y = torch.cat([box(x), cls(x).sigmoid()], 1)
+            outs.append(y.flatten(2))
+        return torch.cat(outs, 2)
+
+
+class TinyYolo(nn.Module):
+    def __init__(self, classes=3):
+        super().__init__()
+        self.stem = ConvBnAct(3, 8, s=2)
+        self.stage1 = nn.Sequential(ConvBnAct(8, 16, s=2), C2f(16, 16, n=2))
+        self.stage2 = nn.Sequential(ConvBnAct(16, 32, s=2), C2f(32, 32, n=1))
+        self.head = Detect((16, 32), classes)
+
+    def forward(self, x):
+        p3 = self.stage1(self.stem(x))
+        p4 = self.stage2(p3)
+        return self.head([p3, p4])
+
+
+def tiny_yolo(seed=0) -> TinyYolo:
+    torch.manual_seed(seed)
+    model = TinyYolo().eval()
+    with torch.no_grad():  # trained-looking statistics, so no BatchNorm is an identity, and
+        for m in model.modules():  # weights that keep the activations' scale through the network
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def tiny_yolo_onnx(size=64, imgsz_metadata=True, seed=0) -> onnx.ModelProto:
+    """:class:`TinyYolo` exported like ultralytics: input ``images`` (batch, 3, height, width),
+    output ``output0``; ``imgsz`` recorded in the metadata unless ``imgsz_metadata`` is False."""
+    buffer = io.BytesIO()
+    torch.onnx.export(tiny_yolo(seed), (torch.randn(1, 3, size, size),), buffer, opset_version=17, dynamo=False,
+                      input_names=["images"], output_names=["output0"],
+                      dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
+                                    "output0": {0: "batch", 2: "anchors"}})
+    proto = onnx.load_from_string(buffer.getvalue())
+    if imgsz_metadata:
+        for key, value in (("stride", "16"), ("task", "detect"), ("imgsz", f"[{size}, {size}]")):
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+    return proto
