@@ -3,6 +3,11 @@
     find_blocks -> profile_blocks -> pool_identical_blocks -> score_recoverability
     -> select_blocks -> refine_selection -> drop_blocks -> recover -> measure_result
 
+With ``quantize="auto"`` or ``"int8"`` one target is met by the cheapest mix of block dropping and
+int8: ``plan_quantization`` follows find_blocks and ``quantize_result`` follows recover
+(:mod:`graphprune.passes.plan_quantization`); every measuring step times candidates quantised,
+against the float original, and :func:`write_result` writes the quantised file.
+
 :func:`default_pipeline` is that list; a user edits it (insert, replace, remove passes) and hands
 it to :func:`optimize`, which builds the :class:`~graphprune.passes.PassContext` (backend, latency
 settings, the target, the tiny set split once: the held-out part measures recoverability, recovery
@@ -15,16 +20,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from .backends.base import LatencySettings, get_backend
 from .data import TinySet, split_holdout
 from .errors import GraphpruneError
 from .formats.input_layout import looks_channels_last
+from .formats.model_io import atomic_write, save
 from .model import HALF_DTYPES, Model
 from .passes import (BlockLatencyTable, BlockRecoverabilities, Blocks, DropBlocks, FinalCut, FindBlocks,
-                     MeasureBlockLatency, MeasureResult, Pass, PassContext, PassState, Pipeline, PooledLatency,
-                     PoolIdenticalBlocks, Recover, Recoverability, RecoveryLog, Refinement, RefineSelection,
-                     SelectBlocks, Selection, available_passes)
+                     MeasureBlockLatency, MeasureResult, Pass, PassContext, PassState, Pipeline, PlanQuantization,
+                     PooledLatency, PoolIdenticalBlocks, QuantizationPlan, QuantizedOnnx, QuantizeResult, Recover,
+                     Recoverability, RecoveryLog, Refinement, RefineSelection, SelectBlocks, Selection,
+                     available_passes)
+from .passes.plan_quantization import check_quantize_mode
+from .passes.quantize import QuantizeSettings
 from .passes.recover import RecoverySettings
 from .passes.recoverability import RecoverabilitySettings
 from .passes.refine_selection import RefineSettings
@@ -45,6 +55,11 @@ class OptimizeConfig:
     recovery: RecoverySettings = RecoverySettings()
     cache_dir: str | None = None
     show_progress: bool = True
+    quantize: str = "none"  # "auto": int8 where it measures faster within the accuracy bound; "int8": always
+    quantization: QuantizeSettings = QuantizeSettings()
+
+    def __post_init__(self):
+        check_quantize_mode(self.quantize)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,9 +91,12 @@ def image_input_shape(model: Model) -> tuple[int, int, int]:
 
 
 def default_pipeline(config: OptimizeConfig = OptimizeConfig()) -> list[Pass]:
-    """The PRACTISE pipeline: the list ``optimize`` runs unless given another."""
+    """The PRACTISE pipeline: the list ``optimize`` runs unless given another; with ``quantize``
+    other than ``"none"``, ``plan_quantization`` after find_blocks and ``quantize_result`` after recover."""
+    quantized = config.quantize != "none"
     return [
         FindBlocks(),
+        *([PlanQuantization(config.quantize, config.quantization)] if quantized else []),
         MeasureBlockLatency(),
         PoolIdenticalBlocks(),
         Recoverability(config.recoverability),
@@ -86,6 +104,7 @@ def default_pipeline(config: OptimizeConfig = OptimizeConfig()) -> list[Pass]:
         RefineSelection(config.refine),
         DropBlocks(),
         Recover(config.recovery),
+        *([QuantizeResult()] if quantized else []),
         MeasureResult(),
     ]
 
@@ -168,6 +187,54 @@ def build_report(original: Model, state: PassState, ctx: PassContext, config: Op
         "seconds_per_stage": dict(state.timings),
         "resumed_from_cache": {"latency_rows": table.from_cache if table else 0,
                                "recoverability": recoverabilities.from_cache if recoverabilities else 0},
+        "quantization": quantization_report(config, found.get(QuantizationPlan), found.get(QuantizedOnnx), final),
         "pipeline": list(state.records),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def quantization_report(config: OptimizeConfig, plan, quantized, final) -> dict | None:
+    """The plan (candidates, choice, reason), the nodes left in float, and the final cut split into
+    block dropping's share (the recovered float model against the original, timed in the same
+    interleaved run) and quantisation's; None for a float-only pipeline."""
+    if plan is None and quantized is None:
+        return None
+    written = quantized is not None and quantized.proto is not None
+    split = None
+    if final is not None:
+        float_cut = final.float_cut
+        split = {"float_only": float_cut, "quantization": final.cut - float_cut if written else 0.0, "total": final.cut}
+    return {"mode": config.quantize, "used": written,
+            "reason": quantized.reason if quantized is not None else plan.reason,
+            "plan": plan.to_dict() if plan is not None else None,
+            "float_nodes": quantized.float_nodes if written else None,
+            "against_float_on_tiny_set": quantized.agreement if written else None,
+            "cut": split}
+
+
+def write_result(result: OptimizeResult, path, source_path=None) -> Path:
+    """Write what ``optimize`` made: the quantised ONNX file where a ``quantize_result`` step made
+    one (ONNX even where ``path`` or the input is ``.pt2``: ``report["output_note"]`` says so),
+    else the model as :func:`~graphprune.formats.save` writes it. Atomic; returns the path written."""
+    quantized = result.state.artifacts.get(QuantizedOnnx)
+    if quantized is None or quantized.proto is None:
+        return save(result.model, path, source_path)
+    path, note = Path(path), None
+    if path.suffix.lower() == ".pt2":
+        path, note = path.with_suffix(".onnx"), f"the int8 model is ONNX: written to {path.with_suffix('.onnx').name}"
+    elif result.model.source != "onnx":
+        note = f"the int8 model is ONNX, whatever the input's format ({result.model.source})"
+    if path.suffix.lower() != ".onnx":
+        raise GraphpruneError(f"output must end in .onnx or .pt2, got '{path.name}'", parameter="output")
+    if not path.parent.is_dir():
+        raise GraphpruneError(f"output folder does not exist: {path.parent}", parameter="output")
+    sources = [source_path, result.model.onnx.path if result.model.onnx is not None else None]
+    if path.exists() and any(s is not None and Path(s).exists() and Path(s).resolve() == path.resolve() for s in sources):
+        raise GraphpruneError(f"refusing to overwrite the input model {path}; choose another output path",
+                              parameter="output")
+    data = quantized.proto.SerializeToString()
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    result.report["output"] = str(path)
+    if note:
+        result.report["output_note"] = note
+    return path

@@ -7,16 +7,18 @@ from .drop_blocks import DropBlocks, drop_blocks, zero_branch
 from .find_blocks import Block, Blocks, FindBlocks, find_blocks
 from .measure_latency import (BlockLatency, BlockLatencyTable, CutMeasurement, FinalCut, MeasureBlockLatency,
                               MeasureResult, measure_block_latency, measure_cut)
+from .plan_quantization import Measuring, PlanQuantization, QuantizedOnnx, QuantizeResult, measuring_backend
 from .pipeline import Instrument, PassState, Pipeline, Step, default_instruments, run_step
 from .pool_latency import PooledLatency, PoolIdenticalBlocks
+from .quantize_plan import QuantizationPlan
 from .recover import Recover, RecoveryLog
 from .recoverability import BlockRecoverabilities, Recoverability
 from .refine_selection import RefineSelection, Refinement
 from .select_blocks import SelectBlocks
 from .selection import BlockScore, Selection
 
-BUILTIN_PASSES = (FindBlocks, MeasureBlockLatency, PoolIdenticalBlocks, Recoverability, SelectBlocks,
-                  RefineSelection, DropBlocks, Recover, MeasureResult)
+BUILTIN_PASSES = (FindBlocks, PlanQuantization, MeasureBlockLatency, PoolIdenticalBlocks, Recoverability, SelectBlocks,
+                  RefineSelection, DropBlocks, Recover, QuantizeResult, MeasureResult)
 ALIASES = {"measure_block_latency": MeasureBlockLatency, "recoverability": Recoverability}  # earlier names
 
 
@@ -28,8 +30,9 @@ __all__ = [
     "Analysis", "Artifacts", "Pass", "PassContext", "PassResult", "PassState", "Pipeline", "Step", "Transform",
     "Instrument", "available_passes", "builtin_passes", "default_instruments", "run_step",
     "Block", "BlockLatency", "BlockLatencyTable", "BlockRecoverabilities", "BlockScore", "Blocks", "CutMeasurement",
-    "FinalCut", "PooledLatency", "Refinement", "RecoveryLog", "Selection",
-    "DropBlocks", "FindBlocks", "MeasureBlockLatency", "MeasureResult", "PoolIdenticalBlocks", "Recover",
-    "Recoverability", "RefineSelection", "SelectBlocks",
-    "drop_blocks", "find_blocks", "measure_block_latency", "measure_cut", "zero_branch",
+    "FinalCut", "PooledLatency", "QuantizationPlan", "QuantizedOnnx", "Refinement", "RecoveryLog", "Selection",
+    "DropBlocks", "FindBlocks", "MeasureBlockLatency", "MeasureResult", "PlanQuantization", "PoolIdenticalBlocks",
+    "QuantizeResult", "Recover", "Recoverability", "RefineSelection", "SelectBlocks",
+    "Measuring", "drop_blocks", "find_blocks", "measure_block_latency", "measure_cut", "measuring_backend",
+    "zero_branch",
 ]

@@ -39,7 +39,8 @@ def resolve_blocks(model: Model, names, blocks: list[Block] | None = None) -> li
 
 
 class DropBlocks(Transform):
-    """Drop the named blocks, or those of the ``Selection`` artefact (see the module docstring)."""
+    """Drop the named blocks, or those of the ``Selection`` artefact (see the module docstring); an
+    empty selection leaves the model as it is."""
 
     name = "drop_blocks"
     optional = (Blocks, Selection)
@@ -52,6 +53,9 @@ class DropBlocks(Transform):
         names = self.names if self.names is not None else (selection.blocks if selection is not None else None)
         if names is None:
             raise GraphpruneError("drop_blocks: no blocks named and no selection to drop")
+        if self.names is None and not selection.blocks:
+            record = {"dropped": [], "skipped": "the selection is empty (quantisation alone reaches the target)"}
+            return PassResult(model, changed=False, record=record)
         chosen = resolve_blocks(model, names, inputs.get(Blocks) if inputs is not None else None)
         new_model, removed_nodes, removed_activations = _drop(model, chosen)
         record = {"dropped": [b.name for b in chosen], "removed_nodes": removed_nodes,

@@ -22,6 +22,11 @@ Savings do not add up exactly: dropping two blocks changes what the runtime fuse
 behave. :func:`measure_cut` therefore measures any candidate (a set of blocks dropped together)
 against the original, interleaved in the same way; the block selection uses it to check
 combinations.
+
+With int8 planned (:mod:`.plan_quantization`), ``profile_blocks`` times the blocks as the model will
+run, quantised (:func:`~.plan_quantization.measuring_backend`), and ``measure_result`` times the
+written file's form: the quantised proto against the float original, interleaved with the recovered
+float model, so the report splits the final cut into block dropping's share and quantisation's.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from ..model import Model
 from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
 from .find_blocks import Block, Blocks, find_blocks
+from .plan_quantization import QuantizedOnnx, QuantizationPlan, measuring_backend
 
 
 @dataclass(frozen=True)
@@ -129,35 +135,64 @@ def measure_block_latency(backend: LatencyBackend, model: Model, settings: Laten
 
 class MeasureBlockLatency(Analysis):
     """Per-block latency savings on ``ctx.backend`` (see the module docstring), for the blocks of
-    the ``Blocks`` artefact where an earlier step found them. Rows resume from ``ctx.cache``."""
+    the ``Blocks`` artefact where an earlier step found them; with a usable ``QuantizationPlan``,
+    the quantised original against the quantised model without the block. Rows resume from ``ctx.cache``."""
 
     name = "profile_blocks"
-    optional = (Blocks,)
+    optional = (Blocks, QuantizationPlan)
     provides = (BlockLatencyTable,)
 
     def run(self, model: Model, ctx, inputs) -> PassResult:
         blocks = inputs.get(Blocks) or find_blocks(model, require=True)
-        backend = ctx.need("backend", self.name)
-        cache = ctx.cache("latency", backend.name, ctx.latency.to_dict())
+        measuring = measuring_backend(ctx, inputs, self.name)
+        cache = measuring.cache(ctx, "latency")
         cached = sum(1 for b in blocks if b.name in cache)
-        table = measure_block_latency(backend, model, ctx.latency, blocks, None if ctx.show_progress else False,
-                                      cache=cache)
+        table = measure_block_latency(measuring.backend, model, ctx.latency, blocks,
+                                      None if ctx.show_progress else False, cache=cache)
         table.from_cache = cached
         return PassResult(model, record={**table.to_dict(), "from_cache": cached}, artifacts=[table])
 
 
 @dataclass(frozen=True)
 class FinalCut(CutMeasurement):
-    """Artefact: the pipeline's final model timed against the original, independently of selection."""
+    """Artefact: the pipeline's final model timed against the original, independently of selection.
+    Quantised: ``candidate`` is the int8 file's form and ``float_candidate`` the recovered float
+    model, timed in the same interleaved run."""
+
+    float_candidate: LatencyStats | None = None
+
+    @property
+    def float_cut(self) -> float:
+        """The cut of block dropping alone (the float model against the original)."""
+        return self.cut if self.float_candidate is None else latency_cut(self.original, self.float_candidate)
+
+    def to_dict(self) -> dict:
+        extra = {} if self.float_candidate is None else {"float_candidate_ms": self.float_candidate.to_dict(),
+                                                         "float_cut": self.float_cut}
+        return {**super().to_dict(), **extra}
 
 
 class MeasureResult(Analysis):
-    """An independent interleaved timing of the current model against ``ctx.original``."""
+    """An independent interleaved timing of the current model, in the written file's form (the
+    ``QuantizedOnnx`` where a step made one, else the float model), against ``ctx.original``."""
 
     name = "measure_result"
+    optional = (QuantizedOnnx,)
     provides = (FinalCut,)
 
     def run(self, model: Model, ctx, inputs) -> PassResult:
-        cut = measure_cut(ctx.need("backend", self.name), ctx.original, model, ctx.latency)
-        final = FinalCut(cut.original, cut.candidate, cut.cut)
+        backend = ctx.need("backend", self.name)
+        quantized = inputs.get(QuantizedOnnx)
+        if quantized is None or quantized.proto is None:
+            cut = measure_cut(backend, ctx.original, model, ctx.latency)
+            final = FinalCut(cut.original, cut.candidate, cut.cut)
+        else:
+            from ..backends.environment import batch_inputs
+            from ..backends.onnxruntime_int8 import ort_runner
+            from ..formats.input_layout import is_channels_last
+
+            runs = [backend.prepare(ctx.original, ctx.latency), backend.prepare(model, ctx.latency),
+                    ort_runner(quantized.proto, batch_inputs(model, ctx.latency), ctx.latency, is_channels_last(model))]
+            original, recovered, written = compare_interleaved(runs, ctx.latency)
+            final = FinalCut(original, written, latency_cut(original, written), float_candidate=recovered)
         return PassResult(model, record=final.to_dict(), artifacts=[final])

@@ -31,6 +31,7 @@ from ..features import classifier_parameters, feature_map_node_name, feature_nod
 from ..model import Model
 from ..progress import progress_bar
 from .base import PassResult, Transform
+from .selection import Selection
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,12 @@ class RecoveryLog:
 
 
 class Recover(Transform):
-    """Train the pruned model to mimic ``ctx.original``'s features on every image of ``ctx.tiny``."""
+    """Train the pruned model to mimic ``ctx.original``'s features on every image of ``ctx.tiny``;
+    where the ``Selection`` is empty no block was dropped and nothing is trained."""
 
     name = "recover"
     config_field = "recovery"
+    optional = (Selection,)
     provides = (RecoveryLog,)
 
     def __init__(self, settings: RecoverySettings = RecoverySettings()):
@@ -76,6 +79,11 @@ class Recover(Transform):
         check_recovery(ctx.original, ctx.need("tiny", self.name), self.settings, ctx.feature_node)
 
     def run(self, model: Model, ctx, inputs) -> PassResult:
+        selection = inputs.get(Selection)
+        if selection is not None and not selection.blocks:
+            record = {"skipped": "no block was dropped (quantisation alone reaches the target): nothing to recover",
+                      "loss_curve": [], "final_loss": None, "seconds": 0.0}
+            return PassResult(model, record=record, artifacts=[RecoveryLog([], None, 0.0)])
         recovered, record = recover(model, ctx.original, ctx.need("tiny", self.name), self.settings,
                                     ctx.feature_node, ctx.show_progress)
         log = RecoveryLog(record["loss_curve"], record["final_loss"], record["seconds"])

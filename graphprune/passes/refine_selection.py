@@ -42,9 +42,10 @@ from ..model import Model
 from .base import Analysis, PassResult
 from .find_blocks import Blocks
 from .measure_latency import BlockLatencyTable
+from .plan_quantization import QuantizationPlan, measuring_backend
 from .pool_latency import PooledLatency
 from .recoverability import BlockRecoverabilities, RecoverabilitySettings, data_key, set_scorer
-from .select_blocks import block_scores, goal_cut, scoring_latency, select_blocks, selection_cache
+from .select_blocks import block_scores, goal_cut, scoring_latency, select_blocks
 from .selection import BlockScore, Selection
 
 
@@ -154,12 +155,14 @@ class RefineSelection(Analysis):
     docstring): it updates ``Selection`` (the greedy one stays in ``Refinement``). Groups of
     identical blocks come from ``PooledLatency`` where a step pooled them, else every block is a
     group of its own. Joint fits use the ``BlockRecoverabilities``' estimator and resume from
-    ``ctx.cache``; measured sets are shared with :class:`~.select_blocks.SelectBlocks`."""
+    ``ctx.cache``; measured sets are shared with :class:`~.select_blocks.SelectBlocks` (quantised
+    like its candidates where a usable ``QuantizationPlan`` is present). An empty selection
+    (quantisation alone reaches the target) is kept as it is."""
 
     name = "refine_selection"
     config_field = "refine"
     requires = (Blocks, BlockRecoverabilities, BlockLatencyTable, Selection)
-    optional = (PooledLatency,)
+    optional = (PooledLatency, QuantizationPlan)
     provides = (Selection, Refinement)
 
     def __init__(self, settings: RefineSettings = RefineSettings()):
@@ -170,8 +173,8 @@ class RefineSelection(Analysis):
         recoverabilities = inputs[BlockRecoverabilities]
         scoring = recoverabilities.settings
         record = {"settings": asdict(self.settings), "greedy": greedy.blocks, "greedy_cut": greedy.cut.cut}
-        if scoring.estimator != "practise":
-            record["skipped"] = f"estimator {scoring.estimator}"
+        if not greedy.blocks or scoring.estimator != "practise":
+            record["skipped"] = "no block selected" if not greedy.blocks else f"estimator {scoring.estimator}"
             return PassResult(model, record=record, artifacts=[greedy, Refinement(record)])
         latency = scoring_latency(inputs)
         scores = block_scores({r.name: r.recoverability for r in recoverabilities}, latency)
@@ -189,7 +192,9 @@ class RefineSelection(Analysis):
         if set(refined) == set(greedy.blocks):
             return PassResult(model, record=record, artifacts=[greedy, Refinement(record)])
         rest = [s.name for s in scores if s.saved_fraction > 0 and s.name not in set(refined)]
-        selection = select_blocks(model, inputs[Blocks], scores, target, ctx.need("backend", self.name), ctx.latency,
-                                  ctx.margin, order=refined + rest, cache=selection_cache(ctx))
+        measuring = measuring_backend(ctx, inputs, self.name)
+        selection = select_blocks(model, inputs[Blocks], scores, target, measuring.backend, ctx.latency, ctx.margin,
+                                  order=refined + rest, cache=measuring.cache(ctx, "selection"),
+                                  reference=measuring.reference)
         record.update(dropped=selection.blocks, measured_cut=selection.cut.cut, measurements=selection.measurements)
         return PassResult(model, record=record, artifacts=[selection, Refinement(record)])

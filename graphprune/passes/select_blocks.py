@@ -20,6 +20,10 @@ tried in reverse order (the least wanted first); a block stays in the network wh
 without it still measures at the goal. Only blocks whose single saving the measured surplus
 could plausibly cover (within ``ADDITIVITY_SLACK``) are tried, so a set with no surplus costs no
 measurement. The result: every chosen block is needed, as measured.
+
+With int8 planned (:func:`~.plan_quantization.measuring_backend`), candidates are timed quantised
+against the *float* original (``reference``), so quantisation's own cut counts toward the target:
+the empty set is measured first, and where it reaches the goal no block is chosen.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
 from .find_blocks import Block, Blocks
 from .measure_latency import BlockLatencyTable, measure_cut
+from .plan_quantization import QuantizationPlan, measuring_backend
 from .pool_latency import PooledLatency
 from .recoverability import BlockRecoverabilities
 from .selection import BlockScore, Selection
@@ -67,10 +72,12 @@ def goal_cut(target: float, margin: float) -> float:
 
 def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], target: float,
                   backend: LatencyBackend, settings: LatencySettings, margin: float = 0.0,
-                  order: list[str] | None = None, cache=None) -> Selection:
+                  order: list[str] | None = None, cache=None, reference: LatencyBackend | None = None) -> Selection:
     """Greedy selection in score order (or in ``order``, for baselines) until the measured cut
     reaches ``target + margin``. ``cache`` (dict-like) remembers each measured combination, so a
-    rerun of the same command makes the same choice instead of re-rolling timing noise."""
+    rerun of the same command makes the same choice instead of re-rolling timing noise.
+    ``reference``: the backend the original is timed on where it is not ``backend`` (candidates
+    quantised, the original float); the empty set is then measured first."""
     check_latency_cut(target)
     goal = goal_cut(target, margin)
     ranked = order if order is not None else [s.name for s in scores if s.saved_fraction > 0]
@@ -82,8 +89,9 @@ def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], t
         if cache is not None and key in cache:
             return CutMeasurement.from_dict(cache.get(key))
         if not prepared:
-            prepared.append(backend.prepare(model, settings))
-        cut = measure_cut(backend, model, drop_blocks(model, names, blocks), settings, prepared[0])
+            prepared.append((reference or backend).prepare(model, settings))
+        candidate = drop_blocks(model, names, blocks) if names else model
+        cut = measure_cut(backend, model, candidate, settings, prepared[0])
         if cache is not None:
             cache[key] = cut.to_dict()
         return cut
@@ -92,6 +100,12 @@ def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], t
     predicted = 0.0
     measurements: list[dict] = []
     last: CutMeasurement | None = None
+    alone = None  # the cut of quantisation alone, where candidates are quantised
+    if reference is not None:
+        last = alone = measure([])
+        measurements.append({"blocks": 0, "predicted_cut": 0.0, "measured_cut": alone.cut})
+        if alone.cut >= goal:
+            return Selection([], alone, scores, measurements)
     for name in ranked:
         raise_if_interrupted()
         chosen.append(name)
@@ -104,9 +118,10 @@ def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], t
             chosen, last = _trim(chosen, last, goal, saved, measure, measurements)
             return Selection(chosen, last, scores, measurements)
     best = last.cut if last is not None else 0.0
+    quantised = "" if alone is None else f" with int8 quantisation (quantisation alone: {alone.cut:.1%})"
     raise GraphpruneError(
         f"a {target:.0%} latency cut is not reachable: dropping all {len(ranked)} candidate blocks "
-        f"cuts {best:.1%} on this target"
+        f"cuts {best:.1%} on this target{quantised}"
     )
 
 
@@ -133,11 +148,12 @@ def scoring_latency(inputs) -> BlockLatencyTable:
 
 class SelectBlocks(Analysis):
     """Pick blocks by recoverability per latency saved until the measured cut reaches the target
-    (``ctx.latency_cut`` + ``ctx.margin``, measured on ``ctx.backend``)."""
+    (``ctx.latency_cut`` + ``ctx.margin``, measured on ``ctx.backend``; candidates quantised where
+    a usable ``QuantizationPlan`` is present)."""
 
     name = "select_blocks"
     requires = (Blocks, BlockRecoverabilities, BlockLatencyTable)
-    optional = (PooledLatency,)
+    optional = (PooledLatency, QuantizationPlan)
     provides = (Selection,)
 
     def check(self, model: Model, ctx) -> None:
@@ -146,12 +162,11 @@ class SelectBlocks(Analysis):
     def run(self, model: Model, ctx, inputs) -> PassResult:
         recoverability = {r.name: r.recoverability for r in inputs[BlockRecoverabilities]}
         scores = block_scores(recoverability, scoring_latency(inputs))
+        measuring = measuring_backend(ctx, inputs, self.name)
         selection = select_blocks(model, inputs[Blocks], scores, ctx.need("latency_cut", self.name),
-                                  ctx.need("backend", self.name), ctx.latency, ctx.margin,
-                                  cache=selection_cache(ctx))
-        return PassResult(model, record=selection.to_dict(), artifacts=[selection])
-
-
-def selection_cache(ctx):
-    """Measured block sets on this backend and settings, shared by selection and refinement."""
-    return ctx.cache("selection", ctx.backend.name, ctx.latency.to_dict())
+                                  measuring.backend, ctx.latency, ctx.margin, cache=measuring.cache(ctx, "selection"),
+                                  reference=measuring.reference)
+        record = selection.to_dict()
+        if not selection.blocks:
+            record["note"] = "quantisation alone reaches the target: no block is dropped"
+        return PassResult(model, record=record, artifacts=[selection])

@@ -1,0 +1,225 @@
+"""One latency target over block dropping *and* int8: plan the quantisation, measure as it will run.
+
+    find_blocks -> plan_quantization -> profile_blocks -> ... -> recover -> quantize_result -> measure_result
+
+* :class:`PlanQuantization` (analysis -> :class:`~.quantize_plan.QuantizationPlan`) plans int8 on the
+  float original with :func:`~.quantize_plan.plan_quantization`: calibrated on ``ctx.tiny``, judged on
+  ``ctx.holdout``, every candidate timed interleaved with the float original on ``ctx.latency``
+  (:func:`~graphprune.backends.onnxruntime_int8.onnxruntime_cut`). Mode ``"auto"`` keeps the plan's
+  answer: where it has no config (no candidate faster, or none within the accuracy bound) the rest
+  of the pipeline runs float-only and the plan's ``reason`` says why. Mode ``"int8"`` uses the fastest
+  measured candidate even then, and says so.
+* **The quantised-measurement rule** (:func:`measuring_backend`, the one place it lives): where a
+  usable plan is present, every pass that measures latency times candidates *as they will run*,
+  quantised with the plan's config (:class:`~graphprune.backends.onnxruntime_int8.QuantizedOnnxRuntime`,
+  calibrated on the first ``TIMING_CALIBRATION_IMAGES`` tiny images, for speed: each timed model is
+  quantised afresh). Per-block savings compare the quantised original with the quantised model
+  without the block; a selection's cut compares the quantised candidate with the *float* original,
+  so quantisation's own cut counts toward the target, and the empty set is measured first (where
+  quantisation alone reaches the goal no block is dropped and nothing is trained).
+* :class:`QuantizeResult` (analysis -> :class:`QuantizedOnnx`) quantises the recovered model
+  (``to_onnx``) with the plan's config, calibrated on *all* of ``ctx.tiny``: the model written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import onnx
+
+from ..backends.base import LatencyBackend
+from ..errors import GraphpruneError
+from ..formats.model_io import to_onnx
+from ..model import Model
+from .base import Analysis, PassResult
+from .quantize import (MIN_CALIBRATION_IMAGES, QuantizeSettings, check_int8_device, cpu_session, quantization_info,
+                       quantize_onnx, run_outputs)
+from .quantize_plan import QuantizationPlan, plan_quantization
+
+QUANTIZE_MODES = ("auto", "int8", "none")
+# Images each *timed* candidate is calibrated on: the fewest quantize_onnx takes. Latency depends on
+# the graph quantize_static makes, not on the ranges' values, and calibration is most of the time of
+# QuantizedOnnxRuntime.prepare, which quantises every candidate afresh. Measured on this 2-core EPYC
+# (ResNet-20 ONNX, batch 1, 1 thread, three interleaved pairs of 1 s): the int8 model calibrated on
+# 64 images ran -0.9%, -0.3%, +0.3% against the one calibrated on 16 (noise), prepared in 1.0-1.2 s
+# against 0.7-0.9 s.
+TIMING_CALIBRATION_IMAGES = MIN_CALIBRATION_IMAGES
+
+
+def check_quantize_mode(mode: str) -> None:
+    """The one rule for the quantisation mode."""
+    if mode not in QUANTIZE_MODES:
+        raise GraphpruneError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got '{mode}'", parameter="quantize")
+
+
+def check_int8_run(ctx, by: str) -> None:
+    """Refuse, in one line, an int8 run that cannot happen: a CUDA target (fp16 instead), another
+    backend than onnxruntime, or a tiny set (or its held-out part) too small to calibrate on and judge."""
+    check_int8_device(ctx.latency.device)
+    backend = ctx.need("backend", by)
+    if backend.name != "onnxruntime":
+        raise GraphpruneError(f"int8 quantisation is timed and written for onnxruntime; backend '{backend.name}' "
+                              "cannot run it: use the onnxruntime backend or quantize 'none'", parameter="backend")
+    for name in ("tiny", "holdout"):
+        check_enough_images(ctx, name, by)
+
+
+def check_enough_images(ctx, name: str, by: str) -> None:
+    images = len(ctx.need(name, by))
+    if images < MIN_CALIBRATION_IMAGES:
+        raise GraphpruneError(f"int8 quantisation needs at least {MIN_CALIBRATION_IMAGES} images in the {name} set, "
+                              f"got {images}: give more images or quantize 'none'", parameter=name)
+
+
+class PlanQuantization(Analysis):
+    """Plan int8 on the float original (see the module docstring); provides the plan, usable when
+    its ``config`` is set."""
+
+    name = "plan_quantization"
+    provides = (QuantizationPlan,)
+
+    def __init__(self, mode: str = "auto", settings: QuantizeSettings = QuantizeSettings()):
+        check_quantize_mode(mode)
+        self.mode, self.settings = mode, settings
+
+    @classmethod
+    def from_config(cls, config) -> "PlanQuantization":
+        return cls(config.quantize, config.quantization)
+
+    def check(self, model: Model, ctx) -> None:
+        if self.mode != "none":
+            self._settings(ctx).check()
+            check_int8_run(ctx, self.name)
+
+    def _settings(self, ctx) -> QuantizeSettings:
+        return replace(self.settings, device=ctx.latency.device)
+
+    def run(self, model: Model, ctx, inputs) -> PassResult:
+        if self.mode == "none":
+            plan = QuantizationPlan(None, None, "quantize is 'none'", "", 0.0, [])
+        else:
+            from ..backends.onnxruntime_int8 import onnxruntime_cut
+
+            tiny, holdout = ctx.need("tiny", self.name), ctx.need("holdout", self.name)
+            proto = to_onnx(ctx.original)
+            plan = plan_quantization(proto, tiny.images, holdout.images, self._settings(ctx),
+                                     onnxruntime_cut(proto, tiny.images, ctx.latency),
+                                     holdout.labels if holdout.has_labels else None)
+            if self.mode == "int8" and plan.config is None:
+                plan = forced_plan(plan)
+        record = {"mode": self.mode, "used": plan.config is not None, **plan.to_dict()}
+        return PassResult(model, record=record, artifacts=[plan])
+
+
+def forced_plan(plan: QuantizationPlan) -> QuantizationPlan:
+    """Mode ``"int8"``: the fastest measured candidate although the plan chose none, saying why."""
+    measured = [c for c in plan.candidates if c.error is None and c.timing is not None]
+    fastest = max(measured, key=lambda c: c.timing.cut)
+    reason = (f"quantize 'int8': {fastest.config.label} used as asked, the fastest candidate measured (cut "
+              f"{fastest.timing.cut:+.1%}), although {plan.reason.split('; auto')[0]}")
+    return replace(plan, proto=None, config=fastest.config, reason=reason)
+
+
+def usable_plan(inputs) -> QuantizationPlan | None:
+    """The plan the run quantises with, or None (no plan step, or a plan that chose float). A pass
+    asking must declare ``QuantizationPlan`` (optional): an undeclared type is a KeyError."""
+    plan = inputs.get(QuantizationPlan)
+    return plan if plan is not None and plan.config is not None else None
+
+
+@dataclass(frozen=True)
+class Measuring:
+    """How a pass times models in this run: ``backend`` runs candidates as they will be written (int8
+    with the plan's config where a usable plan is present); ``reference``, only then, runs the float
+    original that a selection's cut is taken against (None: ``backend`` runs both)."""
+
+    backend: LatencyBackend
+    reference: LatencyBackend | None = None
+    plan: QuantizationPlan | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.plan is not None
+
+    def cache(self, ctx, kind: str):
+        """The resume cache ``kind`` for these measurements (a float run's key is as it always was)."""
+        extra = () if self.plan is None else (self.plan.config.to_dict(), TIMING_CALIBRATION_IMAGES,
+                                              _images_key(ctx.tiny.images[:TIMING_CALIBRATION_IMAGES]))
+        return ctx.cache(kind, (self.reference or self.backend).name, ctx.latency.to_dict(), *extra)
+
+
+def measuring_backend(ctx, inputs, by: str) -> Measuring:
+    """The quantised-measurement rule (module docstring), in one place for every measuring pass."""
+    backend = ctx.need("backend", by)
+    plan = usable_plan(inputs)
+    if plan is None:
+        return Measuring(backend)
+    from ..backends.onnxruntime_int8 import QuantizedOnnxRuntime
+
+    calibration = ctx.need("tiny", by).images[:TIMING_CALIBRATION_IMAGES]
+    return Measuring(QuantizedOnnxRuntime(calibration, plan.config, base=backend), backend, plan)
+
+
+def _images_key(images) -> str:
+    from ..cache import tensor_fingerprint
+
+    return tensor_fingerprint(images)
+
+
+@dataclass(frozen=True)
+class QuantizedOnnx:
+    """Artefact: the model as written when quantised (``proto``; None when the plan chose float,
+    with the ``reason``), how it was made (``info``: :func:`~.quantize.quantization_info`) and how
+    close it stays to the float model it was made from on the tiny set."""
+
+    proto: onnx.ModelProto | None
+    info: dict = field(default_factory=dict)
+    reason: str = ""
+    agreement: dict = field(default_factory=dict)
+
+    @property
+    def float_nodes(self) -> list[str]:
+        return list(self.info.get("float_nodes", []))
+
+
+class QuantizeResult(Analysis):
+    """Quantise the current (recovered) model with the plan's config, calibrated on every image of
+    ``ctx.tiny``; the fx model stays float (the written file is the ``QuantizedOnnx``)."""
+
+    name = "quantize_result"
+    requires = (QuantizationPlan,)
+    provides = (QuantizedOnnx,)
+    batch_size = 64
+
+    def check(self, model: Model, ctx) -> None:
+        check_int8_device(ctx.latency.device)
+        check_enough_images(ctx, "tiny", self.name)
+
+    def run(self, model: Model, ctx, inputs) -> PassResult:
+        plan = inputs[QuantizationPlan]
+        if plan.config is None:
+            quantized = QuantizedOnnx(None, reason=f"not quantised: {plan.reason}")
+            return PassResult(model, record={"quantized": False, "reason": quantized.reason}, artifacts=[quantized])
+        images = ctx.need("tiny", self.name).images
+        float_proto = to_onnx(model)
+        proto = quantize_onnx(float_proto, images, plan.config, ctx.latency.device)
+        info = quantization_info(proto)
+        agreement = output_agreement(float_proto, proto, images, self.batch_size)
+        quantized = QuantizedOnnx(proto, info, plan.reason, agreement)
+        record = {"quantized": True, "config": plan.config.to_dict(), "float_nodes": quantized.float_nodes,
+                  "calibration_images": len(images), "opset": info.get("opset"), "notes": info.get("notes"),
+                  "against_float_on_tiny_set": agreement}
+        return PassResult(model, record=record, artifacts=[quantized])
+
+
+def output_agreement(float_proto: onnx.ModelProto, proto: onnx.ModelProto, images, batch_size: int = 64) -> dict:
+    """The quantised model against the float one on ``images``: the output's relative error and,
+    for a classifier output (N, K), the fraction of images whose top-1 class is the same."""
+    reference = run_outputs(cpu_session(float_proto, "the float model"), images, batch_size)
+    out = run_outputs(cpu_session(proto), images, batch_size)
+    result = {"images": int(len(out)),
+              "relative_error": float(np.linalg.norm(out - reference) / max(np.linalg.norm(reference), 1e-12))}
+    if reference.ndim == 2 and reference.shape[1] > 1:
+        result["top1_agreement"] = float((out.argmax(1) == reference.argmax(1)).mean())
+    return result

@@ -1,0 +1,239 @@
+"""One latency target over block dropping and int8 (passes/plan_quantization.py): the pipeline's
+steps, measuring candidates quantised against the float original, the written int8 file. Small
+models, random images, ``min_time_s=0.05``; fake timings where timing would decide."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import graphprune as gp
+from graphprune.backends import LatencySettings
+from graphprune.backends import onnxruntime_int8
+from graphprune.backends.onnxruntime import OnnxRuntimeBackend
+from graphprune.data import TinySet
+from graphprune.evaluate import evaluate, evaluate_onnx
+from graphprune.optimize import (OptimizeConfig, OptimizeResult, default_pipeline, make_context, optimize,
+                                 pipeline_from_names, write_result)
+from graphprune.passes import (Artifacts, PassState, PlanQuantization, QuantizationPlan, QuantizedOnnx,
+                               QuantizeResult, find_blocks)
+from graphprune.passes import recover as recover_module
+from graphprune.passes.quantize import (QuantConfig, QuantizeSettings, cpu_session, float_group_nodes,
+                                        quantization_info, run_outputs)
+from graphprune.passes.quantize_plan import Timing
+from graphprune.passes.recover import RecoverySettings
+from graphprune.passes.recoverability import RecoverabilitySettings
+from graphprune.passes.select_blocks import select_blocks
+from graphprune.passes.selection import BlockScore
+
+FLOAT_STEPS = ["find_blocks", "profile_blocks", "pool_identical_blocks", "score_recoverability", "select_blocks",
+               "refine_selection", "drop_blocks", "recover", "measure_result"]
+ONE_CANDIDATE = QuantizeSettings(formats=("qdq",), activation_types=("uint8",), float_groups=())
+
+
+def config(**changes) -> OptimizeConfig:
+    fast = dict(latency=LatencySettings(min_time_s=0.05, warmup_s=0.02, min_runs=5),
+                recoverability=RecoverabilitySettings(estimator="none"),  # scores do not matter here
+                recovery=RecoverySettings(iterations=4, batch_size=8), quantization=ONE_CANDIDATE, show_progress=False)
+    return OptimizeConfig(**{**fast, **changes})
+
+
+@pytest.fixture(scope="module")
+def r20(tmp_path_factory):
+    """ResNet-20 as an ONNX file (written by lowering, cheaper to quantise again) and 40 random images."""
+    path = tmp_path_factory.mktemp("qint") / "r20.onnx"
+    torch.manual_seed(0)
+    gp.save(gp.load("zoo:cifar10_resnet20"), path)
+    tiny = TinySet(torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(40) % 10)
+    return path, tiny
+
+
+def op_types(proto) -> set[str]:
+    return {n.op_type for n in proto.graph.node}
+
+
+def one_line(exc) -> str:
+    text = str(exc.value)
+    assert text and "\n" not in text
+    return text
+
+
+def fake_plan_timing(monkeypatch, cut: float) -> None:
+    """Every quantised candidate the plan measures cuts ``cut``."""
+    monkeypatch.setattr(onnxruntime_int8, "onnxruntime_cut", lambda proto, images, settings: lambda q: Timing(cut))
+
+
+def test_pipeline_with_quantisation_adds_two_steps_and_keeps_the_others():
+    assert [p.name for p in default_pipeline(OptimizeConfig())] == FLOAT_STEPS
+    for mode in ("auto", "int8"):
+        names = [p.name for p in default_pipeline(OptimizeConfig(quantize=mode))]
+        assert names == FLOAT_STEPS[:1] + ["plan_quantization"] + FLOAT_STEPS[1:8] + ["quantize_result", "measure_result"]
+    (plan,) = pipeline_from_names(["plan_quantization"], OptimizeConfig(quantize="int8", quantization=ONE_CANDIDATE))
+    assert plan.mode == "int8" and plan.settings == ONE_CANDIDATE
+
+
+def test_int8_end_to_end_writes_a_quantised_file_close_to_the_recovered_float_model(r20, tmp_path):
+    path, tiny = r20
+    model = gp.load(path)
+    result = optimize(model, tiny, config(latency_cut=0.5, quantize="int8"))
+    records = result.state.records
+    assert list(records) == FLOAT_STEPS[:1] + ["plan_quantization"] + FLOAT_STEPS[1:8] + ["quantize_result",
+                                                                                            "measure_result"]
+    assert records["profile_blocks"]["settings"]["backend"] == "onnxruntime-int8"  # blocks timed quantised
+    first = records["select_blocks"]["measurements"][0]
+    assert first["blocks"] == 0  # quantisation alone, measured first against the float original
+    assert result.report["dropped"] and records["recover"]["loss_curve"]
+    section = result.report["quantization"]
+    assert section["mode"] == "int8" and section["used"] and section["plan"]["candidates"]
+    cut = section["cut"]
+    assert cut["total"] == result.report["latency"]["cut"]
+    assert cut["float_only"] + cut["quantization"] == pytest.approx(cut["total"])
+    written = onnx.load(str(write_result(result, tmp_path / "out.onnx", path)))
+    assert "QuantizeLinear" in op_types(written) and "DequantizeLinear" in op_types(written)
+    assert len(float_group_nodes(written, "add_concat")) == 9 - len(result.report["dropped"])  # residual merges
+    # numerical: the written int8 file against the recovered float fx model on the tiny set
+    float_out = result.model.graph_module(tiny.images).detach().numpy()
+    int8_out = run_outputs(cpu_session(written), tiny.images, 16)
+    assert np.linalg.norm(int8_out - float_out) / np.linalg.norm(float_out) < 0.1
+    assert evaluate_onnx(written, tiny, result.model)["agreement"] >= 0.9
+    assert section["against_float_on_tiny_set"]["relative_error"] < 0.1
+
+
+def test_quantisation_alone_reaching_the_target_drops_no_block_and_trains_nothing(r20, tmp_path, monkeypatch):
+    path, tiny = r20
+    fake_plan_timing(monkeypatch, 0.6)
+    float_prepare = OnnxRuntimeBackend.prepare
+
+    def slow_float(self, model, settings):  # the float original takes 2 ms longer than any int8 model
+        run = float_prepare(self, model, settings)
+        return lambda: (run(), time.sleep(0.002))
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "prepare", slow_float)
+    monkeypatch.setattr(onnxruntime_int8.QuantizedOnnxRuntime, "prepare", lambda self, model, settings: lambda: None)
+    monkeypatch.setattr(recover_module, "recover", lambda *a, **k: pytest.fail("trained with no block dropped"))
+    result = optimize(gp.load(path), tiny, config(latency_cut=0.3, quantize="int8"))
+    records = result.state.records
+    assert result.report["dropped"] == [] and records["select_blocks"]["measurements"][0]["blocks"] == 0
+    assert "quantisation alone" in records["select_blocks"]["note"] and records["refine_selection"]["skipped"]
+    assert records["drop_blocks"]["skipped"] and records["recover"]["skipped"]
+    written = onnx.load(str(write_result(result, tmp_path / "out.onnx", path)))
+    assert "QuantizeLinear" in op_types(written)
+    assert len(float_group_nodes(written, "add_concat")) == 9
+
+
+def test_auto_leaves_quantisation_off_when_the_plan_finds_nothing_faster(r20, tmp_path, monkeypatch):
+    path, tiny = r20
+    fake_plan_timing(monkeypatch, -0.05)
+    monkeypatch.setattr(onnxruntime_int8.QuantizedOnnxRuntime, "prepare",
+                        lambda *a, **k: pytest.fail("timed quantised although the plan chose float"))
+    result = optimize(gp.load(path), tiny, config(latency_cut=0.15, quantize="auto"))
+    section = result.report["quantization"]
+    assert section["mode"] == "auto" and not section["used"] and "no faster" in section["reason"]
+    assert section["plan"]["chosen"] is None and section["cut"]["quantization"] == 0.0
+    assert result.state.records["quantize_result"]["quantized"] is False
+    assert result.report["dropped"] and result.report["latency"]["cut"] > 0
+    written = onnx.load(str(write_result(result, tmp_path / "out.onnx", path)))
+    assert "QuantizeLinear" not in op_types(written) and "Conv" in op_types(written)
+
+
+def test_int8_mode_uses_the_fastest_candidate_over_the_accuracy_bound(r20, monkeypatch):
+    path, tiny = r20
+    cuts = {"qdq-u8s8": 0.1, "qdq-s8s8": 0.3}
+    monkeypatch.setattr(onnxruntime_int8, "onnxruntime_cut", lambda proto, images, settings: lambda q: Timing(
+        next(v for k, v in cuts.items() if quantization_info(q)["config"]["label"].startswith(k))))
+    model = gp.load(path)
+    settings = QuantizeSettings(formats=("qdq",), float_groups=(), max_top1_drop=-1.0)  # nothing within it
+    ctx = make_context(model, tiny, config(quantize="int8"))
+    auto = PlanQuantization("auto", settings)(model, ctx)
+    assert auto.value.config is None and not auto.record["used"]
+    forced = PlanQuantization("int8", settings)(model, ctx)
+    assert forced.value.config.activations == "int8" and forced.record["used"]
+    assert "although no candidate stays within the accuracy bound" in forced.record["reason"]
+
+
+class _TwoBlocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(2))
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for conv in self.blocks:
+            x = torch.relu(x + conv(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_pt2_input_gives_an_onnx_int8_file_and_says_so(tmp_path):
+    torch.manual_seed(0)
+    source = gp.save(gp.load(_TwoBlocks(), input_shape=(1, 3, 16, 16)), tmp_path / "m.pt2")
+    model = gp.load(source)
+    tiny = TinySet(torch.randn(20, 3, 16, 16), torch.full((20,), -1))
+    ctx = make_context(model, tiny, config(quantize="int8", holdout_minimum=4))
+    plan = QuantizationPlan(None, QuantConfig(), "given", "disagreement", 0.03, [])
+    quantized = QuantizeResult()(model, ctx, plan).value
+    assert quantized.info["calibration_images"] == 20  # all of the tiny set
+    result = OptimizeResult(model, PassState(model, Artifacts([quantized])), report={})
+    written = write_result(result, tmp_path / "out.pt2", source)
+    assert written == tmp_path / "out.onnx" and not (tmp_path / "out.pt2").exists()
+    assert "QuantizeLinear" in op_types(onnx.load(str(written)))
+    assert "\n" not in result.report["output_note"] and "out.onnx" in result.report["output_note"]
+    float_result = OptimizeResult(model, PassState(model), report={})  # no QuantizedOnnx: saved as before
+    assert write_result(float_result, tmp_path / "float.pt2", source).suffix == ".pt2"
+    with pytest.raises(gp.GraphpruneError) as exc:
+        write_result(result, tmp_path / "out.txt")
+    assert "must end in .onnx" in one_line(exc)
+
+
+def test_evaluate_onnx_agrees_with_evaluate_on_the_float_model(r20):
+    path, tiny = r20
+    model = gp.load(path)
+    on_onnx = evaluate_onnx(onnx.load(str(path)), tiny, model)
+    assert on_onnx["top1"] == evaluate(model, tiny)["top1"] and on_onnx["agreement"] == 1.0
+    assert on_onnx["images"] == 40
+
+
+@pytest.mark.parametrize("case", ["mode", "cuda", "torch_backend", "tiny_small", "holdout_small"])
+def test_bad_input_is_refused_in_one_line_before_measuring(r20, monkeypatch, case):
+    path, tiny = r20
+    monkeypatch.setattr(OnnxRuntimeBackend, "prepare", lambda *a, **k: pytest.fail("measured before refusing"))
+    expected = {"mode": "quantize must be one of", "cuda": "fp16", "torch_backend": "onnxruntime backend",
+                "tiny_small": "16 images in the tiny set", "holdout_small": "16 images in the holdout set"}[case]
+    with pytest.raises(gp.GraphpruneError) as exc:
+        if case == "mode":
+            config(quantize="fp8")
+        changes = {"cuda": dict(latency=LatencySettings(device="cuda")), "torch_backend": dict(backend="torch")}
+        if case == "tiny_small":
+            tiny = tiny.subset(range(12))
+        if case == "holdout_small":
+            tiny = tiny.subset(range(24))  # 12 held out
+        optimize(gp.load(path), tiny, config(latency_cut=0.2, quantize="auto", **changes.get(case, {})))
+    assert expected in one_line(exc)
+
+
+class _Fixed:
+    """A backend whose every prepared model takes ``seconds`` per run."""
+
+    def __init__(self, name, seconds):
+        self.name, self.seconds = name, seconds
+
+    def prepare(self, model, settings):
+        return lambda: time.sleep(self.seconds)
+
+
+def test_unreachable_target_names_the_largest_cut_with_quantisation(r20):
+    path, _ = r20
+    model = gp.load(path)
+    blocks = find_blocks(model)
+    scores = [BlockScore(b.name, 1.0, 0.05, 0.1, 20.0) for b in blocks[:2]]
+    settings = LatencySettings(min_time_s=0.01, warmup_s=0.0, warmup_runs=1, min_runs=3)
+    with pytest.raises(gp.GraphpruneError) as exc:
+        select_blocks(model, blocks, scores, 0.5, _Fixed("int8", 0.002), settings,
+                      reference=_Fixed("onnxruntime", 0.002))
+    text = one_line(exc)
+    assert "not reachable" in text and "with int8 quantisation (quantisation alone:" in text
