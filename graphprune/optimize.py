@@ -218,7 +218,9 @@ def write_result(result: OptimizeResult, path, source_path=None) -> Path:
     else the model as :func:`~graphprune.formats.save` writes it. Atomic; returns the path written."""
     quantized = result.state.artifacts.get(QuantizedOnnx)
     if quantized is None or quantized.proto is None:
-        return save(result.model, path, source_path)
+        save(result.model, path, source_path)
+        result.report["output"] = str(path)
+        return Path(path)
     path, note = Path(path), None
     if path.suffix.lower() == ".pt2":
         path, note = path.with_suffix(".onnx"), f"the int8 model is ONNX: written to {path.with_suffix('.onnx').name}"

@@ -15,6 +15,7 @@ from graphprune.cli_options import fills_table, flag_names, flags_for, translate
 from graphprune.commands import optimize as optimize_command
 from graphprune.commands import profile as profile_command
 from graphprune.errors import GraphpruneError
+from graphprune.passes import PassState
 from graphprune.optimize import OptimizeResult
 from onnx_builders import residual_onnx, save
 
@@ -140,7 +141,7 @@ def captured(monkeypatch):
 
     def fake_optimize(model, tiny, config, pipeline=None):
         seen.update(config=config, tiny=tiny)
-        return OptimizeResult(model, None, {"data": {}, "settings": config.to_dict()})
+        return OptimizeResult(model, PassState(model), {"data": {}, "settings": config.to_dict()})
     monkeypatch.setattr(optimize_command, "optimize", fake_optimize)
     monkeypatch.setattr(optimize_command, "format_summary", lambda report: "summary")
     return seen

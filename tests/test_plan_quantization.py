@@ -237,3 +237,23 @@ def test_unreachable_target_names_the_largest_cut_with_quantisation(r20):
                       reference=_Fixed("onnxruntime", 0.002))
     text = one_line(exc)
     assert "not reachable" in text and "with int8 quantisation (quantisation alone:" in text
+
+
+def test_cli_quantize_int8_writes_an_int8_file_and_says_how_the_cut_splits(cli, tmp_path):
+    import json
+
+    import numpy as np
+    import onnx
+
+    data, out, report = tmp_path / "tiny.npz", tmp_path / "fast.onnx", tmp_path / "r.json"
+    np.savez(data, images=np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
+    code, _, err = cli("optimize", "zoo:cifar10_resnet20", "--latency-cut", "0.1", "--quantize", "int8",
+                       "--data", data, "-o", out, "--report", report, "--min-time", "0.05", "--estimator", "none",
+                       "--refine-evaluations", "0", "--recovery-iterations", "2", "--no-cache", "--quiet")
+    assert code == 0, err
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "QuantizeLinear" in ops or "QLinearConv" in ops
+    doc = json.loads(report.read_text())
+    assert doc["quantization"]["used"] and doc["output"] == str(out)
+    split = doc["quantization"]["cut"]
+    assert abs(split["float_only"] + split["quantization"] - split["total"]) < 1e-9

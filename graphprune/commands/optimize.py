@@ -21,9 +21,10 @@ from ..cli_options import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT
                            latency_options, subcommand)
 from ..data import Preprocessing, load_tiny_set
 from ..errors import GraphpruneError, UsageError
-from ..evaluate import evaluate
-from ..formats.model_io import atomic_write, save
-from ..optimize import OptimizeConfig, image_input_shape, optimize, pipeline_from_names
+from ..evaluate import evaluate, evaluate_onnx
+from ..formats.model_io import atomic_write
+from ..optimize import OptimizeConfig, image_input_shape, optimize, pipeline_from_names, write_result
+from ..passes.plan_quantization import QuantizedOnnx
 from ..passes.recoverability import ESTIMATORS, OPTIMIZERS
 from ..report import format_summary, write_plot
 from ..synthesis import METHODS, SynthesisSettings, synthetic_tiny_set
@@ -39,7 +40,12 @@ INTERNAL = ("holdout_minimum", "latency.warmup_runs", "latency.warmup_s", "laten
             "recoverability.ridge", "recoverability.device", "refine.tolerance", "refine.min_gain",
             "recovery.momentum", "recovery.weight_decay", "recovery.clip_grad_norm", "recovery.schedule",
             "recovery.loss", "synthesis.batch_size", "synthesis.lr", "synthesis.class_weight",
-            "synthesis.tv_weight", "synthesis.l2_weight")
+            "synthesis.tv_weight", "synthesis.l2_weight",
+            # int8 planning: candidates and bounds measured in tests/test_quantize.py; the Python API sets them
+            *(f"quantization.{f}" for f in ("formats", "activation_types", "weight_type", "per_channel",
+                                            "calibration_method", "max_calibration_images", "batch_size",
+                                            "max_top1_drop", "max_disagreement", "max_relative_error",
+                                            "float_groups", "time_noise", "error_noise", "device", "reduce_range")))
 DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.size": "the model's input"}
 
 
@@ -59,7 +65,8 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
 @opt("data", "--num-samples", fills="synthesis.num_samples", type=POSITIVE_INT, default=None,
      show_default=f"all of --data; {SETTINGS.default('synthesis.num_samples')} with --data-free",
      help="images to draw from --data, or to synthesise")
-@opt("data", "--seed", fills=("seed", "recoverability.seed", "recovery.seed", "synthesis.seed"), type=int,
+@opt("data", "--seed", fills=("seed", "recoverability.seed", "recovery.seed", "synthesis.seed", "quantization.seed"),
+     type=int,
      help="seeds sampling, synthesis, adaptors and recovery")
 @opt("data", "--mean", fills="preprocessing.mean", type=Numbers(), help="normalisation mean (comma-separated)")
 @opt("data", "--std", fills="preprocessing.std", type=Numbers(), help="normalisation std (comma-separated)")
@@ -72,6 +79,9 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
 @opt("latency", "--device", fills="latency.device", type=click.Choice(["cpu", "cuda"]),
      help="device the latency is measured on")
 @latency_options(SETTINGS, prefix="latency.")
+@opt("latency", "--quantize", fills="quantize", type=click.Choice(["none", "auto", "int8"]),
+     help="int8 towards the same target: auto where it measures faster within the accuracy bound, int8 always "
+          "(onnxruntime CPU; the output is then ONNX)")
 @opt("latency", "--margin", fills="margin", type=NON_NEGATIVE, help="select until the measured cut reaches cut+margin")
 @opt("scoring", "--estimator", fills="recoverability.estimator", type=click.Choice(ESTIMATORS),
      help="recoverability estimator")
@@ -135,8 +145,11 @@ def command(args) -> int:
         with flags_for(path="--eval-data"):
             test = load_tiny_set(args.eval_data, prep)
         report["eval"] = {"original": evaluate(model, test), "optimized": evaluate(result.model, test, model)}
-    save(result.model, args.output, source_path=args.model)
-    report["output"] = str(args.output)
+        quantized = result.state.artifacts.get(QuantizedOnnx)
+        if quantized is not None and quantized.proto is not None:  # the float stage above, the written int8 here
+            report["eval"]["optimized_float"] = report["eval"]["optimized"]
+            report["eval"]["optimized"] = evaluate_onnx(quantized.proto, test, model)
+    write_result(result, args.output, args.model)
     if args.report:
         text = json.dumps(report, indent=2, default=str)
         atomic_write(Path(args.report), lambda tmp: tmp.write_text(text))
