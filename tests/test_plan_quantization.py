@@ -239,6 +239,7 @@ def test_unreachable_target_names_the_largest_cut_with_quantisation(r20):
     assert "not reachable" in text and "with int8 quantisation (quantisation alone:" in text
 
 
+@pytest.mark.slow
 def test_cli_quantize_int8_writes_an_int8_file_and_says_how_the_cut_splits(cli, tmp_path):
     import json
 
