@@ -28,3 +28,9 @@ class UsageError(GraphpruneError):
     """A malformed command line (exit status 2, like argparse)."""
 
     exit_code = 2
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's exception message (at most 300 characters), for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -24,7 +24,7 @@ Session settings, and why:
 
 from __future__ import annotations
 
-from ..errors import GraphpruneError
+from ..errors import GraphpruneError, first_line
 from ..formats.input_layout import is_channels_last
 from ..formats.io_onnx import ort_feeds
 from ..model import Model
@@ -41,28 +41,9 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def prepare(self, model: Model, settings: LatencySettings) -> RunOnce:
-        import onnxruntime as ort
-
         check_settings(settings)
-        provider = self.provider(settings)
-        inputs = batch_inputs(model, settings)
-        proto = to_onnx(model, verify=False)
-        try:
-            session = ort.InferenceSession(proto.SerializeToString(), self.session_options(settings),
-                                           providers=[provider])
-        except Exception as exc:
-            raise GraphpruneError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
-        feeds = ort_feeds(session, inputs, is_channels_last(model))
-
-        def run_once() -> None:
-            session.run(None, feeds)
-
-        try:
-            run_once()  # fail here, with a clear message, rather than inside a timing loop
-        except Exception as exc:
-            raise GraphpruneError(f"onnxruntime cannot run the model at batch {settings.batch_size}: "
-                                  f"{_first_line(exc)}") from None
-        return run_once
+        return session_runner(to_onnx(model, verify=False), batch_inputs(model, settings), settings,
+                              is_channels_last(model))
 
     @staticmethod
     def provider(settings: LatencySettings) -> str:
@@ -104,6 +85,28 @@ class OnnxRuntimeBackend:
         return info
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+def session_runner(proto, inputs, settings: LatencySettings, channels_last: bool = False,
+                   what: str = "the model") -> RunOnce:
+    """A callable that runs ``proto`` once on ``inputs`` (fed in the file's layout) in one
+    :class:`OnnxRuntimeBackend` session; it has run once already, so a model onnxruntime cannot
+    load or run fails here, in one line, rather than inside a timing loop."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), OnnxRuntimeBackend.session_options(settings),
+                                       providers=[OnnxRuntimeBackend.provider(settings)])
+    except GraphpruneError:
+        raise
+    except Exception as exc:
+        raise GraphpruneError(f"onnxruntime cannot load {what}: {first_line(exc)}") from None
+    feeds = ort_feeds(session, inputs, channels_last)
+
+    def run_once() -> None:
+        session.run(None, feeds)
+
+    try:
+        run_once()
+    except Exception as exc:
+        raise GraphpruneError(f"onnxruntime cannot run {what} at batch {settings.batch_size}: "
+                              f"{first_line(exc)}") from None
+    return run_once

@@ -16,33 +16,14 @@ import numpy as np
 import onnx
 import torch
 
-from ..errors import GraphpruneError
 from ..formats.input_layout import is_channels_last, looks_channels_last
-from ..formats.io_onnx import ort_feeds
 from ..formats.model_io import to_onnx
 from ..model import Model
-from ..passes.quantize import QuantConfig, as_images, check_int8_device, first_line, quantize_onnx
+from ..passes.quantize import QuantConfig, as_images, check_int8_device, quantize_onnx
 from ..passes.quantize_plan import Timing
 from .base import LatencySettings, RunOnce, compare_interleaved, latency_cut
 from .environment import batch_inputs, check_settings
-from .onnxruntime import OnnxRuntimeBackend
-
-
-def ort_runner(proto: onnx.ModelProto, inputs: tuple[torch.Tensor, ...], settings: LatencySettings,
-               channels_last: bool = False) -> RunOnce:
-    """A callable that runs ``proto`` once on ``inputs`` with the timing session options."""
-    import onnxruntime as ort
-
-    try:
-        session = ort.InferenceSession(proto.SerializeToString(), OnnxRuntimeBackend.session_options(settings),
-                                       providers=[OnnxRuntimeBackend.provider(settings)])
-        feeds = ort_feeds(session, inputs, channels_last)
-        session.run(None, feeds)
-    except GraphpruneError:
-        raise
-    except Exception as exc:
-        raise GraphpruneError(f"onnxruntime cannot run the quantised model: {first_line(exc)}") from None
-    return lambda: session.run(None, feeds)
+from .onnxruntime import OnnxRuntimeBackend, session_runner
 
 
 def onnxruntime_cut(reference: onnx.ModelProto, images, settings: LatencySettings = LatencySettings()):
@@ -52,10 +33,10 @@ def onnxruntime_cut(reference: onnx.ModelProto, images, settings: LatencySetting
     batch = (torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
              .float()[:settings.batch_size],)
     channels_last = _file_channels_last(reference)
-    reference_run = ort_runner(reference, batch, settings, channels_last)
+    reference_run = session_runner(reference, batch, settings, channels_last, "the float model")
 
     def measure(candidate: onnx.ModelProto) -> Timing:
-        run = ort_runner(candidate, batch, settings, channels_last)
+        run = session_runner(candidate, batch, settings, channels_last, "the quantised model")
         ref, cand = compare_interleaved([reference_run, run], settings)
         return Timing(latency_cut(ref, cand), ref.median_ms, cand.median_ms)
 
@@ -81,7 +62,8 @@ class QuantizedOnnxRuntime:
         check_settings(settings)
         check_int8_device(settings.device)
         quantized = quantize_onnx(to_onnx(model, verify=False), self.calibration, self.config, settings.device)
-        return ort_runner(quantized, batch_inputs(model, settings), settings, is_channels_last(model))
+        return session_runner(quantized, batch_inputs(model, settings), settings, is_channels_last(model),
+                              "the quantised model")
 
     def describe(self, settings: LatencySettings) -> dict:
         info = self.base.describe(settings)

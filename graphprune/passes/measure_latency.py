@@ -188,11 +188,12 @@ class MeasureResult(Analysis):
             final = FinalCut(cut.original, cut.candidate, cut.cut)
         else:
             from ..backends.environment import batch_inputs
-            from ..backends.onnxruntime_int8 import ort_runner
+            from ..backends.onnxruntime import session_runner
             from ..formats.input_layout import is_channels_last
 
             runs = [backend.prepare(ctx.original, ctx.latency), backend.prepare(model, ctx.latency),
-                    ort_runner(quantized.proto, batch_inputs(model, ctx.latency), ctx.latency, is_channels_last(model))]
+                    session_runner(quantized.proto, batch_inputs(model, ctx.latency), ctx.latency,
+                                   is_channels_last(model), "the quantised model")]
             original, recovered, written = compare_interleaved(runs, ctx.latency)
             final = FinalCut(original, written, latency_cut(original, written), float_candidate=recovered)
         return PassResult(model, record=final.to_dict(), artifacts=[final])

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..errors import GraphpruneError
+from ..errors import GraphpruneError, first_line
 from ..formats.input_layout import looks_channels_last
 from ..formats.io_onnx import ort_feeds
 from ..formats.onnx_opset import default_opset
@@ -198,11 +198,6 @@ def cpu_session(proto_or_bytes, what: str = "the model"):
 def run_outputs(session, images: torch.Tensor, batch_size: int) -> np.ndarray:
     """The first output of ``session`` on ``images``, batched."""
     return np.concatenate([session.run(None, feeds)[0] for feeds in image_batches(session, images, batch_size)])
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def as_images(images, what: str = "calibration") -> torch.Tensor:
