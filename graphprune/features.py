@@ -1,33 +1,61 @@
-"""The feature tensor PRACTISE mimics, and graphs that compute it.
+"""What feature mimicking compares (the *targets*), and graphs that compute them.
 
-The *classifier* is the last weighted op (linear, matmul, conv) on the way to the output; the
-*features* are its input (the pooled, flattened tensor for a CNN; the class token for a ViT). Both
-recoverability and recovery compare features before the classifier, so the classifier is never
-part of what is trained. ``feature_node`` overrides the choice by fx node name (or ONNX node name).
+**Targets.** For every graph output, its *last trained layers*: the weighted ops (conv, linear,
+matmul) it is reached from without passing another trained one; a layer whose weights are fixed by
+construction (every weight an integer, as a detector's DFL integral conv over 0..15 or an
+identity) is looked through, not stopped at. The targets are those layers' tensor inputs. A
+classifier has one: the pooled, flattened features before its last linear (the class token for a
+ViT). A detector gets the inputs of its class and box convs at every scale; a segmentation or OCR
+model those of its head. Every trained layer is then outside what is compared, so it is never
+trained. ``feature_node`` overrides the choice with a comma-separated list of fx or ONNX node names.
 
-The *feature map* is what the features are read from without weights: walking back from the
-features through weight-free nodes of one tensor input (flatten, reshape, pooling, token select),
-the first tensor with more elements per image than the node that reads it (the 64x8x8 map a CIFAR
-ResNet pools into its 64 features). Mimicking the map gives more targets per image, and the
-features follow from it (the reduction is fixed).
+A target is remembered by the layer that reads it (and the argument slot): in a pruned model the
+tensor that layer now reads is the one compared, even where the node the original had there was a
+dropped block's output.
+
+**Loss.** Each target's mean squared error is weighted by ``mean(s) / s_t``, ``s_t`` the mean
+square of the original's target ``t``, so that none dominates by its scale:
+
+    L = 1/T sum_t  mean(s)/s_t * MSE_t
+
+With one target the weight is 1 and ``L`` is that target's plain MSE.
+
+The *feature map* is what a target is read from without weights: walking back from it through
+weight-free nodes of one tensor input (flatten, reshape, pooling, token select), the first tensor
+with more elements per image than the node that reads it (the 64x8x8 map a CIFAR ResNet pools into
+its 64 features). Mimicking the map gives more targets per image, and the features follow from it
+(the reduction is fixed).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from .errors import GraphpruneError
 from .graph_stats import node_stats
 from .model import Model
-from .ops import ancestors, constant_nodes, is_multi_output, is_weighted
+from .ops import ancestors, constant_nodes, fetch_attr, is_multi_output, is_weighted, module_parameters, tensor_args
+
+
+@dataclass(frozen=True)
+class Target:
+    """A mimicked tensor: node ``node`` of the original, read by trained layer ``reader`` in
+    argument slot ``slot`` (``reader`` is None for a node the user named)."""
+
+    node: str
+    reader: str | None = None
+    slot: int = 0
 
 
 def classifier_node(model: Model) -> fx.Node:
-    """The last weighted node the output depends on."""
+    """The last weighted node the output depends on (the layer label recovery keeps frozen)."""
     gm = model.graph_module
     constants = constant_nodes(gm)
     live = ancestors(gm.graph.output_node())
@@ -37,20 +65,94 @@ def classifier_node(model: Model) -> fx.Node:
     return candidates[-1]
 
 
-def feature_node_name(model: Model, override: str | None = None) -> str:
-    """The fx node whose output is the feature tensor (see the module docstring)."""
+def has_fixed_weights(node: fx.Node, gm: fx.GraphModule, constants: set[fx.Node]) -> bool:
+    """Every weight ``node`` reads is an integer: set by construction (an arange, an identity),
+    not by training, which never lands every weight on an integer."""
+    weights = [p for p in module_parameters(node, gm) if p.is_floating_point()]
+    weights += [fetch_attr(gm, i.target) for i in node.all_input_nodes if i in constants and i.op == "get_attr"]
+    weights = [w for w in weights if isinstance(w, torch.Tensor) and w.is_floating_point()]
+    return bool(weights) and all(bool((w == w.round()).all()) for w in weights)
+
+
+def last_trained_layers(model: Model) -> list[fx.Node]:
+    """For every graph output, the trained weighted nodes it is reached from without passing
+    another one (fixed-weight layers are looked through), in graph order."""
+    gm = model.graph_module
+    constants = constant_nodes(gm)
+    found, seen = set(), set()
+    stack = [n for n in gm.graph.output_node().all_input_nodes if n not in constants]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if is_weighted(node, gm, constants) and not has_fixed_weights(node, gm, constants):
+            found.add(node)
+        else:
+            stack.extend(i for i in node.all_input_nodes if i not in constants)
+    return [n for n in gm.graph.nodes if n in found]
+
+
+def mimic_targets(model: Model, override: str | None = None) -> list[Target]:
+    """The targets (see the module docstring), or the nodes ``override`` names (comma-separated)."""
     gm = model.graph_module
     if override:
-        for node in gm.graph.nodes:
-            if override in (node.name, node.meta.get("onnx_name"), str(node.target)):
-                return node.name
-        raise GraphpruneError(f"feature_node '{override}' is not a node of the model", parameter="feature_node")
-    classifier = classifier_node(model)
+        names = [part.strip() for part in override.split(",") if part.strip()]
+        return [Target(_node_named(gm, name)) for name in dict.fromkeys(names)]
     constants = constant_nodes(gm)
-    inputs = [i for i in classifier.all_input_nodes if i not in constants]
-    if not inputs:
-        raise GraphpruneError("the classifier reads no tensor input")
-    return inputs[0].name
+    targets: list[Target] = []
+    for layer in last_trained_layers(model):
+        for slot, value in enumerate(tensor_args(layer)):
+            if value not in constants and value.op != "placeholder" and value.name not in {t.node for t in targets}:
+                targets.append(Target(value.name, layer.name, slot))
+    if not targets:
+        raise GraphpruneError("the model's outputs have no trained layer behind them (a conv, linear or matmul "
+                              "whose weights are not fixed), so there is nothing to mimic; name the tensors "
+                              "with feature_node", parameter="feature_node")
+    return targets
+
+
+def target_names(gm: fx.GraphModule, targets: Sequence[Target]) -> list[str]:
+    """The nodes of ``gm`` (the original or a pruned copy) whose values are compared for
+    ``targets``: what each target's reader reads there, else the node of the target's name."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    names = []
+    for target in targets:
+        reader = nodes.get(target.reader) if target.reader else None
+        if reader is not None and len(tensor_args(reader)) > target.slot:
+            names.append(tensor_args(reader)[target.slot].name)
+        elif target.node in nodes:
+            names.append(target.node)
+        else:
+            raise GraphpruneError(f"the mimicked tensor '{target.node}' is gone from the pruned model "
+                                  "(a dropped block computed it); name other tensors with feature_node",
+                                  parameter="feature_node")
+    return names
+
+
+def describe_targets(model: Model, override: str | None = None) -> list[dict]:
+    """The targets for a report: fx node, ONNX node name where the model came from a file, and the
+    trained layer that reads it."""
+    nodes = {n.name: n for n in model.graph_module.graph.nodes}
+    return [{"node": t.node, "onnx_name": nodes[t.node].meta.get("onnx_name"), "read_by": t.reader}
+            for t in mimic_targets(model, override)]
+
+
+def feature_node_name(model: Model, override: str | None = None) -> str:
+    """The first target's node (a classifier's features: its only one)."""
+    return mimic_targets(model, override)[0].node
+
+
+def target_weights(teacher_values: Sequence[torch.Tensor]) -> list[float]:
+    """``mean(s) / s_t`` per target (the module docstring's loss)."""
+    scales = [float(t.float().pow(2).mean()) or 1.0 for t in teacher_values]
+    mean = sum(scales) / len(scales)
+    return [mean / s for s in scales]
+
+
+def mimic_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """The module docstring's ``L`` for one batch of student and teacher target values."""
+    return sum(w * F.mse_loss(s, t) for s, t, w in zip(student, teacher, weights)) / len(weights)
 
 
 def feature_map_node_name(model: Model, feature: str) -> str | None:
@@ -87,21 +189,28 @@ def classifier_parameters(model: Model) -> list[torch.nn.Parameter]:
     return params
 
 
-def truncate(gm: fx.GraphModule, output: str) -> fx.GraphModule:
-    """A GraphModule (sharing ``gm``'s modules and weights) that returns node ``output``."""
+def truncate(gm: fx.GraphModule, output: str | Sequence[str]) -> fx.GraphModule:
+    """A GraphModule (sharing ``gm``'s modules and weights) that returns node ``output``, or the
+    tuple of the nodes a list names."""
     graph = _plain_copy(gm.graph)
-    nodes = {n.name: n for n in graph.nodes}
-    if output not in nodes:
-        raise GraphpruneError(f"node '{output}' is not in the graph")
     old = graph.output_node()
     with graph.inserting_after(old):
-        graph.output(nodes[output])
+        graph.output(_outputs(graph, output))
     graph.erase_node(old)
     return _without_dead_code(fx.GraphModule(gm, graph))
 
 
-def suffix_from(gm: fx.GraphModule, start: str, output: str) -> fx.GraphModule | None:
-    """A GraphModule computing ``output`` from node ``start``'s value (its only input), or
+def _outputs(graph: fx.Graph, output: str | Sequence[str]):
+    nodes = {n.name: n for n in graph.nodes}
+    names = [output] if isinstance(output, str) else list(output)
+    for name in names:
+        if name not in nodes:
+            raise GraphpruneError(f"node '{name}' is not in the graph")
+    return nodes[output] if isinstance(output, str) else tuple(nodes[name] for name in names)
+
+
+def suffix_from(gm: fx.GraphModule, start: str, output: str | Sequence[str]) -> fx.GraphModule | None:
+    """A GraphModule computing ``output`` (a node, or a tuple of the nodes a list names) from node ``start``'s value (its only input), or
     ``None`` when ``output`` also depends on the graph inputs by another path or ``start``'s value
     is a tuple (a Split's outputs), which the suffix could not be fed as one batch of tensors."""
     graph = _plain_copy(gm.graph)
@@ -110,7 +219,7 @@ def suffix_from(gm: fx.GraphModule, start: str, output: str) -> fx.GraphModule |
         return None
     old_out = graph.output_node()
     with graph.inserting_after(old_out):
-        graph.output(nodes[output])
+        graph.output(_outputs(graph, output))
     graph.erase_node(old_out)
     first = next(iter(graph.nodes))
     with graph.inserting_before(first):
@@ -141,12 +250,22 @@ def _plain_copy(graph: fx.Graph) -> fx.Graph:
 
 
 @torch.no_grad()
-def run_batched(gm: fx.GraphModule, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """``gm`` on ``images`` in eval mode, in batches, concatenated."""
+def run_batched(gm: fx.GraphModule, images: torch.Tensor, batch_size: int = 128):
+    """``gm`` on ``images`` in eval mode, in batches, concatenated (each element of a tuple output)."""
     was_training = gm.training
     gm.eval()
     try:
         outs = [gm(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     finally:
         gm.train(was_training)
+    if isinstance(outs[0], (tuple, list)):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
     return torch.cat(outs)
+
+
+def _node_named(gm: fx.GraphModule, name: str) -> str:
+    """The fx name of the node called ``name`` in fx or in the ONNX file (or a module target)."""
+    for node in gm.graph.nodes:
+        if name in (node.name, node.meta.get("onnx_name"), str(node.target)):
+            return node.name
+    raise GraphpruneError(f"feature_node '{name}' is not a node of the model", parameter="feature_node")

@@ -172,6 +172,14 @@ def iter_input_nodes(node: fx.Node) -> Iterable[fx.Node]:
     return node.all_input_nodes
 
 
+def tensor_args(node: fx.Node) -> list[fx.Node]:
+    """Every node ``node`` reads, one entry per argument slot: a Concat that reads a Split's half
+    and, where a block was dropped, the same half again in the block's place lists it twice."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
+
+
 def ancestors(node: fx.Node) -> set[fx.Node]:
     """``node`` and every node it depends on."""
     seen, stack = set(), [node]

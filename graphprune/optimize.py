@@ -25,6 +25,7 @@ from pathlib import Path
 from .backends.base import LatencySettings, get_backend
 from .data import TinySet, split_holdout
 from .errors import GraphpruneError
+from .features import describe_targets
 from .formats.input_layout import looks_channels_last
 from .formats.model_io import atomic_write, save
 from .model import HALF_DTYPES, Model
@@ -179,6 +180,7 @@ def build_report(original: Model, state: PassState, ctx: PassContext, config: Op
                               "pooled": pooled_saved.get(names[0])} for names in (pooled.pooled_groups if pooled else [])],
         "selection_measurements": selection.measurements if selection else [],
         "refinement": refinement.record if refinement else None,
+        "mimic_targets": describe_targets(original, config.feature_node),
         "data": {**ctx.tiny.summary(), "train_for_scoring": len(ctx.train), "held_out_for_scoring": len(ctx.holdout),
                  "train_for_recovery": len(ctx.tiny)},
         "recovery": ({"loss_curve": recovery.loss_curve, "final_loss": recovery.final_loss,

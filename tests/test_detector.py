@@ -64,7 +64,7 @@ def test_every_estimator_scores_the_c2f_blocks(yolo, estimator):
     assert [s.name for s in scores] == C2F_BLOCKS
     assert all(np.isfinite(s.recoverability) and s.recoverability > 0 for s in scores)
     if estimator in ("practise", "lstsq"):  # fitted adaptors do no worse than none on held-out images
-        assert all(s.recoverability <= s.before_fit * 1.05 for s in scores)
+        assert all(s.recoverability <= s.before_fit for s in scores)
 
 
 def test_dropping_a_c2f_block_equals_zeroing_it_and_is_written(yolo, tmp_path):

@@ -81,9 +81,9 @@ def test_the_feature_map_is_the_tensor_the_features_are_pooled_from(setup):
     # "auto" takes the map where both networks have one, else the features, and never refuses
     _, record = recover(mlp, mlp, few, RecoverySettings(iterations=1, target="auto"), show_progress=False)
     mlp_feature = feature_node_name(mlp)
-    assert record["mimicked_nodes"] == {"original": mlp_feature, "pruned": mlp_feature}
+    assert record["mimicked_nodes"] == {"original": [mlp_feature], "pruned": [mlp_feature]}
     _, record = recover(without_last, teacher, tiny, RecoverySettings(iterations=1, target="auto"), show_progress=False)
-    assert record["mimicked_nodes"] == {"original": name, "pruned": other}
+    assert record["mimicked_nodes"] == {"original": [name], "pruned": [other]}
 
 
 def test_mimicking_the_feature_map_lowers_the_map_and_the_feature_error(setup):
@@ -97,7 +97,7 @@ def test_mimicking_the_feature_map_lowers_the_map_and_the_feature_error(setup):
     recovered, record = recover(pruned, teacher, tiny, RecoverySettings(iterations=40, batch_size=16, lr=0.02,
                                                                         augment="none", target="feature-map"),
                                 show_progress=False)
-    assert record["mimicked_nodes"] == {"original": name, "pruned": name}
+    assert record["mimicked_nodes"] == {"original": [name], "pruned": [name]}
     assert map_mse(recovered) < 0.7 * before_map
     assert _feature_mse(recovered, teacher, tiny.images) < before_features
 

@@ -47,27 +47,52 @@ class C2f(nn.Module):
         return self.cv2(torch.cat(y, 1))
 
 
-class Detect(nn.Module):
-    def __init__(self, channels, classes):
+class DFL(nn.Module):
+    """ultralytics' distribution focal loss integral: softmax over ``reg`` bins, then a 1x1 conv
+    whose weights are fixed to 0..reg-1 (set by construction, never trained)."""
+
+    def __init__(self, reg):
         super().__init__()
-        self.box = nn.ModuleList(nn.Sequential(ConvBnAct(c, 16), nn.Conv2d(16, 4, 1)) for c in channels)
+        self.reg = reg
+        self.conv = nn.Conv2d(reg, 1, 1, bias=False).requires_grad_(False)
+        self.conv.weight.data[:] = torch.arange(reg, dtype=torch.float).view(1, reg, 1, 1)
+
+    def forward(self, x):  # (batch, 4 * reg, anchors) -> (batch, 4, anchors)
+        b, _, a = x.shape
+        return self.conv(x.view(b, 4, self.reg, a).transpose(2, 1).softmax(1)).view(b, 4, a)
+
+
+class Detect(nn.Module):
+    """Box and class branches per scale; with ``reg`` > 1 the boxes are distributions over ``reg``
+    bins read by a :class:`DFL` and scaled by each anchor's stride, as ultralytics' head does."""
+
+    def __init__(self, channels, classes, reg=1):
+        super().__init__()
+        self.reg = reg
+        self.box = nn.ModuleList(nn.Sequential(ConvBnAct(c, 16), nn.Conv2d(16, 4 * reg, 1)) for c in channels)
         self.cls = nn.ModuleList(nn.Sequential(ConvBnAct(c, 16), nn.Conv2d(16, classes, 1)) for c in channels)
+        self.dfl = DFL(reg) if reg > 1 else None
 
     def forward(self, features):
-        outs = []
-        for x, box, cls in zip(features, self.box, self.cls):
-            y = torch.cat([box(x), cls(x).sigmoid()], 1)
-            outs.append(y.flatten(2))
-        return torch.cat(outs, 2)
+        if self.dfl is None:
+            outs = []
+            for x, box, cls in zip(features, self.box, self.cls):
+                y = torch.cat([box(x), cls(x).sigmoid()], 1)
+                outs.append(y.flatten(2))
+            return torch.cat(outs, 2)
+        boxes = [box(x).flatten(2) for x, box in zip(features, self.box)]
+        strides = torch.cat([torch.full((b.shape[2],), 4.0 * 2 ** i) for i, b in enumerate(boxes)])
+        scores = torch.cat([cls(x).flatten(2) for x, cls in zip(features, self.cls)], 2)
+        return torch.cat([self.dfl(torch.cat(boxes, 2)) * strides, scores.sigmoid()], 1)
 
 
 class TinyYolo(nn.Module):
-    def __init__(self, classes=3):
+    def __init__(self, classes=3, reg=1):
         super().__init__()
         self.stem = ConvBnAct(3, 8, s=2)
         self.stage1 = nn.Sequential(ConvBnAct(8, 16, s=2), C2f(16, 16, n=2))
         self.stage2 = nn.Sequential(ConvBnAct(16, 32, s=2), C2f(32, 32, n=1))
-        self.head = Detect((16, 32), classes)
+        self.head = Detect((16, 32), classes, reg)
 
     def forward(self, x):
         p3 = self.stage1(self.stem(x))
@@ -75,12 +100,12 @@ class TinyYolo(nn.Module):
         return self.head([p3, p4])
 
 
-def tiny_yolo(seed=0) -> TinyYolo:
+def tiny_yolo(seed=0, reg=1) -> TinyYolo:
     torch.manual_seed(seed)
-    model = TinyYolo().eval()
+    model = TinyYolo(reg=reg).eval()
     with torch.no_grad():  # trained-looking statistics, so no BatchNorm is an identity, and
         for m in model.modules():  # weights that keep the activations' scale through the network
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d) and m.weight.requires_grad:
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.2, 0.2)
@@ -89,14 +114,15 @@ def tiny_yolo(seed=0) -> TinyYolo:
     return model
 
 
-def tiny_yolo_onnx(size=64, imgsz_metadata=True, seed=0) -> onnx.ModelProto:
+def tiny_yolo_onnx(size=64, imgsz_metadata=True, seed=0, reg=1) -> onnx.ModelProto:
     """:class:`TinyYolo` exported like ultralytics: input ``images`` (batch, 3, height, width),
-    output ``output0``; ``imgsz`` recorded in the metadata unless ``imgsz_metadata`` is False."""
+    output ``output0``; ``imgsz`` recorded in the metadata unless ``imgsz_metadata`` is False;
+    ``reg`` > 1: a DFL head (its strides then fix the spatial size to ``size``)."""
     buffer = io.BytesIO()
-    torch.onnx.export(tiny_yolo(seed), (torch.randn(1, 3, size, size),), buffer, opset_version=17, dynamo=False,
+    torch.onnx.export(tiny_yolo(seed, reg), (torch.randn(1, 3, size, size),), buffer, opset_version=17, dynamo=False,
                       input_names=["images"], output_names=["output0"],
-                      dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
-                                    "output0": {0: "batch", 2: "anchors"}})
+                      dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"} if reg == 1 else {0: "batch"},
+                                    "output0": {0: "batch", 2: "anchors"} if reg == 1 else {0: "batch"}})
     proto = onnx.load_from_string(buffer.getvalue())
     if imgsz_metadata:
         for key, value in (("stride", "16"), ("task", "detect"), ("imgsz", f"[{size}, {size}]")):

@@ -91,7 +91,8 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
      help="adaptor optimiser (sgd: the paper's, momentum 0.9)")
 @opt("scoring", "--score-lr", fills="recoverability.lr", type=POSITIVE, help="adaptor learning rate")
 @opt("scoring", "--feature-node", fills="feature_node",
-     help="node whose output is mimicked (default: input of the classifier)")
+     help="nodes whose outputs are mimicked, comma-separated fx or ONNX names (default: the inputs of the "
+          "last trained layers behind every output: a classifier's features, a detector's head inputs)")
 @opt("refinement", "--refine-evaluations", fills="refine.max_evaluations", type=COUNT,
      help="joint-recoverability fits to refine the chosen set with (0: keep the greedy set)")
 @opt("refinement", "--joint-iterations", fills="refine.joint_iterations", type=POSITIVE_INT,

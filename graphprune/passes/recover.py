@@ -2,13 +2,15 @@
 
     min over student weights   E_x || f_student(aug(x)) - f_teacher(aug(x)) ||^2
 
-where ``f`` are the features before the classifier (or, with ``target="feature-map"``, the map
-those features are pooled from: :func:`~graphprune.features.feature_map_node_name`; with
-``target="auto"`` that map where both networks have one, else the features), the
+where ``f`` are the targets (:mod:`graphprune.features`: the inputs of the last trained layers
+behind every output, the features before a classifier's last linear; several targets weighted so
+that none dominates by its scale), or, with ``target="feature-map"``, the maps those targets are
+pooled from (:func:`~graphprune.features.feature_map_node_name`; with ``target="auto"`` each
+target's map where both networks have one, else the target itself), the
 teacher is the original network (frozen, eval mode) and ``aug`` is random crop (with padding for
 small images, random-resized crop for large ones) plus horizontal flip, drawn afresh every step
-and shown to both networks. Every weight trains except the classifier, which is not even part of
-the student's graph here, so it is frozen by construction; BatchNorm runs in train mode where
+and shown to both networks. Every weight trains except the last trained layers, which are not
+even part of the student's graph here, so they are frozen by construction; BatchNorm runs in train mode where
 the graph has it. SGD with momentum and weight decay (or AdamW), cosine or step learning-rate
 decay.
 
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 
 from ..data import TinySet
 from ..errors import GraphpruneError
-from ..features import classifier_parameters, feature_map_node_name, feature_node_name, truncate
+from ..features import (classifier_parameters, feature_map_node_name, mimic_loss, mimic_targets, run_batched,
+                        target_names, target_weights, truncate)
 from ..model import Model
 from ..progress import progress_bar
 from .base import PassResult, Transform
@@ -96,8 +99,8 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     _check(settings, train)  # the augmentation and the maps are checked where they are built below
     student_model = model.clone()
     device = torch.device(settings.device)
-    feature = feature_node_name(teacher, feature_node)
-    mimicked = _mimicked_nodes(teacher, student_model, feature, settings)
+    targets = mimic_targets(teacher, feature_node)
+    mimicked = _mimicked_nodes(teacher, student_model, targets, settings)
     teacher_gm = truncate(teacher.clone().graph_module, mimicked[0]).to(device).eval()
     full = student_model.graph_module.to(device)
     if settings.loss == "label":
@@ -117,6 +120,8 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     schedule = _schedule(settings)
     gen = torch.Generator().manual_seed(settings.seed)
     images, labels = train.images, train.labels
+    # one target weighs 1; several are weighted by their scale on the tiny set (features.py)
+    weights = [1.0] if len(mimicked[0]) == 1 else target_weights(run_batched(teacher_gm, images.to(device)))
     augment = _augmenter(settings.augment, images.shape[-2:])
     curve, window = [], []
     start = time.perf_counter()
@@ -133,10 +138,12 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
             with torch.no_grad():
                 target = teacher_gm(batch)
             output = student(batch)
-            if output.shape != target.shape:
-                raise GraphpruneError(f"the pruned model's mimicked tensor has shape {tuple(output.shape[1:])}, "
-                                      f"the original's {tuple(target.shape[1:])}: it cannot be mimicked")
-            loss = F.mse_loss(output, target)
+            for out, want, name in zip(output, target, mimicked[0]):
+                if out.shape != want.shape:
+                    raise GraphpruneError(f"the pruned model's tensor in place of '{name}' has shape "
+                                          f"{tuple(out.shape[1:])}, the original's {tuple(want.shape[1:])}: it "
+                                          "cannot be mimicked")
+            loss = mimic_loss(output, target, weights)
         if not torch.isfinite(loss):
             raise GraphpruneError(f"recovery diverged at step {step} (loss {loss.item()}); lower recovery.lr",
                                   parameter="recovery.lr")
@@ -156,29 +163,35 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
         p.requires_grad_(False)
     full.eval()
     student_model.graph_module = full.to("cpu")
-    record = {"settings": asdict(settings), "feature_node": feature, "trained_tensors": len(params),
+    record = {"settings": asdict(settings), "targets": [t.node for t in targets], "trained_tensors": len(params),
               "mimicked_nodes": {"original": mimicked[0], "pruned": mimicked[1]},
               "loss_curve": curve, "final_loss": curve[-1]["loss"] if curve else None,
               "train_images": len(images), "seconds": round(time.perf_counter() - start, 2)}
     return student_model, record
 
 
-def _mimicked_nodes(teacher: Model, student: Model, feature: str, settings: RecoverySettings) -> tuple[str, str]:
-    """(teacher node, student node) whose outputs are compared. The feature node keeps its name in
-    the pruned model, but the map before it may not (it is the last block's output, and that
-    block may be dropped), so each model's map is found from its own features."""
+def _mimicked_nodes(teacher: Model, student: Model, targets, settings: RecoverySettings) -> tuple[list, list]:
+    """(teacher nodes, student nodes) whose outputs are compared, one pair per target. A target is
+    found in the pruned model through the layer that reads it (``target_names``), but the map
+    before it may be a dropped block's output, so each model's map is found from its own target."""
+    teacher_nodes = target_names(teacher.graph_module, targets)
+    student_nodes = target_names(student.graph_module, targets)
     if settings.target == "features" or settings.loss == "label":
-        return feature, feature
-    if settings.target == "auto":
-        maps = feature_map_node_name(teacher, feature), feature_map_node_name(student, feature)
-        return (feature, feature) if None in maps else maps
-    return _feature_map(teacher, feature), _feature_map(student, feature)
+        return teacher_nodes, student_nodes
+    pairs = []
+    for t, s in zip(teacher_nodes, student_nodes):
+        if settings.target == "auto":
+            maps = feature_map_node_name(teacher, t), feature_map_node_name(student, s)
+            pairs.append((t, s) if None in maps else maps)
+        else:
+            pairs.append((_feature_map(teacher, t), _feature_map(student, s)))
+    return [t for t, _ in pairs], [s for _, s in pairs]
 
 
 def _feature_map(model: Model, feature: str) -> str:
     name = feature_map_node_name(model, feature)
     if name is None:
-        raise GraphpruneError("recovery target 'feature-map': the features are not pooled or reshaped from a "
+        raise GraphpruneError(f"recovery target 'feature-map': '{feature}' is not pooled or reshaped from a "
                               "larger tensor without weights; use the target 'features'")
     return name
 
@@ -188,8 +201,10 @@ def check_recovery(teacher: Model, train: TinySet, settings: RecoverySettings, f
     a pipeline calls this first so that a bad setting does not cost the scoring before it."""
     _check(settings, train)
     _augmenter(settings.augment, train.images.shape[-2:])
+    targets = mimic_targets(teacher, feature_node)  # an unknown feature_node or no target: one line now
     if settings.loss == "mimic" and settings.target == "feature-map":
-        _feature_map(teacher, feature_node_name(teacher, feature_node))
+        for name in target_names(teacher.graph_module, targets):
+            _feature_map(teacher, name)
 
 
 def _check(settings: RecoverySettings, train: TinySet) -> None:

@@ -4,17 +4,24 @@ For block ``b``: drop it, insert identity-initialised linear adaptors around the
 adaptors so the pruned network's features match the original's on the training split, and report
 the remaining feature MSE on the *held-out* split (never the images the adaptors were fitted on):
 
-    R(b) = mean over held-out x of || f_pruned+adaptors(x) - f_original(x) ||^2 / dim(f)
+    R(b) = mean over held-out x of L(f_pruned+adaptors(x), f_original(x))
+
+``f`` the mimicked targets and ``L`` their scale-weighted MSE (:mod:`graphprune.features`; for a
+classifier, the feature MSE).
 
 Estimators (``estimator=``):
 
 * ``"practise"``: the paper's adaptors, placed within the dropped block's shape region (same
   output shape, consecutive blocks): on the branch outputs (and projection outputs) of the blocks
   before the gap, on the branch inputs of the blocks after it, and on the branch and projection
-  inputs of the first block after the region. Trained with Adam (or the paper's SGD with momentum
+  inputs of the first block after the region; where none of those reads the gap (a block followed
+  by a plain layer, as an MBConv stage's last residual block before a downsampling one), one
+  adaptor on the gap itself, on what its readers now read. Trained with Adam (or the paper's SGD with momentum
   0.9; either with step decay x0.1 at 40% of the steps) on the features, network frozen in eval
   mode. The frozen prefix before the region is computed once per image and cached, so each step
-  runs only the region and what follows.
+  runs only the region and what follows. The score is the held-out error of the best checkpoint
+  (the identity start and every fifth of the steps): a fit never scores worse than no fit, where
+  the adaptors fit the few training images and not the rest.
 * ``"lstsq"``: one adaptor at the gap, solved in closed form so that it maps the value arriving at
   the gap to the original block's output (ridge least squares over every position of every
   training image), then the held-out feature MSE as above. Costs one partial forward pass.
@@ -39,10 +46,10 @@ from ..adaptors import Adaptor, adaptor_parameters, channel_dim, insert_adaptor
 from ..cache import tensor_fingerprint
 from ..data import TinySet
 from ..errors import GraphpruneError
-from ..features import feature_node_name, run_batched, suffix_from, truncate
+from ..features import mimic_loss, mimic_targets, run_batched, suffix_from, target_names, target_weights, truncate
 from ..graph_stats import node_stats
 from ..model import Model
-from ..ops import is_multi_output
+from ..ops import is_multi_output, tensor_args
 from ..progress import progress_bar
 from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
@@ -132,7 +139,7 @@ def score_blocks(model: Model, blocks: list[Block], train: TinySet, holdout: Tin
         raise GraphpruneError(f"unknown recoverability estimator '{settings.estimator}' ({', '.join(ESTIMATORS)})")
     if settings.optimizer not in OPTIMIZERS:
         raise GraphpruneError(f"unknown adaptor optimizer '{settings.optimizer}' ({', '.join(OPTIMIZERS)})")
-    feature = feature_node_name(model, feature_node)
+    targets = mimic_targets(model, feature_node)
     context = None  # built on first use: a fully cached run computes nothing
     results = []
     todo = [b for b in blocks if candidates is None or b.name in candidates]
@@ -140,7 +147,7 @@ def score_blocks(model: Model, blocks: list[Block], train: TinySet, holdout: Tin
     for block in todo:
         cached = cache.get(block.name) if cache is not None else None
         if cached is None:
-            context = context or _Context(model, blocks, train, holdout, feature, settings)
+            context = context or _Context(model, blocks, train, holdout, targets, settings)
             result = context.score(block)
             if cache is not None:
                 cache[block.name] = result.to_dict()
@@ -156,12 +163,12 @@ def set_scorer(model: Model, blocks: list[Block], train: TinySet, holdout: TinyS
                settings: RecoverabilitySettings, feature_node: str | None = None):
     """A function ``names -> joint recoverability`` of dropping those blocks together (estimator
     ``practise``); teacher features and prefix activations are computed once, on first use."""
-    feature = feature_node_name(model, feature_node)
+    targets = mimic_targets(model, feature_node)
     context = []
 
     def score(names: list[str]) -> float:
         if not context:
-            context.append(_Context(model, blocks, train, holdout, feature, settings))
+            context.append(_Context(model, blocks, train, holdout, targets, settings))
         return context[0].score_set(names)
     return score
 
@@ -169,18 +176,20 @@ def set_scorer(model: Model, blocks: list[Block], train: TinySet, holdout: TinyS
 class _Context:
     """What every block's scoring shares: teacher features, shapes, cached prefix activations."""
 
-    def __init__(self, model, blocks, train, holdout, feature, settings):
+    def __init__(self, model, blocks, train, holdout, targets, settings):
         device = torch.device(settings.device)
         if device.type != "cpu":
             model = model.clone()
             model.graph_module.to(device)
         self.model, self.blocks, self.settings = model, blocks, settings
         self.train_x, self.holdout_x = train.images.to(device), holdout.images.to(device)
-        self.feature = feature
-        teacher = truncate(model.graph_module, feature)
+        self.targets = targets
+        teacher = truncate(model.graph_module, target_names(model.graph_module, targets))
         self.teacher_train = run_batched(teacher, self.train_x)
         self.teacher_holdout = run_batched(teacher, self.holdout_x)
-        self.scale = float(self.teacher_holdout.pow(2).mean()) or 1.0
+        self.weights = target_weights(self.teacher_train)
+        # the loss's mean(s): relative = loss / scale is the mean over targets of MSE_t / s_t
+        self.scale = sum(float(t.pow(2).mean()) or 1.0 for t in self.teacher_holdout) / len(targets)
         self.shapes = {b.exit: b.output_shape for b in blocks}
         self.shapes.update({name: s.shape for name, s in node_stats(self._on_cpu(model)).items()})
         self.prefix_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -199,7 +208,7 @@ class _Context:
             return BlockRecoverability(block.name, influence, influence, influence)
         dropped = drop_blocks(self.model, [block.name], self.blocks)
         gm = dropped.graph_module
-        before = self._holdout_mse(truncate(gm, self.feature), self.holdout_x)
+        before = self._holdout_mse(self._student(gm), self.holdout_x)
         if self.settings.estimator == "none":
             after = before
         elif self.settings.estimator == "lstsq":
@@ -208,8 +217,12 @@ class _Context:
             after = self._practise([block], gm)
         return BlockRecoverability(block.name, after, after / self.scale, before)
 
-    def _holdout_mse(self, features_gm: fx.GraphModule, inputs: torch.Tensor) -> float:
-        return float(F.mse_loss(run_batched(features_gm, inputs), self.teacher_holdout))
+    def _student(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """``gm`` (pruned, adaptors in) up to the targets, as a tuple."""
+        return truncate(gm, target_names(gm, self.targets))
+
+    def _holdout_mse(self, student: fx.GraphModule, inputs: torch.Tensor) -> float:
+        return float(mimic_loss(run_batched(student, inputs), self.teacher_holdout, self.weights))
 
     # --- block influence (ShortGPT) -------------------------------------------------------------
     def _influence(self, block: Block) -> float:
@@ -230,7 +243,7 @@ class _Context:
     def _lstsq(self, block: Block, gm: fx.GraphModule) -> float:
         self._insert_gap_adaptor(block, gm)
         gm.recompile()
-        return self._holdout_mse(truncate(gm, self.feature), self.holdout_x)
+        return self._holdout_mse(self._student(gm), self.holdout_x)
 
     def _insert_gap_adaptor(self, block: Block, gm: fx.GraphModule) -> None:
         """An adaptor where the block was, solved in closed form to map what now arrives there to
@@ -282,11 +295,11 @@ class _Context:
         gm.recompile()
         start = shape_region(self.blocks, dropped[0])[0].entry  # every adaptor sits after it
         train_in, holdout_in = self._prefix(start)
-        student = suffix_from(gm, start, self.feature) if train_in is not None else None
+        student = suffix_from(gm, start, target_names(gm, self.targets)) if train_in is not None else None
         if student is None:
-            student, train_in, holdout_in = truncate(gm, self.feature), self.train_x, self.holdout_x
-        _fit_adaptors(student, train_in, self.teacher_train, self.settings)
-        return self._holdout_mse(student, holdout_in)
+            student, train_in, holdout_in = self._student(gm), self.train_x, self.holdout_x
+        return _fit_adaptors(student, train_in, self.teacher_train, self.weights, self.settings,
+                             lambda: self._holdout_mse(student, holdout_in))
 
     def _prefix(self, start: str):
         """Cached activations of node ``start`` (unchanged by dropping later blocks); ``(None,
@@ -333,32 +346,28 @@ def adaptor_sites(gm: fx.GraphModule, blocks: list[Block], region: list[Block],
             readers = [name for name in path if name in entry_readers]
             if readers:
                 sites.append((later.entry, readers))
+    if not any(producer == dropped.exit for producer, _ in sites):
+        # no block of the region reads the gap (an MBConv stage's last block before a downsampling
+        # one, a ViT's last MLP before the final norm): one adaptor where the block's output was
+        sites.append((dropped.exit, [u.name for u in _node(gm, dropped.exit).users]))
     return sites
 
 
 def _current_input(original: fx.GraphModule, gm: fx.GraphModule, producer: str, consumer: str) -> fx.Node:
     """The node that now feeds ``consumer`` where ``producer`` did (it may have been replaced)."""
     slot = _slots(_node(original, consumer), _node(original, producer))[0]
-    return _tensor_args(_node(gm, consumer))[slot]
-
-
-def _tensor_args(node: fx.Node) -> list[fx.Node]:
-    """Every node ``node`` reads, one entry per argument slot: a Concat that reads a Split's half
-    and, where a block was dropped, the same half again in the block's place lists it twice."""
-    found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), found.append)
-    return found
+    return tensor_args(_node(gm, consumer))[slot]
 
 
 def _slots(node: fx.Node, value: fx.Node) -> list[int]:
-    return [i for i, arg in enumerate(_tensor_args(node)) if arg is value]
+    return [i for i, arg in enumerate(tensor_args(node)) if arg is value]
 
 
 def _redirect(original: fx.GraphModule, reader: fx.Node, producer: str, new: fx.Node) -> None:
     """Make ``reader`` read ``new`` in the argument slots where, in ``original``, it read
     ``producer`` (and in no other slot, even one holding the same value)."""
     slots = set(_slots(_node(original, reader.name), _node(original, producer)))
-    counter = iter(range(len(_tensor_args(reader))))
+    counter = iter(range(len(tensor_args(reader))))
 
     def swap(arg: fx.Node) -> fx.Node:
         return new if next(counter) in slots else arg
@@ -384,11 +393,17 @@ def _ridge_map(x: torch.Tensor, y: torch.Tensor, dim: int, ridge: float) -> torc
     return a_t.T.float()
 
 
-def _fit_adaptors(student: fx.GraphModule, inputs: torch.Tensor, targets: torch.Tensor,
-                  settings: RecoverabilitySettings) -> None:
+def _fit_adaptors(student: fx.GraphModule, inputs: torch.Tensor, targets: tuple, weights: list[float],
+                  settings: RecoverabilitySettings, holdout_error) -> float:
+    """Fit ``student``'s adaptors to ``targets`` and return the held-out error ``holdout_error()``
+    of the best of the checkpoints: the identity start and every fifth of the steps. So the fit
+    never leaves the held-out error above no fit at all: with few training images the adaptors can
+    fit them and not the rest (early stopping on the held-out error)."""
     params = adaptor_parameters(student)
+    best = holdout_error()
     if not params or settings.iterations <= 0:
-        return
+        return best
+    best_state = [p.detach().clone() for p in params]
     for p in student.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -403,15 +418,23 @@ def _fit_adaptors(student: fx.GraphModule, inputs: torch.Tensor, targets: torch.
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [milestone], gamma=0.1)
     gen = torch.Generator().manual_seed(settings.seed)
     n = len(inputs)
-    for _ in range(settings.iterations):
+    checkpoint = max(1, settings.iterations // 5)
+    for step in range(settings.iterations):
         index = torch.randint(0, n, (min(settings.batch_size, n),), generator=gen)
-        loss = F.mse_loss(student(inputs[index]), targets[index])
+        loss = mimic_loss(student(inputs[index]), [t[index] for t in targets], weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-    for p in params:
-        p.requires_grad_(False)
+        if (step + 1) % checkpoint == 0 or step + 1 == settings.iterations:
+            error = holdout_error()
+            if error < best:
+                best, best_state = error, [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, value in zip(params, best_state):
+            p.copy_(value)
+            p.requires_grad_(False)
+    return best
 
 
 __all__ = ["Adaptor", "BlockRecoverability", "ESTIMATORS", "Recoverability", "RecoverabilitySettings",
