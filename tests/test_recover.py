@@ -110,3 +110,48 @@ def test_bad_recovery_settings(setup, bad, message):
     data = TinySet(tiny.images, torch.full((48,), -1)) if bad.get("loss") == "label" else tiny
     with pytest.raises(gp.GraphpruneError, match=message):
         recover(pruned, teacher, data, RecoverySettings(iterations=2, **bad), show_progress=False)
+
+
+class TwoBlocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        conv = lambda: torch.nn.Conv2d(8, 8, 3, padding=1)  # noqa: E731
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.first = torch.nn.Sequential(conv(), torch.nn.ReLU(), conv())
+        self.second = torch.nn.Sequential(conv(), torch.nn.ReLU(), conv())
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        y = torch.relu(y + self.first(y))
+        y = torch.relu(y + self.second(y))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("freeze", ["on", "off"])
+def test_a_frozen_prefix_is_not_trained_and_the_rest_is(freeze):
+    torch.manual_seed(0)
+    teacher = gp.load(TwoBlocks().eval(), input_shape=(1, 3, 12, 12))
+    blocks = gp.find_blocks(teacher)
+    pruned = gp.drop_blocks(teacher, ["first"], blocks)
+    tiny = TinySet(torch.randn(32, 3, 12, 12), torch.zeros(32, dtype=torch.long))
+    settings = RecoverySettings(iterations=20, batch_size=8, lr=3e-3, augment="none", freeze_prefix=freeze)
+    recovered, record = recover(pruned, teacher, tiny, settings, show_progress=False,
+                                frozen_until=blocks[0].entry)
+    before, after = dict(pruned.graph_module.named_parameters()), dict(recovered.graph_module.named_parameters())
+    prefix = [k for k in before if k.startswith("stem")]
+    assert prefix and all(k in after for k in prefix)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    if freeze == "on":
+        assert record["frozen_prefix"] == blocks[0].entry and not changed & set(prefix)
+    else:
+        assert record["frozen_prefix"] is None and changed & set(prefix)
+    assert {k.split(".")[0] for k in changed - set(prefix)} == {"second"}  # the classifier is never trained
+    assert _feature_mse(recovered, teacher, tiny.images) < _feature_mse(pruned, teacher, tiny.images)
+
+
+def test_a_time_budget_sizes_the_schedule(setup):
+    teacher, pruned, tiny = setup
+    settings = RecoverySettings(iterations=10_000, batch_size=8, augment="none", max_seconds=0.5)
+    _, record = recover(pruned, teacher, tiny.subset(range(16)), settings, show_progress=False)
+    assert 3 < record["iterations_run"] < 10_000 and record["loss_curve"][-1]["step"] == record["iterations_run"]

@@ -107,6 +107,11 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
           "or auto: that map where the model has one, else the features")
 @opt("recovery", "--augment", fills="recovery.augment",
      type=click.Choice(["auto", "crop-flip", "resized-crop-flip", "none"]), help="augmentation (auto: by image size)")
+@opt("recovery", "--freeze-prefix", fills="recovery.freeze_prefix", type=click.Choice(["auto", "on", "off"]),
+     help="leave the network before the first dropped block untrained and run it once for both models "
+          "(auto: for images above 64 px)")
+@opt("recovery", "--recovery-seconds", fills="recovery.max_seconds", type=POSITIVE,
+     help="fit recovery's schedule into this many seconds (timed on its first steps; default: all its steps)")
 @opt("recovery", "--train-device", fills="recovery.device", help="device recovery trains on (cpu, cuda)")
 @opt("pipeline", "--passes", metavar="NAMES",
      help="the pipeline's steps by registered name, comma-separated, third-party passes included "

@@ -14,6 +14,12 @@ even part of the student's graph here, so they are frozen by construction; Batch
 the graph has it. SGD with momentum and weight decay (or AdamW), cosine or step learning-rate
 decay.
 
+Two costs of large images (224 px) are cut: with ``freeze_prefix`` ("auto": above 64 px) the
+network before the first dropped block, which is the original's, is not trained, and one run of it
+per batch feeds both the teacher's and the student's rest (the early high-resolution layers are
+most of a step's work); ``max_seconds`` sizes the schedule to the steps that fit, timed on the
+first steps.
+
 ``loss="label"`` is the paper's BP baseline instead: cross-entropy with the labels through the
 classifier, whose parameters are then explicitly frozen (``requires_grad=False``).
 """
@@ -26,14 +32,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import fx
 
 from ..data import TinySet
 from ..errors import GraphpruneError
 from ..features import (classifier_parameters, feature_map_node_name, mimic_loss, mimic_targets, run_batched,
-                        target_names, target_weights, truncate)
+                        suffix_from, target_names, target_weights, truncate)
 from ..model import Model
+from ..ops import fetch_attr
 from ..progress import progress_bar
 from .base import PassResult, Transform
+from .find_blocks import Blocks
 from .selection import Selection
 
 
@@ -53,6 +62,10 @@ class RecoverySettings:
     augment: str = "auto"  # "crop-flip", "resized-crop-flip", "none" or "auto" (by image size)
     loss: str = "mimic"  # or "label" (cross-entropy, classifier frozen)
     target: str = "features"  # what "mimic" matches: "features", "feature-map" (before pooling) or "auto"
+    # "auto": for images above 64 px the network before the first dropped block is frozen and run
+    # once for teacher and student (it is the original's); "on", "off"
+    freeze_prefix: str = "auto"
+    max_seconds: float | None = None  # the schedule sized to the steps that fit, measured on the first steps
     seed: int = 0
     device: str = "cpu"
 
@@ -72,7 +85,7 @@ class Recover(Transform):
 
     name = "recover"
     config_field = "recovery"
-    optional = (Selection,)
+    optional = (Selection, Blocks)
     provides = (RecoveryLog,)
 
     def __init__(self, settings: RecoverySettings = RecoverySettings()):
@@ -87,29 +100,46 @@ class Recover(Transform):
             record = {"skipped": "no block was dropped (quantisation alone reaches the target): nothing to recover",
                       "loss_curve": [], "final_loss": None, "seconds": 0.0}
             return PassResult(model, record=record, artifacts=[RecoveryLog([], None, 0.0)])
+        blocks, dropped = inputs.get(Blocks) or [], set(selection.blocks if selection else [])
+        first = next((b.entry for b in blocks if b.name in dropped), None)  # Blocks are in graph order
         recovered, record = recover(model, ctx.original, ctx.need("tiny", self.name), self.settings,
-                                    ctx.feature_node, ctx.show_progress)
+                                    ctx.feature_node, ctx.show_progress, frozen_until=first)
         log = RecoveryLog(record["loss_curve"], record["final_loss"], record["seconds"])
         return PassResult(recovered, changed=self.settings.iterations > 0, record=record, artifacts=[log])
 
 
 def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySettings,
-            feature_node: str | None = None, show_progress: bool = True) -> tuple[Model, dict]:
-    """A trained copy of ``model`` and a record (loss curve, time)."""
+            feature_node: str | None = None, show_progress: bool = True,
+            frozen_until: str | None = None) -> tuple[Model, dict]:
+    """A trained copy of ``model`` and a record (loss curve, time). ``frozen_until``: the node
+    before which the pruned model is the original (the first dropped block's entry), frozen there
+    when ``settings.freeze_prefix`` says so."""
     _check(settings, train)  # the augmentation and the maps are checked where they are built below
     student_model = model.clone()
     device = torch.device(settings.device)
     targets = mimic_targets(teacher, feature_node)
     mimicked = _mimicked_nodes(teacher, student_model, targets, settings)
-    teacher_gm = truncate(teacher.clone().graph_module, mimicked[0]).to(device).eval()
+    teacher_full = teacher.clone().graph_module.to(device).eval()
     full = student_model.graph_module.to(device)
+    images, labels = train.images, train.labels
+    split = None
+    if settings.loss == "mimic" and frozen_until and _freezes(settings.freeze_prefix, images.shape[-2:]):
+        split = _split_at(full, teacher_full, frozen_until, mimicked)
     if settings.loss == "label":
         student, frozen = full, {id(p) for p in classifier_parameters(student_model)}
+        prefix, teacher_gm = None, truncate(teacher_full, mimicked[0])
+    elif split is not None:
+        (prefix, teacher_gm, student), frozen = split, set()
     else:
         student, frozen = truncate(full, mimicked[1]), set()
-    params = [p for p in student.parameters() if p.is_floating_point() and id(p) not in frozen]
-    for p in student.parameters():
-        p.requires_grad_(id(p) not in frozen and p.is_floating_point())
+        prefix, teacher_gm = None, truncate(teacher_full, mimicked[0])
+    # the weights the student's graph reads (a truncated copy keeps every module, the frozen prefix's too)
+    used = {id(t) for t in _used_tensors(student).values()}
+    params = [p for p in student.parameters() if p.is_floating_point() and id(p) not in frozen and id(p) in used]
+    for p in full.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
     if not params:
         raise GraphpruneError("nothing to train: the pruned model has no trainable weights")
     if settings.optimizer == "adam":
@@ -117,17 +147,19 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     else:
         optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                     weight_decay=settings.weight_decay)
-    schedule = _schedule(settings)
+    total = settings.iterations
+    schedule = _schedule(settings.schedule, total)
     gen = torch.Generator().manual_seed(settings.seed)
-    images, labels = train.images, train.labels
     # one target weighs 1; several are weighted by their scale on the tiny set (features.py)
-    weights = [1.0] if len(mimicked[0]) == 1 else target_weights(run_batched(teacher_gm, images.to(device)))
+    weights = [1.0] if len(mimicked[0]) == 1 else \
+        target_weights(run_batched(truncate(teacher_full, mimicked[0]), images.to(device)))
     augment = _augmenter(settings.augment, images.shape[-2:])
     curve, window = [], []
     start = time.perf_counter()
-    bar = progress_bar(total=settings.iterations, desc="recovery", enabled=show_progress)
+    bar = progress_bar(total=total, desc="recovery", enabled=show_progress)
     student.train()
-    for step in range(settings.iterations):
+    step = 0
+    while step < total:
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * schedule(step)
         index = torch.randint(0, len(images), (min(settings.batch_size, len(images)),), generator=gen)
@@ -136,6 +168,8 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
             loss = F.cross_entropy(student(batch), labels[index].to(device))
         else:
             with torch.no_grad():
+                if prefix is not None:  # both models compute it alike: once, untrained
+                    batch = prefix(batch)
                 target = teacher_gm(batch)
             output = student(batch)
             for out, want, name in zip(output, target, mimicked[0]):
@@ -152,9 +186,17 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
         if settings.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, settings.clip_grad_norm)
         optimizer.step()
+        step += 1
+        if settings.max_seconds is not None and step == TIMED_STEPS and total > step:
+            # the schedule is resized to the steps that fit the time left (a few steps at the top
+            # of a cosine barely differ from its start)
+            per_step = (time.perf_counter() - start) / step
+            total = max(step + 1, min(total, int(settings.max_seconds / per_step)))
+            schedule = _schedule(settings.schedule, total)
+            bar.total = total
         window.append(loss.item())
-        if len(window) == max(1, settings.iterations // 50) or step == settings.iterations - 1:
-            curve.append({"step": step + 1, "loss": sum(window) / len(window)})
+        if len(window) == max(1, total // 50) or step == total:
+            curve.append({"step": step, "loss": sum(window) / len(window)})
             bar.set_postfix_str(f"loss {curve[-1]['loss']:.4g}")
             window = []
         bar.update(1)
@@ -165,9 +207,52 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     student_model.graph_module = full.to("cpu")
     record = {"settings": asdict(settings), "targets": [t.node for t in targets], "trained_tensors": len(params),
               "mimicked_nodes": {"original": mimicked[0], "pruned": mimicked[1]},
+              "frozen_prefix": frozen_until if split is not None else None, "iterations_run": step,
               "loss_curve": curve, "final_loss": curve[-1]["loss"] if curve else None,
               "train_images": len(images), "seconds": round(time.perf_counter() - start, 2)}
     return student_model, record
+
+
+TIMED_STEPS = 3  # steps timed before a time budget sizes the schedule
+
+
+def _freezes(mode: str, size) -> bool:
+    """"auto": freeze the prefix for large images only, where its early high-resolution layers
+    cost most of a step (224 px); CIFAR-size models train whole, as PRACTISE does."""
+    return mode == "on" or (mode == "auto" and max(int(size[0]), int(size[1])) > 64)
+
+
+def _split_at(student: fx.GraphModule, teacher: fx.GraphModule, start: str, mimicked):
+    """(shared prefix, teacher suffix, student suffix) at node ``start`` where both graphs compute
+    ``start`` with the same code and weights (the pruned model before its first gap), so that one
+    prefix run serves both and the prefix is not trained; None where they differ, where the
+    targets depend on the input by another path or ``start`` is a tuple (``suffix_from``)."""
+    if start not in {n.name for n in student.graph.nodes}:
+        return None
+    prefixes = truncate(student, start), truncate(teacher, start)
+    if prefixes[0].code != prefixes[1].code:
+        return None
+    mine, theirs = _used_tensors(prefixes[0]), _used_tensors(prefixes[1])
+    if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
+        return None
+    suffixes = suffix_from(teacher, start, mimicked[0]), suffix_from(student, start, mimicked[1])
+    if None in suffixes:
+        return None
+    return prefixes[1].eval(), suffixes[0].eval(), suffixes[1]
+
+
+def _used_tensors(gm: fx.GraphModule) -> dict:
+    """The weights and buffers ``gm``'s graph reads (a truncated copy keeps every module)."""
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)  # parameters themselves (state_dict detaches them)
+            found.update({f"{node.target}.{k}": v for k, v in [*module.named_parameters(), *module.named_buffers()]})
+        elif node.op == "get_attr":
+            value = fetch_attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                found[node.target] = value
+    return found
 
 
 def _mimicked_nodes(teacher: Model, student: Model, targets, settings: RecoverySettings) -> tuple[list, list]:
@@ -218,13 +303,18 @@ def _check(settings: RecoverySettings, train: TinySet) -> None:
         raise GraphpruneError("label recovery needs labelled images")
     if settings.optimizer not in ("sgd", "adam"):
         raise GraphpruneError(f"unknown optimizer '{settings.optimizer}' (sgd or adam)")
+    if settings.freeze_prefix not in ("auto", "on", "off"):
+        raise GraphpruneError(f"unknown freeze_prefix '{settings.freeze_prefix}' (auto, on or off)",
+                              parameter="recovery.freeze_prefix")
+    if settings.max_seconds is not None and settings.max_seconds <= 0:
+        raise GraphpruneError("recovery.max_seconds must be > 0", parameter="recovery.max_seconds")
     if settings.schedule not in ("cosine", "step"):
         raise GraphpruneError(f"unknown schedule '{settings.schedule}' (cosine or step)")
 
 
-def _schedule(settings: RecoverySettings):
-    total = max(1, settings.iterations)
-    if settings.schedule == "step":
+def _schedule(kind: str, iterations: int):
+    total = max(1, iterations)
+    if kind == "step":
         return lambda step: 0.1 if step >= int(0.4 * total) else 1.0
     return lambda step: 0.5 * (1 + math.cos(math.pi * step / total))
 
