@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -173,6 +173,11 @@ def export_onnx(model: Model) -> bytes:
     example = model.example_inputs()
     input_names = [s.name for s in model.inputs]
     output_names = list(model.output_names) or ["output"]
+    with _no_attention_fast_path():
+        return _export_onnx(gm, example, input_names, output_names)
+
+
+def _export_onnx(gm, example, input_names, output_names) -> bytes:
     dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
     errors = []
     for opset in (17, 14):
@@ -197,6 +202,19 @@ def export_onnx(model: Model) -> bytes:
     except Exception as exc:
         errors.append(f"dynamo: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}")
     raise GraphpruneError("ONNX export failed (" + "; ".join(errors) + ")")
+
+
+@contextmanager
+def _no_attention_fast_path():
+    """``nn.MultiheadAttention`` in eval mode with no weight requiring grad (a recovered model:
+    recovery freezes every weight) takes its fused fast path, ``aten::_native_multi_head_attention``,
+    which no ONNX exporter can write; the unfused path computes the same attention."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def export_pt2(model: Model) -> torch.export.ExportedProgram:

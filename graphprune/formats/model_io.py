@@ -87,6 +87,8 @@ def save(model: Model, path: str | os.PathLike, source_path: str | os.PathLike |
         proto = to_onnx(model)
         if model.source != "onnx":
             _carry_block_names(model, proto)
+        else:
+            _keep_block_names(model, proto)
         data = proto.SerializeToString()
         atomic_write(path, lambda tmp: tmp.write_bytes(data))
     else:
@@ -106,6 +108,16 @@ def _carry_block_names(model: Model, proto: onnx.ModelProto) -> None:
         return
     merge_names = {n.name: n.meta.get("onnx_name") for n in exported.graph_module.graph.nodes}
     io_onnx.record_block_names(proto, [(merge_names[t.merge], o.name) for o, t in zip(ours, theirs)])
+
+
+def _keep_block_names(model: Model, proto: onnx.ModelProto) -> None:
+    """A lowered graph keeps its node names, so the names ``drop_blocks`` kept on the merges
+    (``meta["block_name"]``) are recorded against them: the file reads back with those names."""
+    written = {n.name for n in proto.graph.node}
+    kept = [(n.meta["onnx_name"], n.meta["block_name"]) for n in model.graph_module.graph.nodes
+            if "block_name" in n.meta and n.meta.get("onnx_name") in written]
+    if kept:
+        io_onnx.record_block_names(proto, kept)
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

@@ -5,7 +5,9 @@ zero: the merge ``shortcut + branch`` becomes ``shortcut`` (the identity, the pa
 shortcut, or the projection). Mechanically: every reader of the merge reads the shortcut's output
 instead, and dead code elimination removes the branch. A post-merge activation stays unless it is
 provably a no-op on the shortcut (a ReLU of a value that is already >= 0), in which case it goes
-too. Nothing else in the graph changes.
+too. Nothing else in the graph changes but the merges of the blocks that stay, which keep their
+names (``meta["block_name"]``, which ``find_blocks`` reads first): a transformer layer that has lost
+its attention block still calls its MLP block ``...encoder_layer_1.mlp``, not ``...encoder_layer_1``.
 
 :func:`zero_branch` builds the reference for that claim: the original graph with the branch's
 output replaced by zeros.
@@ -24,8 +26,9 @@ from .find_blocks import Block, Blocks, find_blocks
 from .selection import Selection
 
 
-def resolve_blocks(model: Model, names, blocks: list[Block] | None = None) -> list[Block]:
-    """The blocks called ``names``; an unknown name is an error that lists the available ones."""
+def resolve_blocks(model: Model, names, blocks: list[Block] | None = None) -> tuple[list[Block], list[Block]]:
+    """The blocks called ``names``, and all of ``model``'s (``blocks``, or found); an unknown name is
+    an error that lists the available ones."""
     blocks = find_blocks(model, require=True) if blocks is None else blocks
     by_name = {b.name: b for b in blocks}
     names = [n.strip() for n in names if n.strip()]
@@ -35,7 +38,7 @@ def resolve_blocks(model: Model, names, blocks: list[Block] | None = None) -> li
     if unknown:
         available = ", ".join(by_name)
         raise GraphpruneError(f"unknown block '{unknown[0]}'; available: {available}")
-    return [by_name[n] for n in dict.fromkeys(names)]
+    return [by_name[n] for n in dict.fromkeys(names)], blocks
 
 
 class DropBlocks(Transform):
@@ -56,8 +59,8 @@ class DropBlocks(Transform):
         if self.names is None and not selection.blocks:
             record = {"dropped": [], "skipped": "the selection is empty (quantisation alone reaches the target)"}
             return PassResult(model, changed=False, record=record)
-        chosen = resolve_blocks(model, names, inputs.get(Blocks) if inputs is not None else None)
-        new_model, removed_nodes, removed_activations = _drop(model, chosen)
+        chosen, blocks = resolve_blocks(model, names, inputs.get(Blocks) if inputs is not None else None)
+        new_model, removed_nodes, removed_activations = _drop(model, chosen, blocks)
         record = {"dropped": [b.name for b in chosen], "removed_nodes": removed_nodes,
                   "removed_activations": removed_activations}
         return PassResult(new_model, changed=True, record=record)
@@ -67,13 +70,17 @@ def drop_blocks(model: Model, names, blocks: list[Block] | None = None) -> Model
     """A copy of ``model`` without the named blocks."""
     if isinstance(names, str):
         names = names.split(",")
-    return _drop(model, resolve_blocks(model, names, blocks))[0]
+    return _drop(model, *resolve_blocks(model, names, blocks))[0]
 
 
-def _drop(model: Model, chosen: list[Block]) -> tuple[Model, int, list[str]]:
+def _drop(model: Model, chosen: list[Block], blocks: list[Block]) -> tuple[Model, int, list[str]]:
     new = model.clone()
     gm = new.graph_module
     nodes = {n.name: n for n in gm.graph.nodes}
+    dropped = {b.name for b in chosen}
+    for block in blocks:  # names that depended on the dropped neighbours stay (see the module docstring)
+        if block.name not in dropped and block.merge in nodes:
+            nodes[block.merge].meta["block_name"] = block.name
     before = len(nodes)
     replaced: dict[str, fx.Node] = {}
     for block in chosen:
