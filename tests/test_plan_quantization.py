@@ -4,6 +4,8 @@ models, random images, ``min_time_s=0.05``; fake timings where timing would deci
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import time
 
 import numpy as np
@@ -29,6 +31,8 @@ from graphprune.passes.recover import RecoverySettings
 from graphprune.passes.recoverability import RecoverabilitySettings
 from graphprune.passes.select_blocks import select_blocks
 from graphprune.passes.selection import BlockScore
+
+select_module = importlib.import_module("graphprune.passes.select_blocks")  # the package exports a function of that name
 
 FLOAT_STEPS = ["find_blocks", "profile_blocks", "pool_identical_blocks", "score_recoverability", "select_blocks",
                "refine_selection", "drop_blocks", "recover", "measure_result"]
@@ -76,9 +80,17 @@ def test_pipeline_with_quantisation_adds_two_steps_and_keeps_the_others():
     assert plan.mode == "int8" and plan.settings == ONE_CANDIDATE
 
 
-def test_int8_end_to_end_writes_a_quantised_file_close_to_the_recovered_float_model(r20, tmp_path):
+def test_int8_end_to_end_writes_a_quantised_file_close_to_the_recovered_float_model(r20, tmp_path, monkeypatch):
     path, tiny = r20
     model = gp.load(path)
+    # quantisation alone is measured as no cut, so that blocks are dropped whatever this CPU's int8
+    # speed (with VNNI, int8 alone cuts ResNet-20 by more than the target)
+    real_measure = select_module.measure_cut
+
+    def int8_alone_cuts_nothing(backend, original, candidate, *args, **kwargs):
+        measured = real_measure(backend, original, candidate, *args, **kwargs)
+        return dataclasses.replace(measured, cut=0.0) if candidate is original else measured
+    monkeypatch.setattr(select_module, "measure_cut", int8_alone_cuts_nothing)
     result = optimize(model, tiny, config(latency_cut=0.5, quantize="int8"))
     records = result.state.records
     assert list(records) == FLOAT_STEPS[:1] + ["plan_quantization"] + FLOAT_STEPS[1:8] + ["quantize_result",
@@ -98,8 +110,12 @@ def test_int8_end_to_end_writes_a_quantised_file_close_to_the_recovered_float_mo
     # numerical: the written int8 file against the recovered float fx model on the tiny set
     float_out = result.model.graph_module(tiny.images).detach().numpy()
     int8_out = run_outputs(cpu_session(written), tiny.images, 16)
-    assert np.linalg.norm(int8_out - float_out) / np.linalg.norm(float_out) < 0.1
-    assert evaluate_onnx(written, tiny, result.model)["agreement"] >= 0.9
+    assert np.linalg.norm(int8_out - float_out) / np.linalg.norm(float_out) < 0.05  # 0.02 measured
+    # top-1 agreement is not asserted high: this random network's top-1 margins are as small as a 2%
+    # output error; what the report says must be what the written file does
+    agreement = float((int8_out.argmax(1) == float_out.argmax(1)).mean())
+    assert evaluate_onnx(written, tiny, result.model)["agreement"] == pytest.approx(agreement)
+    assert section["against_float_on_tiny_set"]["top1_agreement"] == pytest.approx(agreement)
     assert section["against_float_on_tiny_set"]["relative_error"] < 0.1
 
 
@@ -135,7 +151,7 @@ def test_auto_leaves_quantisation_off_when_the_plan_finds_nothing_faster(r20, tm
     assert section["mode"] == "auto" and not section["used"] and "no faster" in section["reason"]
     assert section["plan"]["chosen"] is None and section["cut"]["quantization"] == 0.0
     assert result.state.records["quantize_result"]["quantized"] is False
-    assert result.report["dropped"] and result.report["latency"]["cut"] > 0
+    assert result.report["dropped"] and result.report["latency"]["selection_cut"] >= 0.15
     written = onnx.load(str(write_result(result, tmp_path / "out.onnx", path)))
     assert "QuantizeLinear" not in op_types(written) and "Conv" in op_types(written)
 

@@ -54,12 +54,14 @@ def test_adaptors_mix_the_channels_of_every_token(form, vit_onnx, monkeypatch):
     seen = []  # (adaptor, the shape of what it reads) for every adaptor of every fit
     fit = rec._fit_adaptors
 
-    def recording(student, inputs, targets, settings):
+    def recording(student, *args, **kwargs):
         adaptors = [m for m in student.modules() if isinstance(m, Adaptor)]
         hooks = [m.register_forward_hook(lambda m, args, out: seen.append((m, tuple(args[0].shape)))) for m in adaptors]
-        fit(student, inputs, targets, settings)
-        for hook in hooks:
-            hook.remove()
+        try:
+            return fit(student, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
     monkeypatch.setattr(rec, "_fit_adaptors", recording)
     scores = score_blocks(model, blocks, _unlabelled(16, 0), _unlabelled(16, 1), RecoverabilitySettings(iterations=2, batch_size=8),
                           show_progress=False)
