@@ -41,7 +41,8 @@ from torch import fx
 from .errors import GraphpruneError
 from .graph_stats import node_stats
 from .model import Model
-from .ops import ancestors, constant_nodes, fetch_attr, is_multi_output, is_weighted, module_parameters, tensor_args
+from .ops import (ancestors, constant_nodes, fetch_attr, is_multi_output, is_weighted, module_parameters, reads_shape_only,
+                  tensor_args)
 
 
 @dataclass(frozen=True)
@@ -209,14 +210,23 @@ def _outputs(graph: fx.Graph, output: str | Sequence[str]):
     return nodes[output] if isinstance(output, str) else tuple(nodes[name] for name in names)
 
 
-def suffix_from(gm: fx.GraphModule, start: str, output: str | Sequence[str]) -> fx.GraphModule | None:
-    """A GraphModule computing ``output`` (a node, or a tuple of the nodes a list names) from node ``start``'s value (its only input), or
-    ``None`` when ``output`` also depends on the graph inputs by another path or ``start``'s value
-    is a tuple (a Split's outputs), which the suffix could not be fed as one batch of tensors."""
+def suffix_from(gm: fx.GraphModule, start: str, output: str | Sequence[str],
+                input_shapes: Sequence[Sequence[int]] | None = None) -> fx.GraphModule | None:
+    """A GraphModule computing ``output`` (a node, or a tuple of the nodes a list names) from node
+    ``start``'s value (its only input), or ``None`` when ``output`` also depends on the graph
+    inputs' *values* by another path or ``start``'s value is a tuple (a Split's outputs), which the
+    suffix could not be fed as one batch of tensors.
+
+    A graph input read only for its shape (``x.view(x.size(0), -1)``, exported as Shape -> Gather ->
+    Reshape before a classifier) is replaced, given ``input_shapes`` (the graph inputs' shapes in
+    placeholder order), by a zero-stride tensor of that shape with ``start``'s batch: the batch axis
+    is 0 in both (as :func:`run_batched` assumes of every activation) and the rest of the shape is
+    the model's fixed input size."""
     graph = _plain_copy(gm.graph)
     nodes = {n.name: n for n in graph.nodes}
     if is_multi_output(nodes[start]):
         return None
+    shapes = dict(zip([n.name for n in graph.nodes if n.op == "placeholder"], input_shapes or []))
     old_out = graph.output_node()
     with graph.inserting_after(old_out):
         graph.output(_outputs(graph, output))
@@ -227,12 +237,23 @@ def suffix_from(gm: fx.GraphModule, start: str, output: str | Sequence[str]) -> 
     nodes[start].replace_all_uses_with(placeholder)
     suffix = _without_dead_code(fx.GraphModule(gm, graph))
     others = [n for n in suffix.graph.nodes if n.op == "placeholder" and n.name != placeholder.name]
-    if any(n.users for n in others):
-        return None
+    for node in others:
+        if not node.users:
+            continue
+        if node.name not in shapes or not all(reads_shape_only(user, suffix) for user in node.users):
+            return None
+        with suffix.graph.inserting_after(placeholder):
+            stand_in = suffix.graph.call_function(_batch_shaped, (placeholder, tuple(shapes[node.name])[1:]))
+        node.replace_all_uses_with(stand_in)
     for node in others:
         suffix.graph.erase_node(node)
     suffix.recompile()
     return suffix
+
+
+def _batch_shaped(activation: torch.Tensor, rest: tuple[int, ...]) -> torch.Tensor:
+    """A zero-stride stand-in for a graph input read only for its shape: ``activation``'s batch, then ``rest``."""
+    return activation.new_zeros(()).expand(activation.shape[0], *rest)
 
 
 def _without_dead_code(gm: fx.GraphModule) -> fx.GraphModule:

@@ -220,6 +220,11 @@ def _is_shape_attr(node: fx.Node) -> bool:
         node.args[1] in ("shape", "dtype", "device", "ndim")
 
 
+def reads_shape_only(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """``node`` reads its input's shape (or dtype, device), never its values: ``Shape``, ``size``, ``.shape``."""
+    return _is_shape_attr(node) or op_kind(node, gm) == "shape"
+
+
 def node_tensor_constants(node: fx.Node, gm: fx.GraphModule, constants: set[fx.Node]) -> list:
     """Float tensors of dimension >= 2 that ``node`` reads as weights (module params or constants)."""
     found = [p for p in module_parameters(node, gm) if p.is_floating_point() and p.dim() >= 2]

@@ -155,3 +155,74 @@ def test_a_time_budget_sizes_the_schedule(setup):
     settings = RecoverySettings(iterations=10_000, batch_size=8, augment="none", max_seconds=0.5)
     _, record = recover(pruned, teacher, tiny.subset(range(16)), settings, show_progress=False)
     assert 3 < record["iterations_run"] < 10_000 and record["loss_curve"][-1]["step"] == record["iterations_run"]
+
+
+class BatchFromInput(TwoBlocks):
+    """TwoBlocks whose head reshapes with the batch read off the *input* (``x.view(x.size(0), -1)``,
+    which the ONNX exporter writes as Shape -> Gather -> Reshape): the suffix after the prefix
+    reads the images' shape, not their values."""
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        y = torch.relu(y + self.first(y))
+        y = torch.relu(y + self.second(y))
+        return self.fc(y.mean((2, 3)).reshape(x.shape[0], -1))
+
+
+class ValueFromInput(TwoBlocks):
+    def forward(self, x):
+        return super().forward(x) + x.mean()
+
+
+def _onnx_model(module, tmp_path):
+    from conftest import export_onnx
+
+    torch.manual_seed(0)
+    return gp.load(export_onnx(module.eval(), (1, 3, 12, 12), tmp_path / "m.onnx"))
+
+
+def test_a_suffix_reads_only_the_shape_of_the_input(tmp_path):
+    """suffix_from: the rest of the graph from a block's entry, where the classifier's reshape reads
+    the batch off the input: it equals the whole graph on a batch of another size (structural +
+    numerical); where the values of the input are read again, there is no suffix."""
+    from graphprune.features import suffix_from
+
+    model = _onnx_model(BatchFromInput(), tmp_path)
+    start = gp.find_blocks(model)[1].entry
+    gm = model.graph_module
+    last = [n for n in gm.graph.nodes if n.op == "output"][0].args[0].name
+    assert suffix_from(gm, start, last) is None  # without the input's shape it cannot stand in
+    suffix = suffix_from(gm, start, last, [x.shape for x in model.example_inputs()])
+    x = torch.randn(5, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(suffix(truncate(gm, start)(x)), gm(x), atol=1e-5)
+    valued = _onnx_model(ValueFromInput(), tmp_path)
+    vgm = valued.graph_module
+    vlast = [n for n in vgm.graph.nodes if n.op == "output"][0].args[0].name
+    assert suffix_from(vgm, gp.find_blocks(valued)[1].entry, vlast, [x.shape for x in valued.example_inputs()]) is None
+
+
+@pytest.mark.parametrize("dropped", [0, 1])
+def test_the_prefix_freezes_when_the_head_reads_the_batch_off_the_input(tmp_path, dropped):
+    """With the first block dropped the prefix freezes although the head reads the input's shape;
+    with the last one dropped nothing trainable would follow the gap, so the prefix trains instead."""
+    teacher = _onnx_model(BatchFromInput(), tmp_path)
+    blocks = gp.find_blocks(teacher)
+    pruned = gp.drop_blocks(teacher, [blocks[dropped].name], blocks)
+    tiny = TinySet(torch.randn(32, 3, 12, 12), torch.zeros(32, dtype=torch.long))
+    settings = RecoverySettings(iterations=20, batch_size=8, lr=3e-3, augment="none", freeze_prefix="on")
+    recovered, record = recover(pruned, teacher, tiny, settings, show_progress=False,
+                                frozen_until=blocks[dropped].entry)
+    assert record["frozen_prefix"] == (blocks[0].entry if dropped == 0 else None)
+    assert _feature_mse(recovered, teacher, tiny.images) < _feature_mse(pruned, teacher, tiny.images)
+
+
+def test_bfloat16_recovery_trains_float32_weights(setup):
+    """precision="bfloat16": the forward passes under bf16 autocast (channels-last on the CPU), the
+    weights and the written model stay float32 and contiguous, and mimicking still lowers the error."""
+    teacher, pruned, tiny = setup
+    settings = RecoverySettings(iterations=30, batch_size=16, augment="none", precision="bfloat16")
+    recovered, _ = recover(pruned, teacher, tiny, settings, show_progress=False)
+    params = list(recovered.graph_module.parameters())
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in params)
+    assert _feature_mse(recovered, teacher, tiny.images) < _feature_mse(pruned, teacher, tiny.images)

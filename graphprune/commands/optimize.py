@@ -112,6 +112,8 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
           "(auto: for images above 64 px)")
 @opt("recovery", "--recovery-seconds", fills="recovery.max_seconds", type=POSITIVE,
      help="fit recovery's schedule into this many seconds (timed on its first steps; default: all its steps)")
+@opt("recovery", "--train-precision", fills="recovery.precision", type=click.Choice(["auto", "float32", "bfloat16"]),
+     help="recovery's forward passes: bfloat16 autocast, float32, or auto: bf16 where the CPU or GPU has it natively")
 @opt("recovery", "--train-device", fills="recovery.device", help="device recovery trains on (cpu, cuda)")
 @opt("pipeline", "--passes", metavar="NAMES",
      help="the pipeline's steps by registered name, comma-separated, third-party passes included "

@@ -26,6 +26,7 @@ classifier, whose parameters are then explicitly frozen (``requires_grad=False``
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +41,7 @@ from ..features import (classifier_parameters, feature_map_node_name, mimic_loss
                         suffix_from, target_names, target_weights, truncate)
 from ..model import Model
 from ..ops import fetch_attr
+from ..precision import autocast, check_precision, memory_format, to_format
 from ..progress import progress_bar
 from .base import PassResult, Transform
 from .find_blocks import Blocks
@@ -66,6 +68,7 @@ class RecoverySettings:
     # once for teacher and student (it is the original's); "on", "off"
     freeze_prefix: str = "auto"
     max_seconds: float | None = None  # the schedule sized to the steps that fit, measured on the first steps
+    precision: str = "float32"  # "bfloat16" autocast, or "auto": bf16 where the hardware has it (precision.py)
     seed: int = 0
     device: str = "cpu"
 
@@ -124,7 +127,9 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     images, labels = train.images, train.labels
     split = None
     if settings.loss == "mimic" and frozen_until and _freezes(settings.freeze_prefix, images.shape[-2:]):
-        split = _split_at(full, teacher_full, frozen_until, mimicked)
+        split = _split_at(full, teacher_full, frozen_until, mimicked, [x.shape for x in teacher.example_inputs()])
+    if split is not None and not _trainable(split[2], set()):
+        split = None  # only the frozen classifier follows the gap (the last block dropped): train the prefix
     if settings.loss == "label":
         student, frozen = full, {id(p) for p in classifier_parameters(student_model)}
         prefix, teacher_gm = None, truncate(teacher_full, mimicked[0])
@@ -133,9 +138,7 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     else:
         student, frozen = truncate(full, mimicked[1]), set()
         prefix, teacher_gm = None, truncate(teacher_full, mimicked[0])
-    # the weights the student's graph reads (a truncated copy keeps every module, the frozen prefix's too)
-    used = {id(t) for t in _used_tensors(student).values()}
-    params = [p for p in student.parameters() if p.is_floating_point() and id(p) not in frozen and id(p) in used]
+    params = _trainable(student, frozen)
     for p in full.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -154,6 +157,8 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     weights = [1.0] if len(mimicked[0]) == 1 else \
         target_weights(run_batched(truncate(teacher_full, mimicked[0]), images.to(device)))
     augment = _augmenter(settings.augment, images.shape[-2:])
+    fmt = memory_format(settings.precision, settings.device, prefix, teacher_gm, student)
+    cast = functools.partial(autocast, settings.precision, settings.device)
     curve, window = [], []
     start = time.perf_counter()
     bar = progress_bar(total=total, desc="recovery", enabled=show_progress)
@@ -163,15 +168,18 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * schedule(step)
         index = torch.randint(0, len(images), (min(settings.batch_size, len(images)),), generator=gen)
-        batch = augment(images[index], gen).to(device)
+        batch = to_format(augment(images[index], gen).to(device), fmt)
         if settings.loss == "label":
-            loss = F.cross_entropy(student(batch), labels[index].to(device))
+            with cast():
+                logits = student(batch)
+            loss = F.cross_entropy(logits.float(), labels[index].to(device))
         else:
-            with torch.no_grad():
+            with torch.no_grad(), cast():
                 if prefix is not None:  # both models compute it alike: once, untrained
                     batch = prefix(batch)
-                target = teacher_gm(batch)
-            output = student(batch)
+                target = [t.float() for t in teacher_gm(batch)]
+            with cast():
+                output = [o.float() for o in student(batch)]
             for out, want, name in zip(output, target, mimicked[0]):
                 if out.shape != want.shape:
                     raise GraphpruneError(f"the pruned model's tensor in place of '{name}' has shape "
@@ -203,6 +211,8 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     bar.close()
     for p in student.parameters():
         p.requires_grad_(False)
+    if fmt is not None:
+        full.to(memory_format=torch.contiguous_format)
     full.eval()
     student_model.graph_module = full.to("cpu")
     record = {"settings": asdict(settings), "targets": [t.node for t in targets], "trained_tensors": len(params),
@@ -222,7 +232,7 @@ def _freezes(mode: str, size) -> bool:
     return mode == "on" or (mode == "auto" and max(int(size[0]), int(size[1])) > 64)
 
 
-def _split_at(student: fx.GraphModule, teacher: fx.GraphModule, start: str, mimicked):
+def _split_at(student: fx.GraphModule, teacher: fx.GraphModule, start: str, mimicked, input_shapes=None):
     """(shared prefix, teacher suffix, student suffix) at node ``start`` where both graphs compute
     ``start`` with the same code and weights (the pruned model before its first gap), so that one
     prefix run serves both and the prefix is not trained; None where they differ, where the
@@ -235,10 +245,18 @@ def _split_at(student: fx.GraphModule, teacher: fx.GraphModule, start: str, mimi
     mine, theirs = _used_tensors(prefixes[0]), _used_tensors(prefixes[1])
     if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
         return None
-    suffixes = suffix_from(teacher, start, mimicked[0]), suffix_from(student, start, mimicked[1])
+    suffixes = (suffix_from(teacher, start, mimicked[0], input_shapes),
+                suffix_from(student, start, mimicked[1], input_shapes))
     if None in suffixes:
         return None
     return prefixes[1].eval(), suffixes[0].eval(), suffixes[1]
+
+
+def _trainable(student: fx.GraphModule, frozen: set) -> list[torch.nn.Parameter]:
+    """The float weights ``student``'s graph reads (a truncated copy keeps every module, the frozen
+    prefix's too), but for those in ``frozen``."""
+    used = {id(t) for t in _used_tensors(student).values()}
+    return [p for p in student.parameters() if p.is_floating_point() and id(p) not in frozen and id(p) in used]
 
 
 def _used_tensors(gm: fx.GraphModule) -> dict:
@@ -308,6 +326,7 @@ def _check(settings: RecoverySettings, train: TinySet) -> None:
                               parameter="recovery.freeze_prefix")
     if settings.max_seconds is not None and settings.max_seconds <= 0:
         raise GraphpruneError("recovery.max_seconds must be > 0", parameter="recovery.max_seconds")
+    check_precision(settings.precision, "recovery.precision")
     if settings.schedule not in ("cosine", "step"):
         raise GraphpruneError(f"unknown schedule '{settings.schedule}' (cosine or step)")
 

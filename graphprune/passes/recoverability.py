@@ -295,7 +295,8 @@ class _Context:
         gm.recompile()
         start = shape_region(self.blocks, dropped[0])[0].entry  # every adaptor sits after it
         train_in, holdout_in = self._prefix(start)
-        student = suffix_from(gm, start, target_names(gm, self.targets)) if train_in is not None else None
+        student = (suffix_from(gm, start, target_names(gm, self.targets), [x.shape for x in self.model.example_inputs()])
+                   if train_in is not None else None)
         if student is None:
             student, train_in, holdout_in = self._student(gm), self.train_x, self.holdout_x
         return _fit_adaptors(student, train_in, self.teacher_train, self.weights, self.settings,
