@@ -214,7 +214,8 @@ def read_labels_csv(path: Path) -> tuple[list[Path], np.ndarray]:
     files, labels, seen = [], [], set()
     for line, row in rows:
         if len(row) <= column:
-            raise GraphpruneError(f"{path.name} line {line} has {len(row)} columns; the labels are in column {column + 1}")
+            raise GraphpruneError(f"{path.name} line {line} has {len(row)} columns; "
+                                  f"the labels are in column {column + 1}")
         name, label = row[0], row[column]
         if not name or Path(name).is_absolute() or ".." in Path(name).parts:  # stay inside the folder
             raise GraphpruneError(f"{path.name} line {line}: '{name}' is not a file name inside {path.parent}")
