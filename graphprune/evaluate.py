@@ -1,42 +1,188 @@
-"""Accuracy of a model on a labelled set, or its top-1 agreement with a reference model: the fx
-graph (:func:`evaluate`) or a written ONNX file as onnxruntime runs it (:func:`evaluate_onnx`, for
-an int8 model that only exists as ONNX), with the same metrics."""
+"""How well a model does on an evaluation set, and how faithfully it reproduces a reference (the
+original): the fx graph (:func:`evaluate`) or a written ONNX file as onnxruntime runs it
+(:func:`evaluate_onnx`, for an int8 model that only exists as ONNX), with the same metrics.
+
+Every output of the model (a tuple output is several) is read by its layout, taken from the
+reference's output (the model's own without one; :mod:`graphprune.fidelity`), and scored:
+
+* every output, with a reference: ``relative_error`` = ||y - y_ref|| / ||y_ref||, norms over all
+  the images (None where y_ref is 0);
+* class scores (N, K): ``top1`` where the set has labels (below K), ``agreement`` of the top
+  class with the reference's;
+* YOLOv8 detections (N, 4 + C, A): ``detections``, the reference's confident detections the
+  model keeps and those it adds (a count of its own without a reference).
+
+The result: ``{"images", "outputs": {name: {"layout", ...}}}`` and, for the first output that has
+each, ``top1``, ``agreement`` and ``detections`` at the top. A labelled set for a model without
+class scores (a detector) is one line: labels cannot be scored against it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
 import onnx
 import torch
 
 from .data import TinySet
-from .features import run_batched
+from .errors import GraphpruneError
+from .fidelity import DetectionCounts, decode_yolov8, describe_layout, output_layout
 from .model import Model
 
-
-def predictions(model: Model, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    return run_batched(model.graph_module, images, batch_size).argmax(1)
-
-
-def evaluate(model: Model, data: TinySet, reference: Model | None = None) -> dict:
-    """``{"top1": ...}`` when ``data`` has labels; ``{"agreement": ...}`` with ``reference``."""
-    return metrics(predictions(model, data.images), data, reference)
+Runner = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # one batch of images -> every output
+BATCH_ELEMENTS = 2**23  # input floats per batch: 250 CIFAR images, 55 at 224 px, 6 at 640 px
+MAX_BATCH = 250
+HEADLINE = ("top1", "agreement", "detections")
 
 
-def evaluate_onnx(proto: onnx.ModelProto, data: TinySet, reference: Model | None = None, batch_size: int = 250) -> dict:
-    """:func:`evaluate` for an ONNX model run by onnxruntime on the CPU, batched and fed in the
-    file's own input layout and type (``ort_feeds``); a file with a fixed batch runs whole batches
-    of it only, so the images it leaves over are not counted."""
-    from .passes.quantize import cpu_session, run_outputs
-
-    outputs = run_outputs(cpu_session(proto), data.images, batch_size)
-    pred = torch.as_tensor(outputs).argmax(1)
-    return metrics(pred, data.subset(range(len(pred))) if len(pred) < len(data) else data, reference)
+def evaluate(model: Model, data: TinySet, reference: Model | None = None, batch_size: int | None = None) -> dict:
+    """The model's metrics on ``data`` (see the module docstring), compared with ``reference``'s outputs."""
+    return _evaluate(_fx_runner(model), None, list(model.output_names), data, reference, batch_size)
 
 
-def metrics(pred: torch.Tensor, data: TinySet, reference: Model | None = None) -> dict:
-    """Top-1 of predictions ``pred`` on ``data`` (labelled) and their agreement with ``reference``'s."""
-    result: dict = {"images": len(data)}
-    if data.has_labels:
-        result["top1"] = float((pred == data.labels).float().mean())
-    if reference is not None:
-        result["agreement"] = float((pred == predictions(reference, data.images)).float().mean())
+def evaluate_onnx(proto: onnx.ModelProto, data: TinySet, reference: Model | None = None,
+                  batch_size: int | None = None) -> dict:
+    """:func:`evaluate` for an ONNX model run by onnxruntime on the CPU, fed in the file's own
+    input layout and type (``ort_feeds``); a file with a fixed batch runs whole batches of it
+    only, so the images it leaves over are not counted."""
+    from .passes.quantize import cpu_session, fixed_batch, image_batches
+
+    session = cpu_session(proto)
+
+    def run(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        (feeds,) = image_batches(session, images, len(images))  # one batch: a multiple of a fixed one
+        return tuple(torch.from_numpy(np.asarray(out)) for out in session.run(None, feeds))
+
+    return _evaluate(run, fixed_batch(session), [o.name for o in session.get_outputs()], data, reference, batch_size)
+
+
+def check_eval_data(model: Model, data: TinySet) -> None:
+    """Refuse, before anything long runs, a set the model's outputs cannot be scored on (labels
+    for a model without class scores, labels beyond its classes): the model runs on two images."""
+    outputs = _fx_runner(model)(data.images[:2])
+    _scores(outputs, list(model.output_names), data, compare=False)
+
+
+@dataclass
+class _OutputScore:
+    """One output's metrics, summed batch by batch (a detector's outputs are too large to keep)."""
+
+    name: str
+    layout: str
+    description: str
+    score_labels: bool
+    compare: bool
+    correct: int = 0
+    agree: int = 0
+    squared_error: float = 0.0
+    squared_norm: float = 0.0
+    own_detections: int = 0
+    detections: DetectionCounts = field(default_factory=DetectionCounts)
+
+    def add(self, output: torch.Tensor, reference: torch.Tensor | None, labels: torch.Tensor) -> None:
+        if reference is not None and output.shape != reference.shape:
+            raise GraphpruneError(f"output '{self.name}' has shape {tuple(output.shape)}; "
+                                  f"the original's has {tuple(reference.shape)}")
+        if reference is not None:
+            self.squared_error += float(((output.double() - reference.double()) ** 2).sum())
+            self.squared_norm += float((reference.double() ** 2).sum())
+        if self.layout == "classes":
+            top = output.argmax(1)
+            self.correct += int((top == labels).sum()) if self.score_labels else 0
+            self.agree += int((top == reference.argmax(1)).sum()) if reference is not None else 0
+        elif self.layout == "yolov8" and reference is not None:
+            self.detections.add(reference, output)
+        elif self.layout == "yolov8":
+            self.own_detections += sum(len(d) for d in decode_yolov8(output))
+
+    def result(self, images: int) -> dict:
+        result: dict = {"layout": self.description}
+        if self.compare:
+            result["relative_error"] = (self.squared_error / self.squared_norm) ** 0.5 if self.squared_norm else \
+                (0.0 if self.squared_error == 0 else None)
+        if self.layout == "classes" and self.score_labels:
+            result["top1"] = self.correct / images
+        if self.layout == "classes" and self.compare:
+            result["agreement"] = self.agree / images
+        if self.layout == "yolov8":
+            result["detections"] = self.detections.as_dict() if self.compare else {"count": self.own_detections}
+        return result
+
+
+def _evaluate(run: Runner, fixed: int | None, names: list[str], data: TinySet, reference: Model | None,
+              batch_size: int | None) -> dict:
+    step = fixed or batch_size or max(1, min(MAX_BATCH, BATCH_ELEMENTS // max(1, data.images[0].numel())))
+    count = len(data) - (len(data) % fixed if fixed else 0)
+    if count == 0:
+        raise GraphpruneError(f"the model's fixed batch of {fixed} is more than the {len(data)} evaluation images")
+    run_reference = _fx_runner(reference) if reference is not None else None
+    scores: list[_OutputScore] = []
+    for start in range(0, count, step):
+        images, labels = data.images[start:start + step], data.labels[start:start + step]
+        outputs = run(images)
+        expected = run_reference(images) if run_reference is not None else None
+        if not scores:  # layouts from the reference's outputs, which the model's must match
+            scores = _scores(outputs if expected is None else expected, names, data, compare=expected is not None)
+        if len(outputs) != len(scores):
+            raise GraphpruneError(f"the model has {len(outputs)} outputs; the original has {len(scores)}")
+        for i, (score, output) in enumerate(zip(scores, outputs)):
+            score.add(output, None if expected is None else expected[i], labels)
+    per_output = {score.name: score.result(count) for score in scores}
+    result: dict = {"images": count}
+    for key in HEADLINE:
+        first = next((r[key] for r in per_output.values() if key in r), None)
+        if first is not None:
+            result[key] = first
+    result["outputs"] = per_output
     return result
+
+
+def _scores(outputs: tuple[torch.Tensor, ...], names: list[str], data: TinySet, compare: bool) -> list[_OutputScore]:
+    """An accumulator per output, by its layout; labels only where they can be scored (one line otherwise)."""
+    names = names if len(names) == len(outputs) and len(set(names)) == len(names) else \
+        [f"output{i}" for i in range(len(outputs))]
+    layouts = [output_layout(out) for out in outputs]
+    labelled = data.has_labels
+    if labelled and "classes" not in layouts:
+        shapes = ", ".join(f"'{n}' {_shape(out)}" for n, out in zip(names, outputs))
+        raise GraphpruneError(f"{data.source} has class labels, but no output of the model is class scores (N, K) "
+                              f"({shapes}): labels cannot be scored against a detector; give the images without "
+                              "labels (a folder without labels.csv or class sub-folders, an .npz without 'labels') "
+                              "to compare the optimised model's outputs with the original's")
+    most = int(data.labels.max()) if labelled else -1
+    if labelled and not any(layout == "classes" and out.shape[1] > most for layout, out in zip(layouts, outputs)):
+        classes = max(out.shape[1] for layout, out in zip(layouts, outputs) if layout == "classes")
+        raise GraphpruneError(f"{data.source} has labels up to {most}, but the model's class scores have {classes} "
+                              "classes")
+    return [_OutputScore(name, layout, describe_layout(layout, out),
+                         score_labels=layout == "classes" and labelled and out.shape[1] > most, compare=compare)
+            for name, layout, out in zip(names, layouts, outputs)]
+
+
+def _shape(output: torch.Tensor) -> str:
+    return "(N, " + ", ".join(str(d) for d in output.shape[1:]) + ")"
+
+
+def _fx_runner(model: Model) -> Runner:
+    gm = model.graph_module
+
+    def run(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        was_training = gm.training
+        gm.eval()
+        try:
+            with torch.no_grad():
+                return _tensors(gm(images))
+        finally:
+            gm.train(was_training)
+
+    return run
+
+
+def _tensors(output) -> tuple[torch.Tensor, ...]:
+    """Every tensor of a (possibly nested) output, in order."""
+    if isinstance(output, torch.Tensor):
+        return (output,)
+    items = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
+    return tuple(t for item in items for t in _tensors(item))

@@ -20,16 +20,40 @@ def format_summary(report: dict) -> str:
     lines.append(f"latency {latency['original_ms']:.3f} ms -> {latency['optimized_ms']:.3f} ms "
                  f"(measured cut {100 * latency['cut']:.1f}%, target {100 * latency['target']:.1f}%)")
     if "eval" in report:
-        orig, opt = report["eval"]["original"], report["eval"]["optimized"]
-        if "top1" in orig:
-            lines.append(f"top-1 {100 * orig['top1']:.2f}% -> {100 * opt['top1']:.2f}% on {orig['images']} images")
-        if "agreement" in opt:
-            lines.append(f"top-1 agreement with the original: {100 * opt['agreement']:.2f}%")
+        lines.extend(_eval_lines(report["eval"]))
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in report["seconds_per_stage"].items())
     lines.append(f"time: {stages}")
     if "output" in report:
         lines.append(f"wrote {report['output']}")
     return "\n".join(lines)
+
+
+def _eval_lines(evaluation: dict) -> list[str]:
+    """Fidelity on --eval-data (``evaluate``): top-1, agreement, kept and added detections, each
+    output's relative error; the optimised model is the written file (int8 where it is)."""
+    orig, opt = evaluation["original"], evaluation["optimized"]
+    lines = []
+    if "top1" in orig:
+        lines.append(f"top-1 {100 * orig['top1']:.2f}% -> {100 * opt['top1']:.2f}% on {orig['images']} images")
+    if "agreement" in opt:
+        lines.append(f"top-1 agreement with the original: {100 * opt['agreement']:.2f}%")
+    outputs = opt.get("outputs", {})
+    for name, output in outputs.items():
+        if "detections" in output:
+            d = output["detections"]
+            lines.append(f"{name} decoded as {output['layout']}")
+            lines.append(f"  kept {d['kept']} of the original's {d['original']} detections "
+                         f"({_percent(d['kept_fraction'])}), added {d['added']} ({_percent(d['added_fraction'])} "
+                         f"of its {d['optimized']}) on {opt['images']} images")
+    errors = [f"{name} {output['relative_error']:.4g}" for name, output in outputs.items()
+              if output.get("relative_error") is not None]
+    if errors:
+        lines.append(f"relative output error ||y - y_orig|| / ||y_orig||: {', '.join(errors)}")
+    return lines
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 def write_plot(report: dict, path: Path) -> None:

@@ -175,3 +175,41 @@ def test_optimize_refuses_a_second_input(cli, tmp_path):
     src = save(proto, tmp_path / "two.onnx")
     out = tmp_path / "o.onnx"
     _assert_clean_failure(cli("optimize", src, "--latency-cut", "0.1", "--data-free", "-o", out), "one image input", out)
+
+
+@pytest.fixture(scope="module")
+def eval_inputs(tmp_path_factory):
+    """A classifier (10 classes, 3 x 32 x 32) and a detector (3 x 64 x 64), a tiny set, and
+    evaluation sets neither can be scored on."""
+    import numpy as np
+    from PIL import Image
+
+    from yolo_like import tiny_yolo_onnx
+
+    folder = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    np.savez(folder / "tiny.npz", images=images)
+    np.savez(folder / "two_channels.npz", images=images[..., :2])
+    np.savez(folder / "labelled.npz", images=images, labels=np.arange(16) % 13)  # up to 12
+    (folder / "broken").mkdir()
+    for i in range(4):
+        Image.fromarray(images[i]).save(folder / "broken" / f"{i}.png")
+    (folder / "broken" / "labels.csv").write_text("file,class\n0.png,cat\n1.png,dog\n2.png,cat\n3.png,dog\n")
+    return folder, save(tiny_yolo_onnx(), folder / "yolo.onnx")
+
+
+@pytest.mark.parametrize("model, eval_data, expected", [
+    ("zoo:cifar10_resnet20", "two_channels.npz", "two_channels.npz: images have 2 channels; the model takes 3"),
+    ("yolo", "labelled.npz", "labels cannot be scored against a detector; give the images without labels"),
+    ("zoo:cifar10_resnet20", "broken", "labels.csv line 2: label 'cat' is not a non-negative integer"),
+    ("zoo:cifar10_resnet20", "labelled.npz", "has labels up to 12, but the model's class scores have 10 classes"),
+])
+def test_eval_data_the_model_cannot_be_scored_on_fails_before_the_run(cli, eval_inputs, tmp_path, model,
+                                                                      eval_data, expected):
+    folder, yolo = eval_inputs
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    result = cli("optimize", yolo if model == "yolo" else model, "--latency-cut", "0.1", "--data", folder / "tiny.npz",
+                 "--eval-data", folder / eval_data, "-o", out, "--report", report, "--no-cache", "--quiet")
+    _assert_clean_failure(result, expected, out)
+    assert not report.exists() and "block" not in result[1]  # nothing measured, no summary

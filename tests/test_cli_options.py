@@ -228,7 +228,7 @@ def test_library_messages_read_as_flags_from_the_command_line(cli, tiny_inputs, 
     _one_line(cli(*argv, "--input-shape", "1,4,16"), "--input-shape 1,4,16 has 3 dimensions", 1)
     (tmp_path / "images.txt").write_text("not images")
     argv[3] = tmp_path / "images.txt"
-    _one_line(cli(*argv), "--data must be a folder of images or an .npz file", 1)
+    _one_line(cli(*argv), "--data must be a folder of images, a labels .csv or an .npz file", 1)
 
 
 # ---- shell completion ----------------------------------------------------------------------------

@@ -92,3 +92,64 @@ def test_split_holdout_sizes(tmp_path):
     assert (len(train), len(held)) == (10, 10)  # at least 16 wanted, never more than half
     with pytest.raises(GraphpruneError, match="at least 4"):
         split_holdout(tiny.subset(range(3)))
+
+
+def _flat_folder(folder, names=("a.png", "b.png", "c.png", "d.png")):
+    folder.mkdir(exist_ok=True)
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("csv_text", [
+    "file,imagenet_class_index,wnid,class_name_from_filename\n"  # the ImageNet evaluation list's layout
+    "a.png,7,n1,cat\nb.png,3,n2,dog\nc.png,7,n1,cat\nd.png,0,n3,fish\n",
+    "image,class,class_index\na.png,cat,7\nb.png,dog,3\nc.png,cat,7\nd.png,fish,0\n",  # names passed over
+    "name,target\r\na.png,7\r\nb.png,3\r\n\r\nc.png,7\r\nd.png,0\r\n",
+    "a.png,7\nb.png,3\nc.png,7\nd.png,0\n",  # two columns, no header
+    "path,y_true\na.png,7\nb.png,3\nc.png,7\nd.png,0\n",  # two columns: the second is the label
+])
+def test_flat_folder_with_labels_csv(tmp_path, csv_text):
+    folder = _flat_folder(tmp_path / "eval")
+    (folder / "labels.csv").write_text(csv_text)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(folder / "unlisted.png")  # not in the CSV: not read
+    tiny = load_tiny_set(folder, PREP)
+    assert tiny.has_labels and len(tiny) == 4
+    by_value = {round(float(img.mean() * PREP.std[0] + PREP.mean[0]) * 255 / 60): int(label)
+                for img, label in zip(tiny.images[:, :1], tiny.labels)}  # image i is grey 60 * i
+    assert by_value == {0: 7, 1: 3, 2: 7, 3: 0}
+    assert torch.equal(load_tiny_set(folder / "labels.csv", PREP).labels.sort().values, tiny.labels.sort().values)
+
+
+@pytest.mark.parametrize("csv_text,message", [
+    ("file,label\na.png,1\nz.png,2\n", "names 1 files not in"),
+    ("file,wnid,name\na.png,n1,cat\n", "no label column (columns: file, wnid, name)"),
+    ("file,label\na.png,cat\n", "line 2: label 'cat' is not a non-negative integer (column 'label')"),
+    ("file,label\na.png,-1\n", "label '-1' is not a non-negative integer"),
+    ("file,label\na.png,1.5\n", "label '1.5'"),
+    ("file,label\na.png,1\na.png,2\n", "names 'a.png' twice (line 3)"),
+    ("file,label\n../a.png,1\n", "is not a file name inside"),
+    ("file,wnid,label\na.png,n1\n", "line 2 has 2 columns; the labels are in column 3"),
+    ("file,label\n", "lists no images"),
+    ("", "lists no images"),
+])
+def test_broken_labels_csv(tmp_path, csv_text, message):
+    folder = _flat_folder(tmp_path / "eval")
+    (folder / "labels.csv").write_text(csv_text)
+    with pytest.raises(GraphpruneError) as exc:
+        load_tiny_set(folder, PREP)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_labels_csv_that_is_not_text(tmp_path):
+    folder = _flat_folder(tmp_path / "eval")
+    (folder / "labels.csv").write_bytes(b"\xff\xfe\x00\x81binary")
+    with pytest.raises(GraphpruneError, match="cannot read labels.csv as CSV"):
+        load_tiny_set(folder, PREP)
+
+
+def test_images_with_a_channel_count_the_model_cannot_take(tmp_path):
+    path = _npz(tmp_path / "two.npz", channels=2)
+    with pytest.raises(GraphpruneError, match="two.npz: images have 2 channels; the model takes 3"):
+        load_tiny_set(path, PREP)
+    assert load_tiny_set(_npz(tmp_path / "grey.npz", channels=1), PREP).images.shape[1] == 3  # grey is converted

@@ -21,7 +21,7 @@ from ..cli_options import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT
                            latency_options, subcommand)
 from ..data import Preprocessing, load_tiny_set
 from ..errors import GraphpruneError, UsageError
-from ..evaluate import evaluate, evaluate_onnx
+from ..evaluate import check_eval_data, evaluate, evaluate_onnx
 from ..formats.model_io import atomic_write
 from ..optimize import OptimizeConfig, image_input_shape, optimize, pipeline_from_names, write_result
 from ..passes.plan_quantization import QuantizedOnnx
@@ -55,7 +55,7 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
 @model_options
 @config_option
 @opt("data", "--data", type=click.Path(exists=True),
-     help="folder of images (class sub-folders optional) or .npz (any domain)")
+     help="folder of images (class sub-folders or a labels.csv optional), labels .csv or .npz (any domain)")
 @opt("data", "--data-free", is_flag=True, help="no images: synthesise a tiny set instead")
 @opt("data", "--synthetic", fills="synthesis.method", type=click.Choice(["auto", *METHODS]),
      help="with --data-free: bn-inversion (needs BatchNorm) or procedural; auto picks")
@@ -72,7 +72,9 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
 @opt("data", "--std", fills="preprocessing.std", type=Numbers(), help="normalisation std (comma-separated)")
 @opt("data", "--holdout", fills="holdout_fraction", type=FRACTION, help="fraction held out to measure recoverability")
 @opt("data", "--eval-data", type=click.Path(exists=True),
-     help="labelled folder/.npz to report top-1 of original and optimised")
+     help="folder (class sub-folders or labels.csv optional)/.npz to report how faithful the optimised model is: "
+          "top-1 with labels, top-class agreement, a detector's kept and added detections, each output's "
+          "relative error")
 @opt("latency", "--latency-cut", fills="latency_cut", type=FRACTION, required=True,
      help="fraction of latency to remove, e.g. 0.22")
 @opt("latency", "--backend", fills="backend", type=click.Choice(["onnxruntime", "torch"]))
@@ -145,13 +147,16 @@ def command(args) -> int:
     else:
         with flags_for(path="--data"):
             tiny = load_tiny_set(args.data, prep, args.num_samples, args.seed)
+    test = None
+    if args.eval_data:  # read and checked against the model now: a set it cannot score fails before the run
+        with flags_for(path="--eval-data"):
+            test = load_tiny_set(args.eval_data, prep)
+        check_eval_data(model, test)
     result = optimize(model, tiny, config, pipeline)
     report = result.report
     report["data"]["synthetic"] = synthetic
     report["config_file"] = config_file(ctx)
-    if args.eval_data:
-        with flags_for(path="--eval-data"):
-            test = load_tiny_set(args.eval_data, prep)
+    if test is not None:
         report["eval"] = {"original": evaluate(model, test), "optimized": evaluate(result.model, test, model)}
         quantized = result.state.artifacts.get(QuantizedOnnx)
         if quantized is not None and quantized.proto is not None:  # the float stage above, the written int8 here

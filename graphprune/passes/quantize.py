@@ -176,11 +176,17 @@ def image_batches(session, images: torch.Tensor, batch_size: int):
     if len(session.get_inputs()) != 1:
         raise GraphpruneError(f"quantisation takes models with one image input; this one has {len(session.get_inputs())}")
     (info,) = session.get_inputs()
-    fixed = info.shape[0] if info.shape and isinstance(info.shape[0], int) and info.shape[0] > 0 else None
+    fixed = fixed_batch(session)
     step = fixed or batch_size
     channels_last = looks_channels_last(tuple(info.shape))
     for start in range(0, len(images) - (len(images) % step if fixed else 0), step):
         yield ort_feeds(session, (images[start:start + step],), channels_last)
+
+
+def fixed_batch(session) -> int | None:
+    """The batch the file's (first) input fixes, or None for a dynamic batch."""
+    shape = session.get_inputs()[0].shape
+    return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
 
 
 def cpu_session(proto_or_bytes, what: str = "the model"):

@@ -1,0 +1,142 @@
+"""What a model's outputs mean, for measuring how faithfully an optimised model reproduces the
+original's: the layout of an output, and a detector's boxes decoded and matched.
+
+**Layouts** (:func:`output_layout`, read from the original's output):
+
+* ``classes``: a float (N, K) output, K >= 2, is class scores (top-1, agreement with the original).
+* ``yolov8``: a float (N, 4 + C, A) output with C >= 1 classes, more anchors A than rows 4 + C,
+  and rows 4.. all in [0, 1] is ultralytics' YOLOv8 detect head as it exports it (``output0``,
+  (1, 84, 8400)): per anchor a box cx, cy, w, h, then C class scores after their sigmoid. A
+  segmentation head's mask coefficients and a pose head's keypoints lie outside [0, 1], so their
+  rows are not taken for class scores.
+* ``other``: anything else (compared by its relative error only).
+
+**Detections**, as ultralytics' ``non_max_suppression`` with its defaults: each anchor's best class
+c = argmax_k s_k; confident where s_c > CONFIDENCE; box (cx - w/2, cy - h/2, cx + w/2, cy + h/2),
+w and h clamped at 0; non-maximum suppression within each class at NMS_IOU; at most
+MAX_DETECTIONS per image, highest scores first. IoU(a, b) = |a n b| / |a u b| (0 where the union
+is empty).
+
+**Matching** an image's optimised detections D to the original's O: pairs of the same class with
+IoU >= MATCH_IOU, taken greedily, highest IoU first, each detection in at most one pair. Summed
+over the images:
+
+    kept  = matched pairs     kept_fraction  = kept / |O|   (the original's detections kept)
+    added = |D| - kept        added_fraction = added / |D|  (the optimised model's new detections)
+
+A fraction is None where its denominator is 0. A box of zero area overlaps nothing, itself included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CONFIDENCE = 0.25  # ultralytics' predict defaults: conf, iou and max_det
+NMS_IOU = 0.45
+MAX_DETECTIONS = 300
+MATCH_IOU = 0.5  # a detection is the original's when it overlaps it this much (the usual mAP@0.5)
+BOX_ROWS = 4  # cx, cy, w, h
+
+
+def output_layout(output: torch.Tensor) -> str:
+    """``"classes"``, ``"yolov8"`` or ``"other"`` for a batch of one output (see the module docstring)."""
+    if not output.is_floating_point():
+        return "other"
+    if output.dim() == 2 and output.shape[1] >= 2:
+        return "classes"
+    if output.dim() == 3 and BOX_ROWS < output.shape[1] < output.shape[2]:
+        scores = output[:, BOX_ROWS:]
+        if bool((scores >= 0).all()) and bool((scores <= 1).all()):
+            return "yolov8"
+    return "other"
+
+
+def describe_layout(layout: str, output: torch.Tensor) -> str:
+    """The report's words for how an output of this layout is read (the decoding used)."""
+    rest = ", ".join(str(d) for d in output.shape[1:])
+    if layout == "classes":
+        return f"class scores (N, {rest}): top-1"
+    if layout == "yolov8":
+        classes, anchors = output.shape[1] - BOX_ROWS, output.shape[2]
+        return (f"YOLOv8 detections (N, 4+{classes}, {anchors} anchors): cx, cy, w, h, {classes} class scores; "
+                f"confidence > {CONFIDENCE}, per-class NMS at IoU {NMS_IOU}, at most {MAX_DETECTIONS}, "
+                f"matched at IoU >= {MATCH_IOU}")
+    return f"other (N, {rest}): relative error only"
+
+
+@dataclass(frozen=True)
+class Detections:
+    """One image's confident detections: ``boxes`` (n, 4) x1, y1, x2, y2, ``scores`` and ``classes`` (n,)."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    classes: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+def decode_yolov8(output: torch.Tensor) -> list[Detections]:
+    """Each image's confident detections after per-class NMS, highest scores first."""
+    from torchvision.ops import batched_nms
+
+    result = []
+    for image in output.float():
+        scores, classes = image[BOX_ROWS:].max(0)
+        confident = scores > CONFIDENCE
+        cx, cy, w, h = image[:BOX_ROWS, confident]
+        w, h = w.clamp(min=0), h.clamp(min=0)
+        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+        keep = batched_nms(boxes, scores[confident], classes[confident], NMS_IOU)[:MAX_DETECTIONS]
+        result.append(Detections(boxes[keep], scores[confident][keep], classes[confident][keep]))
+    return result
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n, m) IoU of boxes ``a`` (n, 4) and ``b`` (m, 4), x1, y1, x2, y2; 0 where the union is empty."""
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    low = torch.maximum(a[:, None, :2], b[None, :, :2])
+    high = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (high - low).clamp(min=0).prod(2)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(union))
+
+
+def matched(original: Detections, optimized: Detections) -> int:
+    """How many of ``original``'s detections ``optimized`` keeps: greedy same-class pairs with
+    IoU >= MATCH_IOU, highest IoU first, each detection in one pair at most."""
+    iou = box_iou(original.boxes, optimized.boxes)
+    iou[original.classes[:, None] != optimized.classes[None, :]] = 0
+    rows, columns = torch.nonzero(iou >= MATCH_IOU, as_tuple=True)  # few: NMS leaves few overlaps per box
+    order = torch.argsort(iou[rows, columns], descending=True, stable=True)
+    taken_rows, taken_columns = set(), set()
+    for row, column in zip(rows[order].tolist(), columns[order].tolist()):
+        if row not in taken_rows and column not in taken_columns:
+            taken_rows.add(row)
+            taken_columns.add(column)
+    return len(taken_rows)
+
+
+@dataclass
+class DetectionCounts:
+    """Detections summed over images: the original's, the optimised model's, and the pairs kept."""
+
+    original: int = 0
+    optimized: int = 0
+    kept: int = 0
+
+    def add(self, original: torch.Tensor, optimized: torch.Tensor) -> None:
+        """One batch of the detector output of both models."""
+        for theirs, ours in zip(decode_yolov8(original), decode_yolov8(optimized)):
+            self.original += len(theirs)
+            self.optimized += len(ours)
+            self.kept += matched(theirs, ours)
+
+    def as_dict(self) -> dict:
+        added = self.optimized - self.kept
+        return {"original": self.original, "optimized": self.optimized,
+                "kept": self.kept, "kept_fraction": self.kept / self.original if self.original else None,
+                "added": added, "added_fraction": added / self.optimized if self.optimized else None}

@@ -1,0 +1,244 @@
+"""Fidelity on --eval-data: IoU, NMS and matching on hand-made boxes, a YOLOv8-style detector end to
+end (fx graph and written ONNX file), a two-output model, a labels.csv folder, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import graphprune as gp
+from graphprune.data import Preprocessing, TinySet, load_tiny_set
+from graphprune.errors import GraphpruneError
+from graphprune.evaluate import evaluate, evaluate_onnx
+from graphprune.fidelity import (CONFIDENCE, DetectionCounts, Detections, box_iou, decode_yolov8, matched,
+                                 output_layout)
+from graphprune.report import format_summary
+from onnx_builders import save
+from yolo_like import tiny_yolo_onnx
+
+
+def _detections(boxes, classes, scores=None):
+    boxes = torch.tensor(boxes, dtype=torch.float)
+    scores = torch.ones(len(boxes)) if scores is None else torch.tensor(scores)
+    return Detections(boxes, scores, torch.tensor(classes))
+
+
+def test_box_iou_on_hand_made_boxes():
+    a = torch.tensor([[0.0, 0, 2, 2], [0, 0, 1, 1], [5, 5, 5, 7]])  # the last has zero area
+    b = torch.tensor([[1.0, 1, 3, 3], [0, 0, 2, 2]])
+    expected = torch.tensor([[1 / 7, 1.0], [0.0, 1 / 4], [0.0, 0.0]])  # 1 / (4 + 4 - 1); a corner touch is 0
+    assert torch.allclose(box_iou(a, b), expected)
+    assert box_iou(a[2:], a[2:]).item() == 0.0  # zero area overlaps nothing, itself included
+
+
+def _yolo_output(anchors):
+    """(1, 4 + 2, A) from rows (cx, cy, w, h, score of class 0, score of class 1), A > 6."""
+    rows = anchors + [(0, 0, 1, 1, 0.0, 0.1)] * (8 - len(anchors))
+    return torch.tensor(rows, dtype=torch.float).T[None]
+
+
+def test_decoding_keeps_confident_boxes_after_per_class_nms():
+    output = _yolo_output([
+        (10, 10, 4, 4, 0.9, 0.1),    # kept
+        (10.5, 10, 4, 4, 0.8, 0.1),  # IoU 14/18 with the first, same class: suppressed
+        (10.5, 10, 4, 4, 0.1, 0.7),  # the same box for class 1: kept
+        (12, 10, 4, 4, 0.6, 0.0),    # IoU 8/24 with the first: kept
+        (30, 30, 4, 4, CONFIDENCE, 0.0),  # at the threshold: not confident
+        (30, 30, 2, 2, 0.26, 0.0),   # kept
+    ])
+    assert output_layout(output) == "yolov8"
+    (found,) = decode_yolov8(output)
+    assert found.scores.tolist() == pytest.approx([0.9, 0.7, 0.6, 0.26])
+    assert found.classes.tolist() == [0, 1, 0, 0]
+    assert found.boxes[0].tolist() == [8, 8, 12, 12] and found.boxes[3].tolist() == [29, 29, 31, 31]
+
+
+def test_layouts_from_the_output_shape():
+    assert output_layout(torch.zeros(2, 10)) == "classes"
+    assert output_layout(torch.zeros(2, 1)) == "other"
+    assert output_layout(torch.zeros(2, 84, 8400)) == "yolov8"
+    mask_coefficients = torch.zeros(2, 116, 8400)
+    mask_coefficients[:, 90] = -3  # a segmentation head's rows after the classes are not scores
+    assert output_layout(mask_coefficients) == "other"
+    assert output_layout(torch.zeros(2, 8400, 84)) == "other"  # anchors first: not YOLOv8's export
+    assert output_layout(torch.zeros(2, 3, 8, 8)) == "other"
+
+
+def test_matching_is_greedy_one_to_one_within_a_class():
+    original = _detections([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]], [0, 0, 1])
+    optimized = _detections([[1, 0, 11, 10],    # IoU 90/110 with the first
+                             [0, 0, 10, 10],    # IoU 1 with the first: taken before the one above
+                             [25, 0, 35, 10],   # IoU 50/150 with the second: too little
+                             [40, 0, 50, 10]],  # the third's box, another class
+                            [0, 0, 0, 0])
+    assert matched(original, optimized) == 1
+    assert matched(original, original) == 3
+    shifted = _detections([[0, 0, 10, 10], [21, 0, 31, 10], [40, 0, 50, 10]], [0, 0, 1])
+    assert matched(original, shifted) == 3  # 90/110 >= 0.5
+
+
+def test_detection_counts_sum_over_images():
+    counts = DetectionCounts()
+    original = _yolo_output([(10, 10, 4, 4, 0.9, 0.0), (30, 30, 4, 4, 0.0, 0.8)])
+    optimized = _yolo_output([(10.2, 10, 4, 4, 0.7, 0.0), (30, 30, 4, 4, 0.8, 0.0), (50, 50, 4, 4, 0.5, 0.0)])
+    counts.add(torch.cat([original, original]), torch.cat([optimized, original]))
+    assert counts.as_dict() == {"original": 4, "optimized": 5, "kept": 3, "kept_fraction": 0.75,
+                                "added": 2, "added_fraction": 0.4}
+    assert DetectionCounts().as_dict()["kept_fraction"] is None
+
+
+@pytest.fixture(scope="module")
+def yolo(tmp_path_factory):
+    """The DFL detector: its box rows are positive, as a real head's cx, cy, w, h are."""
+    folder = tmp_path_factory.mktemp("yolo")
+    path = save(tiny_yolo_onnx(reg=16), folder / "yolo.onnx")
+    model = gp.load(path)
+    smaller = gp.drop_blocks(model, ["stage1.1.m.1"], gp.find_blocks(model))
+    gp.save(smaller, folder / "smaller.onnx")
+    return path, model, smaller, folder / "smaller.onnx"
+
+
+def _unlabelled(n=12, size=64, seed=0):
+    return TinySet(torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed)),
+                   -torch.ones(n, dtype=torch.long))
+
+
+def test_a_detector_end_to_end_on_the_fx_model_and_the_written_file(yolo):
+    _, model, smaller, smaller_path = yolo
+    data = _unlabelled()
+    alone = evaluate(model, data)
+    (name,) = alone["outputs"]
+    assert alone["outputs"][name]["layout"].startswith("YOLOv8 detections (N, 4+3, 320 anchors)")
+    assert alone["detections"]["count"] > len(data)  # confident detections to compare
+    itself = evaluate(model, data, model)["outputs"][name]
+    assert itself["relative_error"] == 0 and itself["detections"]["kept_fraction"] == 1.0
+    assert itself["detections"]["added"] == 0
+    fx = evaluate(smaller, data, model)
+    found = fx["detections"]
+    assert found["original"] == alone["detections"]["count"] and 0 < found["kept"] < found["original"]
+    assert found["added"] == found["optimized"] - found["kept"] and fx["outputs"][name]["relative_error"] > 0
+    written = evaluate_onnx(onnx.load(str(smaller_path)), data, model)
+    assert written["outputs"][name]["relative_error"] == pytest.approx(fx["outputs"][name]["relative_error"], rel=1e-3)
+    assert abs(written["detections"]["kept"] - found["kept"]) <= 2  # a score at the threshold may differ by 1e-6
+
+
+def test_class_labels_cannot_be_scored_against_a_detector(yolo):
+    _, model, smaller, _ = yolo
+    data = _unlabelled()
+    data.labels[:] = 1
+    with pytest.raises(GraphpruneError, match=r"labels cannot be scored against a detector; give the images "
+                                              r"without labels") as exc:
+        evaluate(smaller, data, model)
+    assert "'output0' (N, 7, 320)" in str(exc.value)
+
+
+class TwoOutputs(nn.Module):
+    """Class scores and the feature map they are pooled from."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x))
+        return self.fc(features.mean((2, 3))), features
+
+
+def test_every_output_of_a_two_output_model(tmp_path):
+    torch.manual_seed(0)
+    module = TwoOutputs().eval()
+    path = tmp_path / "two.onnx"
+    torch.onnx.export(module, (torch.randn(1, 3, 8, 8),), str(path), opset_version=17, dynamo=False,
+                      input_names=["x"], output_names=["logits", "features"],
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
+    original = gp.load(path)
+    changed = original.clone()
+    with torch.no_grad():
+        for p in changed.graph_module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    data = _unlabelled(20, 8)
+    data.labels[:] = original.run(data.images).argmax(1)  # the original's own classes: its top-1 is 1
+    assert evaluate(original, data)["top1"] == 1.0
+    fx = evaluate(changed, data, original)
+    assert list(fx["outputs"]) == ["logits", "features"]
+    assert fx["outputs"]["features"]["layout"] == "other (N, 8, 8, 8): relative error only"
+    logits = fx["outputs"]["logits"]
+    assert fx["top1"] == logits["top1"] == logits["agreement"] == fx["agreement"]
+    assert all(0 < out["relative_error"] < 1 for out in fx["outputs"].values())
+    expected = torch.linalg.norm(changed.graph_module(data.images)[1] - original.graph_module(data.images)[1]) \
+        / torch.linalg.norm(original.graph_module(data.images)[1])
+    assert fx["outputs"]["features"]["relative_error"] == pytest.approx(float(expected), rel=1e-4)
+    changed_path = tmp_path / "changed.onnx"
+    gp.save(changed, changed_path)
+    written = evaluate_onnx(onnx.load(str(changed_path)), data, original, batch_size=7)
+    for name in ("logits", "features"):
+        assert written["outputs"][name]["relative_error"] == pytest.approx(fx["outputs"][name]["relative_error"],
+                                                                          rel=1e-3)
+    assert written["agreement"] == fx["agreement"]
+
+
+class Brightness(nn.Module):
+    """Five classes: the image's mean value nearest to 0, 0.2, ..., 0.8."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("centres", torch.arange(5) / 5)
+
+    def forward(self, x):
+        return -(x.mean((1, 2, 3))[:, None] - self.centres) ** 2
+
+
+def test_top1_on_a_flat_folder_with_labels_csv(tmp_path):
+    model = gp.load(Brightness(), input_shape=(1, 3, 8, 8))
+    rows = []
+    for i in range(6):  # grey 0, 40, ..., 200: classes 0, 1, 2, 2, 3, 4; every other label wrong
+        Image.fromarray(np.full((12, 10, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"img_{i}.png")
+        right = int(np.abs(40 * i / 255 - np.arange(5) / 5).argmin())
+        rows.append(f"img_{i}.png,n0{i},{right if i % 2 else (right + 1) % 5}\n")
+    (tmp_path / "labels.csv").write_text("file,wnid,imagenet_class_index\n" + "".join(rows))
+    labelled = load_tiny_set(tmp_path, Preprocessing((3, 8, 8), (0.0,), (1.0,)))
+    assert labelled.has_labels and len(set(model.run(labelled.images).argmax(1).tolist())) == 5
+    assert evaluate(model, labelled)["top1"] == pytest.approx(0.5)
+
+
+def test_the_summary_says_how_faithful_the_optimised_model_is(yolo):
+    _, model, smaller, _ = yolo
+    data = _unlabelled()
+    report = {"latency": {"original_ms": 2.0, "optimized_ms": 1.5, "cut": 0.25, "target": 0.2}, "blocks": [],
+              "dropped": [], "seconds_per_stage": {}, "eval": {"original": evaluate(model, data),
+                                                               "optimized": evaluate(smaller, data, model)}}
+    found = report["eval"]["optimized"]["detections"]
+    lines = format_summary(report).splitlines()
+    assert "output0 decoded as YOLOv8 detections (N, 4+3, 320 anchors): cx, cy, w, h, 3 class scores; " \
+           "confidence > 0.25, per-class NMS at IoU 0.45, at most 300, matched at IoU >= 0.5" in lines
+    assert f"  kept {found['kept']} of the original's {found['original']} detections " \
+           f"({100 * found['kept_fraction']:.1f}%), added {found['added']} ({100 * found['added_fraction']:.1f}% " \
+           f"of its {found['optimized']}) on 12 images" in lines
+    assert any(line.startswith("relative output error ||y - y_orig|| / ||y_orig||: output0 0.") for line in lines)
+
+
+@pytest.mark.slow  # 21 s on the shared 2-core machine: the whole pipeline, then three evaluations
+def test_optimize_reports_a_detectors_fidelity(cli, yolo, tmp_path):
+    path, *_ = yolo
+    images = np.random.default_rng(0).integers(0, 256, (24, 64, 64, 3), dtype=np.uint8)
+    np.savez(tmp_path / "tiny.npz", images=images)
+    out, report = tmp_path / "fast.onnx", tmp_path / "r.json"
+    code, stdout, err = cli("optimize", path, "--latency-cut", "0.02", "--margin", "0", "--data", tmp_path / "tiny.npz",
+                            "--eval-data", tmp_path / "tiny.npz", "--estimator", "lstsq", "--refine-evaluations", "0",
+                            "--recovery-iterations", "3", "--recovery-batch-size", "8", "--min-time", "0.01",
+                            "--no-cache", "--quiet", "-o", out, "--report", report)
+    assert code == 0, err
+    evaluation = json.loads(report.read_text())["eval"]
+    assert evaluation["original"]["outputs"]["output0"]["layout"].startswith("YOLOv8 detections")
+    found = evaluation["optimized"]["outputs"]["output0"]
+    assert found["detections"]["original"] == evaluation["original"]["detections"]["count"]
+    assert found["relative_error"] > 0 and "top1" not in evaluation["original"]
+    assert "output0 decoded as YOLOv8 detections" in stdout and "of the original's" in stdout
+    assert "relative output error ||y - y_orig|| / ||y_orig||: output0" in stdout
