@@ -40,8 +40,8 @@ from ..errors import GraphpruneError
 from ..formats.model_io import to_onnx
 from ..model import Model
 from .base import Analysis, PassResult
-from .quantize import (MIN_CALIBRATION_IMAGES, QuantizeSettings, check_int8_device, cpu_session, quantization_info,
-                       quantize_onnx, run_outputs)
+from .quantize import (MIN_CALIBRATION_IMAGES, QuantConfig, QuantizeSettings, check_int8_device, cpu_session,
+                       quantization_info, quantize_onnx, run_outputs)
 from .quantize_plan import QuantizationPlan, plan_quantization
 from .selection import goal_cut
 
@@ -110,7 +110,8 @@ class PlanQuantization(Analysis):
 
     def plan(self, ctx, float_proto: onnx.ModelProto | None = None) -> QuantizationPlan:
         """The plan for ``ctx.original`` (``float_proto``: its ONNX form where the caller has it),
-        without the pipeline's timing of it alone (``graphprune profile --quantize`` times it itself)."""
+        without the pipeline's timing of it alone (``graphprune profile --quantize`` plans with this
+        and times the chosen model itself)."""
         if self.mode == "none":
             return QuantizationPlan(None, None, "quantize is 'none'", "", 0.0, [])
         from ..backends.onnxruntime_int8 import onnxruntime_cut
@@ -255,15 +256,21 @@ class QuantizeResult(Analysis):
             quantized = QuantizedOnnx(None, reason=f"not quantised: {plan.reason}")
             return PassResult(model, record={"quantized": False, "reason": quantized.reason}, artifacts=[quantized])
         images = ctx.need("tiny", self.name).images
-        float_proto = to_onnx(model)
-        proto = quantize_onnx(float_proto, images, plan.config, ctx.latency.device)
-        info = quantization_info(proto)
-        agreement = output_agreement(float_proto, proto, images, self.batch_size)
-        quantized = QuantizedOnnx(proto, info, plan.reason, agreement)
+        quantized = quantize_against_float(to_onnx(model), images, plan.config, ctx.latency.device, plan.reason,
+                                           self.batch_size)
         record = {"quantized": True, "config": plan.config.to_dict(), "float_nodes": quantized.float_nodes,
-                  "calibration_images": len(images), "opset": info.get("opset"), "notes": info.get("notes"),
-                  "against_float_on_tiny_set": agreement}
+                  "calibration_images": len(images), "opset": quantized.info.get("opset"),
+                  "notes": quantized.info.get("notes"), "against_float_on_tiny_set": quantized.agreement}
         return PassResult(model, record=record, artifacts=[quantized])
+
+
+def quantize_against_float(float_proto: onnx.ModelProto, images, config: QuantConfig, device: str = "cpu",
+                           reason: str = "", batch_size: int = 64) -> QuantizedOnnx:
+    """``float_proto`` quantised with ``config``, calibrated on every one of ``images``, with how it
+    was made and how close it stays to the float model on those images (what ``quantize_result``
+    writes, and what ``graphprune profile --quantize`` times)."""
+    proto = quantize_onnx(float_proto, images, config, device)
+    return QuantizedOnnx(proto, quantization_info(proto), reason, output_agreement(float_proto, proto, images, batch_size))
 
 
 def output_agreement(float_proto: onnx.ModelProto, proto: onnx.ModelProto, images, batch_size: int = 64) -> dict:
