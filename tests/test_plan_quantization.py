@@ -34,6 +34,7 @@ from graphprune.passes.recover import RecoverySettings
 from graphprune.passes.recoverability import RecoverabilitySettings
 from graphprune.passes.select_blocks import select_blocks
 from graphprune.passes.selection import BlockScore
+from graphprune.report import format_summary
 
 FLOAT_STEPS = ["find_blocks", "profile_blocks", "pool_identical_blocks", "score_recoverability", "select_blocks",
                "refine_selection", "drop_blocks", "recover", "measure_result"]
@@ -150,29 +151,26 @@ def test_int8_end_to_end_writes_a_quantised_file_close_to_the_recovered_float_mo
 def test_quantisation_alone_reaching_the_target_drops_no_block_and_trains_nothing(r20, tmp_path, monkeypatch):
     path, tiny = r20
     fake_plan_timing(monkeypatch, 0.6)
-    float_prepare = OnnxRuntimeBackend.prepare
-
-    def slow_float(self, model, settings):  # the float original takes 2 ms longer than any int8 model
-        run = float_prepare(self, model, settings)
-        return lambda: (run(), time.sleep(0.002))
-
-    monkeypatch.setattr(OnnxRuntimeBackend, "prepare", slow_float)
-    monkeypatch.setattr(onnxruntime_int8.QuantizedOnnxRuntime, "prepare", lambda self, model, settings: lambda: None)
+    asked = fake_quantization_alone(monkeypatch, 0.6)
+    monkeypatch.setattr(onnxruntime_int8.QuantizedOnnxRuntime, "prepare",
+                        lambda *a, **k: pytest.fail("timed a block set quantised"))
     monkeypatch.setattr(recover_module, "recover", lambda *a, **k: pytest.fail("trained with no block dropped"))
     no_block_work(monkeypatch)
     result = optimize(gp.load(path), tiny, config(latency_cut=0.3, quantize="int8"))
     records = result.state.records
-    assert result.report["dropped"] == [] and records["select_blocks"]["measurements"][0]["blocks"] == 0
-    alone = records["plan_quantization"]["alone"]["cut"]
-    assert alone > 0.305 and records["select_blocks"]["measured_cut"] == alone  # the plan's, not measured again
+    assert len(asked) == 1 and records["plan_quantization"]["alone"]["cut"] == 0.6
+    assert result.report["dropped"] == [] and records["select_blocks"]["measurements"] == [
+        {"blocks": 0, "predicted_cut": 0.0, "measured_cut": 0.6}]  # the plan's measurement, not measured again
     reason = records["select_blocks"]["note"]
-    assert reason.startswith("quantisation alone reaches the target") and "goal is 30.5%" in reason
+    assert reason == ("quantisation alone reaches the target: it measures a 60.0% cut, the goal is 30.5%; "
+                      "no block is dropped")
     for step in ("profile_blocks", "score_recoverability", "refine_selection"):
         assert records[step]["skipped"] == reason, step
     assert records["profile_blocks"]["blocks"] == [] and records["score_recoverability"]["blocks"] == []
     assert records["drop_blocks"]["skipped"] and records["recover"]["skipped"]
-    assert result.report["quantization"]["block_work_skipped"] == reason
-    assert result.report["quantization"]["plan"]["alone"]["cut"] == alone
+    section = result.report["quantization"]
+    assert section["block_work_skipped"] == reason and section["plan"]["alone"]["cut"] == 0.6
+    assert reason in format_summary(result.report)
     written = onnx.load(str(write_result(result, tmp_path / "out.onnx", path)))
     assert "QuantizeLinear" in op_types(written)
     assert len(float_group_nodes(written, "add_concat")) == 9
