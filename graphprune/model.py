@@ -101,17 +101,7 @@ class Model:
 
     def example_inputs(self, batch_size: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
         """Random inputs of the analysis shape (normal for floats, zeros for integers)."""
-        gen = torch.Generator().manual_seed(seed)
-        tensors = []
-        for spec in self.inputs:
-            shape = list(spec.concrete_shape(self.input_shape if len(self.inputs) == 1 else None, batch_size))
-            if spec.shape and spec.shape[0] is None:  # a dynamic batch axis takes the batch asked for
-                shape[0] = batch_size
-            if spec.dtype.is_floating_point:
-                tensors.append(torch.randn(shape, generator=gen, dtype=spec.dtype))
-            else:
-                tensors.append(torch.zeros(shape, dtype=spec.dtype))
-        return tuple(tensors)
+        return example_inputs(self.inputs, self.input_shape, batch_size, seed)
 
     def analysis_shape(self) -> tuple[int, ...]:
         """The single input's concrete shape (batch 1 unless the user fixed one)."""
@@ -128,6 +118,23 @@ class Model:
         finally:
             gm.train(was_training)
         return first_tensor(out)
+
+
+def example_inputs(specs: tuple[InputSpec, ...], input_shape: tuple[int, ...] | None = None, batch_size: int = 1,
+                   seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random inputs for ``specs`` (``input_shape``: the one input's shape where it is dynamic),
+    normal for floats and zeros for integers; a dynamic batch axis takes ``batch_size``."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = []
+    for spec in specs:
+        shape = list(spec.concrete_shape(input_shape if len(specs) == 1 else None, batch_size))
+        if spec.shape and spec.shape[0] is None:  # a dynamic batch axis takes the batch asked for
+            shape[0] = batch_size
+        if spec.dtype.is_floating_point:
+            tensors.append(torch.randn(shape, generator=gen, dtype=spec.dtype))
+        else:
+            tensors.append(torch.zeros(shape, dtype=spec.dtype))
+    return tuple(tensors)
 
 
 def first_tensor(out):

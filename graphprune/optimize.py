@@ -34,7 +34,7 @@ from .passes import (BlockLatencyTable, BlockRecoverabilities, Blocks, DropBlock
                      PooledLatency, PoolIdenticalBlocks, QuantizationPlan, QuantizedOnnx, QuantizeResult, Recover,
                      Recoverability, RecoveryLog, Refinement, RefineSelection, SelectBlocks, Selection,
                      available_passes)
-from .passes.plan_quantization import check_quantize_mode
+from .passes.plan_quantization import check_quantize_mode, no_block_needed
 from .passes.quantize import QuantizeSettings
 from .passes.recover import RecoverySettings
 from .passes.recoverability import RecoverabilitySettings
@@ -189,14 +189,17 @@ def build_report(original: Model, state: PassState, ctx: PassContext, config: Op
         "seconds_per_stage": dict(state.timings),
         "resumed_from_cache": {"latency_rows": table.from_cache if table else 0,
                                "recoverability": recoverabilities.from_cache if recoverabilities else 0},
-        "quantization": quantization_report(config, found.get(QuantizationPlan), found.get(QuantizedOnnx), final),
+        "quantization": quantization_report(config, found.get(QuantizationPlan), found.get(QuantizedOnnx), final,
+                                            no_block_needed(ctx, found)),
         "pipeline": list(state.records),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def quantization_report(config: OptimizeConfig, plan, quantized, final) -> dict | None:
-    """The plan (candidates, choice, reason), the nodes left in float, and the final cut split into
+def quantization_report(config: OptimizeConfig, plan, quantized, final, block_work_skipped: str | None = None
+                        ) -> dict | None:
+    """The plan (candidates, choice, reason, its cut alone), the nodes left in float, why no block was
+    profiled or scored where quantisation alone reached the goal, and the final cut split into
     block dropping's share (the recovered float model against the original, timed in the same
     interleaved run) and quantisation's; None for a float-only pipeline."""
     if plan is None and quantized is None:
@@ -211,6 +214,7 @@ def quantization_report(config: OptimizeConfig, plan, quantized, final) -> dict 
             "plan": plan.to_dict() if plan is not None else None,
             "float_nodes": quantized.float_nodes if written else None,
             "against_float_on_tiny_set": quantized.agreement if written else None,
+            "block_work_skipped": block_work_skipped,
             "cut": split}
 
 

@@ -17,6 +17,9 @@ def format_summary(report: dict) -> str:
         lines.append(f"{b['name']:<28} {rec:>14} {saved:>7} {score:>10}  {'yes' if b['dropped'] else ''}")
     lines.append("")
     lines.append(f"dropped {len(report['dropped'])} of {len(report['blocks'])} blocks: {', '.join(report['dropped'])}")
+    skipped = (report.get("quantization") or {}).get("block_work_skipped")
+    if skipped:
+        lines.append(f"{skipped} (no block profiled or scored)")
     lines.append(f"latency {latency['original_ms']:.3f} ms -> {latency['optimized_ms']:.3f} ms "
                  f"(measured cut {100 * latency['cut']:.1f}%, target {100 * latency['target']:.1f}%)")
     if "eval" in report:

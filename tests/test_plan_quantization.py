@@ -5,7 +5,6 @@ models, random images, ``min_time_s=0.05``; fake timings where timing would deci
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import time
 
 import numpy as np
@@ -16,14 +15,18 @@ import torch
 import graphprune as gp
 from graphprune.backends import LatencySettings
 from graphprune.backends import onnxruntime_int8
+from graphprune.backends.base import CutMeasurement, LatencyStats
 from graphprune.backends.onnxruntime import OnnxRuntimeBackend
 from graphprune.data import TinySet
 from graphprune.evaluate import evaluate, evaluate_onnx
 from graphprune.optimize import (OptimizeConfig, OptimizeResult, default_pipeline, make_context, optimize,
                                  pipeline_from_names, write_result)
-from graphprune.passes import (Artifacts, PassState, PlanQuantization, QuantizationPlan, QuantizedOnnx,
+from graphprune.passes import (Artifacts, PassState, Pipeline, PlanQuantization, QuantizationPlan, QuantizedOnnx,
                                QuantizeResult, find_blocks)
+from graphprune.passes import measure_latency as measure_module
+from graphprune.passes import plan_quantization as plan_module
 from graphprune.passes import recover as recover_module
+from graphprune.passes import recoverability as recoverability_module
 from graphprune.passes.quantize import (QuantConfig, QuantizeSettings, cpu_session, float_group_nodes,
                                         quantization_info, run_outputs)
 from graphprune.passes.quantize_plan import Timing
@@ -31,8 +34,7 @@ from graphprune.passes.recover import RecoverySettings
 from graphprune.passes.recoverability import RecoverabilitySettings
 from graphprune.passes.select_blocks import select_blocks
 from graphprune.passes.selection import BlockScore
-
-select_module = importlib.import_module("graphprune.passes.select_blocks")  # the package exports a function of that name
+from graphprune.report import format_summary
 
 FLOAT_STEPS = ["find_blocks", "profile_blocks", "pool_identical_blocks", "score_recoverability", "select_blocks",
                "refine_selection", "drop_blocks", "recover", "measure_result"]
@@ -71,11 +73,38 @@ def fake_plan_timing(monkeypatch, cut: float) -> None:
     monkeypatch.setattr(onnxruntime_int8, "onnxruntime_cut", lambda proto, images, settings: lambda q: Timing(cut))
 
 
+def fake_cut(cut: float) -> CutMeasurement:
+    """A measurement of ``cut`` without timing anything (a 2 ms original)."""
+    stats = lambda ms: LatencyStats(ms, ms, ms, ms, 0.0, 5)  # noqa: E731
+    return CutMeasurement(stats(2.0), stats(2.0 * (1 - cut)), cut)
+
+
+def fake_quantization_alone(monkeypatch, cut: float) -> list:
+    """The plan's quantisation alone measures ``cut``; returns the list of plans it was asked for."""
+    asked = []
+
+    def measure(ctx, plan, by):
+        asked.append(plan)
+        return fake_cut(cut)
+    monkeypatch.setattr(plan_module, "measure_quantization_alone", measure)
+    return asked
+
+
+def no_block_work(monkeypatch) -> None:
+    """Block profiling and recoverability scoring fail the test if they are called."""
+    monkeypatch.setattr(measure_module, "measure_block_latency", lambda *a, **k: pytest.fail("profiled blocks"))
+    monkeypatch.setattr(recoverability_module, "score_blocks", lambda *a, **k: pytest.fail("scored blocks"))
+
+
 def test_pipeline_with_quantisation_adds_two_steps_and_keeps_the_others():
     assert [p.name for p in default_pipeline(OptimizeConfig())] == FLOAT_STEPS
     for mode in ("auto", "int8"):
-        names = [p.name for p in default_pipeline(OptimizeConfig(quantize=mode))]
+        steps = default_pipeline(OptimizeConfig(quantize=mode))
+        names = [p.name for p in steps]
         assert names == FLOAT_STEPS[:1] + ["plan_quantization"] + FLOAT_STEPS[1:8] + ["quantize_result", "measure_result"]
+        Pipeline(steps).check()
+        Pipeline(pipeline_from_names(names, OptimizeConfig(quantize=mode))).check()
+        Pipeline(pipeline_from_names([n for n in names if n != "plan_quantization" and n != "quantize_result"])).check()
     (plan,) = pipeline_from_names(["plan_quantization"], OptimizeConfig(quantize="int8", quantization=ONE_CANDIDATE))
     assert plan.mode == "int8" and plan.settings == ONE_CANDIDATE
 
@@ -84,23 +113,23 @@ def test_int8_end_to_end_writes_a_quantised_file_close_to_the_recovered_float_mo
     path, tiny = r20
     model = gp.load(path)
     # quantisation alone is measured as no cut, so that blocks are dropped whatever this CPU's int8
-    # speed (with VNNI, int8 alone cuts ResNet-20 by more than the target)
-    real_measure = select_module.measure_cut
-
-    def int8_alone_cuts_nothing(backend, original, candidate, *args, **kwargs):
-        measured = real_measure(backend, original, candidate, *args, **kwargs)
-        return dataclasses.replace(measured, cut=0.0) if candidate is original else measured
-    monkeypatch.setattr(select_module, "measure_cut", int8_alone_cuts_nothing)
+    # speed (with VNNI, int8 alone cuts ResNet-20 by more than the target): the work runs as before
+    asked = fake_quantization_alone(monkeypatch, 0.0)
     result = optimize(model, tiny, config(latency_cut=0.5, quantize="int8"))
     records = result.state.records
     assert list(records) == FLOAT_STEPS[:1] + ["plan_quantization"] + FLOAT_STEPS[1:8] + ["quantize_result",
                                                                                             "measure_result"]
+    assert len(asked) == 1 and asked[0].config is not None  # once, right after planning
+    assert records["plan_quantization"]["alone"]["cut"] == 0.0
     assert records["profile_blocks"]["settings"]["backend"] == "onnxruntime-int8"  # blocks timed quantised
+    assert len(records["profile_blocks"]["blocks"]) == 9 and len(records["score_recoverability"]["blocks"]) == 9
+    assert not any("skipped" in records[step] for step in ("profile_blocks", "score_recoverability"))
     first = records["select_blocks"]["measurements"][0]
-    assert first["blocks"] == 0  # quantisation alone, measured first against the float original
+    assert first == {"blocks": 0, "predicted_cut": 0.0, "measured_cut": 0.0}  # selection starts from the plan's
     assert result.report["dropped"] and records["recover"]["loss_curve"]
     section = result.report["quantization"]
     assert section["mode"] == "int8" and section["used"] and section["plan"]["candidates"]
+    assert section["block_work_skipped"] is None
     cut = section["cut"]
     assert cut["total"] == result.report["latency"]["cut"]
     assert cut["float_only"] + cut["quantization"] == pytest.approx(cut["total"])
@@ -122,20 +151,26 @@ def test_int8_end_to_end_writes_a_quantised_file_close_to_the_recovered_float_mo
 def test_quantisation_alone_reaching_the_target_drops_no_block_and_trains_nothing(r20, tmp_path, monkeypatch):
     path, tiny = r20
     fake_plan_timing(monkeypatch, 0.6)
-    float_prepare = OnnxRuntimeBackend.prepare
-
-    def slow_float(self, model, settings):  # the float original takes 2 ms longer than any int8 model
-        run = float_prepare(self, model, settings)
-        return lambda: (run(), time.sleep(0.002))
-
-    monkeypatch.setattr(OnnxRuntimeBackend, "prepare", slow_float)
-    monkeypatch.setattr(onnxruntime_int8.QuantizedOnnxRuntime, "prepare", lambda self, model, settings: lambda: None)
+    asked = fake_quantization_alone(monkeypatch, 0.6)
+    monkeypatch.setattr(onnxruntime_int8.QuantizedOnnxRuntime, "prepare",
+                        lambda *a, **k: pytest.fail("timed a block set quantised"))
     monkeypatch.setattr(recover_module, "recover", lambda *a, **k: pytest.fail("trained with no block dropped"))
+    no_block_work(monkeypatch)
     result = optimize(gp.load(path), tiny, config(latency_cut=0.3, quantize="int8"))
     records = result.state.records
-    assert result.report["dropped"] == [] and records["select_blocks"]["measurements"][0]["blocks"] == 0
-    assert "quantisation alone" in records["select_blocks"]["note"] and records["refine_selection"]["skipped"]
+    assert len(asked) == 1 and records["plan_quantization"]["alone"]["cut"] == 0.6
+    assert result.report["dropped"] == [] and records["select_blocks"]["measurements"] == [
+        {"blocks": 0, "predicted_cut": 0.0, "measured_cut": 0.6}]  # the plan's measurement, not measured again
+    reason = records["select_blocks"]["note"]
+    assert reason == ("quantisation alone reaches the target: it measures a 60.0% cut, the goal is 30.5%; "
+                      "no block is dropped")
+    for step in ("profile_blocks", "score_recoverability", "refine_selection"):
+        assert records[step]["skipped"] == reason, step
+    assert records["profile_blocks"]["blocks"] == [] and records["score_recoverability"]["blocks"] == []
     assert records["drop_blocks"]["skipped"] and records["recover"]["skipped"]
+    section = result.report["quantization"]
+    assert section["block_work_skipped"] == reason and section["plan"]["alone"]["cut"] == 0.6
+    assert reason in format_summary(result.report)
     written = onnx.load(str(write_result(result, tmp_path / "out.onnx", path)))
     assert "QuantizeLinear" in op_types(written)
     assert len(float_group_nodes(written, "add_concat")) == 9
@@ -149,6 +184,7 @@ def test_auto_leaves_quantisation_off_when_the_plan_finds_nothing_faster(r20, tm
     result = optimize(gp.load(path), tiny, config(latency_cut=0.15, quantize="auto"))
     section = result.report["quantization"]
     assert section["mode"] == "auto" and not section["used"] and "no faster" in section["reason"]
+    assert section["plan"]["alone"] is None and section["block_work_skipped"] is None
     assert section["plan"]["chosen"] is None and section["cut"]["quantization"] == 0.0
     assert result.state.records["quantize_result"]["quantized"] is False
     assert result.report["dropped"] and result.report["latency"]["selection_cut"] >= 0.15
@@ -250,9 +286,40 @@ def test_unreachable_target_names_the_largest_cut_with_quantisation(r20):
     settings = LatencySettings(min_time_s=0.01, warmup_s=0.0, warmup_runs=1, min_runs=3)
     with pytest.raises(gp.GraphpruneError) as exc:
         select_blocks(model, blocks, scores, 0.5, _Fixed("int8", 0.002), settings,
-                      reference=_Fixed("onnxruntime", 0.002))
+                      reference=_Fixed("onnxruntime", 0.002), alone=fake_cut(0.05))
     text = one_line(exc)
     assert "not reachable" in text and "with int8 quantisation (quantisation alone:" in text
+
+
+def test_quantisation_alone_is_measured_on_the_selection_backends_and_resumes(r20, tmp_path, monkeypatch):
+    path, tiny = r20
+    model = gp.load(path)
+    plan = QuantizationPlan(None, QuantConfig(), "given", "disagreement", 0.03, [])
+    prepared = []
+    monkeypatch.setattr(onnxruntime_int8.QuantizedOnnxRuntime, "prepare",
+                        lambda self, m, settings: prepared.append(("int8", m)) or (lambda: time.sleep(0.001)))
+    monkeypatch.setattr(OnnxRuntimeBackend, "prepare",
+                        lambda self, m, settings: prepared.append(("float", m)) or (lambda: time.sleep(0.001)))
+
+    def measure():
+        ctx = make_context(model, tiny, config(quantize="int8", cache_dir=str(tmp_path)))
+        return plan_module.measure_quantization_alone(ctx, plan, "test")
+    first = measure()
+    assert sorted(kind for kind, _ in prepared) == ["float", "int8"] and all(m is model for _, m in prepared)
+    monkeypatch.setattr(measure_module, "measure_cut", lambda *a, **k: pytest.fail("measured again"))
+    assert measure() == first  # a resumed run reads it: the same choice
+
+
+def test_no_block_needed_only_where_quantisation_alone_reaches_the_goal(r20):
+    path, tiny = r20
+    ctx = make_context(gp.load(path), tiny, config(latency_cut=0.3, margin=0.01, quantize="int8"))
+    plan = QuantizationPlan(None, QuantConfig(), "given", "disagreement", 0.03, [])
+    assert plan_module.no_block_needed(ctx, Artifacts([dataclasses.replace(plan, alone=fake_cut(0.30))])) is None
+    reason = plan_module.no_block_needed(ctx, Artifacts([dataclasses.replace(plan, alone=fake_cut(0.32))]))
+    assert "32.0% cut, the goal is 31.0%" in reason
+    float_plan = QuantizationPlan(None, None, "float", "disagreement", 0.03, [], alone=fake_cut(0.9))
+    assert plan_module.no_block_needed(ctx, Artifacts([float_plan])) is None  # a float plan: work as without
+    assert plan_module.no_block_needed(ctx, Artifacts()) is None
 
 
 @pytest.mark.slow

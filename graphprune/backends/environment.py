@@ -16,7 +16,7 @@ from importlib import metadata
 import torch
 
 from ..errors import GraphpruneError
-from ..model import Model
+from ..model import InputSpec, Model, example_inputs
 from .base import LatencySettings
 
 DEVICES = ("cpu", "cuda")
@@ -38,8 +38,14 @@ def check_settings(settings: LatencySettings) -> None:
 
 def batch_inputs(model: Model, settings: LatencySettings) -> tuple[torch.Tensor, ...]:
     """The model's example inputs at ``settings.batch_size``; an error if the graph fixes another."""
-    inputs = model.example_inputs(batch_size=settings.batch_size)
-    for spec, tensor in zip(model.inputs, inputs):
+    return spec_batch_inputs(model.inputs, model.input_shape, settings)
+
+
+def spec_batch_inputs(specs: tuple[InputSpec, ...], input_shape: tuple[int, ...] | None,
+                      settings: LatencySettings) -> tuple[torch.Tensor, ...]:
+    """:func:`batch_inputs` for inputs described by ``specs`` (a file graphprune does not read into fx)."""
+    inputs = example_inputs(specs, input_shape, settings.batch_size)
+    for spec, tensor in zip(specs, inputs):
         if tensor.dim() and tensor.shape[0] != settings.batch_size:
             raise GraphpruneError(
                 f"input '{spec.name}' has a fixed batch size of {tensor.shape[0]}; cannot measure batch "

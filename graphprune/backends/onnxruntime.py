@@ -30,7 +30,7 @@ from ..formats.io_onnx import ort_feeds
 from ..model import Model
 from ..formats.model_io import to_onnx
 from .base import LatencySettings, RunOnce
-from .environment import batch_inputs, check_settings, describe_common, library_versions
+from .environment import batch_inputs, check_settings, describe_common, library_versions, spec_batch_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -83,6 +83,20 @@ class OnnxRuntimeBackend:
         # ort.__version__, not package metadata: the distribution may be onnxruntime-gpu.
         info["versions"] = {"onnxruntime": ort.__version__, **library_versions("onnx", "torch")}
         return info
+
+
+def file_runner(proto, settings: LatencySettings, input_shape: tuple[int, ...] | None = None,
+                what: str = "the model") -> RunOnce:
+    """:func:`session_runner` for an ONNX file as it is, not read into graphprune (an int8 file, whose
+    quantised ops its converter lacks): one random batch of the file's own input shape and layout
+    (``input_shape``, or the file's recorded image size, where its spatial size is dynamic)."""
+    from ..formats.input_shape import resolve_input_shape
+    from ..formats.io_onnx import input_specs
+
+    check_settings(settings)
+    specs = input_specs(proto)
+    shape, _ = resolve_input_shape(proto, specs, input_shape)
+    return session_runner(proto, spec_batch_inputs(specs, shape, settings), settings, what=what)
 
 
 def session_runner(proto, inputs, settings: LatencySettings, channels_last: bool = False,

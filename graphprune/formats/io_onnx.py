@@ -63,7 +63,7 @@ class OnnxOrigin:
     input_opset: int | None = None  # the file's own opset; a written graph is brought back up to it
 
 
-def _input_specs(proto: onnx.ModelProto) -> tuple[InputSpec, ...]:
+def input_specs(proto: onnx.ModelProto) -> tuple[InputSpec, ...]:
     specs = []
     for value in proto.graph.input:
         ttype = value.type.tensor_type
@@ -96,7 +96,7 @@ def load_proto(proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = Non
     with timed_step("load:convert", timings):
         gm, origin = convert(proto)
     origin.input_opset = default_opset(own_opset)
-    specs = _input_specs(proto)
+    specs = input_specs(proto)
     input_shape, shape_source = resolve_input_shape(given, specs, input_shape)
     model = Model(
         graph_module=gm,

@@ -24,9 +24,10 @@ against the original, interleaved in the same way; the block selection uses it t
 combinations.
 
 With int8 planned (:mod:`.plan_quantization`), ``profile_blocks`` times the blocks as the model will
-run, quantised (:func:`~.plan_quantization.measuring_backend`), and ``measure_result`` times the
-written file's form: the quantised proto against the float original, interleaved with the recovered
-float model, so the report splits the final cut into block dropping's share and quantisation's.
+run, quantised (:func:`~.plan_quantization.measuring_backend`), or times none where quantisation
+alone already reaches the goal (:func:`~.plan_quantization.no_block_needed`); ``measure_result`` times
+the written file's form: the quantised proto against the float original, interleaved with the
+recovered float model, so the report splits the final cut into block dropping's share and quantisation's.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from ..model import Model
 from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
 from .find_blocks import Block, Blocks, find_blocks
-from .plan_quantization import QuantizedOnnx, QuantizationPlan, measuring_backend
+from .plan_quantization import QuantizedOnnx, QuantizationPlan, measuring_backend, no_block_needed
 
 
 @dataclass(frozen=True)
@@ -136,15 +137,21 @@ def measure_block_latency(backend: LatencyBackend, model: Model, settings: Laten
 class MeasureBlockLatency(Analysis):
     """Per-block latency savings on ``ctx.backend`` (see the module docstring), for the blocks of
     the ``Blocks`` artefact where an earlier step found them; with a usable ``QuantizationPlan``,
-    the quantised original against the quantised model without the block. Rows resume from ``ctx.cache``."""
+    the quantised original against the quantised model without the block, and no block at all where
+    quantisation alone reaches the goal. Rows resume from ``ctx.cache``."""
 
     name = "profile_blocks"
     optional = (Blocks, QuantizationPlan)
     provides = (BlockLatencyTable,)
 
     def run(self, model: Model, ctx, inputs) -> PassResult:
-        blocks = inputs.get(Blocks) or find_blocks(model, require=True)
         measuring = measuring_backend(ctx, inputs, self.name)
+        skipped = no_block_needed(ctx, inputs)
+        if skipped:  # no row; the original's figures: the quantised model as timed with no block dropped
+            table = BlockLatencyTable(measuring.plan.alone.candidate, [], ctx.latency,
+                                      measuring.backend.describe(ctx.latency))
+            return PassResult(model, record={**table.to_dict(), "from_cache": 0, "skipped": skipped}, artifacts=[table])
+        blocks = inputs.get(Blocks) or find_blocks(model, require=True)
         cache = measuring.cache(ctx, "latency")
         cached = sum(1 for b in blocks if b.name in cache)
         table = measure_block_latency(measuring.backend, model, ctx.latency, blocks,

@@ -54,6 +54,7 @@ FLOAT_GROUPS = ("first_conv", "classifier", "add_concat")
 MIN_CALIBRATION_IMAGES = 16
 PER_CHANNEL_QDQ_OPSET = 13  # DequantizeLinear's axis attribute (per-channel weights) is opset 13+
 INFO_KEY = "graphprune.quantization"
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,23 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "float_groups": list(self.float_groups), "label": self.label}
+
+    @classmethod
+    def from_label(cls, label: str) -> "QuantConfig":
+        """The config a :attr:`label` names (``qdq-u8s8``, ``qoperator-s8s8-7bit+float:first_conv``),
+        per-channel MinMax as a plan's candidates are; without ``-7bit`` the CPU decides
+        (``reduce_range=None``), as it does for the candidates."""
+        types = {"u8": "uint8", "s8": "int8"}
+        base, *groups = label.strip().split("+float:")
+        fmt, _, rest = base.partition("-")
+        kinds, _, seven = rest.partition("-")
+        if (fmt not in FORMATS or kinds[:2] not in types or kinds[2:] not in types or seven not in ("", "7bit")
+                or any(g not in FLOAT_GROUPS for g in groups)):
+            raise GraphpruneError(f"label '{label}' names no quantisation config: write it like qdq-u8s8 or "
+                                  f"qoperator-s8s8-7bit+float:first_conv (format {' or '.join(FORMATS)}; u8 or s8 "
+                                  f"activations, then weights; float groups {', '.join(FLOAT_GROUPS)})", parameter="label")
+        return cls(fmt, types[kinds[:2]], types[kinds[2:]], float_groups=tuple(groups),
+                   reduce_range=True if seven else None)
 
 
 @dataclass(frozen=True)
@@ -160,6 +178,13 @@ def float_group_nodes(proto: onnx.ModelProto, group: str) -> list[str]:
         return [n.name for n in nodes
                 if n.op_type in ("Add", "Concat", "Sum") and sum(i not in constant for i in n.input if i) >= 2]
     raise GraphpruneError(f"unknown float group '{group}': use {', '.join(FLOAT_GROUPS)}", parameter="float_groups")
+
+
+def is_quantized(proto: onnx.ModelProto) -> bool:
+    """Whether ``proto`` holds quantised operators (QDQ pairs, QOperator or integer ops), which
+    onnxruntime runs and graphprune's converter cannot read."""
+    return any(n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")
+               or (n.domain == "com.microsoft" and n.op_type.startswith("Q")) for n in proto.graph.node)
 
 
 def quantization_info(proto: onnx.ModelProto) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import torch
 
+from ..backends.base import CutMeasurement
 from ..errors import GraphpruneError
 from .quantize import (Calibrated, QuantConfig, QuantizeSettings, as_images, cpu_session, float_group_nodes,
                        quantization_info, quantize_onnx, run_outputs)
@@ -65,7 +66,9 @@ class Candidate:
 @dataclass
 class QuantizationPlan:
     """The chosen quantisation (``proto``/``config``; both ``None`` when quantisation does not
-    pay, with the ``reason``) and every candidate measured on the way."""
+    pay, with the ``reason``) and every candidate measured on the way. ``alone``: the chosen
+    quantisation with no block dropped, timed as block selection times its candidates (set by the
+    ``plan_quantization`` pass, :func:`~.plan_quantization.measure_quantization_alone`; None here)."""
 
     proto: onnx.ModelProto | None
     config: QuantConfig | None
@@ -74,6 +77,7 @@ class QuantizationPlan:
     bound: float
     candidates: list[Candidate]
     float_top1: float | None = None
+    alone: CutMeasurement | None = None
 
     @property
     def chosen(self) -> Candidate | None:
@@ -85,6 +89,7 @@ class QuantizationPlan:
                 "bound": self.bound, "float_top1": self.float_top1,
                 "float_nodes": chosen.info.get("float_nodes") if chosen else None,
                 "notes": chosen.info.get("notes") if chosen else None,
+                "alone": self.alone.to_dict() if self.alone else None,
                 "candidates": [c.to_dict() for c in self.candidates]}
 
 

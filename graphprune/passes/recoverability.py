@@ -54,6 +54,8 @@ from ..progress import progress_bar
 from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
 from .find_blocks import Block, Blocks, find_blocks
+from .plan_quantization import no_block_needed
+from .quantize_plan import QuantizationPlan
 
 ESTIMATORS = ("practise", "lstsq", "none", "influence")
 OPTIMIZERS = ("adam", "sgd")
@@ -105,17 +107,22 @@ def data_key(ctx) -> str:
 
 class Recoverability(Analysis):
     """Score every candidate block's recoverability on ``ctx.train``/``ctx.holdout`` (see the module
-    docstring); block scores resume from ``ctx.cache``."""
+    docstring), none where a ``QuantizationPlan``'s quantisation alone reaches the goal
+    (:func:`~.plan_quantization.no_block_needed`); block scores resume from ``ctx.cache``."""
 
     name = "score_recoverability"
     config_field = "recoverability"
-    optional = (Blocks,)
+    optional = (Blocks, QuantizationPlan)
     provides = (BlockRecoverabilities,)
 
     def __init__(self, settings: RecoverabilitySettings = RecoverabilitySettings()):
         self.settings = settings
 
     def run(self, model: Model, ctx, inputs) -> PassResult:
+        skipped = no_block_needed(ctx, inputs)
+        if skipped:
+            record = {"settings": asdict(self.settings), "blocks": [], "from_cache": 0, "skipped": skipped}
+            return PassResult(model, record=record, artifacts=[BlockRecoverabilities([], self.settings)])
         blocks = inputs.get(Blocks) or find_blocks(model, require=True)
         train, holdout = ctx.need("train", self.name), ctx.need("holdout", self.name)
         cache = ctx.cache("recoverability", data_key(ctx), asdict(self.settings), ctx.feature_node)

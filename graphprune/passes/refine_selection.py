@@ -42,7 +42,7 @@ from ..model import Model
 from .base import Analysis, PassResult
 from .find_blocks import Blocks
 from .measure_latency import BlockLatencyTable
-from .plan_quantization import QuantizationPlan, measuring_backend
+from .plan_quantization import SELECTION_CACHE, QuantizationPlan, measuring_backend, no_block_needed
 from .pool_latency import PooledLatency
 from .recoverability import BlockRecoverabilities, RecoverabilitySettings, data_key, set_scorer
 from .select_blocks import block_scores, goal_cut, scoring_latency, select_blocks
@@ -157,7 +157,7 @@ class RefineSelection(Analysis):
     group of its own. Joint fits use the ``BlockRecoverabilities``' estimator and resume from
     ``ctx.cache``; measured sets are shared with :class:`~.select_blocks.SelectBlocks` (quantised
     like its candidates where a usable ``QuantizationPlan`` is present). An empty selection
-    (quantisation alone reaches the target) is kept as it is."""
+    (quantisation alone reaches the target: :func:`~.plan_quantization.no_block_needed`) is kept as it is."""
 
     name = "refine_selection"
     config_field = "refine"
@@ -174,7 +174,8 @@ class RefineSelection(Analysis):
         scoring = recoverabilities.settings
         record = {"settings": asdict(self.settings), "greedy": greedy.blocks, "greedy_cut": greedy.cut.cut}
         if not greedy.blocks or scoring.estimator != "practise":
-            record["skipped"] = "no block selected" if not greedy.blocks else f"estimator {scoring.estimator}"
+            record["skipped"] = ((no_block_needed(ctx, inputs) or "no block selected") if not greedy.blocks
+                                 else f"estimator {scoring.estimator}")
             return PassResult(model, record=record, artifacts=[greedy, Refinement(record)])
         latency = scoring_latency(inputs)
         scores = block_scores({r.name: r.recoverability for r in recoverabilities}, latency)
@@ -194,7 +195,7 @@ class RefineSelection(Analysis):
         rest = [s.name for s in scores if s.saved_fraction > 0 and s.name not in set(refined)]
         measuring = measuring_backend(ctx, inputs, self.name)
         selection = select_blocks(model, inputs[Blocks], scores, target, measuring.backend, ctx.latency, ctx.margin,
-                                  order=refined + rest, cache=measuring.cache(ctx, "selection"),
-                                  reference=measuring.reference)
+                                  order=refined + rest, cache=measuring.cache(ctx, SELECTION_CACHE),
+                                  reference=measuring.reference, alone=measuring.plan and measuring.plan.alone)
         record.update(dropped=selection.blocks, measured_cut=selection.cut.cut, measurements=selection.measurements)
         return PassResult(model, record=record, artifacts=[selection, Refinement(record)])

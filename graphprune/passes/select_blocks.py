@@ -23,7 +23,9 @@ measurement. The result: every chosen block is needed, as measured.
 
 With int8 planned (:func:`~.plan_quantization.measuring_backend`), candidates are timed quantised
 against the *float* original (``reference``), so quantisation's own cut counts toward the target:
-the empty set is measured first, and where it reaches the goal no block is chosen.
+selection starts from the empty set as ``plan_quantization`` measured it (``QuantizationPlan.alone``,
+:func:`~.plan_quantization.measure_quantization_alone`), and where that reaches the goal no block
+is chosen (and no block was profiled or scored: :func:`~.plan_quantization.no_block_needed`).
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
 from .find_blocks import Block, Blocks
 from .measure_latency import BlockLatencyTable, measure_cut
-from .plan_quantization import QuantizationPlan, measuring_backend
+from .plan_quantization import SELECTION_CACHE, QuantizationPlan, measuring_backend, no_block_needed
 from .pool_latency import PooledLatency
 from .recoverability import BlockRecoverabilities
-from .selection import BlockScore, Selection
+from .selection import BlockScore, Selection, check_latency_cut, goal_cut
 
 ADDITIVITY_SLACK = 0.02
 SELECTION_RULE = "add in order until the measured goal, then trim unneeded blocks"  # recorded by benchmarks
@@ -59,25 +61,17 @@ def block_scores(recoverability: dict[str, float], latency: BlockLatencyTable) -
     return sorted(scores, key=lambda s: (s.score, s.name))
 
 
-def check_latency_cut(value: float) -> None:
-    """The one rule for a latency target: a fraction strictly between 0 and 1."""
-    if not 0 < value < 1:  # also refuses nan
-        raise GraphpruneError(f"latency_cut must be between 0 and 1 (exclusive), got {value}", parameter="latency_cut")
-
-
-def goal_cut(target: float, margin: float) -> float:
-    """The measured cut a selection must reach: the target plus the margin, below 1."""
-    return min(target + margin, 0.999)
-
-
 def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], target: float,
                   backend: LatencyBackend, settings: LatencySettings, margin: float = 0.0,
-                  order: list[str] | None = None, cache=None, reference: LatencyBackend | None = None) -> Selection:
+                  order: list[str] | None = None, cache=None, reference: LatencyBackend | None = None,
+                  alone: CutMeasurement | None = None) -> Selection:
     """Greedy selection in score order (or in ``order``, for baselines) until the measured cut
     reaches ``target + margin``. ``cache`` (dict-like) remembers each measured combination, so a
     rerun of the same command makes the same choice instead of re-rolling timing noise.
     ``reference``: the backend the original is timed on where it is not ``backend`` (candidates
-    quantised, the original float); the empty set is then measured first."""
+    quantised, the original float); ``alone``: then the empty set's cut, quantisation alone, as
+    ``plan_quantization`` measured it: the selection starts from it (none chosen where it reaches
+    the goal)."""
     check_latency_cut(target)
     goal = goal_cut(target, margin)
     ranked = order if order is not None else [s.name for s in scores if s.saved_fraction > 0]
@@ -90,8 +84,7 @@ def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], t
             return CutMeasurement.from_dict(cache.get(key))
         if not prepared:
             prepared.append((reference or backend).prepare(model, settings))
-        candidate = drop_blocks(model, names, blocks) if names else model
-        cut = measure_cut(backend, model, candidate, settings, prepared[0])
+        cut = measure_cut(backend, model, drop_blocks(model, names, blocks), settings, prepared[0])
         if cache is not None:
             cache[key] = cut.to_dict()
         return cut
@@ -100,9 +93,8 @@ def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], t
     predicted = 0.0
     measurements: list[dict] = []
     last: CutMeasurement | None = None
-    alone = None  # the cut of quantisation alone, where candidates are quantised
-    if reference is not None:
-        last = alone = measure([])
+    if alone is not None:
+        last = alone
         measurements.append({"blocks": 0, "predicted_cut": 0.0, "measured_cut": alone.cut})
         if alone.cut >= goal:
             return Selection([], alone, scores, measurements)
@@ -149,7 +141,7 @@ def scoring_latency(inputs) -> BlockLatencyTable:
 class SelectBlocks(Analysis):
     """Pick blocks by recoverability per latency saved until the measured cut reaches the target
     (``ctx.latency_cut`` + ``ctx.margin``, measured on ``ctx.backend``; candidates quantised where
-    a usable ``QuantizationPlan`` is present)."""
+    a usable ``QuantizationPlan`` is present, starting from its quantisation alone)."""
 
     name = "select_blocks"
     requires = (Blocks, BlockRecoverabilities, BlockLatencyTable)
@@ -164,9 +156,9 @@ class SelectBlocks(Analysis):
         scores = block_scores(recoverability, scoring_latency(inputs))
         measuring = measuring_backend(ctx, inputs, self.name)
         selection = select_blocks(model, inputs[Blocks], scores, ctx.need("latency_cut", self.name),
-                                  measuring.backend, ctx.latency, ctx.margin, cache=measuring.cache(ctx, "selection"),
-                                  reference=measuring.reference)
+                                  measuring.backend, ctx.latency, ctx.margin, cache=measuring.cache(ctx, SELECTION_CACHE),
+                                  reference=measuring.reference, alone=measuring.plan and measuring.plan.alone)
         record = selection.to_dict()
         if not selection.blocks:
-            record["note"] = "quantisation alone reaches the target: no block is dropped"
+            record["note"] = no_block_needed(ctx, inputs)
         return PassResult(model, record=record, artifacts=[selection])
