@@ -57,10 +57,15 @@ class OptimizeConfig:
     cache_dir: str | None = None
     show_progress: bool = True
     quantize: str = "none"  # "auto": int8 where it measures faster within the accuracy bound; "int8": always
+    # seconds the whole run should take (None: no limit): refinement and recovery are sized to the time
+    # left when they start (PassContext.stage_budget); profiling and scoring cost what the model costs
+    time_budget_s: float | None = None
     quantization: QuantizeSettings = QuantizeSettings()
 
     def __post_init__(self):
         check_quantize_mode(self.quantize)
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise GraphpruneError(f"time_budget_s must be positive, got {self.time_budget_s}", parameter="time_budget_s")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,7 +144,8 @@ def make_context(model: Model, tiny: TinySet, config: OptimizeConfig) -> PassCon
     return PassContext(original=model, tiny=tiny, train=train, holdout=holdout, backend=get_backend(config.backend),
                        latency=config.latency, latency_cut=config.latency_cut, margin=config.margin,
                        feature_node=config.feature_node, cache_dir=config.cache_dir,
-                       show_progress=config.show_progress, config=config)
+                       show_progress=config.show_progress, config=config,
+                       deadline=None if config.time_budget_s is None else time.monotonic() + config.time_budget_s)
 
 
 def build_report(original: Model, state: PassState, ctx: PassContext, config: OptimizeConfig) -> dict:

@@ -85,6 +85,9 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
      help="int8 towards the same target: auto where it measures faster within the accuracy bound, int8 always "
           "(onnxruntime CPU; the output is then ONNX)")
 @opt("latency", "--margin", fills="margin", type=NON_NEGATIVE, help="select until the measured cut reaches cut+margin")
+@opt("latency", "--time-budget", fills="time_budget_s", type=POSITIVE, metavar="SECONDS",
+     help="seconds the whole run should take (2700: 45 minutes): refinement and recovery are sized to the time "
+          "left when they start; profiling and scoring cost what the model costs (default: no limit)")
 @opt("scoring", "--estimator", fills="recoverability.estimator", type=click.Choice(ESTIMATORS),
      help="recoverability estimator")
 @opt("scoring", "--score-iterations", fills="recoverability.iterations", type=COUNT,
@@ -99,6 +102,8 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
      help="joint-recoverability fits to refine the chosen set with (0: keep the greedy set)")
 @opt("refinement", "--joint-iterations", fills="refine.joint_iterations", type=POSITIVE_INT,
      help="adaptor steps of each joint-recoverability fit")
+@opt("refinement", "--refine-seconds", fills="refine.max_seconds", type=POSITIVE,
+     help="stop refining once the next joint fit would end past this many seconds (default: no limit)")
 @opt("recovery", "--recovery-iterations", fills="recovery.iterations", type=COUNT, help="training steps")
 @opt("recovery", "--recovery-lr", fills="recovery.lr", type=POSITIVE, help="learning rate")
 @opt("recovery", "--recovery-optimizer", fills="recovery.optimizer", type=click.Choice(OPTIMIZERS),

@@ -4,6 +4,10 @@ The context is built once per pipeline run (``optimize`` builds it from its conf
 every pass. A pass asks for what it needs with :meth:`PassContext.need`, which names the missing
 setting in one line instead of failing deep inside the pass.
 
+Time: with a ``deadline`` (``optimize``'s ``time_budget_s``), the passes whose length is theirs to
+choose (refinement's joint fits, recovery's steps) size themselves to the time left,
+:meth:`PassContext.stage_budget`; the rest (profiling, scoring) cost what the model costs.
+
 Resume caches: ``ctx.cache(kind, *key_parts)`` is a :class:`~graphprune.cache.JsonCache` keyed by
 the model's fingerprint plus whatever else the pass's results depend on (its settings, the data);
 passes that ask with the same kind and key share one cache (``SelectBlocks`` and
@@ -12,6 +16,7 @@ passes that ask with the same kind and key share one cache (``SelectBlocks`` and
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +48,7 @@ class PassContext:
     cache_dir: str | None = None
     show_progress: bool = True
     config: Any = None
+    deadline: float | None = None  # time.monotonic() by which the run should be done, or None
     _caches: dict = field(default_factory=dict, repr=False)
     _model_key: str | None = field(default=None, repr=False)
 
@@ -52,6 +58,19 @@ class PassContext:
         if value is None:
             raise GraphpruneError(f"pass '{by}' needs {name}, which this run does not set", parameter=name)
         return value
+
+    def seconds_left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def stage_budget(self, own: float | None, share: float = 1.0, reserve: float = 0.0) -> float | None:
+        """Seconds a stage may take: its own limit ``own`` (None: none), and with a deadline at most
+        ``share`` of the time left after ``reserve`` seconds kept for the steps after it (0 when
+        none is left)."""
+        left = self.seconds_left()
+        if left is None:
+            return own
+        budget = max(0.0, share * (left - reserve))
+        return budget if own is None else min(own, budget)
 
     def cache(self, kind: str, *key_parts) -> JsonCache:
         """The resume cache ``kind`` for results that depend on the original model and ``key_parts``."""

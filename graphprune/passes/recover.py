@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,11 @@ class RecoveryLog:
     seconds: float
 
 
+# Under optimize's time budget, seconds kept for what follows recovery (the final timing, an int8
+# quantisation, writing): recovery takes the rest.
+RESERVE_SECONDS = 60.0
+
+
 class Recover(Transform):
     """Train the pruned model to mimic ``ctx.original``'s features on every image of ``ctx.tiny``;
     where the ``Selection`` is empty no block was dropped and nothing is trained."""
@@ -105,10 +110,12 @@ class Recover(Transform):
             return PassResult(model, record=record, artifacts=[RecoveryLog([], None, 0.0)])
         blocks, dropped = inputs.get(Blocks) or [], set(selection.blocks if selection else [])
         first = next((b.entry for b in blocks if b.name in dropped), None)  # Blocks are in graph order
-        recovered, record = recover(model, ctx.original, ctx.need("tiny", self.name), self.settings,
+        budget = ctx.stage_budget(self.settings.max_seconds, reserve=RESERVE_SECONDS)
+        settings = self.settings if budget is None else replace(self.settings, max_seconds=max(budget, 1e-3))
+        recovered, record = recover(model, ctx.original, ctx.need("tiny", self.name), settings,
                                     ctx.feature_node, ctx.show_progress, frozen_until=first)
         log = RecoveryLog(record["loss_curve"], record["final_loss"], record["seconds"])
-        return PassResult(recovered, changed=self.settings.iterations > 0, record=record, artifacts=[log])
+        return PassResult(recovered, changed=settings.iterations > 0, record=record, artifacts=[log])
 
 
 def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySettings,

@@ -35,6 +35,7 @@ the other candidates, added until the measured cut reaches the goal.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, replace
 
 from ..interrupts import raise_if_interrupted
@@ -61,6 +62,14 @@ class RefineSettings:
     # the sets' jpeg10k top-1 at Spearman 0.76 against 0.62 after 50, and their lossless1000 top-1
     # (1000 images: noisier) at 0.88 either way.
     joint_iterations: int | None = 200
+    # Stop searching once the next joint fit would end past this many seconds (timed on the fits
+    # so far; None: no limit). With optimize's time budget, at most REFINE_SHARE of the time left.
+    max_seconds: float | None = None
+
+
+# Of the time left when refinement starts under a time budget, the share it may spend: recovery,
+# which needs most of it, follows (on EfficientNet-Lite0 a joint fit costs minutes on 2 cores).
+REFINE_SHARE = 0.25
 
 
 def joint_scoring(scoring: RecoverabilitySettings, settings: RefineSettings) -> RecoverabilitySettings:
@@ -124,7 +133,18 @@ def refine_set(chosen: list[str], scores: list[BlockScore], groups: list[list[st
         return value
 
     current = sorted(chosen, key=order.get)
-    if settings.max_evaluations <= 0:
+    start = time.perf_counter()
+
+    def out_of_time() -> bool:  # the next fit, at the mean time of those so far, would end past the limit
+        if settings.max_seconds is None:
+            return False
+        spent = time.perf_counter() - start
+        if spent + spent / len(evaluations) > settings.max_seconds:
+            evaluations[-1]["then_stopped"] = f"time limit {settings.max_seconds:.0f} s"
+            return True
+        return False
+
+    if settings.max_evaluations <= 0 or (settings.max_seconds is not None and settings.max_seconds <= 0):
         return current, evaluations
     best = evaluate(current)
     improved = True
@@ -132,7 +152,8 @@ def refine_set(chosen: list[str], scores: list[BlockScore], groups: list[list[st
         improved = False
         for out, ins in candidate_moves(current, scores, groups, min_predicted):
             raise_if_interrupted()
-            if len(evaluations) >= settings.max_evaluations:
+            if len(evaluations) >= settings.max_evaluations or out_of_time():
+                improved = False
                 break
             trial = sorted([n for n in current if n != out] + ins, key=order.get)
             value = evaluate(trial)
@@ -187,8 +208,10 @@ class RefineSelection(Analysis):
         target = ctx.need("latency_cut", self.name)
         min_predicted = goal_cut(target, ctx.margin) - self.settings.tolerance + error
         cache = ctx.cache("joint", data_key(ctx), asdict(joint_settings), ctx.feature_node)
+        settings = replace(self.settings, max_seconds=ctx.stage_budget(self.settings.max_seconds, REFINE_SHARE))
+        record["max_seconds"] = settings.max_seconds
         refined, evaluations = refine_set(greedy.blocks, scores, latency.pooled_groups, joint, min_predicted,
-                                          self.settings, cache)
+                                          settings, cache)
         record.update(evaluations=evaluations, refined=refined)
         if set(refined) == set(greedy.blocks):
             return PassResult(model, record=record, artifacts=[greedy, Refinement(record)])

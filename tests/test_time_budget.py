@@ -1,0 +1,58 @@
+"""optimize's time budget: the stages whose length is theirs to choose (refinement's joint fits,
+recovery's steps) size themselves to the time left; a fake clock where time decides."""
+
+from __future__ import annotations
+
+import importlib
+import time
+
+import pytest
+import torch
+
+import graphprune as gp
+from graphprune.data import TinySet
+from graphprune.passes import PassContext, Recover, Selection
+from graphprune.passes.recover import RESERVE_SECONDS, RecoverySettings
+from graphprune.passes.refine_selection import RefineSettings, refine_set
+from test_refine_selection import GROUPS, _scores
+
+refine_module = importlib.import_module("graphprune.passes.refine_selection")
+
+
+def test_stage_budget_is_a_share_of_the_time_left_after_a_reserve():
+    model = gp.load("zoo:cifar10_resnet20")
+    assert PassContext(model).stage_budget(30.0) == 30.0  # no deadline: the stage's own limit
+    ctx = PassContext(model, deadline=time.monotonic() + 100.0)
+    assert ctx.stage_budget(None, share=0.5, reserve=20.0) == pytest.approx(40.0, abs=0.5)
+    assert ctx.stage_budget(10.0, share=0.5) == 10.0  # the smaller limit wins
+    assert PassContext(model, deadline=time.monotonic() - 5).stage_budget(None) == 0.0
+    with pytest.raises(gp.GraphpruneError, match="time_budget_s"):
+        gp.OptimizeConfig(time_budget_s=0)
+
+
+def test_refinement_stops_before_a_fit_that_would_end_past_its_limit(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(refine_module.time, "perf_counter", lambda: clock[0])
+
+    def joint(names):  # every fit takes 10 s on the fake clock, and no move ever helps
+        clock[0] += 10.0
+        return 1.0
+
+    _, evaluations = refine_set(["a0", "a1", "a2", "b0"], _scores(), GROUPS, joint, 0.135,
+                                RefineSettings(max_seconds=35.0))
+    # 3 fits end at 30 s; a 4th would end at 40 s > 35 s
+    assert len(evaluations) == 3 and evaluations[-1]["then_stopped"] == "time limit 35 s"
+    _, unlimited = refine_set(["a0", "a1", "a2", "b0"], _scores(), GROUPS, joint, 0.135, RefineSettings())
+    assert len(unlimited) == 4 and "then_stopped" not in unlimited[-1]
+    assert refine_set(["a0", "b0"], _scores(), GROUPS, joint, 0.0, RefineSettings(max_seconds=0.0))[1] == []
+
+
+def test_recovery_takes_the_time_left_but_the_reserve():
+    teacher = gp.load("zoo:cifar10_resnet20")
+    pruned = gp.drop_blocks(teacher, ["layer1.1"])
+    tiny = TinySet(torch.randn(16, 3, 32, 32), torch.zeros(16, dtype=torch.long))
+    ctx = PassContext(teacher, tiny=tiny, show_progress=False, deadline=time.monotonic() + RESERVE_SECONDS + 0.5)
+    result = Recover(RecoverySettings(iterations=100_000, batch_size=4, augment="none")).run(
+        pruned, ctx, {Selection: Selection(["layer1.1"], None, [], [])})
+    assert 3 < result.record["iterations_run"] < 100_000
+    assert result.record["settings"]["max_seconds"] <= 0.5
