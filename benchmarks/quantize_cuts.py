@@ -118,6 +118,7 @@ def run_row(row: dict, tests: dict, original_path: str) -> dict:
         "plan": (quant.get("plan") or {}).get("chosen"), "plan_reason": quant.get("reason"),
         "float_nodes": quant.get("float_nodes"),
         "top1": top1, "top1_original": top1_original, "top1_recovered_float": top1_float,
+        "recovery_precision": report["settings"]["recovery"].get("precision", "float32"),
         "seconds_per_stage": {k: round(v, 1) for k, v in report["seconds_per_stage"].items()},
         "wall_s": round(wall_s, 1), "load_average": os.getloadavg(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -68,7 +68,11 @@ class RecoverySettings:
     # once for teacher and student (it is the original's); "on", "off"
     freeze_prefix: str = "auto"
     max_seconds: float | None = None  # the schedule sized to the steps that fit, measured on the first steps
-    precision: str = "float32"  # "bfloat16" autocast, or "auto": bf16 where the hardware has it (precision.py)
+    # "auto": bf16 autocast where the hardware computes bf16 natively (precision.py), else float32. On
+    # the AMD EPYC (AVX512-BF16) a ResNet-56 step took 0.22 s instead of 0.38 and the recovered top-1
+    # was the same (3 blocks of the 0.6 int8 row, seed 2021: 92.9 / 83.69 against 92.9 / 83.64 in
+    # float32, lossless1000 / jpeg10k); EfficientNet-Lite0 steps 2.1-2.8x faster.
+    precision: str = "auto"
     seed: int = 0
     device: str = "cpu"
 
