@@ -226,3 +226,29 @@ def test_bfloat16_recovery_trains_float32_weights(setup):
     params = list(recovered.graph_module.parameters())
     assert all(p.dtype == torch.float32 and p.is_contiguous() for p in params)
     assert _feature_mse(recovered, teacher, tiny.images) < _feature_mse(pruned, teacher, tiny.images)
+
+
+def test_early_stop_keeps_the_checkpoint_with_the_lowest_held_out_error(setup, monkeypatch):
+    """With held-out images, the weights of the checkpoint (the start included) with the lowest
+    held-out feature error are kept. A fake error that rises after the start: the start is kept,
+    so the recovered model is the pruned one; with the real error, training helps here."""
+    from graphprune import checkpoints
+
+    teacher, pruned, tiny = setup
+    train, holdout = tiny.subset(range(32)), tiny.subset(range(32, 48))
+    settings = RecoverySettings(iterations=20, batch_size=8, augment="none", early_stop="on")
+    _, record = recover(pruned, teacher, train, settings, show_progress=False, holdout=holdout)
+    steps = [c["step"] for c in record["early_stop"]["checkpoints"]]
+    assert steps == [0, *range(2, 21, 2)] and record["early_stop"]["holdout_images"] == 16
+    assert record["early_stop"]["best_step"] > 0  # mimicking lowers the held-out error of real weights
+
+    errors = iter(range(100))  # 0 at the start, then only higher
+    real_init = checkpoints.BestCheckpoint.__init__
+
+    def rising(self, params, holdout_error):
+        real_init(self, params, lambda: float(next(errors)))
+    monkeypatch.setattr(checkpoints.BestCheckpoint, "__init__", rising)
+    recovered, record = recover(pruned, teacher, train, settings, show_progress=False, holdout=holdout)
+    assert record["early_stop"]["best_step"] == 0
+    before, after = dict(pruned.graph_module.named_parameters()), dict(recovered.graph_module.named_parameters())
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -76,3 +76,23 @@ def test_scores_are_cached_and_resumed(pretrained_r20, tiny_split, tmp_path, mon
 def test_unknown_estimator(pretrained_r20, tiny_split):
     with pytest.raises(gp.GraphpruneError, match="unknown recoverability estimator"):
         score_blocks(pretrained_r20, gp.find_blocks(pretrained_r20), *tiny_split, RecoverabilitySettings("magic"))
+
+
+def test_bfloat16_fits_score_like_float32_fits(pretrained_r20, tiny_split):
+    """precision="bfloat16": the adaptors train under bf16 autocast, the held-out error (the score)
+    is computed in float32; the fits still help, and the scores stay close to float32 ones."""
+    train, holdout = tiny_split
+    blocks = gp.find_blocks(pretrained_r20)
+    some = ["layer1.1", "layer2.0", "layer3.2"]
+
+    def score(precision):
+        return score_blocks(pretrained_r20, blocks, train, holdout,
+                            RecoverabilitySettings(iterations=15, batch_size=32, precision=precision),
+                            show_progress=False, candidates=some)
+
+    for full, half in zip(score("float32"), score("bfloat16")):
+        assert half.before_fit == pytest.approx(full.before_fit)  # no fit: float32 either way
+        assert half.recoverability < half.before_fit
+        assert half.recoverability == pytest.approx(full.recoverability, rel=0.2)
+    with pytest.raises(gp.GraphpruneError, match="precision"):
+        score_blocks(pretrained_r20, blocks, *tiny_split, RecoverabilitySettings(precision="fp8"))

@@ -79,7 +79,7 @@ def _with_mixup(fraction: float):
 
     import graphprune.passes.recover as recover_module
 
-    plain = recover_module._augmenter
+    plain = recover_module.augmenter
 
     def augmenter(kind, size):
         augment = plain(kind, size)
@@ -151,13 +151,13 @@ def cmd_run(args) -> None:
         settings = replace(OptimizeConfig().recovery, seed=job["seed"], target="features")
         module, plain, mixed = _with_mixup(0.5)
         if job["variant"] == "mixup-0.5":
-            module._augmenter = mixed
+            module.augmenter = mixed
         if job["variant"] == "spatial":
             settings = replace(settings, target="feature-map")
         try:
             recovered, log = recover(pruned, bench.models[job["model"]], tiny, settings, show_progress=False)
         finally:
-            module._augmenter = plain
+            module.augmenter = plain
         record.update(top1={k: evaluate(recovered, t)["top1"] for k, t in bench.tests.items()},
                       final_loss=log["final_loss"], seconds=time.perf_counter() - start, cpu=this_machine())
         with out.open("a") as f:

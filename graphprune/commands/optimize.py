@@ -95,6 +95,9 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
 @opt("scoring", "--score-optimizer", fills="recoverability.optimizer", type=click.Choice(OPTIMIZERS),
      help="adaptor optimiser (sgd: the paper's, momentum 0.9)")
 @opt("scoring", "--score-lr", fills="recoverability.lr", type=POSITIVE, help="adaptor learning rate")
+@opt("scoring", "--score-precision", fills="recoverability.precision", type=click.Choice(["auto", "float32", "bfloat16"]),
+     help="the adaptor fits' forward passes (held-out errors stay float32): bfloat16, float32, or auto: bf16 where "
+          "the hardware has it")
 @opt("scoring", "--feature-node", fills="feature_node",
      help="nodes whose outputs are mimicked, comma-separated fx or ONNX names (default: the inputs of the "
           "last trained layers behind every output: a classifier's features, a detector's head inputs)")
@@ -116,6 +119,9 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
      type=click.Choice(["auto", "crop-flip", "resized-crop-flip", "none"]), help="augmentation (auto: by image size)")
 @opt("recovery", "--freeze-prefix", fills="recovery.freeze_prefix", type=click.Choice(["auto", "on", "off"]),
      help="leave the network before the first dropped block untrained and run it once for both models "
+          "(auto: for images above 64 px)")
+@opt("recovery", "--early-stop", fills="recovery.early_stop", type=click.Choice(["auto", "on", "off"]),
+     help="train on the tiny set's training part and keep the checkpoint with the lowest held-out feature error "
           "(auto: for images above 64 px)")
 @opt("recovery", "--recovery-seconds", fills="recovery.max_seconds", type=POSITIVE,
      help="fit recovery's schedule into this many seconds (timed on its first steps; default: all its steps)")

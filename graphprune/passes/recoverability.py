@@ -44,12 +44,14 @@ from torch import fx
 
 from ..adaptors import Adaptor, adaptor_parameters, channel_dim, insert_adaptor
 from ..cache import tensor_fingerprint
+from ..checkpoints import BestCheckpoint, checkpoint_steps
 from ..data import TinySet
 from ..errors import GraphpruneError
 from ..features import mimic_loss, mimic_targets, run_batched, suffix_from, target_names, target_weights, truncate
 from ..graph_stats import node_stats
 from ..model import Model
 from ..ops import is_multi_output, tensor_args
+from ..precision import autocast, check_precision, memory_format, to_format
 from ..progress import progress_bar
 from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
@@ -78,6 +80,9 @@ class RecoverabilitySettings:
     ridge: float = 1e-3
     seed: int = 0
     device: str = "cpu"
+    # the adaptor fits' forward passes: "bfloat16" autocast, or "auto" where the hardware has bf16
+    # (precision.py); held-out errors, the scores, are always computed in float32
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,7 @@ def score_blocks(model: Model, blocks: list[Block], train: TinySet, holdout: Tin
         raise GraphpruneError(f"unknown recoverability estimator '{settings.estimator}' ({', '.join(ESTIMATORS)})")
     if settings.optimizer not in OPTIMIZERS:
         raise GraphpruneError(f"unknown adaptor optimizer '{settings.optimizer}' ({', '.join(OPTIMIZERS)})")
+    check_precision(settings.precision, "recoverability.precision")
     targets = mimic_targets(model, feature_node)
     context = None  # built on first use: a fully cached run computes nothing
     results = []
@@ -408,10 +414,9 @@ def _fit_adaptors(student: fx.GraphModule, inputs: torch.Tensor, targets: tuple,
     never leaves the held-out error above no fit at all: with few training images the adaptors can
     fit them and not the rest (early stopping on the held-out error)."""
     params = adaptor_parameters(student)
-    best = holdout_error()
     if not params or settings.iterations <= 0:
-        return best
-    best_state = [p.detach().clone() for p in params]
+        return holdout_error()
+    guard = BestCheckpoint(params, holdout_error)
     for p in student.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -426,23 +431,22 @@ def _fit_adaptors(student: fx.GraphModule, inputs: torch.Tensor, targets: tuple,
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [milestone], gamma=0.1)
     gen = torch.Generator().manual_seed(settings.seed)
     n = len(inputs)
-    checkpoint = max(1, settings.iterations // 5)
+    checkpoints = checkpoint_steps(settings.iterations)
+    fmt = memory_format(settings.precision, settings.device, student)
     for step in range(settings.iterations):
         index = torch.randint(0, n, (min(settings.batch_size, n),), generator=gen)
-        loss = mimic_loss(student(inputs[index]), [t[index] for t in targets], weights)
+        with autocast(settings.precision, settings.device):
+            output = student(to_format(inputs[index], fmt))
+        loss = mimic_loss([o.float() for o in output], [t[index] for t in targets], weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if (step + 1) % checkpoint == 0 or step + 1 == settings.iterations:
-            error = holdout_error()
-            if error < best:
-                best, best_state = error, [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, value in zip(params, best_state):
-            p.copy_(value)
-            p.requires_grad_(False)
-    return best
+        if step + 1 in checkpoints:
+            guard.check(step + 1)
+    for p in params:
+        p.requires_grad_(False)
+    return guard.restore()
 
 
 __all__ = ["Adaptor", "BlockRecoverability", "ESTIMATORS", "Recoverability", "RecoverabilitySettings",
