@@ -31,7 +31,7 @@ from pathlib import Path
 
 from benchmarks.common import CACHE, DATA, ensure_models, results_dir, run_report_main
 from benchmarks.compare_rows import this_machine
-from benchmarks.rowfile import RowFile
+from benchmarks.rowfile import RowFile, report_fields, run_rows
 
 METHODS = ("int8-only", "graphprune-int8", "block-influence-int8", "blocks-only")
 SEEDS = (2021, 2022, 2023)
@@ -103,25 +103,15 @@ def run_row(row: dict, tests: dict, original_path: str) -> dict:
         proto = onnx.load(str(write_result(result, Path(work) / "out.onnx", original_path)))
     original_proto = onnx.load(original_path)
     report = result.report
-    latency, quant = report["latency"], report.get("quantization") or {}
     top1 = {name: evaluate_onnx(proto, test)["top1"] for name, test in tests.items()}
     top1_original = {name: evaluate_onnx(original_proto, test)["top1"] for name, test in tests.items()}
     # the recovered float model before int8 (what int8 costs on it); None where nothing was trained
     top1_float = ({name: evaluate(result.model, test)["top1"] for name, test in tests.items()}
                   if report["dropped"] and report.get("quantization", {}) and report["quantization"]["used"] else None)
     return {
-        "id": row_id(row), **row, "cpu": this_machine(),
-        "cut_measured": latency["cut"], "cut_split": quant.get("cut"),
-        "original_ms": latency["original_ms"], "optimized_ms": latency["optimized_ms"],
-        "selection_cut": latency.get("selection_cut"),
-        "dropped": report["dropped"], "quantized": bool(quant.get("used")),
-        "plan": (quant.get("plan") or {}).get("chosen"), "plan_reason": quant.get("reason"),
-        "float_nodes": quant.get("float_nodes"),
+        "id": row_id(row), **row, "cpu": this_machine(), **report_fields(report, wall_s),
         "top1": top1, "top1_original": top1_original, "top1_recovered_float": top1_float,
         "recovery_precision": report["settings"]["recovery"].get("precision", "float32"),
-        "seconds_per_stage": {k: round(v, 1) for k, v in report["seconds_per_stage"].items()},
-        "wall_s": round(wall_s, 1), "load_average": os.getloadavg(),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
 
@@ -141,19 +131,7 @@ def cmd_run(args) -> None:
     tests = {"lossless1000": load_tiny_set(DATA["test_lossless"], prep),
              "jpeg10k": load_tiny_set(DATA["test_jpeg"], prep)}
     original_path = ensure_models()["resnet56"]
-    for row in todo:
-        print(f"[{row_id(row)}] start {time.strftime('%H:%M:%S')}", flush=True)
-        try:
-            done_row = run_row(row, tests, original_path)
-        except Exception as exc:  # an unreachable target is a result too: recorded, not retried
-            from graphprune.errors import GraphpruneError, first_line
-
-            if not isinstance(exc, GraphpruneError):
-                raise
-            done_row = {"id": row_id(row), **row, "cpu": this_machine(), "error": first_line(exc),
-                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        ROWS.save(done_row)
-        print(f"[{row_id(row)}] {summary_line(done_row)}", flush=True)
+    run_rows(ROWS, todo, row_id, lambda row: run_row(row, tests, original_path), summary_line, this_machine())
     cmd_report(args)
 
 

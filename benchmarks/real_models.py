@@ -38,7 +38,7 @@ from typing import Callable
 
 from benchmarks.common import CACHE, DATA_DIR, results_dir, run_report_main
 from benchmarks.compare_rows import this_machine
-from benchmarks.rowfile import RowFile
+from benchmarks.rowfile import RowFile, report_fields, run_rows
 
 METHODS = ("graphprune", "block-influence", "graphprune-int8", "int8-only")
 SEEDS = (2021, 2022, 2023)
@@ -161,30 +161,20 @@ def run_row(row: dict, original_path: Path, tiny, test) -> dict:
     with tempfile.TemporaryDirectory() as work:
         proto = onnx.load(str(write_result(result, Path(work) / "out.onnx", str(original_path))))
     report, records = result.report, result.state.records
-    quant = report.get("quantization") or {}
     fidelity = evaluate_onnx(proto, test, model)
     original = evaluate_onnx(onnx.load(str(original_path)), test) if test.has_labels else {}
     return {
-        "id": row_id(row), **row, "cpu": this_machine(),
-        "cut_measured": report["latency"]["cut"], "cut_split": quant.get("cut"),
-        "original_ms": report["latency"]["original_ms"], "optimized_ms": report["latency"]["optimized_ms"],
-        "selection_cut": report["latency"].get("selection_cut"),
-        "dropped": report["dropped"], "quantized": bool(quant.get("used")),
-        "plan": (quant.get("plan") or {}).get("chosen"),
+        "id": row_id(row), **row, "cpu": this_machine(), **report_fields(report, wall_s),
         "fidelity": fidelity, "top1_original": original.get("top1"),
         "blocks": [{k: b[k] for k in ("name", "recoverability", "saved_fraction", "dropped")} for b in report["blocks"]],
         "mimic_targets": report.get("mimic_targets"),
-        "seconds_per_stage": {k: round(v, 1) for k, v in report["seconds_per_stage"].items()},
         "recovery_steps": records.get("recover", {}).get("iterations_run"),
+        "early_stop": {k: v for k, v in (records.get("recover", {}).get("early_stop") or {}).items() if k != "checkpoints"},
         "refinement_fits": len((report.get("refinement") or {}).get("evaluations", [])),
-        "wall_s": round(wall_s, 1), "load_average": os.getloadavg(),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
 
 def cmd_run(args) -> None:
-    from graphprune.errors import GraphpruneError, first_line
-
     methods = tuple(args.only.split(",")) if args.only else METHODS
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else SEEDS
     cuts = tuple(float(c) for c in args.cuts.split(",")) if args.cuts else None
@@ -202,15 +192,7 @@ def cmd_run(args) -> None:
     print(f"{len(todo)} rows to run on {this_machine()}", flush=True)
     spec = MODELS[args.model]
     original_path, tiny, test = spec.path(), tiny_set(spec), eval_set(spec)
-    for row in todo:
-        print(f"[{row_id(row)}] start {time.strftime('%H:%M:%S')}", flush=True)
-        try:
-            done_row = run_row(row, original_path, tiny, test)
-        except GraphpruneError as exc:  # an unreachable target is a result too
-            done_row = {"id": row_id(row), **row, "cpu": this_machine(), "error": first_line(exc),
-                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        ROWS.save(done_row)
-        print(f"[{row_id(row)}] {summary(done_row)}", flush=True)
+    run_rows(ROWS, todo, row_id, lambda row: run_row(row, original_path, tiny, test), summary, this_machine())
     cmd_report(args)
 
 

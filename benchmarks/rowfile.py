@@ -30,3 +30,42 @@ class RowFile:
 
     def done(self, cpu: str) -> set[str]:
         return {r["id"] for r in self.load() if r["cpu"] == cpu}
+
+
+def report_fields(report: dict, wall_s: float) -> dict:
+    """What every row keeps of an ``optimize`` report: the written file's measured cut (and its split
+    between block dropping and int8), the selection's, the blocks dropped, the int8 plan's choice,
+    seconds per stage, the wall time and the machine's load."""
+    import time
+
+    latency, quant = report["latency"], report.get("quantization") or {}
+    return {
+        "cut_measured": latency["cut"], "cut_split": quant.get("cut"),
+        "original_ms": latency["original_ms"], "optimized_ms": latency["optimized_ms"],
+        "selection_cut": latency.get("selection_cut"),
+        "dropped": report["dropped"], "quantized": bool(quant.get("used")),
+        "plan": (quant.get("plan") or {}).get("chosen"), "plan_reason": quant.get("reason"),
+        "float_nodes": quant.get("float_nodes"),
+        "seconds_per_stage": {k: round(v, 1) for k, v in report["seconds_per_stage"].items()},
+        "wall_s": round(wall_s, 1), "load_average": os.getloadavg(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def run_rows(rows: RowFile, todo: list[dict], row_id, run_one, summary, cpu: str) -> None:
+    """Run each row of ``todo`` (``run_one(row) -> dict``), save it as it finishes and print
+    ``summary(done)``. A target graphprune refuses (one line: unreachable cut, ...) is a result too:
+    recorded with its ``error``, not retried."""
+    import time
+
+    from graphprune.errors import GraphpruneError, first_line
+
+    for row in todo:
+        print(f"[{row_id(row)}] start {time.strftime('%H:%M:%S')}", flush=True)
+        try:
+            done = run_one(row)
+        except GraphpruneError as exc:
+            done = {"id": row_id(row), **row, "cpu": cpu, "error": first_line(exc),
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        rows.save(done)
+        print(f"[{row_id(row)}] {summary(done)}", flush=True)
