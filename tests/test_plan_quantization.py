@@ -264,8 +264,25 @@ def test_bad_input_is_refused_in_one_line_before_measuring(r20, monkeypatch, cas
             tiny = tiny.subset(range(12))
         if case == "holdout_small":
             tiny = tiny.subset(range(24))  # 12 held out
-        optimize(gp.load(path), tiny, config(latency_cut=0.2, quantize="auto", **changes.get(case, {})))
+        optimize(gp.load(path), tiny, config(latency_cut=0.2, quantize="int8", **changes.get(case, {})))
     assert expected in one_line(exc)
+
+
+@pytest.mark.parametrize("case", ["cuda", "torch_backend", "tiny_small"])
+def test_auto_leaves_int8_off_where_it_cannot_run_and_says_why(r20, monkeypatch, case):
+    path, tiny = r20
+    monkeypatch.setattr(plan_module, "plan_quantization", lambda *a, **k: pytest.fail("planned int8 anyway"))
+    changes = {"cuda": dict(latency=LatencySettings(device="cuda")), "torch_backend": dict(backend="torch")}
+    expected = {"cuda": "fp16", "torch_backend": "onnxruntime backend", "tiny_small": "16 images in the tiny set"}[case]
+    tiny = tiny.subset(range(12)) if case == "tiny_small" else tiny
+    model = gp.load(path)
+    ctx = make_context(model, tiny, config(quantize="auto", **changes.get(case, {})))
+    step = PlanQuantization("auto", ONE_CANDIDATE)
+    step.check(model, ctx)  # no refusal
+    result = step(model, ctx)
+    assert result.value.config is None and not result.record["used"]
+    assert result.record["reason"].startswith("int8 left off: ") and expected in result.record["reason"]
+    assert QuantizeResult()(model, ctx, result.value).record["quantized"] is False
 
 
 class _Fixed:

@@ -82,8 +82,8 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
      help="device the latency is measured on")
 @latency_options(SETTINGS, prefix="latency.")
 @opt("latency", "--quantize", fills="quantize", type=click.Choice(["none", "auto", "int8"]),
-     help="int8 towards the same target: auto where it measures faster within the accuracy bound, int8 always "
-          "(onnxruntime CPU; the output is then ONNX)")
+     help="int8 towards the same target: auto where it measures faster within the accuracy bound (off, saying "
+          "why, where int8 cannot run), int8 always (onnxruntime CPU; the output is then ONNX)")
 @opt("latency", "--margin", fills="margin", type=NON_NEGATIVE, help="select until the measured cut reaches cut+margin")
 @opt("latency", "--time-budget", fills="time_budget_s", type=POSITIVE, metavar="SECONDS",
      help="seconds the whole run should take (2700: 45 minutes): refinement and recovery are sized to the time "

@@ -6,9 +6,11 @@
   float original with :func:`~.quantize_plan.plan_quantization`: calibrated on ``ctx.tiny``, judged on
   ``ctx.holdout``, every candidate timed interleaved with the float original on ``ctx.latency``
   (:func:`~graphprune.backends.onnxruntime_int8.onnxruntime_cut`). Mode ``"auto"`` keeps the plan's
-  answer: where it has no config (no candidate faster, or none within the accuracy bound) the rest
-  of the pipeline runs float-only and the plan's ``reason`` says why. Mode ``"int8"`` uses the fastest
-  measured candidate even then, and says so.
+  answer: where it has no config (no candidate faster, or none within the accuracy bound, or int8
+  cannot run at all: a CUDA target, a backend other than onnxruntime, too few images, see
+  :func:`int8_unavailable`) the rest of the pipeline runs float-only and the plan's ``reason`` says
+  why. Mode ``"int8"`` uses the fastest measured candidate even then, and says so; where int8
+  cannot run it refuses in one line before anything is measured.
 * **The quantised-measurement rule** (:func:`measuring_backend`, the one place it lives): where a
   usable plan is present, every pass that measures latency times candidates *as they will run*,
   quantised with the plan's config (:class:`~graphprune.backends.onnxruntime_int8.QuantizedOnnxRuntime`,
@@ -78,6 +80,16 @@ def check_int8_run(ctx, by: str, image_sets: tuple[str, ...] = ("tiny", "holdout
         check_enough_images(ctx, name, by)
 
 
+def int8_unavailable(ctx, by: str) -> str | None:
+    """Why int8 cannot run here (the line :func:`check_int8_run` refuses ``quantize 'int8'`` with),
+    or None: mode ``"auto"`` then leaves int8 off and runs float, saying why, instead of failing."""
+    try:
+        check_int8_run(ctx, by)
+    except GraphpruneError as refused:
+        return str(refused)
+    return None
+
+
 def check_enough_images(ctx, name: str, by: str) -> None:
     images = len(ctx.need(name, by))
     if images < MIN_CALIBRATION_IMAGES:
@@ -101,8 +113,9 @@ class PlanQuantization(Analysis):
         return cls(config.quantize, config.quantization)
 
     def check(self, model: Model, ctx) -> None:
-        if self.mode != "none":
-            self._settings(ctx).check()
+        if self.mode != "none":  # the device is checked below (int8) or by the plan (auto: left off)
+            replace(self.settings, device="cpu").check()
+        if self.mode == "int8":
             check_int8_run(ctx, self.name)
 
     def _settings(self, ctx) -> QuantizeSettings:
@@ -114,6 +127,9 @@ class PlanQuantization(Analysis):
         and times the chosen model itself)."""
         if self.mode == "none":
             return QuantizationPlan(None, None, "quantize is 'none'", "", 0.0, [])
+        unavailable = int8_unavailable(ctx, self.name) if self.mode == "auto" else None
+        if unavailable is not None:
+            return QuantizationPlan(None, None, f"int8 left off: {unavailable}", "", 0.0, [])
         from ..backends.onnxruntime_int8 import onnxruntime_cut
 
         tiny, holdout = ctx.need("tiny", self.name), ctx.need("holdout", self.name)
@@ -246,9 +262,7 @@ class QuantizeResult(Analysis):
     provides = (QuantizedOnnx,)
     batch_size = 64
 
-    def check(self, model: Model, ctx) -> None:
-        check_int8_device(ctx.latency.device)
-        check_enough_images(ctx, "tiny", self.name)
+    # no check of its own: a plan with a config exists only where plan_quantization found int8 can run
 
     def run(self, model: Model, ctx, inputs) -> PassResult:
         plan = inputs[QuantizationPlan]
