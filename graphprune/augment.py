@@ -27,7 +27,19 @@ def augmenter(kind: str, size):
         return lambda x, gen: _flip(_padded_crop(x, pad, gen), gen)
     if kind == "resized-crop-flip":
         return lambda x, gen: _flip(_resized_crop(x, gen), gen)
-    raise GraphpruneError(f"unknown augmentation '{kind}' (auto, crop-flip, resized-crop-flip, none)")
+    if kind == "resized-crop-flip-mixup":
+        return lambda x, gen: _mixup(_flip(_resized_crop(x, gen), gen), gen)
+    raise GraphpruneError(f"unknown augmentation '{kind}' (auto, crop-flip, resized-crop-flip, "
+                          "resized-crop-flip-mixup, none)")
+
+
+def _mixup(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image blended with another of the batch, weight ~ U(0, 1): inputs no tiny set holds,
+    which the teacher labels as well as any (mimicking needs no label)."""
+    n = x.shape[0]
+    weight = torch.rand(n, 1, 1, 1, generator=gen, dtype=x.dtype)
+    other = torch.randperm(n, generator=gen)
+    return weight * x + (1 - weight) * x[other]
 
 
 def _padded_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:

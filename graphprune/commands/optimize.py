@@ -116,7 +116,8 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
      help="what recovery mimics: the features before the classifier, the map they are pooled from, "
           "or auto: that map where the model has one, else the features")
 @opt("recovery", "--augment", fills="recovery.augment",
-     type=click.Choice(["auto", "crop-flip", "resized-crop-flip", "none"]), help="augmentation (auto: by image size)")
+     type=click.Choice(["auto", "crop-flip", "resized-crop-flip", "resized-crop-flip-mixup", "none"]),
+     help="augmentation (auto: by image size)")
 @opt("recovery", "--freeze-prefix", fills="recovery.freeze_prefix", type=click.Choice(["auto", "on", "off"]),
      help="leave the network before the first dropped block untrained and run it once for both models "
           "(auto: for images above 64 px)")

@@ -63,7 +63,8 @@ class RecoverySettings:
     optimizer: str = "adam"  # AdamW; or "sgd" (with momentum, as the official code)
     clip_grad_norm: float | None = None
     schedule: str = "cosine"  # or "step" (x0.1 at 40%, as the official code)
-    augment: str = "auto"  # "crop-flip", "resized-crop-flip", "none" or "auto" (by image size)
+    # "crop-flip", "resized-crop-flip", "resized-crop-flip-mixup", "none" or "auto" (by image size)
+    augment: str = "auto"
     loss: str = "mimic"  # or "label" (cross-entropy, classifier frozen)
     target: str = "features"  # what "mimic" matches: "features", "feature-map" (before pooling) or "auto"
     # "auto": for images above 64 px the network before the first dropped block is frozen and run
