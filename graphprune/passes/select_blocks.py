@@ -111,9 +111,11 @@ def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], t
             return Selection(chosen, last, scores, measurements)
     best = last.cut if last is not None else 0.0
     quantised = "" if alone is None else f" with int8 quantisation (quantisation alone: {alone.cut:.1%})"
+    short = f", short of {goal:.1%} (the target plus the margin)" if best >= target else ""
+    hint = "; int8 may reach it (quantize 'auto')" if alone is None else ""
     raise GraphpruneError(
         f"a {target:.0%} latency cut is not reachable: dropping all {len(ranked)} candidate blocks "
-        f"cuts {best:.1%} on this target{quantised}"
+        f"cuts {best:.1%} on this target{quantised}{short}{hint}"
     )
 
 
