@@ -28,18 +28,20 @@ def augmenter(kind: str, size):
     if kind == "resized-crop-flip":
         return lambda x, gen: _flip(_resized_crop(x, gen), gen)
     if kind == "resized-crop-flip-mixup":
-        return lambda x, gen: _mixup(_flip(_resized_crop(x, gen), gen), gen)
+        return lambda x, gen: mixup(_flip(_resized_crop(x, gen), gen), gen)
     raise GraphpruneError(f"unknown augmentation '{kind}' (auto, crop-flip, resized-crop-flip, "
                           "resized-crop-flip-mixup, none)")
 
 
-def _mixup(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Each image blended with another of the batch, weight ~ U(0, 1): inputs no tiny set holds,
-    which the teacher labels as well as any (mimicking needs no label)."""
+def mixup(x: torch.Tensor, gen: torch.Generator, fraction: float = 1.0) -> torch.Tensor:
+    """``fraction`` of the batch's images (drawn) each blended with a random image of the batch,
+    ``lam x_i + (1 - lam) x_j``, ``lam ~ U(0, 1)``: inputs no tiny set holds, which the teacher labels
+    as well as any (mimicking needs no label; function matching, Beyer et al. 2022)."""
     n = x.shape[0]
-    weight = torch.rand(n, 1, 1, 1, generator=gen, dtype=x.dtype)
-    other = torch.randperm(n, generator=gen)
-    return weight * x + (1 - weight) * x[other]
+    chosen = torch.rand(n, generator=gen) < fraction
+    partner = torch.randint(0, n, (n,), generator=gen)
+    lam = torch.rand(n, 1, 1, 1, generator=gen, dtype=x.dtype)
+    return torch.where(chosen.view(n, 1, 1, 1), lam * x + (1 - lam) * x[partner], x)
 
 
 def _padded_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:

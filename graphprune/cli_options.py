@@ -135,6 +135,7 @@ COUNT = IntRange("0 or more", min=0)
 POSITIVE = FloatRange("a positive number", min=0, min_open=True)
 NON_NEGATIVE = FloatRange("0 or more", min=0)
 FRACTION = FloatRange("between 0 and 1 (exclusive)", min=0, max=1, min_open=True, max_open=True)
+SHARE = FloatRange("above 0 and at most 1", min=0, max=1, min_open=True)
 
 
 class Numbers(click.ParamType):

@@ -153,3 +153,18 @@ def test_images_with_a_channel_count_the_model_cannot_take(tmp_path):
     with pytest.raises(GraphpruneError, match="two.npz: images have 2 channels; the model takes 3"):
         load_tiny_set(path, PREP)
     assert load_tiny_set(_npz(tmp_path / "grey.npz", channels=1), PREP).images.shape[1] == 3  # grey is converted
+
+
+def test_crop_takes_the_centre_share_of_the_resized_image(tmp_path):
+    # 8x8 images for a 4x4 model: crop 0.5 resizes the shorter side to 4 / 0.5 = 8 (no resize) and
+    # keeps the centre 4x4; the default resizes to 4 and keeps everything
+    path = _npz(tmp_path / "d.npz", n=1)
+    raw = torch.from_numpy(np.load(path)["images"]).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(PREP.mean).view(1, 3, 1, 1), torch.tensor(PREP.std).view(1, 3, 1, 1)
+    centre = load_tiny_set(path, Preprocessing((3, 4, 4), crop=0.5))
+    assert torch.allclose(centre.images, (raw[..., 2:6, 2:6] - mean) / std, atol=1e-5)
+    whole = load_tiny_set(path, Preprocessing((3, 4, 4)))
+    assert not torch.allclose(whole.images, centre.images)
+    for bad in (0.0, 1.5):
+        with pytest.raises(GraphpruneError, match="crop must be in"):
+            load_tiny_set(path, Preprocessing((3, 4, 4), crop=bad))

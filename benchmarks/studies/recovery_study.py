@@ -75,23 +75,14 @@ def _done(path: Path) -> dict[str, dict]:
 
 def _with_mixup(fraction: float):
     """The recovery module's augmenter, followed by mixup of ``fraction`` of each batch."""
-    import torch
-
     import graphprune.passes.recover as recover_module
+    from graphprune.augment import mixup
 
     plain = recover_module.augmenter
 
     def augmenter(kind, size):
         augment = plain(kind, size)
-
-        def mixed(x, gen):
-            x = augment(x, gen)
-            n = x.shape[0]
-            chosen = torch.rand(n, generator=gen) < fraction
-            partner = torch.randint(0, n, (n,), generator=gen)
-            lam = torch.rand(n, 1, 1, 1, generator=gen)
-            return torch.where(chosen.view(n, 1, 1, 1), lam * x + (1 - lam) * x[partner], x)
-        return mixed
+        return lambda x, gen: mixup(augment(x, gen), gen, fraction)
     return recover_module, plain, augmenter
 
 

@@ -17,7 +17,7 @@ import click
 from ..cache import default_cache_dir
 from ..cli import load_model_from_args, model_options, output_option
 from ..cli_config import config_file, config_option
-from ..cli_options import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Numbers, Settings, flags_for,
+from ..cli_options import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SHARE, Numbers, Settings, flags_for,
                            latency_options, subcommand)
 from ..data import Preprocessing, load_tiny_set
 from ..errors import GraphpruneError, UsageError
@@ -70,6 +70,9 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
      help="seeds sampling, synthesis, adaptors and recovery")
 @opt("data", "--mean", fills="preprocessing.mean", type=Numbers(), help="normalisation mean (comma-separated)")
 @opt("data", "--std", fills="preprocessing.std", type=Numbers(), help="normalisation std (comma-separated)")
+@opt("data", "--crop", fills="preprocessing.crop", type=SHARE, metavar="FRACTION",
+     help="centre crop's share of the resized image: 1.0 resizes the shorter side to the input; "
+          "0.875 is ImageNet's evaluation (256 -> 224)")
 @opt("data", "--holdout", fills="holdout_fraction", type=FRACTION, help="fraction held out to measure recoverability")
 @opt("data", "--eval-data", type=click.Path(exists=True),
      help="folder (class sub-folders or labels.csv optional)/.npz to report how faithful the optimised model is: "

@@ -25,7 +25,8 @@ import click
 
 from ..backends.base import LatencySettings, compare_interleaved, get_backend
 from ..cli import load_model_from_args, model_options
-from ..cli_options import (POSITIVE_INT, GroupedOption, Numbers, Settings, flags_for, latency_options, subcommand)
+from ..cli_options import (POSITIVE_INT, SHARE, GroupedOption, Numbers, Settings, flags_for, latency_options,
+                           subcommand)
 from ..data import Preprocessing
 from ..errors import GraphpruneError, UsageError
 from ..optimize import OptimizeConfig
@@ -62,6 +63,9 @@ MIN_TIME_S = 2 * SETTINGS.default("min_time_s")
               help="seeds sampling, the held-out split and the plan, as optimize's --seed")
 @SETTINGS.option("data", "--mean", fills="preprocessing.mean", type=Numbers(), help="normalisation mean (comma-separated)")
 @SETTINGS.option("data", "--std", fills="preprocessing.std", type=Numbers(), help="normalisation std (comma-separated)")
+@SETTINGS.option("data", "--crop", fills="preprocessing.crop", type=SHARE, metavar="FRACTION",
+                 help="centre crop's share of the resized image: 1.0 resizes the shorter side to the input; "
+                      "0.875 is ImageNet's evaluation (256 -> 224)")
 @click.option("--json", cls=GroupedOption, group="output", is_flag=True, help="print JSON to stdout")
 @click.option("--no-progress", cls=GroupedOption, group="output", is_flag=True,
               help="no progress bar (it is shown only on a terminal)")
