@@ -2,11 +2,13 @@
 ResNet-56 (ONNX), 500 images of train_lossless_4000 (seed 2021), a 22% cut on onnxruntime CPU,
 1 thread, batch 1, with an empty cache (nothing reused from earlier runs).
 
+``--time-budget SECONDS`` runs it under ``optimize --time-budget`` (results named ``..._budget<SECONDS>``).
+
 Then, independently of the report: the written file is timed against the original, interleaved,
 three times, and evaluated on test_lossless_1000. Writes
 ``benchmarks/results/optimize_resnet56_cut22_seed2021.{json,md}`` (and the run's plot).
 
-    python -m benchmarks.optimize_bar
+    python -m benchmarks.optimize_bar [--time-budget 600]
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ REPEATS = 3
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # no options: --help, and refuse others
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--time-budget", type=int, help="optimize's --time-budget in seconds")
+    args = parser.parse_args()
+    name = NAME + (f"_budget{args.time_budget}" if args.time_budget else "")
+    budget = ["--time-budget", str(args.time_budget)] if args.time_budget else []
 
     import graphprune as gp
     from graphprune.backends.base import LatencySettings, get_backend
@@ -38,12 +44,12 @@ def main() -> None:
 
     original_path = ensure_models()["resnet56"]
     work = Path(tempfile.mkdtemp(prefix="graphprune-bar-"))
-    out, report, plot = work / "r56_fast.onnx", work / "report.json", results_dir() / f"{NAME}.png"
+    out, report, plot = work / "r56_fast.onnx", work / "report.json", results_dir() / f"{name}.png"
     command = [str(Path(sys.executable).parent / "graphprune"), "optimize", original_path,
                "--latency-cut", "0.22", "--data", DATA["train"], "--num-samples", "500", "--seed", "2021",
                "--backend", "onnxruntime", "--device", "cpu", "--threads", "1", "--batch-size", "1",
                "--eval-data", DATA["test_lossless"], "-o", str(out), "--report", str(report),
-               "--plot", str(plot), "--cache-dir", str(work / "cache")]
+               "--plot", str(plot), "--cache-dir", str(work / "cache"), *budget]
     start = time.perf_counter()
     subprocess.run(command, check=True)
     wall_s = time.perf_counter() - start
@@ -67,9 +73,10 @@ def main() -> None:
         "top1_optimized": evaluate(optimized, test)["top1"],
         "load_average": os.getloadavg(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "options": f" --time-budget {args.time_budget}" if args.time_budget else "",
     }
-    (results_dir() / f"{NAME}.json").write_text(json.dumps(result, indent=1))
-    (results_dir() / f"{NAME}.md").write_text(_markdown(result))
+    (results_dir() / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (results_dir() / f"{name}.md").write_text(_markdown(result))
     shutil.rmtree(work)
     print(_markdown(result))
 
@@ -79,7 +86,7 @@ def _markdown(r: dict) -> str:
     ms = "; ".join(f"{a:.3f} -> {b:.3f} ms" for a, b in r["independent_ms"])
     return "\n".join([
         "# The issue-4 bar: ResNet-56, 22% cut, 500 images (seed 2021), onnxruntime CPU 1 thread batch 1", "",
-        f"Produced by `python -m benchmarks.optimize_bar` (finished {r['finished']}; 2-core machine, "
+        f"Produced by `python -m benchmarks.optimize_bar{r.get('options', '')}` (finished {r['finished']}; 2-core machine, "
         f"load average at the end {r['load_average'][0]:.2f}). The command it runs, with an empty cache:", "",
         "```sh", r["command"], "```", "",
         "| | value |", "|---|---|",
