@@ -19,6 +19,7 @@ from graphprune.passes.quantize import (Calibrated, QuantConfig, QuantizeSetting
                                         quantize_onnx, run_outputs, cpu_session, to_float16)
 from graphprune.passes.quantize_plan import Timing, plan_quantization
 from onnx_builders import channels_last_residual
+from yolo_like import tiny_yolo_onnx
 
 
 def convnet(opset: int = 13, classes: int = 10, seed: int = 0) -> onnx.ModelProto:
@@ -273,8 +274,26 @@ def test_plan_keeps_a_float_group_only_when_it_measures_faster():
     plan = plan_quantization(convnet(), images(16), images(32, seed=1), SETTINGS, measure)
     assert plan.config.float_groups == ("first_conv",)
     assert measure.seen[4:] == ["qdq-u8s8+float:first_conv", "qdq-u8s8+float:first_conv+float:classifier",
-                                "qdq-u8s8+float:first_conv+float:add_concat"]
+                                "qdq-u8s8+float:first_conv+float:add_concat", "qdq-u8s8+float:first_conv+float:outputs"]
     assert plan.to_dict()["float_nodes"][0] == "/stem/Conv"
+
+
+def test_a_detector_is_judged_by_its_detections_not_by_its_boxes():
+    """A YOLOv8-style head concatenates boxes in pixels with class scores in [0, 1]: int8 with one
+    scale for both keeps the output's relative error under 1% yet changes the detections; the plan
+    judges detections kept and new (fidelity.py), so it keeps the concatenations in float."""
+    proto = tiny_yolo_onnx(size=64, reg=16, score_bias=-1.5)
+    x = torch.rand(48, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plan = plan_quantization(proto, x[:16], x[16:], SETTINGS, fake_measure({"*": 0.3}))
+    assert plan.metric == "detection_change"
+    plain = plan.candidates[0]
+    assert plain.config.float_groups == () and plain.relative_error < 0.02 and not plain.within_bound
+    assert plan.chosen.detections["kept_fraction"] >= 0.95 and plan.chosen.detections["added_fraction"] <= 0.05
+    assert "add_concat" in plan.config.float_groups or "outputs" in plan.config.float_groups
+
+
+def test_outputs_group_is_the_nodes_writing_graph_outputs():
+    assert float_group_nodes(convnet(), "outputs") == ["/fc/Gemm"]
 
 
 def test_onnxruntime_cut_measures_interleaved():

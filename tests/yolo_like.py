@@ -100,7 +100,9 @@ class TinyYolo(nn.Module):
         return self.head([p3, p4])
 
 
-def tiny_yolo(seed=0, reg=1) -> TinyYolo:
+def tiny_yolo(seed=0, reg=1, score_bias=0.0) -> TinyYolo:
+    """``score_bias`` is added to the class convs' biases: negative values make confident detections
+    rare, as a trained detector's are."""
     torch.manual_seed(seed)
     model = TinyYolo(reg=reg).eval()
     with torch.no_grad():  # trained-looking statistics, so no BatchNorm is an identity, and
@@ -111,15 +113,17 @@ def tiny_yolo(seed=0, reg=1) -> TinyYolo:
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
+        for branch in model.head.cls:
+            branch[-1].bias += score_bias
     return model
 
 
-def tiny_yolo_onnx(size=64, imgsz_metadata=True, seed=0, reg=1) -> onnx.ModelProto:
+def tiny_yolo_onnx(size=64, imgsz_metadata=True, seed=0, reg=1, score_bias=0.0) -> onnx.ModelProto:
     """:class:`TinyYolo` exported like ultralytics: input ``images`` (batch, 3, height, width),
     output ``output0``; ``imgsz`` recorded in the metadata unless ``imgsz_metadata`` is False;
     ``reg`` > 1: a DFL head (its strides then fix the spatial size to ``size``)."""
     buffer = io.BytesIO()
-    torch.onnx.export(tiny_yolo(seed, reg), (torch.randn(1, 3, size, size),), buffer, opset_version=17, dynamo=False,
+    torch.onnx.export(tiny_yolo(seed, reg, score_bias), (torch.randn(1, 3, size, size),), buffer, opset_version=17, dynamo=False,
                       input_names=["images"], output_names=["output0"],
                       dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"} if reg == 1 else {0: "batch"},
                                     "output0": {0: "batch", 2: "anchors"} if reg == 1 else {0: "batch"}})

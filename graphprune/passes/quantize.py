@@ -20,7 +20,7 @@ quantisation of an older graph (PP-OCRv4's detector is opset 12) converts it to 
 so; QOperator (``QLinearConv`` takes per-channel scales since opset 10) and per-tensor QDQ keep the
 input's opset.
 
-Float groups (``nodes_to_exclude``) are *roles* (``first_conv``, ``classifier``, ``add_concat``),
+Float groups (``nodes_to_exclude``) are *roles* (``first_conv``, ``classifier``, ``add_concat``, ``outputs``),
 resolved to node names in each graph as it is quantised, so they survive block dropping.
 """
 
@@ -46,7 +46,7 @@ from ..formats.onnx_opset import default_opset
 FORMATS = ("qdq", "qoperator")
 TYPES = ("uint8", "int8")
 METHODS = ("minmax", "entropy", "percentile")
-FLOAT_GROUPS = ("first_conv", "classifier", "add_concat")
+FLOAT_GROUPS = ("first_conv", "classifier", "add_concat", "outputs")
 # A guard, not a measured knee: MinMax ranges are the extremes of the calibration activations, so
 # from a handful of images they depend on those images. On CIFAR ResNet-56 (this CPU, 7-bit
 # weights) top-1 was 92.6-92.9 from 4 (repeated), 16, 64 or 500 images (float 92.6), so the
@@ -102,7 +102,10 @@ class QuantizeSettings:
 
     Accuracy bound, by what the held-out set allows: ``max_top1_drop`` with labels; otherwise, for
     a classifier output (N, K), ``max_disagreement`` (top-1 changes against the float model, an
-    upper bound on the accuracy it can lose); otherwise ``max_relative_error`` of the output.
+    upper bound on the accuracy it can lose); for a YOLOv8 detector output (N, 4+C, anchors) where
+    the float model detects something on the held-out images, ``max_detection_change`` (the
+    fraction of its confident detections lost, and of the int8 model's that are new:
+    :mod:`graphprune.fidelity`); otherwise ``max_relative_error`` of the output.
     ``time_noise``: cut differences below this are noise; ``error_noise``: relative-error
     improvements below this fraction are noise (agreement uses a paired sign test instead)."""
 
@@ -116,6 +119,7 @@ class QuantizeSettings:
     max_top1_drop: float = 0.01
     max_disagreement: float = 0.03
     max_relative_error: float = 0.1
+    max_detection_change: float = 0.05
     float_groups: tuple[str, ...] = FLOAT_GROUPS
     time_noise: float = 0.02
     error_noise: float = 0.1
@@ -166,9 +170,14 @@ def check_int8_device(device: str) -> None:
 
 
 def float_group_nodes(proto: onnx.ModelProto, group: str) -> list[str]:
-    """Node names of ``group`` in this graph: the first Conv, the last Gemm/MatMul (classifier), or
-    every Add/Concat/Sum of two or more computed tensors (residual merges, concatenations)."""
+    """Node names of ``group`` in this graph: the first Conv, the last Gemm/MatMul (classifier),
+    every Add/Concat/Sum of two or more computed tensors (residual merges, concatenations), or the
+    nodes that write a graph output (``outputs``: a YOLOv8 head concatenates boxes in pixels with
+    class scores in [0, 1]; one int8 scale for both rounds every score below 1.3 to 0)."""
     nodes = list(proto.graph.node)
+    if group == "outputs":
+        outputs = {o.name for o in proto.graph.output}
+        return [n.name for n in nodes if any(o in outputs for o in n.output)]
     if group == "first_conv":
         return [n.name for n in nodes if n.op_type in ("Conv", "ConvTranspose")][:1]
     if group == "classifier":

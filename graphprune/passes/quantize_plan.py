@@ -22,6 +22,7 @@ import torch
 
 from ..backends.base import CutMeasurement
 from ..errors import GraphpruneError
+from ..fidelity import DetectionCounts, decode_yolov8, output_layout
 from .quantize import (Calibrated, QuantConfig, QuantizeSettings, as_images, cpu_session, float_group_nodes,
                        quantization_info, quantize_onnx, run_outputs)
 
@@ -54,11 +55,13 @@ class Candidate:
     info: dict = field(default_factory=dict)
     proto: onnx.ModelProto | None = field(default=None, repr=False)
     correct: np.ndarray | None = field(default=None, repr=False)  # per held-out image, for paired tests
+    detections: dict | None = None  # a detector's: fidelity.DetectionCounts.as_dict() against the float model
 
     def to_dict(self) -> dict:
         timing = asdict(self.timing) if self.timing else None
         return {"config": self.config.to_dict(), "timing": timing, "relative_error": self.relative_error,
-                "agreement": self.agreement, "top1": self.top1, "within_bound": self.within_bound,
+                "agreement": self.agreement, "top1": self.top1, "detections": self.detections,
+                "within_bound": self.within_bound,
                 "error": self.error, "opset": self.info.get("opset"), "float_nodes": self.info.get("float_nodes"),
                 "notes": self.info.get("notes")}
 
@@ -142,9 +145,15 @@ class _Judge:
         self.settings, self.holdout = settings, holdout
         self.reference = run_outputs(cpu_session(proto, "the float model"), holdout, settings.batch_size)
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
-        classifier = self.reference.ndim == 2 and self.reference.shape[1] > 1
+        layout = output_layout(torch.from_numpy(self.reference))
+        classifier = layout == "classes"
         self.float_top1 = None
-        if self.labels is not None and classifier:
+        # a detector is judged by its detections where the float model makes some here: its whole
+        # output's relative error is the boxes' (pixels), blind to class scores in [0, 1] rounded away
+        self.detector = layout == "yolov8" and any(len(d) for d in decode_yolov8(torch.from_numpy(self.reference)))
+        if self.detector:
+            self.metric, self.bound = "detection_change", settings.max_detection_change
+        elif self.labels is not None and classifier:
             self.metric, self.bound = "top1_drop", settings.max_top1_drop
             self.float_top1 = float((self.reference.argmax(1) == self.labels).mean())
         elif classifier:
@@ -162,6 +171,13 @@ class _Judge:
         timing = timing if isinstance(timing, Timing) else Timing(float(timing))
         error = float(np.linalg.norm(out - self.reference) / max(np.linalg.norm(self.reference), 1e-12))
         candidate = Candidate(config, timing, error, proto=quantized, info=quantization_info(quantized))
+        if self.detector:
+            counts = DetectionCounts()
+            counts.add(torch.from_numpy(self.reference), torch.from_numpy(out))
+            candidate.detections = counts.as_dict()
+            candidate.within_bound = (1 - candidate.detections["kept_fraction"] <= self.bound
+                                      and (candidate.detections["added_fraction"] or 0.0) <= self.bound)
+            return candidate
         if self.metric == "relative_error":
             candidate.within_bound = error <= self.bound
             return candidate
@@ -178,7 +194,11 @@ class _Judge:
     def more_accurate(self, a: Candidate, b: Candidate) -> bool:
         """``a`` beats ``b`` by more than noise: a paired sign test on the held-out images
         (images only one gets right: the difference above two standard deviations), or for
-        non-classifiers a relative error lower by more than ``error_noise``."""
+        non-classifiers a relative error lower by more than ``error_noise``; for a detector, fewer
+        detections changed (lost or new) by more than two standard deviations of their count."""
+        if a.detections is not None and b.detections is not None:
+            changed_a, changed_b = _changed(a.detections), _changed(b.detections)
+            return changed_b - changed_a > 2 * math.sqrt(changed_a + changed_b)
         if a.correct is None:
             return a.relative_error < (1 - self.settings.error_noise) * b.relative_error
         wins, losses = int((a.correct & ~b.correct).sum()), int((~a.correct & b.correct).sum())
@@ -195,3 +215,8 @@ class _Judge:
             return False
         return (trial.timing.cut > current.timing.cut + noise
                 or (self.more_accurate(trial, current) and trial.timing.cut >= current.timing.cut - noise))
+
+
+def _changed(detections: dict) -> int:
+    """Detections lost plus detections new."""
+    return detections["original"] - detections["kept"] + detections["added"]
