@@ -58,6 +58,13 @@ def one_line_error(result, expected: str, exit_code: int = 1) -> None:
     assert expected in lines[0], lines[0]
 
 
+def profile_json(cli, files, mode: str) -> dict:
+    """``graphprune profile FLOAT --quantize MODE --data TINY --json``, which must succeed."""
+    code, out, err = cli("profile", files["float"], "--quantize", mode, "--data", files["tiny"], *DATA, *FAST, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
 def test_auto_plans_as_optimize_does_and_times_the_chosen_int8_model(cli, files, monkeypatch):
     cuts = {"qdq-u8s8": 0.30, "qdq-s8s8": 0.10, "qoperator-u8s8": 0.40, "qoperator-s8s8": 0.20,
             "qoperator-u8s8+float:first_conv": 0.41,  # within noise (0.02) of 0.40: not kept
@@ -65,10 +72,7 @@ def test_auto_plans_as_optimize_does_and_times_the_chosen_int8_model(cli, files,
             "qoperator-u8s8+float:classifier+float:add_concat": 0.46,  # within noise of 0.45: not kept
             "qoperator-u8s8+float:classifier+float:outputs": 0.44}  # within noise, as accurate: not kept
     timed = fake_timings(monkeypatch, cuts)
-    code, out, err = cli("profile", files["float"], "--quantize", "auto", "--data", files["tiny"], *DATA, *FAST,
-                         "--json")
-    assert code == 0, err
-    doc = json.loads(out)
+    doc = profile_json(cli, files, "auto")
     section = doc["quantization"]
     chosen = section["config"]["label"]
     assert chosen.startswith("qoperator-u8s8") and chosen.endswith("+float:classifier") and section["used"]
@@ -88,17 +92,12 @@ def test_auto_plans_as_optimize_does_and_times_the_chosen_int8_model(cli, files,
 def test_auto_leaves_it_float_where_nothing_pays_and_int8_takes_the_fastest(cli, files, monkeypatch):
     cuts = {"qdq-u8s8": -0.10, "qdq-s8s8": -0.30, "qoperator-u8s8": -0.05, "qoperator-s8s8": -0.20}
     timed = fake_timings(monkeypatch, cuts)
-    code, out, err = cli("profile", files["float"], "--quantize", "auto", "--data", files["tiny"], *DATA, *FAST,
-                         "--json")
-    assert code == 0, err
-    doc = json.loads(out)
+    doc = profile_json(cli, files, "auto")
     section = doc["quantization"]
     assert not section["used"] and "no faster than the float model" in section["reason"] and "cut" not in doc
     assert len(timed) == 4  # the candidates only: nothing is timed after a plan that chose float
-    code, out, err = cli("profile", files["float"], "--quantize", "int8", "--data", files["tiny"], *DATA, *FAST,
-                         "--json")
-    doc = json.loads(out)
-    assert code == 0 and doc["quantization"]["config"]["label"].startswith("qoperator-u8s8") and doc["cut"] == -0.05
+    doc = profile_json(cli, files, "int8")
+    assert doc["quantization"]["config"]["label"].startswith("qoperator-u8s8") and doc["cut"] == -0.05
     assert "used as asked" in doc["quantization"]["reason"]
 
 
