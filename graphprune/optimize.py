@@ -29,11 +29,11 @@ from .features import describe_targets
 from .formats.input_layout import looks_channels_last
 from .formats.model_io import atomic_write, save
 from .model import HALF_DTYPES, Model
-from .passes import (BlockLatencyTable, BlockRecoverabilities, Blocks, DropBlocks, FinalCut, FindBlocks,
-                     MeasureBlockLatency, MeasureResult, Pass, PassContext, PassState, Pipeline, PlanQuantization,
-                     PooledLatency, PoolIdenticalBlocks, QuantizationPlan, QuantizedOnnx, QuantizeResult, Recover,
-                     Recoverability, RecoveryLog, Refinement, RefineSelection, SelectBlocks, Selection,
-                     available_passes)
+from .passes import (BlockLatencyTable, BlockRecoverabilities, Blocks, CheckFidelity, DropBlocks, FinalCut,
+                     FindBlocks, HeldOutFidelity, MeasureBlockLatency, MeasureResult, Pass, PassContext, PassState,
+                     Pipeline, PlanQuantization, PooledLatency, PoolIdenticalBlocks, QuantizationPlan, QuantizedOnnx,
+                     QuantizeResult, Recover, Recoverability, RecoveryLog, Refinement, RefineSelection, SelectBlocks,
+                     Selection, available_passes)
 from .passes.plan_quantization import check_quantize_mode, no_block_needed
 from .passes.quantize import QuantizeSettings
 from .passes.recover import RecoverySettings
@@ -112,6 +112,7 @@ def default_pipeline(config: OptimizeConfig = OptimizeConfig()) -> list[Pass]:
         Recover(config.recovery),
         *([QuantizeResult()] if quantized else []),
         MeasureResult(),
+        CheckFidelity(),
     ]
 
 
@@ -195,6 +196,7 @@ def build_report(original: Model, state: PassState, ctx: PassContext, config: Op
         "seconds_per_stage": dict(state.timings),
         "resumed_from_cache": {"latency_rows": table.from_cache if table else 0,
                                "recoverability": recoverabilities.from_cache if recoverabilities else 0},
+        "held_out": found.get(HeldOutFidelity).to_dict() if found.get(HeldOutFidelity) else None,
         "quantization": quantization_report(config, found.get(QuantizationPlan), found.get(QuantizedOnnx), final,
                                             no_block_needed(ctx, found)),
         "pipeline": list(state.records),

@@ -22,6 +22,9 @@ def format_summary(report: dict) -> str:
         lines.append(f"{skipped} (no block profiled or scored)")
     lines.append(f"latency {latency['original_ms']:.3f} ms -> {latency['optimized_ms']:.3f} ms "
                  f"(measured cut {100 * latency['cut']:.1f}%, target {100 * latency['target']:.1f}%)")
+    held_out = report.get("held_out")
+    if held_out:
+        lines.append(_held_out_line(held_out))
     if "eval" in report:
         lines.extend(_eval_lines(report["eval"]))
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in report["seconds_per_stage"].items())
@@ -53,6 +56,26 @@ def _eval_lines(evaluation: dict) -> list[str]:
     if errors:
         lines.append(f"relative output error ||y - y_orig|| / ||y_orig||: {', '.join(errors)}")
     return lines
+
+
+def _held_out_line(held_out: dict) -> str:
+    """The written model against the original on the tiny set's held-out images (check_fidelity)."""
+    where = (f"on the {held_out['images']} held-out tiny images"
+             f"{' (recovery trained on them too)' if held_out['trained_on_by_recovery'] else ''}")
+    result = held_out["result"]
+    if result is None:
+        return f"against the original {where}: not compared ({held_out['error']})"
+    parts = []
+    if result.get("agreement") is not None:
+        parts.append(f"top-1 agreement {100 * result['agreement']:.1f}%")
+    for output in result.get("outputs", {}).values():
+        if "detections" in output:
+            d = output["detections"]
+            parts.append(f"kept {d['kept']} of {d['original']} detections, added {d['added']}")
+    errors = [o["relative_error"] for o in result.get("outputs", {}).values() if o.get("relative_error") is not None]
+    if errors:
+        parts.append(f"relative output error {max(errors):.3g}")
+    return f"against the original {where}: {'; '.join(parts) or 'compared'}"
 
 
 def _percent(fraction: float | None) -> str:

@@ -42,7 +42,7 @@ def test_optimize_writes_a_verified_faster_model_and_a_report(cli, r20_onnx, tmp
     assert all(b["recoverability"] is not None and b["saved_fraction"] is not None for b in doc["blocks"])
     assert set(doc["seconds_per_stage"]) == {"find_blocks", "profile_blocks", "pool_identical_blocks",
                                              "score_recoverability", "select_blocks", "refine_selection",
-                                             "drop_blocks", "recover", "measure_result"}
+                                             "drop_blocks", "recover", "measure_result", "check_fidelity"}
     assert doc["refinement"]["skipped"] == "estimator lstsq"  # joint fits need the PRACTISE adaptors
     # ResNet-20's stages: the inner blocks of stages 2 and 3 are identical; stage 1's three too
     assert [g["blocks"] for g in doc["identical_blocks"]] == [["layer1.0", "layer1.1", "layer1.2"],
@@ -117,7 +117,7 @@ def test_optimize_python_api_is_a_pipeline_of_passes(r20_onnx):
     result = optimize(model, tiny, config)
     assert list(result.state.records) == ["find_blocks", "profile_blocks", "pool_identical_blocks",
                                           "score_recoverability", "select_blocks", "refine_selection",
-                                          "drop_blocks", "recover", "measure_result"]
+                                          "drop_blocks", "recover", "measure_result", "check_fidelity"]
     refinement = result.report["refinement"]
     evaluations = refinement["evaluations"]  # every set the search fitted, in order, the greedy set first
     assert evaluations and evaluations[0]["blocks"] == refinement["greedy"]

@@ -2,6 +2,7 @@
 :mod:`.context` what passes share, :mod:`.pipeline` the runner and its instruments."""
 
 from .base import Analysis, Artifacts, Pass, PassResult, Transform, available_passes
+from .check_fidelity import CheckFidelity, HeldOutFidelity
 from .context import PassContext
 from .drop_blocks import DropBlocks, drop_blocks, zero_branch
 from .find_blocks import Block, Blocks, FindBlocks, find_blocks
@@ -18,7 +19,7 @@ from .select_blocks import SelectBlocks
 from .selection import BlockScore, Selection
 
 BUILTIN_PASSES = (FindBlocks, PlanQuantization, MeasureBlockLatency, PoolIdenticalBlocks, Recoverability, SelectBlocks,
-                  RefineSelection, DropBlocks, Recover, QuantizeResult, MeasureResult)
+                  RefineSelection, DropBlocks, Recover, QuantizeResult, MeasureResult, CheckFidelity)
 ALIASES = {"measure_block_latency": MeasureBlockLatency, "recoverability": Recoverability}  # earlier names
 
 
@@ -30,8 +31,8 @@ __all__ = [
     "Analysis", "Artifacts", "Pass", "PassContext", "PassResult", "PassState", "Pipeline", "Step", "Transform",
     "Instrument", "available_passes", "builtin_passes", "default_instruments", "run_step",
     "Block", "BlockLatency", "BlockLatencyTable", "BlockRecoverabilities", "BlockScore", "Blocks", "CutMeasurement",
-    "FinalCut", "PooledLatency", "QuantizationPlan", "QuantizedOnnx", "Refinement", "RecoveryLog", "Selection",
-    "DropBlocks", "FindBlocks", "MeasureBlockLatency", "MeasureResult", "PlanQuantization", "PoolIdenticalBlocks",
+    "FinalCut", "HeldOutFidelity", "PooledLatency", "QuantizationPlan", "QuantizedOnnx", "Refinement", "RecoveryLog", "Selection",
+    "CheckFidelity", "DropBlocks", "FindBlocks", "MeasureBlockLatency", "MeasureResult", "PlanQuantization", "PoolIdenticalBlocks",
     "QuantizeResult", "Recover", "Recoverability", "RefineSelection", "SelectBlocks",
     "Measuring", "drop_blocks", "find_blocks", "measure_block_latency", "measure_cut", "measuring_backend",
     "zero_branch",

@@ -87,11 +87,13 @@ class RecoverySettings:
 
 @dataclass(frozen=True)
 class RecoveryLog:
-    """Artefact: how recovery went (the loss curve of ``{step, loss}`` points, the last loss, seconds)."""
+    """Artefact: how recovery went (the loss curve of ``{step, loss}`` points, the last loss, seconds)
+    and whether it trained on ``ctx.holdout`` too (it does unless it stops early on it)."""
 
     loss_curve: list
     final_loss: float | None
     seconds: float
+    trained_on_holdout: bool = False
 
 
 # Under optimize's time budget, seconds kept for what follows recovery (the final timing, an int8
@@ -129,7 +131,8 @@ class Recover(Transform):
         train, holdout = (ctx.need("train", self.name), ctx.need("holdout", self.name)) if stops else (tiny, None)
         recovered, record = recover(model, ctx.original, train, settings, ctx.feature_node, ctx.show_progress,
                                     frozen_until=first, holdout=holdout)
-        log = RecoveryLog(record["loss_curve"], record["final_loss"], record["seconds"])
+        log = RecoveryLog(record["loss_curve"], record["final_loss"], record["seconds"],
+                          trained_on_holdout=holdout is None and settings.iterations > 0)
         return PassResult(recovered, changed=settings.iterations > 0, record=record, artifacts=[log])
 
 

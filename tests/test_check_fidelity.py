@@ -1,0 +1,66 @@
+"""check_fidelity (graphprune/passes/check_fidelity.py): the written model against the original on
+the held-out tiny images, labels dropped; int8 file where one was made; a detector's detections."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+import graphprune as gp
+from graphprune.data import TinySet
+from graphprune.optimize import OptimizeConfig, make_context
+from graphprune.passes import CheckFidelity, HeldOutFidelity, QuantizedOnnx, find_blocks
+from graphprune.passes.quantize import QuantConfig, quantize_onnx
+from graphprune.passes.recover import RecoveryLog
+from graphprune.report import _held_out_line
+from yolo_like import tiny_yolo_onnx
+
+
+@pytest.fixture(scope="module")
+def r20():
+    torch.manual_seed(0)
+    model = gp.load("zoo:cifar10_resnet20")
+    tiny = TinySet(torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(40) % 10)
+    return model, tiny
+
+
+def test_the_original_against_itself_agrees_everywhere_and_nothing_changes(r20):
+    model, tiny = r20
+    ctx = make_context(model, tiny, OptimizeConfig())
+    before = {k: v.clone() for k, v in model.graph_module.state_dict().items()}
+    result = CheckFidelity()(model, ctx, RecoveryLog([], None, 0.0, trained_on_holdout=True))
+    fidelity = result.value
+    assert isinstance(fidelity, HeldOutFidelity) and fidelity.images == len(ctx.holdout) == 16
+    assert fidelity.trained_on and fidelity.result["agreement"] == 1.0
+    assert max(o["relative_error"] for o in fidelity.result["outputs"].values()) < 1e-6
+    assert "top1" not in fidelity.result  # labels dropped: compared with the original only
+    assert result.model is model and all(torch.equal(before[k], v) for k, v in model.graph_module.state_dict().items())
+    assert "top-1 agreement 100.0%" in _held_out_line(fidelity.to_dict())
+    assert "recovery trained on them too" in _held_out_line(fidelity.to_dict())
+
+
+def test_a_pruned_model_is_compared_and_the_int8_file_is_what_is_judged(r20):
+    model, tiny = r20
+    ctx = make_context(model, tiny, OptimizeConfig())
+    pruned = gp.drop_blocks(model, ["layer1.1", "layer2.1"], find_blocks(model))
+    float_result = CheckFidelity()(pruned, ctx).value.result
+    assert max(o["relative_error"] for o in float_result["outputs"].values()) > 1e-3
+    proto = quantize_onnx(gp.to_onnx(model), tiny.images[:16], QuantConfig())
+    int8 = CheckFidelity()(model, ctx, QuantizedOnnx(proto)).value
+    error = max(o["relative_error"] for o in int8.result["outputs"].values())
+    assert 0 < error < 0.2 and not int8.trained_on  # the int8 file, not the float model, was compared
+
+
+def test_a_detector_reports_detections_kept(tmp_path):
+    path = tmp_path / "yolo.onnx"
+    onnx.save(tiny_yolo_onnx(size=64, reg=16, score_bias=-1.5), str(path))
+    model = gp.load(str(path))
+    tiny = TinySet(torch.rand(40, 3, 64, 64, generator=torch.Generator().manual_seed(0)), torch.full((40,), -1))
+    ctx = make_context(model, tiny, OptimizeConfig())
+    fidelity = CheckFidelity()(model, ctx).value
+    (output,) = fidelity.result["outputs"].values()
+    detections = output["detections"]
+    assert detections["original"] > 0 and detections["kept"] == detections["original"] and detections["added"] == 0
+    assert f"kept {detections['kept']} of {detections['original']} detections, added 0" in _held_out_line(
+        fidelity.to_dict())
