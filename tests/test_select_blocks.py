@@ -80,6 +80,9 @@ def test_an_unreachable_goal_is_an_error(resnet20, costed):
     costs.update({"layer1.0": 0.05, "layer1.1": 0.05})
     with pytest.raises(gp.GraphpruneError, match="not reachable.*cuts 10.0%.*quantize 'auto'"):
         select_blocks(model, blocks, _scores(costs), 0.4, backend, LatencySettings(), order=["layer1.0", "layer1.1"])
+    with pytest.raises(gp.GraphpruneError, match=r"cuts 10.0%.*int8 was left off \(no candidate stays"):
+        select_blocks(model, blocks, _scores(costs), 0.4, backend, LatencySettings(), order=["layer1.0", "layer1.1"],
+                      int8_off="no candidate stays within the accuracy bound")
     # all blocks reach the target but not the margin above it: the line says so
     with pytest.raises(gp.GraphpruneError, match=r"cuts 10.0% on this target, short of 10.5% \(the target plus"):
         select_blocks(model, blocks, _scores(costs), 0.1, backend, LatencySettings(), 0.005,

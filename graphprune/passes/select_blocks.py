@@ -64,14 +64,15 @@ def block_scores(recoverability: dict[str, float], latency: BlockLatencyTable) -
 def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], target: float,
                   backend: LatencyBackend, settings: LatencySettings, margin: float = 0.0,
                   order: list[str] | None = None, cache=None, reference: LatencyBackend | None = None,
-                  alone: CutMeasurement | None = None) -> Selection:
+                  alone: CutMeasurement | None = None, int8_off: str | None = None) -> Selection:
     """Greedy selection in score order (or in ``order``, for baselines) until the measured cut
     reaches ``target + margin``. ``cache`` (dict-like) remembers each measured combination, so a
     rerun of the same command makes the same choice instead of re-rolling timing noise.
     ``reference``: the backend the original is timed on where it is not ``backend`` (candidates
     quantised, the original float); ``alone``: then the empty set's cut, quantisation alone, as
     ``plan_quantization`` measured it: the selection starts from it (none chosen where it reaches
-    the goal)."""
+    the goal). ``int8_off``: why a quantisation plan left int8 off, for the line an unreachable
+    target raises."""
     check_latency_cut(target)
     goal = goal_cut(target, margin)
     ranked = order if order is not None else [s.name for s in scores if s.saved_fraction > 0]
@@ -112,7 +113,8 @@ def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], t
     best = last.cut if last is not None else 0.0
     quantised = "" if alone is None else f" with int8 quantisation (quantisation alone: {alone.cut:.1%})"
     short = f", short of {goal:.1%} (the target plus the margin)" if best >= target else ""
-    hint = "; int8 may reach it (quantize 'auto')" if alone is None else ""
+    hint = "" if alone is not None else (f"; int8 was left off ({int8_off})" if int8_off
+                                         else "; int8 may reach it (quantize 'auto')")
     raise GraphpruneError(
         f"a {target:.0%} latency cut is not reachable: dropping all {len(ranked)} candidate blocks "
         f"cuts {best:.1%} on this target{quantised}{short}{hint}"
@@ -159,8 +161,14 @@ class SelectBlocks(Analysis):
         measuring = measuring_backend(ctx, inputs, self.name)
         selection = select_blocks(model, inputs[Blocks], scores, ctx.need("latency_cut", self.name),
                                   measuring.backend, ctx.latency, ctx.margin, cache=measuring.cache(ctx, SELECTION_CACHE),
-                                  reference=measuring.reference, alone=measuring.plan and measuring.plan.alone)
+                                  reference=measuring.reference, alone=measuring.plan and measuring.plan.alone,
+                                  int8_off=_int8_off(inputs.get(QuantizationPlan)))
         record = selection.to_dict()
         if not selection.blocks:
             record["note"] = no_block_needed(ctx, inputs)
         return PassResult(model, record=record, artifacts=[selection])
+
+
+def _int8_off(plan: QuantizationPlan | None) -> str | None:
+    """Why a quantisation plan that was made chose float (None where there is no plan or it chose int8)."""
+    return plan.reason if plan is not None and plan.config is None else None
