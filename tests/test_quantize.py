@@ -274,7 +274,7 @@ def test_plan_keeps_a_float_group_only_when_it_measures_faster():
     plan = plan_quantization(convnet(), images(16), images(32, seed=1), SETTINGS, measure)
     assert plan.config.float_groups == ("first_conv",)
     assert measure.seen[4:] == ["qdq-u8s8+float:first_conv", "qdq-u8s8+float:first_conv+float:classifier",
-                                "qdq-u8s8+float:first_conv+float:add_concat", "qdq-u8s8+float:first_conv+float:outputs"]
+                                "qdq-u8s8+float:first_conv+float:add_concat"]  # no decode nodes after its Gemm
     assert plan.to_dict()["float_nodes"][0] == "/stem/Conv"
 
 
@@ -289,11 +289,14 @@ def test_a_detector_is_judged_by_its_detections_not_by_its_boxes():
     plain = plan.candidates[0]
     assert plain.config.float_groups == () and plain.relative_error < 0.02 and not plain.within_bound
     assert plan.chosen.detections["kept_fraction"] >= 0.95 and plan.chosen.detections["added_fraction"] <= 0.05
-    assert "add_concat" in plan.config.float_groups or "outputs" in plan.config.float_groups
+    assert "add_concat" in plan.config.float_groups or "decode" in plan.config.float_groups
 
 
-def test_outputs_group_is_the_nodes_writing_graph_outputs():
-    assert float_group_nodes(convnet(), "outputs") == ["/fc/Gemm"]
+def test_decode_group_is_the_unweighted_nodes_after_the_last_weighted_ones():
+    assert float_group_nodes(convnet(), "decode") == []  # the classifier's Gemm writes the output
+    head = float_group_nodes(tiny_yolo_onnx(size=64, reg=16), "decode")
+    assert head and all(n.startswith(("/head/", "Constant")) for n in head) and "/head/Sigmoid" in head
+    assert not any("Conv" in n for n in head)
 
 
 def test_onnxruntime_cut_measures_interleaved():

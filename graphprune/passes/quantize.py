@@ -20,7 +20,7 @@ quantisation of an older graph (PP-OCRv4's detector is opset 12) converts it to 
 so; QOperator (``QLinearConv`` takes per-channel scales since opset 10) and per-tensor QDQ keep the
 input's opset.
 
-Float groups (``nodes_to_exclude``) are *roles* (``first_conv``, ``classifier``, ``add_concat``, ``outputs``),
+Float groups (``nodes_to_exclude``) are *roles* (``first_conv``, ``classifier``, ``add_concat``, ``decode``),
 resolved to node names in each graph as it is quantised, so they survive block dropping.
 """
 
@@ -46,7 +46,7 @@ from ..formats.onnx_opset import default_opset
 FORMATS = ("qdq", "qoperator")
 TYPES = ("uint8", "int8")
 METHODS = ("minmax", "entropy", "percentile")
-FLOAT_GROUPS = ("first_conv", "classifier", "add_concat", "outputs")
+FLOAT_GROUPS = ("first_conv", "classifier", "add_concat", "decode")
 # A guard, not a measured knee: MinMax ranges are the extremes of the calibration activations, so
 # from a handful of images they depend on those images. On CIFAR ResNet-56 (this CPU, 7-bit
 # weights) top-1 was 92.6-92.9 from 4 (repeated), 16, 64 or 500 images (float 92.6), so the
@@ -172,12 +172,13 @@ def check_int8_device(device: str) -> None:
 def float_group_nodes(proto: onnx.ModelProto, group: str) -> list[str]:
     """Node names of ``group`` in this graph: the first Conv, the last Gemm/MatMul (classifier),
     every Add/Concat/Sum of two or more computed tensors (residual merges, concatenations), or the
-    nodes that write a graph output (``outputs``: a YOLOv8 head concatenates boxes in pixels with
-    class scores in [0, 1]; one int8 scale for both rounds every score below 1.3 to 0)."""
+    unweighted nodes between the last weighted ones and the outputs (``decode``: decoding, such as a
+    YOLOv8 head's box arithmetic, sigmoid and the Concat of boxes in pixels with class scores in
+    [0, 1], where one int8 scale for both rounds every score below 1.3 to 0; a classifier ending in
+    its Gemm has none)."""
     nodes = list(proto.graph.node)
-    if group == "outputs":
-        outputs = {o.name for o in proto.graph.output}
-        return [n.name for n in nodes if any(o in outputs for o in n.output)]
+    if group == "decode":
+        return _tail_nodes(proto)
     if group == "first_conv":
         return [n.name for n in nodes if n.op_type in ("Conv", "ConvTranspose")][:1]
     if group == "classifier":
@@ -187,6 +188,19 @@ def float_group_nodes(proto: onnx.ModelProto, group: str) -> list[str]:
         return [n.name for n in nodes
                 if n.op_type in ("Add", "Concat", "Sum") and sum(i not in constant for i in n.input if i) >= 2]
     raise GraphpruneError(f"unknown float group '{group}': use {', '.join(FLOAT_GROUPS)}", parameter="float_groups")
+
+
+def _tail_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Names of the nodes no Conv/ConvTranspose/Gemm/MatMul is computed from, weighted ones excluded."""
+    weighted = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    feeds_weighted: set[str] = set()  # tensors some weighted node is computed from
+    tail = []
+    for node in reversed(proto.graph.node):  # ONNX nodes are topologically sorted
+        if node.op_type in weighted or any(o in feeds_weighted for o in node.output):
+            feeds_weighted.update(i for i in node.input if i)
+        else:
+            tail.append(node.name)
+    return tail[::-1]
 
 
 def is_quantized(proto: onnx.ModelProto) -> bool:
