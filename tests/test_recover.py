@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,6 +157,28 @@ def test_a_time_budget_sizes_the_schedule(setup):
     settings = RecoverySettings(iterations=10_000, batch_size=8, augment="none", max_seconds=0.5)
     _, record = recover(pruned, teacher, tiny.subset(range(16)), settings, show_progress=False)
     assert 3 < record["iterations_run"] < 10_000 and record["loss_curve"][-1]["step"] == record["iterations_run"]
+
+
+def test_steps_that_slow_down_shorten_the_schedule_again(setup, monkeypatch):
+    """The first steps are fast, the rest slow (another process took the cores): the schedule sized
+    on the first steps is sized again on the pace so far, and the run ends near its budget."""
+    import graphprune.passes.recover as recover_module
+
+    teacher, pruned, tiny = setup
+    real, calls = recover_module.mimic_loss, []
+
+    def slow_after_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recover_module, "mimic_loss", slow_after_three)
+    # sized on the first (fast) steps the schedule keeps about 2 s / 10 ms = 200 steps: 10 s of slow ones
+    settings = RecoverySettings(iterations=400, batch_size=4, augment="none", max_seconds=2.0)
+    start = time.perf_counter()
+    _, record = recover(pruned, teacher, tiny.subset(range(16)), settings, show_progress=False)
+    assert record["iterations_run"] < 100 and time.perf_counter() - start < 6.0
 
 
 class BatchFromInput(TwoBlocks):

@@ -18,7 +18,7 @@ Two costs of large images (224 px) are cut: with ``freeze_prefix`` ("auto": abov
 network before the first dropped block, which is the original's, is not trained, and one run of it
 per batch feeds both the teacher's and the student's rest (the early high-resolution layers are
 most of a step's work); ``max_seconds`` sizes the schedule to the steps that fit, timed on the
-first steps.
+first steps and again every tenth of the schedule (shorter only: a machine that gets busier).
 
 ``loss="label"`` is the paper's BP baseline instead: cross-entropy with the labels through the
 classifier, whose parameters are then explicitly frozen (``requires_grad=False``).
@@ -194,6 +194,7 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     bar = progress_bar(total=total, desc="recovery", enabled=show_progress)
     student.train()
     step = 0
+    resize_every = TIMED_STEPS
     while step < total:
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * schedule(step)
@@ -225,15 +226,19 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
             torch.nn.utils.clip_grad_norm_(params, settings.clip_grad_norm)
         optimizer.step()
         step += 1
-        if settings.max_seconds is not None and step == TIMED_STEPS and total > step:
-            # the schedule is resized to the steps that fit the time left (a few steps at the top
-            # of a cosine barely differ from its start)
+        if settings.max_seconds is not None and total > step and step % resize_every == 0:
+            # the schedule is resized to the steps that fit the time left, on the pace so far: after
+            # the first steps (a few steps at the top of a cosine barely differ from its start), then
+            # every tenth of the schedule, shorter only, should the steps slow down (other load)
             per_step = (time.perf_counter() - start) / step
-            total = max(step + 1, min(total, int(settings.max_seconds / per_step)))
-            schedule = _schedule(settings.schedule, total)
-            bar.total = total
-            if guard is not None:
-                checkpoints = checkpoint_steps(total, EARLY_STOP_CHECKPOINTS)
+            fit = max(step + 1, min(total, int(settings.max_seconds / per_step)))
+            if fit != total:
+                total = fit
+                schedule = _schedule(settings.schedule, total)
+                bar.total = total
+                if guard is not None:
+                    checkpoints = checkpoint_steps(total, EARLY_STOP_CHECKPOINTS)
+            resize_every = max(TIMED_STEPS, total // 10)
         if guard is not None and step in checkpoints:
             guard.check(step)
             student.train()
