@@ -111,12 +111,10 @@ def tiny_set(spec: RealModel):
 
 
 def eval_set(spec: RealModel):
-    import torch
-
-    from graphprune.data import TinySet, load_tiny_set
+    from graphprune.data import load_tiny_set
 
     data = load_tiny_set(DATA_DIR / "imagenet-eval", preprocessing(spec))
-    return data if spec.eval_labels else TinySet(data.images, torch.full((len(data),), -1), data.source)
+    return data if spec.eval_labels else data.without_labels()
 
 
 def grid(model: str, methods, seeds, cuts=None, overrides: dict | None = None) -> list[dict]:

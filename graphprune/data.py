@@ -68,6 +68,11 @@ class TinySet:
         index = torch.as_tensor(index, dtype=torch.long)
         return TinySet(self.images[index], self.labels[index], self.source, self.skipped, self.classes)
 
+    def without_labels(self) -> "TinySet":
+        """The same images with every label unknown (-1): compared with a reference model, not scored."""
+        return TinySet(self.images, torch.full((len(self),), -1, dtype=torch.long), self.source, self.skipped,
+                       self.classes)
+
     def summary(self) -> dict:
         return {"source": self.source, "images": len(self), "skipped_unreadable": self.skipped,
                 "labelled": self.has_labels, "shape": list(self.images.shape[1:])}

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ..data import TinySet
 from ..errors import GraphpruneError
 from ..model import Model
 from .base import Analysis, PassResult
@@ -53,7 +50,7 @@ class CheckFidelity(Analysis):
         from ..evaluate import evaluate, evaluate_onnx
 
         holdout = ctx.need("holdout", self.name)
-        unlabelled = TinySet(holdout.images, torch.full((len(holdout),), -1, dtype=torch.long), holdout.source)
+        unlabelled = holdout.without_labels()
         recovery, quantized = inputs.get(RecoveryLog), inputs.get(QuantizedOnnx)
         trained_on = bool(recovery is not None and recovery.trained_on_holdout)
         try:
