@@ -1,0 +1,216 @@
+"""Which EfficientNet-Lite0 blocks can go at 22%, and which label-free signal on the tiny set says so?
+
+Recovery on 160 photos did not lift the four blocks graphprune dropped at 22% (``lite0_recovery``:
+78.9 unrecovered, no variant past 79.0; the original 85.1 at crop 1.0). So either another block set
+of the same latency loses less, or nothing does and the 2-point goal needs more than block dropping.
+This study drops block sets *without any recovery* and scores each:
+
+* ``top1`` on the 800 photos of ``imagenet-eval`` (the truth the product cannot see);
+* on the 200 tiny photos (what the product can see, no labels): the logits' relative error
+  ||y - y0|| / ||y0||, the mean KL(softmax(y0) || softmax(y)), and top-class agreement with the original.
+
+First every block alone, then the block sets that reach the cut (their blocks' latency fractions,
+measured by the 22% row of ``real_models.json``, summed) ranked by the sum of their single-block
+top-1 losses (the cheapest under additivity), plus the sets graphprune and Block Influence chose.
+Which result changes what: a set within 2 points unrecovered means selection is the lever (and the
+signal that ranks it first on the tiny set is the one scoring should use); none within 2 means the
+goal needs recovery that generalises from 160 photos, or int8 (``--quantize auto``) at this cut.
+
+    python -m benchmarks.studies.lite0_blocks run [--sets 12]
+    python -m benchmarks.studies.lite0_blocks report   # -> benchmarks/studies/results/lite0_blocks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import torch
+
+from benchmarks.studies.base import study_results_dir
+
+NAME = "lite0_blocks"
+CUT = 0.22
+CHOSEN = {"graphprune": ("_blocks.4", "_blocks.7", "_blocks.9", "_blocks.10")}
+
+
+def _latency_fractions() -> dict[str, float]:
+    from benchmarks.common import results_dir
+
+    rows = json.loads((results_dir() / "real_models.json").read_text())
+    row = next(r for r in rows if r["model"] == "efficientnet_lite0" and r["method"] == "graphprune")
+    return {b["name"]: b["saved_fraction"] for b in row["blocks"]}
+
+
+def _logits(model, data) -> torch.Tensor:
+    from graphprune.model import first_tensor
+
+    gm = model.graph_module.eval()
+    with torch.no_grad():
+        return torch.cat([first_tensor(gm(data.images[i:i + 50])) for i in range(0, len(data), 50)])
+
+
+def _signals(logits: torch.Tensor, reference: torch.Tensor) -> dict:
+    kl = torch.nn.functional.kl_div(logits.log_softmax(1), reference.log_softmax(1), log_target=True,
+                                    reduction="batchmean")
+    return {"relative_error": float((logits - reference).norm() / reference.norm()), "kl": float(kl),
+            "agreement": float((logits.argmax(1) == reference.argmax(1)).float().mean())}
+
+
+def run(sets: int) -> None:
+    import graphprune as gp
+    from benchmarks.real_models import MODELS, eval_set, tiny_set
+    from graphprune.passes import find_blocks
+
+    spec = MODELS["efficientnet_lite0"]
+    original = gp.load(str(spec.path()))
+    blocks = find_blocks(original)
+    tiny, test = tiny_set(spec), eval_set(spec)
+    tiny_ref, test_ref = _logits(original, tiny), _logits(original, test)
+    labels = test.labels
+    top1_original = float((test_ref.argmax(1) == labels).float().mean())
+    fractions = _latency_fractions()
+    out = study_results_dir() / f"{NAME}.jsonl"
+    done = {tuple(json.loads(line)["blocks"]) for line in out.read_text().splitlines()} if out.exists() else set()
+
+    def score(names: tuple[str, ...], why: str) -> dict | None:
+        names = tuple(sorted(names, key=lambda n: int(n.split(".")[-1])))
+        if names in done:
+            return None
+        start = time.time()
+        pruned = gp.drop_blocks(original, list(names), blocks)
+        test_out = _logits(pruned, test)
+        row = {"blocks": list(names), "why": why, "saved_fraction": round(sum(fractions[n] for n in names), 4),
+               "top1": float((test_out.argmax(1) == labels).float().mean()), "top1_original": top1_original,
+               "crop": spec.crop, "tiny": _signals(_logits(pruned, tiny), tiny_ref),
+               "seconds": round(time.time() - start, 1)}
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        done.add(names)
+        print(json.dumps(row), flush=True)
+        return row
+
+    for name in fractions:
+        score((name,), "single")
+    singles = {tuple(r["blocks"])[0]: r for r in _rows() if len(r["blocks"]) == 1}
+    loss = {n: top1_original - singles[n]["top1"] for n in fractions}
+    reaching = [c for k in range(1, len(fractions) + 1) for c in itertools.combinations(sorted(fractions), k)
+                if sum(fractions[n] for n in c) >= CUT + 0.005
+                and all(sum(fractions[n] for n in c if n != m) < CUT + 0.005 for m in c)]  # minimal sets
+    for names, _ in zip(sorted(reaching, key=lambda c: sum(loss[n] for n in c)), range(sets)):
+        score(names, "additive rank")
+    for method, names in CHOSEN.items():
+        score(names, method)
+
+
+def gapfit(names: list[str], ridges: list[float]) -> None:
+    """Recovery without training: at each gap, in graph order, one adaptor solved in closed form
+    (ridge least squares over every position of the 160 training photos, as ``optimize`` splits
+    them; one per run of consecutive dropped blocks) from what now arrives there (earlier gaps' adaptors in) to the original block's output.
+    The adaptors stay in the graph (not folded): this measures only whether the fit helps top-1."""
+    import graphprune as gp
+    from benchmarks.real_models import MODELS, eval_set, tiny_set
+    from graphprune.adaptors import channel_dim, insert_adaptor
+    from graphprune.data import split_holdout
+    from graphprune.features import run_batched, truncate
+    from graphprune.passes import find_blocks
+    from graphprune.passes.recoverability import _current_input, _node, _redirect, _ridge_map
+
+    spec = MODELS["efficientnet_lite0"]
+    original = gp.load(str(spec.path()))
+    blocks = find_blocks(original)
+    train, holdout = split_holdout(tiny_set(spec), 0.2, 16, 2021)
+    test = eval_set(spec)
+    ref = _logits(original, holdout)
+    ogm = original.graph_module
+    for ridge in ridges:
+        start = time.time()
+        pruned = gp.drop_blocks(original, names, blocks)
+        gm = pruned.graph_module
+        for i, block in enumerate(b for b in blocks if b.name in names):
+            nodes = {n.name: n for n in gm.graph.nodes}
+            readers = [nodes[u.name] for u in _node(ogm, block.exit).users if u.name in nodes]
+            if not readers:  # the next block is dropped too: one adaptor at the end of the run
+                continue
+            value = _current_input(ogm, gm, block.exit, readers[0].name)
+            x = run_batched(truncate(gm, value.name), train.images)
+            y = run_batched(truncate(ogm, block.exit), train.images)
+            dim = channel_dim(_node(ogm, block.exit), ogm, tuple(y.shape))
+            adaptor = insert_adaptor(gm, value, [], y.shape[dim], dim, f"gap_adaptor_{i}")
+            for reader in readers:
+                _redirect(ogm, reader, block.exit, adaptor)
+            gm.get_submodule(str(adaptor.target)).weight.data.copy_(_ridge_map(x, y, dim, ridge))
+            gm.recompile()
+        test_out = _logits(pruned, test)
+        row = {"blocks": names, "why": f"gap lstsq ridge {ridge}", "top1": float((test_out.argmax(1) == test.labels)
+               .float().mean()), "holdout": _signals(_logits(pruned, holdout), ref), "seconds": round(time.time() - start)}
+        with (study_results_dir() / f"{NAME}_gapfit.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+def _rows(name: str = NAME) -> list[dict]:
+    path = study_results_dir() / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def report() -> None:
+    rows = _rows()
+    lines = [f"# {__doc__.splitlines()[0]}", "", "Made by `python -m benchmarks.studies.lite0_blocks run`; no "
+             f"recovery; crop {rows[0]['crop']}; original top-1 {100 * rows[0]['top1_original']:.2f} on the 800 "
+             "imagenet-eval photos; tiny-set signals on the 200 imagenet-samples photos against the original.", "",
+             "| blocks | why | latency saved | top-1 eval | tiny: relative error | tiny: KL | tiny: agreement |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (len(r["blocks"]) > 1, -r["top1"])):
+        t = r["tiny"]
+        why = next((m for m, names in CHOSEN.items() if list(names) == r["blocks"]), r["why"])
+        lines.append(f"| {', '.join(r['blocks'])} | {why} | {100 * r['saved_fraction']:.1f}% | "
+                     f"{100 * r['top1']:.2f} | {t['relative_error']:.3f} | {t['kl']:.4f} | {100 * t['agreement']:.1f} |")
+    multi = [r for r in rows if len(r["blocks"]) > 1]
+    if multi:
+        best = max(multi, key=lambda r: r["top1"])
+        lines += ["", f"Best of the {len(multi)} sets that reach the cut, unrecovered: {', '.join(best['blocks'])}, "
+                  f"top-1 {100 * best['top1']:.2f}, {100 * (best['top1_original'] - best['top1']):.2f} points below "
+                  "the original."]
+    if len(multi) >= 3:
+        lines += ["", "Spearman rank correlation with eval top-1 over the block sets that reach the cut "
+                  f"({len(multi)} sets; a good signal is strongly negative for error and KL, positive for agreement):", ""]
+        for key in ("relative_error", "kl", "agreement"):
+            lines.append(f"- {key}: {_spearman([r['tiny'][key] for r in multi], [r['top1'] for r in multi]):+.2f}")
+    fitted = _rows(f"{NAME}_gapfit")
+    if fitted:
+        lines += ["", "Closed-form gap adaptors (`gapfit`), no training; top-1 on the 800 photos against the same set "
+                  "unrecovered above:", "", "| blocks | fit | top-1 eval | held-out KL | held-out agreement |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {', '.join(r['blocks'])} | {r['why']} | {100 * r['top1']:.2f} | {r['holdout']['kl']:.4f} | "
+                  f"{100 * r['holdout']['agreement']:.1f} |" for r in fitted]
+    (study_results_dir() / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = (torch.tensor(x).argsort().argsort().double() for x in (a, b))
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run").add_argument("--sets", type=int, default=12, help="block sets past the single blocks")
+    fit = sub.add_parser("gapfit")
+    fit.add_argument("blocks", help="comma-separated block names")
+    fit.add_argument("--ridges", default="0.001", help="comma-separated ridge strengths")
+    sub.add_parser("report")
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args.sets)
+    elif args.command == "gapfit":
+        gapfit(args.blocks.split(","), [float(r) for r in args.ridges.split(",")])
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()
