@@ -11,7 +11,8 @@ This study drops block sets *without any recovery* and scores each:
 
 First every block alone, then the block sets that reach the cut (their blocks' latency fractions,
 measured by the 22% row of ``real_models.json``, summed) ranked by the sum of their single-block
-top-1 losses (the cheapest under additivity), plus the sets graphprune and Block Influence chose.
+top-1 losses (the cheapest under additivity), plus the set graphprune chose (the 22% row) and
+Block Influence's (``_influence_set``).
 Which result changes what: a set within 2 points unrecovered means selection is the lever (and the
 signal that ranks it first on the tiny set is the one scoring should use); none within 2 means the
 goal needs recovery that generalises from 160 photos, or int8 (``--quantize auto``) at this cut.
@@ -103,6 +104,29 @@ def run(sets: int) -> None:
         score(names, "additive rank")
     for method, names in CHOSEN.items():
         score(names, method)
+    score(_influence_set(original, blocks, tiny, fractions), "block-influence")
+
+
+def _influence_set(original, blocks, tiny, fractions: dict[str, float]) -> tuple[str, ...]:
+    """Block Influence's choice (``estimator="influence"`` on the training split, as ``optimize``
+    splits the tiny set): blocks in order of influence per latency saved, added until their single
+    savings sum to the target plus the margin, then any block the others no longer need dropped
+    (select_blocks measures these sums; here they are the 22% row's single-block fractions)."""
+    from graphprune.data import split_holdout
+    from graphprune.passes.recoverability import RecoverabilitySettings, score_blocks
+
+    train, holdout = split_holdout(tiny, 0.2, 16, 2021)
+    scores = score_blocks(original, blocks, train, holdout, RecoverabilitySettings(estimator="influence"),
+                          show_progress=False)
+    chosen: list[str] = []
+    for s in sorted(scores, key=lambda s: s.recoverability / fractions[s.name]):
+        if sum(fractions[n] for n in chosen) >= CUT + 0.005:
+            break
+        chosen.append(s.name)
+    for name in list(reversed(chosen[:-1])):
+        if sum(fractions[n] for n in chosen if n != name) >= CUT + 0.005:
+            chosen.remove(name)
+    return tuple(chosen)
 
 
 def gapfit(names: list[str], ridges: list[float]) -> None:
