@@ -46,7 +46,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="graphprune-bar-"))
     out, report, plot = work / "r56_fast.onnx", work / "report.json", results_dir() / f"{name}.png"
     command = [str(Path(sys.executable).parent / "graphprune"), "optimize", original_path,
-               "--latency-cut", "0.22", "--data", DATA["train"], "--num-samples", "500", "--seed", "2021",
+               "--latency-cut", "0.22", "--quantize", "none", "--data", DATA["train"], "--num-samples", "500",
+               "--seed", "2021",
                "--backend", "onnxruntime", "--device", "cpu", "--threads", "1", "--batch-size", "1",
                "--eval-data", DATA["test_lossless"], "-o", str(out), "--report", str(report),
                "--plot", str(plot), "--cache-dir", str(work / "cache"), *budget]

@@ -147,10 +147,11 @@ def config_for(row: dict):
         *parents, name = dotted.split(".")
         base = (replace(base, **{parents[0]: replace(getattr(base, parents[0]), **{name: value})}) if parents
                 else replace(base, **{name: value}))
-    if row["method"] == "block-influence":
-        return replace(base, recoverability=replace(base.recoverability, estimator="influence"))
     if row["method"] in ("graphprune-int8", "int8-only"):
         return replace(base, quantize="auto")
+    base = replace(base, quantize="none")  # the block methods: float, whatever the product's default
+    if row["method"] == "block-influence":
+        return replace(base, recoverability=replace(base.recoverability, estimator="influence"))
     return base
 
 

@@ -150,7 +150,8 @@ def test_export_and_profile_bad_input(cli, tmp_path):
 def test_channels_last_input_is_optimised_and_kept(cli, tmp_path):
     src = save(channels_last_residual(), tmp_path / "nhwc.onnx")
     out = tmp_path / "o.onnx"
-    code, _, err = cli("optimize", src, "--latency-cut", "0.05", "--data-free", "--synthetic", "procedural",
+    code, _, err = cli("optimize", src, "--latency-cut", "0.05", "--quantize", "none", "--data-free",
+                       "--synthetic", "procedural",
                        "--num-samples", "16", "--score-iterations", "2", "--recovery-iterations", "2",
                        "--min-time", "0.01", "--no-cache", "--quiet", "-o", out)
     assert code == 0, err

@@ -246,3 +246,21 @@ def test_shell_completion(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main([])
     assert "--recovery-lr" in capsys.readouterr().out
+
+
+def test_auto_int8_is_left_off_where_the_output_is_pt2(cli, tiny_inputs, tmp_path, captured):
+    """An int8 model is ONNX only: with the default quantize 'auto' a .pt2 output runs float, and the
+    line says so; an .onnx output keeps 'auto'."""
+    model, data = tiny_inputs
+    import graphprune as gp
+
+    source = gp.save(gp.load(model), tmp_path / "m.pt2")
+    report = tmp_path / "r.json"
+    argv = ["--latency-cut", "0.2", "--data", data, "--no-cache", *NORMALISE, "--report", report]
+    code, _, err = cli("optimize", source, *argv, "-o", tmp_path / "o.pt2")
+    assert code == 0, err
+    assert captured["config"].quantize == "none" and "int8 left off: the output is .pt2" in err
+    assert "int8 left off" in json.loads(report.read_text())["output_note"] and (tmp_path / "o.pt2").exists()
+    code, _, err = cli("optimize", source, *argv, "-o", tmp_path / "o.onnx")
+    assert code == 0, err
+    assert captured["config"].quantize == "auto" and "int8 left off" not in err

@@ -26,7 +26,7 @@ class KeepFirstStage(Analysis):
 def test_a_pass_inserted_into_the_default_pipeline_shapes_the_result():
     model = gp.load("zoo:cifar10_resnet20")
     tiny = TinySet(torch.randn(40, 3, 32, 32), torch.arange(40) % 10)
-    config = gp.OptimizeConfig(latency_cut=0.15, latency=LatencySettings(min_time_s=0.05),
+    config = gp.OptimizeConfig(latency_cut=0.15, quantize="none", latency=LatencySettings(min_time_s=0.05),
                                recoverability=RecoverabilitySettings(estimator="lstsq"),
                                recovery=RecoverySettings(iterations=2, batch_size=8), show_progress=False)
     steps = gp.default_pipeline(config)
@@ -48,12 +48,13 @@ def test_optimize_passes_names_the_steps(cli, tmp_path):
 
     data, out, report = tmp_path / "tiny.npz", tmp_path / "fast.onnx", tmp_path / "r.json"
     np.savez(data, images=np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
-    common = ["optimize", "zoo:cifar10_resnet20", "--latency-cut", "0.15", "--data", data, "-o", out,
+    common = ["optimize", "zoo:cifar10_resnet20", "--latency-cut", "0.15", "--quantize", "none", "--data", data,
+              "-o", out,
               "--min-time", "0.05", "--estimator", "lstsq", "--recovery-iterations", "2", "--no-cache", "--quiet"]
     code, _, err = cli(*common, "--passes", "find_blocks,bogus")
     assert code == 1 and err.strip().count("\n") == 0 and "unknown pass 'bogus'" in err and "refine_selection" in err
     assert not out.exists()
-    steps = [p.name for p in gp.default_pipeline() if p.name != "refine_selection"]
+    steps = [p.name for p in gp.default_pipeline(gp.OptimizeConfig(quantize="none")) if p.name != "refine_selection"]
     code, _, err = cli(*common, "--passes", ",".join(steps), "--report", report)
     assert code == 0, err
     assert json.loads(report.read_text())["pipeline"] == steps and out.exists()

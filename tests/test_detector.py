@@ -87,7 +87,7 @@ def test_dropping_a_c2f_block_equals_zeroing_it_and_is_written(yolo, tmp_path):
 def test_optimize_with_tiny_settings_drops_a_c2f_block(yolo, tmp_path):
     _, model = yolo
     config = gp.OptimizeConfig(
-        latency_cut=0.02, margin=0.0, holdout_minimum=8, show_progress=False,
+        latency_cut=0.02, margin=0.0, holdout_minimum=8, show_progress=False, quantize="none",
         latency=LatencySettings(warmup_runs=1, warmup_s=0.0, min_runs=3, min_time_s=0.0),
         recoverability=RecoverabilitySettings(iterations=3, batch_size=8),
         refine=RefineSettings(max_evaluations=0), recovery=RecoverySettings(iterations=3, batch_size=8))

@@ -230,7 +230,8 @@ def test_optimize_reports_a_detectors_fidelity(cli, yolo, tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (24, 64, 64, 3), dtype=np.uint8)
     np.savez(tmp_path / "tiny.npz", images=images)
     out, report = tmp_path / "fast.onnx", tmp_path / "r.json"
-    code, stdout, err = cli("optimize", path, "--latency-cut", "0.02", "--margin", "0", "--data", tmp_path / "tiny.npz",
+    code, stdout, err = cli("optimize", path, "--latency-cut", "0.02", "--quantize", "none", "--margin", "0",
+                            "--data", tmp_path / "tiny.npz",
                             "--eval-data", tmp_path / "tiny.npz", "--estimator", "lstsq", "--refine-evaluations", "0",
                             "--recovery-iterations", "3", "--recovery-batch-size", "8", "--min-time", "0.01",
                             "--no-cache", "--quiet", "-o", out, "--report", report)

@@ -13,8 +13,9 @@ import torch
 import graphprune as gp
 from onnx_builders import residual_onnx, save
 
-FAST = ["--min-time", "0.05", "--recovery-iterations", "8", "--recovery-batch-size", "16", "--estimator", "lstsq",
-        "--no-cache", "--quiet"]
+# the float block pipeline (int8 has its own tests: test_plan_quantization.py, test_quantize.py)
+FAST = ["--quantize", "none", "--min-time", "0.05", "--recovery-iterations", "8", "--recovery-batch-size", "16",
+        "--estimator", "lstsq", "--no-cache", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_optimize_python_api_is_a_pipeline_of_passes(r20_onnx):
     model_path, data = r20_onnx
     model = gp.load(model_path)
     tiny = load_tiny_set(data, Preprocessing((3, 32, 32)))
-    config = OptimizeConfig(latency_cut=0.15, latency=LatencySettings(min_time_s=0.05),
+    config = OptimizeConfig(latency_cut=0.15, quantize="none", latency=LatencySettings(min_time_s=0.05),
                             recovery=RecoverySettings(iterations=4, batch_size=8), show_progress=False)
     result = optimize(model, tiny, config)
     assert list(result.state.records) == ["find_blocks", "profile_blocks", "pool_identical_blocks",

@@ -35,7 +35,7 @@ def inputs(tmp_path_factory):
 
 def _argv(folder, out, report):
     return [sys.executable, "-m", "graphprune.cli", "optimize", str(folder / "r20.onnx"), "--latency-cut", "0.15",
-            "--data", str(folder / "tiny.npz"), "-o", str(out), "--report", str(report), "--cache-dir",
+            "--quantize", "none", "--data", str(folder / "tiny.npz"), "-o", str(out), "--report", str(report), "--cache-dir",
             str(folder / "cache"), "--min-time", "0.05", "--score-iterations", "40", "--refine-evaluations", "3",
             "--joint-iterations", "20", "--recovery-iterations", "4", "--recovery-batch-size", "8", "--quiet"]
 

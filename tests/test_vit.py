@@ -106,7 +106,7 @@ def test_a_dropped_attention_or_mlp_block_is_written_as_onnxruntime_runs_it(form
             [b.name for b in gp.find_blocks(model) if b.name != name]
 
 
-FAST_CONFIG = gp.OptimizeConfig(latency_cut=0.2, latency=LatencySettings(min_time_s=0.05, warmup_s=0.02),
+FAST_CONFIG = gp.OptimizeConfig(latency_cut=0.2, quantize="none", latency=LatencySettings(min_time_s=0.05, warmup_s=0.02),
                                 recoverability=RecoverabilitySettings(iterations=5, batch_size=16),
                                 refine=RefineSettings(max_evaluations=2, joint_iterations=5),
                                 recovery=RecoverySettings(iterations=4, batch_size=8), show_progress=False)
@@ -133,7 +133,7 @@ def test_cli_optimizes_an_onnx_vit(cli, vit_onnx, tmp_path):
 
     data, out, report = tmp_path / "tiny.npz", tmp_path / "fast.onnx", tmp_path / "r.json"
     np.savez(data, images=np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
-    code, _, err = cli("optimize", vit_onnx, "--latency-cut", "0.2", "--data", data, "-o", out, "--report", report,
+    code, _, err = cli("optimize", vit_onnx, "--latency-cut", "0.2", "--quantize", "none", "--data", data, "-o", out, "--report", report,
                        "--min-time", "0.05", "--score-iterations", "5", "--refine-evaluations", "2",
                        "--joint-iterations", "5", "--recovery-iterations", "4", "--recovery-batch-size", "8",
                        "--no-cache", "--quiet")

@@ -152,6 +152,11 @@ def command(args) -> int:
     params = ctx.command.params
     cache_dir = None if args.no_cache else (args.cache_dir or str(default_cache_dir()))
     config = replace(SETTINGS.build(params, args), cache_dir=cache_dir)
+    pt2_note = None
+    if config.quantize == "auto" and Path(args.output).suffix.lower() == ".pt2":  # int8 is written as ONNX only
+        config = replace(config, quantize="none")
+        pt2_note = "int8 left off: the output is .pt2 and an int8 model is ONNX (-o NAME.onnx allows it)"
+        click.echo(pt2_note, err=True)
     pipeline = pipeline_from_names([n.strip() for n in args.passes.split(",") if n.strip()], config) \
         if args.passes else None
     model = load_model_from_args(args)
@@ -172,6 +177,8 @@ def command(args) -> int:
     report = result.report
     report["data"]["synthetic"] = synthetic
     report["config_file"] = config_file(ctx)
+    if pt2_note:
+        report["output_note"] = pt2_note
     if test is not None:
         report["eval"] = {"original": evaluate(model, test), "optimized": evaluate(result.model, test, model)}
         quantized = result.state.artifacts.get(QuantizedOnnx)

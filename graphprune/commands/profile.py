@@ -49,7 +49,7 @@ MIN_TIME_S = 2 * SETTINGS.default("min_time_s")
 @click.option("--per-block", cls=GroupedOption, group="latency", is_flag=True,
               help="also measure what dropping each block saves")
 @click.option("--quantize", cls=GroupedOption, group="latency", type=click.Choice(["none", "auto", "int8"]),
-              default=OptimizeConfig.quantize, show_default=True,
+              default="none", show_default=True,
               help="time the model quantised to int8 against its float form, planned as optimize plans it "
                    "(auto: none where no candidate pays; int8: the fastest); onnxruntime CPU, needs --data")
 @click.option("--quant-config", cls=GroupedOption, group="latency", metavar="LABEL",
