@@ -4,7 +4,8 @@
 
 The start (before any step) is a checkpoint, so training that only fits the few training images
 (the tiny set is tens to hundreds of images) can never leave the held-out error above where it
-began. Used by recoverability's adaptor fits and, for large images, by recovery itself.
+began. Used by recoverability's adaptor fits and, for large images, by recovery itself, which also
+stops once the last ``patience`` checkpoints have all failed to lower the best (:meth:`stalled`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class BestCheckpoint:
         self.params, self.holdout_error = list(params), holdout_error
         self.best = holdout_error()
         self.best_step = 0
+        self._best_index = 0  # in history
         self.history: list[dict] = [{"step": 0, "holdout_error": self.best}]
         self._state = [p.detach().clone() for p in self.params]
 
@@ -29,9 +31,13 @@ class BestCheckpoint:
         error = self.holdout_error()
         self.history.append({"step": step, "holdout_error": error})
         if error < self.best:
-            self.best, self.best_step = error, step
+            self.best, self.best_step, self._best_index = error, step, len(self.history) - 1
             self._state = [p.detach().clone() for p in self.params]
         return error
+
+    def stalled(self, patience: int) -> bool:
+        """Whether the last ``patience`` checkpoints after the best one all failed to improve on it."""
+        return len(self.history) - 1 - self._best_index >= patience
 
     def restore(self) -> float:
         """Put the best weights back; returns their held-out error."""

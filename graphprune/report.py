@@ -22,6 +22,10 @@ def format_summary(report: dict) -> str:
         lines.append(f"{skipped} (no block profiled or scored)")
     lines.append(f"latency {latency['original_ms']:.3f} ms -> {latency['optimized_ms']:.3f} ms "
                  f"(measured cut {100 * latency['cut']:.1f}%, target {100 * latency['target']:.1f}%)")
+    recovery = report.get("recovery") or {}
+    if recovery.get("kept_step") == 0:  # early stopping kept the start: training never helped held-out images
+        stop = f", stopped at step {recovery['stopped_at']}" if recovery.get("stopped_at") else ""
+        lines.append(f"recovery kept the untrained weights: no checkpoint lowered the held-out feature error{stop}")
     held_out = report.get("held_out")
     if held_out:
         lines.append(_held_out_line(held_out))

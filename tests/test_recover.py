@@ -255,7 +255,8 @@ def test_bfloat16_recovery_trains_float32_weights(setup):
 def test_early_stop_keeps_the_checkpoint_with_the_lowest_held_out_error(setup, monkeypatch):
     """With held-out images, the weights of the checkpoint (the start included) with the lowest
     held-out feature error are kept. A fake error that rises after the start: the start is kept,
-    so the recovered model is the pruned one; with the real error, training helps here."""
+    so the recovered model is the pruned one, and training stops after five checkpoints without a
+    new best; with the real error, training helps here and runs to the end."""
     from graphprune import checkpoints
 
     teacher, pruned, tiny = setup
@@ -265,6 +266,7 @@ def test_early_stop_keeps_the_checkpoint_with_the_lowest_held_out_error(setup, m
     steps = [c["step"] for c in record["early_stop"]["checkpoints"]]
     assert steps == [0, *range(2, 21, 2)] and record["early_stop"]["holdout_images"] == 16
     assert record["early_stop"]["best_step"] > 0  # mimicking lowers the held-out error of real weights
+    assert record["early_stop"]["stopped_at"] is None and record["iterations_run"] == 20
 
     errors = iter(range(100))  # 0 at the start, then only higher
     real_init = checkpoints.BestCheckpoint.__init__
@@ -274,5 +276,20 @@ def test_early_stop_keeps_the_checkpoint_with_the_lowest_held_out_error(setup, m
     monkeypatch.setattr(checkpoints.BestCheckpoint, "__init__", rising)
     recovered, record = recover(pruned, teacher, train, settings, show_progress=False, holdout=holdout)
     assert record["early_stop"]["best_step"] == 0
+    # five checkpoints in a row without a new best (EARLY_STOP_PATIENCE): training stops at step 10 of 20
+    assert record["early_stop"]["stopped_at"] == 10 and record["iterations_run"] == 10
     before, after = dict(pruned.graph_module.named_parameters()), dict(recovered.graph_module.named_parameters())
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_summary_says_when_recovery_kept_the_untrained_weights():
+    """Early stopping that keeps the start (no checkpoint lowered the held-out error) is one line of
+    the summary: what a user without --eval-data needs to know about recovery."""
+    from graphprune.report import format_summary
+
+    report = {"latency": {"original_ms": 2.0, "optimized_ms": 1.5, "cut": 0.25, "target": 0.2}, "blocks": [],
+              "dropped": [], "seconds_per_stage": {}, "recovery": {"kept_step": 0, "stopped_at": 10}}
+    line = "recovery kept the untrained weights: no checkpoint lowered the held-out feature error, stopped at step 10"
+    assert line in format_summary(report).splitlines()
+    report["recovery"] = {"kept_step": 20, "stopped_at": None}
+    assert "recovery kept" not in format_summary(report)

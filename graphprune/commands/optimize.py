@@ -126,8 +126,8 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
      help="leave the network before the first dropped block untrained and run it once for both models "
           "(auto: for images above 64 px)")
 @opt("recovery", "--early-stop", fills="recovery.early_stop", type=click.Choice(["auto", "on", "off"]),
-     help="train on the tiny set's training part and keep the checkpoint with the lowest held-out feature error "
-          "(auto: for images above 64 px)")
+     help="train on the tiny set's training part, keep the checkpoint with the lowest held-out feature error, and "
+          "stop after 5 of its 10 checkpoints in a row without a new best (auto: for images above 64 px)")
 @opt("recovery", "--recovery-seconds", fills="recovery.max_seconds", type=POSITIVE,
      help="fit recovery's schedule into this many seconds (timed on its first steps; default: all its steps)")
 @opt("recovery", "--train-precision", fills="recovery.precision", type=click.Choice(["auto", "float32", "bfloat16"]),
