@@ -251,9 +251,9 @@ def test_shell_completion(monkeypatch, capsys):
 def test_auto_int8_is_left_off_where_the_output_is_pt2(cli, tiny_inputs, tmp_path, captured):
     """An int8 model is ONNX only: with the default quantize 'auto' a .pt2 output runs float, and the
     line says so; an .onnx output keeps 'auto'."""
-    model, data = tiny_inputs
     import graphprune as gp
 
+    model, data = tiny_inputs
     source = gp.save(gp.load(model), tmp_path / "m.pt2")
     report = tmp_path / "r.json"
     argv = ["--latency-cut", "0.2", "--data", data, "--no-cache", *NORMALISE, "--report", report]
