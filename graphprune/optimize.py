@@ -232,6 +232,20 @@ def quantization_report(config: OptimizeConfig, plan, quantized, final, block_wo
             "cut": split}
 
 
+def evaluate_result(result: OptimizeResult, original: Model, test: TinySet) -> dict:
+    """The report's ``eval``: the original and what ``optimize`` made, on ``test``. Where a
+    ``quantize_result`` step made an int8 file, ``optimized`` is that file as onnxruntime runs it (what
+    :func:`write_result` writes) and ``optimized_float`` the float model before quantisation."""
+    from .evaluate import evaluate, evaluate_onnx
+
+    evaluation = {"original": evaluate(original, test), "optimized": evaluate(result.model, test, original)}
+    quantized = result.state.artifacts.get(QuantizedOnnx)
+    if quantized is not None and quantized.proto is not None:
+        evaluation["optimized_float"] = evaluation["optimized"]
+        evaluation["optimized"] = evaluate_onnx(quantized.proto, test, original)
+    return evaluation
+
+
 def write_result(result: OptimizeResult, path, source_path=None) -> Path:
     """Write what ``optimize`` made: the quantised ONNX file where a ``quantize_result`` step made
     one (ONNX even where ``path`` or the input is ``.pt2``: ``report["output_note"]`` says so),

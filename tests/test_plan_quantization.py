@@ -19,8 +19,8 @@ from graphprune.backends.base import CutMeasurement, LatencyStats
 from graphprune.backends.onnxruntime import OnnxRuntimeBackend
 from graphprune.data import TinySet
 from graphprune.evaluate import evaluate, evaluate_onnx
-from graphprune.optimize import (OptimizeConfig, OptimizeResult, default_pipeline, make_context, optimize,
-                                 pipeline_from_names, write_result)
+from graphprune.optimize import (OptimizeConfig, OptimizeResult, default_pipeline, evaluate_result, make_context,
+                                 optimize, pipeline_from_names, write_result)
 from graphprune.passes import (Artifacts, PassState, Pipeline, PlanQuantization, QuantizationPlan, QuantizedOnnx,
                                QuantizeResult, find_blocks)
 from graphprune.passes import measure_latency as measure_module
@@ -242,6 +242,23 @@ def test_pt2_input_gives_an_onnx_int8_file_and_says_so(tmp_path):
     with pytest.raises(gp.GraphpruneError) as exc:
         write_result(result, tmp_path / "out.txt")
     assert "must end in .onnx" in one_line(exc)
+
+
+def test_evaluate_result_scores_the_written_int8_file(tmp_path):
+    """The report's eval (CLI and demo): where an int8 file was made, ``optimized`` is that file as
+    onnxruntime runs it and ``optimized_float`` the float model; else only the float model."""
+    torch.manual_seed(0)
+    model = gp.load(_TwoBlocks(), input_shape=(1, 3, 16, 16))
+    tiny = TinySet(torch.randn(20, 3, 16, 16), torch.full((20,), -1))
+    ctx = make_context(model, tiny, config(quantize="int8", holdout_minimum=4))
+    plan = QuantizationPlan(None, QuantConfig(), "given", "disagreement", 0.03, [])
+    quantized = QuantizeResult()(model, ctx, plan).value
+    evaluation = evaluate_result(OptimizeResult(model, PassState(model, Artifacts([quantized])), report={}), model, tiny)
+    (name,) = evaluation["optimized"]["outputs"]
+    assert evaluation["optimized_float"]["outputs"][name]["relative_error"] == 0  # the float model is the original
+    assert evaluation["optimized"] == evaluate_onnx(quantized.proto, tiny, model)
+    assert evaluation["optimized"]["outputs"][name]["relative_error"] > 0
+    assert "optimized_float" not in evaluate_result(OptimizeResult(model, PassState(model), report={}), model, tiny)
 
 
 def test_evaluate_onnx_agrees_with_evaluate_on_the_float_model(r20):

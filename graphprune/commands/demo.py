@@ -20,9 +20,8 @@ from .. import zoo
 from ..backends.base import LatencySettings
 from ..cli_options import FRACTION, POSITIVE_INT, GroupedOption, Settings, subcommand
 from ..data import Preprocessing, load_tiny_set
-from ..evaluate import evaluate
 from ..formats.model_io import load, save
-from ..optimize import OptimizeConfig, optimize
+from ..optimize import OptimizeConfig, evaluate_result, optimize, write_result
 from ..passes.recover import RecoverySettings
 from ..report import format_summary
 
@@ -94,9 +93,8 @@ def command(args) -> int:
         print(f"optimising {onnx_path.name} for a {args.latency_cut:.0%} latency cut with 100 images ...")
         result = optimize(original, tiny, config)
         test = load_tiny_set(test_npz, prep)
-        result.report["eval"] = {"original": evaluate(original, test), "optimized": evaluate(result.model, test, original)}
-        out = folder / "digits_resnet.fast.onnx"
-        save(result.model, out)
+        result.report["eval"] = evaluate_result(result, original, test)  # the int8 file where one was made
+        out = write_result(result, folder / "digits_resnet.fast.onnx", str(onnx_path))
         result.report["output"] = str(out) if args.workdir else out.name + " (temporary; use --workdir to keep it)"
         print(format_summary(result.report))
         print(f"demo finished in {time.perf_counter() - start:.0f}s")

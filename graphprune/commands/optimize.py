@@ -21,10 +21,10 @@ from ..cli_options import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT
                            latency_options, subcommand)
 from ..data import Preprocessing, load_tiny_set
 from ..errors import GraphpruneError, UsageError
-from ..evaluate import check_eval_data, evaluate, evaluate_onnx
+from ..evaluate import check_eval_data
 from ..formats.model_io import atomic_write
-from ..optimize import OptimizeConfig, image_input_shape, optimize, pipeline_from_names, write_result
-from ..passes.plan_quantization import QuantizedOnnx
+from ..optimize import (OptimizeConfig, evaluate_result, image_input_shape, optimize, pipeline_from_names,
+                        write_result)
 from ..passes.recoverability import ESTIMATORS, OPTIMIZERS
 from ..report import format_summary, write_plot
 from ..synthesis import METHODS, SynthesisSettings, synthetic_tiny_set
@@ -180,11 +180,7 @@ def command(args) -> int:
     if pt2_note:
         report["output_note"] = pt2_note
     if test is not None:
-        report["eval"] = {"original": evaluate(model, test), "optimized": evaluate(result.model, test, model)}
-        quantized = result.state.artifacts.get(QuantizedOnnx)
-        if quantized is not None and quantized.proto is not None:  # the float stage above, the written int8 here
-            report["eval"]["optimized_float"] = report["eval"]["optimized"]
-            report["eval"]["optimized"] = evaluate_onnx(quantized.proto, test, model)
+        report["eval"] = evaluate_result(result, model, test)
     write_result(result, args.output, args.model)
     if args.report:
         text = json.dumps(report, indent=2, default=str)
