@@ -58,6 +58,12 @@ def evaluate_onnx(proto: onnx.ModelProto, data: TinySet, reference: Model | None
     return _evaluate(run, fixed_batch(session), [o.name for o in session.get_outputs()], data, reference, batch_size)
 
 
+def evaluate_written(model: Model, int8: onnx.ModelProto | None, data: TinySet, reference: Model | None = None) -> dict:
+    """:func:`evaluate` of what ``optimize`` writes: the int8 ONNX file where one was made (as
+    onnxruntime runs it), else the model."""
+    return evaluate_onnx(int8, data, reference) if int8 is not None else evaluate(model, data, reference)
+
+
 def check_eval_data(model: Model, data: TinySet) -> None:
     """Refuse, before anything long runs, a set the model's outputs cannot be scored on (labels
     for a model without class scores, labels beyond its classes): the model runs on two images."""

@@ -62,6 +62,9 @@ class OptimizeConfig:
     # and at 0.5 within 0.3 (int8 alone), EfficientNet-Lite0 at 0.22 and 0.5 lost nothing
     # (benchmarks/results/quantize_cuts.md, real_models.md)
     quantize: str = "auto"
+    # what the result will be written as, where the caller knows ("onnx" or "pt2"): quantize "auto"
+    # leaves int8 off for "pt2", since an int8 model is ONNX only
+    output_format: str = "onnx"
     # seconds the whole run should take (None: no limit): refinement and recovery are sized to the time
     # left when they start (PassContext.stage_budget); profiling and scoring cost what the model costs
     time_budget_s: float | None = None
@@ -69,6 +72,9 @@ class OptimizeConfig:
 
     def __post_init__(self):
         check_quantize_mode(self.quantize)
+        if self.output_format not in ("onnx", "pt2"):
+            raise GraphpruneError(f"output_format must be onnx or pt2, got '{self.output_format}'",
+                                  parameter="output_format")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise GraphpruneError(f"time_budget_s must be positive, got {self.time_budget_s}", parameter="time_budget_s")
 
@@ -236,13 +242,14 @@ def evaluate_result(result: OptimizeResult, original: Model, test: TinySet) -> d
     """The report's ``eval``: the original and what ``optimize`` made, on ``test``. Where a
     ``quantize_result`` step made an int8 file, ``optimized`` is that file as onnxruntime runs it (what
     :func:`write_result` writes) and ``optimized_float`` the float model before quantisation."""
-    from .evaluate import evaluate, evaluate_onnx
+    from .evaluate import evaluate, evaluate_written
 
-    evaluation = {"original": evaluate(original, test), "optimized": evaluate(result.model, test, original)}
     quantized = result.state.artifacts.get(QuantizedOnnx)
-    if quantized is not None and quantized.proto is not None:
-        evaluation["optimized_float"] = evaluation["optimized"]
-        evaluation["optimized"] = evaluate_onnx(quantized.proto, test, original)
+    int8 = quantized.proto if quantized is not None else None
+    evaluation = {"original": evaluate(original, test),
+                  "optimized": evaluate_written(result.model, int8, test, original)}
+    if int8 is not None:
+        evaluation["optimized_float"] = evaluate(result.model, test, original)
     return evaluation
 
 

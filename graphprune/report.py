@@ -17,9 +17,11 @@ def format_summary(report: dict) -> str:
         lines.append(f"{b['name']:<28} {rec:>14} {saved:>7} {score:>10}  {'yes' if b['dropped'] else ''}")
     lines.append("")
     lines.append(f"dropped {len(report['dropped'])} of {len(report['blocks'])} blocks: {', '.join(report['dropped'])}")
-    skipped = (report.get("quantization") or {}).get("block_work_skipped")
-    if skipped:
-        lines.append(f"{skipped} (no block profiled or scored)")
+    quantization = report.get("quantization") or {}
+    if quantization.get("block_work_skipped"):
+        lines.append(f"{quantization['block_work_skipped']} (no block profiled or scored)")
+    if not quantization.get("used") and "int8 left off" in str(quantization.get("reason")):
+        lines.append(quantization["reason"])  # quantize "auto" where int8 cannot run or be written
     lines.append(f"latency {latency['original_ms']:.3f} ms -> {latency['optimized_ms']:.3f} ms "
                  f"(measured cut {100 * latency['cut']:.1f}%, target {100 * latency['target']:.1f}%)")
     recovery = report.get("recovery") or {}

@@ -248,9 +248,9 @@ def test_shell_completion(monkeypatch, capsys):
     assert "--recovery-lr" in capsys.readouterr().out
 
 
-def test_auto_int8_is_left_off_where_the_output_is_pt2(cli, tiny_inputs, tmp_path, captured):
-    """An int8 model is ONNX only: with the default quantize 'auto' a .pt2 output runs float, and the
-    line says so; an .onnx output keeps 'auto'."""
+def test_the_output_format_reaches_the_config(cli, tiny_inputs, tmp_path, captured):
+    """-o's suffix is the config's output_format, which quantize 'auto' reads (an int8 model is ONNX
+    only: test_plan_quantization.py leaves int8 off for "pt2" and says why)."""
     import graphprune as gp
 
     model, data = tiny_inputs
@@ -259,8 +259,10 @@ def test_auto_int8_is_left_off_where_the_output_is_pt2(cli, tiny_inputs, tmp_pat
     argv = ["--latency-cut", "0.2", "--data", data, "--no-cache", *NORMALISE, "--report", report]
     code, _, err = cli("optimize", source, *argv, "-o", tmp_path / "o.pt2")
     assert code == 0, err
-    assert captured["config"].quantize == "none" and "int8 left off: the output is .pt2" in err
-    assert "int8 left off" in json.loads(report.read_text())["output_note"] and (tmp_path / "o.pt2").exists()
+    assert captured["config"].output_format == "pt2" and captured["config"].quantize == "auto"
+    assert json.loads(report.read_text())["settings"]["output_format"] == "pt2" and (tmp_path / "o.pt2").exists()
     code, _, err = cli("optimize", source, *argv, "-o", tmp_path / "o.onnx")
     assert code == 0, err
-    assert captured["config"].quantize == "auto" and "int8 left off" not in err
+    assert captured["config"].output_format == "onnx"
+    with pytest.raises(GraphpruneError, match="output_format must be onnx or pt2"):
+        dataclasses.replace(captured["config"], output_format="txt")

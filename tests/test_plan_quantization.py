@@ -20,7 +20,7 @@ from graphprune.backends.onnxruntime import OnnxRuntimeBackend
 from graphprune.data import TinySet
 from graphprune.evaluate import evaluate, evaluate_onnx
 from graphprune.optimize import (OptimizeConfig, OptimizeResult, default_pipeline, evaluate_result, make_context,
-                                 optimize, pipeline_from_names, write_result)
+                                 optimize, pipeline_from_names, quantization_report, write_result)
 from graphprune.passes import (Artifacts, PassState, Pipeline, PlanQuantization, QuantizationPlan, QuantizedOnnx,
                                QuantizeResult, find_blocks)
 from graphprune.passes import measure_latency as measure_module
@@ -287,12 +287,14 @@ def test_bad_input_is_refused_in_one_line_before_measuring(r20, monkeypatch, cas
     assert expected in one_line(exc)
 
 
-@pytest.mark.parametrize("case", ["cuda", "torch_backend", "tiny_small"])
+@pytest.mark.parametrize("case", ["cuda", "torch_backend", "tiny_small", "pt2_output"])
 def test_auto_leaves_int8_off_where_it_cannot_run_and_says_why(r20, monkeypatch, case):
     path, tiny = r20
     monkeypatch.setattr(plan_module, "plan_quantization", lambda *a, **k: pytest.fail("planned int8 anyway"))
-    changes = {"cuda": dict(latency=LatencySettings(device="cuda")), "torch_backend": dict(backend="torch")}
-    expected = {"cuda": "fp16", "torch_backend": "onnxruntime backend", "tiny_small": "16 images in the tiny set"}[case]
+    changes = {"cuda": dict(latency=LatencySettings(device="cuda")), "torch_backend": dict(backend="torch"),
+               "pt2_output": dict(output_format="pt2")}  # an int8 model is ONNX only
+    expected = {"cuda": "fp16", "torch_backend": "onnxruntime backend", "tiny_small": "16 images in the tiny set",
+                "pt2_output": "the output is .pt2 and an int8 model is ONNX"}[case]
     tiny = tiny.subset(range(12)) if case == "tiny_small" else tiny
     model = gp.load(path)
     ctx = make_context(model, tiny, config(quantize="auto", **changes.get(case, {})))
@@ -301,7 +303,12 @@ def test_auto_leaves_int8_off_where_it_cannot_run_and_says_why(r20, monkeypatch,
     result = step(model, ctx)
     assert result.value.config is None and not result.record["used"]
     assert result.record["reason"].startswith("int8 left off: ") and expected in result.record["reason"]
-    assert QuantizeResult()(model, ctx, result.value).record["quantized"] is False
+    quantized = QuantizeResult()(model, ctx, result.value)
+    assert quantized.record["quantized"] is False
+    report = {"latency": {"original_ms": 2.0, "optimized_ms": 1.5, "cut": 0.25, "target": 0.2}, "blocks": [],
+              "dropped": [], "seconds_per_stage": {},
+              "quantization": quantization_report(ctx.config, result.value, quantized.value, None)}
+    assert f"not quantised: {result.record['reason']}" in format_summary(report).splitlines()  # says why
 
 
 class _Fixed:

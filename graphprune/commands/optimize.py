@@ -47,7 +47,8 @@ INTERNAL = ("holdout_minimum", "latency.warmup_runs", "latency.warmup_s", "laten
                                             "max_top1_drop", "max_disagreement", "max_relative_error",
                                             "max_detection_change", "float_groups", "time_noise", "error_noise",
                                             "device", "reduce_range")))
-DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.size": "the model's input"}
+DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.size": "the model's input",
+           "output_format": "-o's suffix"}
 
 
 @subcommand("optimize", help="Drop blocks to a measured latency cut and recover on a tiny set.\n\n"
@@ -151,12 +152,8 @@ def command(args) -> int:
     ctx = click.get_current_context()
     params = ctx.command.params
     cache_dir = None if args.no_cache else (args.cache_dir or str(default_cache_dir()))
-    config = replace(SETTINGS.build(params, args), cache_dir=cache_dir)
-    pt2_note = None
-    if config.quantize == "auto" and Path(args.output).suffix.lower() == ".pt2":  # int8 is written as ONNX only
-        config = replace(config, quantize="none")
-        pt2_note = "int8 left off: the output is .pt2 and an int8 model is ONNX (-o NAME.onnx allows it)"
-        click.echo(pt2_note, err=True)
+    config = replace(SETTINGS.build(params, args), cache_dir=cache_dir,
+                     output_format=Path(args.output).suffix.lower().lstrip("."))
     pipeline = pipeline_from_names([n.strip() for n in args.passes.split(",") if n.strip()], config) \
         if args.passes else None
     model = load_model_from_args(args)
@@ -177,8 +174,6 @@ def command(args) -> int:
     report = result.report
     report["data"]["synthetic"] = synthetic
     report["config_file"] = config_file(ctx)
-    if pt2_note:
-        report["output_note"] = pt2_note
     if test is not None:
         report["eval"] = evaluate_result(result, model, test)
     write_result(result, args.output, args.model)

@@ -47,17 +47,15 @@ class CheckFidelity(Analysis):
     provides = (HeldOutFidelity,)
 
     def run(self, model: Model, ctx, inputs) -> PassResult:
-        from ..evaluate import evaluate, evaluate_onnx
+        from ..evaluate import evaluate_written
 
         holdout = ctx.need("holdout", self.name)
         unlabelled = holdout.without_labels()
         recovery, quantized = inputs.get(RecoveryLog), inputs.get(QuantizedOnnx)
         trained_on = bool(recovery is not None and recovery.trained_on_holdout)
         try:
-            if quantized is not None and quantized.proto is not None:
-                result = evaluate_onnx(quantized.proto, unlabelled, ctx.original)
-            else:
-                result = evaluate(model, unlabelled, ctx.original)
+            result = evaluate_written(model, quantized.proto if quantized is not None else None, unlabelled,
+                                      ctx.original)
             fidelity = HeldOutFidelity(result, len(holdout), trained_on)
         except GraphpruneError as exc:  # a report without this check beats no result after the whole run
             fidelity = HeldOutFidelity(None, len(holdout), trained_on, str(exc))

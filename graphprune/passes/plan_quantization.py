@@ -90,6 +90,15 @@ def int8_unavailable(ctx, by: str) -> str | None:
     return None
 
 
+def _unwritable(ctx) -> str | None:
+    """Why ``auto`` should not quantise what will be written as a PyTorch program (an int8 model is
+    ONNX only; ``int8`` quantises anyway and :func:`~graphprune.optimize.write_result` says where
+    the ONNX went)."""
+    if getattr(ctx.config, "output_format", "onnx") == "pt2":
+        return "the output is .pt2 and an int8 model is ONNX (-o NAME.onnx allows it)"
+    return None
+
+
 def check_enough_images(ctx, name: str, by: str) -> None:
     images = len(ctx.need(name, by))
     if images < MIN_CALIBRATION_IMAGES:
@@ -127,7 +136,7 @@ class PlanQuantization(Analysis):
         and times the chosen model itself)."""
         if self.mode == "none":
             return QuantizationPlan(None, None, "quantize is 'none'", "", 0.0, [])
-        unavailable = int8_unavailable(ctx, self.name) if self.mode == "auto" else None
+        unavailable = (int8_unavailable(ctx, self.name) or _unwritable(ctx)) if self.mode == "auto" else None
         if unavailable is not None:
             return QuantizationPlan(None, None, f"int8 left off: {unavailable}", "", 0.0, [])
         from ..backends.onnxruntime_int8 import onnxruntime_cut
