@@ -224,7 +224,8 @@ def fidelity_text(row: dict) -> str:
         parts.append(f"agreement {100 * f['agreement']:.2f}")
     detections = f.get("detections")
     if detections:
-        parts.append(f"kept {detections['kept']}/{detections['original']} detections, added {detections['added']}")
+        parts.append(f"kept {detections['kept']}/{detections['original']} detections, added {detections['added']}"
+                     + (f", mAP50 {detections['map50']:.3f}" if detections.get("map50") is not None else ""))
     errors = [o.get("relative_error") for o in (f.get("outputs") or {}).values() if o.get("relative_error") is not None]
     if errors:
         parts.append(f"relative error {max(errors):.3f}")

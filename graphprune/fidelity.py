@@ -25,11 +25,21 @@ over the images:
     added = |D| - kept        added_fraction = added / |D|  (the optimised model's new detections)
 
 A fraction is None where its denominator is 0. A box of zero area overlaps nothing, itself included.
+
+**mAP@0.5 against the original** (``map50``): the count above moves with every score that crosses
+CONFIDENCE, so a model whose scores all fall a little loses "kept" detections it still ranks
+first. ``map50`` is the threshold-free measure a detector's users read, with the original's
+confident detections O taken as the ground truth: the optimised model's detections down to
+AP_CONFIDENCE (ultralytics' ``val`` default), highest score first, each a true positive where it
+pairs with a not yet paired O of its class at IoU >= MATCH_IOU (the highest such IoU), else a false
+positive; per class, AP = sum over the ranked list of (r_i - r_{i-1}) * max_{j >= i} p_j (precision
+p and recall r after each detection: the area under the precision envelope); ``map50`` is the mean
+over the classes that O holds (None where O is empty). The original against itself scores 1.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +47,7 @@ CONFIDENCE = 0.25  # ultralytics' predict defaults: conf, iou and max_det
 NMS_IOU = 0.45
 MAX_DETECTIONS = 300
 MATCH_IOU = 0.5  # a detection is the original's when it overlaps it this much (the usual mAP@0.5)
+AP_CONFIDENCE = 0.001  # ultralytics' val default: the ranked list that map50 is computed over
 BOX_ROWS = 4  # cx, cy, w, h
 
 
@@ -78,14 +89,14 @@ class Detections:
         return int(self.scores.shape[0])
 
 
-def decode_yolov8(output: torch.Tensor) -> list[Detections]:
-    """Each image's confident detections after per-class NMS, highest scores first."""
+def decode_yolov8(output: torch.Tensor, confidence: float = CONFIDENCE) -> list[Detections]:
+    """Each image's detections above ``confidence`` after per-class NMS, highest scores first."""
     from torchvision.ops import batched_nms
 
     result = []
     for image in output.float():
         scores, classes = image[BOX_ROWS:].max(0)
-        confident = scores > CONFIDENCE
+        confident = scores > confidence
         cx, cy, w, h = image[:BOX_ROWS, confident]
         w, h = w.clamp(min=0), h.clamp(min=0)
         boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
@@ -120,23 +131,74 @@ def matched(original: Detections, optimized: Detections) -> int:
     return len(taken_rows)
 
 
+def confident(detections: Detections, confidence: float = CONFIDENCE) -> Detections:
+    """Those of ``detections`` above ``confidence``: the same as decoding at it, since NMS keeps a
+    box or not by the higher-scoring boxes alone."""
+    keep = detections.scores > confidence
+    return Detections(detections.boxes[keep], detections.scores[keep], detections.classes[keep])
+
+
+def ranked_hits(truth: Detections, predicted: Detections) -> torch.Tensor:
+    """For each of ``predicted`` (highest score first), whether it is a true positive against
+    ``truth``: it pairs with a not yet paired detection of its class at IoU >= MATCH_IOU, the
+    highest such IoU."""
+    iou = box_iou(predicted.boxes, truth.boxes)
+    iou[predicted.classes[:, None] != truth.classes[None, :]] = 0
+    hits = torch.zeros(len(predicted), dtype=torch.bool)
+    free = torch.ones(len(truth), dtype=torch.bool)
+    reaches = (iou >= MATCH_IOU).any(1)  # the others are false positives: the loop is over few
+    order = torch.argsort(predicted.scores, descending=True, stable=True)
+    for i in order[reaches[order]].tolist():
+        candidates = torch.where(free & (iou[i] >= MATCH_IOU), iou[i], torch.full_like(iou[i], -1.0))
+        if float(candidates.max()) >= MATCH_IOU:
+            free[int(candidates.argmax())] = False
+            hits[i] = True
+    return hits
+
+
+def average_precision(scores: torch.Tensor, hits: torch.Tensor, truths: int) -> float:
+    """The area under the precision envelope of detections ranked by score (module docstring)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    true_positives = hits[order].double().cumsum(0)
+    precision = true_positives / torch.arange(1, len(order) + 1, dtype=torch.float64)
+    envelope = precision.flip(0).cummax(0).values.flip(0)
+    recall = true_positives / truths
+    steps = torch.diff(recall, prepend=recall.new_zeros(1))
+    return float((steps * envelope).sum())
+
+
 @dataclass
 class DetectionCounts:
-    """Detections summed over images: the original's, the optimised model's, and the pairs kept."""
+    """Detections summed over images: the original's, the optimised model's, the pairs kept, and
+    the ranked list (class, score, true positive) that ``map50`` is computed from."""
 
     original: int = 0
     optimized: int = 0
     kept: int = 0
+    truths_per_class: dict = field(default_factory=dict)
+    ranked: list = field(default_factory=list)  # (classes, scores, hits) of each image
 
     def add(self, original: torch.Tensor, optimized: torch.Tensor) -> None:
         """One batch of the detector output of both models."""
-        for theirs, ours in zip(decode_yolov8(original), decode_yolov8(optimized)):
+        for theirs, ranked in zip(decode_yolov8(original), decode_yolov8(optimized, AP_CONFIDENCE)):
+            ours = confident(ranked)
             self.original += len(theirs)
             self.optimized += len(ours)
             self.kept += matched(theirs, ours)
+            for c in theirs.classes.tolist():
+                self.truths_per_class[c] = self.truths_per_class.get(c, 0) + 1
+            self.ranked.append((ranked.classes, ranked.scores, ranked_hits(theirs, ranked)))
+
+    def map50(self) -> float | None:
+        if not self.truths_per_class:
+            return None
+        classes, scores, hits = (torch.cat(parts) for parts in zip(*self.ranked))
+        return sum(average_precision(scores[classes == c], hits[classes == c], n)
+                   for c, n in self.truths_per_class.items()) / len(self.truths_per_class)
 
     def as_dict(self) -> dict:
         added = self.optimized - self.kept
         return {"original": self.original, "optimized": self.optimized,
                 "kept": self.kept, "kept_fraction": self.kept / self.original if self.original else None,
-                "added": added, "added_fraction": added / self.optimized if self.optimized else None}
+                "added": added, "added_fraction": added / self.optimized if self.optimized else None,
+                "map50": self.map50()}

@@ -56,7 +56,7 @@ def _eval_lines(evaluation: dict) -> list[str]:
             lines.append(f"{name} decoded as {output['layout']}")
             lines.append(f"  kept {d['kept']} of the original's {d['original']} detections "
                          f"({_percent(d['kept_fraction'])}), added {d['added']} ({_percent(d['added_fraction'])} "
-                         f"of its {d['optimized']}) on {opt['images']} images")
+                         f"of its {d['optimized']}) on {opt['images']} images{_map50(d)}")
     errors = [f"{name} {output['relative_error']:.4g}" for name, output in outputs.items()
               if output.get("relative_error") is not None]
     if errors:
@@ -77,11 +77,17 @@ def _held_out_line(held_out: dict) -> str:
     for output in result.get("outputs", {}).values():
         if "detections" in output:
             d = output["detections"]
-            parts.append(f"kept {d['kept']} of {d['original']} detections, added {d['added']}")
+            parts.append(f"kept {d['kept']} of {d['original']} detections, added {d['added']}{_map50(d)}")
     errors = [o["relative_error"] for o in result.get("outputs", {}).values() if o.get("relative_error") is not None]
     if errors:
         parts.append(f"relative output error {max(errors):.3g}")
     return f"against the original {where}: {'; '.join(parts) or 'compared'}"
+
+
+def _map50(detections: dict) -> str:
+    """mAP@0.5 with the original's confident detections as the ground truth (fidelity.py)."""
+    value = detections.get("map50")
+    return "" if value is None else f"; mAP50 against the original's {value:.3f}"
 
 
 def _percent(fraction: float | None) -> str:

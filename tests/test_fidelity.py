@@ -16,8 +16,8 @@ import graphprune as gp
 from graphprune.data import Preprocessing, TinySet, load_tiny_set
 from graphprune.errors import GraphpruneError
 from graphprune.evaluate import evaluate, evaluate_onnx
-from graphprune.fidelity import (CONFIDENCE, DetectionCounts, Detections, box_iou, decode_yolov8, matched,
-                                 output_layout)
+from graphprune.fidelity import (CONFIDENCE, DetectionCounts, Detections, average_precision, box_iou,
+                                 decode_yolov8, matched, output_layout, ranked_hits)
 from graphprune.report import format_summary
 from onnx_builders import save
 from yolo_like import tiny_yolo_onnx
@@ -88,9 +88,29 @@ def test_detection_counts_sum_over_images():
     original = _yolo_output([(10, 10, 4, 4, 0.9, 0.0), (30, 30, 4, 4, 0.0, 0.8)])
     optimized = _yolo_output([(10.2, 10, 4, 4, 0.7, 0.0), (30, 30, 4, 4, 0.8, 0.0), (50, 50, 4, 4, 0.5, 0.0)])
     counts.add(torch.cat([original, original]), torch.cat([optimized, original]))
-    assert counts.as_dict() == {"original": 4, "optimized": 5, "kept": 3, "kept_fraction": 0.75,
-                                "added": 2, "added_fraction": 0.4}
-    assert DetectionCounts().as_dict()["kept_fraction"] is None
+    # map50, the original's 4 as the truth, 2 a class (one per image). Class 0 ranked: 0.9 (hit, image 2),
+    # 0.8 (image 1's class-1 box read as class 0: false), 0.7 (hit), 0.5 (false): precision 1, 1/2, 2/3,
+    # 2/4 at recall 1/2, 1/2, 1, 1, AP = 1/2 * 1 + 1/2 * 2/3. Class 1: 0.8 (hit, image 2), then the
+    # padding anchors' 0.1 box in each image (false; below CONFIDENCE, above AP_CONFIDENCE): AP 1/2
+    assert counts.as_dict() == pytest.approx({"original": 4, "optimized": 5, "kept": 3, "kept_fraction": 0.75,
+                                              "added": 2, "added_fraction": 0.4, "map50": (5 / 6 + 1 / 2) / 2})
+    assert DetectionCounts().as_dict()["kept_fraction"] is None and DetectionCounts().as_dict()["map50"] is None
+    itself = DetectionCounts()
+    itself.add(original, original)
+    assert itself.as_dict()["map50"] == 1.0
+
+
+def test_ranked_hits_pair_each_truth_once_highest_score_first():
+    truth = _detections([[0, 0, 10, 10], [20, 0, 30, 10]], [0, 1])
+    predicted = _detections([[0, 0, 10, 10], [1, 0, 11, 10], [20, 0, 30, 10], [50, 50, 60, 60]], [0, 0, 1, 1],
+                            [0.3, 0.95, 0.5, 0.6])
+    # the 0.95 box takes the class-0 truth (IoU 90/110) before the exact 0.3 box; the 0.6 box overlaps nothing
+    assert ranked_hits(truth, predicted).tolist() == [False, True, True, False]
+    assert ranked_hits(_detections(torch.zeros(0, 4), []), predicted).tolist() == [False] * 4
+    in_class_1 = predicted.classes == 1  # a false positive at 0.6 ranked above the hit at 0.5
+    hits = ranked_hits(truth, predicted)
+    assert average_precision(predicted.scores[in_class_1], hits[in_class_1], 1) == pytest.approx(0.5)
+    assert average_precision(torch.zeros(0), torch.zeros(0, dtype=torch.bool), 1) == 0.0  # nothing found
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +138,7 @@ def test_a_detector_end_to_end_on_the_fx_model_and_the_written_file(yolo):
     assert alone["detections"]["count"] > len(data)  # confident detections to compare
     itself = evaluate(model, data, model)["outputs"][name]
     assert itself["relative_error"] == 0 and itself["detections"]["kept_fraction"] == 1.0
+    assert itself["detections"]["map50"] == 1.0
     assert itself["detections"]["added"] == 0
     fx = evaluate(smaller, data, model)
     found = fx["detections"]
@@ -220,7 +241,8 @@ def test_the_summary_says_how_faithful_the_optimised_model_is(yolo):
            "confidence > 0.25, per-class NMS at IoU 0.45, at most 300, matched at IoU >= 0.5" in lines
     assert f"  kept {found['kept']} of the original's {found['original']} detections " \
            f"({100 * found['kept_fraction']:.1f}%), added {found['added']} ({100 * found['added_fraction']:.1f}% " \
-           f"of its {found['optimized']}) on 12 images" in lines
+           f"of its {found['optimized']}) on 12 images; mAP50 against the original's {found['map50']:.3f}" in lines
+    assert 0 < found["map50"] < 1
     assert any(line.startswith("relative output error ||y - y_orig|| / ||y_orig||: output0 0.") for line in lines)
 
 
