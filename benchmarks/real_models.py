@@ -19,7 +19,7 @@ blocks; no refinement), ``graphprune-int8`` (``quantize="auto"``), ``int8-only``
 quantised original, no block step). Each row: the written file's cut measured by ``measure_result``
 (interleaved with the original), fidelity on the evaluation set of the written file as onnxruntime
 runs it, the dropped blocks, wall seconds per stage, recovery steps and refinement fits. Rows go to
-``benchmarks/results/real_models.json`` (a rerun skips finished rows of this CPU).
+``benchmarks/results/real_models.json`` (a rerun skips finished rows of this CPU; ``--redo`` replaces them).
 
     python -m benchmarks.real_models run --model efficientnet_lite0 [--only graphprune] [--seeds 2021]
         [--cuts 0.22] [--time-budget 2700] [--precision auto] [--recovery-iterations N]
@@ -199,7 +199,7 @@ def cmd_run(args) -> None:
         overrides["recovery.precision"] = args.precision
     if args.time_budget is not None:
         overrides["time_budget_s"] = args.time_budget
-    done = ROWS.done(this_machine())
+    done = set() if args.redo else ROWS.done(this_machine())  # a redone row replaces this CPU's
     todo = [r for r in grid(args.model, methods, seeds, cuts, overrides) if row_id(r) not in done]
     print(f"{len(todo)} rows to run on {this_machine()}", flush=True)
     spec = MODELS[args.model]
@@ -225,7 +225,9 @@ def fidelity_text(row: dict) -> str:
     detections = f.get("detections")
     if detections:
         parts.append(f"kept {detections['kept']}/{detections['original']} detections, added {detections['added']}"
-                     + (f", mAP50 {detections['map50']:.3f}" if detections.get("map50") is not None else ""))
+                     + (f", mAP50 {detections['map50']:.3f}" if detections.get("map50") is not None else "")
+                     + (f" ({detections['map50_reverse']:.3f} reverse)" if detections.get("map50_reverse") is not None
+                        else ""))
     errors = [o.get("relative_error") for o in (f.get("outputs") or {}).values() if o.get("relative_error") is not None]
     if errors:
         parts.append(f"relative error {max(errors):.3f}")
@@ -278,6 +280,7 @@ def run_options(parser) -> None:
     parser.add_argument("--recovery-iterations", type=int, help="recovery steps (default: the product's)")
     parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], help="recovery precision")
     parser.add_argument("--time-budget", type=float, help="optimize's time budget in seconds")
+    parser.add_argument("--redo", action="store_true", help="run rows this CPU has finished again (replacing them)")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ pairs with a not yet paired O of its class at IoU >= MATCH_IOU (the highest such
 positive; per class, AP = sum over the ranked list of (r_i - r_{i-1}) * max_{j >= i} p_j (precision
 p and recall r after each detection: the area under the precision envelope); ``map50`` is the mean
 over the classes that O holds (None where O is empty). The original against itself scores 1.
+``map50`` misses new detections ranked below the kept ones; ``map50_reverse`` swaps the roles
+(the optimised model's confident detections as the truth, the original's ranked), so a confident
+detection the original does not make at any score lowers it, and one the original scores just
+under CONFIDENCE does not. A bound on both is a bound on detections lost and new, threshold-free.
 """
 
 from __future__ import annotations
@@ -168,37 +172,53 @@ def average_precision(scores: torch.Tensor, hits: torch.Tensor, truths: int) -> 
 
 
 @dataclass
-class DetectionCounts:
-    """Detections summed over images: the original's, the optimised model's, the pairs kept, and
-    the ranked list (class, score, true positive) that ``map50`` is computed from."""
+class MeanAP50:
+    """mAP@0.5 summed over images: the truth's detections counted per class, and each image's
+    ranked detections marked true or false positive (``ranked_hits``)."""
 
-    original: int = 0
-    optimized: int = 0
-    kept: int = 0
     truths_per_class: dict = field(default_factory=dict)
     ranked: list = field(default_factory=list)  # (classes, scores, hits) of each image
 
-    def add(self, original: torch.Tensor, optimized: torch.Tensor) -> None:
-        """One batch of the detector output of both models."""
-        for theirs, ranked in zip(decode_yolov8(original), decode_yolov8(optimized, AP_CONFIDENCE)):
-            ours = confident(ranked)
-            self.original += len(theirs)
-            self.optimized += len(ours)
-            self.kept += matched(theirs, ours)
-            for c in theirs.classes.tolist():
-                self.truths_per_class[c] = self.truths_per_class.get(c, 0) + 1
-            self.ranked.append((ranked.classes, ranked.scores, ranked_hits(theirs, ranked)))
+    def add(self, truth: Detections, ranked: Detections) -> None:
+        for c in truth.classes.tolist():
+            self.truths_per_class[c] = self.truths_per_class.get(c, 0) + 1
+        self.ranked.append((ranked.classes, ranked.scores, ranked_hits(truth, ranked)))
 
-    def map50(self) -> float | None:
+    def value(self) -> float | None:
+        """The mean over the classes the truth holds; None where it holds none."""
         if not self.truths_per_class:
             return None
         classes, scores, hits = (torch.cat(parts) for parts in zip(*self.ranked))
         return sum(average_precision(scores[classes == c], hits[classes == c], n)
                    for c, n in self.truths_per_class.items()) / len(self.truths_per_class)
 
+
+@dataclass
+class DetectionCounts:
+    """Detections summed over images: the original's, the optimised model's, the pairs kept, and
+    mAP@0.5 both ways (``map50``: the optimised model's ranked against the original's confident
+    detections; ``map50_reverse``: the original's ranked against the optimised model's)."""
+
+    original: int = 0
+    optimized: int = 0
+    kept: int = 0
+    forward: MeanAP50 = field(default_factory=MeanAP50)
+    reverse: MeanAP50 = field(default_factory=MeanAP50)
+
+    def add(self, original: torch.Tensor, optimized: torch.Tensor) -> None:
+        """One batch of the detector output of both models."""
+        for theirs_ranked, ours_ranked in zip(decode_yolov8(original, AP_CONFIDENCE),
+                                              decode_yolov8(optimized, AP_CONFIDENCE)):
+            theirs, ours = confident(theirs_ranked), confident(ours_ranked)
+            self.original += len(theirs)
+            self.optimized += len(ours)
+            self.kept += matched(theirs, ours)
+            self.forward.add(theirs, ours_ranked)
+            self.reverse.add(ours, theirs_ranked)
+
     def as_dict(self) -> dict:
         added = self.optimized - self.kept
         return {"original": self.original, "optimized": self.optimized,
                 "kept": self.kept, "kept_fraction": self.kept / self.original if self.original else None,
                 "added": added, "added_fraction": added / self.optimized if self.optimized else None,
-                "map50": self.map50()}
+                "map50": self.forward.value(), "map50_reverse": self.reverse.value()}

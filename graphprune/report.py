@@ -85,9 +85,11 @@ def _held_out_line(held_out: dict) -> str:
 
 
 def _map50(detections: dict) -> str:
-    """mAP@0.5 with the original's confident detections as the ground truth (fidelity.py)."""
-    value = detections.get("map50")
-    return "" if value is None else f"; mAP50 against the original's {value:.3f}"
+    """mAP@0.5 with the original's confident detections as the ground truth, and the other way (fidelity.py)."""
+    forward, reverse = detections.get("map50"), detections.get("map50_reverse")
+    if forward is None:
+        return ""
+    return f"; mAP50 {forward:.3f} against the original's" + ("" if reverse is None else f", {reverse:.3f} the other way")
 
 
 def _percent(fraction: float | None) -> str:

@@ -93,11 +93,16 @@ def test_detection_counts_sum_over_images():
     # 2/4 at recall 1/2, 1/2, 1, 1, AP = 1/2 * 1 + 1/2 * 2/3. Class 1: 0.8 (hit, image 2), then the
     # padding anchors' 0.1 box in each image (false; below CONFIDENCE, above AP_CONFIDENCE): AP 1/2
     assert counts.as_dict() == pytest.approx({"original": 4, "optimized": 5, "kept": 3, "kept_fraction": 0.75,
-                                              "added": 2, "added_fraction": 0.4, "map50": (5 / 6 + 1 / 2) / 2})
+                                              "added": 2, "added_fraction": 0.4, "map50": (5 / 6 + 1 / 2) / 2,
+                                              "map50_reverse": 0.5})
+    # map50_reverse, the optimised model's 5 as the truth (class 0: 3 in image 1, 1 in image 2; class
+    # 1: 1 in image 2), the original's ranked: class 0 finds 2 of 4 (0.9, 0.9): AP 1/2; class 1
+    # ranks image 1's 0.8 (false: image 1 has no class-1 truth) before image 2's (a tie, kept in
+    # image order), then the 0.1 boxes: precision 1/2 at recall 1, AP 1/2
     assert DetectionCounts().as_dict()["kept_fraction"] is None and DetectionCounts().as_dict()["map50"] is None
     itself = DetectionCounts()
     itself.add(original, original)
-    assert itself.as_dict()["map50"] == 1.0
+    assert itself.as_dict()["map50"] == itself.as_dict()["map50_reverse"] == 1.0
 
 
 def test_ranked_hits_pair_each_truth_once_highest_score_first():
@@ -241,7 +246,8 @@ def test_the_summary_says_how_faithful_the_optimised_model_is(yolo):
            "confidence > 0.25, per-class NMS at IoU 0.45, at most 300, matched at IoU >= 0.5" in lines
     assert f"  kept {found['kept']} of the original's {found['original']} detections " \
            f"({100 * found['kept_fraction']:.1f}%), added {found['added']} ({100 * found['added_fraction']:.1f}% " \
-           f"of its {found['optimized']}) on 12 images; mAP50 against the original's {found['map50']:.3f}" in lines
+           f"of its {found['optimized']}) on 12 images; mAP50 {found['map50']:.3f} against the original's, " \
+           f"{found['map50_reverse']:.3f} the other way" in lines
     assert 0 < found["map50"] < 1
     assert any(line.startswith("relative output error ||y - y_orig|| / ||y_orig||: output0 0.") for line in lines)
 

@@ -106,6 +106,7 @@ def test_mimicking_the_feature_map_lowers_the_map_and_the_feature_error(setup):
 
 @pytest.mark.parametrize("bad,message", [
     (dict(loss="label"), "labelled"), (dict(target="pixels"), "recovery target"), (dict(schedule="wavy"), "schedule"), (dict(augment="zoom"), "augmentation"),
+    (dict(trainable="weights"), "recovery.trainable"),
 ])
 def test_bad_recovery_settings(setup, bad, message):
     teacher, pruned, tiny = setup
@@ -149,6 +150,18 @@ def test_a_frozen_prefix_is_not_trained_and_the_rest_is(freeze):
     else:
         assert record["frozen_prefix"] is None and changed & set(prefix)
     assert {k.split(".")[0] for k in changed - set(prefix)} == {"second"}  # the classifier is never trained
+    assert _feature_mse(recovered, teacher, tiny.images) < _feature_mse(pruned, teacher, tiny.images)
+
+
+def test_bias_only_recovery_trains_the_biases_alone_and_mimics(setup):
+    teacher, pruned, tiny = setup
+    settings = RecoverySettings(iterations=30, batch_size=16, lr=3e-3, augment="none", trainable="bias")
+    recovered, record = recover(pruned, teacher, tiny, settings, show_progress=False)
+    before, after = pruned.graph_module.state_dict(), recovered.graph_module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    trained = {k for k in changed if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert trained and all(k.endswith(".bias") for k in trained) and "linear.bias" not in trained
+    assert record["trained_tensors"] == len([k for k in before if k.endswith(".bias")]) - 1  # all but the classifier's
     assert _feature_mse(recovered, teacher, tiny.images) < _feature_mse(pruned, teacher, tiny.images)
 
 

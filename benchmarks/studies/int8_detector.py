@@ -33,11 +33,11 @@ def main() -> None:
     (study_results_dir() / "int8_detector.json").write_text(json.dumps({"reason": plan.reason, "candidates": rows},
                                                                        indent=1))
     lines = [f"# {__doc__.splitlines()[0]}", "", f"Made by `python -m benchmarks.studies.int8_detector`. Plan: {plan.reason}",
-             "", "| candidate | kept / original | added | mAP50 against the original | relative error | within the bound |",
+             "", "| candidate | kept / original | added | mAP50 against the original / reverse | relative error | within the bound |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         d = r["detections"] or {}
-        map50 = "-" if d.get("map50") is None else f"{d['map50']:.3f}"
+        map50 = "-" if d.get("map50") is None else f"{d['map50']:.3f} / {d.get('map50_reverse') or 0:.3f}"
         lines.append(f"| {r['config']['label']} | {d.get('kept')} / {d.get('original')} | {d.get('added')} | {map50} | "
                      f"{r['relative_error']:.3f} | {r['within_bound']} |")
     (study_results_dir() / "int8_detector.md").write_text("\n".join(lines) + "\n")

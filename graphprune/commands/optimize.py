@@ -39,13 +39,13 @@ INTERNAL = ("holdout_minimum", "latency.warmup_runs", "latency.warmup_s", "laten
             "recoverability.batch_size", "recoverability.momentum", "recoverability.weight_decay",
             "recoverability.ridge", "recoverability.device", "refine.tolerance", "refine.min_gain",
             "recovery.momentum", "recovery.weight_decay", "recovery.clip_grad_norm", "recovery.schedule",
-            "recovery.loss", "synthesis.batch_size", "synthesis.lr", "synthesis.class_weight",
+            "recovery.loss", "recovery.trainable", "synthesis.batch_size", "synthesis.lr", "synthesis.class_weight",
             "synthesis.tv_weight", "synthesis.l2_weight",
             # int8 planning: candidates and bounds measured in tests/test_quantize.py; the Python API sets them
             *(f"quantization.{f}" for f in ("formats", "activation_types", "weight_type", "per_channel",
                                             "calibration_method", "max_calibration_images", "batch_size",
                                             "max_top1_drop", "max_disagreement", "max_relative_error",
-                                            "max_detection_change", "float_groups", "time_noise", "error_noise",
+                                            "max_map50_drop", "float_groups", "time_noise", "error_noise",
                                             "device", "reduce_range")))
 DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.size": "the model's input",
            "output_format": "-o's suffix"}

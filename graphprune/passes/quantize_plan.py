@@ -152,7 +152,7 @@ class _Judge:
         # output's relative error is the boxes' (pixels), blind to class scores in [0, 1] rounded away
         self.detector = layout == "yolov8" and any(len(d) for d in decode_yolov8(torch.from_numpy(self.reference)))
         if self.detector:
-            self.metric, self.bound = "detection_change", settings.max_detection_change
+            self.metric, self.bound = "map50_drop", settings.max_map50_drop
         elif self.labels is not None and classifier:
             self.metric, self.bound = "top1_drop", settings.max_top1_drop
             self.float_top1 = float((self.reference.argmax(1) == self.labels).mean())
@@ -175,8 +175,8 @@ class _Judge:
             counts = DetectionCounts()
             counts.add(torch.from_numpy(self.reference), torch.from_numpy(out))
             candidate.detections = counts.as_dict()
-            candidate.within_bound = (1 - candidate.detections["kept_fraction"] <= self.bound
-                                      and (candidate.detections["added_fraction"] or 0.0) <= self.bound)
+            both = (candidate.detections["map50"], candidate.detections["map50_reverse"] or 0.0)
+            candidate.within_bound = 1 - min(both) <= self.bound
             return candidate
         if self.metric == "relative_error":
             candidate.within_bound = error <= self.bound
