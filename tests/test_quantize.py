@@ -262,6 +262,24 @@ def test_plan_rejects_the_fastest_when_it_alone_is_inaccurate(monkeypatch):
     assert plan.config.fmt == "qdq"
 
 
+def test_over_the_bound_a_float_group_that_brings_it_within_is_kept(monkeypatch):
+    """Every plain candidate over the bound, the first conv in float within it (by no more than
+    noise on the held-out images): the plan keeps it rather than leave int8 off."""
+    import graphprune.passes.quantize_plan as quantize_plan
+
+    real = quantize_plan._Judge.evaluate
+
+    def evaluate(self, prepared, config, measure):
+        candidate = real(self, prepared, config, measure)
+        candidate.within_bound = "first_conv" in config.float_groups
+        return candidate
+
+    monkeypatch.setattr(quantize_plan._Judge, "evaluate", evaluate)
+    plan = plan_quantization(convnet(), images(16), images(32, seed=1), SETTINGS, fake_measure({"*": 0.3}))
+    assert plan.proto is not None and "first_conv" in plan.config.float_groups and plan.chosen.within_bound
+    assert not plan.candidates[0].within_bound
+
+
 def test_plan_returns_none_when_every_candidate_is_slower():
     plan = plan_quantization(convnet(), images(16), images(32, seed=1), SETTINGS, fake_measure({"*": -0.4}))
     assert plan.proto is None and plan.config is None and "no faster" in plan.reason
