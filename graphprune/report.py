@@ -31,6 +31,11 @@ def format_summary(report: dict) -> str:
     held_out = report.get("held_out")
     if held_out:
         lines.append(_held_out_line(held_out))
+        if held_out.get("warning"):
+            int8 = "" if quantization.get("used") else " (int8 with --quantize auto where it was off)"
+            lines.append(f"warning: the optimised model keeps little of the original's function on the held-out "
+                         f"images ({held_out['warning']}); a smaller --latency-cut or more images may serve "
+                         f"better{int8}")
     if "eval" in report:
         lines.extend(_eval_lines(report["eval"]))
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in report["seconds_per_stage"].items())

@@ -13,7 +13,8 @@ from graphprune.optimize import OptimizeConfig, make_context
 from graphprune.passes import CheckFidelity, HeldOutFidelity, QuantizedOnnx, find_blocks
 from graphprune.passes.quantize import QuantConfig, quantize_onnx
 from graphprune.passes.recover import RecoveryLog
-from graphprune.report import _held_out_line
+from graphprune.passes.check_fidelity import poor_fidelity
+from graphprune.report import _held_out_line, format_summary
 from yolo_like import tiny_yolo_onnx
 
 
@@ -64,3 +65,30 @@ def test_a_detector_reports_detections_kept(tmp_path):
     assert detections["original"] > 0 and detections["kept"] == detections["original"] and detections["added"] == 0
     assert f"kept {detections['kept']} of {detections['original']} detections, added 0" in _held_out_line(
         fidelity.to_dict())
+
+
+@pytest.mark.parametrize("output,warned", [
+    ({"agreement": 0.5, "relative_error": 0.9}, "'y' agrees with the original's top class on 50%"),
+    ({"agreement": 0.9, "relative_error": 0.9}, None),  # a classifier is judged by its top class
+    ({"detections": {"map50": 0.9, "map50_reverse": 0.3}, "relative_error": 0.1},
+     "'y' ranks the original's detections at mAP50 0.30"),
+    ({"detections": {"map50": 0.9, "map50_reverse": 0.8}, "relative_error": 0.9}, None),
+    ({"detections": {"map50": None, "map50_reverse": None}, "relative_error": 0.9}, None),  # nothing detected
+    ({"relative_error": 0.8}, "'y' is 0.80 off the original's (relative error)"),
+    ({"relative_error": 0.2}, None),
+])
+def test_poor_fidelity_is_named_by_what_the_output_means(output, warned):
+    assert poor_fidelity({"outputs": {"y": output}}) == warned
+
+
+def test_the_summary_warns_when_the_held_out_images_show_a_broken_model():
+    result = {"agreement": 0.4, "outputs": {"logits": {"agreement": 0.4, "relative_error": 0.7}}}
+    held_out = HeldOutFidelity(result, 16, False).to_dict()
+    report = {"latency": {"original_ms": 2.0, "optimized_ms": 1.5, "cut": 0.25, "target": 0.2}, "blocks": [],
+              "dropped": [], "seconds_per_stage": {}, "held_out": held_out}
+    (line,) = [line for line in format_summary(report).splitlines() if line.startswith("warning:")]
+    assert "'logits' agrees with the original's top class on 40%" in line and "--quantize auto" in line
+    report["quantization"] = {"used": True}
+    assert "--quantize auto" not in format_summary(report)
+    healthy = HeldOutFidelity({"outputs": {"logits": {"agreement": 0.95}}}, 16, False).to_dict()
+    assert healthy["warning"] is None and "warning" not in format_summary({**report, "held_out": healthy})
