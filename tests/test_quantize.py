@@ -280,6 +280,24 @@ def test_over_the_bound_a_float_group_that_brings_it_within_is_kept(monkeypatch)
     assert not plan.candidates[0].within_bound
 
 
+def test_where_float_groups_cannot_save_the_fastest_the_next_fastest_is_tried(monkeypatch):
+    import graphprune.passes.quantize_plan as quantize_plan
+
+    real = quantize_plan._Judge.evaluate
+
+    def evaluate(self, prepared, config, measure):
+        candidate = real(self, prepared, config, measure)
+        candidate.within_bound = config.fmt == "qdq" and "first_conv" in config.float_groups
+        return candidate
+
+    monkeypatch.setattr(quantize_plan._Judge, "evaluate", evaluate)
+    measure = fake_measure({"qoperator-u8s8": 0.5, "qdq-u8s8": 0.45, "*": 0.3})
+    settings = QuantizeSettings(max_calibration_images=16, batch_size=16, float_groups=("first_conv",))
+    plan = plan_quantization(convnet(), images(16), images(32, seed=1), settings, measure)
+    assert plan.config.label.startswith("qdq-u8s8+float:first_conv") and plan.chosen.within_bound
+    assert measure.seen[4:] == ["qoperator-u8s8+float:first_conv", "qdq-u8s8+float:first_conv"]
+
+
 def test_plan_returns_none_when_every_candidate_is_slower():
     plan = plan_quantization(convnet(), images(16), images(32, seed=1), SETTINGS, fake_measure({"*": -0.4}))
     assert plan.proto is None and plan.config is None and "no faster" in plan.reason

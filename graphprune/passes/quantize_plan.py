@@ -6,7 +6,8 @@ backend) because this is the policy a pass wraps: every candidate of
 callable (:func:`graphprune.backends.onnxruntime_int8.onnxruntime_cut` times it interleaved with
 the float model), judged against the float model on held-out images; the fastest within the
 accuracy bound is kept, then each float group (first conv, classifier, Add/Concat merges) is tried
-and kept only when the measurement says it helps. ``plan.proto is None`` with a reason when
+and kept only when the measurement says it helps; where no candidate is within the bound, the float
+groups are tried on each faster candidate in turn, fastest first, until one comes within. ``plan.proto is None`` with a reason when
 quantisation does not pay ("auto leaves it off").
 """
 
@@ -123,15 +124,23 @@ def plan_quantization(proto: onnx.ModelProto, calibration, holdout, settings: Qu
         return plan(None, f"every candidate measured no faster than the float model (best cut {best_cut:+.1%}); "
                           "auto leaves quantisation off")
     within = [c for c in faster if c.within_bound]
-    current = max(within or faster, key=lambda c: c.timing.cut)
-    for group in settings.float_groups:
-        if not float_group_nodes(proto, group):
-            continue
-        trial = judge.evaluate(prepared, replace(current.config, float_groups=(*current.config.float_groups, group)),
-                               measure)
-        tried.append(trial)
-        if trial.error is None and judge.better(trial, current):
-            current = trial
+    # From the fastest within the bound; where none is, from each faster candidate in turn, fastest
+    # first, until float groups bring one within (nudenet's YOLOv8n: qoperator-u8s8 with Add/Concat in
+    # float stays over, mAP50 0.90 on 31 detections; qdq-u8s8, 0.6 points slower, comes within)
+    starts = [max(within, key=lambda c: c.timing.cut)] if within else \
+        sorted(faster, key=lambda c: c.timing.cut, reverse=True)
+    for start in starts:
+        current = start
+        for group in settings.float_groups:
+            if not float_group_nodes(proto, group):
+                continue
+            trial = judge.evaluate(prepared, replace(current.config, float_groups=(*current.config.float_groups,
+                                                                                   group)), measure)
+            tried.append(trial)
+            if trial.error is None and judge.better(trial, current):
+                current = trial
+        if current.within_bound:
+            break
     if not current.within_bound:
         return plan(None, f"no candidate stays within the accuracy bound ({judge.metric} {judge.bound}); "
                           "auto leaves quantisation off")
