@@ -105,11 +105,11 @@ class QuantizeSettings:
     upper bound on the accuracy it can lose); for a YOLOv8 detector output (N, 4+C, anchors) where
     the float model detects something on the held-out images, ``max_map50_drop``: 1 - the lower
     of the int8 model's mAP@0.5 with the float model's confident detections as the ground truth
-    and the reverse (:mod:`graphprune.fidelity`; detections lost and new, threshold-free: on nudenet's YOLOv8n the int8 model with its
-    Add/Concat merges in float ranks the float model's detections at mAP50 0.97-0.98 on 40 held-out
-    photos, yet a few scores near the 0.25 threshold cross it, so a bound on detections kept at
-    that threshold, 28 of 31, refused it; benchmarks/studies/int8_detector.py); otherwise
-    ``max_relative_error`` of the output.
+    and the reverse (:mod:`graphprune.fidelity`; detections lost and new, threshold-free: on
+    nudenet's YOLOv8n, int8 with its Add/Concat merges and decoding in float ranks the float
+    model's detections at mAP50 0.98 and 0.97 the other way on 40 held-out photos, yet scores near
+    the 0.25 threshold cross it, so a bound on detections kept at that threshold, 29 of 31 and 2
+    new, refused it; benchmarks/studies/int8_detector.py); otherwise ``max_relative_error``.
     ``time_noise``: cut differences below this are noise; ``error_noise``: relative-error
     improvements below this fraction are noise (agreement uses a paired sign test instead)."""
 

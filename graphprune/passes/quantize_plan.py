@@ -7,8 +7,8 @@ callable (:func:`graphprune.backends.onnxruntime_int8.onnxruntime_cut` times it 
 the float model), judged against the float model on held-out images; the fastest within the
 accuracy bound is kept, then each float group (first conv, classifier, Add/Concat merges) is tried
 and kept only when the measurement says it helps; where no candidate is within the bound, the float
-groups are tried on each faster candidate in turn, fastest first, until one comes within. ``plan.proto is None`` with a reason when
-quantisation does not pay ("auto leaves it off").
+groups are tried on each faster candidate in turn, fastest first, until one comes within.
+``plan.proto is None`` with a reason when quantisation does not pay ("auto leaves it off").
 """
 
 from __future__ import annotations
