@@ -171,6 +171,15 @@ def average_precision(scores: torch.Tensor, hits: torch.Tensor, truths: int) -> 
     return float((steps * envelope).sum())
 
 
+def lower_map50(detections: dict) -> float | None:
+    """The lower of ``map50`` and ``map50_reverse`` in :meth:`DetectionCounts.as_dict`: detections
+    lost and new in one figure. None where the original made no confident detection (nothing to
+    lose); a reverse of None there means the optimised model made none, which counts as 0."""
+    if detections.get("map50") is None:
+        return None
+    return min(detections["map50"], detections.get("map50_reverse") or 0.0)
+
+
 @dataclass
 class MeanAP50:
     """mAP@0.5 summed over images: the truth's detections counted per class, and each image's

@@ -74,6 +74,9 @@ def test_a_detector_reports_detections_kept(tmp_path):
      "'y' ranks the original's detections at mAP50 0.30"),
     ({"detections": {"map50": 0.9, "map50_reverse": 0.8}, "relative_error": 0.9}, None),
     ({"detections": {"map50": None, "map50_reverse": None}, "relative_error": 0.9}, None),  # nothing detected
+    # the original's detections still ranked first, but none confident any more: the reverse is 0
+    ({"detections": {"map50": 1.0, "map50_reverse": None}, "relative_error": 0.1},
+     "'y' ranks the original's detections at mAP50 0.00"),
     ({"relative_error": 0.8}, "'y' is 0.80 off the original's (relative error)"),
     ({"relative_error": 0.2}, None),
 ])

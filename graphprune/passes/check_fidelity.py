@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import GraphpruneError
+from ..fidelity import lower_map50
 from ..model import Model
 from .base import Analysis, PassResult
 from .plan_quantization import QuantizedOnnx
@@ -43,8 +44,7 @@ def poor_fidelity(result: dict) -> str | None:
     found = []
     for name, output in result.get("outputs", {}).items():
         detections = output.get("detections") or {}
-        lowest = min((v for v in (detections.get("map50"), detections.get("map50_reverse")) if v is not None),
-                     default=None)
+        lowest = lower_map50(detections)
         if output.get("agreement") is not None and output["agreement"] < MIN_AGREEMENT:
             found.append(f"'{name}' agrees with the original's top class on {100 * output['agreement']:.0f}%")
         elif lowest is not None and lowest < MIN_MAP50:

@@ -23,7 +23,7 @@ import torch
 
 from ..backends.base import CutMeasurement
 from ..errors import GraphpruneError
-from ..fidelity import DetectionCounts, decode_yolov8, output_layout
+from ..fidelity import DetectionCounts, decode_yolov8, lower_map50, output_layout
 from .quantize import (Calibrated, QuantConfig, QuantizeSettings, as_images, cpu_session, float_group_nodes,
                        quantization_info, quantize_onnx, run_outputs)
 
@@ -184,8 +184,7 @@ class _Judge:
             counts = DetectionCounts()
             counts.add(torch.from_numpy(self.reference), torch.from_numpy(out))
             candidate.detections = counts.as_dict()
-            both = (candidate.detections["map50"], candidate.detections["map50_reverse"] or 0.0)
-            candidate.within_bound = 1 - min(both) <= self.bound
+            candidate.within_bound = 1 - lower_map50(candidate.detections) <= self.bound
             return candidate
         if self.metric == "relative_error":
             candidate.within_bound = error <= self.bound
