@@ -119,7 +119,6 @@ def test_a_given_config_is_timed_without_planning(cli, files):
     (("--quantize", "int8", "--backend", "torch"), "int8 quantisation is timed and written for onnxruntime", 1),
     (("--quantize", "int8", "--device", "cuda"), "use fp16", 1),
     (("--quantize", "int8", "--num-samples", "12"), "at least 16 images in the tiny set, got 12", 1),
-    (("--quantize", "int8", "--data", "SMALL"), "at least 16 images in the holdout set, got 12", 1),
     (("--quantize", "int8", "--data", None), "--quantize needs --data", 2),
     (("--quantize", "auto", "--quant-config", "qdq-u8s8"), "give one of them", 2),
     (("--quant-config", "qdq-u8"), "--quant-config 'qdq-u8' names no quantisation config", 1),

@@ -174,7 +174,7 @@ def _profile_quantized(args, model, mode: str, given, settings: LatencySettings)
     ctx = make_context(model, tiny, config)
     planner = PlanQuantization(mode, config.quantization)
     if given is not None:
-        check_int8_run(ctx, "profile", image_sets=("tiny",))  # nothing is judged on the held-out images
+        check_int8_run(ctx, "profile")
     else:
         planner.check(model, ctx)
     float_proto = to_onnx(model)

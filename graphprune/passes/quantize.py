@@ -100,16 +100,17 @@ class QuantConfig:
 class QuantizeSettings:
     """What :func:`plan_quantization` tries and how it judges.
 
-    Accuracy bound, by what the held-out set allows: ``max_top1_drop`` with labels; otherwise, for
+    Accuracy bound, by what the judged images allow: ``max_top1_drop`` with labels; otherwise, for
     a classifier output (N, K), ``max_disagreement`` (top-1 changes against the float model, an
     upper bound on the accuracy it can lose); for a YOLOv8 detector output (N, 4+C, anchors) where
-    the float model detects something on the held-out images, ``max_map50_drop``: 1 - the lower
+    the float model detects something on the judged images, ``max_map50_drop``: 1 - the lower
     of the int8 model's mAP@0.5 with the float model's confident detections as the ground truth
     and the reverse (:mod:`graphprune.fidelity`; detections lost and new, threshold-free: on
     nudenet's YOLOv8n, int8 with its Add/Concat merges and decoding in float ranks the float
     model's detections at mAP50 0.98 and 0.97 the other way on 40 held-out photos, yet scores near
     the 0.25 threshold cross it, so a bound on detections kept at that threshold, 29 of 31 and 2
     new, refused it; benchmarks/studies/int8_detector.py); otherwise ``max_relative_error``.
+    ``max_calibration_images`` caps the images calibrated on and those judged on (each a seeded sample).
     ``time_noise``: cut differences below this are noise; ``error_noise``: relative-error
     improvements below this fraction are noise (agreement uses a paired sign test instead)."""
 
@@ -222,17 +223,22 @@ def quantization_info(proto: onnx.ModelProto) -> dict:
     return {}
 
 
-def image_batches(session, images: torch.Tensor, batch_size: int):
+def image_batches(session, images: torch.Tensor, batch_size: int, equal: bool = False):
     """Feeds for ``session``, ``batch_size`` images at a time (the input's fixed batch where it has
-    one), in the file's own input layout and float type (:func:`~graphprune.formats.io_onnx.ort_feeds`)."""
+    one), in the file's own input layout and float type (:func:`~graphprune.formats.io_onnx.ort_feeds`).
+    ``equal`` (or a fixed batch): every batch the same size, the remainder left out."""
     if len(session.get_inputs()) != 1:
         raise GraphpruneError(f"quantisation takes models with one image input; this one has {len(session.get_inputs())}")
     (info,) = session.get_inputs()
-    fixed = fixed_batch(session)
-    step = fixed or batch_size
+    step = batch_step(session, len(images), batch_size)
     channels_last = looks_channels_last(tuple(info.shape))
-    for start in range(0, len(images) - (len(images) % step if fixed else 0), step):
+    for start in range(0, len(images) - (len(images) % step if equal or fixed_batch(session) else 0), step):
         yield ort_feeds(session, (images[start:start + step],), channels_last)
+
+
+def batch_step(session, count: int, batch_size: int) -> int:
+    """Images per batch: the input's fixed batch, else ``batch_size`` (at most ``count``)."""
+    return fixed_batch(session) or max(1, min(batch_size, count))
 
 
 def fixed_batch(session) -> int | None:
@@ -280,6 +286,7 @@ class Calibrated:
         self.opset = default_opset(proto)
         self._dir = tempfile.TemporaryDirectory(prefix="graphprune-quant-")
         self._graphs: dict[int, tuple[onnx.ModelProto, list[str]]] = {}
+        self.used: dict[str, int] = {}  # images each calibration method read (reader)
 
     def graph(self, opset: int) -> tuple[onnx.ModelProto, list[str]]:
         """The float graph to quantise at ``opset`` and the notes on how it was made."""
@@ -321,10 +328,16 @@ class Calibrated:
     def cache_path(self, opset: int, method: str) -> str:
         return str(Path(self._dir.name) / f"ranges{opset}-{method}.json")
 
-    def reader(self, proto: onnx.ModelProto):
+    def reader(self, proto: onnx.ModelProto, method: str = "minmax"):
+        """The calibration data, batched. The histogram methods stack every batch's activations
+        into one array (onnxruntime's HistogramCollector), so their batches are all the same size and
+        the remainder is left out (200 images in batches of 32 failed: "inhomogeneous shape");
+        ``used[method]`` says how many images were read."""
         from onnxruntime.quantization import CalibrationDataReader
 
-        batches = list(image_batches(cpu_session(proto, "the float model"), self.images, self.batch_size))
+        batches = list(image_batches(cpu_session(proto, "the float model"), self.images, self.batch_size,
+                                     equal=method != "minmax"))
+        self.used[method] = sum(len(next(iter(feeds.values()))) for feeds in batches)
 
         class Reader(CalibrationDataReader):
             def __init__(self):
@@ -384,7 +397,7 @@ def _quantize(prepared: Calibrated, config: QuantConfig, opset: int) -> onnx.Mod
     out = Path(prepared._dir.name) / "quantized.onnx"
     with quiet():
         try:
-            quantize_static(prepared.path(opset), str(out), None if Path(cache).exists() else prepared.reader(graph),
+            quantize_static(prepared.path(opset), str(out), None if Path(cache).exists() else prepared.reader(graph, config.method),
                             quant_format={"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[config.fmt],
                             per_channel=config.per_channel, activation_type=types[config.activations],
                             weight_type=types[config.weights], nodes_to_exclude=excluded, reduce_range=config.reduce_range,
@@ -401,7 +414,7 @@ def _quantize(prepared: Calibrated, config: QuantConfig, opset: int) -> onnx.Mod
     if opset > prepared.opset and config.per_channel:
         notes = [*notes, f"output stays at opset {opset}: per-channel {config.fmt} weights need it"]
     info = {"config": config.to_dict(), "input_opset": prepared.opset, "opset": default_opset(quantized),
-            "float_nodes": excluded, "calibration_images": len(prepared.images), "notes": notes}
+            "float_nodes": excluded, "calibration_images": prepared.used.get(config.method, len(prepared.images)), "notes": notes}
     quantized.metadata_props.add(key=INFO_KEY, value=json.dumps(info))
     return quantized
 
