@@ -7,8 +7,8 @@
   judged on all of it, every candidate timed interleaved with the float original on ``ctx.latency``
   (:func:`~graphprune.backends.onnxruntime_int8.onnxruntime_cut`). All of it, not the held-out part:
   calibration reads every tiny image, so the held-out images are no less in-sample, only fewer.
-  Measured on nudenet's YOLOv8n (200 ImageNet photos, 800 others as the truth; /tmp studies noted in
-  docs/ARCHITECTURE.md): int8 with Add/Concat in float scored mAP50 0.978 (lower of both ways 0.973)
+  Measured on nudenet's YOLOv8n (200 ImageNet photos, 800 others as the truth;
+  benchmarks/studies/int8_detector.py): int8 with Add/Concat in float scored mAP50 0.978 (lower of both ways 0.973)
   on the 40 held-out photos, 0.838 on all 200, 0.901 on the 800 (a drop of 0.10, over the 0.05
   bound the 40 had passed); percentile ranges, better than MinMax by 1-3 points on the 800 for every
   config tried, were better on the 200 and worse on the 40. Mode ``"auto"`` keeps the plan's
