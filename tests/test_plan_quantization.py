@@ -186,6 +186,8 @@ def test_auto_leaves_quantisation_off_when_the_plan_finds_nothing_faster(r20, tm
     result = optimize(gp.load(path), tiny, config(latency_cut=0.15, quantize="auto"))
     section = result.report["quantization"]
     assert section["mode"] == "auto" and not section["used"] and "no faster" in section["reason"]
+    assert any(line.startswith("not quantised: every candidate measured no faster")
+               for line in format_summary(result.report).splitlines())  # the summary says why, not only the JSON
     assert section["plan"]["alone"] is None and section["block_work_skipped"] is None
     assert section["plan"]["chosen"] is None and section["cut"]["quantization"] == 0.0
     assert result.state.records["quantize_result"]["quantized"] is False

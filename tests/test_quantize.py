@@ -250,7 +250,8 @@ def test_plan_with_labels_returns_none_when_no_candidate_is_within_the_bound():
     measure = fake_measure({"qdq-s8s8": 0.6, "*": 0.3})
     settings = QuantizeSettings(max_calibration_images=16, batch_size=16, max_top1_drop=-0.5, float_groups=())
     plan = plan_quantization(proto, images(16), holdout, settings, measure, labels=labels)
-    assert plan.proto is None and "accuracy bound" in plan.reason
+    assert plan.proto is None and "accuracy bound (top1_drop -0.5; the closest, " in plan.reason
+    assert all(c.loss == pytest.approx(1.0 - c.top1) for c in plan.candidates)  # the float model gets all right
     assert plan.float_top1 == 1.0 and all(not c.within_bound for c in plan.candidates)
     settings = QuantizeSettings(max_calibration_images=16, batch_size=16, max_top1_drop=0.5, float_groups=())
     plan = plan_quantization(proto, images(16), holdout, settings, fake_measure({"qdq-s8s8": 0.6, "*": 0.3}),

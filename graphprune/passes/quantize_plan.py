@@ -53,6 +53,7 @@ class Candidate:
     agreement: float | None = None
     top1: float | None = None
     within_bound: bool = False
+    loss: float | None = None  # what the bound is on (the judge's metric): top-1 drop, disagreement, ...
     error: str | None = None
     info: dict = field(default_factory=dict)
     proto: onnx.ModelProto | None = field(default=None, repr=False)
@@ -63,7 +64,7 @@ class Candidate:
         timing = asdict(self.timing) if self.timing else None
         return {"config": self.config.to_dict(), "timing": timing, "relative_error": self.relative_error,
                 "agreement": self.agreement, "top1": self.top1, "detections": self.detections,
-                "within_bound": self.within_bound,
+                "within_bound": self.within_bound, "loss": self.loss,
                 "error": self.error, "opset": self.info.get("opset"), "float_nodes": self.info.get("float_nodes"),
                 "notes": self.info.get("notes")}
 
@@ -142,7 +143,10 @@ def plan_quantization(proto: onnx.ModelProto, calibration, judge_images, setting
         if current.within_bound:
             break
     if not current.within_bound:
-        return plan(None, f"no candidate stays within the accuracy bound ({judge.metric} {judge.bound}); "
+        closest = min((c for c in tried if c.error is None and c.timing.cut > settings.time_noise),
+                      key=lambda c: c.loss)
+        return plan(None, f"no candidate stays within the accuracy bound ({judge.metric} {judge.bound:g}; the "
+                          f"closest, {closest.config.label}, {closest.loss:.3f} at a cut of {closest.timing.cut:.1%}); "
                           "auto leaves quantisation off")
     return plan(current, f"{current.config.label}: fastest within the accuracy bound, cut {current.timing.cut:.1%}")
 
@@ -196,19 +200,17 @@ class _Judge:
             counts = DetectionCounts()
             counts.add(torch.from_numpy(self.reference), torch.from_numpy(out))
             candidate.detections = counts.as_dict()
-            candidate.within_bound = self.within(1 - lower_map50(candidate.detections))
-            return candidate
-        if self.metric == "relative_error":
-            candidate.within_bound = self.within(error)
-            return candidate
-        target = self.labels if self.labels is not None else self.reference.argmax(1)
-        candidate.correct = out.argmax(1) == target
-        candidate.agreement = float((out.argmax(1) == self.reference.argmax(1)).mean())
-        if self.labels is not None:
-            candidate.top1 = float(candidate.correct.mean())
-            candidate.within_bound = self.within(self.float_top1 - candidate.top1)
+            candidate.loss = 1 - lower_map50(candidate.detections)
+        elif self.metric == "relative_error":
+            candidate.loss = error
         else:
-            candidate.within_bound = self.within(1.0 - candidate.agreement)
+            target = self.labels if self.labels is not None else self.reference.argmax(1)
+            candidate.correct = out.argmax(1) == target
+            candidate.agreement = float((out.argmax(1) == self.reference.argmax(1)).mean())
+            if self.labels is not None:
+                candidate.top1 = float(candidate.correct.mean())
+            candidate.loss = self.float_top1 - candidate.top1 if self.labels is not None else 1.0 - candidate.agreement
+        candidate.within_bound = self.within(candidate.loss)
         return candidate
 
     def within(self, loss: float) -> bool:
