@@ -32,7 +32,7 @@ def format_summary(report: dict) -> str:
     if held_out:
         lines.append(_held_out_line(held_out))
         if held_out.get("warning"):
-            int8 = "" if quantization.get("used") else " (int8 with --quantize auto where it was off)"
+            int8 = _int8_hint(quantization)
             lines.append(f"warning: the optimised model keeps little of the original's function on the held-out "
                          f"images ({held_out['warning']}); a smaller --latency-cut or more images may serve "
                          f"better{int8}")
@@ -43,6 +43,18 @@ def format_summary(report: dict) -> str:
     if "output" in report:
         lines.append(f"wrote {report['output']}")
     return "\n".join(lines)
+
+
+def _int8_hint(quantization: dict) -> str:
+    """What int8 could still do for a model broken on the held-out images: nothing where it was used;
+    ``--quantize auto`` where it was not asked for; ``--quantize int8`` where auto left it off (its
+    accuracy bound is on int8's loss alone, while dropping blocks instead can lose more: nudenet's
+    YOLOv8n at a 15% cut, blocks only, kept mAP50 0.18 of its detections, int8 0.90)."""
+    if quantization.get("used"):
+        return ""
+    if quantization.get("mode") == "auto":
+        return " (or --quantize int8, which auto left off)"
+    return " (or int8: --quantize auto)"
 
 
 def _eval_lines(evaluation: dict) -> list[str]:

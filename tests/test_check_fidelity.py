@@ -91,7 +91,11 @@ def test_the_summary_warns_when_the_held_out_images_show_a_broken_model():
               "dropped": [], "seconds_per_stage": {}, "held_out": held_out}
     (line,) = [line for line in format_summary(report).splitlines() if line.startswith("warning:")]
     assert "'logits' agrees with the original's top class on 40%" in line and "--quantize auto" in line
-    report["quantization"] = {"used": True}
-    assert "--quantize auto" not in format_summary(report)
+    report["quantization"] = {"mode": "auto", "used": False, "reason": "not quantised: no candidate stays within"}
+    summary = format_summary(report)
+    assert "not quantised: no candidate stays within" in summary  # why auto left it off
+    assert "--quantize int8, which auto left off" in summary and "--quantize auto" not in summary
+    report["quantization"] = {"mode": "auto", "used": True}
+    assert "--quantize" not in format_summary(report)
     healthy = HeldOutFidelity({"outputs": {"logits": {"agreement": 0.95}}}, 16, False).to_dict()
     assert healthy["warning"] is None and "warning" not in format_summary({**report, "held_out": healthy})
