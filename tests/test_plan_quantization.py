@@ -196,7 +196,7 @@ def test_auto_leaves_quantisation_off_when_the_plan_finds_nothing_faster(r20, tm
     assert "QuantizeLinear" not in op_types(written) and "Conv" in op_types(written)
 
 
-def test_int8_mode_uses_the_fastest_candidate_over_the_accuracy_bound(r20, monkeypatch):
+def test_int8_mode_uses_the_faster_candidate_that_loses_least_over_the_accuracy_bound(r20, monkeypatch):
     path, tiny = r20
     cuts = {"qdq-u8s8": 0.1, "qdq-s8s8": 0.3}
     monkeypatch.setattr(onnxruntime_int8, "onnxruntime_cut", lambda proto, images, settings: lambda q: Timing(
@@ -206,9 +206,15 @@ def test_int8_mode_uses_the_fastest_candidate_over_the_accuracy_bound(r20, monke
     ctx = make_context(model, tiny, config(quantize="int8"))
     auto = PlanQuantization("auto", settings)(model, ctx)
     assert auto.value.config is None and not auto.record["used"]
+    losses = {c["config"]["label"]: c["loss"] for c in auto.record["candidates"]}
+    least = min(losses, key=lambda label: (losses[label], -cuts[label]))
     forced = PlanQuantization("int8", settings)(model, ctx)
-    assert forced.value.config.activations == "int8" and forced.record["used"]
+    assert forced.value.config.label == least and forced.record["used"]
+    assert "the faster candidate that loses least" in forced.record["reason"]
     assert "although no candidate stays within the accuracy bound" in forced.record["reason"]
+    cuts.update({"qdq-u8s8": -0.1, "qdq-s8s8": -0.2})  # none faster: the fastest, as before
+    forced = PlanQuantization("int8", settings)(model, ctx)
+    assert forced.value.config.label == "qdq-u8s8" and "the fastest candidate measured" in forced.record["reason"]
 
 
 def test_the_plan_is_judged_on_every_tiny_image_with_their_labels(r20, monkeypatch):

@@ -89,6 +89,21 @@ def test_an_unreachable_goal_is_an_error(resnet20, costed):
                       order=["layer1.0", "layer1.1"])
 
 
+def test_the_unreachable_line_says_quantize_int8_takes_what_auto_refused_for_accuracy():
+    from graphprune.passes.quantize import QuantConfig
+    from graphprune.passes.quantize_plan import Candidate, QuantizationPlan, Timing
+
+    refused = ("no candidate stays within the accuracy bound (map50_drop 0.05; the closest, qdq-u8s8, 0.162 at a "
+               "cut of 53.9%); auto leaves quantisation off")
+    faster = Candidate(QuantConfig(), Timing(0.539), 0.03, loss=0.162)
+    line = select_module._int8_off(QuantizationPlan(None, None, refused, "map50_drop", 0.05, [faster]))
+    assert line == refused.split("; auto")[0] + "; quantize 'int8' takes it anyway"
+    slower = Candidate(QuantConfig(), Timing(-0.1), 0.03, loss=0.0)
+    no_faster = "every candidate measured no faster than the float model; auto leaves quantisation off"
+    assert select_module._int8_off(QuantizationPlan(None, None, no_faster, "", 0.05, [slower])) == no_faster.split("; auto")[0]
+    assert select_module._int8_off(None) is None
+
+
 def test_a_real_measurement_of_the_chosen_set_reaches_the_goal(resnet20):
     model, blocks = resnet20
     backend = get_backend("onnxruntime")

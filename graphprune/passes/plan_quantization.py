@@ -51,7 +51,7 @@ from ..model import Model
 from .base import Analysis, PassResult
 from .quantize import (MIN_CALIBRATION_IMAGES, QuantConfig, QuantizeSettings, check_int8_device, cpu_session,
                        quantization_info, quantize_onnx, run_outputs)
-from .quantize_plan import QuantizationPlan, plan_quantization
+from .quantize_plan import QuantizationPlan, closest_candidate, plan_quantization
 from .selection import goal_cut
 
 QUANTIZE_MODES = ("auto", "int8", "none")
@@ -152,7 +152,7 @@ class PlanQuantization(Analysis):
         plan = plan_quantization(proto, tiny.images, tiny.images, self._settings(ctx),
                                  onnxruntime_cut(proto, tiny.images, ctx.latency),
                                  tiny.labels if tiny.has_labels else None)
-        return forced_plan(plan) if self.mode == "int8" and plan.config is None else plan
+        return forced_plan(plan, self.settings.time_noise) if self.mode == "int8" and plan.config is None else plan
 
     def run(self, model: Model, ctx, inputs) -> PassResult:
         plan = self.plan(ctx)
@@ -162,13 +162,16 @@ class PlanQuantization(Analysis):
         return PassResult(model, record=record, artifacts=[plan])
 
 
-def forced_plan(plan: QuantizationPlan) -> QuantizationPlan:
-    """Mode ``"int8"``: the fastest measured candidate although the plan chose none, saying why."""
+def forced_plan(plan: QuantizationPlan, time_noise: float) -> QuantizationPlan:
+    """Mode ``"int8"`` where the plan chose none, saying why: the candidate that loses least of those
+    measured faster (:func:`~.quantize_plan.closest_candidate`), else (none faster) the fastest."""
     measured = [c for c in plan.candidates if c.error is None and c.timing is not None]
-    fastest = max(measured, key=lambda c: c.timing.cut)
-    reason = (f"quantize 'int8': {fastest.config.label} used as asked, the fastest candidate measured (cut "
-              f"{fastest.timing.cut:+.1%}), although {plan.reason.split('; auto')[0]}")
-    return replace(plan, proto=None, config=fastest.config, reason=reason)
+    closest = closest_candidate(measured, time_noise)
+    taken = closest or max(measured, key=lambda c: c.timing.cut)
+    which = (f"the faster candidate that loses least ({plan.metric} {taken.loss:.3f}" if closest
+             else "the fastest candidate measured (") + f", cut {taken.timing.cut:+.1%})"
+    reason = f"quantize 'int8': {taken.config.label} used as asked, {which}, although {plan.reason.split('; auto')[0]}"
+    return replace(plan, proto=None, config=taken.config, reason=reason)
 
 
 def usable_plan(inputs) -> QuantizationPlan | None:
