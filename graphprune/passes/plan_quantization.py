@@ -74,7 +74,7 @@ def check_quantize_mode(mode: str) -> None:
         raise GraphpruneError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got '{mode}'", parameter="quantize")
 
 
-def check_int8_run(ctx, by: str, image_sets: tuple[str, ...] = ("tiny",)) -> None:
+def check_int8_run(ctx, by: str) -> None:
     """Refuse, in one line, an int8 run that cannot happen: a CUDA target (fp16 instead), another
     backend than onnxruntime, or a tiny set too small to calibrate on and judge."""
     check_int8_device(ctx.latency.device)
@@ -82,8 +82,7 @@ def check_int8_run(ctx, by: str, image_sets: tuple[str, ...] = ("tiny",)) -> Non
     if backend.name != "onnxruntime":
         raise GraphpruneError(f"int8 quantisation is timed and written for onnxruntime; backend '{backend.name}' "
                               "cannot run it: use the onnxruntime backend or quantize 'none'", parameter="backend")
-    for name in image_sets:
-        check_enough_images(ctx, name, by)
+    check_enough_images(ctx, "tiny", by)
 
 
 def int8_unavailable(ctx, by: str) -> str | None:

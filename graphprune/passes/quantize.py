@@ -397,7 +397,8 @@ def _quantize(prepared: Calibrated, config: QuantConfig, opset: int) -> onnx.Mod
     out = Path(prepared._dir.name) / "quantized.onnx"
     with quiet():
         try:
-            quantize_static(prepared.path(opset), str(out), None if Path(cache).exists() else prepared.reader(graph, config.method),
+            reader = None if Path(cache).exists() else prepared.reader(graph, config.method)  # ranges computed once
+            quantize_static(prepared.path(opset), str(out), reader,
                             quant_format={"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[config.fmt],
                             per_channel=config.per_channel, activation_type=types[config.activations],
                             weight_type=types[config.weights], nodes_to_exclude=excluded, reduce_range=config.reduce_range,
@@ -414,7 +415,8 @@ def _quantize(prepared: Calibrated, config: QuantConfig, opset: int) -> onnx.Mod
     if opset > prepared.opset and config.per_channel:
         notes = [*notes, f"output stays at opset {opset}: per-channel {config.fmt} weights need it"]
     info = {"config": config.to_dict(), "input_opset": prepared.opset, "opset": default_opset(quantized),
-            "float_nodes": excluded, "calibration_images": prepared.used.get(config.method, len(prepared.images)), "notes": notes}
+            "float_nodes": excluded, "calibration_images": prepared.used.get(config.method, len(prepared.images)),
+            "notes": notes}
     quantized.metadata_props.add(key=INFO_KEY, value=json.dumps(info))
     return quantized
 
