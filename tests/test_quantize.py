@@ -259,6 +259,18 @@ def test_plan_with_labels_returns_none_when_no_candidate_is_within_the_bound():
     assert (plan.config.fmt, plan.config.activations) == ("qdq", "int8")
 
 
+def test_labels_the_float_model_mostly_misses_are_not_used_to_bound_top1():
+    """Class folders from another domain give indices that are not the model's classes: top-1 near
+    0 for the float and int8 models alike would pass any int8; agreement judges instead, and says why."""
+    proto, x = convnet(), images(32, seed=1)
+    foreign = (outputs(proto, x).argmax(1) + 1) % 10  # never the model's top class
+    plan = plan_quantization(proto, images(16), x, SETTINGS, fake_measure({"*": 0.3}), labels=foreign)
+    assert plan.metric == "disagreement" and plan.float_top1 is None
+    assert "labels not used: the float model gets 0% of them right" in plan.reason
+    own = outputs(proto, x).argmax(1)
+    assert plan_quantization(proto, images(16), x, SETTINGS, fake_measure({"*": 0.3}), labels=own).metric == "top1_drop"
+
+
 def test_a_loss_of_exactly_the_bound_is_within_it_despite_float_rounding():
     """EfficientNet-Lite0's int8 lost 2 of its 200 tiny photos: 177/200 - 175/200 is
     0.010000000000000009 in floats, which a plain <= 0.01 refused."""
