@@ -164,6 +164,16 @@ def test_error_calibration_set_too_small():
     assert "at least 16 images" in one_line(exc) and exc.value.parameter == "calibration"
 
 
+def test_error_fixed_batch_larger_than_the_images():
+    """A file whose input fixes a batch of 32, given fewer images: no whole batch to run (a ValueError
+    from numpy before); one line naming the batch."""
+    proto = convnet()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 32
+    with pytest.raises(GraphpruneError) as exc:
+        plan_quantization(proto, images(20), images(20), SETTINGS, fake_measure({"*": 0.3}))
+    assert "fixes a batch of 32 images: give at least 32, got 16" in one_line(exc)  # 16: SETTINGS caps them
+
+
 def test_error_int8_for_cuda():
     with pytest.raises(GraphpruneError) as exc:
         quantize_onnx(convnet(), images(16), QuantConfig(), device="cuda")

@@ -230,9 +230,13 @@ def image_batches(session, images: torch.Tensor, batch_size: int, equal: bool = 
     if len(session.get_inputs()) != 1:
         raise GraphpruneError(f"quantisation takes models with one image input; this one has {len(session.get_inputs())}")
     (info,) = session.get_inputs()
+    fixed = fixed_batch(session)
+    if fixed and len(images) < fixed:  # no whole batch to run
+        raise GraphpruneError(f"the model's input fixes a batch of {fixed} images: give at least {fixed}, "
+                              f"got {len(images)}, or export it with a dynamic batch")
     step = batch_step(session, len(images), batch_size)
     channels_last = looks_channels_last(tuple(info.shape))
-    for start in range(0, len(images) - (len(images) % step if equal or fixed_batch(session) else 0), step):
+    for start in range(0, len(images) - (len(images) % step if equal or fixed else 0), step):
         yield ort_feeds(session, (images[start:start + step],), channels_last)
 
 
