@@ -202,7 +202,8 @@ def test_int8_mode_uses_the_faster_candidate_that_loses_least_over_the_accuracy_
     monkeypatch.setattr(onnxruntime_int8, "onnxruntime_cut", lambda proto, images, settings: lambda q: Timing(
         next(v for k, v in cuts.items() if quantization_info(q)["config"]["label"].startswith(k))))
     model = gp.load(path)
-    settings = QuantizeSettings(formats=("qdq",), float_groups=(), max_top1_drop=-1.0)  # nothing within it
+    settings = QuantizeSettings(formats=("qdq",), float_groups=(), max_top1_drop=-1.0,  # nothing within it
+                                max_disagreement=-1.0, max_relative_error=-1.0)
     ctx = make_context(model, tiny, config(quantize="int8"))
     auto = PlanQuantization("auto", settings)(model, ctx)
     assert auto.value.config is None and not auto.record["used"]
