@@ -52,9 +52,11 @@ def _int8_hint(quantization: dict) -> str:
     YOLOv8n at a 15% cut, blocks only, kept mAP50 0.18 of its detections, int8 0.90)."""
     if quantization.get("used"):
         return ""
-    if quantization.get("mode") == "auto":
-        return " (or --quantize int8, which auto left off)"
-    return " (or int8: --quantize auto)"
+    if quantization.get("mode") != "auto":
+        return " (or int8: --quantize auto)"
+    candidates = (quantization.get("plan") or {}).get("candidates") or []
+    faster = any((c.get("timing") or {}).get("cut", 0) > 0 for c in candidates if not c.get("error"))
+    return " (or --quantize int8, which auto left off)" if faster else ""  # not where int8 cannot run or is slower
 
 
 def _eval_lines(evaluation: dict) -> list[str]:

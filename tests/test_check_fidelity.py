@@ -91,10 +91,14 @@ def test_the_summary_warns_when_the_held_out_images_show_a_broken_model():
               "dropped": [], "seconds_per_stage": {}, "held_out": held_out}
     (line,) = [line for line in format_summary(report).splitlines() if line.startswith("warning:")]
     assert "'logits' agrees with the original's top class on 40%" in line and "--quantize auto" in line
-    report["quantization"] = {"mode": "auto", "used": False, "reason": "not quantised: no candidate stays within"}
+    faster = {"candidates": [{"timing": {"cut": 0.5}, "error": None}]}
+    report["quantization"] = {"mode": "auto", "used": False, "reason": "not quantised: no candidate stays within",
+                              "plan": faster}
     summary = format_summary(report)
     assert "not quantised: no candidate stays within" in summary  # why auto left it off
     assert "--quantize int8, which auto left off" in summary and "--quantize auto" not in summary
+    report["quantization"] = {"mode": "auto", "used": False, "reason": "int8 left off: a CUDA target", "plan": None}
+    assert "--quantize" not in format_summary(report)  # int8 cannot run there: nothing to suggest
     report["quantization"] = {"mode": "auto", "used": True}
     assert "--quantize" not in format_summary(report)
     healthy = HeldOutFidelity({"outputs": {"logits": {"agreement": 0.95}}}, 16, False).to_dict()
