@@ -52,7 +52,7 @@ def _int8_hint(quantization: dict) -> str:
     YOLOv8n at a 15% cut, blocks only, kept mAP50 0.18 of its detections, int8 0.90)."""
     if quantization.get("used"):
         return ""
-    if quantization.get("mode") != "auto":
+    if quantization.get("mode") in (None, "none"):
         return " (or int8: --quantize auto)"
     candidates = (quantization.get("plan") or {}).get("candidates") or []
     faster = any((c.get("timing") or {}).get("cut", 0) > 0 for c in candidates if not c.get("error"))
