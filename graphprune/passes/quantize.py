@@ -234,15 +234,10 @@ def image_batches(session, images: torch.Tensor, batch_size: int, equal: bool = 
     if fixed and len(images) < fixed:  # no whole batch to run
         raise GraphpruneError(f"the model's input fixes a batch of {fixed} images: give at least {fixed}, "
                               f"got {len(images)}, or export it with a dynamic batch")
-    step = batch_step(session, len(images), batch_size)
+    step = fixed or max(1, min(batch_size, len(images)))
     channels_last = looks_channels_last(tuple(info.shape))
     for start in range(0, len(images) - (len(images) % step if equal or fixed else 0), step):
         yield ort_feeds(session, (images[start:start + step],), channels_last)
-
-
-def batch_step(session, count: int, batch_size: int) -> int:
-    """Images per batch: the input's fixed batch, else ``batch_size`` (at most ``count``)."""
-    return fixed_batch(session) or max(1, min(batch_size, count))
 
 
 def fixed_batch(session) -> int | None:

@@ -192,7 +192,6 @@ class _Judge:
             self.metric, self.bound = "map50_drop", settings.max_map50_drop
         elif self.labels is not None and classifier and self._labels_bound_top1():
             self.metric, self.bound = "top1_drop", settings.max_top1_drop
-            self.float_top1 = float((self.reference.argmax(1) == self.labels).mean())
         elif classifier:
             self.metric, self.bound = "disagreement", settings.max_disagreement
         else:
@@ -203,9 +202,10 @@ class _Judge:
         ``MIN_LABELLED_TOP1`` of them right. Labels from another domain's class folders (a tiny set
         "from another domain" is the mission's case) are indices the model does not share: its top-1
         on them is near chance, int8's too, so the drop is near 0 whatever int8 changes; agreement with
-        the float model then judges instead, and ``note`` says why."""
+        the float model then judges instead, and ``note`` says why. Sets ``float_top1`` where they can."""
         top1 = float((self.reference.argmax(1) == self.labels).mean())
         if top1 >= MIN_LABELLED_TOP1:
+            self.float_top1 = top1
             return True
         self.note = (f"labels not used: the float model gets {top1:.0%} of them right, too few to bound a drop in "
                      "top-1 (not its classes?); judged by agreement with it")

@@ -41,6 +41,7 @@ from .drop_blocks import drop_blocks
 from .find_blocks import Block, Blocks
 from .measure_latency import BlockLatencyTable, measure_cut
 from .plan_quantization import SELECTION_CACHE, QuantizationPlan, measuring_backend, no_block_needed
+from .quantize_plan import closest_candidate
 from .pool_latency import PooledLatency
 from .recoverability import BlockRecoverabilities
 from .selection import BlockScore, Selection, check_latency_cut, goal_cut
@@ -173,5 +174,5 @@ def _int8_off(plan: QuantizationPlan | None) -> str | None:
     """Why a quantisation plan that was made chose float (None where there is no plan or it chose int8)."""
     if plan is None or plan.config is not None:
         return None
-    faster = any(c.error is None and c.timing is not None and c.timing.cut > 0 for c in plan.candidates)
+    faster = closest_candidate(plan.candidates, 0.0) is not None
     return plan.reason.split("; auto leaves")[0] + ("; quantize 'int8' takes it anyway" if faster else "")
