@@ -11,8 +11,9 @@
   benchmarks/studies/int8_detector.py): int8 with Add/Concat in float scored mAP50 0.978 (lower of both ways 0.973)
   on the 40 held-out photos, 0.838 on all 200, 0.901 on the 800 (a drop of 0.10, over the 0.05
   bound the 40 had passed); percentile ranges, better than MinMax there by 1-3 points on the 800 for
-  every config tried, were better on the 200 and worse on the 40 (on EfficientNet-Lite0 they cost
-  0.9 points of top-1 on its 800: the plan keeps MinMax). Mode ``"auto"`` keeps the plan's
+  every config tried, were better on the 200 and worse on the 40 (on EfficientNet-Lite0 they lost
+  0.75 points of top-1 on its 800 where MinMax gained 0.13, benchmarks/studies/int8_ranges.py: the
+  plan keeps MinMax). Mode ``"auto"`` keeps the plan's
   answer: where it has no config (no candidate faster, or none within the accuracy bound, or int8
   cannot run at all: a CUDA target, a backend other than onnxruntime, too few images, see
   :func:`int8_unavailable`) the rest of the pipeline runs float-only and the plan's ``reason`` says
