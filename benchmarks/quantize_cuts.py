@@ -81,7 +81,8 @@ def pipeline_for(row: dict, config):
     from graphprune.passes import MeasureResult, PlanQuantization, QuantizeResult
 
     if row["method"] == "int8-only":
-        return [PlanQuantization("auto", config.quantization), QuantizeResult(), MeasureResult()]
+        return [PlanQuantization("auto", config.quantization, config.recovery.device),
+                QuantizeResult.from_config(config), MeasureResult()]
     return gp.default_pipeline(config)
 
 

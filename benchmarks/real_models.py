@@ -165,7 +165,8 @@ def run_row(row: dict, original_path: Path, tiny, test) -> dict:
 
     model = gp.load(str(original_path))
     config = config_for(row)
-    pipeline = ([PlanQuantization("auto", config.quantization), QuantizeResult(), MeasureResult()]
+    pipeline = ([PlanQuantization("auto", config.quantization, config.recovery.device),
+                QuantizeResult.from_config(config), MeasureResult()]
                 if row["method"] == "int8-only" else None)
     start = time.perf_counter()
     result = optimize(model, tiny, config, pipeline)

@@ -113,7 +113,7 @@ def default_pipeline(config: OptimizeConfig = OptimizeConfig()) -> list[Pass]:
     quantized = config.quantize != "none"
     return [
         FindBlocks(),
-        *([PlanQuantization(config.quantize, config.quantization)] if quantized else []),
+        *([PlanQuantization.from_config(config)] if quantized else []),
         MeasureBlockLatency(),
         PoolIdenticalBlocks(),
         Recoverability(config.recoverability),
@@ -121,7 +121,7 @@ def default_pipeline(config: OptimizeConfig = OptimizeConfig()) -> list[Pass]:
         RefineSelection(config.refine),
         DropBlocks(),
         Recover(config.recovery),
-        *([QuantizeResult()] if quantized else []),
+        *([QuantizeResult.from_config(config)] if quantized else []),
         MeasureResult(),
         CheckFidelity(),
     ]
@@ -234,6 +234,7 @@ def quantization_report(config: OptimizeConfig, plan, quantized, final, block_wo
             "plan": plan.to_dict() if plan is not None else None,
             "float_nodes": quantized.float_nodes if written else None,
             "against_float_on_tiny_set": quantized.agreement if written else None,
+            "mimic": quantized.info.get("mimic") if written else None,
             "block_work_skipped": block_work_skipped,
             "cut": split}
 

@@ -22,6 +22,10 @@ def format_summary(report: dict) -> str:
         lines.append(f"{quantization['block_work_skipped']} (no block profiled or scored)")
     if quantization.get("mode") in ("auto", "int8") and not quantization.get("used") and quantization.get("reason"):
         lines.append(quantization["reason"])  # why int8 is off: it cannot run here, or was slower or inaccurate
+    if quantization.get("used") and quantization.get("mimic"):
+        mimic = quantization["mimic"]
+        lines.append(f"int8 weights trained by quantisation-aware mimicking: {quantization['reason']} "
+                     f"({mimic.get('steps')} steps, {mimic.get('seconds', 0):.0f}s)")
     lines.append(f"latency {latency['original_ms']:.3f} ms -> {latency['optimized_ms']:.3f} ms "
                  f"(measured cut {100 * latency['cut']:.1f}%, target {100 * latency['target']:.1f}%)")
     recovery = report.get("recovery") or {}

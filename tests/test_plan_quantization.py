@@ -203,7 +203,7 @@ def test_int8_mode_uses_the_faster_candidate_that_loses_least_over_the_accuracy_
         next(v for k, v in cuts.items() if quantization_info(q)["config"]["label"].startswith(k))))
     model = gp.load(path)
     settings = QuantizeSettings(formats=("qdq",), float_groups=(), max_top1_drop=-1.0,  # nothing within it
-                                max_disagreement=-1.0, max_relative_error=-1.0)
+                                max_disagreement=-1.0, max_relative_error=-1.0, mimic="off")  # (test_quantize_mimic)
     ctx = make_context(model, tiny, config(quantize="int8"))
     auto = PlanQuantization("auto", settings)(model, ctx)
     assert auto.value.config is None and not auto.record["used"]
@@ -225,7 +225,7 @@ def test_the_plan_is_judged_on_every_tiny_image_with_their_labels(r20, monkeypat
     path, tiny = r20
     seen = {}
 
-    def spy(proto, calibration, judge_images, settings, measure, labels=None):
+    def spy(proto, calibration, judge_images, settings, measure, labels=None, improve=None):
         seen.update(calibration=len(calibration), judged=judge_images, labels=labels)
         return QuantizationPlan(None, None, "spied", "", 0.0, [])
 

@@ -46,7 +46,7 @@ INTERNAL = ("holdout_minimum", "latency.warmup_runs", "latency.warmup_s", "laten
                                             "calibration_method", "max_calibration_images", "batch_size",
                                             "max_top1_drop", "max_disagreement", "max_relative_error",
                                             "max_map50_drop", "float_groups", "time_noise", "error_noise",
-                                            "device", "reduce_range")))
+                                            "device", "reduce_range", "mimic_steps", "mimic_lr")))
 DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.size": "the model's input",
            "output_format": "-o's suffix"}
 
@@ -89,6 +89,9 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
 @opt("latency", "--quantize", fills="quantize", type=click.Choice(["none", "auto", "int8"]),
      help="int8 towards the same target: auto where it measures faster within the accuracy bound (off, saying "
           "why, where int8 cannot run), int8 always (onnxruntime CPU; the output is then ONNX)")
+@opt("latency", "--quantize-mimic", fills="quantization.mimic", type=click.Choice(["auto", "off"]),
+     help="auto: where plain int8 loses more than the bound, train the weights with int8's rounding in the graph "
+          "to mimic the original on the tiny set (minutes), and judge again; off: never")
 @opt("latency", "--margin", fills="margin", type=NON_NEGATIVE, help="select until the measured cut reaches cut+margin")
 @opt("latency", "--time-budget", fills="time_budget_s", type=POSITIVE, metavar="SECONDS",
      help="seconds the whole run should take (2700: 45 minutes): refinement and recovery are sized to the time "

@@ -40,6 +40,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -50,8 +51,8 @@ from ..errors import GraphpruneError
 from ..formats.model_io import to_onnx
 from ..model import Model
 from .base import Analysis, PassResult
-from .quantize import (MIN_CALIBRATION_IMAGES, QuantConfig, QuantizeSettings, check_int8_device, cpu_session,
-                       quantization_info, quantize_onnx, run_outputs)
+from .quantize import (MIN_CALIBRATION_IMAGES, Calibrated, QuantConfig, QuantizeSettings, check_int8_device, cpu_session,
+                       quantization_info, quantize_onnx, run_outputs, with_mimic_record)
 from .quantize_plan import QuantizationPlan, closest_candidate, plan_quantization
 from .selection import goal_cut
 
@@ -119,13 +120,13 @@ class PlanQuantization(Analysis):
     name = "plan_quantization"
     provides = (QuantizationPlan,)
 
-    def __init__(self, mode: str = "auto", settings: QuantizeSettings = QuantizeSettings()):
+    def __init__(self, mode: str = "auto", settings: QuantizeSettings = QuantizeSettings(), train_device: str = "cpu"):
         check_quantize_mode(mode)
-        self.mode, self.settings = mode, settings
+        self.mode, self.settings, self.train_device = mode, settings, train_device
 
     @classmethod
     def from_config(cls, config) -> "PlanQuantization":
-        return cls(config.quantize, config.quantization)
+        return cls(config.quantize, config.quantization, config.recovery.device)
 
     def check(self, model: Model, ctx) -> None:
         if self.mode != "none":  # the device is checked below (int8) or by the plan (auto: left off)
@@ -149,9 +150,12 @@ class PlanQuantization(Analysis):
 
         tiny = ctx.need("tiny", self.name)
         proto = to_onnx(ctx.original) if float_proto is None else float_proto
-        plan = plan_quantization(proto, tiny.images, tiny.images, self._settings(ctx),
+        settings = self._settings(ctx)
+        improve = None if settings.mimic == "off" else \
+            functools.partial(_mimicked, ctx.original, tiny.images, settings, self.train_device, ctx.feature_node)
+        plan = plan_quantization(proto, tiny.images, tiny.images, settings,
                                  onnxruntime_cut(proto, tiny.images, ctx.latency),
-                                 tiny.labels if tiny.has_labels else None)
+                                 tiny.labels if tiny.has_labels else None, improve)
         return forced_plan(plan, self.settings.time_noise) if self.mode == "int8" and plan.config is None else plan
 
     def run(self, model: Model, ctx, inputs) -> PassResult:
@@ -160,6 +164,31 @@ class PlanQuantization(Analysis):
             plan = replace(plan, alone=measure_quantization_alone(ctx, plan, self.name))
         record = {"mode": self.mode, "used": plan.config is not None, **plan.to_dict()}
         return PassResult(model, record=record, artifacts=[plan])
+
+
+def _mimicked(original: Model, images, settings: QuantizeSettings, train_device: str, feature_node: str | None,
+              candidate) -> tuple[onnx.ModelProto, dict] | None:
+    """The plan's ``improve``: ``candidate`` made again from weights trained by quantisation-aware
+    mimicking (None where nothing could be trained)."""
+    trained, record = mimic_trained(original, original, images, candidate.config, settings, train_device,
+                                    feature_node)
+    if record.get("skipped"):
+        return None
+    return with_mimic_record(quantize_onnx(trained, config=replace(candidate.config, mimic=True),
+                                           device=settings.device), record), record
+
+
+def mimic_trained(model: Model, teacher: Model, images, config: QuantConfig, settings: QuantizeSettings,
+                  train_device: str = "cpu", feature_node: str | None = None) -> tuple[Calibrated, dict]:
+    """``model`` trained by quantisation-aware mimicking for ``config``'s rounding, as ONNX ready to
+    quantise with the ranges it learnt, and the training's record."""
+    from .quantize_mimic import mimic_quantized
+
+    before = Calibrated(to_onnx(model), images)
+    trained, record = mimic_quantized(model, teacher, before, config, settings.mimic_settings(train_device), feature_node)
+    after = Calibrated(to_onnx(trained), images)
+    after.take_ranges(before)
+    return after, record
 
 
 def forced_plan(plan: QuantizationPlan, time_noise: float) -> QuantizationPlan:
@@ -273,12 +302,20 @@ class QuantizedOnnx:
 
 class QuantizeResult(Analysis):
     """Quantise the current (recovered) model with the plan's config, calibrated on every image of
-    ``ctx.tiny``; the fx model stays float (the written file is the ``QuantizedOnnx``)."""
+    ``ctx.tiny``, its weights first trained by quantisation-aware mimicking where the config says
+    so; the fx model stays float (the written file is the ``QuantizedOnnx``)."""
 
     name = "quantize_result"
     requires = (QuantizationPlan,)
     provides = (QuantizedOnnx,)
     batch_size = 64
+
+    def __init__(self, settings: QuantizeSettings = QuantizeSettings(), train_device: str = "cpu"):
+        self.settings, self.train_device = settings, train_device
+
+    @classmethod
+    def from_config(cls, config) -> "QuantizeResult":
+        return cls(config.quantization, config.recovery.device)
 
     # no check of its own: a plan with a config exists only where plan_quantization found int8 can run
 
@@ -288,20 +325,36 @@ class QuantizeResult(Analysis):
             quantized = QuantizedOnnx(None, reason=f"not quantised: {plan.reason}")
             return PassResult(model, record={"quantized": False, "reason": quantized.reason}, artifacts=[quantized])
         images = ctx.need("tiny", self.name).images
-        quantized = quantize_against_float(to_onnx(model), images, plan.config, ctx.latency.device, plan.reason,
-                                           self.batch_size)
+        settings = replace(self.settings, device=ctx.latency.device)
+        if plan.config.mimic and plan.proto is not None and model.graph_module is ctx.original.graph_module:
+            # the plan trained this very model on these images (seeded): training again repeats its
+            # minutes to the same weights
+            quantized = QuantizedOnnx(plan.proto, quantization_info(plan.proto), plan.reason,
+                                      output_agreement(to_onnx(model), plan.proto, images, self.batch_size))
+        else:
+            quantized = quantize_model(model, ctx.original, images, plan.config, settings, plan.reason,
+                                       self.train_device, ctx.feature_node, self.batch_size)
         record = {"quantized": True, "config": plan.config.to_dict(), "float_nodes": quantized.float_nodes,
                   "calibration_images": len(images), "opset": quantized.info.get("opset"),
-                  "notes": quantized.info.get("notes"), "against_float_on_tiny_set": quantized.agreement}
+                  "notes": quantized.info.get("notes"), "mimic": quantized.info.get("mimic"),
+                  "against_float_on_tiny_set": quantized.agreement}
         return PassResult(model, record=record, artifacts=[quantized])
 
 
-def quantize_against_float(float_proto: onnx.ModelProto, images, config: QuantConfig, device: str = "cpu",
-                           reason: str = "", batch_size: int = 64) -> QuantizedOnnx:
-    """``float_proto`` quantised with ``config``, calibrated on every one of ``images``, with how it
-    was made and how close it stays to the float model on those images (what ``quantize_result``
-    writes, and what ``graphprune profile --quantize`` times)."""
-    proto = quantize_onnx(float_proto, images, config, device)
+def quantize_model(model: Model, teacher: Model, images, config: QuantConfig, settings: QuantizeSettings,
+                   reason: str = "", train_device: str = "cpu", feature_node: str | None = None,
+                   batch_size: int = 64) -> QuantizedOnnx:
+    """``model`` quantised with ``config``, calibrated on every one of ``images``, with how it was
+    made and how close it stays to the float model on those images (what ``quantize_result``
+    writes, and what ``graphprune profile --quantize`` times). Where ``config.mimic``, the weights
+    are first trained to mimic ``teacher`` with the plain quantisation's rounding in the graph
+    (:mod:`.quantize_mimic`); ``info["mimic"]`` is that training's record."""
+    float_proto = to_onnx(model)
+    if config.mimic:
+        trained, mimic = mimic_trained(model, teacher, images, config, settings, train_device, feature_node)
+        proto = with_mimic_record(quantize_onnx(trained, config=config, device=settings.device), mimic)
+    else:
+        proto = quantize_onnx(float_proto, images, config, settings.device)
     return QuantizedOnnx(proto, quantization_info(proto), reason, output_agreement(float_proto, proto, images, batch_size))
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -47,6 +48,7 @@ FORMATS = ("qdq", "qoperator")
 TYPES = ("uint8", "int8")
 METHODS = ("minmax", "entropy", "percentile")
 FLOAT_GROUPS = ("first_conv", "classifier", "add_concat", "decode")
+MIMIC_MODES = ("auto", "off")
 # A guard, not a measured knee: MinMax ranges are the extremes of the calibration activations, so
 # from a handful of images they depend on those images. On CIFAR ResNet-56 (this CPU, 7-bit
 # weights) top-1 was 92.6-92.9 from 4 (repeated), 16, 64 or 500 images (float 92.6), so the
@@ -68,11 +70,15 @@ class QuantConfig:
     method: str = "minmax"
     float_groups: tuple[str, ...] = ()
     reduce_range: bool | None = None  # 7-bit weights; None: where 8-bit ones saturate (saturating_cpu)
+    # The float weights are first trained with this config's activation rounding in the graph
+    # (quantize_mimic.py). A pass does that (quantize_result); quantize_onnx quantises the weights it
+    # is given, so the timing of a config is the same with or without it.
+    mimic: bool = False
 
     @property
     def label(self) -> str:
         short = {"uint8": "u8", "int8": "s8"}
-        extra = "".join(f"+float:{g}" for g in self.float_groups)
+        extra = "".join(f"+float:{g}" for g in self.float_groups) + ("+mimic" if self.mimic else "")
         return f"{self.fmt}-{short[self.activations]}{short[self.weights]}{'-7bit' if self.reduce_range else ''}{extra}"
 
     def to_dict(self) -> dict:
@@ -84,16 +90,19 @@ class QuantConfig:
         per-channel MinMax as a plan's candidates are; without ``-7bit`` the CPU decides
         (``reduce_range=None``), as it does for the candidates."""
         types = {"u8": "uint8", "s8": "int8"}
-        base, *groups = label.strip().split("+float:")
+        label = label.strip()
+        mimic = label.endswith("+mimic")
+        base, *groups = label.removesuffix("+mimic").split("+float:")
         fmt, _, rest = base.partition("-")
         kinds, _, seven = rest.partition("-")
         if (fmt not in FORMATS or kinds[:2] not in types or kinds[2:] not in types or seven not in ("", "7bit")
                 or any(g not in FLOAT_GROUPS for g in groups)):
             raise GraphpruneError(f"label '{label}' names no quantisation config: write it like qdq-u8s8 or "
-                                  f"qoperator-s8s8-7bit+float:first_conv (format {' or '.join(FORMATS)}; u8 or s8 "
-                                  f"activations, then weights; float groups {', '.join(FLOAT_GROUPS)})", parameter="label")
+                                  f"qoperator-s8s8-7bit+float:first_conv+mimic (format {' or '.join(FORMATS)}; u8 or "
+                                  f"s8 activations, then weights; float groups {', '.join(FLOAT_GROUPS)}; +mimic "
+                                  "last)", parameter="label")
         return cls(fmt, types[kinds[:2]], types[kinds[2:]], float_groups=tuple(groups),
-                   reduce_range=True if seven else None)
+                   reduce_range=True if seven else None, mimic=mimic)
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,11 @@ class QuantizeSettings:
     seed: int = 0
     device: str = "cpu"
     reduce_range: bool | None = None  # None: on a CPU where 8-bit weights saturate (saturating_cpu)
+    # "auto": where no candidate stays within the bound, the closest is trained by quantisation-aware
+    # mimicking (quantize_mimic.py, mimic_steps at mimic_lr) and judged again; "off": never
+    mimic: str = "auto"
+    mimic_steps: int = 200
+    mimic_lr: float = 1e-5
 
     def check(self) -> None:
         for name, values, allowed in (("formats", self.formats, FORMATS), ("activation_types", self.activation_types, TYPES),
@@ -144,7 +158,16 @@ class QuantizeSettings:
         if self.max_calibration_images < MIN_CALIBRATION_IMAGES or self.batch_size < 1:
             raise GraphpruneError(f"max_calibration_images must be at least {MIN_CALIBRATION_IMAGES} and batch_size "
                                   "at least 1", parameter="max_calibration_images")
+        if self.mimic not in MIMIC_MODES:
+            raise GraphpruneError(f"mimic must be one of {', '.join(MIMIC_MODES)}, got '{self.mimic}'", parameter="mimic")
+        self.mimic_settings().check()
         check_int8_device(self.device)
+
+    def mimic_settings(self, device: str = "cpu"):
+        """How quantisation-aware mimicking trains (on ``device``)."""
+        from .quantize_mimic import MimicSettings
+
+        return MimicSettings(steps=self.mimic_steps, lr=self.mimic_lr, seed=self.seed, device=device)
 
     def candidates(self) -> list[QuantConfig]:
         reduce = saturating_cpu() if self.reduce_range is None else self.reduce_range
@@ -221,6 +244,17 @@ def quantization_info(proto: onnx.ModelProto) -> dict:
         if prop.key == INFO_KEY:
             return json.loads(prop.value)
     return {}
+
+
+def with_mimic_record(proto: onnx.ModelProto, record: dict) -> onnx.ModelProto:
+    """``proto`` with how quantisation-aware mimicking trained its weights added to its
+    :func:`quantization_info` (``"mimic"``): what the report and a later reader of the file see."""
+    info = {**quantization_info(proto), "mimic": record}
+    for prop in list(proto.metadata_props):
+        if prop.key == INFO_KEY:
+            proto.metadata_props.remove(prop)
+    proto.metadata_props.add(key=INFO_KEY, value=json.dumps(info))
+    return proto
 
 
 def image_batches(session, images: torch.Tensor, batch_size: int, equal: bool = False):
@@ -323,6 +357,13 @@ class Calibrated:
             notes.append(f"quant_pre_process failed ({first_line(exc)}); quantised without it")
             onnx.save(proto, str(path))
         return proto, notes
+
+    def take_ranges(self, other: "Calibrated") -> None:
+        """Quantise with the calibration ranges ``other`` computed (every opset and method it has),
+        not with this graph's own: for the same graph with other weights, its tensors named alike
+        (quantisation-aware mimicking trains the weights for ``other``'s rounding)."""
+        for path in Path(other._dir.name).glob("ranges*.json"):
+            shutil.copy(path, Path(self._dir.name) / path.name)
 
     def cache_path(self, opset: int, method: str) -> str:
         return str(Path(self._dir.name) / f"ranges{opset}-{method}.json")

@@ -8,7 +8,11 @@ the float model), judged against the float model on the judge images (the pass g
 tiny set, see below); the fastest within the
 accuracy bound is kept, then each float group (first conv, classifier, Add/Concat merges) is tried
 and kept only when the measurement says it helps; where no candidate is within the bound, the float
-groups are tried on each faster candidate in turn, fastest first, until one comes within.
+groups are tried on each faster candidate in turn, fastest first, until one comes within; where
+still none is, the closest is trained by quantisation-aware mimicking (an ``improve`` callable the
+pass gives: :mod:`.quantize_mimic`) and judged again. The judge images are the ones it trained on:
+on nudenet's YOLOv8n the trained model scored 0.926 there and 0.955 on 800 photos it never saw
+(mAP50 against the float model), so that judge was not the optimistic one.
 ``plan.proto is None`` with a reason when quantisation does not pay ("auto leaves it off").
 """
 
@@ -64,7 +68,7 @@ class Candidate:
         timing = asdict(self.timing) if self.timing else None
         return {"config": self.config.to_dict(), "timing": timing, "relative_error": self.relative_error,
                 "agreement": self.agreement, "top1": self.top1, "detections": self.detections,
-                "within_bound": self.within_bound, "loss": self.loss,
+                "within_bound": self.within_bound, "loss": self.loss, "mimic": self.info.get("mimic"),
                 "error": self.error, "opset": self.info.get("opset"), "float_nodes": self.info.get("float_nodes"),
                 "notes": self.info.get("notes")}
 
@@ -99,11 +103,18 @@ class QuantizationPlan:
                 "candidates": [c.to_dict() for c in self.candidates]}
 
 
+# What plan_quantization calls for quantisation-aware mimicking: the candidate to improve -> the
+# int8 model made from trained weights and the training's record, or None where it cannot train
+Improve = Callable[["Candidate"], "tuple[onnx.ModelProto, dict] | None"]
+
+
 def plan_quantization(proto: onnx.ModelProto, calibration, judge_images, settings: QuantizeSettings,
-                      measure: Measure, labels=None) -> QuantizationPlan:
+                      measure: Measure, labels=None, improve: Improve | None = None) -> QuantizationPlan:
     """Measure every candidate of ``settings`` and choose (see the module docstring): calibrated on
     ``calibration``, judged on ``judge_images`` (``labels``: theirs, or None); each is capped at
-    ``max_calibration_images``, drawn with ``settings.seed``."""
+    ``max_calibration_images``, drawn with ``settings.seed``. ``improve``: where no candidate is
+    within the bound, the closest is given to it, and what it returns judged as one more candidate
+    (its config with ``mimic`` set; timed as the closest: the same graph with other weights)."""
     settings.check()
     calibration, _ = _at_most(as_images(calibration), None, settings)
     prepared = Calibrated(proto, calibration, settings.batch_size)
@@ -145,6 +156,16 @@ def plan_quantization(proto: onnx.ModelProto, calibration, judge_images, setting
             break
     if not current.within_bound:
         closest = closest_candidate(tried, settings.time_noise)
+        made = improve(closest) if improve is not None and closest is not None else None
+        if made is not None:
+            trained = judge.judge(replace(closest.config, mimic=True), made[0], closest.timing)
+            trained.info["mimic"] = made[1]
+            tried.append(trained)
+            if trained.within_bound:
+                return plan(trained, f"{trained.config.label}: within the accuracy bound after quantisation-aware "
+                                     f"mimicking ({judge.metric} {closest.loss:.3f} -> {trained.loss:.3f}), cut "
+                                     f"{trained.timing.cut:.1%}")
+            closest = closest_candidate(tried, settings.time_noise)
         return plan(None, f"no candidate stays within the accuracy bound ({judge.metric} {judge.bound:g}; the "
                           f"closest, {closest.config.label}, {closest.loss:.3f} at a cut of {closest.timing.cut:.1%}); "
                           "auto leaves quantisation off")
@@ -217,9 +238,12 @@ class _Judge:
             quantized = quantize_onnx(prepared, config=config, device=self.settings.device)
         except GraphpruneError as exc:
             return Candidate(config, error=str(exc))
-        out = run_outputs(cpu_session(quantized), self.images, self.settings.batch_size)
         timing = measure(quantized)
-        timing = timing if isinstance(timing, Timing) else Timing(float(timing))
+        return self.judge(config, quantized, timing if isinstance(timing, Timing) else Timing(float(timing)))
+
+    def judge(self, config: QuantConfig, quantized: onnx.ModelProto, timing: Timing) -> Candidate:
+        """The candidate ``quantized`` (made with ``config``, timed as ``timing``) against the float model."""
+        out = run_outputs(cpu_session(quantized), self.images, self.settings.batch_size)
         error = float(np.linalg.norm(out - self.reference) / max(np.linalg.norm(self.reference), 1e-12))
         candidate = Candidate(config, timing, error, proto=quantized, info=quantization_info(quantized))
         if self.detector:
