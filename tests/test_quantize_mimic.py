@@ -13,7 +13,7 @@ from graphprune.formats.io_onnx import load_proto
 from graphprune.formats.model_io import to_onnx
 from graphprune.passes.quantize import (Calibrated, QuantConfig, QuantizeSettings, cpu_session, quantization_info, quantize_onnx,
                                         run_outputs)
-from graphprune.passes.quantize_mimic import (MimicSettings, fake_quant_points, fake_quantize, mimic_quantized,
+from graphprune.passes.quantize_mimic import (TIMED_STEPS, MimicSettings, fake_quant_points, fake_quantize, mimic_quantized,
                                               round_weights, tensor_nodes, unround_weights, weight_rounding,
                                               with_fake_quant)
 from graphprune.passes.quantize_plan import Timing, plan_quantization
@@ -102,6 +102,15 @@ def test_training_lowers_the_feature_error_under_int8_rounding_and_writes_a_plai
     written = quantize_onnx(to_onnx(trained), x, QDQ)
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in written.graph.node}
     assert run_outputs(cpu_session(written), x, 16).shape == (len(x), 10)
+
+
+def test_a_time_limit_shortens_the_schedule_to_the_steps_that_fit():
+    model, x, _, _ = _setup()
+    calibrated = Calibrated(to_onnx(model), x)
+    _, record = mimic_quantized(model, model, calibrated, QDQ, MimicSettings(steps=500, max_seconds=1e-6))
+    assert record["steps"] == TIMED_STEPS and record["shortened_to_fit_seconds"] == 1e-6
+    _, record = mimic_quantized(model, model, calibrated, QDQ, MimicSettings(steps=5, max_seconds=600.0))
+    assert record["steps"] == 5 and "shortened_to_fit_seconds" not in record
 
 
 def test_the_operator_form_is_trained_with_the_qdq_forms_rounding():

@@ -158,8 +158,6 @@ def _print_latency(args, settings: LatencySettings, original, rows, info: dict, 
 
 def _profile_quantized(args, model, mode: str, given, settings: LatencySettings) -> int:
     """``--quantize``: plan (or take ``--quant-config``), quantise as optimize writes, time against the float model."""
-    from dataclasses import replace
-
     from ..backends.onnxruntime_int8 import onnxruntime_cut
     from ..data import load_tiny_set
     from ..formats.model_io import to_onnx
@@ -185,8 +183,9 @@ def _profile_quantized(args, model, mode: str, given, settings: LatencySettings)
                                                  "plan": plan.to_dict() if plan else None}}
     chosen = given if plan is None else plan.config
     if chosen is not None:
-        quantized = quantize_model(model, model, tiny.images, chosen, replace(config.quantization, device=settings.device),
-                                   plan.reason if plan else f"{args.quant_config}: given")
+        quantized = quantize_model(model, model, tiny.images, chosen, settings.device,
+                                   plan.reason if plan else f"{args.quant_config}: given",
+                                   config.quantization.mimic_settings())
         timing = onnxruntime_cut(float_proto, tiny.images, settings)(quantized.proto)
         doc.update(float_ms=timing.float_ms, int8_ms=timing.quantized_ms, cut=timing.cut)
         doc["quantization"].update(used=True, reason=quantized.reason, config=quantized.info["config"],

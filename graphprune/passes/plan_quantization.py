@@ -52,7 +52,8 @@ from ..formats.model_io import to_onnx
 from ..model import Model
 from .base import Analysis, PassResult
 from .quantize import (MIN_CALIBRATION_IMAGES, Calibrated, QuantConfig, QuantizeSettings, check_int8_device, cpu_session,
-                       quantization_info, quantize_onnx, run_outputs, with_mimic_record)
+                       quantization_info, quantize_onnx, run_outputs)
+from .quantize_mimic import MimicSettings, mimic_quantized, with_mimic_record
 from .quantize_plan import QuantizationPlan, closest_candidate, plan_quantization
 from .selection import goal_cut
 
@@ -67,6 +68,11 @@ TIMING_CALIBRATION_IMAGES = MIN_CALIBRATION_IMAGES
 # The resume cache of measured block sets, keyed by "|".join(names) (select_blocks, refine_selection):
 # quantisation alone is its empty set, so a run resumed from an older cache reads the same figure.
 SELECTION_CACHE = "selection"
+# With a --time-budget: the plan's quantisation-aware mimicking may take this share of the time left
+# (where it brings int8 within the bound, int8 alone usually reaches the target and no block work
+# follows), and quantize_result's leaves this many seconds for the steps after it. Guards, not knees.
+MIMIC_SHARE = 0.5
+MIMIC_RESERVE_SECONDS = 60.0
 EMPTY_SET = ""
 
 
@@ -151,8 +157,10 @@ class PlanQuantization(Analysis):
         tiny = ctx.need("tiny", self.name)
         proto = to_onnx(ctx.original) if float_proto is None else float_proto
         settings = self._settings(ctx)
+        mimic = settings.mimic_settings(self.train_device, ctx.stage_budget(None, share=MIMIC_SHARE))
         improve = None if settings.mimic == "off" else \
-            functools.partial(_mimicked, ctx.original, tiny.images, settings, self.train_device, ctx.feature_node)
+            functools.partial(_mimicked, ctx.original, tiny.images, settings.device, mimic, ctx.feature_node,
+                              ctx.show_progress)
         plan = plan_quantization(proto, tiny.images, tiny.images, settings,
                                  onnxruntime_cut(proto, tiny.images, ctx.latency),
                                  tiny.labels if tiny.has_labels else None, improve)
@@ -166,26 +174,23 @@ class PlanQuantization(Analysis):
         return PassResult(model, record=record, artifacts=[plan])
 
 
-def _mimicked(original: Model, images, settings: QuantizeSettings, train_device: str, feature_node: str | None,
-              candidate) -> tuple[onnx.ModelProto, dict] | None:
+def _mimicked(original: Model, images, device: str, mimic: MimicSettings, feature_node: str | None,
+              show_progress: bool, candidate) -> tuple[onnx.ModelProto, dict] | None:
     """The plan's ``improve``: ``candidate`` made again from weights trained by quantisation-aware
     mimicking (None where nothing could be trained)."""
-    trained, record = mimic_trained(original, original, images, candidate.config, settings, train_device,
-                                    feature_node)
+    trained, record = mimic_trained(original, original, images, candidate.config, mimic, feature_node, show_progress)
     if record.get("skipped"):
         return None
-    return with_mimic_record(quantize_onnx(trained, config=replace(candidate.config, mimic=True),
-                                           device=settings.device), record), record
+    return with_mimic_record(quantize_onnx(trained, config=replace(candidate.config, mimic=True), device=device),
+                             record), record
 
 
-def mimic_trained(model: Model, teacher: Model, images, config: QuantConfig, settings: QuantizeSettings,
-                  train_device: str = "cpu", feature_node: str | None = None) -> tuple[Calibrated, dict]:
+def mimic_trained(model: Model, teacher: Model, images, config: QuantConfig, mimic: MimicSettings,
+                  feature_node: str | None = None, show_progress: bool = False) -> tuple[Calibrated, dict]:
     """``model`` trained by quantisation-aware mimicking for ``config``'s rounding, as ONNX ready to
     quantise with the ranges it learnt, and the training's record."""
-    from .quantize_mimic import mimic_quantized
-
     before = Calibrated(to_onnx(model), images)
-    trained, record = mimic_quantized(model, teacher, before, config, settings.mimic_settings(train_device), feature_node)
+    trained, record = mimic_quantized(model, teacher, before, config, mimic, feature_node, show_progress)
     after = Calibrated(to_onnx(trained), images)
     after.take_ranges(before)
     return after, record
@@ -325,15 +330,15 @@ class QuantizeResult(Analysis):
             quantized = QuantizedOnnx(None, reason=f"not quantised: {plan.reason}")
             return PassResult(model, record={"quantized": False, "reason": quantized.reason}, artifacts=[quantized])
         images = ctx.need("tiny", self.name).images
-        settings = replace(self.settings, device=ctx.latency.device)
         if plan.config.mimic and plan.proto is not None and model.graph_module is ctx.original.graph_module:
             # the plan trained this very model on these images (seeded): training again repeats its
             # minutes to the same weights
             quantized = QuantizedOnnx(plan.proto, quantization_info(plan.proto), plan.reason,
                                       output_agreement(to_onnx(model), plan.proto, images, self.batch_size))
         else:
-            quantized = quantize_model(model, ctx.original, images, plan.config, settings, plan.reason,
-                                       self.train_device, ctx.feature_node, self.batch_size)
+            mimic = self.settings.mimic_settings(self.train_device, ctx.stage_budget(None, reserve=MIMIC_RESERVE_SECONDS))
+            quantized = quantize_model(model, ctx.original, images, plan.config, ctx.latency.device, plan.reason, mimic,
+                                       ctx.feature_node, self.batch_size, ctx.show_progress)
         record = {"quantized": True, "config": plan.config.to_dict(), "float_nodes": quantized.float_nodes,
                   "calibration_images": len(images), "opset": quantized.info.get("opset"),
                   "notes": quantized.info.get("notes"), "mimic": quantized.info.get("mimic"),
@@ -341,20 +346,20 @@ class QuantizeResult(Analysis):
         return PassResult(model, record=record, artifacts=[quantized])
 
 
-def quantize_model(model: Model, teacher: Model, images, config: QuantConfig, settings: QuantizeSettings,
-                   reason: str = "", train_device: str = "cpu", feature_node: str | None = None,
-                   batch_size: int = 64) -> QuantizedOnnx:
+def quantize_model(model: Model, teacher: Model, images, config: QuantConfig, device: str = "cpu", reason: str = "",
+                   mimic: MimicSettings = MimicSettings(), feature_node: str | None = None, batch_size: int = 64,
+                   show_progress: bool = False) -> QuantizedOnnx:
     """``model`` quantised with ``config``, calibrated on every one of ``images``, with how it was
     made and how close it stays to the float model on those images (what ``quantize_result``
     writes, and what ``graphprune profile --quantize`` times). Where ``config.mimic``, the weights
     are first trained to mimic ``teacher`` with the plain quantisation's rounding in the graph
-    (:mod:`.quantize_mimic`); ``info["mimic"]`` is that training's record."""
+    (:mod:`.quantize_mimic`, as ``mimic`` says); ``info["mimic"]`` is that training's record."""
     float_proto = to_onnx(model)
     if config.mimic:
-        trained, mimic = mimic_trained(model, teacher, images, config, settings, train_device, feature_node)
-        proto = with_mimic_record(quantize_onnx(trained, config=config, device=settings.device), mimic)
+        trained, record = mimic_trained(model, teacher, images, config, mimic, feature_node, show_progress)
+        proto = with_mimic_record(quantize_onnx(trained, config=config, device=device), record)
     else:
-        proto = quantize_onnx(float_proto, images, config, settings.device)
+        proto = quantize_onnx(float_proto, images, config, device)
     return QuantizedOnnx(proto, quantization_info(proto), reason, output_agreement(float_proto, proto, images, batch_size))
 
 

@@ -163,11 +163,12 @@ class QuantizeSettings:
         self.mimic_settings().check()
         check_int8_device(self.device)
 
-    def mimic_settings(self, device: str = "cpu"):
-        """How quantisation-aware mimicking trains (on ``device``)."""
+    def mimic_settings(self, device: str = "cpu", max_seconds: float | None = None):
+        """How quantisation-aware mimicking trains (on ``device``, in at most ``max_seconds``)."""
         from .quantize_mimic import MimicSettings
 
-        return MimicSettings(steps=self.mimic_steps, lr=self.mimic_lr, seed=self.seed, device=device)
+        return MimicSettings(steps=self.mimic_steps, lr=self.mimic_lr, seed=self.seed, device=device,
+                             max_seconds=max_seconds)
 
     def candidates(self) -> list[QuantConfig]:
         reduce = saturating_cpu() if self.reduce_range is None else self.reduce_range
@@ -244,17 +245,6 @@ def quantization_info(proto: onnx.ModelProto) -> dict:
         if prop.key == INFO_KEY:
             return json.loads(prop.value)
     return {}
-
-
-def with_mimic_record(proto: onnx.ModelProto, record: dict) -> onnx.ModelProto:
-    """``proto`` with how quantisation-aware mimicking trained its weights added to its
-    :func:`quantization_info` (``"mimic"``): what the report and a later reader of the file see."""
-    info = {**quantization_info(proto), "mimic": record}
-    for prop in list(proto.metadata_props):
-        if prop.key == INFO_KEY:
-            proto.metadata_props.remove(prop)
-    proto.metadata_props.add(key=INFO_KEY, value=json.dumps(info))
-    return proto
 
 
 def image_batches(session, images: torch.Tensor, batch_size: int, equal: bool = False):
