@@ -1,6 +1,6 @@
 """``optimize``: the PRACTISE pipeline as one short list of named, timed steps.
 
-    find_blocks -> profile_blocks -> pool_identical_blocks -> score_recoverability
+    find_blocks -> profile_blocks -> pool_identical_blocks -> check_reachable -> score_recoverability
     -> select_blocks -> refine_selection -> drop_blocks -> recover -> measure_result
 
 With ``quantize="auto"`` or ``"int8"`` one target is met by the cheapest mix of block dropping and
@@ -29,8 +29,8 @@ from .features import describe_targets
 from .formats.input_layout import looks_channels_last
 from .formats.model_io import atomic_write, save
 from .model import HALF_DTYPES, Model
-from .passes import (BlockLatencyTable, BlockRecoverabilities, Blocks, CheckFidelity, DropBlocks, FinalCut,
-                     FindBlocks, HeldOutFidelity, MeasureBlockLatency, MeasureResult, Pass, PassContext, PassState,
+from .passes import (BlockLatencyTable, BlockRecoverabilities, Blocks, CheckFidelity, CheckReachable, DropBlocks,
+                     FinalCut, FindBlocks, HeldOutFidelity, MeasureBlockLatency, MeasureResult, Pass, PassContext, PassState,
                      Pipeline, PlanQuantization, PooledLatency, PoolIdenticalBlocks, QuantizationPlan, QuantizedOnnx,
                      QuantizeResult, Recover, Recoverability, RecoveryLog, Refinement, RefineSelection, SelectBlocks,
                      Selection, available_passes)
@@ -116,6 +116,7 @@ def default_pipeline(config: OptimizeConfig = OptimizeConfig()) -> list[Pass]:
         *([PlanQuantization.from_config(config)] if quantized else []),
         MeasureBlockLatency(),
         PoolIdenticalBlocks(),
+        CheckReachable(),
         Recoverability(config.recoverability),
         SelectBlocks(),
         RefineSelection(config.refine),

@@ -36,7 +36,7 @@ from graphprune.passes.select_blocks import select_blocks
 from graphprune.passes.selection import BlockScore
 from graphprune.report import format_summary
 
-FLOAT_STEPS = ["find_blocks", "profile_blocks", "pool_identical_blocks", "score_recoverability", "select_blocks",
+FLOAT_STEPS = ["find_blocks", "profile_blocks", "pool_identical_blocks", "check_reachable", "score_recoverability", "select_blocks",
                "refine_selection", "drop_blocks", "recover", "measure_result", "check_fidelity"]
 ONE_CANDIDATE = QuantizeSettings(formats=("qdq",), activation_types=("uint8",), float_groups=())
 

@@ -96,12 +96,12 @@ def test_the_unreachable_line_says_quantize_int8_takes_what_auto_refused_for_acc
     refused = ("no candidate stays within the accuracy bound (map50_drop 0.05; the closest, qdq-u8s8, 0.162 at a "
                "cut of 53.9%); auto leaves quantisation off")
     faster = Candidate(QuantConfig(), Timing(0.539), 0.03, loss=0.162)
-    line = select_module._int8_off(QuantizationPlan(None, None, refused, "map50_drop", 0.05, [faster]))
+    line = select_module.int8_off_reason(QuantizationPlan(None, None, refused, "map50_drop", 0.05, [faster]))
     assert line == refused.split("; auto")[0] + "; quantize 'int8' takes it anyway"
     slower = Candidate(QuantConfig(), Timing(-0.1), 0.03, loss=0.0)
     no_faster = "every candidate measured no faster than the float model; auto leaves quantisation off"
-    assert select_module._int8_off(QuantizationPlan(None, None, no_faster, "", 0.05, [slower])) == no_faster.split("; auto")[0]
-    assert select_module._int8_off(None) is None
+    assert select_module.int8_off_reason(QuantizationPlan(None, None, no_faster, "", 0.05, [slower])) == no_faster.split("; auto")[0]
+    assert select_module.int8_off_reason(None) is None
 
 
 def test_a_real_measurement_of_the_chosen_set_reaches_the_goal(resnet20):

@@ -3,6 +3,7 @@
 
 from .base import Analysis, Artifacts, Pass, PassResult, Transform, available_passes
 from .check_fidelity import CheckFidelity, HeldOutFidelity
+from .check_reachable import CheckReachable
 from .context import PassContext
 from .drop_blocks import DropBlocks, drop_blocks, zero_branch
 from .find_blocks import Block, Blocks, FindBlocks, find_blocks
@@ -18,8 +19,8 @@ from .refine_selection import RefineSelection, Refinement
 from .select_blocks import SelectBlocks
 from .selection import BlockScore, Selection
 
-BUILTIN_PASSES = (FindBlocks, PlanQuantization, MeasureBlockLatency, PoolIdenticalBlocks, Recoverability, SelectBlocks,
-                  RefineSelection, DropBlocks, Recover, QuantizeResult, MeasureResult, CheckFidelity)
+BUILTIN_PASSES = (FindBlocks, PlanQuantization, MeasureBlockLatency, PoolIdenticalBlocks, CheckReachable, Recoverability,
+                  SelectBlocks, RefineSelection, DropBlocks, Recover, QuantizeResult, MeasureResult, CheckFidelity)
 ALIASES = {"measure_block_latency": MeasureBlockLatency, "recoverability": Recoverability}  # earlier names
 
 
@@ -28,7 +29,7 @@ def builtin_passes() -> dict[str, type[Pass]]:
 
 
 __all__ = [
-    "Analysis", "Artifacts", "Pass", "PassContext", "PassResult", "PassState", "Pipeline", "Step", "Transform",
+    "Analysis", "Artifacts", "CheckReachable", "Pass", "PassContext", "PassResult", "PassState", "Pipeline", "Step", "Transform",
     "Instrument", "available_passes", "builtin_passes", "default_instruments", "run_step",
     "Block", "BlockLatency", "BlockLatencyTable", "BlockRecoverabilities", "BlockScore", "Blocks", "CutMeasurement",
     "FinalCut", "HeldOutFidelity", "PooledLatency", "QuantizationPlan", "QuantizedOnnx", "Refinement", "RecoveryLog",

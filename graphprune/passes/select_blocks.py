@@ -78,18 +78,7 @@ def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], t
     goal = goal_cut(target, margin)
     ranked = order if order is not None else [s.name for s in scores if s.saved_fraction > 0]
     saved = {s.name: s.saved_fraction for s in scores}
-    prepared = []  # the original's prepared run, made on first use and shared by every measurement
-
-    def measure(names: list[str]) -> CutMeasurement:
-        key = "|".join(names)
-        if cache is not None and key in cache:
-            return CutMeasurement.from_dict(cache.get(key))
-        if not prepared:
-            prepared.append((reference or backend).prepare(model, settings))
-        cut = measure_cut(backend, model, drop_blocks(model, names, blocks), settings, prepared[0])
-        if cache is not None:
-            cache[key] = cut.to_dict()
-        return cut
+    measure = set_measurer(model, blocks, backend, settings, cache, reference)
 
     chosen: list[str] = []
     predicted = 0.0
@@ -111,15 +100,39 @@ def select_blocks(model: Model, blocks: list[Block], scores: list[BlockScore], t
         if last.cut >= goal:
             chosen, last = _trim(chosen, last, goal, saved, measure, measurements)
             return Selection(chosen, last, scores, measurements)
-    best = last.cut if last is not None else 0.0
+    raise unreachable(target, goal, len(ranked), last.cut if last is not None else 0.0, alone, int8_off)
+
+
+def set_measurer(model: Model, blocks: list[Block], backend: LatencyBackend, settings: LatencySettings, cache=None,
+                 reference: LatencyBackend | None = None):
+    """``measure(names) -> CutMeasurement``: ``model`` with the named blocks dropped against ``model``
+    (timed on ``reference`` where given), interleaved, read from and written to ``cache`` (keyed by
+    ``"|".join(names)``); the original's run is prepared once, on first use."""
+    prepared = []
+
+    def measure(names: list[str]) -> CutMeasurement:
+        key = "|".join(names)
+        if cache is not None and key in cache:
+            return CutMeasurement.from_dict(cache.get(key))
+        if not prepared:
+            prepared.append((reference or backend).prepare(model, settings))
+        cut = measure_cut(backend, model, drop_blocks(model, names, blocks), settings, prepared[0])
+        if cache is not None:
+            cache[key] = cut.to_dict()
+        return cut
+
+    return measure
+
+
+def unreachable(target: float, goal: float, candidates: int, best: float, alone: CutMeasurement | None,
+                int8_off: str | None) -> GraphpruneError:
+    """The one line a target out of reach gets: the largest cut measured with every candidate dropped."""
     quantised = "" if alone is None else f" with int8 quantisation (quantisation alone: {alone.cut:.1%})"
     short = f", short of {goal:.1%} (the target plus the margin)" if best >= target else ""
     hint = "" if alone is not None else (f"; int8 was left off ({int8_off})" if int8_off
                                          else "; int8 may reach it (quantize 'auto')")
-    raise GraphpruneError(
-        f"a {target:.0%} latency cut is not reachable: dropping all {len(ranked)} candidate blocks "
-        f"cuts {best:.1%} on this target{quantised}{short}{hint}"
-    )
+    return GraphpruneError(f"a {target:.0%} latency cut is not reachable: dropping all {candidates} candidate blocks "
+                           f"cuts {best:.1%} on this target{quantised}{short}{hint}")
 
 
 def _trim(chosen: list[str], cut: CutMeasurement, goal: float, saved: dict[str, float], measure,
@@ -163,14 +176,14 @@ class SelectBlocks(Analysis):
         selection = select_blocks(model, inputs[Blocks], scores, ctx.need("latency_cut", self.name),
                                   measuring.backend, ctx.latency, ctx.margin, cache=measuring.cache(ctx, SELECTION_CACHE),
                                   reference=measuring.reference, alone=measuring.plan and measuring.plan.alone,
-                                  int8_off=_int8_off(inputs.get(QuantizationPlan)))
+                                  int8_off=int8_off_reason(inputs.get(QuantizationPlan)))
         record = selection.to_dict()
         if not selection.blocks:
             record["note"] = no_block_needed(ctx, inputs)
         return PassResult(model, record=record, artifacts=[selection])
 
 
-def _int8_off(plan: QuantizationPlan | None) -> str | None:
+def int8_off_reason(plan: QuantizationPlan | None) -> str | None:
     """Why a quantisation plan that was made chose float (None where there is no plan or it chose int8)."""
     if plan is None or plan.config is not None:
         return None
