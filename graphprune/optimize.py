@@ -18,12 +18,13 @@ own from Python.
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .backends.base import LatencySettings, get_backend
-from .data import TinySet, split_holdout
+from .data import Preprocessing, TinySet, split_holdout
 from .errors import GraphpruneError
 from .features import describe_targets
 from .formats.input_layout import looks_channels_last
@@ -35,6 +36,8 @@ from .passes import (BlockLatencyTable, BlockRecoverabilities, Blocks, CheckFide
                      QuantizeResult, Recover, Recoverability, RecoveryLog, Refinement, RefineSelection, SelectBlocks,
                      Selection, available_passes)
 from .passes.plan_quantization import check_quantize_mode, no_block_needed
+
+log = logging.getLogger("graphprune")
 from .passes.quantize import QuantizeSettings
 from .passes.recover import RecoverySettings
 from .passes.recoverability import RecoverabilitySettings
@@ -87,6 +90,19 @@ class OptimizeResult:
     model: Model
     state: PassState
     report: dict = field(default_factory=dict)
+
+
+def with_recorded_normalisation(prep: Preprocessing, model: Model, given: bool) -> Preprocessing:
+    """``prep`` with the normalisation the model's file records (an ultralytics export: [0, 1], no
+    mean or std; :func:`~graphprune.formats.input_shape.recorded_normalisation`) where the user
+    ``given`` none, saying so in one line; else ``prep``."""
+    recorded = model.meta.get("recorded_normalisation")
+    if given or not recorded:
+        return prep
+    channels = prep.size[0]
+    log.warning("normalisation mean 0, std 1 (inputs in [0, 1]) from the file's %s; pass --mean and --std to "
+                "use another", recorded["source"].replace("metadata:", "metadata: "))
+    return replace(prep, mean=(0.0,) * channels, std=(1.0,) * channels)
 
 
 def image_input_shape(model: Model) -> tuple[int, int, int]:

@@ -127,6 +127,23 @@ def test_ppocr_recogniser_loads_and_a_transformer_block_drops(tmp_path):
 
 # --- where the input shape comes from ---------------------------------------------------------
 
+def test_an_ultralytics_file_is_read_with_inputs_in_0_1_unless_mean_and_std_are_given(tmp_path, caplog):
+    from graphprune.data import Preprocessing
+    from graphprune.optimize import image_input_shape, with_recorded_normalisation
+
+    model = gp.load(save(with_metadata(residual_onnx(), author="Ultralytics"), tmp_path / "u.onnx"))
+    assert model.meta["recorded_normalisation"]["source"] == "metadata:author Ultralytics"
+    prep = Preprocessing(image_input_shape(model))
+    with caplog.at_level(logging.WARNING, logger="graphprune"):
+        read = with_recorded_normalisation(prep, model, given=False)
+    channels = prep.size[0]
+    assert read.mean == (0.0,) * channels and read.std == (1.0,) * channels and read.size == prep.size
+    assert any("mean 0, std 1" in r.getMessage() and "--mean" in r.getMessage() for r in caplog.records)
+    assert with_recorded_normalisation(prep, model, given=True) is prep  # the user's --mean/--std win
+    plain = gp.load(save(with_metadata(residual_onnx(), author="someone"), tmp_path / "p.onnx"))
+    assert plain.meta["recorded_normalisation"] is None and with_recorded_normalisation(prep, plain, False) is prep
+
+
 def test_imgsz_metadata_gives_the_input_shape(tmp_path, caplog):
     path = save(with_metadata(residual_onnx(dynamic_spatial=True), imgsz="[12, 10]"), tmp_path / "m.onnx")
     with caplog.at_level(logging.INFO, logger="graphprune"):

@@ -24,7 +24,7 @@ from ..errors import GraphpruneError, UsageError
 from ..evaluate import check_eval_data
 from ..formats.model_io import atomic_write
 from ..optimize import (OptimizeConfig, evaluate_result, image_input_shape, optimize, pipeline_from_names,
-                        write_result)
+                        with_recorded_normalisation, write_result)
 from ..passes.recoverability import ESTIMATORS, OPTIMIZERS
 from ..report import format_summary, write_plot
 from ..synthesis import METHODS, SynthesisSettings, synthetic_tiny_set
@@ -160,7 +160,8 @@ def command(args) -> int:
     pipeline = pipeline_from_names([n.strip() for n in args.passes.split(",") if n.strip()], config) \
         if args.passes else None
     model = load_model_from_args(args)
-    prep = SETTINGS.build(params, args, "preprocessing", image_input_shape(model))
+    prep = with_recorded_normalisation(SETTINGS.build(params, args, "preprocessing", image_input_shape(model)), model,
+                                       args.mean is not None or args.std is not None)
     synthetic = None
     if args.data_free:
         synthesis = SETTINGS.build(params, args, "synthesis")

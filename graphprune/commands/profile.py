@@ -161,12 +161,13 @@ def _profile_quantized(args, model, mode: str, given, settings: LatencySettings)
     from ..backends.onnxruntime_int8 import onnxruntime_cut
     from ..data import load_tiny_set
     from ..formats.model_io import to_onnx
-    from ..optimize import image_input_shape, make_context
+    from ..optimize import image_input_shape, make_context, with_recorded_normalisation
     from ..passes.plan_quantization import PlanQuantization, check_int8_run, quantize_model
     from ..passes.quantize import QuantizeSettings
 
     params = click.get_current_context().command.params
-    prep = SETTINGS.build(params, args, "preprocessing", image_input_shape(model))
+    prep = with_recorded_normalisation(SETTINGS.build(params, args, "preprocessing", image_input_shape(model)), model,
+                                       args.mean is not None or args.std is not None)
     with flags_for(path="--data", num_samples="--num-samples"):
         tiny = load_tiny_set(args.data, prep, args.num_samples, args.seed)
     config = OptimizeConfig(backend=args.backend, latency=settings, quantize=mode, seed=args.seed,

@@ -6,6 +6,12 @@ detector it exports with dynamic axes. The choice is logged in one line and kept
 ``model.meta["input_shape_source"]``: ``"input_shape"`` (given), ``"metadata:imgsz"`` (the file's
 record) or ``"declared"`` (the file's static shape); ``None`` when none is known, and the first
 run then asks for ``--input-shape`` in one line.
+
+The file can also say how its input is normalised: every ultralytics export (``author:
+Ultralytics`` in its metadata) takes RGB scaled to [0, 1], no mean or std
+(:func:`recorded_normalisation`, kept in ``model.meta["recorded_normalisation"]``); the commands
+use it where ``--mean``/``--std`` are not given, and say so, instead of ImageNet's (nudenet's
+YOLOv8n read under ImageNet normalisation is a different input from the one it was trained on).
 """
 
 from __future__ import annotations
@@ -54,6 +60,14 @@ def recorded_image_size(proto: onnx.ModelProto) -> tuple[int, int] | None:
         if isinstance(value, (list, tuple)) and len(value) in (1, 2) and \
                 all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
             return (value[0], value[-1])
+    return None
+
+
+def recorded_normalisation(proto: onnx.ModelProto) -> dict | None:
+    """``{"mean", "std", "source"}`` where the file's metadata says how its input is normalised
+    (see the module docstring), else None."""
+    if _metadata(proto).get("author", "").strip().lower() == "ultralytics":
+        return {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "source": "metadata:author Ultralytics"}
     return None
 
 
