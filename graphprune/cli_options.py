@@ -223,6 +223,13 @@ def latency_options(settings: Settings, prefix: str, min_time: float | None = No
                         help="time each model for at least this long", **extra))
 
 
+def user_gave(*names: str) -> bool:
+    """Whether the user set any of the options ``names`` (their parameter names), on the command
+    line, in the environment or in a --config file, rather than leaving the dataclass default."""
+    ctx = click.get_current_context()
+    return any(ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT) for name in names)
+
+
 def stack(*decorators):
     """One decorator applying ``decorators`` as if written one above the other."""
     def decorate(f):

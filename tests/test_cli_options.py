@@ -266,3 +266,23 @@ def test_the_output_format_reaches_the_config(cli, tiny_inputs, tmp_path, captur
     assert captured["config"].output_format == "onnx"
     with pytest.raises(GraphpruneError, match="output_format must be onnx or pt2"):
         dataclasses.replace(captured["config"], output_format="txt")
+
+
+def test_user_gave_tells_an_option_set_from_its_default():
+    """What lets a file's recorded normalisation stand in for --mean/--std the user did not give."""
+    import click
+    from click.testing import CliRunner
+
+    from graphprune.cli_options import user_gave
+
+    seen = []
+
+    @click.command()
+    @click.option("--mean", default="0.5")
+    @click.option("--std", default="0.25")
+    def command(mean, std):
+        seen.append(user_gave("mean", "std"))
+
+    for argv in ([], ["--std", "0.25"], ["--mean", "0.1"]):
+        assert CliRunner().invoke(command, argv).exit_code == 0
+    assert seen == [False, True, True]

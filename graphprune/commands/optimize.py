@@ -18,7 +18,7 @@ from ..cache import default_cache_dir
 from ..cli import load_model_from_args, model_options, output_option
 from ..cli_config import config_file, config_option
 from ..cli_options import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SHARE, Numbers, Settings, flags_for,
-                           latency_options, subcommand)
+                           latency_options, subcommand, user_gave)
 from ..data import Preprocessing, load_tiny_set
 from ..errors import GraphpruneError, UsageError
 from ..evaluate import check_eval_data
@@ -161,7 +161,7 @@ def command(args) -> int:
         if args.passes else None
     model = load_model_from_args(args)
     prep = with_recorded_normalisation(SETTINGS.build(params, args, "preprocessing", image_input_shape(model)), model,
-                                       args.mean is not None or args.std is not None)
+                                       user_gave("mean", "std"))
     synthetic = None
     if args.data_free:
         synthesis = SETTINGS.build(params, args, "synthesis")

@@ -26,7 +26,7 @@ import click
 from ..backends.base import LatencySettings, compare_interleaved, get_backend
 from ..cli import load_model_from_args, model_options
 from ..cli_options import (POSITIVE_INT, SHARE, GroupedOption, Numbers, Settings, flags_for, latency_options,
-                           subcommand)
+                           subcommand, user_gave)
 from ..data import Preprocessing
 from ..errors import GraphpruneError, UsageError
 from ..optimize import OptimizeConfig
@@ -167,7 +167,7 @@ def _profile_quantized(args, model, mode: str, given, settings: LatencySettings)
 
     params = click.get_current_context().command.params
     prep = with_recorded_normalisation(SETTINGS.build(params, args, "preprocessing", image_input_shape(model)), model,
-                                       args.mean is not None or args.std is not None)
+                                       user_gave("mean", "std"))
     with flags_for(path="--data", num_samples="--num-samples"):
         tiny = load_tiny_set(args.data, prep, args.num_samples, args.seed)
     config = OptimizeConfig(backend=args.backend, latency=settings, quantize=mode, seed=args.seed,
