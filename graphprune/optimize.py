@@ -36,12 +36,12 @@ from .passes import (BlockLatencyTable, BlockRecoverabilities, Blocks, CheckFide
                      QuantizeResult, Recover, Recoverability, RecoveryLog, Refinement, RefineSelection, SelectBlocks,
                      Selection, available_passes)
 from .passes.plan_quantization import check_quantize_mode, no_block_needed
-
-log = logging.getLogger("graphprune")
 from .passes.quantize import QuantizeSettings
 from .passes.recover import RecoverySettings
 from .passes.recoverability import RecoverabilitySettings
 from .passes.refine_selection import RefineSettings
+
+log = logging.getLogger("graphprune")
 
 
 @dataclass(frozen=True)

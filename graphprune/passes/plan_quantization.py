@@ -36,6 +36,9 @@
   :mod:`.quantize`), so at such targets that work was minutes spent on a choice already made.
 * :class:`QuantizeResult` (analysis -> :class:`QuantizedOnnx`) quantises the recovered model
   (``to_onnx``) with the plan's config, calibrated on *all* of ``ctx.tiny``: the model written.
+  A config the plan chose after quantisation-aware mimicking (``+mimic``: no plain candidate was
+  within the bound) has the recovered model's weights trained the same way first
+  (:func:`quantize_model`), unless no block was dropped: the plan's own int8 model is written then.
 """
 
 from __future__ import annotations

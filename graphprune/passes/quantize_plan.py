@@ -11,8 +11,9 @@ and kept only when the measurement says it helps; where no candidate is within t
 groups are tried on each faster candidate in turn, fastest first, until one comes within; where
 still none is, the closest is trained by quantisation-aware mimicking (an ``improve`` callable the
 pass gives: :mod:`.quantize_mimic`) and judged again. The judge images are the ones it trained on:
-on nudenet's YOLOv8n the trained model scored 0.926 there and 0.955 on 800 photos it never saw
-(mAP50 against the float model), so that judge was not the optimistic one.
+on nudenet's YOLOv8n the trained model scored 0.954 there and 0.956 on 800 photos it never saw
+(mAP50 against the float model; benchmarks/studies/int8_mimic.py), so that judge was not the
+optimistic one.
 ``plan.proto is None`` with a reason when quantisation does not pay ("auto leaves it off").
 """
 
