@@ -162,7 +162,7 @@ class PlanQuantization(Analysis):
         settings = self._settings(ctx)
         mimic = settings.mimic_settings(self.train_device, ctx.stage_budget(None, share=MIMIC_SHARE))
         improve = None if settings.mimic == "off" else \
-            functools.partial(_mimicked, ctx.original, tiny.images, settings.device, mimic, ctx.feature_node,
+            functools.partial(_mimicked, ctx.original, proto, tiny.images, settings.device, mimic, ctx.feature_node,
                               ctx.show_progress)
         plan = plan_quantization(proto, tiny.images, tiny.images, settings,
                                  onnxruntime_cut(proto, tiny.images, ctx.latency),
@@ -177,22 +177,25 @@ class PlanQuantization(Analysis):
         return PassResult(model, record=record, artifacts=[plan])
 
 
-def _mimicked(original: Model, images, device: str, mimic: MimicSettings, feature_node: str | None,
-              show_progress: bool, candidate) -> tuple[onnx.ModelProto, dict] | None:
+def _mimicked(original: Model, float_proto: onnx.ModelProto, images, device: str, mimic: MimicSettings,
+              feature_node: str | None, show_progress: bool, candidate) -> tuple[onnx.ModelProto, dict] | None:
     """The plan's ``improve``: ``candidate`` made again from weights trained by quantisation-aware
     mimicking (None where nothing could be trained)."""
-    trained, record = mimic_trained(original, original, images, candidate.config, mimic, feature_node, show_progress)
+    trained, record = mimic_trained(original, original, float_proto, images, candidate.config, mimic, feature_node,
+                                    show_progress)
     if record.get("skipped"):
         return None
     return with_mimic_record(quantize_onnx(trained, config=replace(candidate.config, mimic=True), device=device),
                              record), record
 
 
-def mimic_trained(model: Model, teacher: Model, images, config: QuantConfig, mimic: MimicSettings,
-                  feature_node: str | None = None, show_progress: bool = False) -> tuple[Calibrated, dict]:
-    """``model`` trained by quantisation-aware mimicking for ``config``'s rounding, as ONNX ready to
-    quantise with the ranges it learnt, and the training's record."""
-    before = Calibrated(to_onnx(model), images)
+def mimic_trained(model: Model, teacher: Model, float_proto: onnx.ModelProto, images, config: QuantConfig,
+                  mimic: MimicSettings, feature_node: str | None = None,
+                  show_progress: bool = False) -> tuple[Calibrated, dict]:
+    """``model`` (``float_proto``: its ONNX form, which the caller already made) trained by
+    quantisation-aware mimicking for ``config``'s rounding, as ONNX ready to quantise with the ranges
+    it learnt, and the training's record."""
+    before = Calibrated(float_proto, images)
     trained, record = mimic_quantized(model, teacher, before, config, mimic, feature_node, show_progress)
     after = Calibrated(to_onnx(trained), images)
     after.take_ranges(before)
@@ -359,7 +362,7 @@ def quantize_model(model: Model, teacher: Model, images, config: QuantConfig, de
     (:mod:`.quantize_mimic`, as ``mimic`` says); ``info["mimic"]`` is that training's record."""
     float_proto = to_onnx(model)
     if config.mimic:
-        trained, record = mimic_trained(model, teacher, images, config, mimic, feature_node, show_progress)
+        trained, record = mimic_trained(model, teacher, float_proto, images, config, mimic, feature_node, show_progress)
         proto = with_mimic_record(quantize_onnx(trained, config=config, device=device), record)
     else:
         proto = quantize_onnx(float_proto, images, config, device)

@@ -240,7 +240,7 @@ def mimic_quantized(model: Model, teacher: Model, calibrated: Calibrated, config
     student = truncate(rounded, target_names(rounded, targets))
     with torch.no_grad():
         wanted = [t.float() for t in _as_tuple(run_batched(teacher_gm, images.to(settings.device), settings.batch_size))]
-    weights = [1.0] if len(wanted) == 1 else target_weights(wanted)
+    weights = target_weights(wanted)  # one target: 1
     params = [p for p in student.parameters() if p.is_floating_point()]
     if not params:
         raise GraphpruneError("quantisation-aware mimicking has nothing to train: no weights before the mimicked tensors")
