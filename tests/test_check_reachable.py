@@ -17,6 +17,9 @@ from graphprune.passes import (CheckReachable, FindBlocks, MeasureBlockLatency, 
 from graphprune.passes import recoverability as recoverability_module
 from graphprune.passes.quantize import QuantConfig
 from graphprune.passes.recover import RecoverySettings
+from graphprune.passes.select_blocks import unreachable
+
+from conftest import plain_cnn_onnx
 
 FAST = LatencySettings(min_time_s=0.02, warmup_s=0.0, warmup_runs=1, min_runs=3)
 
@@ -98,3 +101,18 @@ def test_optimize_refuses_an_unreachable_target_before_scoring_any_block(r20, mo
                             recovery=RecoverySettings(iterations=2, batch_size=8))
     with pytest.raises(gp.GraphpruneError, match="97% latency cut is not reachable: dropping all"):
         optimize(model, tiny, config)
+
+
+def test_a_model_without_residual_blocks_reaches_check_reachable_and_is_refused_there(r20, tmp_path):
+    _, tiny = r20
+    config = OptimizeConfig(latency_cut=0.2, quantize="none", latency=FAST, show_progress=False, cache_dir=None)
+    with pytest.raises(gp.GraphpruneError) as exc:
+        optimize(gp.load(plain_cnn_onnx(tmp_path / "plain.onnx")), tiny, config)
+    assert str(exc.value) == ("a 20% latency cut is not reachable: no block of this model can be dropped for a saving "
+                              "on this target; int8 may reach it (quantize 'auto')")
+
+
+def test_with_no_block_the_line_gives_what_int8_alone_cuts():
+    text = str(unreachable(0.5, 0.505, 0, 0.3, _cut(0.3), None))
+    assert text == ("a 50% latency cut is not reachable: no block of this model can be dropped for a saving on this "
+                    "target; int8 quantisation alone cuts 30.0%")

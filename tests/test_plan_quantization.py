@@ -36,6 +36,8 @@ from graphprune.passes.select_blocks import select_blocks
 from graphprune.passes.selection import BlockScore
 from graphprune.report import format_summary
 
+from conftest import plain_cnn_onnx
+
 FLOAT_STEPS = ["find_blocks", "profile_blocks", "pool_identical_blocks", "check_reachable", "score_recoverability", "select_blocks",
                "refine_selection", "drop_blocks", "recover", "measure_result", "check_fidelity"]
 ONE_CANDIDATE = QuantizeSettings(formats=("qdq",), activation_types=("uint8",), float_groups=())
@@ -377,6 +379,22 @@ def test_quantisation_alone_is_measured_on_the_selection_backends_and_resumes(r2
     assert sorted(kind for kind, _ in prepared) == ["float", "int8"] and all(m is model for _, m in prepared)
     monkeypatch.setattr(measure_module, "measure_cut", lambda *a, **k: pytest.fail("measured again"))
     assert measure() == first  # a resumed run reads it: the same choice
+
+
+def test_a_model_without_residual_blocks_is_quantised_where_int8_alone_reaches_the_target(r20, tmp_path, monkeypatch):
+    _, tiny = r20
+    fake_plan_timing(monkeypatch, 0.6)
+    fake_quantization_alone(monkeypatch, 0.6)
+    no_block_work(monkeypatch)
+    model = gp.load(plain_cnn_onnx(tmp_path / "plain.onnx"))
+    result = optimize(model, tiny, config(latency_cut=0.3, quantize="int8"))
+    out = write_result(result, tmp_path / "plain.int8.onnx")
+    ops = {node.op_type for node in onnx.load(str(out)).graph.node}
+    assert result.report["dropped"] == [] and result.state.records["find_blocks"]["count"] == 0
+    assert "QLinearConv" in ops or "DequantizeLinear" in ops
+    float_out = run_outputs(cpu_session(onnx.load(str(tmp_path / "plain.onnx"))), tiny.images, 16)
+    int8_out = run_outputs(cpu_session(onnx.load(str(out))), tiny.images, 16)
+    assert np.abs(int8_out - float_out).max() < 0.1 * np.abs(float_out).max()
 
 
 def test_no_block_needed_only_where_quantisation_alone_reaches_the_goal(r20):

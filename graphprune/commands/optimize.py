@@ -23,8 +23,8 @@ from ..data import Preprocessing, load_tiny_set
 from ..errors import GraphpruneError, UsageError
 from ..evaluate import check_eval_data
 from ..formats.model_io import atomic_write
-from ..optimize import (OptimizeConfig, evaluate_result, image_input_shape, optimize, pipeline_from_names,
-                        with_recorded_normalisation, write_result)
+from ..optimize import (OptimizeConfig, default_pipeline, evaluate_result, image_input_shape, optimize,
+                        pipeline_from_names, with_recorded_normalisation, write_result)
 from ..passes.recoverability import ESTIMATORS, OPTIMIZERS
 from ..report import format_summary, write_plot
 from ..synthesis import METHODS, SynthesisSettings, synthetic_tiny_set
@@ -139,8 +139,8 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
 @opt("recovery", "--train-device", fills="recovery.device", help="device recovery trains on (cpu, cuda)")
 @opt("pipeline", "--passes", metavar="NAMES",
      help="the pipeline's steps by registered name, comma-separated, third-party passes included "
-          "(default: find_blocks,profile_blocks,pool_identical_blocks,score_recoverability,select_blocks,"
-          "refine_selection,drop_blocks,recover,measure_result)")
+          f"(default: {','.join(step.name for step in default_pipeline(OptimizeConfig()))}; "
+          "plan_quantization and quantize_result only where --quantize is not none)")
 @output_option(help="output .onnx (or .pt2 for .pt2 input)")
 @opt("output", "--report", type=click.Path(dir_okay=False), help="write the JSON report here")
 @opt("output", "--plot", type=click.Path(dir_okay=False), help="write a PNG (scores vs latency saved; recovery loss)")

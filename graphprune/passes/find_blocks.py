@@ -106,6 +106,14 @@ def find_blocks(model: Model, require: bool = False) -> list[Block]:
     return blocks
 
 
+def blocks_of(model: Model, inputs) -> list[Block]:
+    """The blocks a pipeline step found (``Blocks``), an empty list included: a model with none may
+    still reach its target by int8 alone, and check_reachable says so where it cannot; without that
+    artefact (a pass run on its own) they are found now, and none is an error."""
+    found = inputs.get(Blocks) if inputs is not None else None
+    return find_blocks(model, require=True) if found is None else found
+
+
 def _node(gm: fx.GraphModule, name: str) -> fx.Node:
     for node in gm.graph.nodes:
         if node.name == name:

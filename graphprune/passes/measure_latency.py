@@ -42,7 +42,7 @@ from ..interrupts import raise_if_interrupted
 from ..model import Model
 from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
-from .find_blocks import Block, Blocks, find_blocks
+from .find_blocks import Block, Blocks, blocks_of, find_blocks
 from .plan_quantization import QuantizedOnnx, QuantizationPlan, measuring_backend, no_block_needed
 
 
@@ -151,7 +151,7 @@ class MeasureBlockLatency(Analysis):
             table = BlockLatencyTable(measuring.plan.alone.candidate, [], ctx.latency,
                                       measuring.backend.describe(ctx.latency))
             return PassResult(model, record={**table.to_dict(), "from_cache": 0, "skipped": skipped}, artifacts=[table])
-        blocks = inputs.get(Blocks) or find_blocks(model, require=True)
+        blocks = blocks_of(model, inputs)
         cache = measuring.cache(ctx, "latency")
         cached = sum(1 for b in blocks if b.name in cache)
         table = measure_block_latency(measuring.backend, model, ctx.latency, blocks,

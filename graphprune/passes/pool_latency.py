@@ -27,7 +27,7 @@ from ..graph_stats import node_stats
 from ..model import Model
 from ..ops import op_kind
 from .base import Analysis, PassResult
-from .find_blocks import Block, Blocks, find_blocks
+from .find_blocks import Block, Blocks, blocks_of
 from .measure_latency import BlockLatencyTable
 
 
@@ -96,7 +96,7 @@ class PoolIdenticalBlocks(Analysis):
     provides = (PooledLatency,)
 
     def run(self, model: Model, ctx, inputs) -> PassResult:
-        blocks = inputs.get(Blocks) or find_blocks(model, require=True)
+        blocks = blocks_of(model, inputs)
         table: BlockLatencyTable = inputs[BlockLatencyTable]
         groups = identical_groups(model, blocks)
         pooled = pool_savings(table, groups)

@@ -55,7 +55,7 @@ from ..precision import autocast, check_precision, memory_format, to_format
 from ..progress import progress_bar
 from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
-from .find_blocks import Block, Blocks, find_blocks
+from .find_blocks import Block, Blocks, blocks_of
 from .plan_quantization import no_block_needed
 from .quantize_plan import QuantizationPlan
 
@@ -128,7 +128,7 @@ class Recoverability(Analysis):
         if skipped:
             record = {"settings": asdict(self.settings), "blocks": [], "from_cache": 0, "skipped": skipped}
             return PassResult(model, record=record, artifacts=[BlockRecoverabilities([], self.settings)])
-        blocks = inputs.get(Blocks) or find_blocks(model, require=True)
+        blocks = blocks_of(model, inputs)
         train, holdout = ctx.need("train", self.name), ctx.need("holdout", self.name)
         cache = ctx.cache("recoverability", data_key(ctx), asdict(self.settings), ctx.feature_node)
         cached = sum(1 for b in blocks if b.name in cache)

@@ -131,6 +131,10 @@ def unreachable(target: float, goal: float, candidates: int, best: float, alone:
     short = f", short of {goal:.1%} (the target plus the margin)" if best >= target else ""
     hint = "" if alone is not None else (f"; int8 was left off ({int8_off})" if int8_off
                                          else "; int8 may reach it (quantize 'auto')")
+    if candidates == 0:  # no residual block, or none whose own measured saving is positive
+        reach = hint if alone is None else f"; int8 quantisation alone cuts {alone.cut:.1%}{short}"
+        return GraphpruneError(f"a {target:.0%} latency cut is not reachable: no block of this model can be dropped "
+                               f"for a saving on this target{reach}")
     return GraphpruneError(f"a {target:.0%} latency cut is not reachable: dropping all {candidates} candidate blocks "
                            f"cuts {best:.1%} on this target{quantised}{short}{hint}")
 
