@@ -26,8 +26,11 @@ def format_summary(report: dict) -> str:
         mimic = quantization["mimic"]
         lines.append(f"int8 weights trained by quantisation-aware mimicking: {quantization['reason']} "
                      f"({mimic.get('steps')} steps, {mimic.get('seconds', 0):.0f}s)")
-    lines.append(f"latency {latency['original_ms']:.3f} ms -> {latency['optimized_ms']:.3f} ms "
-                 f"(measured cut {100 * latency['cut']:.1f}%, target {100 * latency['target']:.1f}%)")
+    if latency:
+        lines.append(f"latency {latency['original_ms']:.3f} ms -> {latency['optimized_ms']:.3f} ms "
+                     f"(measured cut {100 * latency['cut']:.1f}%, target {100 * latency['target']:.1f}%)")
+    else:  # a pipeline a user wrote without the step
+        lines.append("latency of the result not measured (the pipeline has no measure_result step)")
     recovery = report.get("recovery") or {}
     if recovery.get("kept_step") == 0:  # early stopping kept the start: training never helped held-out images
         stop = f", stopped at step {recovery['stopped_at']}" if recovery.get("stopped_at") else ""
@@ -134,7 +137,8 @@ def write_plot(report: dict, path: Path) -> None:
         left.scatter([100 * b["saved_fraction"] for b in pts], [b["score"] for b in pts], c=colour, label=label, s=22)
     for b in rows:
         left.annotate(b["name"], (100 * b["saved_fraction"], b["score"]), fontsize=6, alpha=0.7)
-    left.set_yscale("log")
+    if any(b["score"] > 0 for b in rows):  # a log axis needs a positive value (a pipeline may score none)
+        left.set_yscale("log")
     left.set_xlabel("latency saved by dropping the block alone (%)")
     left.set_ylabel("score = recoverability / latency saved")
     left.set_title("block scores (lowest are dropped first)")
@@ -142,7 +146,8 @@ def write_plot(report: dict, path: Path) -> None:
     curve = (report.get("recovery") or {}).get("loss_curve") or []
     if curve:
         right.plot([c["step"] for c in curve], [c["loss"] for c in curve])
-        right.set_yscale("log")
+        if any(c["loss"] > 0 for c in curve):
+            right.set_yscale("log")
     right.set_xlabel("recovery step")
     right.set_ylabel("feature MSE (train, augmented)")
     right.set_title("recovery")

@@ -180,12 +180,12 @@ def command(args) -> int:
     report["config_file"] = config_file(ctx)
     if test is not None:
         report["eval"] = evaluate_result(result, model, test)
+    if args.plot:  # before the model: a plot that fails must not leave an output behind
+        write_plot(report, Path(args.plot))
     write_result(result, args.output, args.model)
     if args.report:
         text = json.dumps(report, indent=2, default=str)
         atomic_write(Path(args.report), lambda tmp: tmp.write_text(text))
-    if args.plot:
-        write_plot(report, Path(args.plot))
     print(format_summary(report))
     return 0
 
