@@ -117,6 +117,10 @@ def image_input_shape(model: Model) -> tuple[int, int, int]:
     if any(p.dtype in HALF_DTYPES for p in model.graph_module.parameters()):
         raise GraphpruneError("optimize needs float32 weights: this half-precision graph could not be run in "
                               "float32 (it casts to half inside); export it in float32")
+    if model.meta.get("batches_run") is False:  # formats/batch_axis.py could not free it
+        raise GraphpruneError("the model's graph fixes its batch at 1 (a batch of 2 images does not give what each "
+                              "gives alone): optimize runs the tiny set in batches; export it with a dynamic batch "
+                              "axis")
     if looks_channels_last(shape):  # ONNX files get a channels-first view on load (input_layout.py)
         raise GraphpruneError(f"the model's input {shape} looks channels-last (N, H, W, C); optimize needs "
                               "channels-first (N, C, H, W) input: export the model with NCHW input")

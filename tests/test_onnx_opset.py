@@ -99,6 +99,41 @@ def test_a_leading_one_that_is_not_the_batch_is_left_alone(tmp_path):
     assert torch.equal(model.run(x), x.transpose(0, 1).reshape(1, -1))
 
 
+def test_a_graph_whose_batch_no_rewrite_frees_is_refused_by_optimize_in_one_line(tmp_path):
+    from graphprune.data import TinySet
+    from graphprune.optimize import OptimizeConfig, optimize
+
+    model = _transposed_reshape_model(tmp_path)
+    assert model.meta["batches_run"] is False
+    with pytest.raises(gp.GraphpruneError, match="fixes its batch at 1"):
+        optimize(model, TinySet(torch.zeros(8, 4, 2, 2), torch.full((8,), -1)), OptimizeConfig(latency_cut=0.2))
+
+
+def test_a_resize_to_constant_sizes_with_the_batch_baked_in_runs_batches(tmp_path):
+    """Conv -> Resize(sizes=[1, 4, 8, 8]) on a (1, 3, 4, 4) input: what a segmentation head exported
+    with a fixed batch becomes once the shape arithmetic is folded."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, 4, 8, 8], dtype=np.int64), "sizes")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["X", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Resize", ["c", "", "", "sizes"], ["Y"], mode="linear")],
+        "seg", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4, 8, 8])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 7
+    onnx.save(proto, str(tmp_path / "seg.onnx"))
+    model = gp.load(tmp_path / "seg.onnx")
+    assert model.meta["batches_run"] is True
+    x = torch.randn(3, 3, 4, 4)
+    together = model.run(x)
+    assert together.shape == (3, 4, 8, 8)
+    session = ort.InferenceSession(str(tmp_path / "seg.onnx"), providers=["CPUExecutionProvider"])
+    for i in range(3):
+        (alone,) = session.run(None, {"X": x[i:i + 1].numpy()})
+        np.testing.assert_allclose(together[i:i + 1].numpy(), alone, rtol=1e-4, atol=1e-5)
+
+
 def test_an_op_without_converter_is_expanded_into_its_onnx_function(tmp_path):
     onnx.save(residual_onnx(opset=20, branch_activation="Gelu"), str(tmp_path / "gelu.onnx"))
     model = gp.load(tmp_path / "gelu.onnx")  # loading verifies the expansion against onnxruntime's Gelu

@@ -1,18 +1,27 @@
 """Let a graph exported with a fixed batch of 1 run the tiny set in batches.
 
-Exporters that trace with one example (torch's dynamo exporter without ``dynamic_shapes``) write
-that example's batch into constant Reshape shapes, typically the flatten before the classifier:
-``Reshape(x, [1, 64])``. Scoring, recovery and evaluation feed batches of up to 128 images, which
-such a graph refuses. :func:`free_fixed_batch` rewrites, *in the fx graph only*, the leading 1 of
-every constant Reshape shape to 0 ("copy the input's dimension"), then checks the invariant it
-relies on: a batch of two inputs gives, row for row, what each input gives alone. If that fails
-the rewrite is undone (the graph is left as it was exported).
+Exporters that trace with one example (torch's dynamo exporter without ``dynamic_shapes``, the
+TorchScript exporter without ``dynamic_axes``) write that example's batch into constants:
+
+* Reshape shapes, typically the flatten before the classifier: ``Reshape(x, [1, 64])``;
+* Resize sizes, where a segmentation head upsamples to the input's size: ``Resize(x, sizes=[1, C, H, W])``
+  (constant once shape arithmetic is folded; onnx2torch refuses any batch but that one).
+
+Scoring, recovery and evaluation feed batches of up to 128 images, which such a graph refuses.
+:func:`free_fixed_batch` rewrites, *in the fx graph only*, the leading 1 of every constant Reshape
+shape to 0 ("copy the input's dimension") and lets every Resize with constant sizes that start
+with 1 resize only its spatial axes (which is all a Resize with such sizes does), then checks the
+invariant it relies on: a batch of two inputs gives, row for row, what each input gives alone. If
+that fails the rewrite is undone (the graph is left as it was exported) and
+``model.meta["batches_run"]`` is False: ``optimize`` refuses such a model in one line.
 
 The written ONNX keeps its own constants and its declared batch: the writer copies back only
 trained float weights (``onnx_lower``), and these shapes are integer tensors.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import fx
@@ -21,31 +30,59 @@ from ..model import Model
 
 
 def free_fixed_batch(model: Model) -> bool:
-    """Rewrite ``model``'s constant Reshape shapes so batches run; True if it did (and checks out)."""
+    """Rewrite ``model``'s constants so batches run; True if it did (and checks out). Sets
+    ``model.meta["batches_run"]`` where the input's batch is fixed at 1."""
     if len(model.inputs) != 1 or model.inputs[0].shape[:1] != (1,):
         return False
     gm = model.graph_module
-    rewritten = []
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or type(gm.get_submodule(node.target)).__name__ != "OnnxReshape":
-            continue
-        shape_arg = node.args[1] if len(node.args) > 1 else None
-        if not isinstance(shape_arg, fx.Node) or shape_arg.op != "get_attr":
-            continue
-        try:
-            shape = gm.get_buffer(shape_arg.target)  # onnx2torch keeps initializers as buffers
-        except AttributeError:
-            continue
-        if shape.dim() == 1 and shape.numel() > 1 and int(shape[0]) == 1:
-            rewritten.append((shape, shape.clone()))
-            shape[0] = 0
-    if not rewritten:
-        return False
-    if batch_consistent(model):
+    undo = _free_reshapes(gm) + _free_resizes(gm)
+    if undo and batch_consistent(model):
+        model.meta["batches_run"] = True
         return True
-    for shape, original in rewritten:
-        shape.copy_(original)
+    for step in undo:
+        step()
+    model.meta["batches_run"] = batch_consistent(model)
     return False
+
+
+def _constant_arg(gm: fx.GraphModule, node: fx.Node, index: int, keyword: str) -> torch.Tensor | None:
+    """The buffer behind argument ``index`` (or ``keyword``) of ``node`` where it is a constant."""
+    arg = node.args[index] if len(node.args) > index else node.kwargs.get(keyword)
+    if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+        return None
+    try:
+        return gm.get_buffer(arg.target)  # onnx2torch keeps initializers as buffers
+    except AttributeError:
+        return None
+
+
+def _modules_of_type(gm: fx.GraphModule, type_name: str):
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and type(gm.get_submodule(node.target)).__name__ == type_name:
+            yield node, gm.get_submodule(node.target)
+
+
+def _leads_with_one(tensor: torch.Tensor | None) -> bool:
+    return tensor is not None and tensor.dim() == 1 and tensor.numel() > 1 and int(tensor[0]) == 1
+
+
+def _free_reshapes(gm: fx.GraphModule) -> list[Callable[[], None]]:
+    undo = []
+    for node, _ in _modules_of_type(gm, "OnnxReshape"):
+        shape = _constant_arg(gm, node, 1, "shape")
+        if _leads_with_one(shape):
+            undo.append(lambda shape=shape, original=shape.clone(): shape.copy_(original))
+            shape[0] = 0
+    return undo
+
+
+def _free_resizes(gm: fx.GraphModule) -> list[Callable[[], None]]:
+    undo = []
+    for node, module in _modules_of_type(gm, "OnnxResize"):
+        if _leads_with_one(_constant_arg(gm, node, 3, "sizes")) and not module.ignore_bs_ch_size:
+            undo.append(lambda module=module: setattr(module, "ignore_bs_ch_size", False))
+            module.ignore_bs_ch_size = True
+    return undo
 
 
 def batch_consistent(model: Model) -> bool:
