@@ -47,7 +47,7 @@ def evaluate_onnx(proto: onnx.ModelProto, data: TinySet, reference: Model | None
     """:func:`evaluate` for an ONNX model run by onnxruntime on the CPU, fed in the file's own
     input layout and type (``ort_feeds``); a file with a fixed batch runs whole batches of it
     only, so the images it leaves over are not counted."""
-    from .passes.quantize import cpu_session, fixed_batch, image_batches
+    from .formats.ort_run import cpu_session, fixed_batch, image_batches
 
     session = cpu_session(proto)
 

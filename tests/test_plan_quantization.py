@@ -19,6 +19,7 @@ from graphprune.backends.base import CutMeasurement, LatencyStats
 from graphprune.backends.onnxruntime import OnnxRuntimeBackend
 from graphprune.data import TinySet
 from graphprune.evaluate import evaluate, evaluate_onnx
+from graphprune.formats.ort_run import cpu_session, run_outputs
 from graphprune.optimize import (OptimizeConfig, OptimizeResult, default_pipeline, evaluate_result, make_context,
                                  optimize, pipeline_from_names, quantization_report, write_result)
 from graphprune.passes import (Artifacts, PassState, Pipeline, PlanQuantization, QuantizationPlan, QuantizedOnnx,
@@ -27,8 +28,7 @@ from graphprune.passes import measure_latency as measure_module
 from graphprune.passes import plan_quantization as plan_module
 from graphprune.passes import recover as recover_module
 from graphprune.passes import recoverability as recoverability_module
-from graphprune.passes.quantize import (QuantConfig, QuantizeSettings, cpu_session, float_group_nodes,
-                                        quantization_info, run_outputs)
+from graphprune.passes.quantize import QuantConfig, QuantizeSettings, float_group_nodes, quantization_info
 from graphprune.passes.quantize_plan import Timing
 from graphprune.passes.recover import RecoverySettings
 from graphprune.passes.recoverability import RecoverabilitySettings

@@ -14,9 +14,10 @@ from graphprune.backends.onnxruntime_int8 import QuantizedOnnxRuntime, onnxrunti
 from graphprune.errors import GraphpruneError
 from graphprune.formats.io_onnx import load_proto
 from graphprune.formats.model_io import to_onnx
+from graphprune.formats.ort_run import cpu_session, run_outputs
 from graphprune.passes import drop_blocks, find_blocks
 from graphprune.passes.quantize import (Calibrated, QuantConfig, QuantizeSettings, float_group_nodes, quantization_info,
-                                        quantize_onnx, run_outputs, cpu_session, to_float16)
+                                        quantize_onnx, to_float16)
 from graphprune.passes.quantize_plan import Timing, plan_quantization
 from onnx_builders import channels_last_residual
 from yolo_like import tiny_yolo_onnx

@@ -28,7 +28,8 @@ def main() -> None:
     from benchmarks.real_models import MODELS, eval_set, tiny_set
     from graphprune.data import split_holdout
     from graphprune.fidelity import DetectionCounts, lower_map50
-    from graphprune.passes.quantize import Calibrated, QuantizeSettings, cpu_session, quantize_onnx, run_outputs
+    from graphprune.formats.ort_run import cpu_session, run_outputs
+    from graphprune.passes.quantize import Calibrated, QuantizeSettings, quantize_onnx
     from graphprune.passes.quantize_plan import Timing, plan_quantization
 
     spec = MODELS["yolov8n_nudenet"]

@@ -96,7 +96,8 @@ def main() -> None:
     from benchmarks.real_models import MODELS, eval_set, tiny_set
     from graphprune.fidelity import DetectionCounts, lower_map50
     from graphprune.formats.model_io import load, to_onnx
-    from graphprune.passes.quantize import Calibrated, QuantConfig, cpu_session, quantize_onnx, run_outputs
+    from graphprune.formats.ort_run import cpu_session, run_outputs
+    from graphprune.passes.quantize import Calibrated, QuantConfig, quantize_onnx
     from graphprune.passes.quantize_mimic import MimicSettings, mimic_quantized
 
     spec = MODELS["yolov8n_nudenet"]

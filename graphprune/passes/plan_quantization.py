@@ -52,10 +52,11 @@ import onnx
 from ..backends.base import CutMeasurement, LatencyBackend
 from ..errors import GraphpruneError
 from ..formats.model_io import to_onnx
+from ..formats.ort_run import cpu_session, run_outputs
 from ..model import Model
 from .base import Analysis, PassResult
-from .quantize import (MIN_CALIBRATION_IMAGES, Calibrated, QuantConfig, QuantizeSettings, check_int8_device, cpu_session,
-                       quantization_info, quantize_onnx, run_outputs)
+from .quantize import (MIN_CALIBRATION_IMAGES, Calibrated, QuantConfig, QuantizeSettings, check_int8_device,
+                       quantization_info, quantize_onnx)
 from .quantize_mimic import MimicSettings, mimic_quantized, with_mimic_record
 from .quantize_plan import QuantizationPlan, closest_candidate, plan_quantization
 from .selection import goal_cut

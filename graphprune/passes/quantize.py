@@ -40,8 +40,7 @@ import onnx
 import torch
 
 from ..errors import GraphpruneError, first_line
-from ..formats.input_layout import looks_channels_last
-from ..formats.io_onnx import ort_feeds
+from ..formats.ort_run import cpu_session, image_batches
 from ..formats.onnx_opset import default_opset
 
 FORMATS = ("qdq", "qoperator")
@@ -245,46 +244,6 @@ def quantization_info(proto: onnx.ModelProto) -> dict:
         if prop.key == INFO_KEY:
             return json.loads(prop.value)
     return {}
-
-
-def image_batches(session, images: torch.Tensor, batch_size: int, equal: bool = False):
-    """Feeds for ``session``, ``batch_size`` images at a time (the input's fixed batch where it has
-    one), in the file's own input layout and float type (:func:`~graphprune.formats.io_onnx.ort_feeds`).
-    ``equal`` (or a fixed batch): every batch the same size, the remainder left out."""
-    if len(session.get_inputs()) != 1:
-        raise GraphpruneError(f"quantisation takes models with one image input; this one has {len(session.get_inputs())}")
-    (info,) = session.get_inputs()
-    fixed = fixed_batch(session)
-    if fixed and len(images) < fixed:  # no whole batch to run
-        raise GraphpruneError(f"the model's input fixes a batch of {fixed} images: give at least {fixed}, "
-                              f"got {len(images)}, or export it with a dynamic batch")
-    step = fixed or max(1, min(batch_size, len(images)))
-    channels_last = looks_channels_last(tuple(info.shape))
-    for start in range(0, len(images) - (len(images) % step if equal or fixed else 0), step):
-        yield ort_feeds(session, (images[start:start + step],), channels_last)
-
-
-def fixed_batch(session) -> int | None:
-    """The batch the file's (first) input fixes, or None for a dynamic batch."""
-    shape = session.get_inputs()[0].shape
-    return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
-
-
-def cpu_session(proto_or_bytes, what: str = "the model"):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    data = proto_or_bytes if isinstance(proto_or_bytes, bytes) else proto_or_bytes.SerializeToString()
-    try:
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise GraphpruneError(f"onnxruntime refuses {what}: {first_line(exc)}") from None
-
-
-def run_outputs(session, images: torch.Tensor, batch_size: int) -> np.ndarray:
-    """The first output of ``session`` on ``images``, batched."""
-    return np.concatenate([session.run(None, feeds)[0] for feeds in image_batches(session, images, batch_size)])
 
 
 def as_images(images, what: str = "calibration") -> torch.Tensor:

@@ -30,8 +30,9 @@ import torch
 from ..backends.base import CutMeasurement
 from ..errors import GraphpruneError
 from ..fidelity import DetectionCounts, decode_yolov8, lower_map50, output_layout
-from .quantize import (Calibrated, QuantConfig, QuantizeSettings, as_images, cpu_session, float_group_nodes,
-                       quantization_info, quantize_onnx, run_outputs)
+from ..formats.ort_run import cpu_session, run_outputs
+from .quantize import (Calibrated, QuantConfig, QuantizeSettings, as_images, float_group_nodes, quantization_info,
+                       quantize_onnx)
 
 
 @dataclass(frozen=True)
