@@ -108,8 +108,8 @@ def test_a_model_without_residual_blocks_reaches_check_reachable_and_is_refused_
     config = OptimizeConfig(latency_cut=0.2, quantize="none", latency=FAST, show_progress=False, cache_dir=None)
     with pytest.raises(gp.GraphpruneError) as exc:
         optimize(gp.load(plain_cnn_onnx(tmp_path / "plain.onnx")), tiny, config)
-    assert str(exc.value) == ("a 20% latency cut is not reachable: no block of this model can be dropped for a saving "
-                              "on this target; int8 may reach it (quantize 'auto')")
+    assert str(exc.value) == ("a 20% latency cut is not reachable: no residual blocks found in this model (nothing "
+                              "to drop); int8 may reach it (quantize 'auto')")
 
 
 def test_with_no_block_the_line_gives_what_int8_alone_cuts():

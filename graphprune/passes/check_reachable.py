@@ -49,5 +49,6 @@ class CheckReachable(Analysis):
         cut = measure(names) if names else alone
         best = cut.cut if cut is not None else 0.0
         if best < goal:
-            raise unreachable(target, goal, len(names), best, alone, int8_off_reason(inputs.get(QuantizationPlan)))
+            raise unreachable(target, goal, len(names), best, alone, int8_off_reason(inputs.get(QuantizationPlan)),
+                              blocks_found=len(inputs[Blocks]))
         return PassResult(model, record={"candidates": len(names), "all_dropped_cut": best, "goal": goal})

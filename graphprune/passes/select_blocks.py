@@ -125,16 +125,18 @@ def set_measurer(model: Model, blocks: list[Block], backend: LatencyBackend, set
 
 
 def unreachable(target: float, goal: float, candidates: int, best: float, alone: CutMeasurement | None,
-                int8_off: str | None) -> GraphpruneError:
-    """The one line a target out of reach gets: the largest cut measured with every candidate dropped."""
+                int8_off: str | None, blocks_found: int | None = None) -> GraphpruneError:
+    """The one line a target out of reach gets: the largest cut measured with every candidate dropped
+    (``blocks_found``: how many residual blocks the model has, where known)."""
     quantised = "" if alone is None else f" with int8 quantisation (quantisation alone: {alone.cut:.1%})"
     short = f", short of {goal:.1%} (the target plus the margin)" if best >= target else ""
     hint = "" if alone is not None else (f"; int8 was left off ({int8_off})" if int8_off
                                          else "; int8 may reach it (quantize 'auto')")
     if candidates == 0:  # no residual block, or none whose own measured saving is positive
         reach = hint if alone is None else f"; int8 quantisation alone cuts {alone.cut:.1%}{short}"
-        return GraphpruneError(f"a {target:.0%} latency cut is not reachable: no block of this model can be dropped "
-                               f"for a saving on this target{reach}")
+        nothing = ("no residual blocks found in this model (nothing to drop)" if blocks_found == 0 else
+                   "no block of this model can be dropped for a saving on this target")
+        return GraphpruneError(f"a {target:.0%} latency cut is not reachable: {nothing}{reach}")
     return GraphpruneError(f"a {target:.0%} latency cut is not reachable: dropping all {candidates} candidate blocks "
                            f"cuts {best:.1%} on this target{quantised}{short}{hint}")
 
