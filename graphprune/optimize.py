@@ -224,7 +224,7 @@ def build_report(original: Model, state: PassState, ctx: PassContext, config: Op
                  "train_for_recovery": len(ctx.tiny)},
         "recovery": ({"loss_curve": recovery.loss_curve, "final_loss": recovery.final_loss,
                       "seconds": recovery.seconds, "kept_step": recovery.kept_step,
-                      "stopped_at": recovery.stopped_at} if recovery else None),
+                      "stopped_at": recovery.stopped_at, "diverged": recovery.diverged} if recovery else None),
         "settings": {**config.to_dict(), "backend_info": table.backend_info if table else None},
         "seconds_per_stage": dict(state.timings),
         "resumed_from_cache": {"latency_rows": table.from_cache if table else 0,

@@ -32,7 +32,10 @@ def format_summary(report: dict) -> str:
     else:  # a pipeline a user wrote without the step
         lines.append("latency of the result not measured (the pipeline has no measure_result step)")
     recovery = report.get("recovery") or {}
-    if recovery.get("kept_step") == 0:  # early stopping kept the start: training never helped held-out images
+    if recovery.get("diverged"):  # no held-out images: training left its own images' error above the start
+        lines.append("recovery kept the untrained weights: training raised the feature error on the tiny set "
+                     "itself (a lower --recovery-lr may train)")
+    elif recovery.get("kept_step") == 0:  # early stopping kept the start: training never helped held-out images
         stop = f", stopped at step {recovery['stopped_at']}" if recovery.get("stopped_at") else ""
         lines.append(f"recovery kept the untrained weights: no checkpoint lowered the held-out feature error{stop}")
     held_out = report.get("held_out")

@@ -51,6 +51,21 @@ def test_mimicking_lowers_feature_error_and_freezes_the_classifier(setup):
     assert all(torch.equal(v, snapshot[k]) for k, v in pruned.graph_module.state_dict().items())  # input untouched
     assert str(recovered.graph_module.graph) == str(pruned.graph_module.graph)
     assert record["loss_curve"][-1]["loss"] < record["loss_curve"][0]["loss"]
+    assert record["kept_start_as_training_raised_its_error"] is None
+
+
+def test_training_that_raises_the_error_on_its_own_images_keeps_the_start(setup):
+    """Without held-out images the start is still a checkpoint, judged on the training images
+    themselves: Adam at lr 1 wrecks ResNet-20 in 5 steps, and the pruned model comes back as it was,
+    weights and BatchNorm statistics alike."""
+    teacher, pruned, tiny = setup
+    recovered, record = recover(pruned, teacher, tiny, RecoverySettings(iterations=5, batch_size=16, lr=1.0,
+                                                                        augment="none"), show_progress=False)
+    raised = record["kept_start_as_training_raised_its_error"]
+    assert raised["train_error_end"] > raised["train_error_start"] == pytest.approx(
+        _feature_mse(pruned, teacher, tiny.images), rel=1e-4)
+    before, after = pruned.graph_module.state_dict(), recovered.graph_module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_label_loss_keeps_classifier_frozen(setup):
@@ -306,3 +321,6 @@ def test_the_summary_says_when_recovery_kept_the_untrained_weights():
     assert line in format_summary(report).splitlines()
     report["recovery"] = {"kept_step": 20, "stopped_at": None}
     assert "recovery kept" not in format_summary(report)
+    report["recovery"] = {"kept_step": 0, "stopped_at": None, "diverged": True}
+    assert ("recovery kept the untrained weights: training raised the feature error on the tiny set itself (a lower "
+            "--recovery-lr may train)") in format_summary(report).splitlines()

@@ -20,7 +20,9 @@ per batch feeds both the teacher's and the student's rest (the early high-resolu
 most of a step's work); ``max_seconds`` sizes the schedule to the steps that fit, timed on the
 first steps and again every tenth of the schedule (shorter only: a machine that gets busier).
 With held-out images (``early_stop``), the weights of the best of ten checkpoints are kept, and
-training stops once half of them in a row have not improved on the best (nothing to gain).
+training stops once half of them in a row have not improved on the best (nothing to gain). Without,
+the start is kept where training ends with a higher feature error on the training images themselves
+(un-augmented) than it began with: it diverged.
 
 ``loss="label"`` is the paper's BP baseline instead: cross-entropy with the labels through the
 classifier, whose parameters are then explicitly frozen (``requires_grad=False``).
@@ -104,6 +106,7 @@ class RecoveryLog:
     trained_on_holdout: bool = False
     kept_step: int | None = None
     stopped_at: int | None = None
+    diverged: bool = False  # training raised the error on its own images: the start was kept
 
 
 # Under optimize's time budget, seconds kept for what follows recovery (the final timing, an int8
@@ -142,9 +145,11 @@ class Recover(Transform):
         recovered, record = recover(model, ctx.original, train, settings, ctx.feature_node, ctx.show_progress,
                                     frozen_until=first, holdout=holdout)
         guard = record["early_stop"] or {}
+        diverged = record["kept_start_as_training_raised_its_error"] is not None
         log = RecoveryLog(record["loss_curve"], record["final_loss"], record["seconds"],
-                          trained_on_holdout=holdout is None and settings.iterations > 0,
-                          kept_step=guard.get("best_step"), stopped_at=guard.get("stopped_at"))
+                          trained_on_holdout=holdout is None and settings.iterations > 0 and not diverged,
+                          kept_step=0 if diverged else guard.get("best_step"), stopped_at=guard.get("stopped_at"),
+                          diverged=diverged)
         return PassResult(recovered, changed=settings.iterations > 0, record=record, artifacts=[log])
 
 
@@ -198,10 +203,17 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     fmt = memory_format(settings.precision, settings.device, prefix, teacher_gm, student)
     cast = functools.partial(autocast, settings.precision, settings.device)
     curve, window = [], []
-    guard = None
+    guard = at_start = None
     if holdout is not None and settings.loss == "mimic":
         guard = BestCheckpoint(params, _holdout_error(holdout.images.to(device), prefix, teacher_gm, student, weights))
         checkpoints = checkpoint_steps(total, EARLY_STOP_CHECKPOINTS)
+    elif settings.loss == "mimic" and total > 0:
+        # no held-out images: the start is still kept where training leaves the error on the training
+        # images themselves (un-augmented) higher than it found it, i.e. it diverged. Adam's steps are
+        # about lr whatever a weight's scale: a network whose features are ~1e-6 (torchvision's MNASNet
+        # with its initial weights) came out of 10 steps at lr 3e-4 with outputs 23x its own off.
+        at_start = BestCheckpoint([*params, *student.buffers()],  # buffers: BatchNorm's statistics train too
+                               _holdout_error(images.to(device), prefix, teacher_gm, student, weights))
     start = time.perf_counter()
     bar = progress_bar(total=total, desc="recovery", enabled=show_progress)
     student.train()
@@ -265,11 +277,17 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
         if stalled:
             break
     bar.close()
-    early_stop = None
+    early_stop = diverged = None
     if guard is not None:
         guard.restore()
         early_stop = {"best_step": guard.best_step, "holdout_images": len(holdout), "checkpoints": guard.history,
                       "stopped_at": step if step < total else None}
+    if at_start is not None:
+        at_start.check(step)
+        at_start.restore()
+        if at_start.best_step == 0:
+            diverged = {"train_error_start": at_start.history[0]["holdout_error"],
+                        "train_error_end": at_start.history[1]["holdout_error"]}
     for p in student.parameters():
         p.requires_grad_(False)
     if fmt is not None:
@@ -280,6 +298,7 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
               "mimicked_nodes": {"original": mimicked[0], "pruned": mimicked[1]},
               "frozen_prefix": frozen_until if split is not None else None, "iterations_run": step,
               "loss_curve": curve, "final_loss": curve[-1]["loss"] if curve else None, "early_stop": early_stop,
+              "kept_start_as_training_raised_its_error": diverged,
               "train_images": len(images), "seconds": round(time.perf_counter() - start, 2)}
     return student_model, record
 
