@@ -283,11 +283,10 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
         early_stop = {"best_step": guard.best_step, "holdout_images": len(holdout), "checkpoints": guard.history,
                       "stopped_at": step if step < total else None}
     if at_start is not None:
-        at_start.check(step)
-        at_start.restore()
-        if at_start.best_step == 0:
-            diverged = {"train_error_start": at_start.history[0]["holdout_error"],
-                        "train_error_end": at_start.history[1]["holdout_error"]}
+        began, ended = at_start.best, at_start.check(step)
+        if not ended <= began:  # NaN too
+            at_start.restore()
+            diverged = {"train_error_start": began, "train_error_end": ended}
     for p in student.parameters():
         p.requires_grad_(False)
     if fmt is not None:
