@@ -283,7 +283,7 @@ def test_bfloat16_recovery_trains_float32_weights(setup):
 def test_early_stop_keeps_the_checkpoint_with_the_lowest_held_out_error(setup, monkeypatch):
     """With held-out images, the weights of the checkpoint (the start included) with the lowest
     held-out feature error are kept. A fake error that rises after the start: the start is kept,
-    so the recovered model is the pruned one, and training stops after five checkpoints without a
+    so the recovered model is the pruned one (weights and BatchNorm statistics), and training stops after five checkpoints without a
     new best; with the real error, training helps here and runs to the end."""
     from graphprune import checkpoints
 
@@ -306,8 +306,8 @@ def test_early_stop_keeps_the_checkpoint_with_the_lowest_held_out_error(setup, m
     assert record["early_stop"]["best_step"] == 0
     # five checkpoints in a row without a new best (EARLY_STOP_PATIENCE): training stops at step 10 of 20
     assert record["early_stop"]["stopped_at"] == 10 and record["iterations_run"] == 10
-    before, after = dict(pruned.graph_module.named_parameters()), dict(recovered.graph_module.named_parameters())
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    before, after = pruned.graph_module.state_dict(), recovered.graph_module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm's statistics too
 
 
 def test_the_summary_says_when_recovery_kept_the_untrained_weights():

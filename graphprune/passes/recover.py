@@ -205,7 +205,8 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     curve, window = [], []
     guard = at_start = None
     if holdout is not None and settings.loss == "mimic":
-        guard = BestCheckpoint(params, _holdout_error(holdout.images.to(device), prefix, teacher_gm, student, weights))
+        guard = BestCheckpoint([*params, *student.buffers()],  # buffers: BatchNorm's statistics train too
+                               _holdout_error(holdout.images.to(device), prefix, teacher_gm, student, weights))
         checkpoints = checkpoint_steps(total, EARLY_STOP_CHECKPOINTS)
     elif settings.loss == "mimic" and total > 0:
         # no held-out images: the start is still kept where training leaves the error on the training
