@@ -117,7 +117,7 @@ def test_a_given_config_is_timed_without_planning(cli, files):
 
 @pytest.mark.parametrize("args, expected, exit_code", [
     (("--quantize", "int8", "--backend", "torch"), "int8 quantisation is timed and written for onnxruntime", 1),
-    (("--quantize", "int8", "--device", "cuda"), "use fp16", 1),
+    (("--quantize", "int8", "--device", "cuda"), "for GPU targets quantize 'auto' plans fp16 (float16) instead", 1),
     (("--quantize", "int8", "--num-samples", "12"), "at least 16 images in the tiny set, got 12", 1),
     (("--quantize", "int8", "--data", None), "--quantize needs --data", 2),
     (("--quantize", "auto", "--quant-config", "qdq-u8s8"), "give one of them", 2),
@@ -132,6 +132,17 @@ def test_int8_profile_refuses_in_one_line_before_timing(cli, files, monkeypatch,
         data = [] if args[at + 1] is None else ["--data", files["small"]]
         args = args[:at] + args[at + 2:]
     one_line_error(cli("profile", files["float"], *args, *data, *DATA, *FAST), expected, exit_code)
+
+
+def test_auto_on_a_cuda_target_without_the_cuda_provider_is_one_line(cli, files):
+    """auto plans float16 for a GPU target, timed there: without onnxruntime's CUDA provider that is
+    refused in one line before anything is quantised."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider: the float16 plan would run")
+    one_line_error(cli("profile", files["float"], "--quantize", "auto", "--device", "cuda", "--data", files["tiny"],
+                       *DATA, *FAST), "needs onnxruntime's CUDAExecutionProvider", 1)
 
 
 def test_an_int8_file_is_profiled_as_it_is(cli, files):

@@ -178,9 +178,8 @@ def test_error_fixed_batch_larger_than_the_images():
 def test_error_int8_for_cuda():
     with pytest.raises(GraphpruneError) as exc:
         quantize_onnx(convnet(), images(16), QuantConfig(), device="cuda")
-    assert "TensorRT" in one_line(exc) and "fp16" in str(exc.value)
-    with pytest.raises(GraphpruneError):
-        QuantizeSettings(device="cuda").check()
+    assert "TensorRT" in one_line(exc) and "quantize 'auto' plans fp16" in str(exc.value)
+    QuantizeSettings(device="cuda").check()  # settings for a GPU target: their candidate is float16
 
 
 def test_error_model_onnxruntime_cannot_quantise_names_the_node():
@@ -222,6 +221,35 @@ def test_to_float16_keeps_float32_io_and_matches():
     assert half.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
     assert any(t.data_type == TensorProto.FLOAT16 for t in half.graph.initializer)
     assert relative_error(outputs(half, x), outputs(proto, x)) < 1e-2
+
+
+def test_the_fp16_config_makes_a_float16_model_with_its_float_groups_in_float32():
+    """The config a GPU target plans (structural: float16 weights but the classifier's, labelled in
+    its metadata as int8 models are; numerical: float16's rounding only). No calibration images."""
+    config = QuantConfig.from_label("fp16+float:classifier")
+    assert config == QuantConfig.half(("classifier",)) and config.label == "fp16+float:classifier" and config.is_half
+    assert QuantizeSettings(device="cuda").candidates() == [QuantConfig.half()]
+    proto, x = convnet(), images(8)
+    half = quantize_onnx(proto, None, config, device="cuda")
+    types = {t.name: t.data_type for t in half.graph.initializer}
+    assert types["fc"] == types["fcb"] == TensorProto.FLOAT  # the classifier's Gemm stays float32
+    assert types["w1"] == types["w2"] == TensorProto.FLOAT16
+    assert quantization_info(half)["config"]["label"] == "fp16+float:classifier"
+    assert quantization_info(half)["float_nodes"] == ["/fc/Gemm"]
+    assert 0 < relative_error(outputs(half, x), outputs(proto, x)) < 1e-2
+
+
+def test_a_cuda_target_plans_float16_by_the_same_measurement_and_judge():
+    """On a CUDA device the plan's one candidate is float16: kept where it measures faster within the
+    bound (float groups tried on it as on int8), left off where it measures no faster."""
+    settings = QuantizeSettings(max_calibration_images=16, batch_size=16, device="cuda")
+    measure = fake_measure({"fp16": 0.4, "*": 0.3})
+    plan = plan_quantization(convnet(), images(16), images(32, seed=1), settings, measure)
+    assert plan.config == QuantConfig.half() and plan.chosen.agreement == 1.0
+    assert measure.seen[0] == "fp16" and all(label.startswith("fp16") for label in measure.seen)
+    assert any(t.data_type == TensorProto.FLOAT16 for t in plan.proto.graph.initializer)
+    plan = plan_quantization(convnet(), images(16), images(32, seed=1), settings, fake_measure({"*": -0.2}))
+    assert plan.config is None and "no faster than the float model" in plan.reason
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
   blocks), with the same session options as :class:`~graphprune.backends.onnxruntime.OnnxRuntimeBackend`.
 * :class:`QuantizedOnnxRuntime`: a :class:`~graphprune.backends.base.LatencyBackend` that times every
   model *quantised with a fixed plan* (format, types, float groups), for block selection on an int8
-  target. Float groups are roles, re-derived in each model (a dropped block's nodes are gone; the
+  target (float16 on a GPU target). Float groups are roles, re-derived in each model (a dropped block's nodes are gone; the
   first conv and the classifier are found again), never node names.
 """
 
@@ -19,7 +19,7 @@ import torch
 from ..formats.input_layout import is_channels_last, looks_channels_last
 from ..formats.model_io import to_onnx
 from ..model import Model
-from ..passes.quantize import QuantConfig, as_images, check_int8_device, quantize_onnx
+from ..passes.quantize import HALF, QuantConfig, as_images, quantize_onnx
 from ..passes.quantize_plan import Timing
 from .base import LatencySettings, RunOnce, compare_interleaved, latency_cut
 from .environment import batch_inputs, check_settings
@@ -49,18 +49,20 @@ def _file_channels_last(proto: onnx.ModelProto) -> bool:
 
 
 class QuantizedOnnxRuntime:
-    """Time each model as ``config`` quantises it (calibrated on ``calibration`` each time)."""
-
-    name = "onnxruntime-int8"
+    """Time each model as ``config`` quantises it (calibrated on ``calibration`` each time; a
+    float16 config, for a GPU target, converts it instead)."""
 
     def __init__(self, calibration, config: QuantConfig = QuantConfig(), base: OnnxRuntimeBackend | None = None):
         self.calibration = as_images(calibration)
         self.config = config
         self.base = base or OnnxRuntimeBackend()
 
+    @property
+    def name(self) -> str:
+        return f"onnxruntime-{HALF if self.config.is_half else 'int8'}"
+
     def prepare(self, model: Model, settings: LatencySettings) -> RunOnce:
         check_settings(settings)
-        check_int8_device(settings.device)
         quantized = quantize_onnx(to_onnx(model, verify=False), self.calibration, self.config, settings.device)
         return session_runner(quantized, batch_inputs(model, settings), settings, is_channels_last(model),
                               "the quantised model")

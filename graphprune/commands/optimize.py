@@ -88,7 +88,8 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
 @latency_options(SETTINGS, prefix="latency.")
 @opt("latency", "--quantize", fills="quantize", type=click.Choice(["none", "auto", "int8"]),
      help="int8 towards the same target: auto where it measures faster within the accuracy bound (off, saying "
-          "why, where int8 cannot run), int8 always (onnxruntime CPU; the output is then ONNX)")
+          "why, where int8 cannot run; float16 instead on a --device cuda target), int8 always (onnxruntime CPU; "
+          "the output is then ONNX)")
 @opt("latency", "--quantize-mimic", fills="quantization.mimic", type=click.Choice(["auto", "off"]),
      help="auto: where plain int8 loses more than the bound, train the weights with int8's rounding in the graph "
           "to mimic the original on the tiny set (minutes), and judge again; off: never")

@@ -54,7 +54,8 @@ MIN_TIME_S = 2 * SETTINGS.default("min_time_s")
                    "(auto: none where no candidate pays; int8: the fastest); onnxruntime CPU, needs --data")
 @click.option("--quant-config", cls=GroupedOption, group="latency", metavar="LABEL",
               help="quantise with this config instead of planning: a plan's label, e.g. qdq-u8s8 or "
-                   "qoperator-s8s8-7bit+float:first_conv (implies --quantize int8)")
+                   "qoperator-s8s8-7bit+float:first_conv (implies --quantize int8), or fp16 (float16, for a --device "
+                   "cuda target)")
 @click.option("--data", cls=GroupedOption, group="data", type=click.Path(exists=True),
               help="with --quantize: images (folder or .npz) to calibrate on and to compare outputs on")
 @click.option("--num-samples", cls=GroupedOption, group="data", type=POSITIVE_INT, metavar="N",
@@ -175,7 +176,7 @@ def _profile_quantized(args, model, mode: str, given, settings: LatencySettings)
     ctx = make_context(model, tiny, config)
     planner = PlanQuantization(mode, config.quantization)
     if given is not None:
-        check_int8_run(ctx, "profile")
+        check_int8_run(ctx, "profile", half=given.is_half)
     else:
         planner.check(model, ctx)
     float_proto = to_onnx(model)

@@ -15,10 +15,15 @@
   0.75 points of top-1 on its 800 where MinMax gained 0.13, benchmarks/studies/int8_ranges.py: the
   plan keeps MinMax). Mode ``"auto"`` keeps the plan's
   answer: where it has no config (no candidate faster, or none within the accuracy bound, or int8
-  cannot run at all: a CUDA target, a backend other than onnxruntime, too few images, see
-  :func:`int8_unavailable`) the rest of the pipeline runs float-only and the plan's ``reason`` says
+  cannot run at all: a backend other than onnxruntime, too few images, see
+  :func:`auto_unavailable`) the rest of the pipeline runs float-only and the plan's ``reason`` says
   why. Mode ``"int8"`` uses the fastest measured candidate even then, and says so; where int8
   cannot run it refuses in one line before anything is measured.
+* **GPU targets** (a CUDA latency device): int8 gains little on onnxruntime's CUDA provider without
+  TensorRT, half precision is the lever there, so ``"auto"`` plans float16 instead
+  (:meth:`~.quantize.QuantizeSettings.candidates`): the same measurement on the target, the same
+  judge and float groups, no calibration or mimicking; everything below holds with "int8" read as
+  "float16". Mode ``"int8"`` on a CUDA target is refused in one line.
 * **The quantised-measurement rule** (:func:`measuring_backend`, the one place it lives): where a
   usable plan is present, every pass that measures latency times candidates *as they will run*,
   quantised with the plan's config (:class:`~graphprune.backends.onnxruntime_int8.QuantizedOnnxRuntime`,
@@ -55,7 +60,7 @@ from ..formats.model_io import to_onnx
 from ..formats.ort_run import cpu_session, run_outputs
 from ..model import Model
 from .base import Analysis, PassResult
-from .quantize import (MIN_CALIBRATION_IMAGES, Calibrated, QuantConfig, QuantizeSettings, check_int8_device,
+from .quantize import (MIN_CALIBRATION_IMAGES, Calibrated, QuantConfig, QuantizeSettings, check_int8_device, is_cuda,
                        quantization_info, quantize_onnx)
 from .quantize_mimic import MimicSettings, mimic_quantized, with_mimic_record
 from .quantize_plan import QuantizationPlan, closest_candidate, plan_quantization
@@ -86,10 +91,12 @@ def check_quantize_mode(mode: str) -> None:
         raise GraphpruneError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got '{mode}'", parameter="quantize")
 
 
-def check_int8_run(ctx, by: str) -> None:
+def check_int8_run(ctx, by: str, half: bool = False) -> None:
     """Refuse, in one line, an int8 run that cannot happen: a CUDA target (fp16 instead), another
-    backend than onnxruntime, or a tiny set too small to calibrate on and judge."""
-    check_int8_device(ctx.latency.device)
+    backend than onnxruntime, or a tiny set too small to calibrate on and judge (``half``: a
+    float16 run, which a CUDA target takes, the rest alike)."""
+    if not half:
+        check_int8_device(ctx.latency.device)
     backend = ctx.need("backend", by)
     if backend.name != "onnxruntime":
         raise GraphpruneError(f"int8 quantisation is timed and written for onnxruntime; backend '{backend.name}' "
@@ -97,11 +104,12 @@ def check_int8_run(ctx, by: str) -> None:
     check_enough_images(ctx, "tiny", by)
 
 
-def int8_unavailable(ctx, by: str) -> str | None:
-    """Why int8 cannot run here (the line :func:`check_int8_run` refuses ``quantize 'int8'`` with),
-    or None: mode ``"auto"`` then leaves int8 off and runs float, saying why, instead of failing."""
+def auto_unavailable(ctx, by: str) -> str | None:
+    """Why mode ``"auto"`` cannot quantise here (the line :func:`check_int8_run` refuses
+    ``quantize 'int8'`` with; on a CUDA target, where auto plans float16, the device is no reason),
+    or None: auto then leaves quantisation off and runs float, saying why, instead of failing."""
     try:
-        check_int8_run(ctx, by)
+        check_int8_run(ctx, by, half=is_cuda(ctx.latency.device))
     except GraphpruneError as refused:
         return str(refused)
     return None
@@ -153,7 +161,7 @@ class PlanQuantization(Analysis):
         and times the chosen model itself)."""
         if self.mode == "none":
             return QuantizationPlan(None, None, "quantize is 'none'", "", 0.0, [])
-        unavailable = (int8_unavailable(ctx, self.name) or _unwritable(ctx)) if self.mode == "auto" else None
+        unavailable = (auto_unavailable(ctx, self.name) or _unwritable(ctx)) if self.mode == "auto" else None
         if unavailable is not None:
             return QuantizationPlan(None, None, f"int8 left off: {unavailable}", "", 0.0, [])
         from ..backends.onnxruntime_int8 import onnxruntime_cut
@@ -181,7 +189,9 @@ class PlanQuantization(Analysis):
 def _mimicked(original: Model, float_proto: onnx.ModelProto, images, device: str, mimic: MimicSettings,
               feature_node: str | None, show_progress: bool, candidate) -> tuple[onnx.ModelProto, dict] | None:
     """The plan's ``improve``: ``candidate`` made again from weights trained by quantisation-aware
-    mimicking (None where nothing could be trained)."""
+    mimicking (None where nothing could be trained, and for float16: it has no int8 rounding to learn)."""
+    if candidate.config.is_half:
+        return None
     trained, record = mimic_trained(original, original, float_proto, images, candidate.config, mimic, feature_node,
                                     show_progress)
     if record.get("skipped"):

@@ -7,8 +7,10 @@
   (:func:`quantization_info`).
 * :func:`graphprune.passes.quantize_plan.plan_quantization` chooses among quantisations by
   measurement (split out: this module is the mechanism, that one the policy).
-* :func:`to_float16` for GPU targets (int8 on onnxruntime's CUDA provider gains little without
-  TensorRT).
+* Half precision for GPU targets (int8 on onnxruntime's CUDA provider gains little without
+  TensorRT): the config ``fp16`` (:data:`HALF`), the one candidate :meth:`QuantizeSettings.candidates`
+  gives for a CUDA device; :func:`quantize_onnx` makes it with :func:`to_float16` (no calibration),
+  its float groups kept in float32, so the plan measures and judges it as it does int8.
 
 Evidence (issue 28; AMD EPYC with avx512_vnni, onnxruntime CPU, 1 thread, batch 1): QDQ with uint8
 activations / int8 per-channel weights cut CIFAR ResNet-56 by 54.7% (top-1 92.6 -> 92.8) and
@@ -48,6 +50,7 @@ TYPES = ("uint8", "int8")
 METHODS = ("minmax", "entropy", "percentile")
 FLOAT_GROUPS = ("first_conv", "classifier", "add_concat", "decode")
 MIMIC_MODES = ("auto", "off")
+HALF = "fp16"  # QuantConfig.fmt of float16 weights and compute (GPU targets)
 # A guard, not a measured knee: MinMax ranges are the extremes of the calibration activations, so
 # from a handful of images they depend on those images. On CIFAR ResNet-56 (this CPU, 7-bit
 # weights) top-1 was 92.6-92.9 from 4 (repeated), 16, 64 or 500 images (float 92.6), so the
@@ -74,10 +77,21 @@ class QuantConfig:
     # is given, so the timing of a config is the same with or without it.
     mimic: bool = False
 
+    @classmethod
+    def half(cls, float_groups: tuple[str, ...] = ()) -> "QuantConfig":
+        """Float16 weights and compute, ``float_groups`` left in float32 (GPU targets)."""
+        return cls(HALF, "float16", "float16", per_channel=False, method="none", float_groups=tuple(float_groups))
+
+    @property
+    def is_half(self) -> bool:
+        return self.fmt == HALF
+
     @property
     def label(self) -> str:
-        short = {"uint8": "u8", "int8": "s8"}
         extra = "".join(f"+float:{g}" for g in self.float_groups) + ("+mimic" if self.mimic else "")
+        if self.is_half:
+            return f"{HALF}{extra}"
+        short = {"uint8": "u8", "int8": "s8"}
         return f"{self.fmt}-{short[self.activations]}{short[self.weights]}{'-7bit' if self.reduce_range else ''}{extra}"
 
     def to_dict(self) -> dict:
@@ -92,6 +106,8 @@ class QuantConfig:
         label = label.strip()
         mimic = label.endswith("+mimic")
         base, *groups = label.removesuffix("+mimic").split("+float:")
+        if base == HALF and not mimic and all(g in FLOAT_GROUPS for g in groups):
+            return cls.half(tuple(groups))
         fmt, _, rest = base.partition("-")
         kinds, _, seven = rest.partition("-")
         if (fmt not in FORMATS or kinds[:2] not in types or kinds[2:] not in types or seven not in ("", "7bit")
@@ -99,7 +115,7 @@ class QuantConfig:
             raise GraphpruneError(f"label '{label}' names no quantisation config: write it like qdq-u8s8 or "
                                   f"qoperator-s8s8-7bit+float:first_conv+mimic (format {' or '.join(FORMATS)}; u8 or "
                                   f"s8 activations, then weights; float groups {', '.join(FLOAT_GROUPS)}; +mimic "
-                                  "last)", parameter="label")
+                                  f"last), or {HALF}+float:decode (float16)", parameter="label")
         return cls(fmt, types[kinds[:2]], types[kinds[2:]], float_groups=tuple(groups),
                    reduce_range=True if seven else None, mimic=mimic)
 
@@ -160,7 +176,6 @@ class QuantizeSettings:
         if self.mimic not in MIMIC_MODES:
             raise GraphpruneError(f"mimic must be one of {', '.join(MIMIC_MODES)}, got '{self.mimic}'", parameter="mimic")
         self.mimic_settings().check()
-        check_int8_device(self.device)
 
     def mimic_settings(self, device: str = "cpu", max_seconds: float | None = None):
         """How quantisation-aware mimicking trains (on ``device``, in at most ``max_seconds``)."""
@@ -170,6 +185,10 @@ class QuantizeSettings:
                              max_seconds=max_seconds)
 
     def candidates(self) -> list[QuantConfig]:
+        """The int8 configs of ``formats`` x ``activation_types`` on a CPU; on a CUDA device float16
+        alone (:func:`check_int8_device`: int8 gains little there)."""
+        if is_cuda(self.device):
+            return [QuantConfig.half()]
         reduce = saturating_cpu() if self.reduce_range is None else self.reduce_range
         return [QuantConfig(fmt, act, self.weight_type, self.per_channel, self.calibration_method, (), reduce)
                 for fmt in self.formats for act in self.activation_types]
@@ -189,12 +208,16 @@ def saturating_cpu() -> bool:
     return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
+def is_cuda(device: str) -> bool:
+    return device.startswith("cuda") or "CUDA" in device
+
+
 def check_int8_device(device: str) -> None:
     """int8 is a CPU optimisation here: refuse it, in one line, for CUDA."""
-    if device.startswith("cuda") or "CUDA" in device:
+    if is_cuda(device):
         raise GraphpruneError(
             f"int8 quantisation for device '{device}': onnxruntime's CUDA provider gains little from int8 "
-            "without TensorRT; use fp16 (to_float16) for GPU targets", parameter="device")
+            "without TensorRT; for GPU targets quantize 'auto' plans fp16 (float16) instead", parameter="device")
 
 
 def float_group_nodes(proto: onnx.ModelProto, group: str) -> list[str]:
@@ -343,7 +366,10 @@ def quantize_onnx(proto: onnx.ModelProto | Calibrated, calibration=None, config:
     """``proto`` statically quantised with ``config``, calibrated on all of ``calibration``
     ((N, C, H, W) float, normalised as the model expects; at least 16 images). Pass a
     :class:`Calibrated` instead to reuse one calibration across quantisations (``calibration``
-    is then ignored). Never returns a model onnxruntime refuses to load."""
+    is then ignored). Never returns a model onnxruntime refuses to load. A :meth:`QuantConfig.half`
+    config gives the float16 model (:func:`to_float16`; nothing is calibrated)."""
+    if config.is_half:
+        return to_float16(proto.source if isinstance(proto, Calibrated) else proto, config.float_groups)
     check_int8_device(device)
     if config.reduce_range is None:
         config = replace(config, reduce_range=saturating_cpu())
@@ -419,14 +445,26 @@ def _culprit(graph: onnx.ModelProto, exc: BaseException) -> str:
     return ""
 
 
-def to_float16(proto: onnx.ModelProto) -> onnx.ModelProto:
+def to_float16(proto: onnx.ModelProto, float_groups: tuple[str, ...] = ()) -> onnx.ModelProto:
     """``proto`` with float16 weights and compute, its inputs and outputs still float32 (GPU
-    targets; onnxruntime's own converter, its default list of ops kept in float32)."""
+    targets; onnxruntime's own converter, its default list of ops kept in float32), the nodes of
+    ``float_groups`` (roles, as for int8) too. Says in its metadata how it was made, as
+    :func:`quantize_onnx`'s int8 models do."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    named = onnx.ModelProto()
+    named.CopyFrom(proto)
+    for i, node in enumerate(named.graph.node):  # node_block_list works by name
+        node.name = node.name or f"{node.op_type}_{i}"
+    kept = [name for group in float_groups for name in float_group_nodes(named, group)]
     try:
-        half = convert_float_to_float16(proto, keep_io_types=True)
+        with quiet():
+            half = convert_float_to_float16(named, keep_io_types=True, node_block_list=kept or None)
     except Exception as exc:
         raise GraphpruneError(f"cannot convert the model to float16: {first_line(exc)}") from None
     cpu_session(half, "the float16 model")
+    opset = default_opset(proto)
+    info = {"config": QuantConfig.half(tuple(float_groups)).to_dict(), "input_opset": opset,
+            "opset": default_opset(half), "float_nodes": kept, "calibration_images": 0, "notes": []}
+    half.metadata_props.add(key=INFO_KEY, value=json.dumps(info))
     return half
