@@ -283,8 +283,9 @@ def test_bfloat16_recovery_trains_float32_weights(setup):
 def test_early_stop_keeps_the_checkpoint_with_the_lowest_held_out_error(setup, monkeypatch):
     """With held-out images, the weights of the checkpoint (the start included) with the lowest
     held-out feature error are kept. A fake error that rises after the start: the start is kept,
-    so the recovered model is the pruned one (weights and BatchNorm statistics), and training stops after five checkpoints without a
-    new best; with the real error, training helps here and runs to the end."""
+    so the recovered model is the pruned one (weights and BatchNorm statistics), and training stops
+    after five checkpoints without a new best; with the real error, training helps here and runs to
+    the end."""
     from graphprune import checkpoints
 
     teacher, pruned, tiny = setup
