@@ -318,8 +318,7 @@ class Calibrated:
                 raise GraphpruneError(f"cannot convert opset {self.opset} to {opset} for per-channel quantisation "
                                       f"({first_line(exc)}); use per_channel=False", parameter="per_channel") from None
             notes.append(f"opset {self.opset} converted to {opset}: per-channel DequantizeLinear (axis) needs opset 13")
-        for i, node in enumerate(proto.graph.node):  # nodes_to_exclude works by name
-            node.name = node.name or f"{node.op_type}_{i}"
+        name_nodes(proto)  # nodes_to_exclude works by name
         path, raw = Path(self._dir.name) / f"pre{opset}.onnx", Path(self._dir.name) / f"float{opset}.onnx"
         onnx.save(proto, str(raw))
         try:
@@ -436,6 +435,13 @@ def _quantize(prepared: Calibrated, config: QuantConfig, opset: int) -> onnx.Mod
     return quantized
 
 
+def name_nodes(proto: onnx.ModelProto) -> None:
+    """Give every unnamed node of ``proto`` a name (op type and position): onnxruntime's tools
+    leave nodes in float by name."""
+    for i, node in enumerate(proto.graph.node):
+        node.name = node.name or f"{node.op_type}_{i}"
+
+
 def _culprit(graph: onnx.ModelProto, exc: BaseException) -> str:
     """' (node NAME, OP)' for the first node the error names by name or op type, else ''."""
     text = str(exc)
@@ -454,8 +460,7 @@ def to_float16(proto: onnx.ModelProto, float_groups: tuple[str, ...] = ()) -> on
 
     named = onnx.ModelProto()
     named.CopyFrom(proto)
-    for i, node in enumerate(named.graph.node):  # node_block_list works by name
-        node.name = node.name or f"{node.op_type}_{i}"
+    name_nodes(named)  # node_block_list works by name
     kept = [name for group in float_groups for name in float_group_nodes(named, group)]
     try:
         with quiet():

@@ -204,17 +204,16 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     cast = functools.partial(autocast, settings.precision, settings.device)
     curve, window = [], []
     guard = at_start = None
+    kept = [*params, *student.buffers()]  # what a checkpoint keeps: BatchNorm's statistics train too
     if holdout is not None and settings.loss == "mimic":
-        guard = BestCheckpoint([*params, *student.buffers()],  # buffers: BatchNorm's statistics train too
-                               _holdout_error(holdout.images.to(device), prefix, teacher_gm, student, weights))
+        guard = BestCheckpoint(kept, _holdout_error(holdout.images.to(device), prefix, teacher_gm, student, weights))
         checkpoints = checkpoint_steps(total, EARLY_STOP_CHECKPOINTS)
     elif settings.loss == "mimic" and total > 0:
         # no held-out images: the start is still kept where training leaves the error on the training
         # images themselves (un-augmented) higher than it found it, i.e. it diverged. Adam's steps are
         # about lr whatever a weight's scale: a network whose features are ~1e-6 (torchvision's MNASNet
         # with its initial weights) came out of 10 steps at lr 3e-4 with outputs 23x its own off.
-        at_start = BestCheckpoint([*params, *student.buffers()],  # buffers: BatchNorm's statistics train too
-                               _holdout_error(images.to(device), prefix, teacher_gm, student, weights))
+        at_start = BestCheckpoint(kept, _holdout_error(images.to(device), prefix, teacher_gm, student, weights))
     start = time.perf_counter()
     bar = progress_bar(total=total, desc="recovery", enabled=show_progress)
     student.train()
