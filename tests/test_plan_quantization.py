@@ -28,7 +28,8 @@ from graphprune.passes import measure_latency as measure_module
 from graphprune.passes import plan_quantization as plan_module
 from graphprune.passes import recover as recover_module
 from graphprune.passes import recoverability as recoverability_module
-from graphprune.passes.quantize import QuantConfig, QuantizeSettings, float_group_nodes, quantization_info
+from graphprune.passes.float_groups import float_group_nodes
+from graphprune.passes.quantize import QuantConfig, QuantizeSettings, quantization_info
 from graphprune.passes.quantize_plan import Timing
 from graphprune.passes.recover import RecoverySettings
 from graphprune.passes.recoverability import RecoverabilitySettings

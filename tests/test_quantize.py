@@ -16,8 +16,9 @@ from graphprune.formats.io_onnx import load_proto
 from graphprune.formats.model_io import to_onnx
 from graphprune.formats.ort_run import cpu_session, run_outputs
 from graphprune.passes import drop_blocks, find_blocks
-from graphprune.passes.quantize import (Calibrated, QuantConfig, QuantizeSettings, float_group_nodes, quantization_info,
-                                        quantize_onnx, to_float16)
+from graphprune.passes.float16 import to_float16
+from graphprune.passes.float_groups import float_group_nodes
+from graphprune.passes.quantize import Calibrated, QuantConfig, QuantizeSettings, quantization_info, quantize_onnx
 from graphprune.passes.quantize_plan import Timing, plan_quantization
 from onnx_builders import channels_last_residual
 from yolo_like import tiny_yolo_onnx

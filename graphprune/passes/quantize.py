@@ -9,8 +9,8 @@
   measurement (split out: this module is the mechanism, that one the policy).
 * Half precision for GPU targets (int8 on onnxruntime's CUDA provider gains little without
   TensorRT): the config ``fp16`` (:data:`HALF`), the one candidate :meth:`QuantizeSettings.candidates`
-  gives for a CUDA device; :func:`quantize_onnx` makes it with :func:`to_float16` (no calibration),
-  its float groups kept in float32, so the plan measures and judges it as it does int8.
+  gives for a CUDA device; :func:`quantize_onnx` makes it with :func:`graphprune.passes.float16.to_float16`
+  (no calibration), its float groups kept in float32, so the plan measures and judges it as it does int8.
 
 Evidence (issue 28; AMD EPYC with avx512_vnni, onnxruntime CPU, 1 thread, batch 1): QDQ with uint8
 activations / int8 per-channel weights cut CIFAR ResNet-56 by 54.7% (top-1 92.6 -> 92.8) and
@@ -23,7 +23,8 @@ so; QOperator (``QLinearConv`` takes per-channel scales since opset 10) and per-
 input's opset.
 
 Float groups (``nodes_to_exclude``) are *roles* (``first_conv``, ``classifier``, ``add_concat``, ``decode``),
-resolved to node names in each graph as it is quantised, so they survive block dropping.
+resolved to node names in each graph as it is quantised (:mod:`graphprune.passes.float_groups`), so
+they survive block dropping.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ import torch
 from ..errors import GraphpruneError, first_line
 from ..formats.ort_run import cpu_session, image_batches
 from ..formats.onnx_opset import default_opset
+from .float_groups import FLOAT_GROUPS, float_group_nodes, name_nodes
 
 FORMATS = ("qdq", "qoperator")
 TYPES = ("uint8", "int8")
 METHODS = ("minmax", "entropy", "percentile")
-FLOAT_GROUPS = ("first_conv", "classifier", "add_concat", "decode")
 MIMIC_MODES = ("auto", "off")
 HALF = "fp16"  # QuantConfig.fmt of float16 weights and compute (GPU targets)
 # A guard, not a measured knee: MinMax ranges are the extremes of the calibration activations, so
@@ -220,40 +221,6 @@ def check_int8_device(device: str) -> None:
             "without TensorRT; for GPU targets quantize 'auto' plans fp16 (float16) instead", parameter="device")
 
 
-def float_group_nodes(proto: onnx.ModelProto, group: str) -> list[str]:
-    """Node names of ``group`` in this graph: the first Conv, the last Gemm/MatMul (classifier),
-    every Add/Concat/Sum of two or more computed tensors (residual merges, concatenations), or the
-    unweighted nodes between the last weighted ones and the outputs (``decode``: decoding, such as a
-    YOLOv8 head's box arithmetic, sigmoid and the Concat of boxes in pixels with class scores in
-    [0, 1], where one int8 scale for both rounds every score below 1.3 to 0; a classifier ending in
-    its Gemm has none)."""
-    nodes = list(proto.graph.node)
-    if group == "decode":
-        return _tail_nodes(proto)
-    if group == "first_conv":
-        return [n.name for n in nodes if n.op_type in ("Conv", "ConvTranspose")][:1]
-    if group == "classifier":
-        return [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")][-1:]
-    if group == "add_concat":
-        constant = {t.name for t in proto.graph.initializer} | {o for n in nodes if n.op_type == "Constant" for o in n.output}
-        return [n.name for n in nodes
-                if n.op_type in ("Add", "Concat", "Sum") and sum(i not in constant for i in n.input if i) >= 2]
-    raise GraphpruneError(f"unknown float group '{group}': use {', '.join(FLOAT_GROUPS)}", parameter="float_groups")
-
-
-def _tail_nodes(proto: onnx.ModelProto) -> list[str]:
-    """Names of the nodes no Conv/ConvTranspose/Gemm/MatMul is computed from, weighted ones excluded."""
-    weighted = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-    feeds_weighted: set[str] = set()  # tensors some weighted node is computed from
-    tail = []
-    for node in reversed(proto.graph.node):  # ONNX nodes are topologically sorted
-        if node.op_type in weighted or any(o in feeds_weighted for o in node.output):
-            feeds_weighted.update(i for i in node.input if i)
-        else:
-            tail.append(node.name)
-    return tail[::-1]
-
-
 def is_quantized(proto: onnx.ModelProto) -> bool:
     """Whether ``proto`` holds quantised operators (QDQ pairs, QOperator or integer ops), which
     onnxruntime runs and graphprune's converter cannot read."""
@@ -368,6 +335,8 @@ def quantize_onnx(proto: onnx.ModelProto | Calibrated, calibration=None, config:
     is then ignored). Never returns a model onnxruntime refuses to load. A :meth:`QuantConfig.half`
     config gives the float16 model (:func:`to_float16`; nothing is calibrated)."""
     if config.is_half:
+        from .float16 import to_float16  # float16.py builds on this module's config
+
         return to_float16(proto.source if isinstance(proto, Calibrated) else proto, config.float_groups)
     check_int8_device(device)
     if config.reduce_range is None:
@@ -435,13 +404,6 @@ def _quantize(prepared: Calibrated, config: QuantConfig, opset: int) -> onnx.Mod
     return quantized
 
 
-def name_nodes(proto: onnx.ModelProto) -> None:
-    """Give every unnamed node of ``proto`` a name (op type and position): onnxruntime's tools
-    leave nodes in float by name."""
-    for i, node in enumerate(proto.graph.node):
-        node.name = node.name or f"{node.op_type}_{i}"
-
-
 def _culprit(graph: onnx.ModelProto, exc: BaseException) -> str:
     """' (node NAME, OP)' for the first node the error names by name or op type, else ''."""
     text = str(exc)
@@ -449,27 +411,3 @@ def _culprit(graph: onnx.ModelProto, exc: BaseException) -> str:
         if (node.name and node.name in text) or f"{node.op_type}(" in text or f":{node.op_type}" in text:
             return f" (node {node.name}, {node.domain + ':' if node.domain else ''}{node.op_type})"
     return ""
-
-
-def to_float16(proto: onnx.ModelProto, float_groups: tuple[str, ...] = ()) -> onnx.ModelProto:
-    """``proto`` with float16 weights and compute, its inputs and outputs still float32 (GPU
-    targets; onnxruntime's own converter, its default list of ops kept in float32), the nodes of
-    ``float_groups`` (roles, as for int8) too. Says in its metadata how it was made, as
-    :func:`quantize_onnx`'s int8 models do."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    named = onnx.ModelProto()
-    named.CopyFrom(proto)
-    name_nodes(named)  # node_block_list works by name
-    kept = [name for group in float_groups for name in float_group_nodes(named, group)]
-    try:
-        with quiet():
-            half = convert_float_to_float16(named, keep_io_types=True, node_block_list=kept or None)
-    except Exception as exc:
-        raise GraphpruneError(f"cannot convert the model to float16: {first_line(exc)}") from None
-    cpu_session(half, "the float16 model")
-    opset = default_opset(proto)
-    info = {"config": QuantConfig.half(tuple(float_groups)).to_dict(), "input_opset": opset,
-            "opset": default_opset(half), "float_nodes": kept, "calibration_images": 0, "notes": []}
-    half.metadata_props.add(key=INFO_KEY, value=json.dumps(info))
-    return half

@@ -31,8 +31,8 @@ from ..backends.base import CutMeasurement
 from ..errors import GraphpruneError
 from ..fidelity import DetectionCounts, decode_yolov8, lower_map50, output_layout
 from ..formats.ort_run import cpu_session, run_outputs
-from .quantize import (Calibrated, QuantConfig, QuantizeSettings, as_images, float_group_nodes, quantization_info,
-                       quantize_onnx)
+from .float_groups import float_group_nodes
+from .quantize import Calibrated, QuantConfig, QuantizeSettings, as_images, quantization_info, quantize_onnx
 
 
 @dataclass(frozen=True)
