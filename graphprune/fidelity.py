@@ -11,6 +11,10 @@ original's: the layout of an output, and a detector's boxes decoded and matched.
   rows are not taken for class scores.
 * ``other``: anything else (compared by its relative error only).
 
+**Class distributions** (:func:`class_kl`): a ``classes`` output is compared as distributions,
+KL(p_original || p_optimised) averaged over the images, p = softmax(scores), or the scores
+themselves where they already are probabilities (non-negative, rows summing to 1).
+
 **Detections**, as ultralytics' ``non_max_suppression`` with its defaults: each anchor's best class
 c = argmax_k s_k; confident where s_c > CONFIDENCE; box (cx - w/2, cy - h/2, cx + w/2, cy + h/2),
 w and h clamped at 0; non-maximum suppression within each class at NMS_IOU; at most
@@ -66,6 +70,20 @@ def output_layout(output: torch.Tensor) -> str:
         if bool((scores >= 0).all()) and bool((scores <= 1).all()):
             return "yolov8"
     return "other"
+
+
+def class_log_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """log p of a ``classes`` output (see the module docstring)."""
+    scores = scores.float()
+    if bool((scores >= 0).all()) and torch.allclose(scores.sum(1), torch.ones(len(scores)), atol=1e-3):
+        return scores.clamp_min(1e-12).log()
+    return scores.log_softmax(1)
+
+
+def class_kl(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over the images of KL(p_reference || p_output) of two ``classes`` outputs."""
+    return float(torch.nn.functional.kl_div(class_log_probabilities(output), class_log_probabilities(reference),
+                                            log_target=True, reduction="batchmean"))
 
 
 def describe_layout(layout: str, output: torch.Tensor) -> str:

@@ -37,7 +37,8 @@ def format_summary(report: dict) -> str:
                      "itself (a lower --recovery-lr may train)")
     elif recovery.get("kept_step") == 0:  # early stopping kept the start: training never helped held-out images
         stop = f", stopped at step {recovery['stopped_at']}" if recovery.get("stopped_at") else ""
-        lines.append(f"recovery kept the untrained weights: no checkpoint lowered the held-out feature error{stop}")
+        signal = recovery.get("guard_signal") or "feature error"
+        lines.append(f"recovery kept the untrained weights: no checkpoint lowered the held-out {signal}{stop}")
     held_out = report.get("held_out")
     if held_out:
         lines.append(_held_out_line(held_out))

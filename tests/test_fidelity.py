@@ -16,7 +16,7 @@ import graphprune as gp
 from graphprune.data import Preprocessing, TinySet, load_tiny_set
 from graphprune.errors import GraphpruneError
 from graphprune.evaluate import evaluate, evaluate_onnx
-from graphprune.fidelity import (CONFIDENCE, DetectionCounts, Detections, average_precision, box_iou,
+from graphprune.fidelity import (CONFIDENCE, DetectionCounts, Detections, average_precision, box_iou, class_kl,
                                  decode_yolov8, matched, output_layout, ranked_hits)
 from graphprune.report import format_summary
 from onnx_builders import save
@@ -68,6 +68,17 @@ def test_layouts_from_the_output_shape():
     assert output_layout(mask_coefficients) == "other"
     assert output_layout(torch.zeros(2, 8400, 84)) == "other"  # anchors first: not YOLOv8's export
     assert output_layout(torch.zeros(2, 3, 8, 8)) == "other"
+
+
+def test_class_kl_reads_scores_or_probabilities():
+    """KL(p_reference || p_output): zero for the same scores, the same whether the scores are logits
+    or already probabilities, and the textbook value for two hand-made distributions."""
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    other = torch.tensor([[0.0, 2.0, -1.0], [0.5, 0.5, 3.0]])
+    assert class_kl(logits, logits) == pytest.approx(0.0, abs=1e-7)
+    assert class_kl(other, logits) == pytest.approx(class_kl(other.softmax(1), logits.softmax(1)), rel=1e-5)
+    p, q = logits.softmax(1)[0], other.softmax(1)[0]
+    assert class_kl(other, logits) == pytest.approx(float((p * (p / q).log()).sum()) / 2, rel=1e-5)  # 2nd row: 0
 
 
 def test_matching_is_greedy_one_to_one_within_a_class():

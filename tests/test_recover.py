@@ -311,6 +311,32 @@ def test_early_stop_keeps_the_checkpoint_with_the_lowest_held_out_error(setup, m
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm's statistics too
 
 
+def test_the_guard_compares_a_classifiers_class_distributions_and_a_detectors_features(setup, tmp_path):
+    """Early stopping judges a classifier by KL(original || pruned) of its outputs on the held-out
+    images (the start's value is the untrained pruned network's), and a model whose output is not
+    class scores (a YOLOv8-style detector) by the mimicked feature error."""
+    from graphprune.fidelity import class_kl
+    from onnx_builders import save
+    from yolo_like import tiny_yolo_onnx
+
+    teacher, pruned, tiny = setup
+    train, holdout = tiny.subset(range(32)), tiny.subset(range(32, 48))
+    settings = RecoverySettings(iterations=4, batch_size=8, augment="none", early_stop="on")
+    _, record = recover(pruned, teacher, train, settings, show_progress=False, holdout=holdout)
+    start = record["early_stop"]["checkpoints"][0]["holdout_error"]
+    assert record["early_stop"]["signal"] == "output KL"
+    with torch.no_grad():
+        expected = class_kl(pruned.graph_module.eval()(holdout.images), teacher.graph_module.eval()(holdout.images))
+    assert start == pytest.approx(expected, rel=1e-4) and start > 0
+
+    detector = gp.load(save(tiny_yolo_onnx(size=64), tmp_path / "yolo.onnx"))
+    cut = gp.drop_blocks(detector, [gp.find_blocks(detector)[0].name])
+    images = TinySet(torch.rand(24, 3, 64, 64, generator=torch.Generator().manual_seed(0)), torch.full((24,), -1))
+    _, record = recover(cut, detector, images.subset(range(16)), settings, show_progress=False,
+                        holdout=images.subset(range(16, 24)))
+    assert record["early_stop"]["signal"] == "feature error"
+
+
 def test_the_summary_says_when_recovery_kept_the_untrained_weights():
     """Early stopping that keeps the start (no checkpoint lowered the held-out error) is one line of
     the summary: what a user without --eval-data needs to know about recovery."""
@@ -320,6 +346,8 @@ def test_the_summary_says_when_recovery_kept_the_untrained_weights():
               "dropped": [], "seconds_per_stage": {}, "recovery": {"kept_step": 0, "stopped_at": 10}}
     line = "recovery kept the untrained weights: no checkpoint lowered the held-out feature error, stopped at step 10"
     assert line in format_summary(report).splitlines()
+    report["recovery"]["guard_signal"] = "output KL"
+    assert line.replace("feature error", "output KL") in format_summary(report).splitlines()
     report["recovery"] = {"kept_step": 20, "stopped_at": None}
     assert "recovery kept" not in format_summary(report)
     report["recovery"] = {"kept_step": 0, "stopped_at": None, "diverged": True}
