@@ -19,6 +19,7 @@ goal needs recovery that generalises from 160 photos, or int8 (``--quantize auto
 
     python -m benchmarks.studies.lite0_blocks run [--sets 12]
     python -m benchmarks.studies.lite0_blocks report   # -> benchmarks/studies/results/lite0_blocks.md
+    python -m benchmarks.studies.lite0_blocks recalibrate _blocks.4,_blocks.7,_blocks.9,_blocks.10   # or gapfit BLOCKS
 """
 
 from __future__ import annotations
@@ -177,6 +178,70 @@ def gapfit(names: list[str], ridges: list[float]) -> None:
         print(json.dumps(row), flush=True)
 
 
+def recalibrate(names: list[str]) -> None:
+    """Recovery without training, the other way: PRACTISE's recovery runs BatchNorm in train mode,
+    which re-estimates every BatchNorm's statistics on the pruned network. On a folded graph (every
+    ONNX export) the same is a per-channel affine after each conv, y -> s * y + t, so that over the
+    160 training photos each channel's mean and standard deviation equal the original's at that
+    conv (BatchNorm's output had the original's statistics' gamma and beta). Solved in graph order
+    in one batched pass (each conv's correction applied before the next conv's statistics are
+    read) and folded into the conv's weight and bias."""
+    import graphprune as gp
+    from benchmarks.real_models import MODELS, eval_set, tiny_set
+    from graphprune.data import split_holdout
+    from graphprune.passes import find_blocks
+
+    spec = MODELS["efficientnet_lite0"]
+    original = gp.load(str(spec.path()))
+    train, holdout = split_holdout(tiny_set(spec), 0.2, 16, 2021)
+    test = eval_set(spec)
+    start = time.time()
+    pruned = gp.drop_blocks(original, names, find_blocks(original))
+    ogm, gm = original.graph_module.eval(), pruned.graph_module.eval()
+    shared = {n.target for n in ogm.graph.nodes if n.op == "call_module"}
+    convs = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in shared
+             and isinstance(gm.get_submodule(n.target), torch.nn.Conv2d)]
+
+    def channel_stats(out: torch.Tensor):
+        out = out.double()
+        return out.mean((0, 2, 3)), out.std((0, 2, 3))
+
+    wanted, hooks = {}, []
+    for name in convs:
+        hooks.append(ogm.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: wanted.__setitem__(name, channel_stats(out))))
+    with torch.no_grad():
+        ogm(train.images)
+    for hook in hooks:
+        hook.remove()
+    corrections, hooks = {}, []
+
+    def correct(name, out):
+        mean, std = channel_stats(out)
+        scale = torch.where(std > 1e-8, wanted[name][1] / std.clamp_min(1e-8), torch.ones_like(std))
+        corrections[name] = scale.float(), (wanted[name][0] - scale * mean).float()
+        return out * corrections[name][0].view(1, -1, 1, 1) + corrections[name][1].view(1, -1, 1, 1)
+    for name in convs:
+        hooks.append(gm.get_submodule(name).register_forward_hook(lambda _m, _i, out, name=name: correct(name, out)))
+    with torch.no_grad():
+        gm(train.images)
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        for name, (scale, shift) in corrections.items():
+            conv = gm.get_submodule(name)
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+            conv.bias = torch.nn.Parameter(bias * scale + shift)
+    test_out = _logits(pruned, test)
+    row = {"blocks": names, "why": f"statistics recalibration of {len(corrections)} convs (mean, std)",
+           "top1": float((test_out.argmax(1) == test.labels).float().mean()),
+           "holdout": _signals(_logits(pruned, holdout), _logits(original, holdout)), "seconds": round(time.time() - start)}
+    with (study_results_dir() / f"{NAME}_gapfit.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
 def _rows(name: str = NAME) -> list[dict]:
     path = study_results_dir() / f"{name}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -207,8 +272,8 @@ def report() -> None:
             lines.append(f"- {key}: {_spearman([r['tiny'][key] for r in multi], [r['top1'] for r in multi]):+.2f}")
     fitted = _rows(f"{NAME}_gapfit")
     if fitted:
-        lines += ["", "Closed-form gap adaptors (`gapfit`), no training; top-1 on the 800 photos against the same set "
-                  "unrecovered above:", "", "| blocks | fit | top-1 eval | held-out KL | held-out agreement |",
+        lines += ["", "Closed-form gap adaptors (`gapfit`) and statistics recalibration (`recalibrate`), no training; "
+                  "top-1 on the 800 photos against the same set unrecovered above:", "", "| blocks | fit | top-1 eval | held-out KL | held-out agreement |",
                   "|---|---|---|---|---|"]
         lines += [f"| {', '.join(r['blocks'])} | {r['why']} | {100 * r['top1']:.2f} | {r['holdout']['kl']:.4f} | "
                   f"{100 * r['holdout']['agreement']:.1f} |" for r in fitted]
@@ -228,10 +293,13 @@ def main() -> None:
     fit = sub.add_parser("gapfit")
     fit.add_argument("blocks", help="comma-separated block names")
     fit.add_argument("--ridges", default="0.001", help="comma-separated ridge strengths")
+    sub.add_parser("recalibrate").add_argument("blocks", help="comma-separated block names")
     sub.add_parser("report")
     args = parser.parse_args()
     if args.command == "run":
         run(args.sets)
+    elif args.command == "recalibrate":
+        recalibrate(args.blocks.split(","))
     elif args.command == "gapfit":
         gapfit(args.blocks.split(","), [float(r) for r in args.ridges.split(",")])
     else:

@@ -333,7 +333,7 @@ def quantize_onnx(proto: onnx.ModelProto | Calibrated, calibration=None, config:
     ((N, C, H, W) float, normalised as the model expects; at least 16 images). Pass a
     :class:`Calibrated` instead to reuse one calibration across quantisations (``calibration``
     is then ignored). Never returns a model onnxruntime refuses to load. A :meth:`QuantConfig.half`
-    config gives the float16 model (:func:`to_float16`; nothing is calibrated)."""
+    config gives the float16 model (:func:`graphprune.passes.float16.to_float16`; nothing is calibrated)."""
     if config.is_half:
         from .float16 import to_float16  # float16.py builds on this module's config
 
