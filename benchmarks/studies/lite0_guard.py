@@ -41,10 +41,10 @@ FINDINGS = ("On both block sets, every variant raised the held-out KL from the f
 
 
 def _logit_signals(logits: torch.Tensor, reference: torch.Tensor, labels=None) -> dict:
-    kl = torch.nn.functional.kl_div(logits.log_softmax(1), reference.log_softmax(1), log_target=True,
-                                    reduction="batchmean")
-    out = {"relative_error": float((logits - reference).norm() / reference.norm()), "kl": float(kl),
-           "agreement": float((logits.argmax(1) == reference.argmax(1)).float().mean())}
+    """lite0_blocks' tiny-set signals against the original, and top-1 where there are labels."""
+    from benchmarks.studies.lite0_blocks import _signals
+
+    out = _signals(logits, reference)
     if labels is not None:
         out["top1"] = float((logits.argmax(1) == labels).float().mean())
     return out
