@@ -260,6 +260,8 @@ def fidelity_text(row: dict) -> str:
                      + (f", mAP50 {detections['map50']:.3f}" if detections.get("map50") is not None else "")
                      + (f" ({detections['map50_reverse']:.3f} reverse)" if detections.get("map50_reverse") is not None
                         else ""))
+    if f.get("map_iou") is not None:
+        parts.append(f"map IoU {f['map_iou']:.3f}")
     errors = [o.get("relative_error") for o in (f.get("outputs") or {}).values() if o.get("relative_error") is not None]
     if errors:
         parts.append(f"relative error {max(errors):.3f}")

@@ -10,10 +10,12 @@ reference's output (the model's own without one; :mod:`graphprune.fidelity`), an
 * class scores (N, K): ``top1`` where the set has labels (below K), ``agreement`` of the top
   class with the reference's;
 * YOLOv8 detections (N, 4 + C, A): ``detections``, the reference's confident detections the
-  model keeps and those it adds (a count of its own without a reference).
+  model keeps and those it adds (a count of its own without a reference);
+* maps of values in [0, 1] (N, C, H, W), with a reference: ``map_iou``, the IoU of the regions the
+  two maps mark with the threshold integrated out.
 
 The result: ``{"images", "outputs": {name: {"layout", ...}}}`` and, for the first output that has
-each, ``top1``, ``agreement`` and ``detections`` at the top. A labelled set for a model without
+each, ``top1``, ``agreement`` ``detections`` and ``map_iou`` at the top. A labelled set for a model without
 class scores (a detector) is one line: labels cannot be scored against it.
 """
 
@@ -28,13 +30,13 @@ import torch
 
 from .data import TinySet
 from .errors import GraphpruneError
-from .fidelity import DetectionCounts, decode_yolov8, describe_layout, output_layout
+from .fidelity import DetectionCounts, MapOverlap, decode_yolov8, describe_layout, output_layout
 from .model import Model
 
 Runner = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # one batch of images -> every output
 BATCH_ELEMENTS = 2**23  # input floats per batch: 250 CIFAR images, 55 at 224 px, 6 at 640 px
 MAX_BATCH = 250
-HEADLINE = ("top1", "agreement", "detections")
+HEADLINE = ("top1", "agreement", "detections", "map_iou")
 
 
 def evaluate(model: Model, data: TinySet, reference: Model | None = None, batch_size: int | None = None) -> dict:
@@ -86,6 +88,7 @@ class _OutputScore:
     squared_norm: float = 0.0
     own_detections: int = 0
     detections: DetectionCounts = field(default_factory=DetectionCounts)
+    overlap: MapOverlap = field(default_factory=MapOverlap)
 
     def add(self, output: torch.Tensor, reference: torch.Tensor | None, labels: torch.Tensor) -> None:
         if reference is not None and output.shape != reference.shape:
@@ -102,6 +105,8 @@ class _OutputScore:
             self.detections.add(reference, output)
         elif self.layout == "yolov8":
             self.own_detections += sum(len(d) for d in decode_yolov8(output))
+        elif self.layout == "map" and reference is not None:
+            self.overlap.add(reference, output)
 
     def result(self, images: int) -> dict:
         result: dict = {"layout": self.description}
@@ -114,6 +119,8 @@ class _OutputScore:
             result["agreement"] = self.agree / images
         if self.layout == "yolov8":
             result["detections"] = self.detections.as_dict() if self.compare else {"count": self.own_detections}
+        if self.layout == "map" and self.compare:
+            result["map_iou"] = self.overlap.value()
         return result
 
 

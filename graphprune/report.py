@@ -87,6 +87,9 @@ def _eval_lines(evaluation: dict) -> list[str]:
             lines.append(f"  kept {d['kept']} of the original's {d['original']} detections "
                          f"({_percent(d['kept_fraction'])}), added {d['added']} ({_percent(d['added_fraction'])} "
                          f"of its {d['optimized']}) on {opt['images']} images{_map50(d)}")
+        if output.get("map_iou") is not None:
+            lines.append(f"{name}: IoU of the regions it marks with the original's {output['map_iou']:.3f} "
+                         f"(thresholds integrated out) on {opt['images']} images")
     errors = [f"{name} {output['relative_error']:.4g}" for name, output in outputs.items()
               if output.get("relative_error") is not None]
     if errors:
@@ -108,6 +111,8 @@ def _held_out_line(held_out: dict) -> str:
         if "detections" in output:
             d = output["detections"]
             parts.append(f"kept {d['kept']} of {d['original']} detections, added {d['added']}{_map50(d)}")
+        if output.get("map_iou") is not None:
+            parts.append(f"map IoU {output['map_iou']:.3f}")
     errors = [o["relative_error"] for o in result.get("outputs", {}).values() if o.get("relative_error") is not None]
     if errors:
         parts.append(f"relative output error {max(errors):.3g}")

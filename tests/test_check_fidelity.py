@@ -77,6 +77,9 @@ def test_a_detector_reports_detections_kept(tmp_path):
     # the original's detections still ranked first, but none confident any more: the reverse is 0
     ({"detections": {"map50": 1.0, "map50_reverse": None}, "relative_error": 0.1},
      "'y' ranks the original's detections at mAP50 0.00"),
+    ({"map_iou": 0.4, "relative_error": 0.3}, "'y' marks regions at IoU 0.40 with the original's"),
+    ({"map_iou": 0.7, "relative_error": 0.6}, None),  # a map is judged by its regions
+    ({"map_iou": None, "relative_error": 0.9}, None),  # the original marks nothing
     ({"relative_error": 0.8}, "'y' is 0.80 off the original's (relative error)"),
     ({"relative_error": 0.2}, None),
 ])

@@ -16,8 +16,8 @@ import graphprune as gp
 from graphprune.data import Preprocessing, TinySet, load_tiny_set
 from graphprune.errors import GraphpruneError
 from graphprune.evaluate import evaluate, evaluate_onnx
-from graphprune.fidelity import (CONFIDENCE, DetectionCounts, Detections, average_precision, box_iou, class_kl,
-                                 decode_yolov8, matched, output_layout, ranked_hits)
+from graphprune.fidelity import (CONFIDENCE, DetectionCounts, Detections, MapOverlap, average_precision, box_iou,
+                                 class_kl, decode_yolov8, matched, output_layout, ranked_hits)
 from graphprune.report import format_summary
 from onnx_builders import save
 from yolo_like import tiny_yolo_onnx
@@ -67,7 +67,28 @@ def test_layouts_from_the_output_shape():
     mask_coefficients[:, 90] = -3  # a segmentation head's rows after the classes are not scores
     assert output_layout(mask_coefficients) == "other"
     assert output_layout(torch.zeros(2, 8400, 84)) == "other"  # anchors first: not YOLOv8's export
-    assert output_layout(torch.zeros(2, 3, 8, 8)) == "other"
+    assert output_layout(torch.full((2, 3, 8, 8), -0.5)) == "other"
+    assert output_layout(torch.rand(2, 1, 8, 8)) == "map"  # a sigmoid's text or segmentation map
+    assert output_layout(torch.rand(2, 1, 8, 1)) == "other"
+
+
+def test_map_iou_is_the_regions_iou_with_the_thresholds_integrated_out():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 1, 16, 16, generator=generator), torch.rand(3, 1, 16, 16, generator=generator) ** 2
+    overlap = MapOverlap()
+    overlap.add(a[:2], b[:2])
+    overlap.add(a[2:], b[2:])  # summed over batches
+    thresholds = torch.linspace(0, 1, 20001)[:-1, None]  # a Riemann sum of the regions over t in [0, 1)
+    inside_a, inside_b = a.flatten() > thresholds, b.flatten() > thresholds
+    integrated = float((inside_a & inside_b).sum()) / float((inside_a | inside_b).sum())
+    assert overlap.value() == pytest.approx(integrated, abs=1e-3)
+    masks = MapOverlap()  # binary maps: the plain IoU of their regions
+    masks.add((a > 0.5).float(), (b > 0.5).float())
+    assert masks.value() == pytest.approx(float(((a > 0.5) & (b > 0.5)).sum() / ((a > 0.5) | (b > 0.5)).sum()))
+    same, empty = MapOverlap(), MapOverlap()
+    same.add(a, a)
+    empty.add(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))
+    assert same.value() == 1.0 and empty.value() is None
 
 
 def test_class_kl_reads_scores_or_probabilities():
@@ -219,6 +240,46 @@ def test_every_output_of_a_two_output_model(tmp_path):
         assert written["outputs"][name]["relative_error"] == pytest.approx(fx["outputs"][name]["relative_error"],
                                                                           rel=1e-3)
     assert written["agreement"] == fx["agreement"]
+
+
+
+class TextMap(nn.Module):
+    """A text detector's shape: image -> conv -> relu -> conv -> sigmoid, a (N, 1, H, W) map."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1))
+
+    def forward(self, x):
+        return torch.sigmoid(4 * self.body(x))
+
+
+def test_a_maps_fidelity_is_the_iou_of_the_regions_it_marks(tmp_path):
+    torch.manual_seed(0)
+    module = TextMap().eval()
+    path = tmp_path / "map.onnx"
+    torch.onnx.export(module, (torch.randn(1, 3, 16, 16),), str(path), opset_version=17, dynamo=False,
+                      input_names=["x"], output_names=["text"], dynamic_axes={"x": {0: "batch"}, "text": {0: "batch"}})
+    original = gp.load(path)
+    changed = original.clone()
+    with torch.no_grad():
+        for p in changed.graph_module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    data = _unlabelled(20, 16)
+    assert evaluate(original, data, original)["map_iou"] == 1.0
+    fx = evaluate(changed, data, original)
+    a, b = original.graph_module(data.images), changed.graph_module(data.images)
+    expected = float(torch.minimum(a, b).sum() / torch.maximum(a, b).sum())
+    assert fx["map_iou"] == fx["outputs"]["text"]["map_iou"] == pytest.approx(expected, rel=1e-5)
+    assert 0.6 < expected < 0.99 and "IoU of the regions" in fx["outputs"]["text"]["layout"]
+    changed_path = tmp_path / "changed.onnx"
+    gp.save(changed, changed_path)
+    written = evaluate_onnx(onnx.load(str(changed_path)), data, original, batch_size=7)
+    assert written["map_iou"] == pytest.approx(expected, rel=1e-4)
+    report = {"latency": {"original_ms": 2.0, "optimized_ms": 1.5, "cut": 0.25, "target": 0.2}, "blocks": [],
+              "dropped": [], "seconds_per_stage": {}, "eval": {"original": evaluate(original, data), "optimized": fx}}
+    lines = format_summary(report)
+    assert f"text: IoU of the regions it marks with the original's {expected:.3f}" in lines
 
 
 class Brightness(nn.Module):

@@ -18,7 +18,8 @@ from graphprune.formats.ort_run import cpu_session, run_outputs
 from graphprune.passes import drop_blocks, find_blocks
 from graphprune.passes.float16 import to_float16
 from graphprune.passes.float_groups import float_group_nodes
-from graphprune.passes.quantize import Calibrated, QuantConfig, QuantizeSettings, quantization_info, quantize_onnx
+from graphprune.passes.calibration import Calibrated
+from graphprune.passes.quantize import QuantConfig, QuantizeSettings, quantization_info, quantize_onnx
 from graphprune.passes.quantize_plan import Timing, plan_quantization
 from onnx_builders import channels_last_residual
 from yolo_like import tiny_yolo_onnx
@@ -158,6 +159,31 @@ def test_one_calibration_serves_every_format():
     again = quantize_onnx(prepared, config=QuantConfig(fmt="qdq"))
     scales = lambda q: {t.name: numpy_helper.to_array(t).tolist() for t in q.graph.initializer if t.name.endswith("_scale")}
     assert scales(first) == scales(again)
+
+
+def test_taken_ranges_cover_the_tensors_both_graphs_name_and_the_graphs_own_the_rest():
+    """Quantisation-aware mimicking quantises the trained graph with the original's ranges; a
+    tensor only the trained graph names (PP-OCRv4's detector: a Conv output that pre-processing
+    fused away in the original) gets its own instead of failing with a KeyError."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    original = convnet()
+    trained = onnx.ModelProto()
+    trained.CopyFrom(original)
+    for init in trained.graph.initializer:  # other weights: other ranges
+        if init.name == "w0":
+            init.CopyFrom(numpy_helper.from_array(2 * numpy_helper.to_array(init), "w0"))
+    for node in trained.graph.node:  # and one tensor named otherwise
+        node.output[:] = ["k0" if o == "c0" else o for o in node.output]
+        node.input[:] = ["k0" if i == "c0" else i for i in node.input]
+    before, own = Calibrated(original, images(16)), Calibrated(trained, images(16))
+    after = Calibrated(trained, images(16))
+    after.take_ranges(before)
+    quantized = quantize_onnx(after, config=QuantConfig(fmt="qdq"))
+    assert "QuantizeLinear" in op_types(quantized)
+    ranges, theirs, mine = (load_tensors_data(c.ranges_file(13, "minmax")) for c in (after, before, own))
+    assert "k0" not in theirs and ranges["k0"].range_value == mine["k0"].range_value
+    assert ranges["r0"].range_value == theirs["r0"].range_value != mine["r0"].range_value
 
 
 def test_error_calibration_set_too_small():
@@ -407,6 +433,37 @@ def test_a_detector_is_judged_by_its_detections_not_by_its_boxes():
     assert plain.detections["map50"] > 0.95 and plain.detections["map50_reverse"] < 0.95
     assert min(plan.chosen.detections["map50"], plan.chosen.detections["map50_reverse"]) >= 0.95
     assert "add_concat" in plan.config.float_groups or "decode" in plan.config.float_groups
+
+
+def text_map(seed: int = 0) -> onnx.ModelProto:
+    """X (batch, 3, 16, 16) -> Conv -> Relu -> Conv -> Sigmoid: a (batch, 1, 16, 16) map, as a text detector's."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (1, 8, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.array([-1.0], np.float32), "b1")]
+    nodes = [helper.make_node("Conv", ["X", "w0"], ["c0"], name="/conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"], name="/relu"),
+             helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], name="/conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c1"], ["Y"], name="/sigmoid")]
+    graph = helper.make_graph(nodes, "text_map", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 1, 16, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return model
+
+
+def test_a_map_is_judged_by_the_iou_of_the_regions_it_marks():
+    proto, x = text_map(), torch.as_tensor(images(48))
+    settings = QuantizeSettings(max_calibration_images=32, batch_size=16)  # judged on all 32
+    plan = plan_quantization(proto, x[:16], x[16:], settings, fake_measure({"*": 0.3}))
+    assert plan.metric == "map_iou_drop" and plan.bound == settings.max_map_iou_drop
+    reference = outputs(proto, x[16:])
+    for candidate in plan.candidates:
+        quantized = outputs(quantize_onnx(proto, x[:16], candidate.config), x[16:])
+        expected = np.minimum(reference, quantized).sum() / np.maximum(reference, quantized).sum()
+        assert candidate.map_iou == pytest.approx(float(expected), rel=1e-6) and 0.8 < expected < 1
+        assert candidate.loss == pytest.approx(1 - candidate.map_iou)
+        assert candidate.within_bound == (candidate.loss <= settings.max_map_iou_drop)
 
 
 def test_decode_group_is_the_unweighted_nodes_after_the_last_weighted_ones():

@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from graphprune.formats.io_onnx import load_proto
 from graphprune.formats.model_io import to_onnx
 from graphprune.formats.ort_run import cpu_session, run_outputs
-from graphprune.passes.quantize import Calibrated, QuantConfig, QuantizeSettings, quantization_info, quantize_onnx
+from graphprune.passes.calibration import Calibrated
+from graphprune.passes.quantize import QuantConfig, QuantizeSettings, quantization_info, quantize_onnx
 from graphprune.passes.quantize_mimic import (TIMED_STEPS, MimicSettings, fake_quant_points, fake_quantize, mimic_quantized,
                                               round_weights, tensor_nodes, unround_weights, weight_rounding,
                                               with_fake_quant)

@@ -29,7 +29,8 @@ def main() -> None:
     from graphprune.data import split_holdout
     from graphprune.fidelity import DetectionCounts, lower_map50
     from graphprune.formats.ort_run import cpu_session, run_outputs
-    from graphprune.passes.quantize import Calibrated, QuantizeSettings, quantize_onnx
+    from graphprune.passes.calibration import Calibrated
+    from graphprune.passes.quantize import QuantizeSettings, quantize_onnx
     from graphprune.passes.quantize_plan import Timing, plan_quantization
 
     spec = MODELS["yolov8n_nudenet"]

@@ -97,7 +97,8 @@ def main() -> None:
     from graphprune.fidelity import DetectionCounts, lower_map50
     from graphprune.formats.model_io import load, to_onnx
     from graphprune.formats.ort_run import cpu_session, run_outputs
-    from graphprune.passes.quantize import Calibrated, QuantConfig, quantize_onnx
+    from graphprune.passes.calibration import Calibrated
+    from graphprune.passes.quantize import QuantConfig, quantize_onnx
     from graphprune.passes.quantize_mimic import MimicSettings, mimic_quantized
 
     spec = MODELS["yolov8n_nudenet"]

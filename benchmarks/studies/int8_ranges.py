@@ -28,7 +28,8 @@ def main() -> None:
     from benchmarks.real_models import MODELS, eval_set, tiny_set
     from graphprune.data import Preprocessing, load_tiny_set, split_holdout
     from graphprune.formats.ort_run import cpu_session, run_outputs
-    from graphprune.passes.quantize import Calibrated, QuantConfig, quantize_onnx
+    from graphprune.passes.calibration import Calibrated
+    from graphprune.passes.quantize import QuantConfig, quantize_onnx
 
     cifar = Preprocessing((3, 32, 32))
     lite0 = MODELS["efficientnet_lite0"]

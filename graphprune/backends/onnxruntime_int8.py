@@ -19,7 +19,8 @@ import torch
 from ..formats.input_layout import is_channels_last, looks_channels_last
 from ..formats.model_io import to_onnx
 from ..model import Model
-from ..passes.quantize import HALF, QuantConfig, as_images, quantize_onnx
+from ..passes.calibration import as_images
+from ..passes.quantize import HALF, QuantConfig, quantize_onnx
 from ..passes.quantize_plan import Timing
 from .base import LatencySettings, RunOnce, compare_interleaved, latency_cut
 from .environment import batch_inputs, check_settings

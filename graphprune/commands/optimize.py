@@ -45,7 +45,8 @@ INTERNAL = ("holdout_minimum", "latency.warmup_runs", "latency.warmup_s", "laten
             *(f"quantization.{f}" for f in ("formats", "activation_types", "weight_type", "per_channel",
                                             "calibration_method", "max_calibration_images", "batch_size",
                                             "max_top1_drop", "max_disagreement", "max_relative_error",
-                                            "max_map50_drop", "float_groups", "time_noise", "error_noise",
+                                            "max_map50_drop", "max_map_iou_drop", "float_groups", "time_noise",
+                                            "error_noise",
                                             "device", "reduce_range", "mimic_steps", "mimic_lr")))
 DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.size": "the model's input",
            "output_format": "-o's suffix"}

@@ -213,6 +213,7 @@ def format_quantized(doc: dict) -> str:
             timing = "failed: " + c["error"] if c["error"] else f"cut {100 * c['timing']['cut']:+.1f}%"
             accuracy = "" if c["error"] else "  " + ", ".join(
                 f"{name} {100 * c[key]:.1f}%" for name, key in (("agreement", "agreement"), ("top-1", "top1"),
+                                                                 ("map IoU", "map_iou"),
                                                                  ("relative error", "relative_error"))
                 if c[key] is not None) + ("" if c["within_bound"] else "  (over the bound)")
             lines.append(f"  {c['config']['label']:<40} {timing}{accuracy}")

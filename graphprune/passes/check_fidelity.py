@@ -13,7 +13,8 @@ detections says so here, whatever its output's relative error.
 
 Where the written model keeps little of the original's function there (``poor_fidelity``: top-1
 agreement under MIN_AGREEMENT, mAP50 against the original's detections, either way, under
-MIN_MAP50, or an output's relative error over MAX_RELATIVE_ERROR), the record holds a warning the
+MIN_MAP50, a map's IoU with the original's under MIN_MAP_IOU, or any other output's relative
+error over MAX_RELATIVE_ERROR), the record holds a warning the
 summary prints: the run met its latency target with a model a user should not ship as it is.
 """
 
@@ -35,6 +36,7 @@ from .recover import RecoveryLog
 # the original on 85.5% of them.
 MIN_AGREEMENT = 0.7
 MIN_MAP50 = 0.5
+MIN_MAP_IOU = 0.5  # half the region the original marks, as for detections
 MAX_RELATIVE_ERROR = 0.5
 
 
@@ -49,7 +51,10 @@ def poor_fidelity(result: dict) -> str | None:
             found.append(f"'{name}' agrees with the original's top class on {100 * output['agreement']:.0f}%")
         elif lowest is not None and lowest < MIN_MAP50:
             found.append(f"'{name}' ranks the original's detections at mAP50 {lowest:.2f}")
-        elif "agreement" not in output and not detections and (output.get("relative_error") or 0) > MAX_RELATIVE_ERROR:
+        elif output.get("map_iou") is not None and output["map_iou"] < MIN_MAP_IOU:
+            found.append(f"'{name}' marks regions at IoU {output['map_iou']:.2f} with the original's")
+        elif ("agreement" not in output and not detections and "map_iou" not in output
+              and (output.get("relative_error") or 0) > MAX_RELATIVE_ERROR):
             found.append(f"'{name}' is {output['relative_error']:.2f} off the original's (relative error)")
     return "; ".join(found) or None
 

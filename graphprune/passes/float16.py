@@ -17,7 +17,8 @@ from ..errors import GraphpruneError, first_line
 from ..formats.onnx_opset import default_opset
 from ..formats.ort_run import cpu_session
 from .float_groups import float_group_nodes, name_nodes
-from .quantize import INFO_KEY, QuantConfig, quiet
+from .calibration import quiet
+from .quantize import INFO_KEY, QuantConfig
 
 
 def to_float16(proto: onnx.ModelProto, float_groups: tuple[str, ...] = ()) -> onnx.ModelProto:

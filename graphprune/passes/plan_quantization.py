@@ -60,8 +60,8 @@ from ..formats.model_io import to_onnx
 from ..formats.ort_run import cpu_session, run_outputs
 from ..model import Model
 from .base import Analysis, PassResult
-from .quantize import (MIN_CALIBRATION_IMAGES, Calibrated, QuantConfig, QuantizeSettings, check_int8_device, is_cuda,
-                       quantization_info, quantize_onnx)
+from .calibration import MIN_CALIBRATION_IMAGES, Calibrated
+from .quantize import QuantConfig, QuantizeSettings, check_int8_device, is_cuda, quantization_info, quantize_onnx
 from .quantize_mimic import MimicSettings, mimic_quantized, with_mimic_record
 from .quantize_plan import QuantizationPlan, closest_candidate, plan_quantization
 from .selection import goal_cut

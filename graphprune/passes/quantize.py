@@ -30,33 +30,23 @@ they survive block dropping.
 from __future__ import annotations
 
 import json
-import logging
 import platform
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import onnx
-import torch
 
 from ..errors import GraphpruneError, first_line
-from ..formats.ort_run import cpu_session, image_batches
 from ..formats.onnx_opset import default_opset
-from .float_groups import FLOAT_GROUPS, float_group_nodes, name_nodes
+from ..formats.ort_run import cpu_session
+from .calibration import METHOD_NAMES, MIN_CALIBRATION_IMAGES, Calibrated, quiet
+from .float_groups import FLOAT_GROUPS, float_group_nodes
 
 FORMATS = ("qdq", "qoperator")
 TYPES = ("uint8", "int8")
 METHODS = ("minmax", "entropy", "percentile")
 MIMIC_MODES = ("auto", "off")
 HALF = "fp16"  # QuantConfig.fmt of float16 weights and compute (GPU targets)
-# A guard, not a measured knee: MinMax ranges are the extremes of the calibration activations, so
-# from a handful of images they depend on those images. On CIFAR ResNet-56 (this CPU, 7-bit
-# weights) top-1 was 92.6-92.9 from 4 (repeated), 16, 64 or 500 images (float 92.6), so the
-# minimum costs nothing there; 16 is also graphprune's held-out minimum (data.split_holdout).
-MIN_CALIBRATION_IMAGES = 16
 PER_CHANNEL_QDQ_OPSET = 13  # DequantizeLinear's axis attribute (per-channel weights) is opset 13+
 INFO_KEY = "graphprune.quantization"
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger")
@@ -134,7 +124,10 @@ class QuantizeSettings:
     nudenet's YOLOv8n, int8 with its Add/Concat merges and decoding in float ranks the float
     model's detections at mAP50 0.98 and 0.97 the other way on 40 held-out photos, yet scores near
     the 0.25 threshold cross it, so a bound on detections kept at that threshold, 29 of 31 and 2
-    new, refused it; benchmarks/studies/int8_detector.py); otherwise ``max_relative_error``.
+    new, refused it; benchmarks/studies/int8_detector.py); for a map of values in [0, 1] (N, C, H, W:
+    segmentation, a text detector's text map) where the float model marks some region,
+    ``max_map_iou_drop``: 1 - the IoU of the regions with the thresholds integrated out
+    (:class:`graphprune.fidelity.MapOverlap`); otherwise ``max_relative_error``.
     ``max_calibration_images`` caps the images calibrated on and those judged on (each a seeded sample).
     ``time_noise``: cut differences below this are noise; ``error_noise``: relative-error
     improvements below this fraction are noise (agreement uses a paired sign test instead)."""
@@ -150,6 +143,7 @@ class QuantizeSettings:
     max_disagreement: float = 0.03
     max_relative_error: float = 0.1
     max_map50_drop: float = 0.05
+    max_map_iou_drop: float = 0.05
     float_groups: tuple[str, ...] = FLOAT_GROUPS
     time_noise: float = 0.02
     error_noise: float = 0.1
@@ -236,97 +230,6 @@ def quantization_info(proto: onnx.ModelProto) -> dict:
     return {}
 
 
-def as_images(images, what: str = "calibration") -> torch.Tensor:
-    images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images).float()
-    if images.dim() != 4:
-        raise GraphpruneError(f"{what} images must be (N, C, H, W), got shape {tuple(images.shape)}", parameter=what)
-    if len(images) < MIN_CALIBRATION_IMAGES:
-        raise GraphpruneError(f"{what} needs at least {MIN_CALIBRATION_IMAGES} images, got {len(images)}",
-                              parameter=what)
-    return images
-
-
-class Calibrated:
-    """One float graph ready to quantise many ways: the graph per opset (converted, named,
-    pre-processed) and one calibration per opset and method, reused by every format/type
-    (MinMax/Entropy/Percentile ranges do not depend on them)."""
-
-    def __init__(self, proto: onnx.ModelProto, calibration, batch_size: int = 32):
-        self.source = proto
-        self.images = as_images(calibration)
-        self.batch_size = batch_size
-        self.opset = default_opset(proto)
-        self._dir = tempfile.TemporaryDirectory(prefix="graphprune-quant-")
-        self._graphs: dict[int, tuple[onnx.ModelProto, list[str]]] = {}
-        self.used: dict[str, int] = {}  # images each calibration method read (reader)
-
-    def graph(self, opset: int) -> tuple[onnx.ModelProto, list[str]]:
-        """The float graph to quantise at ``opset`` and the notes on how it was made."""
-        if opset not in self._graphs:
-            with quiet():
-                self._graphs[opset] = self._make(opset)
-        return self._graphs[opset]
-
-    def path(self, opset: int) -> str:
-        """:meth:`graph` as a file: onnxruntime's quantisation tools turn a ``ModelProto`` they
-        are given into external-data references, so they only ever get paths."""
-        self.graph(opset)
-        return str(Path(self._dir.name) / f"pre{opset}.onnx")
-
-    def _make(self, opset: int) -> tuple[onnx.ModelProto, list[str]]:
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        proto, notes = onnx.ModelProto(), []
-        proto.CopyFrom(self.source)
-        if opset != self.opset:
-            try:
-                proto = onnx.version_converter.convert_version(proto, opset)
-            except Exception as exc:
-                raise GraphpruneError(f"cannot convert opset {self.opset} to {opset} for per-channel quantisation "
-                                      f"({first_line(exc)}); use per_channel=False", parameter="per_channel") from None
-            notes.append(f"opset {self.opset} converted to {opset}: per-channel DequantizeLinear (axis) needs opset 13")
-        name_nodes(proto)  # nodes_to_exclude works by name
-        path, raw = Path(self._dir.name) / f"pre{opset}.onnx", Path(self._dir.name) / f"float{opset}.onnx"
-        onnx.save(proto, str(raw))
-        try:
-            quant_pre_process(str(raw), str(path), skip_symbolic_shape=True)
-            proto = onnx.load(str(path))
-        except Exception as exc:
-            notes.append(f"quant_pre_process failed ({first_line(exc)}); quantised without it")
-            onnx.save(proto, str(path))
-        return proto, notes
-
-    def take_ranges(self, other: "Calibrated") -> None:
-        """Quantise with the calibration ranges ``other`` computed (every opset and method it has),
-        not with this graph's own: for the same graph with other weights, its tensors named alike
-        (quantisation-aware mimicking trains the weights for ``other``'s rounding)."""
-        for path in Path(other._dir.name).glob("ranges*.json"):
-            shutil.copy(path, Path(self._dir.name) / path.name)
-
-    def cache_path(self, opset: int, method: str) -> str:
-        return str(Path(self._dir.name) / f"ranges{opset}-{method}.json")
-
-    def reader(self, proto: onnx.ModelProto, method: str = "minmax"):
-        """The calibration data, batched. The histogram methods stack every batch's activations
-        into one array (onnxruntime's HistogramCollector), so their batches are all the same size and
-        the remainder is left out (200 images in batches of 32 failed: "inhomogeneous shape");
-        ``used[method]`` says how many images were read."""
-        from onnxruntime.quantization import CalibrationDataReader
-
-        batches = list(image_batches(cpu_session(proto, "the float model"), self.images, self.batch_size,
-                                     equal=method != "minmax"))
-        self.used[method] = sum(len(next(iter(feeds.values()))) for feeds in batches)
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.pending = iter(batches)
-
-            def get_next(self):
-                return next(self.pending, None)
-
-        return Reader()
-
-
 def quantize_onnx(proto: onnx.ModelProto | Calibrated, calibration=None, config: QuantConfig = QuantConfig(),
                   device: str = "cpu") -> onnx.ModelProto:
     """``proto`` statically quantised with ``config``, calibrated on all of ``calibration``
@@ -354,18 +257,6 @@ def quantize_onnx(proto: onnx.ModelProto | Calibrated, calibration=None, config:
     raise GraphpruneError(f"onnxruntime refuses the quantised model: {refused}")
 
 
-@contextmanager
-def quiet():
-    """onnxruntime's quantisation tools log warnings and tracebacks (root and module loggers) for
-    conditions graphprune handles or reports itself."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
-
 class _Refused(Exception):
     """The quantised model does not load in onnxruntime."""
 
@@ -375,19 +266,17 @@ def _quantize(prepared: Calibrated, config: QuantConfig, opset: int) -> onnx.Mod
 
     graph, notes = prepared.graph(opset)
     excluded = [name for group in config.float_groups for name in float_group_nodes(graph, group)]
-    cache = prepared.cache_path(opset, config.method)
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     out = Path(prepared._dir.name) / "quantized.onnx"
     with quiet():
         try:
-            reader = None if Path(cache).exists() else prepared.reader(graph, config.method)  # ranges computed once
-            quantize_static(prepared.path(opset), str(out), reader,
+            ranges = prepared.ranges_file(opset, config.method)  # computed once per graph, opset and method
+            quantize_static(prepared.path(opset), str(out), None,
                             quant_format={"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[config.fmt],
                             per_channel=config.per_channel, activation_type=types[config.activations],
                             weight_type=types[config.weights], nodes_to_exclude=excluded, reduce_range=config.reduce_range,
-                            calibrate_method=getattr(CalibrationMethod, {"minmax": "MinMax", "entropy": "Entropy",
-                                                                          "percentile": "Percentile"}[config.method]),
-                            calibration_cache_path=cache)
+                            calibrate_method=getattr(CalibrationMethod, METHOD_NAMES[config.method]),
+                            calibration_cache_path=ranges)
             quantized = onnx.load(str(out))
         except Exception as exc:  # GraphpruneError too: the calibration session failed
             raise GraphpruneError(f"onnxruntime cannot quantise the model{_culprit(graph, exc)}: {first_line(exc)}") from None

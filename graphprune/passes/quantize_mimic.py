@@ -51,7 +51,8 @@ from ..formats.io_onnx import onnx_index
 from ..model import Model
 from ..precision import autocast, check_precision
 from ..progress import progress_bar
-from .quantize import INFO_KEY, Calibrated, QuantConfig, quantization_info, quantize_onnx
+from .calibration import Calibrated
+from .quantize import INFO_KEY, QuantConfig, quantization_info, quantize_onnx
 
 
 TIMED_STEPS = 3  # steps timed before a time limit sizes the schedule

@@ -29,10 +29,11 @@ import torch
 
 from ..backends.base import CutMeasurement
 from ..errors import GraphpruneError
-from ..fidelity import DetectionCounts, decode_yolov8, lower_map50, output_layout
+from ..fidelity import DetectionCounts, MapOverlap, decode_yolov8, lower_map50, output_layout
 from ..formats.ort_run import cpu_session, run_outputs
 from .float_groups import float_group_nodes
-from .quantize import Calibrated, QuantConfig, QuantizeSettings, as_images, quantization_info, quantize_onnx
+from .calibration import Calibrated, as_images
+from .quantize import QuantConfig, QuantizeSettings, quantization_info, quantize_onnx
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,12 @@ class Candidate:
     proto: onnx.ModelProto | None = field(default=None, repr=False)
     correct: np.ndarray | None = field(default=None, repr=False)  # per judged image, for paired tests
     detections: dict | None = None  # a detector's: fidelity.DetectionCounts.as_dict() against the float model
+    map_iou: float | None = None  # a map's (segmentation, text map): fidelity.MapOverlap against the float model
 
     def to_dict(self) -> dict:
         timing = asdict(self.timing) if self.timing else None
         return {"config": self.config.to_dict(), "timing": timing, "relative_error": self.relative_error,
-                "agreement": self.agreement, "top1": self.top1, "detections": self.detections,
+                "agreement": self.agreement, "top1": self.top1, "detections": self.detections, "map_iou": self.map_iou,
                 "within_bound": self.within_bound, "loss": self.loss, "mimic": self.info.get("mimic"),
                 "error": self.error, "opset": self.info.get("opset"), "float_nodes": self.info.get("float_nodes"),
                 "notes": self.info.get("notes")}
@@ -211,8 +213,13 @@ class _Judge:
         # a detector is judged by its detections where the float model makes some here: its whole
         # output's relative error is the boxes' (pixels), blind to class scores in [0, 1] rounded away
         self.detector = layout == "yolov8" and any(len(d) for d in decode_yolov8(torch.from_numpy(self.reference)))
+        # a map is judged by the regions it marks (where the float model marks any), as its user
+        # reads it, with a bound like the detector's: 1 - IoU (fidelity.MapOverlap)
+        self.map = layout == "map" and bool(self.reference.any())
         if self.detector:
             self.metric, self.bound = "map50_drop", settings.max_map50_drop
+        elif self.map:
+            self.metric, self.bound = "map_iou_drop", settings.max_map_iou_drop
         elif self.labels is not None and classifier and self._labels_bound_top1():
             self.metric, self.bound = "top1_drop", settings.max_top1_drop
         elif classifier:
@@ -253,6 +260,11 @@ class _Judge:
             counts.add(torch.from_numpy(self.reference), torch.from_numpy(out))
             candidate.detections = counts.as_dict()
             candidate.loss = 1 - lower_map50(candidate.detections)
+        elif self.map:
+            overlap = MapOverlap()
+            overlap.add(torch.from_numpy(self.reference), torch.from_numpy(out))
+            candidate.map_iou = overlap.value()
+            candidate.loss = 1 - candidate.map_iou
         elif self.metric == "relative_error":
             candidate.loss = error
         else:
@@ -274,13 +286,13 @@ class _Judge:
     def more_accurate(self, a: Candidate, b: Candidate) -> bool:
         """``a`` beats ``b`` by more than noise: a paired sign test on the judged images
         (images only one gets right: the difference above two standard deviations), or for
-        non-classifiers a relative error lower by more than ``error_noise``; for a detector, fewer
+        non-classifiers a loss (relative error, 1 - map IoU) lower by more than ``error_noise``; for a detector, fewer
         detections changed (lost or new) by more than two standard deviations of their count."""
         if a.detections is not None and b.detections is not None:
             changed_a, changed_b = _changed(a.detections), _changed(b.detections)
             return changed_b - changed_a > 2 * math.sqrt(changed_a + changed_b)
         if a.correct is None:
-            return a.relative_error < (1 - self.settings.error_noise) * b.relative_error
+            return a.loss < (1 - self.settings.error_noise) * b.loss
         wins, losses = int((a.correct & ~b.correct).sum()), int((~a.correct & b.correct).sum())
         return wins - losses > 2 * math.sqrt(wins + losses)
 
