@@ -274,7 +274,7 @@ def cmd_report(args) -> None:
              f"Made by `python -m benchmarks.real_models run --model ...` then `report` ({time.strftime('%Y-%m-%d')}). "
              "onnxruntime CPU, 1 thread, batch 1; tiny set: the 200 photos of imagenet-samples; fidelity on the 800 "
              "photos of imagenet-eval, of the written file as onnxruntime runs it (top-1 where the model classifies "
-             "ImageNet, else detections kept/added). Cut: the written file against the original, measured by the run's "
+             "ImageNet, else detections kept/added, or a map's IoU with the original's). Cut: the written file against the original, measured by the run's "
              "`measure_result` (interleaved).", ""]
     for cpu in sorted({r["cpu"] for r in rows}):
         lines += [f"CPU: {cpu}", "", "| model | method | settings | target | seed | cut | fidelity | dropped | wall min "
