@@ -9,6 +9,8 @@ reference's output (the model's own without one; :mod:`graphprune.fidelity`), an
   the images (None where y_ref is 0);
 * class scores (N, K): ``top1`` where the set has labels (below K), ``agreement`` of the top
   class with the reference's;
+* a class per position (N, T, K), with a reference: ``agreement``, the images whose top class
+  agrees at every position (a recogniser reads the same text), and ``positions_agreement``;
 * YOLOv8 detections (N, 4 + C, A): ``detections``, the reference's confident detections the
   model keeps and those it adds (a count of its own without a reference);
 * maps of values in [0, 1] (N, C, H, W), with a reference: ``map_iou``, the IoU of the regions the
@@ -30,7 +32,7 @@ import torch
 
 from .data import TinySet
 from .errors import GraphpruneError
-from .fidelity import DetectionCounts, MapOverlap, decode_yolov8, describe_layout, output_layout
+from .fidelity import DetectionCounts, MapOverlap, decode_yolov8, describe_layout, output_layout, same_top_classes
 from .model import Model
 
 Runner = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # one batch of images -> every output
@@ -84,6 +86,8 @@ class _OutputScore:
     compare: bool
     correct: int = 0
     agree: int = 0
+    positions: int = 0  # a sequence's positions compared, and those whose top class agrees
+    positions_agree: int = 0
     squared_error: float = 0.0
     squared_norm: float = 0.0
     own_detections: int = 0
@@ -100,7 +104,11 @@ class _OutputScore:
         if self.layout == "classes":
             top = output.argmax(1)
             self.correct += int((top == labels).sum()) if self.score_labels else 0
-            self.agree += int((top == reference.argmax(1)).sum()) if reference is not None else 0
+            self.agree += int(same_top_classes(output, reference).sum()) if reference is not None else 0
+        elif self.layout == "sequence" and reference is not None:
+            self.agree += int(same_top_classes(output, reference).sum())
+            self.positions += output.shape[0] * output.shape[1]
+            self.positions_agree += int((output.argmax(-1) == reference.argmax(-1)).sum())
         elif self.layout == "yolov8" and reference is not None:
             self.detections.add(reference, output)
         elif self.layout == "yolov8":
@@ -115,8 +123,10 @@ class _OutputScore:
                 (0.0 if self.squared_error == 0 else None)
         if self.layout == "classes" and self.score_labels:
             result["top1"] = self.correct / images
-        if self.layout == "classes" and self.compare:
+        if self.layout in ("classes", "sequence") and self.compare:
             result["agreement"] = self.agree / images
+        if self.layout == "sequence" and self.compare:
+            result["positions_agreement"] = self.positions_agree / self.positions
         if self.layout == "yolov8":
             result["detections"] = self.detections.as_dict() if self.compare else {"count": self.own_detections}
         if self.layout == "map" and self.compare:

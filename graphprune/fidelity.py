@@ -4,6 +4,10 @@ original's: the layout of an output, and a detector's boxes decoded and matched.
 **Layouts** (:func:`output_layout`, read from the original's output):
 
 * ``classes``: a float (N, K) output, K >= 2, is class scores (top-1, agreement with the original).
+* ``sequence``: a float (N, T, K) output, K >= 2, of distributions over the last axis (non-negative,
+  each position summing to 1) is a class per position: a CTC text recogniser's characters
+  (PP-OCRv4's recogniser: (N, 40, 6625)), a token classifier's labels. It is read before
+  ``yolov8``, whose class scores also lie in [0, 1] but are not distributions over the anchors.
 * ``yolov8``: a float (N, 4 + C, A) output with C >= 1 classes, more anchors A than rows 4 + C,
   and rows 4.. all in [0, 1] is ultralytics' YOLOv8 detect head as it exports it (``output0``,
   (1, 84, 8400)): per anchor a box cx, cy, w, h, then C class scores after their sigmoid. A
@@ -12,6 +16,9 @@ original's: the layout of an output, and a detector's boxes decoded and matched.
 * ``map``: a float (N, C, H, W) output, H and W above 1, all in [0, 1], is a map of probabilities
   (a segmentation mask, a text detector's text map such as PP-OCR's DB head, a heat map).
 * ``other``: anything else (compared by its relative error only).
+
+**Agreement** (:func:`same_top_classes`): an image agrees with the original where its top class
+does at every position (a ``classes`` output has one position; a recogniser reads the same text).
 
 **Class distributions** (:func:`class_kl`): a ``classes`` output is compared as distributions,
 KL(p_original || p_optimised) averaged over the images, p = softmax(scores), or the scores
@@ -75,11 +82,14 @@ BOX_ROWS = 4  # cx, cy, w, h
 
 
 def output_layout(output: torch.Tensor) -> str:
-    """``"classes"``, ``"yolov8"``, ``"map"`` or ``"other"`` for a batch of one output (see the module docstring)."""
+    """``"classes"``, ``"sequence"``, ``"yolov8"``, ``"map"`` or ``"other"`` for a batch of one output
+    (see the module docstring)."""
     if not output.is_floating_point():
         return "other"
     if output.dim() == 2 and output.shape[1] >= 2:
         return "classes"
+    if output.dim() == 3 and output.shape[2] >= 2 and _distributions(output, -1):
+        return "sequence"
     if output.dim() == 3 and BOX_ROWS < output.shape[1] < output.shape[2]:
         scores = output[:, BOX_ROWS:]
         if bool((scores >= 0).all()) and bool((scores <= 1).all()):
@@ -90,10 +100,23 @@ def output_layout(output: torch.Tensor) -> str:
     return "other"
 
 
+def _distributions(output: torch.Tensor, dim: int) -> bool:
+    """Whether ``output`` is non-negative and sums to 1 along ``dim`` (probabilities, not scores)."""
+    output = output.float()
+    total = output.sum(dim)
+    return bool((output >= 0).all()) and torch.allclose(total, torch.ones_like(total), atol=1e-3)
+
+
+def same_top_classes(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per image, whether ``output``'s top class is ``reference``'s at every position of a
+    ``classes`` (N, K) or ``sequence`` (N, T, K) output."""
+    return (output.argmax(-1) == reference.argmax(-1)).reshape(len(output), -1).all(1)
+
+
 def class_log_probabilities(scores: torch.Tensor) -> torch.Tensor:
     """log p of a ``classes`` output (see the module docstring)."""
     scores = scores.float()
-    if bool((scores >= 0).all()) and torch.allclose(scores.sum(1), torch.ones(len(scores)), atol=1e-3):
+    if _distributions(scores, 1):
         return scores.clamp_min(1e-12).log()
     return scores.log_softmax(1)
 
@@ -109,6 +132,8 @@ def describe_layout(layout: str, output: torch.Tensor) -> str:
     rest = ", ".join(str(d) for d in output.shape[1:])
     if layout == "classes":
         return f"class scores (N, {rest}): top-1"
+    if layout == "sequence":
+        return f"a class per position (N, {rest}): the top class at every position (a recogniser's text)"
     if layout == "yolov8":
         classes, anchors = output.shape[1] - BOX_ROWS, output.shape[2]
         return (f"YOLOv8 detections (N, 4+{classes}, {anchors} anchors): cx, cy, w, h, {classes} class scores; "

@@ -77,10 +77,14 @@ def _eval_lines(evaluation: dict) -> list[str]:
     lines = []
     if "top1" in orig:
         lines.append(f"top-1 {100 * orig['top1']:.2f}% -> {100 * opt['top1']:.2f}% on {orig['images']} images")
-    if "agreement" in opt:
-        lines.append(f"top-1 agreement with the original: {100 * opt['agreement']:.2f}%")
     outputs = opt.get("outputs", {})
+    headline = next((o for o in outputs.values() if "agreement" in o), {})  # where opt['agreement'] is from
+    if "agreement" in opt and "positions_agreement" not in headline:
+        lines.append(f"top-1 agreement with the original: {100 * opt['agreement']:.2f}%")
     for name, output in outputs.items():
+        if "positions_agreement" in output:  # a class per position: a recogniser's text
+            lines.append(f"{name}: the original's top class at every position on {100 * output['agreement']:.2f}% "
+                         f"of {opt['images']} images ({100 * output['positions_agreement']:.2f}% of positions)")
         if "detections" in output:
             d = output["detections"]
             lines.append(f"{name} decoded as {output['layout']}")
@@ -106,7 +110,9 @@ def _held_out_line(held_out: dict) -> str:
         return f"against the original {where}: not compared ({held_out['error']})"
     parts = []
     if result.get("agreement") is not None:
-        parts.append(f"top-1 agreement {100 * result['agreement']:.1f}%")
+        headline = next((o for o in result.get("outputs", {}).values() if "agreement" in o), {})
+        sequence = "positions_agreement" in headline
+        parts.append(f"{'every position' if sequence else 'top-1'} agreement {100 * result['agreement']:.1f}%")
     for output in result.get("outputs", {}).values():
         if "detections" in output:
             d = output["detections"]

@@ -17,7 +17,7 @@ from graphprune.data import Preprocessing, TinySet, load_tiny_set
 from graphprune.errors import GraphpruneError
 from graphprune.evaluate import evaluate, evaluate_onnx
 from graphprune.fidelity import (CONFIDENCE, DetectionCounts, Detections, MapOverlap, average_precision, box_iou,
-                                 class_kl, decode_yolov8, matched, output_layout, ranked_hits)
+                                 class_kl, decode_yolov8, matched, output_layout, ranked_hits, same_top_classes)
 from graphprune.report import format_summary
 from onnx_builders import save
 from yolo_like import tiny_yolo_onnx
@@ -70,6 +70,10 @@ def test_layouts_from_the_output_shape():
     assert output_layout(torch.full((2, 3, 8, 8), -0.5)) == "other"
     assert output_layout(torch.rand(2, 1, 8, 8)) == "map"  # a sigmoid's text or segmentation map
     assert output_layout(torch.rand(2, 1, 8, 1)) == "other"
+    # a CTC recogniser's characters per position (PP-OCRv4's: (N, 40, 6625)), whose probabilities also
+    # lie in [0, 1] as a YOLOv8 head's class scores do, but sum to 1 at each position
+    assert output_layout(torch.randn(2, 40, 97).softmax(-1)) == "sequence"
+    assert output_layout(torch.rand(2, 84, 8400)) == "yolov8"
 
 
 def test_map_iou_is_the_regions_iou_with_the_thresholds_integrated_out():
@@ -280,6 +284,48 @@ def test_a_maps_fidelity_is_the_iou_of_the_regions_it_marks(tmp_path):
               "dropped": [], "seconds_per_stage": {}, "eval": {"original": evaluate(original, data), "optimized": fx}}
     lines = format_summary(report)
     assert f"text: IoU of the regions it marks with the original's {expected:.3f}" in lines
+
+
+
+class Recogniser(nn.Module):
+    """A CTC recogniser's shape: image -> conv -> pooled to a row of T positions -> K classes each, softmax."""
+
+    def __init__(self, classes: int = 12):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        row = torch.relu(self.conv(x)).mean(2)  # (N, 16, T = W)
+        return self.head(row.transpose(1, 2)).softmax(-1)  # (N, T, K)
+
+
+def test_a_recognisers_fidelity_is_the_same_top_class_at_every_position(tmp_path):
+    torch.manual_seed(0)
+    module = Recogniser().eval()
+    path = tmp_path / "rec.onnx"
+    torch.onnx.export(module, (torch.randn(1, 3, 8, 10),), str(path), opset_version=17, dynamo=False,
+                      input_names=["x"], output_names=["chars"], dynamic_axes={"x": {0: "batch"}, "chars": {0: "batch"}})
+    original = gp.load(path)
+    changed = original.clone()
+    with torch.no_grad():
+        for p in changed.graph_module.parameters():
+            p.add_(0.03 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    data = TinySet(torch.randn(40, 3, 8, 10, generator=torch.Generator().manual_seed(0)), -torch.ones(40, dtype=torch.long))
+    fx = evaluate(changed, data, original)
+    a, b = original.graph_module(data.images).argmax(-1), changed.graph_module(data.images).argmax(-1)
+    images, positions = float((a == b).all(1).float().mean()), float((a == b).float().mean())
+    assert 0 < images < positions < 1  # some images differ at some position, most positions agree
+    chars = fx["outputs"]["chars"]
+    assert fx["agreement"] == chars["agreement"] == pytest.approx(images)
+    assert chars["positions_agreement"] == pytest.approx(positions) and "detections" not in chars
+    assert bool(same_top_classes(torch.eye(3)[None], torch.eye(3)[None])) and \
+        not bool(same_top_classes(torch.eye(3)[None], torch.eye(3)[[[0, 2, 1]]]))
+    report = {"latency": {"original_ms": 2.0, "optimized_ms": 1.5, "cut": 0.25, "target": 0.2}, "blocks": [],
+              "dropped": [], "seconds_per_stage": {}, "eval": {"original": evaluate(original, data), "optimized": fx}}
+    lines = format_summary(report)
+    assert f"chars: the original's top class at every position on {100 * images:.2f}% of 40 images" in lines
+    assert "top-1 agreement" not in lines
 
 
 class Brightness(nn.Module):

@@ -466,6 +466,39 @@ def test_a_map_is_judged_by_the_iou_of_the_regions_it_marks():
         assert candidate.within_bound == (candidate.loss <= settings.max_map_iou_drop)
 
 
+def recogniser(seed: int = 0) -> onnx.ModelProto:
+    """X (batch, 3, 8, 10) -> Conv -> Relu -> mean over rows -> (batch, 10, 8) @ W -> Softmax: a class
+    per position, as a CTC text recogniser's output."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (8, 12)).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.array([2], np.int64), "rows")]
+    nodes = [helper.make_node("Conv", ["X", "w0"], ["c0"], name="/conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"], name="/relu"),
+             helper.make_node("ReduceMean", ["r0", "rows"], ["m"], name="/mean", keepdims=0),
+             helper.make_node("Transpose", ["m"], ["t"], name="/transpose", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["t", "w1"], ["s"], name="/head"),
+             helper.make_node("Softmax", ["s"], ["Y"], name="/softmax", axis=-1)]
+    graph = helper.make_graph(nodes, "recogniser", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 3, 8, 10])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 10, 12])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_recogniser_is_judged_by_the_same_top_class_at_every_position():
+    proto, x = recogniser(), torch.as_tensor(images(48, (3, 8, 10)))
+    settings = QuantizeSettings(max_calibration_images=32, batch_size=16)
+    labels = np.zeros(32, dtype=np.int64)  # an image's class means nothing to a recogniser: not used
+    plan = plan_quantization(proto, x[:16], x[16:], settings, fake_measure({"*": 0.3}), labels=labels)
+    assert plan.metric == "disagreement" and plan.float_top1 is None
+    reference = outputs(proto, x[16:]).argmax(-1)
+    for candidate in plan.candidates:
+        quantized = outputs(quantize_onnx(proto, x[:16], candidate.config), x[16:]).argmax(-1)
+        assert candidate.agreement == pytest.approx(float((quantized == reference).all(1).mean()))
+        assert candidate.loss == pytest.approx(1 - candidate.agreement) and candidate.top1 is None
+
+
 def test_decode_group_is_the_unweighted_nodes_after_the_last_weighted_ones():
     assert float_group_nodes(convnet(), "decode") == []  # the classifier's Gemm writes the output
     head = float_group_nodes(tiny_yolo_onnx(size=64, reg=16), "decode")

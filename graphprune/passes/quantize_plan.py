@@ -29,7 +29,7 @@ import torch
 
 from ..backends.base import CutMeasurement
 from ..errors import GraphpruneError
-from ..fidelity import DetectionCounts, MapOverlap, decode_yolov8, lower_map50, output_layout
+from ..fidelity import DetectionCounts, MapOverlap, decode_yolov8, lower_map50, output_layout, same_top_classes
 from ..formats.ort_run import cpu_session, run_outputs
 from .float_groups import float_group_nodes
 from .calibration import Calibrated, as_images
@@ -208,7 +208,9 @@ class _Judge:
         self.reference = run_outputs(cpu_session(proto, "the float model"), images, settings.batch_size)
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
         layout = output_layout(torch.from_numpy(self.reference))
-        classifier = layout == "classes"
+        classifier = layout in ("classes", "sequence")  # judged by the top class (at every position)
+        if layout != "classes":
+            self.labels = None  # labels are classes of an image, which only a (N, K) output gives
         self.float_top1, self.note = None, ""
         # a detector is judged by its detections where the float model makes some here: its whole
         # output's relative error is the boxes' (pixels), blind to class scores in [0, 1] rounded away
@@ -220,7 +222,7 @@ class _Judge:
             self.metric, self.bound = "map50_drop", settings.max_map50_drop
         elif self.map:
             self.metric, self.bound = "map_iou_drop", settings.max_map_iou_drop
-        elif self.labels is not None and classifier and self._labels_bound_top1():
+        elif self.labels is not None and self._labels_bound_top1():
             self.metric, self.bound = "top1_drop", settings.max_top1_drop
         elif classifier:
             self.metric, self.bound = "disagreement", settings.max_disagreement
@@ -268,9 +270,9 @@ class _Judge:
         elif self.metric == "relative_error":
             candidate.loss = error
         else:
-            target = self.labels if self.labels is not None else self.reference.argmax(1)
-            candidate.correct = out.argmax(1) == target
-            candidate.agreement = float((out.argmax(1) == self.reference.argmax(1)).mean())
+            agrees = same_top_classes(torch.from_numpy(out), torch.from_numpy(self.reference)).numpy()
+            candidate.correct = out.argmax(1) == self.labels if self.labels is not None else agrees
+            candidate.agreement = float(agrees.mean())
             if self.labels is not None:
                 candidate.top1 = float(candidate.correct.mean())
             candidate.loss = self.float_top1 - candidate.top1 if self.labels is not None else 1.0 - candidate.agreement
