@@ -15,7 +15,11 @@ Models (``--model``):
   optimised model keeps (same class, IoU >= 0.5) and how many it adds, and the output's relative error.
 * ``ppocrv4_det``: PaddleOCR's PP-OCRv4 text detector (``rapidocr-onnxruntime``'s
   ``ch_PP-OCRv4_det_infer.onnx``, opset 12), fixed to 320 x 320, ImageNet normalisation; the same
-  photos (few hold text); its probability map compared by the relative error.
+  photos (few hold text); its probability map compared by the IoU of the regions it marks.
+* ``ppocrv4_rec``: its recogniser (``ch_PP-OCRv4_rec_infer.onnx``: SVTR, convolutions then
+  transformer blocks), fixed to 48 x 320; tiny and evaluation sets of text lines rendered by
+  :mod:`benchmarks.text_lines` (200 and 800, no line shared); agreement (the same character at
+  every position) and the lines read exactly, by the written file and the original.
 
 Methods: ``graphprune`` (the default pipeline), ``block-influence`` (Block Influence ranks the
 blocks; no refinement), ``graphprune-int8`` (``quantize="auto"``), ``int8-only`` (the plan and the
@@ -79,28 +83,39 @@ def nudenet_onnx() -> Path:
     return Path(nudenet.__file__).parent / "320n.onnx"
 
 
-def ppocr_det_onnx() -> Path:
-    """PaddleOCR's PP-OCRv4 text detector as ``rapidocr-onnxruntime`` ships it (opset 12, dynamic
-    height and width), its input fixed to 320 x 320 once (batch left dynamic)."""
-    path = CACHE / "ppocrv4_det_320.onnx"
+def _rapidocr_fixed(name: str, cached: str, size: tuple[int, int, int]) -> Path:
+    """A PaddleOCR model as ``rapidocr-onnxruntime`` ships it (opset 12, dynamic height and width),
+    its input fixed to ``size`` once (batch left dynamic)."""
+    path = CACHE / cached
     if path.exists():
         return path
     try:
         import rapidocr_onnxruntime
     except ImportError:
-        raise SystemExit("PP-OCRv4's detector needs rapidocr-onnxruntime (the bench extra): make bench")
+        raise SystemExit("PP-OCRv4's models need rapidocr-onnxruntime (the bench extra): make bench")
     import onnx
 
-    proto = onnx.load(str(Path(rapidocr_onnxruntime.__file__).parent / "models" / "ch_PP-OCRv4_det_infer.onnx"))
+    proto = onnx.load(str(Path(rapidocr_onnxruntime.__file__).parent / "models" / name))
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     dims[0].dim_param = "batch"
-    for dim, size in zip(dims[1:], (3, 320, 320)):
-        dim.dim_value = size
+    for dim, value in zip(dims[1:], size):
+        dim.dim_value = value
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
     onnx.save(proto, str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def ppocr_det_onnx() -> Path:
+    """PaddleOCR's PP-OCRv4 text detector, fixed to 320 x 320."""
+    return _rapidocr_fixed("ch_PP-OCRv4_det_infer.onnx", "ppocrv4_det_320.onnx", (3, 320, 320))
+
+
+def ppocr_rec_onnx() -> Path:
+    """PaddleOCR's PP-OCRv4 text recogniser (SVTR: convolutions, then transformer blocks), fixed to
+    48 x 320, its output (N, 40, 6625): a character distribution at each of 40 positions."""
+    return _rapidocr_fixed("ch_PP-OCRv4_rec_infer.onnx", "ppocrv4_rec_48x320.onnx", (3, 48, 320))
 
 
 @dataclass(frozen=True)
@@ -112,6 +127,7 @@ class RealModel:
     eval_labels: bool  # False: the evaluation set's labels are dropped (a detector has no class to score)
     cuts: dict
     crop: float = 1.0  # Preprocessing.crop for the tiny and evaluation sets; rows record it where not 1.0
+    data: str = "photos"  # "photos": imagenet-samples and imagenet-eval; "text-lines": rendered (text_lines.py)
 
 
 MODELS = {
@@ -122,11 +138,15 @@ MODELS = {
     # the issue's 15% plus the margin; 15% is int8's
     "yolov8n_nudenet": RealModel(nudenet_onnx, (3, 320, 320), (0.0,) * 3, (1.0,) * 3, False,
                                  {"graphprune": (0.10,), "block-influence": (0.10,), "graphprune-int8": (0.15, 0.5)}),
-    # a probability map (N, 1, H, W): compared by its relative error; its 6 droppable blocks cut about 4% in
+    # a probability map (N, 1, H, W): compared by its map IoU; its 6-8 droppable blocks cut 3-5% in
     # all (issue 28), so the targets are int8's. PaddleOCR's normalisation (ImageNet mean and std)
     "ppocrv4_det": RealModel(ppocr_det_onnx, (3, 320, 320), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False,
                              {"graphprune-int8": (0.3,)}),
+    # text lines rendered for it (no photo holds one); PaddleOCR's recogniser normalisation (x - 0.5) / 0.5
+    "ppocrv4_rec": RealModel(ppocr_rec_onnx, (3, 48, 320), (0.5,) * 3, (0.5,) * 3, False,
+                             {"graphprune-int8": (0.3,)}, data="text-lines"),
 }
+TEXT_SEEDS = {"tiny": 1, "eval": 2}  # the rendered tiny and evaluation sets share no line
 
 
 def preprocessing(spec: RealModel):
@@ -135,17 +155,50 @@ def preprocessing(spec: RealModel):
     return Preprocessing(spec.size, mean=spec.mean, std=spec.std, crop=spec.crop)
 
 
+def _text_lines(spec: RealModel, which: str, count: int):
+    from graphprune.data import tiny_set_from_array
+
+    from benchmarks.text_lines import render
+
+    images, _ = render(count, TEXT_SEEDS[which])
+    return tiny_set_from_array(images, preprocessing(spec), f"{count} rendered text lines")
+
+
 def tiny_set(spec: RealModel):
     from graphprune.data import load_tiny_set
 
+    if spec.data == "text-lines":
+        return _text_lines(spec, "tiny", 200)
     return load_tiny_set(DATA_DIR / "imagenet-samples", preprocessing(spec))
 
 
 def eval_set(spec: RealModel):
     from graphprune.data import load_tiny_set
 
+    if spec.data == "text-lines":
+        return _text_lines(spec, "eval", 800)
     data = load_tiny_set(DATA_DIR / "imagenet-eval", preprocessing(spec))
     return data if spec.eval_labels else data.without_labels()
+
+
+def text_read(spec: RealModel, proto, original_path: Path, test) -> dict | None:
+    """For rendered text lines: the share of the evaluation lines the written file and the original
+    read exactly (``text_lines.read_rate``), else None."""
+    if spec.data != "text-lines":
+        return None
+    from graphprune.formats.ort_run import cpu_session, run_outputs
+
+    from benchmarks.text_lines import dictionary_of, read_rate, render
+
+    _, texts = render(len(test), TEXT_SEEDS["eval"])
+    dictionary = dictionary_of(original_path)
+    rates = {}
+    for name, model in (("optimized", proto), ("original", None)):
+        import onnx
+
+        session = cpu_session(model if model is not None else onnx.load(str(original_path)))
+        rates[name] = read_rate(run_outputs(session, test.images, 32), texts, dictionary)
+    return rates
 
 
 def grid(model: str, methods, seeds, cuts=None, overrides: dict | None = None) -> list[dict]:
@@ -186,7 +239,7 @@ def config_for(row: dict):
     return base
 
 
-def run_row(row: dict, original_path: Path, tiny, test) -> dict:
+def run_row(row: dict, original_path: Path, tiny, test, spec: RealModel) -> dict:
     import onnx
 
     import graphprune as gp
@@ -210,6 +263,7 @@ def run_row(row: dict, original_path: Path, tiny, test) -> dict:
     return {
         "id": row_id(row), **row, "cpu": this_machine(), **report_fields(report, wall_s),
         "fidelity": fidelity, "top1_original": original.get("top1"),
+        "text_read": text_read(spec, proto, original_path, test),
         "blocks": [{k: b[k] for k in ("name", "recoverability", "saved_fraction", "dropped")} for b in report["blocks"]],
         "mimic_targets": report.get("mimic_targets"),
         "recovery_steps": records.get("recover", {}).get("iterations_run"),
@@ -236,7 +290,7 @@ def cmd_run(args) -> None:
     print(f"{len(todo)} rows to run on {this_machine()}", flush=True)
     spec = MODELS[args.model]
     original_path, tiny, test = spec.path(), tiny_set(spec), eval_set(spec)
-    run_rows(ROWS, todo, row_id, lambda row: run_row(row, original_path, tiny, test), summary, this_machine())
+    run_rows(ROWS, todo, row_id, lambda row: run_row(row, original_path, tiny, test, spec), summary, this_machine())
     cmd_report(args)
 
 
@@ -254,6 +308,9 @@ def fidelity_text(row: dict) -> str:
         parts.append(f"top-1 {100 * f['top1']:.2f} (original {100 * row['top1_original']:.2f})")
     if f.get("agreement") is not None:
         parts.append(f"agreement {100 * f['agreement']:.2f}")
+    if row.get("text_read"):
+        parts.append(f"lines read exactly {100 * row['text_read']['optimized']:.2f} "
+                     f"(original {100 * row['text_read']['original']:.2f})")
     detections = f.get("detections")
     if detections:
         parts.append(f"kept {detections['kept']}/{detections['original']} detections, added {detections['added']}"
@@ -274,8 +331,10 @@ def cmd_report(args) -> None:
              f"Made by `python -m benchmarks.real_models run --model ...` then `report` ({time.strftime('%Y-%m-%d')}). "
              "onnxruntime CPU, 1 thread, batch 1; tiny set: the 200 photos of imagenet-samples; fidelity on the 800 "
              "photos of imagenet-eval, of the written file as onnxruntime runs it (top-1 where the model classifies "
-             "ImageNet, else detections kept/added, or a map's IoU with the original's). Cut: the written file against the original, measured by the run's "
-             "`measure_result` (interleaved).", ""]
+             "ImageNet, else detections kept/added, or a map's IoU with the original's; for ppocrv4_rec, 200 and 800 "
+             "text lines rendered by benchmarks/text_lines.py instead, agreement = the same character at every "
+             "position, and the lines read exactly). Cut: the written file against the original, measured by the "
+             "run's `measure_result` (interleaved).", ""]
     for cpu in sorted({r["cpu"] for r in rows}):
         lines += [f"CPU: {cpu}", "", "| model | method | settings | target | seed | cut | fidelity | dropped | wall min "
                   "| minutes per stage | recovery steps | joint fits |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -162,3 +162,24 @@ def test_simplifying_keeps_the_exporters_node_metadata():
     assert len(simplified.graph.node) < len(proto.graph.node)
     for node in simplified.graph.node:
         assert {p.key: p.value for p in node.metadata_props} == {"pkg.torch.onnx.name_scopes": f"['', '{node.name}']"}
+
+
+def test_a_simplification_onnxruntime_refuses_is_not_used(monkeypatch):
+    """onnxsim declared a shape its own inference contradicts in PP-OCRv4's recogniser (width fixed
+    at 320): onnxruntime refused the simplified file, so the input is kept as it was."""
+    import onnxsim
+
+    from graphprune.formats.onnx_read import simplify
+
+    proto = residual_onnx(opset=17)
+
+    def contradicting(model, **_):
+        broken = onnx.ModelProto()
+        broken.CopyFrom(model)
+        broken.graph.node[0].op_type = "Conv2dThatIsNot"  # any graph onnxruntime cannot make a session of
+        return broken, True
+
+    monkeypatch.setattr(onnxsim, "simplify", contradicting)
+    assert simplify(proto, fuse=False) is proto
+    monkeypatch.setattr(onnxsim, "simplify", lambda model, **_: (model, True))
+    assert simplify(proto, fuse=False) is not proto  # one onnxruntime takes is used

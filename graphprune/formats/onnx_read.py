@@ -106,7 +106,9 @@ def check_onnx(proto: onnx.ModelProto, label: str) -> None:
 def simplify(proto: onnx.ModelProto, fuse: bool = True) -> onnx.ModelProto:
     """onnxsim: constant folding and, with ``fuse``, its graph fusions (which rename the nodes
     they create, so inputs are read with ``fuse=False`` to keep the exporter's module paths).
-    The input is returned unchanged if onnxsim cannot help."""
+    The input is returned unchanged if onnxsim cannot help, or if onnxruntime refuses what it
+    made where it takes the input (PP-OCRv4's recogniser with its width fixed at 320: onnxsim
+    declared 40 positions where its own shape inference makes 39 at a Concat)."""
     try:
         import onnxsim
     except ImportError:  # onnxsim is a dependency; tolerate its absence on bare GPU images
@@ -116,12 +118,23 @@ def simplify(proto: onnx.ModelProto, fuse: bool = True) -> onnx.ModelProto:
             simplified, ok = onnxsim.simplify(copy.deepcopy(proto), perform_optimization=fuse)
     except Exception:
         return proto
-    if not ok:
+    if not ok or (not _runs(simplified) and _runs(proto)):
         return proto
     _restore_node_metadata(simplified, proto)
     for prop in [p for p in simplified.metadata_props if p.key.startswith("onnxsim.")]:
         simplified.metadata_props.remove(prop)  # its own bookkeeping would end up in written files
     return simplified
+
+
+def _runs(proto: onnx.ModelProto) -> bool:
+    """Whether onnxruntime's CPU provider makes a session of ``proto`` (shape inference included)."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # any refusal, a proto over protobuf's 2 GiB limit too
+        return False
+    return True
 
 
 def _restore_node_metadata(simplified: onnx.ModelProto, original: onnx.ModelProto) -> None:
