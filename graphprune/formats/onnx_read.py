@@ -152,8 +152,12 @@ def _computes_alike(simplified: onnx.ModelProto, proto: onnx.ModelProto) -> bool
                for a, b in zip(got, expected))
 
 
+CHECK_ELEMENTS = 2**24  # an input larger than a 2048 x 2048 x 4 image is not run to check a simplification
+
+
 def _random_feeds(proto: onnx.ModelProto) -> dict | None:
-    """One random value per graph input, or None where a dimension past the first is not fixed."""
+    """One random value per graph input, or None where a dimension past the first is not fixed or
+    an input has more than CHECK_ELEMENTS elements."""
     initializers = {t.name for t in proto.graph.initializer}
     rng, feeds = np.random.default_rng(0), {}
     for value in proto.graph.input:
@@ -163,6 +167,8 @@ def _random_feeds(proto: onnx.ModelProto) -> dict | None:
         if any(not d.dim_value for d in dims[1:]):
             return None
         shape = [d.dim_value or 1 for d in dims]
+        if np.prod(shape, dtype=np.float64) > CHECK_ELEMENTS:
+            return None
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
         feeds[value.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
                              else np.zeros(shape, dtype))
