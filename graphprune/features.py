@@ -251,6 +251,49 @@ def suffix_from(gm: fx.GraphModule, start: str, output: str | Sequence[str],
     return suffix
 
 
+def cut_before(gm: fx.GraphModule, start: str) -> list[str] | None:
+    """Where to cut ``gm`` so that what node ``start`` feeds can run from cached values: ``start``
+    first, then every other node a node computed from ``start`` reads by value (a long shortcut: a
+    neck's Concat with features from before ``start``, a C2f's Split halves), in graph order. None
+    where one of them is a tuple (a Split node itself). Weights and shape arithmetic are not cut:
+    they have no batch axis (:func:`graphprune.ops.constant_nodes`)."""
+    nodes = list(gm.graph.nodes)
+    first = next(n for n in nodes if n.name == start)
+    computed_from_start = {first}
+    for node in nodes:  # topological order
+        if any(i in computed_from_start for i in node.all_input_nodes):
+            computed_from_start.add(node)
+    constants = constant_nodes(gm)
+    read = [n for n in nodes if n not in computed_from_start and n not in constants and n.op != "output"
+            and any(user in computed_from_start and user is not first for user in n.users)]
+    cut = [first, *read]
+    return None if any(is_multi_output(n) for n in cut) else [n.name for n in cut]
+
+
+def suffix_after_cut(gm: fx.GraphModule, cut: Sequence[str], output: str | Sequence[str]) -> fx.GraphModule | None:
+    """A GraphModule computing ``output`` from the values of the nodes ``cut`` names (its inputs,
+    in that order; :func:`cut_before`), or None where it would still read a graph input (shape
+    arithmetic on a value before the cut)."""
+    graph = _plain_copy(gm.graph)
+    nodes = {n.name: n for n in graph.nodes}
+    old_out = graph.output_node()
+    with graph.inserting_after(old_out):
+        graph.output(_outputs(graph, output))
+    graph.erase_node(old_out)
+    with graph.inserting_before(next(iter(graph.nodes))):
+        inputs = [graph.placeholder(f"cut_{i}") for i in range(len(cut))]
+    for name, placeholder in zip(cut, inputs):
+        nodes[name].replace_all_uses_with(placeholder)
+    suffix = _without_dead_code(fx.GraphModule(gm, graph))
+    others = [n for n in suffix.graph.nodes if n.op == "placeholder" and n not in inputs]
+    if any(n.users for n in others):
+        return None
+    for node in others:
+        suffix.graph.erase_node(node)
+    suffix.recompile()
+    return suffix
+
+
 def _batch_shaped(activation: torch.Tensor, rest: tuple[int, ...]) -> torch.Tensor:
     """A zero-stride stand-in for a graph input read only for its shape: ``activation``'s batch, then ``rest``."""
     return activation.new_zeros(()).expand(activation.shape[0], *rest)
@@ -271,12 +314,14 @@ def _plain_copy(graph: fx.Graph) -> fx.Graph:
 
 
 @torch.no_grad()
-def run_batched(gm: fx.GraphModule, images: torch.Tensor, batch_size: int = 128):
-    """``gm`` on ``images`` in eval mode, in batches, concatenated (each element of a tuple output)."""
+def run_batched(gm: fx.GraphModule, images: torch.Tensor | tuple[torch.Tensor, ...], batch_size: int = 128):
+    """``gm`` on ``images`` (or on a tuple of inputs, one per graph input, batched alike) in eval
+    mode, in batches, concatenated (each element of a tuple output)."""
+    inputs = images if isinstance(images, tuple) else (images,)
     was_training = gm.training
     gm.eval()
     try:
-        outs = [gm(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        outs = [gm(*(x[i:i + batch_size] for x in inputs)) for i in range(0, len(inputs[0]), batch_size)]
     finally:
         gm.train(was_training)
     if isinstance(outs[0], (tuple, list)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import graphprune as gp
 from conftest import data_path
@@ -96,3 +97,56 @@ def test_bfloat16_fits_score_like_float32_fits(pretrained_r20, tiny_split):
         assert half.recoverability == pytest.approx(full.recoverability, rel=0.2)
     with pytest.raises(gp.GraphpruneError, match="precision"):
         score_blocks(pretrained_r20, blocks, *tiny_split, RecoverabilitySettings(precision="fp8"))
+
+
+class LongShortcut(torch.nn.Module):
+    """stem -> h; h -> block -> widening conv -> block -> y; Concat(h, y) -> conv -> pool -> fc: what
+    comes after the second block reads h, a value from before it (a neck's shortcut, SVTR's or a
+    U-Net's)."""
+
+    def __init__(self):
+        super().__init__()
+        conv = lambda cin, cout: torch.nn.Conv2d(cin, cout, 3, padding=1)  # noqa: E731
+        self.stem, self.a1, self.a2, self.widen = conv(3, 8), conv(8, 8), conv(8, 8), conv(8, 12)
+        self.b1, self.b2 = conv(12, 12), conv(12, 12)
+        self.fuse, self.fc = conv(20, 8), torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        y = h + self.a2(torch.relu(self.a1(h)))
+        y = torch.relu(self.widen(y))  # another shape: the second block's region starts after h
+        y = y + self.b2(torch.relu(self.b1(y)))
+        z = torch.relu(self.fuse(torch.cat([h, y], 1)))
+        return self.fc(z.mean((2, 3)))
+
+
+def test_a_long_shortcut_is_cached_with_the_prefix_and_scores_alike(tmp_path, monkeypatch):
+    from graphprune.data import TinySet
+    from graphprune.features import cut_before, suffix_after_cut
+
+    torch.manual_seed(0)
+    path = tmp_path / "long.onnx"
+    torch.onnx.export(LongShortcut().eval(), (torch.randn(1, 3, 12, 12),), str(path), opset_version=17, dynamo=False,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    model = gp.load(path)
+    blocks = gp.find_blocks(model)
+    assert len(blocks) == 2
+    gm = model.graph_module
+    cut = cut_before(gm, blocks[1].entry)
+    assert cut[0] == blocks[1].entry and len(cut) == 2  # the second block's input and h, which the Concat reads
+    suffix = suffix_after_cut(gm, cut, gm.graph.output_node().args[0].name)
+    assert len([n for n in suffix.graph.nodes if n.op == "placeholder"]) == 2
+    assert not any(n.op == "call_module" and n.target in ("stem",) for n in suffix.graph.nodes)
+    images = torch.rand(48, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    train, holdout = TinySet(images[:32], -torch.ones(32, dtype=torch.long)), \
+        TinySet(images[32:], -torch.ones(16, dtype=torch.long))
+    settings = RecoverabilitySettings(iterations=6, batch_size=16)
+    calls = []
+    real = rec.suffix_after_cut
+    monkeypatch.setattr(rec, "suffix_after_cut", lambda *a: calls.append(real(*a)) or calls[-1])
+    cached = score_blocks(model, blocks, train, holdout, settings, show_progress=False)
+    assert any(suffix is not None for suffix in calls)  # the second block ran from the cached cut
+    monkeypatch.setattr(rec, "cut_before", lambda gm, start: None)  # the whole network from the images
+    from_images = score_blocks(model, blocks, train, holdout, settings, show_progress=False)
+    for a, b in zip(cached, from_images):
+        assert a.recoverability == pytest.approx(b.recoverability, rel=1e-4) and a.recoverability < a.before_fit

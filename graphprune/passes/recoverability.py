@@ -19,7 +19,8 @@ Estimators (``estimator=``):
   adaptor on the gap itself, on what its readers now read. Trained with Adam (or the paper's SGD with momentum
   0.9; either with step decay x0.1 at 40% of the steps) on the features, network frozen in eval
   mode. The frozen prefix before the region is computed once per image and cached, so each step
-  runs only the region and what follows. The score is the held-out error of the best checkpoint
+  runs only the region and what follows (where the rest of the network also reads earlier values,
+  a neck's shortcut from before the region, those are cached with it: ``features.cut_before``). The score is the held-out error of the best checkpoint
   (the identity start and every fifth of the steps): a fit never scores worse than no fit, where
   the adaptors fit the few training images and not the rest.
 * ``"lstsq"``: one adaptor at the gap, solved in closed form so that it maps the value arriving at
@@ -47,7 +48,8 @@ from ..cache import tensor_fingerprint
 from ..checkpoints import BestCheckpoint, checkpoint_steps
 from ..data import TinySet
 from ..errors import GraphpruneError
-from ..features import mimic_loss, mimic_targets, run_batched, suffix_from, target_names, target_weights, truncate
+from ..features import (cut_before, mimic_loss, mimic_targets, run_batched, suffix_after_cut, suffix_from, target_names,
+                        target_weights, truncate)
 from ..graph_stats import node_stats
 from ..model import Model
 from ..ops import is_multi_output, tensor_args
@@ -205,7 +207,7 @@ class _Context:
         self.scale = sum(float(t.pow(2).mean()) or 1.0 for t in self.teacher_holdout) / len(targets)
         self.shapes = {b.exit: b.output_shape for b in blocks}
         self.shapes.update({name: s.shape for name, s in node_stats(self._on_cpu(model)).items()})
-        self.prefix_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.prefix_cache: dict[tuple[str, ...], tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
 
     @staticmethod
     def _on_cpu(model: Model) -> Model:
@@ -307,23 +309,31 @@ class _Context:
                 _redirect(original, reader, producer, adaptor)
         gm.recompile()
         start = shape_region(self.blocks, dropped[0])[0].entry  # every adaptor sits after it
-        train_in, holdout_in = self._prefix(start)
-        student = (suffix_from(gm, start, target_names(gm, self.targets), [x.shape for x in self.model.example_inputs()])
-                   if train_in is not None else None)
-        if student is None:
-            student, train_in, holdout_in = self._student(gm), self.train_x, self.holdout_x
+        student, train_in, holdout_in = self._from_cache(gm, start)
         return _fit_adaptors(student, train_in, self.teacher_train, self.weights, self.settings,
                              lambda: self._holdout_mse(student, holdout_in))
 
-    def _prefix(self, start: str):
-        """Cached activations of node ``start`` (unchanged by dropping later blocks); ``(None,
-        None)`` for a tuple-valued node (a Split), whose suffix then runs from the images."""
-        if is_multi_output(_node(self.model.graph_module, start)):
-            return None, None
-        if start not in self.prefix_cache:
-            prefix = truncate(self.model.graph_module, start)
-            self.prefix_cache[start] = (run_batched(prefix, self.train_x), run_batched(prefix, self.holdout_x))
-        return self.prefix_cache[start]
+    def _from_cache(self, gm: fx.GraphModule, start: str):
+        """``gm``'s targets as a function of cached values before node ``start`` (unchanged by
+        dropping later blocks), and those values for the training and held-out images: ``start``'s
+        alone where the rest of the graph reads nothing earlier (``suffix_from``), else ``start``'s
+        and the earlier values it reads too (``cut_before``: a neck's Concat with features from
+        before the gap; PP-OCRv4's recogniser ran every adaptor step from the image without it);
+        the whole network from the images where neither can be cut (a Split at ``start``)."""
+        targets = target_names(gm, self.targets)
+        student = None if is_multi_output(_node(self.model.graph_module, start)) else \
+            suffix_from(gm, start, targets, [x.shape for x in self.model.example_inputs()])
+        cut = [start] if student is not None else cut_before(gm, start)
+        original = {n.name for n in self.model.graph_module.graph.nodes}
+        if student is None and cut is not None and set(cut) <= original:
+            student = suffix_after_cut(gm, cut, targets)
+        if student is None:
+            return self._student(gm), (self.train_x,), (self.holdout_x,)
+        key = tuple(cut)
+        if key not in self.prefix_cache:
+            prefix = truncate(self.model.graph_module, list(cut))
+            self.prefix_cache[key] = (run_batched(prefix, self.train_x), run_batched(prefix, self.holdout_x))
+        return student, *self.prefix_cache[key]
 
 
 def shape_region(blocks: list[Block], block: Block) -> list[Block]:
@@ -407,7 +417,7 @@ def _ridge_map(x: torch.Tensor, y: torch.Tensor, dim: int, ridge: float) -> torc
     return a_t.T.float()
 
 
-def _fit_adaptors(student: fx.GraphModule, inputs: torch.Tensor, targets: tuple, weights: list[float],
+def _fit_adaptors(student: fx.GraphModule, inputs: tuple[torch.Tensor, ...], targets: tuple, weights: list[float],
                   settings: RecoverabilitySettings, holdout_error) -> float:
     """Fit ``student``'s adaptors to ``targets`` and return the held-out error ``holdout_error()``
     of the best of the checkpoints: the identity start and every fifth of the steps. So the fit
@@ -430,13 +440,13 @@ def _fit_adaptors(student: fx.GraphModule, inputs: torch.Tensor, targets: tuple,
     milestone = max(1, int(0.4 * settings.iterations))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [milestone], gamma=0.1)
     gen = torch.Generator().manual_seed(settings.seed)
-    n = len(inputs)
+    n = len(inputs[0])
     checkpoints = checkpoint_steps(settings.iterations)
     fmt = memory_format(settings.precision, settings.device, student)
     for step in range(settings.iterations):
         index = torch.randint(0, n, (min(settings.batch_size, n),), generator=gen)
         with autocast(settings.precision, settings.device):
-            output = student(to_format(inputs[index], fmt))
+            output = student(*(to_format(x[index], fmt) for x in inputs))
         loss = mimic_loss([o.float() for o in output], [t[index] for t in targets], weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
