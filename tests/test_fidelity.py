@@ -258,17 +258,22 @@ class TextMap(nn.Module):
         return torch.sigmoid(4 * self.body(x))
 
 
-def test_a_maps_fidelity_is_the_iou_of_the_regions_it_marks(tmp_path):
+def _exported_and_nudged(module: nn.Module, path, size: tuple[int, int], output: str, nudge: float):
+    """``module`` exported to ONNX and loaded, and a copy whose weights moved by ``nudge`` x N(0, 1)."""
     torch.manual_seed(0)
-    module = TextMap().eval()
-    path = tmp_path / "map.onnx"
-    torch.onnx.export(module, (torch.randn(1, 3, 16, 16),), str(path), opset_version=17, dynamo=False,
-                      input_names=["x"], output_names=["text"], dynamic_axes={"x": {0: "batch"}, "text": {0: "batch"}})
+    torch.onnx.export(module.eval(), (torch.randn(1, 3, *size),), str(path), opset_version=17, dynamo=False,
+                      input_names=["x"], output_names=[output], dynamic_axes={"x": {0: "batch"}, output: {0: "batch"}})
     original = gp.load(path)
     changed = original.clone()
     with torch.no_grad():
         for p in changed.graph_module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+            p.add_(nudge * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    return original, changed
+
+
+def test_a_maps_fidelity_is_the_iou_of_the_regions_it_marks(tmp_path):
+    torch.manual_seed(0)
+    original, changed = _exported_and_nudged(TextMap(), tmp_path / "map.onnx", (16, 16), "text", 0.05)
     data = _unlabelled(20, 16)
     assert evaluate(original, data, original)["map_iou"] == 1.0
     fx = evaluate(changed, data, original)
@@ -302,15 +307,7 @@ class Recogniser(nn.Module):
 
 def test_a_recognisers_fidelity_is_the_same_top_class_at_every_position(tmp_path):
     torch.manual_seed(0)
-    module = Recogniser().eval()
-    path = tmp_path / "rec.onnx"
-    torch.onnx.export(module, (torch.randn(1, 3, 8, 10),), str(path), opset_version=17, dynamo=False,
-                      input_names=["x"], output_names=["chars"], dynamic_axes={"x": {0: "batch"}, "chars": {0: "batch"}})
-    original = gp.load(path)
-    changed = original.clone()
-    with torch.no_grad():
-        for p in changed.graph_module.parameters():
-            p.add_(0.03 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    original, changed = _exported_and_nudged(Recogniser(), tmp_path / "rec.onnx", (8, 10), "chars", 0.03)
     data = TinySet(torch.randn(40, 3, 8, 10, generator=torch.Generator().manual_seed(0)), -torch.ones(40, dtype=torch.long))
     fx = evaluate(changed, data, original)
     a, b = original.graph_module(data.images).argmax(-1), changed.graph_module(data.images).argmax(-1)
