@@ -254,8 +254,8 @@ def suffix_from(gm: fx.GraphModule, start: str, output: str | Sequence[str],
 def cut_before(gm: fx.GraphModule, start: str) -> list[str] | None:
     """Where to cut ``gm`` so that what node ``start`` feeds can run from cached values: ``start``
     first, then every other node a node computed from ``start`` reads by value (a long shortcut: a
-    neck's Concat with features from before ``start``, a C2f's Split halves), in graph order. None
-    where one of them is a tuple (a Split node itself). Weights and shape arithmetic are not cut:
+    neck's Concat with features from before ``start``), in graph order. None where one of them is
+    a tuple (a Split node). Weights and shape arithmetic are not cut:
     they have no batch axis (:func:`graphprune.ops.constant_nodes`)."""
     nodes = list(gm.graph.nodes)
     first = next(n for n in nodes if n.name == start)

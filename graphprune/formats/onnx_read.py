@@ -148,7 +148,8 @@ def _computes_alike(simplified: onnx.ModelProto, proto: onnx.ModelProto) -> bool
         got = outputs(simplified, feeds)
     except Exception:
         return False
-    return all(a.shape == b.shape and np.allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(b).max(initial=0))))
+    return all(a.shape == b.shape
+               and np.allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(b).max(initial=0))))
                for a, b in zip(got, expected))
 
 

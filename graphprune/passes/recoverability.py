@@ -20,9 +20,10 @@ Estimators (``estimator=``):
   0.9; either with step decay x0.1 at 40% of the steps) on the features, network frozen in eval
   mode. The frozen prefix before the region is computed once per image and cached, so each step
   runs only the region and what follows (where the rest of the network also reads earlier values,
-  a neck's shortcut from before the region, those are cached with it: ``features.cut_before``). The score is the held-out error of the best checkpoint
-  (the identity start and every fifth of the steps): a fit never scores worse than no fit, where
-  the adaptors fit the few training images and not the rest.
+  a neck's shortcut from before the region, those are cached with it: ``features.cut_before``).
+  The score is the held-out error of the best checkpoint (the identity start and every fifth of
+  the steps): a fit never scores worse than no fit, where the adaptors fit the few training
+  images and not the rest.
 * ``"lstsq"``: one adaptor at the gap, solved in closed form so that it maps the value arriving at
   the gap to the original block's output (ridge least squares over every position of every
   training image), then the held-out feature MSE as above. Costs one partial forward pass.
