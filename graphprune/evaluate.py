@@ -17,7 +17,7 @@ reference's output (the model's own without one; :mod:`graphprune.fidelity`), an
   two maps mark with the threshold integrated out.
 
 The result: ``{"images", "outputs": {name: {"layout", ...}}}`` and, for the first output that has
-each, ``top1``, ``agreement`` ``detections`` and ``map_iou`` at the top. A labelled set for a model without
+each, ``top1``, ``agreement``, ``detections`` and ``map_iou`` at the top. A labelled set for a model without
 class scores (a detector) is one line: labels cannot be scored against it.
 """
 
