@@ -194,11 +194,16 @@ def truncate(gm: fx.GraphModule, output: str | Sequence[str]) -> fx.GraphModule:
     """A GraphModule (sharing ``gm``'s modules and weights) that returns node ``output``, or the
     tuple of the nodes a list names."""
     graph = _plain_copy(gm.graph)
+    _return(graph, output)
+    return _without_dead_code(fx.GraphModule(gm, graph))
+
+
+def _return(graph: fx.Graph, output: str | Sequence[str]) -> None:
+    """Make ``graph`` return node ``output``, or the tuple of the nodes a list names."""
     old = graph.output_node()
     with graph.inserting_after(old):
         graph.output(_outputs(graph, output))
     graph.erase_node(old)
-    return _without_dead_code(fx.GraphModule(gm, graph))
 
 
 def _outputs(graph: fx.Graph, output: str | Sequence[str]):
@@ -210,11 +215,12 @@ def _outputs(graph: fx.Graph, output: str | Sequence[str]):
     return nodes[output] if isinstance(output, str) else tuple(nodes[name] for name in names)
 
 
-def suffix_from(gm: fx.GraphModule, start: str, output: str | Sequence[str],
+def suffix_from(gm: fx.GraphModule, start: str | Sequence[str], output: str | Sequence[str],
                 input_shapes: Sequence[Sequence[int]] | None = None) -> fx.GraphModule | None:
     """A GraphModule computing ``output`` (a node, or a tuple of the nodes a list names) from node
-    ``start``'s value (its only input), or ``None`` when ``output`` also depends on the graph
-    inputs' *values* by another path or ``start``'s value is a tuple (a Split's outputs), which the
+    ``start``'s value (its only input), or from the values of the nodes a list names (its inputs, in
+    that order: a cut, :func:`cut_before`), or ``None`` when ``output`` also depends on the graph
+    inputs' *values* by another path or a start's value is a tuple (a Split's outputs), which the
     suffix could not be fed as one batch of tensors.
 
     A graph input read only for its shape (``x.view(x.size(0), -1)``, exported as Shape -> Gather ->
@@ -222,21 +228,20 @@ def suffix_from(gm: fx.GraphModule, start: str, output: str | Sequence[str],
     placeholder order), by a zero-stride tensor of that shape with ``start``'s batch: the batch axis
     is 0 in both (as :func:`run_batched` assumes of every activation) and the rest of the shape is
     the model's fixed input size."""
+    starts = [start] if isinstance(start, str) else list(start)
     graph = _plain_copy(gm.graph)
     nodes = {n.name: n for n in graph.nodes}
-    if is_multi_output(nodes[start]):
+    if any(is_multi_output(nodes[name]) for name in starts):
         return None
     shapes = dict(zip([n.name for n in graph.nodes if n.op == "placeholder"], input_shapes or []))
-    old_out = graph.output_node()
-    with graph.inserting_after(old_out):
-        graph.output(_outputs(graph, output))
-    graph.erase_node(old_out)
-    first = next(iter(graph.nodes))
-    with graph.inserting_before(first):
-        placeholder = graph.placeholder("activation")
-    nodes[start].replace_all_uses_with(placeholder)
+    _return(graph, output)
+    with graph.inserting_before(next(iter(graph.nodes))):
+        inputs = [graph.placeholder("activation" if i == 0 else f"activation_{i}") for i in range(len(starts))]
+    for name, value in zip(starts, inputs):
+        nodes[name].replace_all_uses_with(value)
+    placeholder = inputs[0]  # its batch stands in for a graph input read only for its shape
     suffix = _without_dead_code(fx.GraphModule(gm, graph))
-    others = [n for n in suffix.graph.nodes if n.op == "placeholder" and n.name != placeholder.name]
+    others = [n for n in suffix.graph.nodes if n.op == "placeholder" and n not in inputs]
     for node in others:
         if not node.users:
             continue
@@ -252,7 +257,8 @@ def suffix_from(gm: fx.GraphModule, start: str, output: str | Sequence[str],
 
 
 def cut_before(gm: fx.GraphModule, start: str) -> list[str] | None:
-    """Where to cut ``gm`` so that what node ``start`` feeds can run from cached values: ``start``
+    """Where to cut ``gm`` so that what node ``start`` feeds can run from cached values (the inputs
+    of :func:`suffix_from` given the list): ``start``
     first, then every other node a node computed from ``start`` reads by value (a long shortcut: a
     neck's Concat with features from before ``start``), in graph order. None where one of them is
     a tuple (a Split node). Weights and shape arithmetic are not cut:
@@ -268,30 +274,6 @@ def cut_before(gm: fx.GraphModule, start: str) -> list[str] | None:
             and any(user in computed_from_start and user is not first for user in n.users)]
     cut = [first, *read]
     return None if any(is_multi_output(n) for n in cut) else [n.name for n in cut]
-
-
-def suffix_after_cut(gm: fx.GraphModule, cut: Sequence[str], output: str | Sequence[str]) -> fx.GraphModule | None:
-    """A GraphModule computing ``output`` from the values of the nodes ``cut`` names (its inputs,
-    in that order; :func:`cut_before`), or None where it would still read a graph input (shape
-    arithmetic on a value before the cut)."""
-    graph = _plain_copy(gm.graph)
-    nodes = {n.name: n for n in graph.nodes}
-    old_out = graph.output_node()
-    with graph.inserting_after(old_out):
-        graph.output(_outputs(graph, output))
-    graph.erase_node(old_out)
-    with graph.inserting_before(next(iter(graph.nodes))):
-        inputs = [graph.placeholder(f"cut_{i}") for i in range(len(cut))]
-    for name, placeholder in zip(cut, inputs):
-        nodes[name].replace_all_uses_with(placeholder)
-    suffix = _without_dead_code(fx.GraphModule(gm, graph))
-    others = [n for n in suffix.graph.nodes if n.op == "placeholder" and n not in inputs]
-    if any(n.users for n in others):
-        return None
-    for node in others:
-        suffix.graph.erase_node(node)
-    suffix.recompile()
-    return suffix
 
 
 def _batch_shaped(activation: torch.Tensor, rest: tuple[int, ...]) -> torch.Tensor:

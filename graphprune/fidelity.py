@@ -91,13 +91,15 @@ def output_layout(output: torch.Tensor) -> str:
     if output.dim() == 3 and output.shape[2] >= 2 and _distributions(output, -1):
         return "sequence"
     if output.dim() == 3 and BOX_ROWS < output.shape[1] < output.shape[2]:
-        scores = output[:, BOX_ROWS:]
-        if bool((scores >= 0).all()) and bool((scores <= 1).all()):
+        if _within_0_1(output[:, BOX_ROWS:]):
             return "yolov8"
-    if output.dim() == 4 and output.shape[2] > 1 and output.shape[3] > 1:
-        if bool((output >= 0).all()) and bool((output <= 1).all()):
-            return "map"
+    if output.dim() == 4 and output.shape[2] > 1 and output.shape[3] > 1 and _within_0_1(output):
+        return "map"
     return "other"
+
+
+def _within_0_1(values: torch.Tensor) -> bool:
+    return bool((values >= 0).all()) and bool((values <= 1).all())
 
 
 def _distributions(output: torch.Tensor, dim: int) -> bool:

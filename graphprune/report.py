@@ -78,8 +78,7 @@ def _eval_lines(evaluation: dict) -> list[str]:
     if "top1" in orig:
         lines.append(f"top-1 {100 * orig['top1']:.2f}% -> {100 * opt['top1']:.2f}% on {orig['images']} images")
     outputs = opt.get("outputs", {})
-    headline = next((o for o in outputs.values() if "agreement" in o), {})  # where opt['agreement'] is from
-    if "agreement" in opt and "positions_agreement" not in headline:
+    if "agreement" in opt and not _agreement_per_position(opt):
         lines.append(f"top-1 agreement with the original: {100 * opt['agreement']:.2f}%")
     for name, output in outputs.items():
         if "positions_agreement" in output:  # a class per position: a recogniser's text
@@ -110,9 +109,8 @@ def _held_out_line(held_out: dict) -> str:
         return f"against the original {where}: not compared ({held_out['error']})"
     parts = []
     if result.get("agreement") is not None:
-        headline = next((o for o in result.get("outputs", {}).values() if "agreement" in o), {})
-        sequence = "positions_agreement" in headline
-        parts.append(f"{'every position' if sequence else 'top-1'} agreement {100 * result['agreement']:.1f}%")
+        kind = "every position" if _agreement_per_position(result) else "top-1"
+        parts.append(f"{kind} agreement {100 * result['agreement']:.1f}%")
     for output in result.get("outputs", {}).values():
         if "detections" in output:
             d = output["detections"]
@@ -123,6 +121,13 @@ def _held_out_line(held_out: dict) -> str:
     if errors:
         parts.append(f"relative output error {max(errors):.3g}")
     return f"against the original {where}: {'; '.join(parts) or 'compared'}"
+
+
+def _agreement_per_position(result: dict) -> bool:
+    """Whether ``evaluate``'s headline ``agreement`` comes from a class-per-position output (a
+    recogniser's: the same top class at every position) rather than from class scores."""
+    headline = next((o for o in result.get("outputs", {}).values() if "agreement" in o), {})
+    return "positions_agreement" in headline
 
 
 def _map50(detections: dict) -> str:

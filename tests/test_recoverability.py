@@ -122,7 +122,7 @@ class LongShortcut(torch.nn.Module):
 
 def test_a_long_shortcut_is_cached_with_the_prefix_and_scores_alike(tmp_path, monkeypatch):
     from graphprune.data import TinySet
-    from graphprune.features import cut_before, suffix_after_cut
+    from graphprune.features import cut_before, suffix_from
 
     torch.manual_seed(0)
     path = tmp_path / "long.onnx"
@@ -134,7 +134,7 @@ def test_a_long_shortcut_is_cached_with_the_prefix_and_scores_alike(tmp_path, mo
     gm = model.graph_module
     cut = cut_before(gm, blocks[1].entry)
     assert cut[0] == blocks[1].entry and len(cut) == 2  # the second block's input and h, which the Concat reads
-    suffix = suffix_after_cut(gm, cut, gm.graph.output_node().args[0].name)
+    suffix = suffix_from(gm, cut, gm.graph.output_node().args[0].name)
     assert len([n for n in suffix.graph.nodes if n.op == "placeholder"]) == 2
     assert not any(n.op == "call_module" and n.target in ("stem",) for n in suffix.graph.nodes)
     images = torch.rand(48, 3, 12, 12, generator=torch.Generator().manual_seed(0))
@@ -142,10 +142,10 @@ def test_a_long_shortcut_is_cached_with_the_prefix_and_scores_alike(tmp_path, mo
         TinySet(images[32:], -torch.ones(16, dtype=torch.long))
     settings = RecoverabilitySettings(iterations=6, batch_size=16)
     calls = []
-    real = rec.suffix_after_cut
-    monkeypatch.setattr(rec, "suffix_after_cut", lambda *a: calls.append(real(*a)) or calls[-1])
+    real = rec.suffix_from
+    monkeypatch.setattr(rec, "suffix_from", lambda gm, start, *a: calls.append((start, real(gm, start, *a))) or calls[-1][1])
     cached = score_blocks(model, blocks, train, holdout, settings, show_progress=False)
-    assert any(suffix is not None for suffix in calls)  # the second block ran from the cached cut
+    assert any(not isinstance(start, str) and suffix is not None for start, suffix in calls)  # from the cached cut
     monkeypatch.setattr(rec, "cut_before", lambda gm, start: None)  # the whole network from the images
     from_images = score_blocks(model, blocks, train, holdout, settings, show_progress=False)
     for a, b in zip(cached, from_images):

@@ -49,8 +49,8 @@ from ..cache import tensor_fingerprint
 from ..checkpoints import BestCheckpoint, checkpoint_steps
 from ..data import TinySet
 from ..errors import GraphpruneError
-from ..features import (cut_before, mimic_loss, mimic_targets, run_batched, suffix_after_cut, suffix_from, target_names,
-                        target_weights, truncate)
+from ..features import (cut_before, mimic_loss, mimic_targets, run_batched, suffix_from, target_names, target_weights,
+                        truncate)
 from ..graph_stats import node_stats
 from ..model import Model
 from ..ops import is_multi_output, tensor_args
@@ -321,13 +321,12 @@ class _Context:
         and the earlier values it reads too (``cut_before``: a neck's Concat with features from
         before the gap; PP-OCRv4's recogniser ran every adaptor step from the image without it);
         the whole network from the images where neither can be cut (a Split at ``start``)."""
-        targets = target_names(gm, self.targets)
-        student = None if is_multi_output(_node(self.model.graph_module, start)) else \
-            suffix_from(gm, start, targets, [x.shape for x in self.model.example_inputs()])
-        cut = [start] if student is not None else cut_before(gm, start)
-        original = {n.name for n in self.model.graph_module.graph.nodes}
-        if student is None and cut is not None and set(cut) <= original:
-            student = suffix_after_cut(gm, cut, targets)
+        targets, shapes = target_names(gm, self.targets), [x.shape for x in self.model.example_inputs()]
+        cut, student = [start], suffix_from(gm, start, targets, shapes)
+        if student is None:  # cut_before is None at a Split's outputs: then from the images
+            cut = cut_before(gm, start)
+            original = {n.name for n in self.model.graph_module.graph.nodes}
+            student = suffix_from(gm, cut, targets, shapes) if cut and set(cut) <= original else None
         if student is None:
             return self._student(gm), (self.train_x,), (self.holdout_x,)
         key = tuple(cut)
