@@ -18,7 +18,9 @@ from graphprune.formats.ort_run import cpu_session, run_outputs
 from graphprune.passes import drop_blocks, find_blocks
 from graphprune.passes.float16 import to_float16
 from graphprune.passes.float_groups import float_group_nodes
-from graphprune.passes.calibration import Calibrated
+from graphprune.passes import calibration
+from graphprune.passes.calibration import (HISTOGRAM_MEMORY_SHARE, MIN_CALIBRATION_IMAGES, Calibrated, activation_bytes,
+                                           histogram_images)
 from graphprune.passes.quantize import QuantConfig, QuantizeSettings, quantization_info, quantize_onnx
 from graphprune.passes.quantize_plan import Timing, plan_quantization
 from onnx_builders import channels_last_residual
@@ -123,6 +125,24 @@ def test_histogram_calibration_with_a_remainder_batch(method):
     assert relative_error(outputs(q, x), outputs(proto, x)) < 0.2
     minmax = quantize_onnx(prepared, config=QuantConfig())
     assert quantization_info(minmax)["calibration_images"] == 40
+
+
+def test_histogram_calibration_reads_only_the_images_whose_activations_fit_in_memory(monkeypatch):
+    """onnxruntime's histogram methods hold every image's activations at once (PP-OCRv4's recogniser,
+    about 200 MB an image, was killed for memory with 200 text lines): they read the images that fit."""
+    proto = convnet()
+    per_image = activation_bytes(proto)
+    assert per_image == 4 * (7 * 8 * 16 * 16 + 2 * 8)  # the 7 maps and 2 pooled vectors computed from X
+    fitting = lambda n: int(n * per_image / HISTOGRAM_MEMORY_SHARE)  # noqa: E731 - memory that holds n images
+    assert histogram_images(proto, 200, available=fitting(40)) == 40
+    assert histogram_images(proto, 200, available=per_image) == MIN_CALIBRATION_IMAGES
+    assert histogram_images(proto, 30, available=fitting(1000)) == 30
+    prepared = Calibrated(proto, images(64), batch_size=16)
+    monkeypatch.setattr(calibration, "available_memory", lambda: fitting(20) * activation_bytes(prepared.graph(13)[0])
+                        // per_image)
+    q = quantize_onnx(prepared, config=QuantConfig(method="percentile"))
+    assert quantization_info(q)["calibration_images"] == 16  # 20 fit; whole batches of 16
+    assert quantization_info(quantize_onnx(prepared, config=QuantConfig()))["calibration_images"] == 64  # MinMax: all
 
 
 @pytest.mark.parametrize("fmt, opset", [("qdq", 13), ("qoperator", 12)])

@@ -34,6 +34,12 @@ from .float_groups import name_nodes
 # minimum costs nothing there; 16 is also graphprune's held-out minimum (data.split_holdout).
 MIN_CALIBRATION_IMAGES = 16
 METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}  # onnxruntime's
+# The histogram methods (entropy, percentile) hold every calibration image's activations at once:
+# onnxruntime's HistogramCalibrater keeps each batch's outputs until all are read, then merges
+# them. PP-OCRv4's recogniser (48 x 320) with 200 text lines was killed for memory on a 24 GiB
+# machine. So they read at most the images whose activations fit this share of the memory
+# available (a guard, not a measured knee: the merge copies them once more).
+HISTOGRAM_MEMORY_SHARE = 0.25
 
 
 def as_images(images, what: str = "calibration") -> torch.Tensor:
@@ -133,11 +139,12 @@ class Calibrated:
     def reader(self, proto: onnx.ModelProto, method: str = "minmax"):
         """The calibration data, batched. The histogram methods stack every batch's activations
         into one array (onnxruntime's HistogramCollector), so their batches are all the same size and
-        the remainder is left out (200 images in batches of 32 failed: "inhomogeneous shape");
-        ``used[method]`` says how many images were read."""
+        the remainder is left out (200 images in batches of 32 failed: "inhomogeneous shape"), and
+        they read at most :func:`histogram_images`; ``used[method]`` says how many images were read."""
         from onnxruntime.quantization import CalibrationDataReader
 
-        batches = list(image_batches(cpu_session(proto, "the float model"), self.images, self.batch_size,
+        images = self.images if method == "minmax" else self.images[:histogram_images(proto, len(self.images))]
+        batches = list(image_batches(cpu_session(proto, "the float model"), images, min(self.batch_size, len(images)),
                                      equal=method != "minmax"))
         self.used[method] = sum(len(next(iter(feeds.values()))) for feeds in batches)
 
@@ -151,6 +158,57 @@ class Calibrated:
         return Reader()
 
 
+
+
+def histogram_images(proto: onnx.ModelProto, count: int, available: int | None = None) -> int:
+    """How many of ``count`` calibration images a histogram method may read: those whose float
+    activations (every tensor shape inference sizes at batch 1) fit ``HISTOGRAM_MEMORY_SHARE`` of
+    ``available`` bytes (default: the memory available now), at least ``MIN_CALIBRATION_IMAGES``
+    (or ``count`` where fewer); ``count`` where either is unknown."""
+    per_image = activation_bytes(proto)
+    available = available_memory() if available is None else available
+    if not per_image or available is None:
+        return count
+    return min(count, max(MIN_CALIBRATION_IMAGES, int(HISTOGRAM_MEMORY_SHARE * available // per_image)))
+
+
+def activation_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of the float tensors one image makes in ``proto``: its input's batch set to 1, every
+    tensor computed from the input that shape inference then sizes (tensors of unknown size are
+    not counted)."""
+    single = onnx.ModelProto()
+    single.CopyFrom(proto)
+    for value in single.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
+    try:
+        inferred = onnx.shape_inference.infer_shapes(single)
+    except Exception:  # a graph shape inference cannot read: no estimate
+        return 0
+    computed = {value.name for value in single.graph.input}  # tensors computed from the image, not constants
+    for node in single.graph.node:
+        if any(name in computed for name in node.input):
+            computed.update(node.output)
+    total = 0
+    for value in inferred.graph.value_info:
+        kind = value.type.tensor_type
+        if (value.name in computed and kind.elem_type == onnx.TensorProto.FLOAT
+                and all(d.HasField("dim_value") for d in kind.shape.dim)):
+            total += 4 * int(np.prod([d.dim_value for d in kind.shape.dim]))
+    return total
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux: MemAvailable), else None."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 @contextmanager
