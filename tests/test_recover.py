@@ -13,6 +13,7 @@ from conftest import data_path
 from graphprune.data import Preprocessing, TinySet, load_tiny_set
 from graphprune.features import classifier_node, feature_map_node_name, feature_node_name, run_batched, truncate
 from graphprune.passes.recover import RecoverySettings, recover
+from long_shortcut import long_shortcut_onnx
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +267,26 @@ def test_the_prefix_freezes_when_the_head_reads_the_batch_off_the_input(tmp_path
     recovered, record = recover(pruned, teacher, tiny, settings, show_progress=False,
                                 frozen_until=blocks[dropped].entry)
     assert record["frozen_prefix"] == (blocks[0].entry if dropped == 0 else None)
+    assert _feature_mse(recovered, teacher, tiny.images) < _feature_mse(pruned, teacher, tiny.images)
+
+
+def test_a_long_shortcut_keeps_the_prefix_frozen_and_feeds_the_rest_the_cut(tmp_path):
+    """The head reads a value from before the dropped block (a neck's shortcut): the prefix is still
+    frozen and run once, its output the cut's values (the block's input and that value), and what
+    follows the gap trains; before, the whole network trained from the images."""
+    teacher = gp.load(long_shortcut_onnx(tmp_path))
+    blocks = gp.find_blocks(teacher)
+    pruned = gp.drop_blocks(teacher, [blocks[1].name], blocks)
+    tiny = TinySet(torch.rand(32, 3, 12, 12, generator=torch.Generator().manual_seed(0)), -torch.ones(32, dtype=torch.long))
+    settings = RecoverySettings(iterations=20, batch_size=8, lr=3e-3, augment="none", freeze_prefix="on")
+    recovered, record = recover(pruned, teacher, tiny, settings, show_progress=False, frozen_until=blocks[1].entry)
+    assert record["frozen_prefix"] == blocks[1].entry
+    before, after = dict(pruned.graph_module.named_parameters()), dict(recovered.graph_module.named_parameters())
+    head = truncate(pruned.graph_module, blocks[1].entry)  # the modules its graph calls: the prefix's
+    prefix = {f"{n.target}.{k}" for n in head.graph.nodes if n.op == "call_module"
+              for k, _ in head.get_submodule(n.target).named_parameters()}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert prefix and changed and not changed & prefix
     assert _feature_mse(recovered, teacher, tiny.images) < _feature_mse(pruned, teacher, tiny.images)
 
 

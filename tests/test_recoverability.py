@@ -11,6 +11,7 @@ from graphprune.cache import JsonCache
 from graphprune.data import Preprocessing, load_tiny_set, split_holdout
 from graphprune.passes import recoverability as rec
 from graphprune.passes.recoverability import RecoverabilitySettings, adaptor_sites, score_blocks, shape_region
+from long_shortcut import long_shortcut_onnx
 
 
 @pytest.fixture(scope="module")
@@ -99,36 +100,11 @@ def test_bfloat16_fits_score_like_float32_fits(pretrained_r20, tiny_split):
         score_blocks(pretrained_r20, blocks, *tiny_split, RecoverabilitySettings(precision="fp8"))
 
 
-class LongShortcut(torch.nn.Module):
-    """stem -> h; h -> block -> widening conv -> block -> y; Concat(h, y) -> conv -> pool -> fc: what
-    comes after the second block reads h, a value from before it (a neck's shortcut, SVTR's or a
-    U-Net's)."""
-
-    def __init__(self):
-        super().__init__()
-        conv = lambda cin, cout: torch.nn.Conv2d(cin, cout, 3, padding=1)  # noqa: E731
-        self.stem, self.a1, self.a2, self.widen = conv(3, 8), conv(8, 8), conv(8, 8), conv(8, 12)
-        self.b1, self.b2 = conv(12, 12), conv(12, 12)
-        self.fuse, self.fc = conv(20, 8), torch.nn.Linear(8, 5)
-
-    def forward(self, x):
-        h = torch.relu(self.stem(x))
-        y = h + self.a2(torch.relu(self.a1(h)))
-        y = torch.relu(self.widen(y))  # another shape: the second block's region starts after h
-        y = y + self.b2(torch.relu(self.b1(y)))
-        z = torch.relu(self.fuse(torch.cat([h, y], 1)))
-        return self.fc(z.mean((2, 3)))
-
-
 def test_a_long_shortcut_is_cached_with_the_prefix_and_scores_alike(tmp_path, monkeypatch):
     from graphprune.data import TinySet
     from graphprune.features import cut_before, suffix_from
 
-    torch.manual_seed(0)
-    path = tmp_path / "long.onnx"
-    torch.onnx.export(LongShortcut().eval(), (torch.randn(1, 3, 12, 12),), str(path), opset_version=17, dynamo=False,
-                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
-    model = gp.load(path)
+    model = gp.load(long_shortcut_onnx(tmp_path))
     blocks = gp.find_blocks(model)
     assert len(blocks) == 2
     gm = model.graph_module

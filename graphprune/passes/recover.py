@@ -17,7 +17,9 @@ decay.
 Two costs of large images (224 px) are cut: with ``freeze_prefix`` ("auto": above 64 px) the
 network before the first dropped block, which is the original's, is not trained, and one run of it
 per batch feeds both the teacher's and the student's rest (the early high-resolution layers are
-most of a step's work); ``max_seconds`` sizes the schedule to the steps that fit, timed on the
+most of a step's work; where the rest also reads earlier values, a neck's shortcut, the prefix
+gives it those too: PP-OCRv4's recogniser, 3 of its 4 blocks dropped, 12-17 s a step against
+30-38 s from the image); ``max_seconds`` sizes the schedule to the steps that fit, timed on the
 first steps and again every tenth of the schedule (shorter only: a machine that gets busier).
 With held-out images (``early_stop``), the weights of the best of ten checkpoints are kept, and
 training stops once half of them in a row have not improved on the best (nothing to gain). "Best"
@@ -46,8 +48,8 @@ from ..augment import augmenter
 from ..checkpoints import BestCheckpoint, checkpoint_steps
 from ..data import TinySet
 from ..errors import GraphpruneError
-from ..features import (classifier_parameters, feature_map_node_name, mimic_loss, mimic_targets, run_batched,
-                        suffix_from, target_names, target_weights, truncate)
+from ..features import (classifier_parameters, cut_before, feature_map_node_name, mimic_loss, mimic_targets,
+                        run_batched, suffix_from, target_names, target_weights, truncate)
 from ..fidelity import class_kl, output_layout
 from ..model import Model, first_tensor
 from ..ops import fetch_attr
@@ -238,11 +240,11 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
             loss = F.cross_entropy(logits.float(), labels[index].to(device))
         else:
             with torch.no_grad(), cast():
-                if prefix is not None:  # both models compute it alike: once, untrained
-                    batch = prefix(batch)
-                target = [t.float() for t in teacher_gm(batch)]
+                # both models compute the prefix alike: once, untrained (a cut's values: a tuple)
+                inputs = _as_inputs(prefix(batch)) if prefix is not None else (batch,)
+                target = [t.float() for t in teacher_gm(*inputs)]
             with cast():
-                output = [o.float() for o in student(batch)]
+                output = [o.float() for o in student(*inputs)]
             for out, want, name in zip(output, target, mimicked[0]):
                 if out.shape != want.shape:
                     raise GraphpruneError(f"the pruned model's tensor in place of '{name}' has shape "
@@ -364,21 +366,34 @@ def _holdout_error(images: torch.Tensor, prefix, teacher: fx.GraphModule, studen
 def _split_at(student: fx.GraphModule, teacher: fx.GraphModule, start: str, mimicked, input_shapes=None):
     """(shared prefix, teacher suffix, student suffix) at node ``start`` where both graphs compute
     ``start`` with the same code and weights (the pruned model before its first gap), so that one
-    prefix run serves both and the prefix is not trained; None where they differ, where the
-    targets depend on the input by another path or ``start`` is a tuple (``suffix_from``)."""
+    prefix run serves both and the prefix is not trained; None where they differ or ``start`` is a
+    tuple. Where the targets also read earlier values by another path (a neck's long shortcut, as
+    in PP-OCRv4's recogniser or a YOLO neck), the prefix computes the cut before ``start``
+    (:func:`~graphprune.features.cut_before`: ``start`` and those values) and the suffixes take
+    them all, as scoring's cache does."""
     if start not in {n.name for n in student.graph.nodes}:
         return None
-    prefixes = truncate(student, start), truncate(teacher, start)
+    for cut in (start, cut_before(student, start)):
+        if cut is None or (not isinstance(cut, str) and cut != cut_before(teacher, start)):
+            return None
+        suffixes = (suffix_from(teacher, cut, mimicked[0], input_shapes),
+                    suffix_from(student, cut, mimicked[1], input_shapes))
+        if None not in suffixes:
+            break
+    else:
+        return None
+    prefixes = truncate(student, cut), truncate(teacher, cut)
     if prefixes[0].code != prefixes[1].code:
         return None
     mine, theirs = _used_tensors(prefixes[0]), _used_tensors(prefixes[1])
     if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
         return None
-    suffixes = (suffix_from(teacher, start, mimicked[0], input_shapes),
-                suffix_from(student, start, mimicked[1], input_shapes))
-    if None in suffixes:
-        return None
     return prefixes[1].eval(), suffixes[0].eval(), suffixes[1]
+
+
+def _as_inputs(values) -> tuple:
+    """A prefix's output as the suffixes' inputs: one tensor, or a cut's values."""
+    return tuple(values) if isinstance(values, (tuple, list)) else (values,)
 
 
 def _trainable(student: fx.GraphModule, frozen: set, which: str = "all") -> list[torch.nn.Parameter]:
