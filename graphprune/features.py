@@ -3,7 +3,10 @@
 **Targets.** For every graph output, its *last trained layers*: the weighted ops (conv, linear,
 matmul) it is reached from without passing another trained one; a layer whose weights are fixed by
 construction (every weight an integer, as a detector's DFL integral conv over 0..15 or an
-identity) is looked through, not stopped at. The targets are those layers' tensor inputs. A
+identity) is looked through, not stopped at. The targets are those layers' tensor inputs, but
+where a layer's output is added on its way to an output to a value not computed from it (it ends a
+residual branch: a feature extractor with no trained layer after its last block) the target is that
+output itself, which dropping the block leaves in place (:func:`residual_outputs`). A
 classifier has one: the pooled, flattened features before its last linear (the class token for a
 ViT). A detector gets the inputs of its class and box convs at every scale; a segmentation or OCR
 model those of its head. Every trained layer is then outside what is compared, so it is never
@@ -41,8 +44,8 @@ from torch import fx
 from .errors import GraphpruneError
 from .graph_stats import node_stats
 from .model import Model
-from .ops import (ancestors, constant_nodes, fetch_attr, is_multi_output, is_weighted, module_parameters, reads_shape_only,
-                  tensor_args)
+from .ops import (ancestors, constant_nodes, fetch_attr, is_binary_add, is_multi_output, is_weighted, module_parameters,
+                  reads_shape_only, tensor_args)
 
 
 @dataclass(frozen=True)
@@ -94,18 +97,41 @@ def last_trained_layers(model: Model) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n in found]
 
 
+def residual_outputs(layer: fx.Node, gm: fx.GraphModule, constants: set) -> list[fx.Node]:
+    """The graph output values ``layer`` reaches without passing another trained layer, where on the
+    way its output is added to a value not computed from it (``layer`` ends a residual branch, as
+    the last conv of a feature extractor's last block does: dropping that block removes it, and the
+    output itself is what stays comparable); else []."""
+    downstream, merged = {layer}, False
+    for node in gm.graph.nodes:  # topological order
+        if node in downstream or node.op == "output" or not any(i in downstream for i in node.all_input_nodes):
+            continue
+        if is_weighted(node, gm, constants) and not has_fixed_weights(node, gm, constants):
+            continue  # another trained layer: the outputs behind it are its own
+        downstream.add(node)
+        merged |= is_binary_add(node, gm) and any(i not in downstream and i not in constants
+                                                  for i in node.all_input_nodes)
+    if not merged:
+        return []
+    return [value for value in gm.graph.output_node().all_input_nodes if value in downstream and value is not layer]
+
+
 def mimic_targets(model: Model, override: str | None = None) -> list[Target]:
     """The targets (see the module docstring), or the nodes ``override`` names (comma-separated)."""
     gm = model.graph_module
     if override:
         names = [part.strip() for part in override.split(",") if part.strip()]
+        if not names:
+            raise GraphpruneError(f"feature_node '{override}' names no node", parameter="feature_node")
         return [Target(_node_named(gm, name)) for name in dict.fromkeys(names)]
     constants = constant_nodes(gm)
     targets: list[Target] = []
     for layer in last_trained_layers(model):
-        for slot, value in enumerate(tensor_args(layer)):
-            if value not in constants and value.op != "placeholder" and value.name not in {t.node for t in targets}:
-                targets.append(Target(value.name, layer.name, slot))
+        ends = residual_outputs(layer, gm, constants)
+        found = [Target(value.name) for value in ends] if ends else \
+            [Target(value.name, layer.name, slot) for slot, value in enumerate(tensor_args(layer))
+             if value not in constants and value.op != "placeholder"]
+        targets += [t for t in found if t.node not in {t.node for t in targets}]
     if not targets:
         raise GraphpruneError("the model's outputs have no trained layer behind them (a conv, linear or matmul "
                               "whose weights are not fixed), so there is nothing to mimic; name the tensors "

@@ -11,6 +11,7 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.data import TinySet
+from graphprune.model import first_tensor
 from graphprune.features import (Target, last_trained_layers, mimic_loss, mimic_targets, run_batched,
                                  target_names, target_weights, truncate)
 from graphprune.passes.recover import RecoverySettings, recover
@@ -91,6 +92,46 @@ def test_a_target_a_dropped_block_computed_is_what_its_reader_reads_in_the_prune
                           torch.relu(model.graph_module.stem(x)), atol=1e-6)
     with pytest.raises(gp.GraphpruneError, match="gone from the pruned model"):
         target_names(pruned.graph_module, [Target(block.exit)])  # no reader to find it by
+
+
+class Embedder(nn.Module):
+    """conv -> two residual blocks -> global pool: a feature extractor, no trained layer after its
+    last block; ``with_logits`` adds a linear classifier on the pooled features, a second output."""
+
+    def __init__(self, with_logits: bool = False):
+        super().__init__()
+        conv = lambda: nn.Conv2d(8, 8, 3, padding=1)  # noqa: E731
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(conv(), nn.ReLU(), conv()) for _ in range(2))
+        self.fc = nn.Linear(8, 4) if with_logits else None
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        for block in self.blocks:
+            y = torch.relu(y + block(y))
+        features = y.mean((2, 3))
+        return features if self.fc is None else (features, self.fc(features))
+
+
+@pytest.mark.parametrize("with_logits", [False, True])
+def test_a_feature_extractor_mimics_its_output_which_dropping_its_last_block_leaves(with_logits):
+    """Every block's last conv reaches the pooled output through the residual adds; their inputs,
+    the targets before, vanished with a dropped last block ("the mimicked tensor is gone"). The
+    output itself is the target now; a classifier on it adds nothing (its input is that output)."""
+    torch.manual_seed(0)
+    model = gp.load(Embedder(with_logits).eval(), input_shape=(1, 3, 8, 8))
+    (target,) = mimic_targets(model)
+    pooled = model.graph_module.graph.output_node().all_input_nodes[0]
+    assert target.node == pooled.name
+    blocks = gp.find_blocks(model)
+    pruned = gp.drop_blocks(model, [blocks[-1].name], blocks)
+    tiny = TinySet(torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(0)), -torch.ones(32, dtype=torch.long))
+    settings = RecoverySettings(iterations=30, batch_size=8, lr=3e-3, augment="none")
+    recovered, record = recover(pruned, model, tiny, settings, show_progress=False)
+    teacher = first_tensor(run_batched(model.graph_module, tiny.images))
+    before, after = (F.mse_loss(first_tensor(run_batched(m.graph_module, tiny.images)), teacher)
+                     for m in (pruned, recovered))
+    assert after < before
 
 
 def test_targets_are_weighted_by_their_scale_and_one_target_is_its_mse():
