@@ -27,7 +27,7 @@ from pathlib import Path
 
 import click
 
-from .cli_options import GroupedOption, config_key, group_of
+from .cli_options import GroupedOption, Numbers, config_key, group_of
 from .errors import UsageError
 
 CONFIG_META = "graphprune.config_file"  # ctx.meta: {"path": ..., "keys": [...]} of the file read
@@ -94,6 +94,9 @@ def config_values(doc: dict, params, path) -> dict[str, object]:
             raise UsageError(f"--config {path}: unknown key '{shown}'{hint}")
         if key in values:
             raise UsageError(f"--config {path}: key '{key}' is given twice")
+        if not _fits(param, value):
+            raise UsageError(f"--config {path}: '{shown}' must be {_wanted(param)}, got {type(value).__name__} "
+                             f"{value!r}")
         values[key] = value
 
     groups = {group_of(p) for p in by_key.values()}
@@ -104,3 +107,25 @@ def config_values(doc: dict, params, path) -> dict[str, object]:
         else:
             add(str(key), str(key), value)
     return values
+
+
+def _fits(param: click.Parameter, value) -> bool:
+    """Whether a config file's ``value`` has a type the parameter's converter reads (click's converters
+    raise TypeError, not a usage error, on a list for a number or a number for a path)."""
+    if isinstance(value, bool) or getattr(param, "is_flag", False):
+        return isinstance(value, bool) and getattr(param, "is_flag", False)
+    if isinstance(param.type, Numbers):
+        return isinstance(value, (str, int, float, list))
+    if isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)):
+        return isinstance(value, (str, int, float))
+    return isinstance(value, str)
+
+
+def _wanted(param: click.Parameter) -> str:
+    if getattr(param, "is_flag", False):
+        return "true or false"
+    if isinstance(param.type, Numbers):
+        return "a list of numbers"
+    if isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)):
+        return "a number"
+    return "a string"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -117,9 +118,12 @@ class _Worded:
 
     def convert(self, value, param, ctx):
         try:
-            return super().convert(value, param, ctx)
+            number = super().convert(value, param, ctx)
         except click.BadParameter:
+            number = math.nan
+        if not math.isfinite(number):  # nan passes every comparison a range makes
             self.fail(f"must be {self.wording}, got '{value}'", param, ctx)
+        return number
 
 
 class IntRange(_Worded, click.IntRange):
@@ -136,6 +140,9 @@ POSITIVE = FloatRange("a positive number", min=0, min_open=True)
 NON_NEGATIVE = FloatRange("0 or more", min=0)
 FRACTION = FloatRange("between 0 and 1 (exclusive)", min=0, max=1, min_open=True, max_open=True)
 SHARE = FloatRange("above 0 and at most 1", min=0, max=1, min_open=True)
+SEED = IntRange("an integer from 0 to 2**32 - 1", min=0, max=2**32 - 1)  # numpy's and torch's seeds alike
+# onnxruntime starts this many threads per session: 100000 ran past 5 minutes before timing anything
+THREADS = IntRange("an integer from 1 to 256", min=1, max=256)
 
 
 class Numbers(click.ParamType):
@@ -154,6 +161,8 @@ class Numbers(click.ParamType):
             numbers = tuple(self.kind(v) for v in items)
         except (TypeError, ValueError):
             self.fail(f"must be comma-separated {self.name}, got '{value}'", param, ctx)
+        if not all(math.isfinite(n) for n in numbers):
+            self.fail(f"must be finite numbers, got '{value}'", param, ctx)
         if not numbers or (self.kind is int and any(n <= 0 for n in numbers)):
             self.fail(f"must be positive integers, got '{value}'", param, ctx)
         return numbers
@@ -217,7 +226,7 @@ def latency_options(settings: Settings, prefix: str, min_time: float | None = No
     return stack(
         settings.option("latency", "--batch-size", fills=prefix + "batch_size", type=POSITIVE_INT, metavar="N",
                         help="batch size the latency is measured at"),
-        settings.option("latency", "--threads", fills=prefix + "threads", type=POSITIVE_INT, metavar="N",
+        settings.option("latency", "--threads", fills=prefix + "threads", type=THREADS, metavar="N",
                         help="CPU threads the runtime uses"),
         settings.option("latency", "--min-time", fills=prefix + "min_time_s", type=POSITIVE, metavar="SECONDS",
                         help="time each model for at least this long", **extra))

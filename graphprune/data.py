@@ -47,6 +47,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+MAX_LABEL = 2**31 - 1
+
+
 @dataclass
 class TinySet:
     """Normalised images (N, C, H, W float32) and labels (N,; -1 when unknown)."""
@@ -143,6 +146,8 @@ def tiny_set_from_array(images: np.ndarray, prep: Preprocessing, source: str) ->
 
 def _preprocess(raw, labels, prep: Preprocessing, source: str, skipped: int, classes) -> TinySet:
     prep.check()
+    if labels and max(labels) > MAX_LABEL:  # a class index, not a number torch's int64 may not hold
+        raise GraphpruneError(f"{source}: labels are class indices up to {MAX_LABEL}, got {max(labels)}")
     images = torch.cat([_to_model_size(img, prep.size, source, prep.crop) for img in raw])
     mean, std = prep.channel_stats()
     images = (images - mean) / std

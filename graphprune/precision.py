@@ -30,6 +30,20 @@ def check_precision(precision: str, parameter: str = "precision") -> None:
         raise GraphpruneError(f"unknown precision '{precision}' ({', '.join(PRECISIONS)})", parameter=parameter)
 
 
+def check_device(device: str, parameter: str = "device") -> None:
+    """A torch device graphprune can train on here (cpu, cuda, cuda:N), or one line saying why not."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise GraphpruneError(f"unknown {parameter} '{device}' (cpu, cuda or cuda:N)", parameter=parameter)
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise GraphpruneError(f"{parameter} '{device}' is not here: this machine has {found} CUDA GPU(s)",
+                              parameter=parameter)
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     """x86 flags AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (Linux); False where it cannot tell."""

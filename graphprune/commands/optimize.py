@@ -17,8 +17,8 @@ import click
 from ..cache import default_cache_dir
 from ..cli import load_model_from_args, model_options, output_option
 from ..cli_config import config_file, config_option
-from ..cli_options import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SHARE, Numbers, Settings, flags_for,
-                           latency_options, subcommand, user_gave)
+from ..cli_options import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, SHARE, Numbers, Settings,
+                           flags_for, latency_options, subcommand, user_gave)
 from ..data import Preprocessing, load_tiny_set
 from ..errors import GraphpruneError, UsageError
 from ..evaluate import check_eval_data
@@ -69,7 +69,7 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
      show_default=f"all of --data; {SETTINGS.default('synthesis.num_samples')} with --data-free",
      help="images to draw from --data, or to synthesise")
 @opt("data", "--seed", fills=("seed", "recoverability.seed", "recovery.seed", "synthesis.seed", "quantization.seed"),
-     type=int,
+     type=SEED,
      help="seeds sampling, synthesis, adaptors and recovery")
 @opt("data", "--mean", fills="preprocessing.mean", type=Numbers(), help="normalisation mean (comma-separated)")
 @opt("data", "--std", fills="preprocessing.std", type=Numbers(), help="normalisation std (comma-separated)")
@@ -192,6 +192,9 @@ def command(args) -> int:
     return 0
 
 
+FLAGS = {"output": "-o", "report": "--report", "plot": "--plot"}
+
+
 def check_outputs(args) -> None:
     """Fail before any long computation if an output could not be written."""
     for flag in ("output", "report", "plot"):
@@ -200,5 +203,12 @@ def check_outputs(args) -> None:
             raise GraphpruneError(f"output folder does not exist: {Path(value).parent}")
     if Path(args.output).suffix.lower() not in (".onnx", ".pt2"):
         raise UsageError(f"-o must end in .onnx or .pt2, got '{args.output}'")
-    if Path(args.model).exists() and Path(args.output).resolve() == Path(args.model).resolve():
+    if getattr(args, "quantize", None) == "int8" and Path(args.output).suffix.lower() == ".pt2":
+        raise UsageError(f"--quantize int8 writes ONNX (an int8 model is onnxruntime's): give -o ending in .onnx, "
+                         f"got '{args.output}'")
+    written = {flag: Path(getattr(args, flag)).resolve() for flag in ("output", "report", "plot")
+               if getattr(args, flag, None)}
+    if Path(args.model).exists() and Path(args.model).resolve() in written.values():
         raise GraphpruneError("refusing to overwrite the input model; choose another output path")
+    if len(set(written.values())) < len(written):
+        raise GraphpruneError(f"{', '.join(FLAGS[f] for f in written)} must be different files")

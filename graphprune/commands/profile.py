@@ -25,7 +25,7 @@ import click
 
 from ..backends.base import LatencySettings, compare_interleaved, get_backend
 from ..cli import load_model_from_args, model_options
-from ..cli_options import (POSITIVE_INT, SHARE, GroupedOption, Numbers, Settings, flags_for, latency_options,
+from ..cli_options import (POSITIVE_INT, SEED, SHARE, GroupedOption, Numbers, Settings, flags_for, latency_options,
                            subcommand, user_gave)
 from ..data import Preprocessing
 from ..errors import GraphpruneError, UsageError
@@ -60,7 +60,7 @@ MIN_TIME_S = 2 * SETTINGS.default("min_time_s")
               help="with --quantize: images (folder or .npz) to calibrate on and to compare outputs on")
 @click.option("--num-samples", cls=GroupedOption, group="data", type=POSITIVE_INT, metavar="N",
               help="images to draw from --data (default: all)")
-@click.option("--seed", cls=GroupedOption, group="data", type=int, default=OptimizeConfig.seed, show_default=True,
+@click.option("--seed", cls=GroupedOption, group="data", type=SEED, default=OptimizeConfig.seed, show_default=True,
               help="seeds sampling, the held-out split and the plan, as optimize's --seed")
 @SETTINGS.option("data", "--mean", fills="preprocessing.mean", type=Numbers(), help="normalisation mean (comma-separated)")
 @SETTINGS.option("data", "--std", fills="preprocessing.std", type=Numbers(), help="normalisation std (comma-separated)")

@@ -120,6 +120,13 @@ def _keep_block_names(model: Model, proto: onnx.ModelProto) -> None:
         io_onnx.record_block_names(proto, kept)
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, so set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=str(path.parent))
@@ -127,6 +134,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets the mode any other would
         raise_if_interrupted()  # a Ctrl-C swallowed while writing must not leave the file behind
         os.replace(tmp, path)
     except BaseException:

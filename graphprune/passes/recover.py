@@ -53,7 +53,7 @@ from ..features import (classifier_parameters, cut_before, feature_map_node_name
 from ..fidelity import class_kl, output_layout
 from ..model import Model, first_tensor
 from ..ops import fetch_attr
-from ..precision import autocast, check_precision, memory_format, to_format
+from ..precision import autocast, check_device, check_precision, memory_format, to_format
 from ..progress import progress_bar
 from .base import PassResult, Transform
 from .find_blocks import Blocks
@@ -472,6 +472,7 @@ def _check(settings: RecoverySettings, train: TinySet) -> None:
     if settings.max_seconds is not None and settings.max_seconds <= 0:
         raise GraphpruneError("recovery.max_seconds must be > 0", parameter="recovery.max_seconds")
     check_precision(settings.precision, "recovery.precision")
+    check_device(settings.device, "recovery.device")
     if settings.trainable not in ("all", "bias"):
         raise GraphpruneError(f"unknown recovery.trainable '{settings.trainable}' (all or bias)",
                               parameter="recovery.trainable")

@@ -1,0 +1,97 @@
+"""Hostile values a user can give the command line, each refused in one line before any work (or,
+for the valid ones, handled): found by a sweep of some 300 cases through the CLI."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnx_builders import residual_onnx, save
+from test_cli import _assert_clean_failure
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    images = np.random.default_rng(0).integers(0, 256, (24, 8, 8, 4), dtype=np.uint8)  # RGBA, as the model takes
+    np.savez(folder / "tiny.npz", images=images)
+    np.savez(folder / "huge_labels.npz", images=images, labels=np.full(24, 2**63 + 5, dtype=np.uint64))
+    (folder / "cut.toml").write_text("latency-cut = [0.2]\n")
+    (folder / "path.toml").write_text("eval-data = 5\n")
+    return folder, Path(save(residual_onnx(), folder / "m.onnx"))
+
+
+def _optimize(cli, inputs, tmp_path, *extra, data="tiny.npz"):
+    folder, model = inputs
+    out = tmp_path / "o.onnx"
+    argv = ["optimize", model, "--latency-cut", "0.2", "--data", folder / data, "-o", out, "--no-cache", "--quiet"]
+    four_channels = ("--mean", "0,0,0,0", "--std", "1,1,1,1")
+    return cli(*argv, *(extra if "--mean" in extra or "--std" in extra else (*extra, *four_channels))), out
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (("--recovery-lr", "nan"), "--recovery-lr: must be a positive number, got 'nan'"),  # nan passed x > 0
+    (("--min-time", "nan"), "--min-time: must be a positive number"),  # timed 100000 runs, or hung
+    (("--margin", "inf"), "--margin: must be 0 or more"),
+    (("--mean", "nan,nan,nan"), "--mean: must be finite numbers"),
+    (("--std", "inf,inf,inf"), "--std: must be finite numbers"),
+    (("--seed", "-1"), "--seed: must be an integer from 0 to 2**32 - 1"),  # was numpy's ValueError
+    (("--seed", "99999999999999999999999"), "--seed: must be an integer from 0 to 2**32 - 1"),
+    (("--threads", "100000"), "--threads: must be an integer from 1 to 256"),  # ran past 5 minutes
+])
+def test_non_finite_and_out_of_range_numbers_are_usage_errors(cli, inputs, tmp_path, extra, expected):
+    result, out = _optimize(cli, inputs, tmp_path, *extra)
+    _assert_clean_failure(result, expected, out, exit_code=2)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (("--train-device", "cuda:7"), "--train-device 'cuda:7' is not here"),  # was torch's RuntimeError
+    (("--train-device", "bogus"), "unknown --train-device 'bogus'"),
+    (("--feature-node", ","), "--feature-node ',' names no node"),  # was ZeroDivisionError
+])
+def test_bad_devices_and_node_lists_are_one_line(cli, inputs, tmp_path, extra, expected):
+    result, out = _optimize(cli, inputs, tmp_path, *extra)
+    _assert_clean_failure(result, expected, out)
+
+
+def test_labels_beyond_any_class_index_are_one_line(cli, inputs, tmp_path):
+    result, out = _optimize(cli, inputs, tmp_path, data="huge_labels.npz")  # was an OverflowError in torch
+    _assert_clean_failure(result, "labels are class indices up to 2147483647, got 9223372036854775813", out)
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("cut.toml", "'latency-cut' must be a number, got list [0.2]"),
+    ("path.toml", "'eval-data' must be a string, got int 5"),  # was a TypeError from click.Path
+])
+def test_config_values_of_the_wrong_type_are_usage_errors(cli, inputs, tmp_path, config, expected):
+    folder, model = inputs
+    result = cli("optimize", model, "--config", folder / config, "--data", folder / "tiny.npz", "-o", tmp_path / "o.onnx")
+    _assert_clean_failure(result, expected, tmp_path / "o.onnx")
+
+
+@pytest.mark.parametrize("flag", ["--report", "--plot"])
+def test_a_report_or_plot_never_overwrites_the_input_or_the_output(cli, inputs, tmp_path, flag):
+    folder, model = inputs
+    copy = tmp_path / "in.onnx"
+    copy.write_bytes(model.read_bytes())
+    out = tmp_path / "o.onnx"
+    result = cli("optimize", copy, "--latency-cut", "0.2", "--data", folder / "tiny.npz", "-o", out, flag, copy)
+    _assert_clean_failure(result, "refusing to overwrite the input model", out)
+    assert copy.read_bytes() == model.read_bytes()
+    result = cli("optimize", copy, "--latency-cut", "0.2", "--data", folder / "tiny.npz", "-o", out, flag, out)
+    _assert_clean_failure(result, f"-o, {flag} must be different files", out)
+
+
+def test_written_files_get_the_mode_the_umask_gives(tmp_path):
+    from graphprune.formats.model_io import atomic_write
+
+    previous = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "a.bin", lambda path: path.write_bytes(b"x"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o640  # mkstemp's 0600 before
