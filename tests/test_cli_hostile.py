@@ -86,6 +86,14 @@ def test_a_report_or_plot_never_overwrites_the_input_or_the_output(cli, inputs, 
     _assert_clean_failure(result, f"-o, {flag} must be different files", out)
 
 
+def test_int8_to_a_pt2_output_is_refused_before_the_run(cli, inputs, tmp_path):
+    folder, model = inputs
+    out = tmp_path / "o.pt2"  # an int8 model is ONNX: the run wrote o.onnx and said so only at the end
+    result = cli("optimize", model, "--latency-cut", "0.2", "--data", folder / "tiny.npz", "-o", out, "--quantize", "int8")
+    _assert_clean_failure(result, "--quantize int8 writes ONNX", out, exit_code=2)
+    assert not (tmp_path / "o.onnx").exists()
+
+
 def test_written_files_get_the_mode_the_umask_gives(tmp_path):
     from graphprune.formats.model_io import atomic_write
 
