@@ -94,6 +94,15 @@ def test_int8_to_a_pt2_output_is_refused_before_the_run(cli, inputs, tmp_path):
     assert not (tmp_path / "o.onnx").exists()
 
 
+def test_a_truncated_pt2_is_one_line(cli, tmp_path):
+    import torch
+
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(torch.nn.Conv2d(3, 4, 3).eval(), (torch.randn(1, 3, 8, 8),)), str(path))
+    path.write_bytes(path.read_bytes()[:2000])  # torch logged the archive's traceback (12 lines) as a warning first
+    _assert_clean_failure(cli("inspect", path), "not a readable torch.export program")
+
+
 def test_written_files_get_the_mode_the_umask_gives(tmp_path):
     from graphprune.formats.model_io import atomic_write
 

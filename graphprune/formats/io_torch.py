@@ -13,6 +13,7 @@ exporter, opset 17 falling back to 14, then the dynamo exporter), with the batch
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
@@ -73,10 +74,14 @@ def load_pt2(path: str | os.PathLike, input_shape: tuple[int, ...] | None = None
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
         raise GraphpruneError(f"model file not found or empty: {path}")
+    export_log = logging.getLogger("torch.export")  # logs a broken archive's traceback as a warning first
+    was_disabled, export_log.disabled = export_log.disabled, True
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
         raise GraphpruneError(f"not a readable torch.export program: {path} ({type(exc).__name__})") from None
+    finally:
+        export_log.disabled = was_disabled
     user_inputs = program.graph_signature.user_inputs
     specs = []
     for node in program.graph.nodes:
