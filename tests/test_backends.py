@@ -302,7 +302,7 @@ def _one_line_error(result, expected, exit_code):
 
 @pytest.mark.parametrize("args, expected, exit_code", [
     (("--batch-size", "0"), "--batch-size: must be a positive integer", 2),
-    (("--threads", "0"), "--threads: must be a positive integer", 2),
+    (("--threads", "0"), "--threads: must be an integer from 1 to 256", 2),
     (("--min-time", "-1"), "--min-time: must be a positive number", 2),
     (("--backend", "tvm"), "unknown backend 'tvm'", 1),
     (("--device", "tpu"), "unknown device 'tpu'", 1),

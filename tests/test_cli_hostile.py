@@ -103,6 +103,24 @@ def test_a_truncated_pt2_is_one_line(cli, tmp_path):
     _assert_clean_failure(cli("inspect", path), "not a readable torch.export program")
 
 
+def test_int8_for_a_model_whose_input_is_not_float_is_one_line(cli, inputs, tmp_path):
+    """Calibration feeds images as floats: an int64 input was onnxruntime's INVALID_ARGUMENT."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder, _ = inputs
+    model = residual_onnx()
+    image = model.graph.input[0].name
+    model.graph.node.insert(0, helper.make_node("Cast", ["ids"], [image], to=TensorProto.FLOAT))
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("ids", TensorProto.INT64, dims))
+    onnx.checker.check_model(model)
+    out = tmp_path / "o.onnx"
+    result = cli("optimize", save(model, tmp_path / "ids.onnx"), "--latency-cut", "0.2", "--data", folder / "tiny.npz",
+                 "-o", out, "--quantize", "int8", "--mean", "0,0,0,0", "--std", "1,1,1,1", "--no-cache", "--quiet")
+    _assert_clean_failure(result, "this model's input is int64", out)
+
+
 def test_written_files_get_the_mode_the_umask_gives(tmp_path):
     from graphprune.formats.model_io import atomic_write
 

@@ -93,7 +93,8 @@ def check_quantize_mode(mode: str) -> None:
 
 def check_int8_run(ctx, by: str, half: bool = False) -> None:
     """Refuse, in one line, an int8 run that cannot happen: a CUDA target (fp16 instead), another
-    backend than onnxruntime, or a tiny set too small to calibrate on and judge (``half``: a
+    backend than onnxruntime, a model whose input is not floating point (calibration feeds it
+    images as floats), or a tiny set too small to calibrate on and judge (``half``: a
     float16 run, which a CUDA target takes, the rest alike)."""
     if not half:
         check_int8_device(ctx.latency.device)
@@ -101,6 +102,11 @@ def check_int8_run(ctx, by: str, half: bool = False) -> None:
     if backend.name != "onnxruntime":
         raise GraphpruneError(f"int8 quantisation is timed and written for onnxruntime; backend '{backend.name}' "
                               "cannot run it: use the onnxruntime backend or quantize 'none'", parameter="backend")
+    original = getattr(ctx, "original", None)
+    if original is not None and not all(x.is_floating_point() for x in original.example_inputs()):
+        kinds = ", ".join(str(x.dtype).replace("torch.", "") for x in original.example_inputs())
+        raise GraphpruneError(f"int8 is calibrated on images fed as floats, and this model's input is {kinds}: "
+                              "quantize 'none'", parameter="quantize")
     check_enough_images(ctx, "tiny", by)
 
 
