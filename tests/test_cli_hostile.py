@@ -69,8 +69,9 @@ def test_labels_beyond_any_class_index_are_one_line(cli, inputs, tmp_path):
 ])
 def test_config_values_of_the_wrong_type_are_usage_errors(cli, inputs, tmp_path, config, expected):
     folder, model = inputs
-    result = cli("optimize", model, "--config", folder / config, "--data", folder / "tiny.npz", "-o", tmp_path / "o.onnx")
-    _assert_clean_failure(result, expected, tmp_path / "o.onnx")
+    out = tmp_path / "o.onnx"
+    result = cli("optimize", model, "--config", folder / config, "--data", folder / "tiny.npz", "-o", out)
+    _assert_clean_failure(result, expected, out)
 
 
 @pytest.mark.parametrize("flag", ["--report", "--plot"])
@@ -89,7 +90,8 @@ def test_a_report_or_plot_never_overwrites_the_input_or_the_output(cli, inputs, 
 def test_int8_to_a_pt2_output_is_refused_before_the_run(cli, inputs, tmp_path):
     folder, model = inputs
     out = tmp_path / "o.pt2"  # an int8 model is ONNX: the run wrote o.onnx and said so only at the end
-    result = cli("optimize", model, "--latency-cut", "0.2", "--data", folder / "tiny.npz", "-o", out, "--quantize", "int8")
+    result = cli("optimize", model, "--latency-cut", "0.2", "--data", folder / "tiny.npz", "-o", out,
+                 "--quantize", "int8")
     _assert_clean_failure(result, "--quantize int8 writes ONNX", out, exit_code=2)
     assert not (tmp_path / "o.onnx").exists()
 

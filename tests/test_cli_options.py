@@ -34,7 +34,8 @@ def _one_line(result, expected: str, exit_code: int):
 @pytest.mark.parametrize("argv, expected", [
     (("optimize", "m.onnx", "-o", "o.onnx"), "the following arguments are required: --latency-cut"),
     (("optimize", "m.onnx", *REQUIRED, "--backend", "tvm"), "argument --backend: 'tvm' is not one of"),
-    (("optimize", "m.onnx", *REQUIRED, "--seed", "x"), "argument --seed: must be an integer from 0 to 2**32 - 1, got 'x'"),
+    (("optimize", "m.onnx", *REQUIRED, "--seed", "x"),
+     "argument --seed: must be an integer from 0 to 2**32 - 1, got 'x'"),
     (("optimize", "m.onnx", "--latency-cut", "1.5", "-o", "o.onnx"),
      "argument --latency-cut: must be between 0 and 1 (exclusive), got '1.5'"),
     (("optimize", "m.onnx", *REQUIRED, "--recovery-batch-size", "0"), "--recovery-batch-size: must be a positive"),

@@ -277,7 +277,8 @@ def test_a_long_shortcut_keeps_the_prefix_frozen_and_feeds_the_rest_the_cut(tmp_
     teacher = gp.load(long_shortcut_onnx(tmp_path))
     blocks = gp.find_blocks(teacher)
     pruned = gp.drop_blocks(teacher, [blocks[1].name], blocks)
-    tiny = TinySet(torch.rand(32, 3, 12, 12, generator=torch.Generator().manual_seed(0)), -torch.ones(32, dtype=torch.long))
+    images = torch.rand(32, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    tiny = TinySet(images, -torch.ones(32, dtype=torch.long))
     settings = RecoverySettings(iterations=20, batch_size=8, lr=3e-3, augment="none", freeze_prefix="on")
     recovered, record = recover(pruned, teacher, tiny, settings, show_progress=False, frozen_until=blocks[1].entry)
     assert record["frozen_prefix"] == blocks[1].entry

@@ -125,7 +125,8 @@ def test_a_feature_extractor_mimics_its_output_which_dropping_its_last_block_lea
     assert target.node == pooled.name
     blocks = gp.find_blocks(model)
     pruned = gp.drop_blocks(model, [blocks[-1].name], blocks)
-    tiny = TinySet(torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(0)), -torch.ones(32, dtype=torch.long))
+    images = torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    tiny = TinySet(images, -torch.ones(32, dtype=torch.long))
     settings = RecoverySettings(iterations=30, batch_size=8, lr=3e-3, augment="none")
     recovered, record = recover(pruned, model, tiny, settings, show_progress=False)
     teacher = first_tensor(run_batched(model.graph_module, tiny.images))
