@@ -29,7 +29,7 @@ from click.core import ParameterSource
 
 from . import interrupts
 from .cli_options import CONTEXT, GroupedArgument, GroupedOption, Numbers, config_key, flag, stack
-from .errors import GraphpruneError
+from .errors import GraphpruneError, first_line
 
 COMMANDS = ("inspect", "drop", "export", "profile", "optimize", "demo")
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: say so in one line unless --debug
         if debug:
             raise
-        print(f"graphprune: internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        print(f"graphprune: internal error: {type(exc).__name__}: {first_line(exc) if str(exc).strip() else ''}"
               " (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 

@@ -31,6 +31,8 @@ class UsageError(GraphpruneError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of a library's exception message (at most 300 characters), for a one-line error."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    """A library's exception message on one line (its lines joined, at most 300 characters), for a
+    one-line error: onnxruntime and onnx go on after a line break ("invalid dimensions for input:
+    input for the following indices" then the indices; "input 'x' of node:" then the node)."""
+    text = " ".join(str(exc).split())
+    return text[:300] if text else type(exc).__name__

@@ -35,6 +35,12 @@ class InputSpec:
                     f"input_shape {','.join(map(str, override))} has {len(override)} dimensions; "
                     f"input '{self.name}' has {len(self.shape)}", parameter="input_shape"
                 )
+            clash = next((i for i, (d, o) in enumerate(zip(self.shape, override)) if i and d is not None and d != o), None)
+            if clash is not None:  # onnxruntime refused it later in a message cut short
+                raise GraphpruneError(
+                    f"input_shape {','.join(map(str, override))} does not fit input '{self.name}' "
+                    f"{_fmt_shape(self.shape)}: its dimension {clash} is fixed at {self.shape[clash]}",
+                    parameter="input_shape")
             return _checked_size(self.name, tuple(override))
         dims = list(self.shape)
         if dims and dims[0] is None:

@@ -123,6 +123,18 @@ def test_int8_for_a_model_whose_input_is_not_float_is_one_line(cli, inputs, tmp_
     _assert_clean_failure(result, "this model's input is int64", out)
 
 
+def test_an_input_shape_the_file_fixes_otherwise_is_named(cli, inputs):
+    _, model = inputs  # (batch, 4, 8, 8): onnxruntime's refusal was cut before the indices it named
+    _assert_clean_failure(cli("inspect", model, "--input-shape", "1,4,16,16"),
+                          "does not fit input 'X' (?, 4, 8, 8): its dimension 2 is fixed at 8")
+
+
+def test_messages_that_go_on_after_a_line_break_are_kept_whole(cli, tmp_path):
+    model = residual_onnx()
+    model.graph.node[1].input[0] = "does_not_exist"  # onnx's checker names the node on the next lines
+    _assert_clean_failure(cli("inspect", save(model, tmp_path / "dangling.onnx")), "is not output of any previous nodes")
+
+
 def test_written_files_get_the_mode_the_umask_gives(tmp_path):
     from graphprune.formats.model_io import atomic_write
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import GraphpruneError
+from ..errors import GraphpruneError, first_line
 from ..model import Model
 from .base import LatencySettings, RunOnce
 from .environment import batch_inputs, check_settings, describe_common, library_versions
@@ -40,9 +40,8 @@ class TorchEagerBackend:
         try:
             run_once()  # fail here, with a clear message, rather than inside a timing loop
         except Exception as exc:
-            text = str(exc).strip()
             raise GraphpruneError(f"PyTorch cannot run the model at batch {settings.batch_size} on {device}: "
-                                  f"{text.splitlines()[0][:300] if text else type(exc).__name__}") from None
+                                  f"{first_line(exc)}") from None
         return run_once
 
     @staticmethod

@@ -22,7 +22,7 @@ import torch
 from onnx import numpy_helper
 from torch import fx
 
-from ..errors import GraphpruneError
+from ..errors import GraphpruneError, first_line
 from ..model import HALF_DTYPES, InputSpec, Model
 from ..ops import merge_duplicate_getitems
 from ..scopes import scope_from_onnx_metadata, scope_from_onnx_name
@@ -369,7 +369,7 @@ def verify_against_onnxruntime(proto: onnx.ModelProto, model: Model, what: str, 
     try:
         expected = run_onnxruntime(proto, inputs, is_channels_last(model))[0]
     except Exception as exc:
-        raise GraphpruneError(f"onnxruntime cannot run {what}: {str(exc).splitlines()[0][:200]}") from None
+        raise GraphpruneError(f"onnxruntime cannot run {what}: {first_line(exc)[:200]}") from None
     got = model.run(*inputs)
     if got is None or tuple(got.shape) != tuple(expected.shape):
         raise GraphpruneError(f"{what}: output shape {tuple(expected.shape)} differs from the converted graph's")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from ..errors import GraphpruneError
+from ..errors import GraphpruneError, first_line
 from ..model import InputSpec, Model
 from .batch_axis import batch_consistent
 
@@ -52,7 +52,7 @@ def _export_module(module: nn.Module, shape: tuple[int, ...]) -> fx.GraphModule:
         program = torch.export.export(module, (torch.randn(shape),))
     except Exception as exc:
         raise GraphpruneError(
-            f"cannot trace {type(module).__name__} with torch.fx or torch.export: {str(exc).splitlines()[0][:200]}"
+            f"cannot trace {type(module).__name__} with torch.fx or torch.export: {first_line(exc)[:200]}"
         ) from None
     return plain_graph_module(program.module())
 
@@ -195,7 +195,7 @@ def _export_onnx(gm, example, input_names, output_names) -> bytes:
                                   dynamic_axes=dynamic_axes, do_constant_folding=True)
             return buffer.getvalue()
         except Exception as exc:
-            errors.append(f"opset {opset}: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}")
+            errors.append(f"opset {opset}: {first_line(exc)[:160]}")
     try:
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -205,7 +205,7 @@ def _export_onnx(gm, example, input_names, output_names) -> bytes:
                                         dynamic_shapes=tuple({0: batch} for _ in example))
         return program.model_proto.SerializeToString()
     except Exception as exc:
-        errors.append(f"dynamo: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}")
+        errors.append(f"dynamo: {first_line(exc)[:160]}")
     raise GraphpruneError("ONNX export failed (" + "; ".join(errors) + ")")
 
 
@@ -235,4 +235,4 @@ def export_pt2(model: Model) -> torch.export.ExportedProgram:
         return torch.export.export(gm, model.example_inputs())
     except Exception as exc:
         hint = " (a model read from ONNX is written back as .onnx)" if model.source == "onnx" else ""
-        raise GraphpruneError(f"torch.export failed{hint}: {str(exc).splitlines()[0][:200]}") from None
+        raise GraphpruneError(f"torch.export failed{hint}: {first_line(exc)[:200]}") from None

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import GraphpruneError
+from ..errors import GraphpruneError, first_line
 from ..steplog import timed_step
 from .onnx_fold import fold_constants
 from .onnx_opset import default_opset, expand_functions, to_converter_opset
@@ -91,8 +91,7 @@ def check_onnx(proto: onnx.ModelProto, label: str) -> None:
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GraphpruneError(f"invalid ONNX model {label}: {first[:300]}") from None
+        raise GraphpruneError(f"invalid ONNX model {label}: {first_line(exc)}") from None
     opset = default_opset(proto)
     if opset < MIN_OPSET:
         raise GraphpruneError(f"ONNX opset {opset} is not supported (need {MIN_OPSET} or newer): {label}")
