@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import click
 from click.core import ParameterSource
@@ -131,10 +132,24 @@ model_options = stack(
                  help="state dict (.pth) for torchvision:/zoo: architectures (weights_only)"))
 
 
+class OutputPath(click.Path):
+    """A file path ending in .onnx or .pt2: another suffix is a malformed command line (exit 2) in
+    every command alike (the writer checks it again, and the folder, for the Python API)."""
+
+    def __init__(self):
+        super().__init__(dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if Path(str(value)).suffix.lower() not in (".onnx", ".pt2"):
+            self.fail(f"must end in .onnx or .pt2, got '{value}'", param, ctx)
+        return value
+
+
 def output_option(help: str = "output .onnx or .pt2"):
-    """-o/--output, required (the writer checks its suffix and folder)."""
-    return click.option("-o", "--output", cls=GroupedOption, group="output", required=True,
-                        type=click.Path(dir_okay=False), help=help)
+    """-o/--output, required, ending in .onnx or .pt2 (the writer checks its folder)."""
+    return click.option("-o", "--output", cls=GroupedOption, group="output", required=True, type=OutputPath(),
+                        help=help)
 
 
 def load_model_from_args(args):

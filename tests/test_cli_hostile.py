@@ -132,7 +132,17 @@ def test_an_input_shape_the_file_fixes_otherwise_is_named(cli, inputs):
 def test_messages_that_go_on_after_a_line_break_are_kept_whole(cli, tmp_path):
     model = residual_onnx()
     model.graph.node[1].input[0] = "does_not_exist"  # onnx's checker names the node on the next lines
-    _assert_clean_failure(cli("inspect", save(model, tmp_path / "dangling.onnx")), "is not output of any previous nodes")
+    result = cli("inspect", save(model, tmp_path / "dangling.onnx"))
+    _assert_clean_failure(result, "is not output of any previous nodes")
+
+
+@pytest.mark.parametrize("command", ["drop", "export", "optimize"])
+def test_an_output_of_another_kind_is_a_usage_error_in_every_command(cli, inputs, tmp_path, command):
+    folder, model = inputs  # drop and export said so with exit 1, optimize with 2
+    extra = {"drop": ("--blocks", "block"), "export": (),
+             "optimize": ("--latency-cut", "0.2", "--data", folder / "tiny.npz")}
+    result = cli(command, model, *extra[command], "-o", tmp_path / "o.txt")
+    _assert_clean_failure(result, "must end in .onnx or .pt2, got", tmp_path / "o.txt", exit_code=2)
 
 
 def test_written_files_get_the_mode_the_umask_gives(tmp_path):

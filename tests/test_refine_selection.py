@@ -8,8 +8,9 @@ import pytest
 import graphprune as gp
 from conftest import data_path
 from graphprune.data import Preprocessing, load_tiny_set, split_holdout
-from graphprune.passes.recoverability import RecoverabilitySettings, score_blocks, set_scorer
-from graphprune.passes.refine_selection import RefineSettings, candidate_moves, refine_set
+from graphprune.passes.recoverability import (BlockRecoverabilities, BlockRecoverability, RecoverabilitySettings,
+                                             score_blocks, set_scorer)
+from graphprune.passes.refine_selection import RefineSettings, candidate_moves, first_fit_too_long, refine_set
 from graphprune.passes.select_blocks import BlockScore
 
 # two groups of identical blocks (a*, b*) and one block without a twin (t)
@@ -96,3 +97,33 @@ def test_joint_fits_take_their_own_step_count():
     assert joint_scoring(scoring, RefineSettings()).iterations == RefineSettings().joint_iterations == 200
     assert joint_scoring(scoring, RefineSettings(joint_iterations=None)).iterations == 50
     assert joint_scoring(scoring, RefineSettings(joint_iterations=7)) == RecoverabilitySettings(iterations=7, lr=0.003)
+
+
+def test_refinement_does_not_start_a_joint_fit_it_cannot_finish_in_its_time():
+    """A fit cannot stop halfway and later fits are timed on earlier ones, so the first is estimated
+    from scoring's seconds a block, scaled by the steps (YOLOv8n: one 291 s fit with about 100 s to
+    spend left recovery 42 s)."""
+    def scored(*seconds):
+        return BlockRecoverabilities([BlockRecoverability(f"b{i}", 1.0, 1.0, 1.0, s) for i, s in enumerate(seconds)],
+                                     RecoverabilitySettings(iterations=50))
+
+    joint = RecoverabilitySettings(iterations=200)
+    assert "about 328 s" in first_fit_too_long(scored(80.0, 84.0, None), joint, 97.0)  # 82 s a block x 4
+    assert first_fit_too_long(scored(80.0, 84.0), joint, 400.0) is None
+    assert first_fit_too_long(scored(80.0), joint, None) is None  # no time limit
+    assert first_fit_too_long(scored(None, None), joint, 1.0) is None  # an older cache: no timing, the fit runs
+
+
+def test_scoring_records_the_seconds_each_block_took(tmp_path):
+    from graphprune.cache import JsonCache
+
+    teacher = gp.load("zoo:cifar10_resnet20")
+    blocks = gp.find_blocks(teacher)[:2]
+    tiny = load_tiny_set(data_path("cifar10", "train_lossless_4000.npz"), Preprocessing((3, 32, 32)), 32, seed=0)
+    train, holdout = split_holdout(tiny, 0.5, seed=0)
+    cache = JsonCache(tmp_path, "recoverability", "test")
+    settings = RecoverabilitySettings(iterations=2, batch_size=8)
+    fresh = score_blocks(teacher, blocks, train, holdout, settings, show_progress=False, cache=cache)
+    assert all(s.seconds > 0 for s in fresh)
+    again = score_blocks(teacher, blocks, train, holdout, settings, show_progress=False, cache=cache)
+    assert [s.seconds for s in again] == [s.seconds for s in fresh]  # the cache keeps them

@@ -201,8 +201,6 @@ def check_outputs(args) -> None:
         value = getattr(args, flag, None)
         if value and not Path(value).parent.is_dir():
             raise GraphpruneError(f"output folder does not exist: {Path(value).parent}")
-    if Path(args.output).suffix.lower() not in (".onnx", ".pt2"):
-        raise UsageError(f"-o must end in .onnx or .pt2, got '{args.output}'")
     if getattr(args, "quantize", None) == "int8" and Path(args.output).suffix.lower() == ".pt2":
         raise UsageError(f"--quantize int8 writes ONNX (an int8 model is onnxruntime's): give -o ending in .onnx, "
                          f"got '{args.output}'")

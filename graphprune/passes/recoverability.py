@@ -38,7 +38,8 @@ each iteration count) reproduces the ranking of blocks by accuracy after full re
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,7 @@ class BlockRecoverability:
     recoverability: float  # held-out feature MSE after fitting the adaptors
     relative: float  # the same, divided by the mean squared teacher feature
     before_fit: float  # held-out feature MSE with identity adaptors (the block simply gone)
+    seconds: float | None = None  # what scoring it took (None: read from an older cache)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +108,12 @@ class BlockRecoverabilities(list):
     def __init__(self, scores=(), settings: RecoverabilitySettings = RecoverabilitySettings(), from_cache: int = 0):
         super().__init__(scores)
         self.settings, self.from_cache = settings, from_cache
+
+    def seconds_per_block(self) -> float | None:
+        """Mean seconds one block's scoring took (cached ones included where the cache recorded
+        it), or None where none says."""
+        timed = [s.seconds for s in self if s.seconds is not None]
+        return sum(timed) / len(timed) if timed else None
 
 
 def data_key(ctx) -> str:
@@ -163,8 +171,9 @@ def score_blocks(model: Model, blocks: list[Block], train: TinySet, holdout: Tin
     for block in todo:
         cached = cache.get(block.name) if cache is not None else None
         if cached is None:
+            started = time.perf_counter()
             context = context or _Context(model, blocks, train, holdout, targets, settings)
-            result = context.score(block)
+            result = replace(context.score(block), seconds=round(time.perf_counter() - started, 2))
             if cache is not None:
                 cache[block.name] = result.to_dict()
         else:
