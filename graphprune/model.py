@@ -35,7 +35,8 @@ class InputSpec:
                     f"input_shape {','.join(map(str, override))} has {len(override)} dimensions; "
                     f"input '{self.name}' has {len(self.shape)}", parameter="input_shape"
                 )
-            clash = next((i for i, (d, o) in enumerate(zip(self.shape, override)) if i and d is not None and d != o), None)
+            clash = next((i for i, (fixed, given) in enumerate(zip(self.shape, override))
+                          if i and fixed is not None and fixed != given), None)
             if clash is not None:  # onnxruntime refused it later in a message cut short
                 raise GraphpruneError(
                     f"input_shape {','.join(map(str, override))} does not fit input '{self.name}' "
