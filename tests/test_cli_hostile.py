@@ -145,6 +145,19 @@ def test_an_output_of_another_kind_is_a_usage_error_in_every_command(cli, inputs
     _assert_clean_failure(result, "must end in .onnx or .pt2, got", tmp_path / "o.txt", exit_code=2)
 
 
+@pytest.mark.parametrize("opset", [8, 99])
+def test_an_opset_out_of_range_is_named(cli, tmp_path, opset):
+    model = residual_onnx()
+    model.opset_import[0].version = opset  # 99: onnx's checker called it an unrecognized attribute
+    _assert_clean_failure(cli("inspect", save(model, tmp_path / "m.onnx")), f"ONNX opset {opset} is not supported")
+
+
+def test_weights_for_a_file_that_holds_its_own_are_refused(cli, inputs, tmp_path):
+    _, model = inputs  # they were ignored without a word
+    _assert_clean_failure(cli("export", model, "--weights", model, "-o", tmp_path / "o.onnx"),
+                          "are for torchvision:/zoo: architectures", tmp_path / "o.onnx")
+
+
 def test_written_files_get_the_mode_the_umask_gives(tmp_path):
     from graphprune.formats.model_io import atomic_write
 

@@ -39,6 +39,9 @@ def load(source, input_shape: tuple[int, ...] | None = None, weights: str | None
     text = str(source)
     if text.startswith(("torchvision:", "zoo:")):
         return io_torch.build_named(text, weights, input_shape)
+    if weights is not None:  # a file holds its own weights: ignoring these silently would mislead
+        raise GraphpruneError(f"weights are for torchvision:/zoo: architectures; {text} holds its own",
+                              parameter="weights")
     suffix = Path(text).suffix.lower()
     if suffix == ".onnx":
         return io_onnx.load_onnx(text, input_shape)

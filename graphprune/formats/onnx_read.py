@@ -87,14 +87,16 @@ def _all_initializers(proto: onnx.ModelProto):
 
 
 def check_onnx(proto: onnx.ModelProto, label: str) -> None:
-    """Structural validity, opset range and finite weights, each as a one-line error."""
+    """Opset range, structural validity and finite weights, each as a one-line error (the opset
+    first: the checker reads an opset newer than the installed onnx's as a wrong attribute)."""
+    opset, newest = default_opset(proto), onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET or opset > newest:
+        raise GraphpruneError(f"ONNX opset {opset} is not supported (need {MIN_OPSET} to {newest}, the newest the "
+                              f"installed onnx knows): {label}")
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise GraphpruneError(f"invalid ONNX model {label}: {first_line(exc)}") from None
-    opset = default_opset(proto)
-    if opset < MIN_OPSET:
-        raise GraphpruneError(f"ONNX opset {opset} is not supported (need {MIN_OPSET} or newer): {label}")
     for tensor in _all_initializers(proto):
         if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
             values = numpy_helper.to_array(tensor)
