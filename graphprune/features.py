@@ -302,6 +302,20 @@ def cut_before(gm: fx.GraphModule, start: str) -> list[str] | None:
     return None if any(is_multi_output(n) for n in cut) else [n.name for n in cut]
 
 
+def cached_suffix(gm: fx.GraphModule, start: str, output: str | Sequence[str],
+                  input_shapes: Sequence[Sequence[int]] | None = None) -> tuple[list[str], fx.GraphModule] | None:
+    """``(cut, suffix)``: the graph computing ``output`` from node ``start``'s value alone
+    (``cut == [start]``) where the rest reads nothing earlier, else from :func:`cut_before`'s cut (a
+    neck's shortcut); None where neither can be cut (a Split at ``start``). What scoring's prefix
+    cache and recovery's frozen prefix both run from."""
+    suffix = suffix_from(gm, start, output, input_shapes)
+    if suffix is not None:
+        return [start], suffix
+    cut = cut_before(gm, start)
+    suffix = suffix_from(gm, cut, output, input_shapes) if cut else None
+    return None if suffix is None else (cut, suffix)
+
+
 def _batch_shaped(activation: torch.Tensor, rest: tuple[int, ...]) -> torch.Tensor:
     """A zero-stride stand-in for a graph input read only for its shape: ``activation``'s batch, then ``rest``."""
     return activation.new_zeros(()).expand(activation.shape[0], *rest)

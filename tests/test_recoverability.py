@@ -101,6 +101,7 @@ def test_bfloat16_fits_score_like_float32_fits(pretrained_r20, tiny_split):
 
 
 def test_a_long_shortcut_is_cached_with_the_prefix_and_scores_alike(tmp_path, monkeypatch):
+    from graphprune import features
     from graphprune.data import TinySet
     from graphprune.features import cut_before, suffix_from
 
@@ -118,11 +119,12 @@ def test_a_long_shortcut_is_cached_with_the_prefix_and_scores_alike(tmp_path, mo
         TinySet(images[32:], -torch.ones(16, dtype=torch.long))
     settings = RecoverabilitySettings(iterations=6, batch_size=16)
     calls = []
-    real = rec.suffix_from
-    monkeypatch.setattr(rec, "suffix_from", lambda gm, start, *a: calls.append((start, real(gm, start, *a))) or calls[-1][1])
+    real = features.suffix_from  # what features.cached_suffix calls, for scoring as for recovery
+    monkeypatch.setattr(features, "suffix_from",
+                        lambda gm, start, *a: calls.append((start, real(gm, start, *a))) or calls[-1][1])
     cached = score_blocks(model, blocks, train, holdout, settings, show_progress=False)
     assert any(not isinstance(start, str) and suffix is not None for start, suffix in calls)  # from the cached cut
-    monkeypatch.setattr(rec, "cut_before", lambda gm, start: None)  # the whole network from the images
+    monkeypatch.setattr(features, "cut_before", lambda gm, start: None)  # the whole network from the images
     from_images = score_blocks(model, blocks, train, holdout, settings, show_progress=False)
     for a, b in zip(cached, from_images):
         assert a.recoverability == pytest.approx(b.recoverability, rel=1e-4) and a.recoverability < a.before_fit

@@ -48,8 +48,8 @@ from ..augment import augmenter
 from ..checkpoints import BestCheckpoint, checkpoint_steps
 from ..data import TinySet
 from ..errors import GraphpruneError
-from ..features import (classifier_parameters, cut_before, feature_map_node_name, mimic_loss, mimic_targets,
-                        run_batched, suffix_from, target_names, target_weights, truncate)
+from ..features import (cached_suffix, classifier_parameters, feature_map_node_name, mimic_loss, mimic_targets,
+                        run_batched, target_names, target_weights, truncate)
 from ..fidelity import class_kl, output_layout
 from ..model import Model, first_tensor
 from ..ops import fetch_attr
@@ -240,8 +240,8 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
             loss = F.cross_entropy(logits.float(), labels[index].to(device))
         else:
             with torch.no_grad(), cast():
-                # both models compute the prefix alike: once, untrained (a cut's values: a tuple)
-                inputs = _as_inputs(prefix(batch)) if prefix is not None else (batch,)
+                # both models compute the prefix alike: once, untrained (its output: the cut's values)
+                inputs = prefix(batch) if prefix is not None else (batch,)
                 target = [t.float() for t in teacher_gm(*inputs)]
             with cast():
                 output = [o.float() for o in student(*inputs)]
@@ -369,19 +369,15 @@ def _split_at(student: fx.GraphModule, teacher: fx.GraphModule, start: str, mimi
     prefix run serves both and the prefix is not trained; None where they differ or ``start`` is a
     tuple. Where the targets also read earlier values by another path (a neck's long shortcut, as
     in PP-OCRv4's recogniser or a YOLO neck), the prefix computes the cut before ``start``
-    (:func:`~graphprune.features.cut_before`: ``start`` and those values) and the suffixes take
-    them all, as scoring's cache does."""
+    (:func:`~graphprune.features.cached_suffix`: ``start`` and those values) and the suffixes take
+    them all, as scoring's cache does; the prefix returns the cut's values as a tuple."""
     if start not in {n.name for n in student.graph.nodes}:
         return None
-    for cut in (start, cut_before(student, start)):
-        if cut is None or (not isinstance(cut, str) and cut != cut_before(teacher, start)):
-            return None
-        suffixes = (suffix_from(teacher, cut, mimicked[0], input_shapes),
-                    suffix_from(student, cut, mimicked[1], input_shapes))
-        if None not in suffixes:
-            break
-    else:
+    found = (cached_suffix(teacher, start, mimicked[0], input_shapes),
+             cached_suffix(student, start, mimicked[1], input_shapes))
+    if None in found or found[0][0] != found[1][0]:
         return None
+    cut, suffixes = found[1][0], (found[0][1], found[1][1])
     prefixes = truncate(student, cut), truncate(teacher, cut)
     if prefixes[0].code != prefixes[1].code:
         return None
@@ -389,11 +385,6 @@ def _split_at(student: fx.GraphModule, teacher: fx.GraphModule, start: str, mimi
     if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
         return None
     return prefixes[1].eval(), suffixes[0].eval(), suffixes[1]
-
-
-def _as_inputs(values) -> tuple:
-    """A prefix's output as the suffixes' inputs: one tensor, or a cut's values."""
-    return tuple(values) if isinstance(values, (tuple, list)) else (values,)
 
 
 def _trainable(student: fx.GraphModule, frozen: set, which: str = "all") -> list[torch.nn.Parameter]:

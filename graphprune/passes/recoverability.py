@@ -50,8 +50,7 @@ from ..cache import tensor_fingerprint
 from ..checkpoints import BestCheckpoint, checkpoint_steps
 from ..data import TinySet
 from ..errors import GraphpruneError
-from ..features import (cut_before, mimic_loss, mimic_targets, run_batched, suffix_from, target_names, target_weights,
-                        truncate)
+from ..features import cached_suffix, mimic_loss, mimic_targets, run_batched, target_names, target_weights, truncate
 from ..graph_stats import node_stats
 from ..model import Model
 from ..ops import is_multi_output, tensor_args
@@ -326,18 +325,16 @@ class _Context:
     def _from_cache(self, gm: fx.GraphModule, start: str):
         """``gm``'s targets as a function of cached values before node ``start`` (unchanged by
         dropping later blocks), and those values for the training and held-out images: ``start``'s
-        alone where the rest of the graph reads nothing earlier (``suffix_from``), else ``start``'s
-        and the earlier values it reads too (``cut_before``: a neck's Concat with features from
+        alone where the rest of the graph reads nothing earlier, else ``start``'s and the earlier
+        values it reads too (``features.cached_suffix``: a neck's Concat with features from
         before the gap; PP-OCRv4's recogniser ran every adaptor step from the image without it);
         the whole network from the images where neither can be cut (a Split at ``start``)."""
-        targets, shapes = target_names(gm, self.targets), [x.shape for x in self.model.example_inputs()]
-        cut, student = [start], suffix_from(gm, start, targets, shapes)
-        if student is None:  # cut_before is None at a Split's outputs: then from the images
-            cut = cut_before(gm, start)
-            original = {n.name for n in self.model.graph_module.graph.nodes}
-            student = suffix_from(gm, cut, targets, shapes) if cut and set(cut) <= original else None
-        if student is None:
+        shapes = [x.shape for x in self.model.example_inputs()]
+        found = cached_suffix(gm, start, target_names(gm, self.targets), shapes)
+        original = {n.name for n in self.model.graph_module.graph.nodes}  # the cache runs the original
+        if found is None or not set(found[0]) <= original:
             return self._student(gm), (self.train_x,), (self.holdout_x,)
+        cut, student = found
         key = tuple(cut)
         if key not in self.prefix_cache:
             prefix = truncate(self.model.graph_module, list(cut))
