@@ -18,8 +18,8 @@ Two costs of large images (224 px) are cut: with ``freeze_prefix`` ("auto": abov
 network before the first dropped block, which is the original's, is not trained, and one run of it
 per batch feeds both the teacher's and the student's rest (the early high-resolution layers are
 most of a step's work; where the rest also reads earlier values, a neck's shortcut, the prefix
-gives it those too: PP-OCRv4's recogniser, 3 of its 4 blocks dropped, 12-17 s a step against
-30-38 s from the image); ``max_seconds`` sizes the schedule to the steps that fit, timed on the
+gives it those too: PP-OCRv4's recogniser, 3 of its 4 blocks dropped, batch 64, trained 3 steps
+in 8.7 s against 33.5 s from the image); ``max_seconds`` sizes the schedule to the steps that fit, timed on the
 first steps and again every tenth of the schedule (shorter only: a machine that gets busier).
 With held-out images (``early_stop``), the weights of the best of ten checkpoints are kept, and
 training stops once half of them in a row have not improved on the best (nothing to gain). "Best"
