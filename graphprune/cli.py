@@ -10,7 +10,10 @@ Errors: anything a user can cause prints one line, ``graphprune: error: ...``, o
 malformed command line (click's usage errors: missing or unknown option, bad value or choice, no
 such command) exits 2, its message on one line as argparse worded it. Any other exception is a bug:
 ``graphprune: internal error: ...``, exit 1. Tracebacks only with ``--debug``. Ctrl-C:
-``graphprune: interrupted``, exit 130. ``graphprune`` alone prints the help and exits 2.
+``graphprune: interrupted``, exit 130; one that arrives once the command has returned (its output
+written and reported, the interpreter shutting down, which takes a second with torch loaded) is
+ignored: the work is whole, and the exit status says so (:func:`entry`). ``graphprune`` alone prints
+the help and exits 2.
 
 Shell completion (click's): ``eval "$(_GRAPHPRUNE_COMPLETE=bash_source graphprune)"`` in
 ``~/.bashrc`` (``zsh_source`` for zsh, ``fish_source`` for fish).
@@ -21,6 +24,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -97,6 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The console script (and ``python -m graphprune``): :func:`main`, then exit with its status. A
+    Ctrl-C after the command returned would otherwise kill the interpreter while it shuts down,
+    with no message and a signal's status, after the output was written and announced."""
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
+
+
 def usage_line(exc: click.ClickException) -> str:
     """One line for a click error, worded as argparse did (``argument --threads: must be ...``)."""
     param = getattr(exc, "param", None)
@@ -159,4 +172,4 @@ def load_model_from_args(args):
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -12,7 +12,8 @@
   integer is data (a header-less ``file,label`` file).
   A missing file, no label column, a label that is not a non-negative integer, a file named twice
   is one line. Images of the folder the CSV does not name are not read.
-* An ``.npz`` holds ``images`` (N, H, W, C uint8) and optionally ``labels`` (N,).
+* An ``.npz`` holds ``images`` (N, H, W, C uint8) and optionally ``labels`` (N,): class indices
+  >= 0, or all -1 (unlabelled); other negatives, or -1 for some images only, are one line.
 * ``num_samples`` images are drawn with ``seed`` (round-robin over classes when labels exist, so
   the draw is class-balanced), resized (shorter side to the model's size, or to that size divided
   by ``crop``: 0.875 is ImageNet's 256 -> 224) and centre-cropped to the model's input size,
@@ -175,6 +176,11 @@ def _read_npz(path: Path, num_samples, seed):
         labels = np.asarray(labels).reshape(-1)
         if labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
             raise GraphpruneError(f"{path.name}: 'labels' must be N integers matching 'images'")
+        unlabelled = int((labels == -1).sum())
+        if (labels < -1).any() or 0 < unlabelled < len(labels):  # a set is labelled whole or not at all
+            raise GraphpruneError(f"{path.name}: 'labels' must be class indices >= 0, or all -1 for unlabelled "
+                                  f"images; got {int(labels.min())}"
+                                  + (f" ({unlabelled} of {len(labels)} are -1)" if unlabelled else ""))
     order = sample_indices(labels, images.shape[0], num_samples, seed)
     raw = [torch.from_numpy(np.ascontiguousarray(images[i])).permute(2, 0, 1)[None] for i in order]
     out_labels = [int(labels[i]) for i in order] if labels is not None else [-1] * len(order)

@@ -234,8 +234,15 @@ def build_report(original: Model, state: PassState, ctx: PassContext, config: Op
         "quantization": quantization_report(config, found.get(QuantizationPlan), found.get(QuantizedOnnx), final,
                                             no_block_needed(ctx, found)),
         "pipeline": list(state.records),
+        # the steps whose work is in the written file: none, and the output is the input as it was
+        "changed_by": state.changed_by + (["int8"] if quantized_file(found) else []),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def quantized_file(found) -> bool:
+    quantized = found.get(QuantizedOnnx)
+    return quantized is not None and quantized.proto is not None
 
 
 def quantization_report(config: OptimizeConfig, plan, quantized, final, block_work_skipped: str | None = None

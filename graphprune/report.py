@@ -51,6 +51,9 @@ def format_summary(report: dict) -> str:
         lines.extend(_eval_lines(report["eval"]))
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in report["seconds_per_stage"].items())
     lines.append(f"time: {stages}")
+    if report.get("changed_by") == []:  # a --passes list of analyses, or transforms with nothing to do
+        lines.append(f"no step changed the model (steps run: {', '.join(report['pipeline'])}): "
+                     "the output is the input as it was")
     if "output" in report:
         lines.append(f"wrote {report['output']}")
     return "\n".join(lines)

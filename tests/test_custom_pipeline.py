@@ -58,8 +58,10 @@ def test_optimize_passes_names_the_steps(cli, tmp_path):
     code, _, err = cli(*common, "--passes", ",".join(steps), "--report", report)
     assert code == 0, err
     assert json.loads(report.read_text())["pipeline"] == steps and out.exists()
+    assert json.loads(report.read_text())["changed_by"] == ["drop_blocks", "recover"]
     code, stdout, err = cli(*common, "--passes", "find_blocks", "-o", tmp_path / "same.onnx",  # nothing measured
                             "--plot", tmp_path / "p.png")
     assert code == 0, err
     assert (tmp_path / "p.png").stat().st_size > 0
     assert "latency of the result not measured (the pipeline has no measure_result step)" in stdout
+    assert "no step changed the model (steps run: find_blocks): the output is the input as it was" in stdout

@@ -66,6 +66,10 @@ def test_folder_without_classes_and_grey_model(tmp_path):
     (lambda p: np.savez(p.with_suffix(".npz"), images=np.zeros((4, 8), np.uint8)), "(N, H, W, C)"),
     (lambda p: np.savez(p.with_suffix(".npz"), pixels=np.zeros((4, 8, 8, 3), np.uint8)), "no 'images'"),
     (lambda p: p.with_suffix(".npz").write_bytes(b"PK\x03\x04 broken"), "cannot read"),
+    (lambda p: np.savez(p.with_suffix(".npz"), images=np.zeros((4, 8, 8, 3), np.uint8), labels=[0, 1, -5, 2]),
+     "class indices >= 0, or all -1 for unlabelled images; got -5"),  # was read as an unlabelled set
+    (lambda p: np.savez(p.with_suffix(".npz"), images=np.zeros((4, 8, 8, 3), np.uint8), labels=[0, -1, 3, 2]),
+     "(1 of 4 are -1)"),
 ])
 def test_bad_data(tmp_path, make, message):
     target = tmp_path / "data"
@@ -73,6 +77,12 @@ def test_bad_data(tmp_path, make, message):
     path = target if target.exists() else target.with_suffix(".npz")
     with pytest.raises(GraphpruneError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_tiny_set(path, PREP)
+
+
+def test_npz_labels_all_minus_one_are_an_unlabelled_set(tmp_path):
+    path = tmp_path / "u.npz"
+    np.savez(path, images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.full(4, -1))
+    assert not load_tiny_set(path, PREP).has_labels
 
 
 def test_sample_indices_round_robin_prefixes_are_balanced():

@@ -30,12 +30,14 @@ from .context import PassContext
 
 @dataclass
 class PassState:
-    """What a run leaves: the current model, the artefacts, and each step's record and time."""
+    """What a run leaves: the current model, the artefacts, each step's record and time, and the
+    steps that changed the model (none: the result is the input as it was)."""
 
     model: Model
     artifacts: Artifacts = field(default_factory=Artifacts)
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    changed_by: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -172,6 +174,8 @@ def run_step(step: Step, ctx: PassContext, state: PassState, instruments: list[I
         state.artifacts.put(artefact)
     state.records[step.name] = dict(result.record)
     state.model = result.model
+    if result.changed:
+        state.changed_by.append(step.name)
     for instrument in instruments:
         instrument.after(step, state, result, seconds)
     return result

@@ -1,0 +1,5 @@
+"""``python -m graphprune``: the command line."""
+
+from .cli import entry
+
+entry()
