@@ -68,11 +68,12 @@ def read_rate(outputs: np.ndarray, texts: list[str], dictionary: list[str]) -> f
     top class per position, repeats merged, class 0 the blank; class i > 0 is ``dictionary[i - 1]``,
     the last class a space, as PaddleOCR's CTC label decoder reads its dictionary), spaces ignored:
     the recogniser reads the gaps between words its own way."""
+    from graphprune.fidelity import ctc_text
+
     classes = ["", *dictionary, " "]
     read = 0
-    for best, text in zip(outputs.argmax(-1), texts):
-        kept = [c for i, c in enumerate(best) if c != 0 and (i == 0 or c != best[i - 1])]
-        read += "".join(classes[c] for c in kept).replace(" ", "") == text.replace(" ", "")
+    for best, text in zip(outputs.argmax(-1).tolist(), texts):
+        read += "".join(classes[c] for c in ctc_text(best, blank=0)).replace(" ", "") == text.replace(" ", "")
     return read / len(texts)
 
 

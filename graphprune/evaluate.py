@@ -10,7 +10,8 @@ reference's output (the model's own without one; :mod:`graphprune.fidelity`), an
 * class scores (N, K): ``top1`` where the set has labels (below K), ``agreement`` of the top
   class with the reference's;
 * a class per position (N, T, K), with a reference: ``agreement``, the images whose top class
-  agrees at every position (a recogniser reads the same text), and ``positions_agreement``;
+  agrees at every position, ``positions_agreement``, and ``ctc``: the outputs read as CTC text,
+  the images that read the same text and the character error rate against the reference's;
 * YOLOv8 detections (N, 4 + C, A): ``detections``, the reference's confident detections the
   model keeps and those it adds (a count of its own without a reference);
 * maps of values in [0, 1] (N, C, H, W), with a reference: ``map_iou``, the IoU of the regions the
@@ -32,7 +33,7 @@ import torch
 
 from .data import TinySet
 from .errors import GraphpruneError
-from .fidelity import DetectionCounts, MapOverlap, decode_yolov8, describe_layout, output_layout, same_top_classes
+from .fidelity import CtcText, DetectionCounts, MapOverlap, decode_yolov8, describe_layout, output_layout, same_top_classes
 from .model import Model
 
 Runner = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # one batch of images -> every output
@@ -93,6 +94,7 @@ class _OutputScore:
     own_detections: int = 0
     detections: DetectionCounts = field(default_factory=DetectionCounts)
     overlap: MapOverlap = field(default_factory=MapOverlap)
+    text: CtcText = field(default_factory=CtcText)
 
     def add(self, output: torch.Tensor, reference: torch.Tensor | None, labels: torch.Tensor) -> None:
         if reference is not None and output.shape != reference.shape:
@@ -109,6 +111,7 @@ class _OutputScore:
             self.agree += int(same_top_classes(output, reference).sum())
             self.positions += output.shape[0] * output.shape[1]
             self.positions_agree += int((output.argmax(-1) == reference.argmax(-1)).sum())
+            self.text.add(reference, output)
         elif self.layout == "yolov8" and reference is not None:
             self.detections.add(reference, output)
         elif self.layout == "yolov8":
@@ -127,6 +130,7 @@ class _OutputScore:
             result["agreement"] = self.agree / images
         if self.layout == "sequence" and self.compare:
             result["positions_agreement"] = self.positions_agree / self.positions
+            result["ctc"] = self.text.as_dict()
         if self.layout == "yolov8":
             result["detections"] = self.detections.as_dict() if self.compare else {"count": self.own_detections}
         if self.layout == "map" and self.compare:

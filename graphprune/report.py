@@ -87,6 +87,8 @@ def _eval_lines(evaluation: dict) -> list[str]:
         if "positions_agreement" in output:  # a class per position: a recogniser's text
             lines.append(f"{name}: the original's top class at every position on {100 * output['agreement']:.2f}% "
                          f"of {opt['images']} images ({100 * output['positions_agreement']:.2f}% of positions)")
+            if output.get("ctc"):
+                lines.append(f"  {_ctc_words(output['ctc'])}")
         if "detections" in output:
             d = output["detections"]
             lines.append(f"{name} decoded as {output['layout']}")
@@ -115,6 +117,8 @@ def _held_out_line(held_out: dict) -> str:
         kind = "every position" if _agreement_per_position(result) else "top-1"
         parts.append(f"{kind} agreement {100 * result['agreement']:.1f}%")
     for output in result.get("outputs", {}).values():
+        if output.get("ctc"):
+            parts.append(f"same CTC text {100 * output['ctc']['text_agreement']:.1f}%")
         if "detections" in output:
             d = output["detections"]
             parts.append(f"kept {d['kept']} of {d['original']} detections, added {d['added']}{_map50(d)}")
@@ -124,6 +128,14 @@ def _held_out_line(held_out: dict) -> str:
     if errors:
         parts.append(f"relative output error {max(errors):.3g}")
     return f"against the original {where}: {'; '.join(parts) or 'compared'}"
+
+
+def _ctc_words(ctc: dict) -> str:
+    """A class-per-position output read as CTC text (fidelity.CtcText), with the blank it assumed."""
+    rate = ctc["character_error_rate"]
+    return (f"read as CTC text (blank = class {ctc['blank']}, the original's top class at "
+            f"{100 * ctc['blank_share']:.0f}% of positions): the same text on {100 * ctc['text_agreement']:.2f}% "
+            f"of images, character error rate {'-' if rate is None else f'{100 * rate:.2f}%'} against the original's")
 
 
 def _agreement_per_position(result: dict) -> bool:

@@ -16,8 +16,9 @@ import graphprune as gp
 from graphprune.data import Preprocessing, TinySet, load_tiny_set
 from graphprune.errors import GraphpruneError
 from graphprune.evaluate import evaluate, evaluate_onnx
-from graphprune.fidelity import (CONFIDENCE, DetectionCounts, Detections, MapOverlap, average_precision, box_iou,
-                                 class_kl, decode_yolov8, matched, output_layout, ranked_hits, same_top_classes)
+from graphprune.fidelity import (CONFIDENCE, CtcText, DetectionCounts, Detections, MapOverlap, average_precision,
+                                 box_iou, class_kl, ctc_text, decode_yolov8, edit_distance, matched, output_layout,
+                                 ranked_hits, same_top_classes)
 from graphprune.report import format_summary
 from onnx_builders import save
 from yolo_like import tiny_yolo_onnx
@@ -323,6 +324,45 @@ def test_a_recognisers_fidelity_is_the_same_top_class_at_every_position(tmp_path
     lines = format_summary(report)
     assert f"chars: the original's top class at every position on {100 * images:.2f}% of 40 images" in lines
     assert "top-1 agreement" not in lines
+    blank = int(torch.bincount(a.flatten()).argmax())
+    texts = [(ctc_text(x, blank), ctc_text(y, blank)) for x, y in zip(a.tolist(), b.tolist())]
+    assert chars["ctc"]["blank"] == blank
+    assert chars["ctc"]["text_agreement"] == pytest.approx(sum(x == y for x, y in texts) / 40)
+    assert chars["ctc"]["text_agreement"] >= images  # the same tops everywhere read the same text
+    assert f"chars: the original's top class at every position" in lines and "read as CTC text (blank = class" in lines
+
+
+def test_ctc_text_collapses_runs_and_drops_the_blank_and_edit_distance_counts_edits():
+    assert ctc_text([0, 3, 3, 0, 3, 5, 5, 0], blank=0) == [3, 3, 5]
+    assert ctc_text([7, 7, 1, 7], blank=7) == [1]
+    assert edit_distance(list("kitten"), list("sitting")) == 3 and edit_distance([], [1, 2]) == 2
+    assert edit_distance([1, 2, 3], [1, 2, 3]) == 0
+
+
+def test_ctc_reading_takes_the_original_s_commonest_class_as_blank_and_scores_texts():
+    """Two lines: the first reads "12" against "112" (one edit), the second "3" both ways though
+    its positions differ; the blank, class 0, is the top class at 6 of 10 positions."""
+    def one_hot(rows):
+        return torch.eye(6)[torch.tensor(rows)]
+
+    text = CtcText()
+    text.add(one_hot([[0, 1, 1, 0, 2], [0, 3, 0, 0, 0]]), one_hot([[1, 0, 0, 1, 2], [3, 3, 0, 0, 0]]))
+    result = text.as_dict()
+    assert result["blank"] == 0 and result["blank_share"] == pytest.approx(0.6)
+    assert result["text_agreement"] == pytest.approx(0.5) and result["character_error_rate"] == pytest.approx(1 / 3)
+    assert not bool(same_top_classes(one_hot([[0, 3, 0, 0, 0]]), one_hot([[3, 3, 0, 0, 0]])))
+    silent = CtcText()
+    silent.add(one_hot([[0, 0]]), one_hot([[0, 4]]))
+    assert silent.as_dict()["character_error_rate"] is None and silent.as_dict()["text_agreement"] == 0
+
+
+def test_a_recogniser_that_no_longer_reads_the_text_is_poor_fidelity():
+    from graphprune.passes.check_fidelity import poor_fidelity
+
+    ctc = {"blank": 0, "blank_share": 0.6, "text_agreement": 0.4, "character_error_rate": 0.3}
+    assert "reads the original's text (CTC) on 40%" in poor_fidelity(
+        {"outputs": {"chars": {"agreement": 0.9, "ctc": ctc}}})
+    assert poor_fidelity({"outputs": {"chars": {"agreement": 0.2, "ctc": {**ctc, "text_agreement": 0.9}}}}) is None
 
 
 class Brightness(nn.Module):

@@ -12,10 +12,11 @@ a user gets without an evaluation set: a detector whose optimised form keeps few
 detections says so here, whatever its output's relative error.
 
 Where the written model keeps little of the original's function there (``poor_fidelity``: top-1
-agreement under MIN_AGREEMENT, mAP50 against the original's detections, either way, under
-MIN_MAP50, a map's IoU with the original's under MIN_MAP_IOU, or any other output's relative
-error over MAX_RELATIVE_ERROR), the record holds a warning the
-summary prints: the run met its latency target with a model a user should not ship as it is.
+agreement under MIN_AGREEMENT, or for a class per position the images that read the original's
+CTC text; mAP50 against the original's detections, either way, under MIN_MAP50; a map's IoU with
+the original's under MIN_MAP_IOU; any other output's relative error over MAX_RELATIVE_ERROR), the
+record holds a warning the summary prints: the run met its latency target with a model a user
+should not ship as it is.
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ def poor_fidelity(result: dict) -> str | None:
     for name, output in result.get("outputs", {}).items():
         detections = output.get("detections") or {}
         lowest = lower_map50(detections)
-        if output.get("agreement") is not None and output["agreement"] < MIN_AGREEMENT:
+        text = (output.get("ctc") or {}).get("text_agreement")  # what a recogniser's user reads
+        if text is not None:
+            if text < MIN_AGREEMENT:
+                found.append(f"'{name}' reads the original's text (CTC) on {100 * text:.0f}% of images")
+        elif output.get("agreement") is not None and output["agreement"] < MIN_AGREEMENT:
             found.append(f"'{name}' agrees with the original's top class on {100 * output['agreement']:.0f}%")
         elif lowest is not None and lowest < MIN_MAP50:
             found.append(f"'{name}' ranks the original's detections at mAP50 {lowest:.2f}")
