@@ -95,6 +95,7 @@ def test_without_install_nothing_is_remembered(tmp_path):
     assert (tmp_path / "a.txt").read_text() == "ok"
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and exports a model: 6-20 s
 def test_an_interrupt_once_the_output_is_written_leaves_a_whole_run(tmp_path):
     """A Ctrl-C while the interpreter shuts down after "wrote" used to kill it by the signal, with no
     message; the work was done and announced, so the command ends 0."""
