@@ -12,8 +12,9 @@ reference's output (the model's own without one; :mod:`graphprune.fidelity`), an
 * a class per position (N, T, K), with a reference: ``agreement``, the images whose top class
   agrees at every position, ``positions_agreement``, and ``ctc``: the outputs read as CTC text,
   the images that read the same text and the character error rate against the reference's;
-* YOLOv8 detections (N, 4 + C, A): ``detections``, the reference's confident detections the
-  model keeps and those it adds (a count of its own without a reference);
+* YOLOv8 detections (N, 4 + C, A), and YOLOv5-style ones (N, A, 5 + C): ``detections``, the
+  reference's confident detections the model keeps and those it adds, mAP50 both ways (a count of
+  its own without a reference);
 * maps of values in [0, 1] (N, C, H, W), with a reference: ``map_iou``, the IoU of the regions the
   two maps mark with the threshold integrated out.
 
@@ -33,7 +34,8 @@ import torch
 
 from .data import TinySet
 from .errors import GraphpruneError
-from .fidelity import CtcText, DetectionCounts, MapOverlap, decode_yolov8, describe_layout, output_layout, same_top_classes
+from .fidelity import (DECODERS, CtcText, DetectionCounts, MapOverlap, describe_layout, output_layout,
+                       same_top_classes)
 from .model import Model
 
 Runner = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # one batch of images -> every output
@@ -96,6 +98,10 @@ class _OutputScore:
     overlap: MapOverlap = field(default_factory=MapOverlap)
     text: CtcText = field(default_factory=CtcText)
 
+    def __post_init__(self):
+        if self.layout in DECODERS:
+            self.detections = DetectionCounts(self.layout)
+
     def add(self, output: torch.Tensor, reference: torch.Tensor | None, labels: torch.Tensor) -> None:
         if reference is not None and output.shape != reference.shape:
             raise GraphpruneError(f"output '{self.name}' has shape {tuple(output.shape)}; "
@@ -112,10 +118,10 @@ class _OutputScore:
             self.positions += output.shape[0] * output.shape[1]
             self.positions_agree += int((output.argmax(-1) == reference.argmax(-1)).sum())
             self.text.add(reference, output)
-        elif self.layout == "yolov8" and reference is not None:
+        elif self.layout in DECODERS and reference is not None:
             self.detections.add(reference, output)
-        elif self.layout == "yolov8":
-            self.own_detections += sum(len(d) for d in decode_yolov8(output))
+        elif self.layout in DECODERS:
+            self.own_detections += sum(len(d) for d in DECODERS[self.layout](output))
         elif self.layout == "map" and reference is not None:
             self.overlap.add(reference, output)
 
@@ -131,7 +137,7 @@ class _OutputScore:
         if self.layout == "sequence" and self.compare:
             result["positions_agreement"] = self.positions_agree / self.positions
             result["ctc"] = self.text.as_dict()
-        if self.layout == "yolov8":
+        if self.layout in DECODERS:
             result["detections"] = self.detections.as_dict() if self.compare else {"count": self.own_detections}
         if self.layout == "map" and self.compare:
             result["map_iou"] = self.overlap.value()

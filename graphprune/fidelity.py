@@ -13,6 +13,12 @@ original's: the layout of an output, and a detector's boxes decoded and matched.
   (1, 84, 8400)): per anchor a box cx, cy, w, h, then C class scores after their sigmoid. A
   segmentation head's mask coefficients and a pose head's keypoints lie outside [0, 1], so their
   rows are not taken for class scores.
+* ``yolov5``: a float (N, A, 5 + C) output with C >= 1, more anchors A than columns 5 + C, and
+  columns 4.. all in [0, 1] is the anchor-based YOLO head's (YOLOv5, YOLOv7 and YOLOX export it so:
+  (1, 25200, 85) at 640 px): per anchor a box cx, cy, w, h, an objectness, then C class scores,
+  each after its sigmoid; an anchor's score for class k is objectness x score k (as YOLOv5's
+  ``non_max_suppression``). A YOLOv8 output transposed to (N, A, 4 + C) has the same shape and is
+  read so too (its first class as objectness): its file then says nothing to tell them apart.
 * ``map``: a float (N, C, H, W) output, H and W above 1, all in [0, 1], is a map of probabilities
   (a segmentation mask, a text detector's text map such as PP-OCR's DB head, a heat map).
 * ``other``: anything else (compared by its relative error only).
@@ -50,7 +56,8 @@ as ``map50`` below, it does not move with whichever threshold a user picks. Meas
 text detector with int8 activations on 200 photos, it read 0.749 where the IoU of the regions
 above 0.3 read 0.749 and the maps' relative error 0.49.
 
-**Detections**, as ultralytics' ``non_max_suppression`` with its defaults: each anchor's best class
+**Detections** (``DECODERS``: ``yolov8`` and ``yolov5``, each anchor's class scores as above), as
+ultralytics' ``non_max_suppression`` with its defaults: each anchor's best class
 c = argmax_k s_k; confident where s_c > CONFIDENCE; box (cx - w/2, cy - h/2, cx + w/2, cy + h/2),
 w and h clamped at 0; non-maximum suppression within each class at NMS_IOU; at most
 MAX_DETECTIONS per image, highest scores first. IoU(a, b) = |a n b| / |a u b| (0 where the union
@@ -106,6 +113,9 @@ def output_layout(output: torch.Tensor) -> str:
     if output.dim() == 3 and BOX_ROWS < output.shape[1] < output.shape[2]:
         if _within_0_1(output[:, BOX_ROWS:]):
             return "yolov8"
+    if output.dim() == 3 and BOX_ROWS + 1 < output.shape[2] < output.shape[1]:
+        if _within_0_1(output[:, :, BOX_ROWS:]):
+            return "yolov5"
     if output.dim() == 4 and output.shape[2] > 1 and output.shape[3] > 1 and _within_0_1(output):
         return "map"
     return "other"
@@ -155,6 +165,11 @@ def describe_layout(layout: str, output: torch.Tensor) -> str:
         return (f"YOLOv8 detections (N, 4+{classes}, {anchors} anchors): cx, cy, w, h, {classes} class scores; "
                 f"confidence > {CONFIDENCE}, per-class NMS at IoU {NMS_IOU}, at most {MAX_DETECTIONS}, "
                 f"matched at IoU >= {MATCH_IOU}")
+    if layout == "yolov5":
+        anchors, classes = output.shape[1], output.shape[2] - BOX_ROWS - 1
+        return (f"YOLOv5-style detections (N, {anchors} anchors, 5+{classes}): cx, cy, w, h, objectness, {classes} "
+                f"class scores (score = objectness x class score); confidence > {CONFIDENCE}, per-class NMS at IoU "
+                f"{NMS_IOU}, at most {MAX_DETECTIONS}, matched at IoU >= {MATCH_IOU}")
     if layout == "map":
         return f"map of values in [0, 1] (N, {rest}): IoU of the regions, thresholds integrated out"
     return f"other (N, {rest}): relative error only"
@@ -231,18 +246,29 @@ class Detections:
 
 def decode_yolov8(output: torch.Tensor, confidence: float = CONFIDENCE) -> list[Detections]:
     """Each image's detections above ``confidence`` after per-class NMS, highest scores first."""
+    return [_detections(image[:BOX_ROWS], image[BOX_ROWS:], confidence) for image in output.float()]
+
+
+def decode_yolov5(output: torch.Tensor, confidence: float = CONFIDENCE) -> list[Detections]:
+    """:func:`decode_yolov8` of an anchor-based (N, A, 5 + C) output: class scores times objectness."""
+    return [_detections(image[:, :BOX_ROWS].T, (image[:, BOX_ROWS + 1:] * image[:, BOX_ROWS:BOX_ROWS + 1]).T,
+                        confidence) for image in output.float()]
+
+
+DECODERS = {"yolov8": decode_yolov8, "yolov5": decode_yolov5}  # detector layouts and their decoding
+
+
+def _detections(centred_boxes: torch.Tensor, class_scores: torch.Tensor, confidence: float) -> Detections:
+    """One image's detections from its anchors' boxes (4, A: cx, cy, w, h) and scores (C, A)."""
     from torchvision.ops import batched_nms
 
-    result = []
-    for image in output.float():
-        scores, classes = image[BOX_ROWS:].max(0)
-        confident = scores > confidence
-        cx, cy, w, h = image[:BOX_ROWS, confident]
-        w, h = w.clamp(min=0), h.clamp(min=0)
-        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-        keep = batched_nms(boxes, scores[confident], classes[confident], NMS_IOU)[:MAX_DETECTIONS]
-        result.append(Detections(boxes[keep], scores[confident][keep], classes[confident][keep]))
-    return result
+    scores, classes = class_scores.max(0)
+    confident = scores > confidence
+    cx, cy, w, h = centred_boxes[:, confident]
+    w, h = w.clamp(min=0), h.clamp(min=0)
+    boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+    keep = batched_nms(boxes, scores[confident], classes[confident], NMS_IOU)[:MAX_DETECTIONS]
+    return Detections(boxes[keep], scores[confident][keep], classes[confident][keep])
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -344,6 +370,7 @@ class DetectionCounts:
     mAP@0.5 both ways (``map50``: the optimised model's ranked against the original's confident
     detections; ``map50_reverse``: the original's ranked against the optimised model's)."""
 
+    layout: str = "yolov8"  # a key of DECODERS
     original: int = 0
     optimized: int = 0
     kept: int = 0
@@ -352,8 +379,8 @@ class DetectionCounts:
 
     def add(self, original: torch.Tensor, optimized: torch.Tensor) -> None:
         """One batch of the detector output of both models."""
-        for theirs_ranked, ours_ranked in zip(decode_yolov8(original, AP_CONFIDENCE),
-                                              decode_yolov8(optimized, AP_CONFIDENCE)):
+        decode = DECODERS[self.layout]
+        for theirs_ranked, ours_ranked in zip(decode(original, AP_CONFIDENCE), decode(optimized, AP_CONFIDENCE)):
             theirs, ours = confident(theirs_ranked), confident(ours_ranked)
             self.original += len(theirs)
             self.optimized += len(ours)

@@ -74,13 +74,17 @@ def autocast(precision: str, device: str):
 
 
 def memory_format(precision: str, device: str, *modules: torch.nn.Module) -> torch.memory_format | None:
-    """Put ``modules`` in channels-last on a CPU training in bf16 (oneDNN's fast layout); return the
-    format inputs should take, or None to leave them as they are."""
+    """Put ``modules``' 4-d weights and buffers in channels-last on a CPU training in bf16 (oneDNN's
+    fast layout); return the format inputs should take, or None to leave them as they are. Only the
+    4-d ones: ``Module.to(memory_format=...)`` also converts 5-d tensors, which channels-last cannot
+    hold (a YOLOv5 head's anchor grid (1, 3, 1, 1, 2), a Conv3d's weights), and raised."""
     if resolve_precision(precision, device) != "bfloat16" or torch.device(device).type != "cpu":
         return None
     for module in modules:
         if module is not None:
-            module.to(memory_format=torch.channels_last)
+            for tensor in [*module.parameters(), *module.buffers()]:
+                if tensor.dim() == 4:
+                    tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
     return torch.channels_last
 
 

@@ -17,11 +17,11 @@ from graphprune.data import Preprocessing, TinySet, load_tiny_set
 from graphprune.errors import GraphpruneError
 from graphprune.evaluate import evaluate, evaluate_onnx
 from graphprune.fidelity import (CONFIDENCE, CtcText, DetectionCounts, Detections, MapOverlap, average_precision,
-                                 box_iou, class_kl, ctc_text, decode_yolov8, edit_distance, matched, output_layout,
-                                 ranked_hits, same_top_classes)
+                                 box_iou, class_kl, ctc_text, decode_yolov5, decode_yolov8, edit_distance, matched,
+                                 output_layout, ranked_hits, same_top_classes)
 from graphprune.report import format_summary
 from onnx_builders import save
-from yolo_like import tiny_yolo_onnx
+from yolo_like import tiny_yolo5_onnx, tiny_yolo_onnx
 
 
 def _detections(boxes, classes, scores=None):
@@ -60,6 +60,36 @@ def test_decoding_keeps_confident_boxes_after_per_class_nms():
     assert found.boxes[0].tolist() == [8, 8, 12, 12] and found.boxes[3].tolist() == [29, 29, 31, 31]
 
 
+def test_yolov5_decoding_scores_each_class_by_objectness_times_its_score():
+    rows = [(10, 10, 4, 4, 0.9, 0.9, 0.1),     # 0.81 for class 0: kept
+            (10.5, 10, 4, 4, 0.5, 0.6, 0.1),   # 0.30 for class 0, IoU 14/18 with the first: suppressed
+            (30, 30, 4, 4, 0.5, 0.4, 0.45),    # 0.225 at best: not confident, though each score is above 0.25
+            (50, 50, 2, 2, 0.3, 0.1, 0.95)]    # 0.285 for class 1: kept
+    output = torch.tensor(rows + [(0, 0, 1, 1, 0.0, 0.0, 0.0)] * 4, dtype=torch.float)[None]  # 8 anchors > 7
+    assert output_layout(output) == "yolov5"
+    (found,) = decode_yolov5(output)
+    assert found.scores.tolist() == pytest.approx([0.81, 0.285]) and found.classes.tolist() == [0, 1]
+    assert found.boxes.tolist() == [[8, 8, 12, 12], [49, 49, 51, 51]]
+    counts = DetectionCounts("yolov5")
+    counts.add(output, output)
+    assert counts.as_dict()["kept"] == 2 and counts.as_dict()["map50"] == 1.0
+
+
+def test_a_yolov5_style_detector_is_compared_by_its_detections(tmp_path):
+    path = save(tiny_yolo5_onnx(), tmp_path / "yolo5.onnx")
+    model = gp.load(path)
+    assert [b.name for b in gp.find_blocks(model)] == ["stage1.1.m.0", "stage1.1.m.1", "stage2.1.m.0"]
+    smaller = gp.drop_blocks(model, ["stage1.1.m.1"], gp.find_blocks(model))
+    data = _unlabelled()
+    result = evaluate(smaller, data, model)["outputs"]["output0"]
+    assert result["layout"].startswith("YOLOv5-style detections (N, 960 anchors, 5+3): cx, cy, w, h, objectness")
+    found = result["detections"]
+    assert found["original"] > len(data) and 0 < found["kept"] < found["original"]
+    assert 0 < found["map50"] < 1
+    itself = evaluate(model, data, model)["detections"]
+    assert itself["kept_fraction"] == 1.0 and itself["map50"] == itself["map50_reverse"] == 1.0
+
+
 def test_layouts_from_the_output_shape():
     assert output_layout(torch.zeros(2, 10)) == "classes"
     assert output_layout(torch.zeros(2, 1)) == "other"
@@ -67,7 +97,10 @@ def test_layouts_from_the_output_shape():
     mask_coefficients = torch.zeros(2, 116, 8400)
     mask_coefficients[:, 90] = -3  # a segmentation head's rows after the classes are not scores
     assert output_layout(mask_coefficients) == "other"
-    assert output_layout(torch.zeros(2, 8400, 84)) == "other"  # anchors first: not YOLOv8's export
+    # anchors first: YOLOv5's export (cx, cy, w, h, objectness, classes), as a transposed YOLOv8's reads too
+    assert output_layout(torch.zeros(2, 8400, 84)) == "yolov5" == output_layout(torch.rand(2, 25200, 85))
+    assert output_layout(torch.full((2, 8400, 85), 2.0)) == "other"  # objectness and scores lie in [0, 1]
+    assert output_layout(torch.rand(2, 8400, 5)) == "other"  # no class score
     assert output_layout(torch.full((2, 3, 8, 8), -0.5)) == "other"
     assert output_layout(torch.rand(2, 1, 8, 8)) == "map"  # a sigmoid's text or segmentation map
     assert output_layout(torch.rand(2, 1, 8, 1)) == "other"

@@ -24,7 +24,7 @@ from graphprune.passes.calibration import (HISTOGRAM_MEMORY_SHARE, MIN_CALIBRATI
 from graphprune.passes.quantize import QuantConfig, QuantizeSettings, quantization_info, quantize_onnx
 from graphprune.passes.quantize_plan import Timing, plan_quantization
 from onnx_builders import channels_last_residual
-from yolo_like import tiny_yolo_onnx
+from yolo_like import tiny_yolo5_onnx, tiny_yolo_onnx
 
 
 def convnet(opset: int = 13, classes: int = 10, seed: int = 0) -> onnx.ModelProto:
@@ -453,6 +453,14 @@ def test_a_detector_is_judged_by_its_detections_not_by_its_boxes():
     assert plain.detections["map50"] > 0.95 and plain.detections["map50_reverse"] < 0.95
     assert min(plan.chosen.detections["map50"], plan.chosen.detections["map50_reverse"]) >= 0.95
     assert "add_concat" in plan.config.float_groups or "decode" in plan.config.float_groups
+
+
+def test_a_yolov5_style_detector_is_judged_by_its_detections_too():
+    proto = tiny_yolo5_onnx()
+    x = torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plan = plan_quantization(proto, x[:16], x[16:], SETTINGS, fake_measure({"*": 0.3}))
+    assert plan.metric == "map50_drop"
+    assert all(c.detections is not None and c.detections["original"] > 0 for c in plan.candidates if not c.error)
 
 
 def text_map(seed: int = 0) -> onnx.ModelProto:

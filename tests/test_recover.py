@@ -302,6 +302,23 @@ def test_bfloat16_recovery_trains_float32_weights(setup):
     assert _feature_mse(recovered, teacher, tiny.images) < _feature_mse(pruned, teacher, tiny.images)
 
 
+def test_bfloat16_recovery_of_a_model_holding_a_5d_constant(tmp_path):
+    """A YOLOv5 head's anchor grid is a (1, 3, 1, 1, 2) buffer: putting the model in channels-last
+    for bf16 converted it too and raised ("required rank 4 tensor"); only 4-d tensors are converted
+    now, and the rest train as before."""
+    from onnx_builders import save
+    from yolo_like import tiny_yolo5_onnx
+
+    teacher = gp.load(save(tiny_yolo5_onnx(), tmp_path / "yolo5.onnx"))
+    assert any(b.dim() == 5 for b in teacher.graph_module.buffers())
+    pruned = gp.drop_blocks(teacher, ["stage1.1.m.1"], gp.find_blocks(teacher))
+    tiny = TinySet(torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(0)), -torch.ones(16, dtype=torch.long))
+    settings = RecoverySettings(iterations=10, batch_size=8, augment="none", precision="bfloat16")
+    recovered, _ = recover(pruned, teacher, tiny, settings, show_progress=False)
+    assert all(t.is_contiguous() for t in [*recovered.graph_module.parameters(), *recovered.graph_module.buffers()])
+    assert _feature_mse(recovered, teacher, tiny.images) < _feature_mse(pruned, teacher, tiny.images)
+
+
 def test_early_stop_keeps_the_checkpoint_with_the_lowest_held_out_error(setup, monkeypatch):
     """With held-out images, the weights of the checkpoint (the start included) with the lowest
     held-out feature error are kept. A fake error that rises after the start: the start is kept,

@@ -105,17 +105,24 @@ def tiny_yolo(seed=0, reg=1, score_bias=0.0) -> TinyYolo:
     rare, as a trained detector's are."""
     torch.manual_seed(seed)
     model = TinyYolo(reg=reg).eval()
-    with torch.no_grad():  # trained-looking statistics, so no BatchNorm is an identity, and
-        for m in model.modules():  # weights that keep the activations' scale through the network
+    _trained_looking(model)
+    with torch.no_grad():
+        for branch in model.head.cls:
+            branch[-1].bias += score_bias
+    return model
+
+
+def _trained_looking(model: nn.Module) -> None:
+    """Trained-looking statistics, so no BatchNorm is an identity, and weights that keep the
+    activations' scale through the network."""
+    with torch.no_grad():
+        for m in model.modules():
             if isinstance(m, nn.Conv2d) and m.weight.requires_grad:
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
-        for branch in model.head.cls:
-            branch[-1].bias += score_bias
-    return model
 
 
 def tiny_yolo_onnx(size=64, imgsz_metadata=True, seed=0, reg=1, score_bias=0.0) -> onnx.ModelProto:
@@ -133,3 +140,51 @@ def tiny_yolo_onnx(size=64, imgsz_metadata=True, seed=0, reg=1, score_bias=0.0) 
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
     return proto
+
+
+class AnchorDetect(nn.Module):
+    """YOLOv5's anchor-based head: per scale a 1x1 conv to anchors x (5 + classes), everything
+    after a sigmoid, boxes decoded on the grid with each anchor's size; out (batch, anchors, 5 + C)."""
+
+    def __init__(self, channels, strides, classes, anchors=((3, 4), (6, 8), (10, 12))):
+        super().__init__()
+        self.outputs, self.strides = 5 + classes, strides
+        self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float).view(1, -1, 1, 1, 2))
+        self.m = nn.ModuleList(nn.Conv2d(c, len(anchors) * self.outputs, 1) for c in channels)
+
+    def forward(self, features):
+        outs = []
+        for x, conv, stride in zip(features, self.m, self.strides):
+            b, _, h, w = x.shape
+            y = conv(x).view(b, self.anchors.shape[1], self.outputs, h, w).permute(0, 1, 3, 4, 2).sigmoid()
+            ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            grid = torch.stack((xs, ys), 2).view(1, 1, h, w, 2).float()
+            xy = (y[..., :2] * 2 - 0.5 + grid) * stride
+            wh = (y[..., 2:4] * 2) ** 2 * self.anchors * stride
+            outs.append(torch.cat((xy, wh, y[..., 4:]), -1).view(b, -1, self.outputs))
+        return torch.cat(outs, 1)
+
+
+class TinyYolo5(TinyYolo):
+    def __init__(self, classes=3):
+        super().__init__(classes)
+        self.head = AnchorDetect((16, 32), (4, 8), classes)
+
+
+def tiny_yolo5_onnx(size=64, seed=0, objectness_bias=-1.5) -> onnx.ModelProto:
+    """:class:`TinyYolo5` (the backbone of :class:`TinyYolo`, initialised alike), exported as YOLOv5
+    exports: input ``images``, output ``output0`` (batch, anchors, 5 + classes), fixed spatial size.
+    The head's weights are small, so no sigmoid saturates (a box of width 0 overlaps nothing, not
+    even itself); ``objectness_bias`` makes confident detections rare, as a trained detector's are."""
+    torch.manual_seed(seed)
+    model = TinyYolo5().eval()
+    _trained_looking(model)
+    with torch.no_grad():
+        for conv in model.head.m:
+            conv.weight *= 0.2
+            conv.bias.view(3, -1)[:, 4] += objectness_bias
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(1, 3, size, size),), buffer, opset_version=17, dynamo=False,
+                      input_names=["images"], output_names=["output0"],
+                      dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}})
+    return onnx.load_from_string(buffer.getvalue())

@@ -117,7 +117,8 @@ class QuantizeSettings:
 
     Accuracy bound, by what the judged images allow: ``max_top1_drop`` with labels; otherwise, for
     a classifier output (N, K), ``max_disagreement`` (top-1 changes against the float model, an
-    upper bound on the accuracy it can lose); for a YOLOv8 detector output (N, 4+C, anchors) where
+    upper bound on the accuracy it can lose); for a YOLOv8 detector output (N, 4+C, anchors) or a
+    YOLOv5-style one (N, anchors, 5+C) where
     the float model detects something on the judged images, ``max_map50_drop``: 1 - the lower
     of the int8 model's mAP@0.5 with the float model's confident detections as the ground truth
     and the reverse (:mod:`graphprune.fidelity`; detections lost and new, threshold-free: on

@@ -29,7 +29,7 @@ import torch
 
 from ..backends.base import CutMeasurement
 from ..errors import GraphpruneError
-from ..fidelity import DetectionCounts, MapOverlap, decode_yolov8, lower_map50, output_layout, same_top_classes
+from ..fidelity import DECODERS, DetectionCounts, MapOverlap, lower_map50, output_layout, same_top_classes
 from ..formats.ort_run import cpu_session, run_outputs
 from .float_groups import float_group_nodes
 from .calibration import Calibrated, as_images
@@ -214,7 +214,8 @@ class _Judge:
         self.float_top1, self.note = None, ""
         # a detector is judged by its detections where the float model makes some here: its whole
         # output's relative error is the boxes' (pixels), blind to class scores in [0, 1] rounded away
-        self.detector = layout == "yolov8" and any(len(d) for d in decode_yolov8(torch.from_numpy(self.reference)))
+        self.detector = layout in DECODERS and any(len(d) for d in DECODERS[layout](torch.from_numpy(self.reference)))
+        self.layout = layout
         # a map is judged by the regions it marks (where the float model marks any), as its user
         # reads it, with a bound like the detector's: 1 - IoU (fidelity.MapOverlap)
         self.map = layout == "map" and bool(self.reference.any())
@@ -258,7 +259,7 @@ class _Judge:
         error = float(np.linalg.norm(out - self.reference) / max(np.linalg.norm(self.reference), 1e-12))
         candidate = Candidate(config, timing, error, proto=quantized, info=quantization_info(quantized))
         if self.detector:
-            counts = DetectionCounts()
+            counts = DetectionCounts(self.layout)
             counts.add(torch.from_numpy(self.reference), torch.from_numpy(out))
             candidate.detections = counts.as_dict()
             candidate.loss = 1 - lower_map50(candidate.detections)
