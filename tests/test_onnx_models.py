@@ -172,3 +172,29 @@ def test_without_a_usable_shape_the_one_line_error_stays(tmp_path, imgsz):
         gp.find_blocks(model)
     assert error.value.parameter == "input_shape"  # the CLI writes it as --input-shape
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("bound_as", ["initializer", "constant"])
+@pytest.mark.parametrize("absent", ["min", "max"])
+def test_a_clip_with_one_bound_converts_and_is_written_back(tmp_path, bound_as, absent):
+    """Both torch exporters write clamp(max=c) as Clip(x, "", c): onnx2torch looked the absent
+    bound up as a tensor and refused the whole model ("Dynamic value of min/max")."""
+    proto = residual_onnx()
+    graph = proto.graph
+    graph.node[-1].output[0] = "logits"
+    bound = np.array(0.0, np.float32)  # min 0 converts to a ReLU, max 0 to a clamp
+    if bound_as == "initializer":
+        graph.initializer.append(onnx.numpy_helper.from_array(bound, "bound"))
+    else:
+        graph.node.append(onnx.helper.make_node("Constant", [], ["bound"], value=onnx.numpy_helper.from_array(bound)))
+    inputs = ["logits", "", "bound"] if absent == "min" else ["logits", "bound"]
+    graph.node.append(onnx.helper.make_node("Clip", inputs, ["Y"], name="/clip"))
+    path = save(proto, tmp_path / "clip.onnx")
+    model = gp.load(path)
+    x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = _ort(path, x)
+    assert (expected == 0).any() and (expected != 0).any()  # the bound bites
+    assert np.allclose(model.run(x).numpy(), expected, atol=1e-5)
+    smaller = gp.drop_blocks(model, ["block"], gp.find_blocks(model))
+    gp.save(smaller, tmp_path / "smaller.onnx")
+    assert np.allclose(_ort(tmp_path / "smaller.onnx", x), smaller.run(x).numpy(), atol=1e-5)

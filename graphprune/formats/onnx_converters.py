@@ -9,7 +9,10 @@ only step in where it raises:
 * ``BatchNormalization`` with constant weights: :class:`AnyRankBatchNorm`, a batch norm over
   dimension 1 of an input of any rank, holding its weights and statistics as a ``BatchNorm2d``
   does (so they are trained, linked back to their initializers and written back alike);
-* ``MaxPool``/``AveragePool``: the rank is ``2 + len(kernel_shape)``, which the node itself says.
+* ``MaxPool``/``AveragePool``: the rank is ``2 + len(kernel_shape)``, which the node itself says;
+* ``Clip`` (opset 11+) with one bound: both torch exporters write ``clamp(max=c)`` as
+  ``Clip(x, "", c)``, whose empty name (an absent optional input) onnx2torch looked up as a tensor
+  and refused as a "dynamic value". An absent bound is no bound.
 
 :func:`register` installs them once (``io_onnx.convert`` calls it).
 """
@@ -45,6 +48,8 @@ def register() -> None:
             _CONVERTER_REGISTRY[description] = _batch_norm_fallback(converter)
         elif description.operation_type in _POOLS:
             _CONVERTER_REGISTRY[description] = _pool_fallback(converter)
+        elif description.operation_type == "Clip" and description.version >= 11:
+            _CONVERTER_REGISTRY[description] = _clip_fallback(converter)
     _REGISTERED = True
 
 
@@ -93,3 +98,27 @@ def _pool_fallback(converter):
             else:
                 graph._value_info[name] = known
     return convert
+
+
+def _clip_fallback(converter):
+    def convert(node, graph):
+        try:
+            return converter(node, graph)
+        except NotImplementedError:
+            if "" not in node.input_values[1:]:
+                raise  # a bound computed at run time: refused as before
+        return _one_sided_clip(node, graph)
+    return convert
+
+
+def _one_sided_clip(node, graph):
+    from onnx2torch.node_converters.clip import _create_torch_module
+    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult, get_const_value
+
+    names = (list(node.input_values[1:]) + ["", ""])[:2]
+    try:
+        low, high = (float(get_const_value(name, graph)) if name else None for name in names)
+    except KeyError as exc:
+        raise NotImplementedError("Clip with a bound computed at run time is not supported") from exc
+    return OperationConverterResult(torch_module=_create_torch_module(min_val=low, max_val=high),
+                                    onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values))
