@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
 import graphprune as gp
 from conftest import TORCHVISION_MODELS, models_with_slow, torchvision_module
@@ -76,3 +78,62 @@ def test_bias_adds_and_two_long_computations_are_not_blocks():
             return self.a(x) + self.b(x) + self.bias.reshape(1, 8, 1, 1)
 
     assert gp.find_blocks(gp.load(Head(), input_shape=(1, 3, 16, 16))) == []
+
+
+class _Res(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class _Denoiser(nn.Module):
+    """DnCNN-style: clean = x + net(x), every weight inside the global residual."""
+
+    def __init__(self, upscale: int = 1):
+        super().__init__()
+        self.upscale = upscale
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _Res(8), _Res(8),
+                                 nn.Conv2d(8, 3 * upscale ** 2, 3, padding=1))
+
+    def forward(self, x):
+        if self.upscale == 1:
+            return x + self.net(x)
+        skip = nn.functional.interpolate(x, scale_factor=self.upscale, mode="nearest")
+        return skip + nn.functional.pixel_shuffle(self.net(x), self.upscale)
+
+
+class _Edsr(nn.Module):
+    """EDSR-style: a head conv outside the body's long skip, which is then a block like any other."""
+
+    def __init__(self):
+        super().__init__()
+        self.head, self.body, self.tail = nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(_Res(8), _Res(8)), \
+            nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.head(x)
+        return self.tail(y + self.body(y))
+
+
+@pytest.mark.parametrize("upscale", [1, 2])
+def test_a_global_residual_around_the_whole_network_is_not_a_block(upscale, tmp_path):
+    """Dropping x + net(x) would leave no network (and took the mimicked tensor with it); the
+    blocks inside it are found, dropped, and the output, which the last conv's residual reaches, is
+    what recovery mimics."""
+    from graphprune.features import describe_targets
+
+    torch.manual_seed(0)
+    model = gp.load(_Denoiser(upscale).eval(), input_shape=(1, 3, 16, 16))
+    blocks = gp.find_blocks(model)
+    assert [b.name for b in blocks] == ["net.2", "net.3"]
+    (target,) = describe_targets(model)
+    assert target["read_by"] is None  # the graph output itself
+    x = torch.randn(2, 3, 16, 16)
+    smaller = gp.drop_blocks(model, ["net.3"], blocks)
+    assert smaller.run(x).shape == (2, 3, 16 * upscale, 16 * upscale)
+    assert not torch.allclose(smaller.run(x), model.run(x))
+    edsr = gp.find_blocks(gp.load(_Edsr().eval(), input_shape=(1, 3, 16, 16)))
+    assert [b.name for b in edsr] == ["body.0", "body.1", "body"]  # the long skip: head and tail lie outside

@@ -11,7 +11,10 @@ path from the entry to ``m``. ``m`` is a residual block when
 2. R splits into two disjoint paths, one ending in ``a`` and one in ``b``;
 3. one path, the *shortcut*, is empty (``identity``), parameter-free and short (``shortcut``:
    strided slicing, pooling, channel padding) or one weighted op plus norms (``projection``),
-   and the other, the *branch*, contains at least one weighted op (conv, linear, matmul).
+   and the other, the *branch*, contains at least one weighted op (conv, linear, matmul);
+4. the branch does not hold every weighted op of the network: a global residual, y = x + f(x)
+   around the whole network (a denoiser such as DnCNN, a super-resolution net adding its
+   upsampled input), is how the network states its output, and dropping it would leave none.
 
 An activation that is the merge's only reader belongs to the block. Blocks are named after the
 module path shared by the merge and the branch's weighted ops (``layer2.1``, ``features.3``);
@@ -89,6 +92,7 @@ def find_blocks(model: Model, require: bool = False) -> list[Block]:
     idom = nx.immediate_dominators(graph, _ROOT)
     stats = node_stats(model)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    weighted = {n for n in graph if n is not _ROOT and is_weighted(n, gm, constants)}
     raw = []
     for node in gm.graph.nodes:
         if node not in graph or not is_binary_add(node, gm):
@@ -97,7 +101,7 @@ def find_blocks(model: Model, require: bool = False) -> list[Block]:
         if a in constants or b in constants or a is b:
             continue
         found = _match_block(node, a, b, graph, idom, gm, constants)
-        if found is not None:
+        if found is not None and not weighted <= set(found.branch):  # not a global residual (4.)
             raw.append(found)
     blocks = _name_blocks(raw, gm, constants, stats)
     blocks.sort(key=lambda blk: order[_node(gm, blk.merge)])
