@@ -368,6 +368,32 @@ def test_auto_leaves_int8_off_where_it_cannot_run_and_says_why(r20, monkeypatch,
     assert f"not quantised: {result.record['reason']}" in format_summary(report).splitlines()  # says why
 
 
+def test_auto_leaves_int8_off_where_no_candidate_can_be_made_or_compared(r20, monkeypatch):
+    """An output whose size the values decide (detections after NMS) cannot be compared with the
+    float model's: each candidate says so, and where none can be judged (or onnxruntime refuses
+    them all: opset 28's QuantizeLinear), auto goes on in float saying why; int8 still refuses in
+    one line. Both were errors of the whole run (the first an internal one)."""
+    from graphprune.passes import quantize_plan
+
+    path, tiny = r20
+    model = gp.load(path)
+    real = quantize_plan.run_outputs
+    calls = []
+
+    def fewer_detections(session, images, batch_size):  # the float model first, then the candidates
+        calls.append(1)
+        out = real(session, images, batch_size)
+        return out if len(calls) == 1 else out[:-1]
+
+    monkeypatch.setattr(quantize_plan, "run_outputs", fewer_detections)
+    result = PlanQuantization("auto", ONE_CANDIDATE)(model, make_context(model, tiny, config(quantize="auto")))
+    assert result.value.config is None and result.record["reason"].startswith("int8 left off: its output has shape "
+                                                                             "(39, 10), the float model's (40, 10)")
+    calls.clear()
+    with pytest.raises(gp.GraphpruneError, match="cannot be compared"):
+        PlanQuantization("int8", ONE_CANDIDATE)(model, make_context(model, tiny, config(quantize="int8")))
+
+
 class _Fixed:
     """A backend whose every prepared model takes ``seconds`` per run."""
 

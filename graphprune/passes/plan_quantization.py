@@ -179,9 +179,14 @@ class PlanQuantization(Analysis):
         improve = None if settings.mimic == "off" else \
             functools.partial(_mimicked, ctx.original, proto, tiny.images, settings.device, mimic, ctx.feature_node,
                               ctx.show_progress)
-        plan = plan_quantization(proto, tiny.images, tiny.images, settings,
-                                 onnxruntime_cut(proto, tiny.images, ctx.latency),
-                                 tiny.labels if tiny.has_labels else None, improve)
+        try:
+            plan = plan_quantization(proto, tiny.images, tiny.images, settings,
+                                     onnxruntime_cut(proto, tiny.images, ctx.latency),
+                                     tiny.labels if tiny.has_labels else None, improve)
+        except GraphpruneError as exc:  # no candidate could be made or judged: auto goes on in float
+            if self.mode != "auto":
+                raise
+            return QuantizationPlan(None, None, f"int8 left off: {exc}", "", 0.0, [])
         return forced_plan(plan, self.settings.time_noise) if self.mode == "int8" and plan.config is None else plan
 
     def run(self, model: Model, ctx, inputs) -> PassResult:

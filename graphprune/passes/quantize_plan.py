@@ -256,6 +256,10 @@ class _Judge:
     def judge(self, config: QuantConfig, quantized: onnx.ModelProto, timing: Timing) -> Candidate:
         """The candidate ``quantized`` (made with ``config``, timed as ``timing``) against the float model."""
         out = run_outputs(cpu_session(quantized), self.images, self.settings.batch_size)
+        if out.shape != self.reference.shape:  # a size the data decides: detections after NMS
+            return Candidate(config, timing, error=f"its output has shape {out.shape}, the float model's "
+                             f"{self.reference.shape}: an output whose size depends on the values (detections "
+                             "after non-maximum suppression) cannot be compared")
         error = float(np.linalg.norm(out - self.reference) / max(np.linalg.norm(self.reference), 1e-12))
         candidate = Candidate(config, timing, error, proto=quantized, info=quantization_info(quantized))
         if self.detector:
