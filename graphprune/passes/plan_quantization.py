@@ -63,7 +63,7 @@ from .base import Analysis, PassResult
 from .calibration import MIN_CALIBRATION_IMAGES, Calibrated
 from .quantize import QuantConfig, QuantizeSettings, check_int8_device, is_cuda, quantization_info, quantize_onnx
 from .quantize_mimic import MimicSettings, mimic_quantized, with_mimic_record
-from .quantize_plan import QuantizationPlan, closest_candidate, plan_quantization
+from .quantize_plan import NoCandidate, QuantizationPlan, closest_candidate, plan_quantization
 from .selection import goal_cut
 
 QUANTIZE_MODES = ("auto", "int8", "none")
@@ -183,7 +183,7 @@ class PlanQuantization(Analysis):
             plan = plan_quantization(proto, tiny.images, tiny.images, settings,
                                      onnxruntime_cut(proto, tiny.images, ctx.latency),
                                      tiny.labels if tiny.has_labels else None, improve)
-        except GraphpruneError as exc:  # no candidate could be made or judged: auto goes on in float
+        except NoCandidate as exc:  # none made or judged (a target it cannot time is refused): float
             if self.mode != "auto":
                 raise
             return QuantizationPlan(None, None, f"int8 left off: {exc}", "", 0.0, [])

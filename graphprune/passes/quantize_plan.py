@@ -112,6 +112,10 @@ class QuantizationPlan:
 Improve = Callable[["Candidate"], "tuple[onnx.ModelProto, dict] | None"]
 
 
+class NoCandidate(GraphpruneError):
+    """No candidate could be made or judged (each one's error; the first is the message)."""
+
+
 def plan_quantization(proto: onnx.ModelProto, calibration, judge_images, settings: QuantizeSettings,
                       measure: Measure, labels=None, improve: Improve | None = None) -> QuantizationPlan:
     """Measure every candidate of ``settings`` and choose (see the module docstring): calibrated on
@@ -126,7 +130,7 @@ def plan_quantization(proto: onnx.ModelProto, calibration, judge_images, setting
     tried = [judge.evaluate(prepared, config, measure) for config in settings.candidates()]
     done = [c for c in tried if c.error is None]
     if not done:
-        raise GraphpruneError(tried[0].error)
+        raise NoCandidate(tried[0].error)
 
     def plan(best: Candidate | None, reason: str) -> QuantizationPlan:
         for candidate in tried:  # only the chosen model is kept in memory
