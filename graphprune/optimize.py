@@ -94,15 +94,16 @@ class OptimizeResult:
 
 def with_recorded_normalisation(prep: Preprocessing, model: Model, given: bool) -> Preprocessing:
     """``prep`` with the normalisation the model's file records (an ultralytics export: [0, 1], no
-    mean or std; :func:`~graphprune.formats.input_shape.recorded_normalisation`) where the user
+    mean or std; a uint8 input: pixels, 0 to 255; :func:`~graphprune.formats.input_shape.recorded_normalisation`) where the user
     ``given`` none, saying so in one line; else ``prep``."""
     recorded = model.meta.get("recorded_normalisation")
     if given or not recorded:
         return prep
-    channels = prep.size[0]
-    log.warning("normalisation mean 0, std 1 (inputs in [0, 1]) from the file's %s; pass --mean and --std to "
-                "use another", recorded["source"].replace("metadata:", "metadata: "))
-    return replace(prep, mean=(0.0,) * channels, std=(1.0,) * channels)
+    channels, mean, std = prep.size[0], recorded["mean"], recorded["std"]
+    log.warning("normalisation mean %g, std %s (inputs in [%g, %g]) from the file's %s; pass --mean and --std to "
+                "use another", mean, "1/255" if std == 1 / 255 else f"{std:g}", (0 - mean) / std, (1 - mean) / std,
+                recorded["source"].replace("metadata:", "metadata: "))
+    return replace(prep, mean=(mean,) * channels, std=(std,) * channels)
 
 
 def image_input_shape(model: Model) -> tuple[int, int, int]:

@@ -166,11 +166,12 @@ def test_module_that_fx_cannot_trace_falls_back_to_torch_export():
         def __init__(self):
             super().__init__()
             self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.head = torch.nn.Linear(3, 2)  # a layer outside the block: it is not the whole network
 
         def forward(self, x):
             if x.shape[-1] > 4:  # control flow on a shape: fx symbolic tracing cannot follow it
                 x = x + self.conv(x)
-            return x.mean((2, 3))
+            return self.head(x.mean((2, 3)))
 
     model = gp.load(Branchy(), input_shape=(1, 3, 8, 8))
     assert len(gp.find_blocks(model)) == 1

@@ -198,3 +198,57 @@ def test_a_clip_with_one_bound_converts_and_is_written_back(tmp_path, bound_as, 
     smaller = gp.drop_blocks(model, ["block"], gp.find_blocks(model))
     gp.save(smaller, tmp_path / "smaller.onnx")
     assert np.allclose(_ort(tmp_path / "smaller.onnx", x), smaller.run(x).numpy(), atol=1e-5)
+
+
+class _Uint8Input(torch.nn.Module):
+    """Takes uint8 pixels (N, 3, H, W) and scales them itself, as camera and edge exports do."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                         torch.nn.Conv2d(8, 8, 3, padding=1))
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.stem(x.float() / 255)
+        y = torch.relu(y + self.block(y))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_uint8_input_takes_pixels_and_its_file_is_fed_them_rounded(tmp_path, caplog):
+    """ImageNet-normalised values (-2.1 to 2.6) reached a graph that divides by 255; a uint8 input
+    now reads pixels 0 to 255 unless --mean/--std say otherwise, and onnxruntime gets them as uint8."""
+    import io
+
+    from PIL import Image
+
+    from graphprune.data import Preprocessing, load_tiny_set
+    from graphprune.evaluate import evaluate, evaluate_onnx
+    from graphprune.optimize import image_input_shape, with_recorded_normalisation
+
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.onnx.export(_Uint8Input().eval(), (torch.zeros(1, 3, 16, 16, dtype=torch.uint8),), buffer, dynamo=False,
+                      input_names=["pixels"], dynamic_axes={"pixels": {0: "batch"}}, opset_version=17)
+    path = save(onnx.load_from_string(buffer.getvalue()), tmp_path / "u8.onnx")
+    model = gp.load(path)
+    assert model.meta["recorded_normalisation"]["source"] == "input type uint8"
+    with caplog.at_level(logging.WARNING, logger="graphprune"):
+        prep = with_recorded_normalisation(Preprocessing(image_input_shape(model)), model, given=False)
+    assert prep.mean == (0.0,) * 3 and prep.std == (1 / 255,) * 3
+    assert any("std 1/255 (inputs in [0, 255]) from the file's input type uint8" in r.getMessage()
+               for r in caplog.records)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        pixels = np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    tiny = load_tiny_set(folder, prep)
+    assert float(tiny.images.min()) >= 0 and float(tiny.images.max()) > 200  # pixels, not normalised values
+    smaller = gp.drop_blocks(model, ["block"], gp.find_blocks(model))
+    gp.save(smaller, tmp_path / "smaller.onnx")
+    fx, written = evaluate(smaller, tiny, model), evaluate_onnx(onnx.load(str(tmp_path / "smaller.onnx")), tiny, model)
+    (name,) = fx["outputs"]
+    assert fx["outputs"][name]["relative_error"] > 0.01  # the block mattered on these pixels
+    assert written["outputs"][name]["relative_error"] == pytest.approx(fx["outputs"][name]["relative_error"], rel=1e-4)

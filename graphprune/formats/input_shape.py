@@ -12,6 +12,9 @@ Ultralytics`` in its metadata) takes RGB scaled to [0, 1], no mean or std
 (:func:`recorded_normalisation`, kept in ``model.meta["recorded_normalisation"]``); the commands
 use it where ``--mean``/``--std`` are not given, and say so, instead of ImageNet's (nudenet's
 YOLOv8n read under ImageNet normalisation is a different input from the one it was trained on).
+A file whose image input is uint8 takes pixels as they are, 0 to 255 (the graph casts and scales
+them itself, as camera and edge exports do): mean 0, std 1/255 on graphprune's [0, 1] images.
+Without this, ImageNet-normalised values (-2.1 to 2.6) reached a graph that divides by 255.
 """
 
 from __future__ import annotations
@@ -67,7 +70,10 @@ def recorded_normalisation(proto: onnx.ModelProto) -> dict | None:
     """``{"mean", "std", "source"}`` where the file's metadata says how its input is normalised
     (see the module docstring), else None."""
     if _metadata(proto).get("author", "").strip().lower() == "ultralytics":
-        return {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "source": "metadata:author Ultralytics"}
+        return {"mean": 0.0, "std": 1.0, "source": "metadata:author Ultralytics"}
+    inputs = [value for value in proto.graph.input if value.name not in {t.name for t in proto.graph.initializer}]
+    if len(inputs) == 1 and inputs[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8:
+        return {"mean": 0.0, "std": 1 / 255, "source": "input type uint8"}
     return None
 
 

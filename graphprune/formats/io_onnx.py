@@ -332,20 +332,24 @@ def run_onnxruntime(proto_or_bytes, inputs: tuple[torch.Tensor, ...],
 
 
 _ORT_FLOATS = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
+_ORT_INTEGERS = {"tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
 
 
 def ort_feeds(session, inputs: tuple[torch.Tensor, ...], channels_last: bool = False) -> dict[str, np.ndarray]:
     """Feeds for an onnxruntime session in the file's own form: each float tensor in the type the
     file declares (a half-precision file is computed in float32 by graphprune, see
-    :func:`_compute_in_float32`) and, for a ``channels_last`` model, in (N, H, W, C) layout
-    (:mod:`graphprune.formats.input_layout`)."""
+    :func:`_compute_in_float32`; for a uint8 input, rounded and clipped to its range) and, for a
+    ``channels_last`` model, in (N, H, W, C) layout (:mod:`graphprune.formats.input_layout`)."""
     feeds = {}
     for info, tensor in zip(session.get_inputs(), inputs):
         if channels_last and tensor.dim() == 4:
             tensor = tensor.permute(*TO_FILE_LAYOUT)
         array = np.ascontiguousarray(tensor.detach().cpu().numpy())
-        wanted = _ORT_FLOATS.get(info.type)
+        wanted = _ORT_FLOATS.get(info.type) or _ORT_INTEGERS.get(info.type)
         if wanted is not None and np.issubdtype(array.dtype, np.floating) and array.dtype != wanted:
+            if np.issubdtype(wanted, np.integer):  # pixels for a uint8 input: rounded, as a camera gives them
+                bounds = np.iinfo(wanted)
+                array = np.clip(np.rint(array), bounds.min, bounds.max)
             array = array.astype(wanted)
         feeds[info.name] = array
     return feeds
