@@ -17,8 +17,9 @@
 * ``num_samples`` images are drawn with ``seed`` (round-robin over classes when labels exist, so
   the draw is class-balanced), resized (shorter side to the model's size, or to that size divided
   by ``crop``: 0.875 is ImageNet's 256 -> 224) and centre-cropped to the model's input size,
-  converted to the model's channel count (grey, RGB and RGBA; any other count
-  is one line naming the data), and normalised with ``mean``/``std``.
+  converted to the model's channel count (grey, RGB and RGBA: a 4-channel model gets grey and
+  RGB images opaque, alpha 1; any other count is one line naming the data), and normalised with
+  ``mean``/``std``.
 * :func:`split_holdout` keeps a held-out part (default 20%, at least 16 images) to measure
   recoverability on images the adaptors never trained on.
 Unreadable files are skipped and counted; a set with no readable image is an error.
@@ -115,7 +116,9 @@ def _fit_channels(values, channels: int, name: str) -> tuple[float, ...]:
         return (sum(values) / 3,)
     if len(values) == 1:
         return values * channels
-    raise GraphpruneError(f"{name} has {len(values)} values; the model takes {channels} channels", parameter=name)
+    default = " (ImageNet's, the default)" if values == tuple(IMAGENET_MEAN if name == "mean" else IMAGENET_STD) else ""
+    raise GraphpruneError(f"{name} has {len(values)} values{default}; the model takes {channels} channels: give "
+                          f"--{name} with {channels} values", parameter=name)
 
 
 def load_tiny_set(path: str | Path, prep: Preprocessing, num_samples: int | None = None,
@@ -331,8 +334,9 @@ def _to_model_size(image: torch.Tensor, size: tuple[int, int, int], source: str,
         x = x[:, :3]
     if channels == 1 and x.shape[1] == 3:
         x = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-    elif channels == 3 and x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
+    elif channels in (3, 4) and x.shape[1] in (1, 3) and x.shape[1] != channels:  # grey to RGB; RGB(A) opaque
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        x = torch.cat([x, torch.ones_like(x[:, :1])], 1) if channels == 4 else x
     elif x.shape[1] != channels:
         raise GraphpruneError(f"{source}: images have {x.shape[1]} channels; the model takes {channels} "
                               "(grey, RGB and RGBA images are converted, other counts cannot be)")

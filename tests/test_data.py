@@ -165,6 +165,17 @@ def test_images_with_a_channel_count_the_model_cannot_take(tmp_path):
     assert load_tiny_set(_npz(tmp_path / "grey.npz", channels=1), PREP).images.shape[1] == 3  # grey is converted
 
 
+def test_a_four_channel_model_gets_photos_opaque_and_the_default_statistics_named(tmp_path):
+    """An RGBA model refused RGB photos, and without --mean blamed "--mean has 3 values"."""
+    rgba = Preprocessing((4, 8, 8), (0.5,) * 4, (0.5,) * 4)
+    for channels in (1, 3):
+        images = load_tiny_set(_npz(tmp_path / f"c{channels}.npz", channels=channels), rgba).images
+        assert images.shape[1] == 4 and bool((images[:, 3] == 1).all())  # alpha 1 is (1 - 0.5) / 0.5
+    with pytest.raises(GraphpruneError, match=r"mean has 3 values \(ImageNet's, the default\); the model takes 4 "
+                                              r"channels: give --mean with 4 values"):
+        load_tiny_set(_npz(tmp_path / "c3.npz", channels=3), Preprocessing((4, 8, 8)))
+
+
 def test_crop_takes_the_centre_share_of_the_resized_image(tmp_path):
     # 8x8 images for a 4x4 model: crop 0.5 resizes the shorter side to 4 / 0.5 = 8 (no resize) and
     # keeps the centre 4x4; the default resizes to 4 and keeps everything
