@@ -252,3 +252,13 @@ def test_a_uint8_input_takes_pixels_and_its_file_is_fed_them_rounded(tmp_path, c
     (name,) = fx["outputs"]
     assert fx["outputs"][name]["relative_error"] > 0.01  # the block mattered on these pixels
     assert written["outputs"][name]["relative_error"] == pytest.approx(fx["outputs"][name]["relative_error"], rel=1e-4)
+
+
+def test_an_already_quantised_file_is_named_as_such(tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source = save(residual_onnx(), tmp_path / "float.onnx")
+    quantize_dynamic(source, str(tmp_path / "dyn.onnx"), weight_type=QuantType.QUInt8, op_types_to_quantize=["Conv"])
+    with pytest.raises(GraphpruneError, match=r"dyn.onnx is already quantised \(.*ConvInteger.*\): give graphprune "
+                                              r"the float model"):
+        gp.load(tmp_path / "dyn.onnx")

@@ -313,8 +313,19 @@ def normalise(proto: onnx.ModelProto, label: str,
     with timed_step("load:to_converter_opset", timings):
         converted = to_converter_opset(proto, unsupported_ops)
     if converted is None:
+        quantised = [op for op in missing if op.split(".")[-1].split("-")[0] in QUANTISED_OPS]
+        if quantised:
+            raise GraphpruneError(f"{label} is already quantised ({', '.join(quantised)}): give graphprune the float "
+                                  "model (--quantize makes and judges its int8 form)")
         raise GraphpruneError(f"unsupported ONNX ops in {label}: {', '.join(missing)}")
     return converted, proto
+
+
+# ops of a model quantised already (onnxruntime's static, dynamic and QOperator forms): its float
+# weights are gone, so there is nothing to train; the float model is what to bring
+QUANTISED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                 "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearSigmoid",
+                 "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearLeakyRelu", "QGemm", "QAttention"}
 
 
 # The rewrites in order: each edits the proto in place or returns a new one.
