@@ -18,7 +18,10 @@ original's: the layout of an output, and a detector's boxes decoded and matched.
   (1, 25200, 85) at 640 px): per anchor a box cx, cy, w, h, an objectness, then C class scores,
   each after its sigmoid; an anchor's score for class k is objectness x score k (as YOLOv5's
   ``non_max_suppression``). A YOLOv8 output transposed to (N, A, 4 + C) has the same shape and is
-  read so too (its first class as objectness): its file then says nothing to tell them apart.
+  read so too (its first class as objectness): its file then says nothing to tell them apart. The
+  widths and heights must be >= 0, as decoded ones are: a head exported undecoded (YOLOX's
+  ``decode_in_inference=False``: grid offsets and log sizes, as ddddocr's detector ships) is
+  ``other``, since boxes it does not hold cannot be matched.
 * ``map``: a float (N, C, H, W) output, H and W above 1, all in [0, 1], is a map of probabilities
   (a segmentation mask, a text detector's text map such as PP-OCR's DB head, a heat map).
 * ``other``: anything else (compared by its relative error only).
@@ -114,7 +117,7 @@ def output_layout(output: torch.Tensor) -> str:
         if _within_0_1(output[:, BOX_ROWS:]):
             return "yolov8"
     if output.dim() == 3 and BOX_ROWS + 1 < output.shape[2] < output.shape[1]:
-        if _within_0_1(output[:, :, BOX_ROWS:]):
+        if _within_0_1(output[:, :, BOX_ROWS:]) and bool((output[:, :, 2:BOX_ROWS] >= 0).all()):
             return "yolov5"
     if output.dim() == 4 and output.shape[2] > 1 and output.shape[3] > 1 and _within_0_1(output):
         return "map"

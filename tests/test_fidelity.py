@@ -101,6 +101,9 @@ def test_layouts_from_the_output_shape():
     assert output_layout(torch.zeros(2, 8400, 84)) == "yolov5" == output_layout(torch.rand(2, 25200, 85))
     assert output_layout(torch.full((2, 8400, 85), 2.0)) == "other"  # objectness and scores lie in [0, 1]
     assert output_layout(torch.rand(2, 8400, 5)) == "other"  # no class score
+    undecoded = torch.rand(2, 3549, 6)
+    undecoded[:, 7, 2] = -0.1  # a log size: YOLOX exported without its decoding holds no boxes to match
+    assert output_layout(undecoded) == "other"
     assert output_layout(torch.full((2, 3, 8, 8), -0.5)) == "other"
     assert output_layout(torch.rand(2, 1, 8, 8)) == "map"  # a sigmoid's text or segmentation map
     assert output_layout(torch.rand(2, 1, 8, 1)) == "other"
