@@ -262,3 +262,36 @@ def test_an_already_quantised_file_is_named_as_such(tmp_path):
     with pytest.raises(GraphpruneError, match=r"dyn.onnx is already quantised \(.*ConvInteger.*\): give graphprune "
                                               r"the float model"):
         gp.load(tmp_path / "dyn.onnx")
+
+
+@pytest.mark.parametrize("condition", [True, False])
+def test_an_if_with_a_constant_condition_is_its_branch(tmp_path, condition):
+    """onnx2torch converts no control flow: a file holding an If was refused whole. With a constant
+    condition the branch it always takes replaces it (here: Softmax or Identity after the head)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    proto = residual_onnx()
+    graph = proto.graph
+    graph.node[-1].output[0] = "scores"
+    graph.initializer.append(numpy_helper.from_array(np.array(condition), "use_softmax"))
+    branch = lambda op, out, **kw: helper.make_graph(  # noqa: E731
+        [helper.make_node(op, ["scores"], [out], **kw)], op, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+    graph.node.append(helper.make_node("If", ["use_softmax"], ["Y"], name="/head/If",
+                                       then_branch=branch("Softmax", "p_then", axis=1),
+                                       else_branch=branch("Identity", "p_else")))
+    path = save(proto, tmp_path / "if.onnx")
+    model = gp.load(path)
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = _ort(path, x)
+    assert np.allclose(expected.sum(1), 1, atol=1e-5) == condition  # the branch it takes
+    assert np.allclose(model.run(x).numpy(), expected, atol=1e-5)
+    smaller = gp.drop_blocks(model, ["block"], gp.find_blocks(model))
+    gp.save(smaller, tmp_path / "smaller.onnx")
+    assert np.allclose(_ort(tmp_path / "smaller.onnx", x), smaller.run(x).numpy(), atol=1e-5)
+    computed = onnx.load(path)  # a condition computed from the input stays refused, in one line
+    computed.graph.node.insert(0, helper.make_node("ReduceMax", ["X"], ["peak"], keepdims=0))
+    computed.graph.node.insert(1, helper.make_node("Greater", ["peak", "zero"], ["computed"]))
+    computed.graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
+    computed.graph.node[-1].input[0] = "computed"
+    with pytest.raises(GraphpruneError, match="unsupported ONNX ops in .*If"):
+        gp.load(save(computed, tmp_path / "computed.onnx"))

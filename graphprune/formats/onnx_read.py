@@ -5,7 +5,8 @@
 * :func:`normalise`: initializer-backed graph inputs removed, Constant nodes turned into
   initializers, constant subgraphs (``ConstantOfShape`` weights) folded into initializers
   (:mod:`graphprune.formats.onnx_fold`), onnxsim constant folding (without fusions, so node
-  names keep their module paths; the exporter's node metadata is copied back), shared float weights untied, an inert
+  names keep their module paths; the exporter's node metadata is copied back), an ``If`` with a constant
+  condition replaced by its branch (:mod:`graphprune.formats.onnx_if`), shared float weights untied, an inert
   Reshape ``allowzero`` dropped, and every op checked against onnx2torch's converters (ops and
   opsets they do not cover are converted: :mod:`graphprune.formats.onnx_opset`).
 """
@@ -25,6 +26,7 @@ from onnx import numpy_helper
 from ..errors import GraphpruneError, first_line
 from ..steplog import timed_step
 from .onnx_fold import fold_constants
+from .onnx_if import inline_constant_ifs
 from .onnx_opset import default_opset, expand_functions, to_converter_opset
 
 MAX_MODEL_BYTES = 4 * 2**30  # refuse anything larger (protobuf + external data)
@@ -335,6 +337,7 @@ REWRITES = [
     ("constants_to_initializers", _constants_to_initializers),
     ("fold_constants", fold_constants),
     ("simplify", lambda proto: simplify(proto, fuse=False)),
+    ("inline_constant_ifs", inline_constant_ifs),
     ("untie_initializers", _untie_initializers),
     ("drop_inert_allowzero", _drop_inert_allowzero),
 ]
