@@ -295,3 +295,15 @@ def test_an_if_with_a_constant_condition_is_its_branch(tmp_path, condition):
     computed.graph.node[-1].input[0] = "computed"
     with pytest.raises(GraphpruneError, match="unsupported ONNX ops in .*If"):
         gp.load(save(computed, tmp_path / "computed.onnx"))
+
+
+def test_a_training_mode_export_is_named_as_such(tmp_path):
+    """onnx2torch said "BatchNorm operation with mean/var output is not implemented"."""
+    import io
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).train()
+    buffer = io.BytesIO()
+    torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), buffer, dynamo=False, opset_version=13,
+                      training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)
+    with pytest.raises(GraphpruneError, match="was exported in training mode .*: export it after model.eval"):
+        gp.load(save(onnx.load_from_string(buffer.getvalue()), tmp_path / "train.onnx"))

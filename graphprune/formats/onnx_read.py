@@ -89,8 +89,9 @@ def _all_initializers(proto: onnx.ModelProto):
 
 
 def check_onnx(proto: onnx.ModelProto, label: str) -> None:
-    """Opset range, structural validity and finite weights, each as a one-line error (the opset
-    first: the checker reads an opset newer than the installed onnx's as a wrong attribute)."""
+    """Opset range, structural validity, an eval-mode export and finite weights, each as a one-line
+    error (the opset first: the checker reads an opset newer than the installed onnx's as a wrong
+    attribute)."""
     opset, newest = default_opset(proto), onnx.defs.onnx_opset_version()
     if opset < MIN_OPSET or opset > newest:
         raise GraphpruneError(f"ONNX opset {opset} is not supported (need {MIN_OPSET} to {newest}, the newest the "
@@ -99,6 +100,11 @@ def check_onnx(proto: onnx.ModelProto, label: str) -> None:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise GraphpruneError(f"invalid ONNX model {label}: {first_line(exc)}") from None
+    training = next((n for n in proto.graph.node
+                     if n.op_type == "BatchNormalization" and len([o for o in n.output if o]) > 1), None)
+    if training is not None:  # onnx2torch's "BatchNorm operation with mean/var output is not implemented"
+        raise GraphpruneError(f"{label} was exported in training mode (BatchNormalization '{training.name}' outputs its "
+                              "running statistics): export it after model.eval()")
     for tensor in _all_initializers(proto):
         if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
             values = numpy_helper.to_array(tensor)
