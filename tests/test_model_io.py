@@ -262,10 +262,55 @@ def test_program_whose_graph_fixes_the_batch_is_refused_in_one_line(tmp_path):
             self.conv = nn.Conv2d(3, 4, 3, padding=1)
             self.head = nn.Linear(4, 2)
 
-        def forward(self, x):  # the batch-1 example baked in: a batch of n gives n*4 features
-            return self.head(self.conv(x).mean((2, 3)).reshape(1, -1)[:, :4])
+        def forward(self, x):  # the batch-1 example baked in where no leading size holds it
+            return self.head(self.conv(x).mean((2, 3)).reshape(4, 1).t())
 
     path = tmp_path / "fixed.pt2"
     torch.export.save(torch.export.export(Net().eval(), (torch.randn(1, 3, 8, 8),)), path)
     with pytest.raises(gp.GraphpruneError, match="fixed batch its graph depends on"):
         gp.load(path)
+
+
+class _Shuffle(torch.nn.Module):
+    """A channel shuffle (ShuffleNet's: ``view(batch, groups, c, h, w)``) and a residual block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(8, 8, 3, padding=1))
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.stem(x)
+        b, c, h, w = y.shape
+        y = y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+        y = torch.relu(y + self.body(y))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("batch", ["fixed", "dynamic"])
+def test_a_program_whose_sizes_carry_the_batch_runs_batches_and_is_written_batched(tmp_path, batch):
+    """torch.export without dynamic_shapes writes the channel shuffle's view as view(1, 2, 4, h, w):
+    such a .pt2 was refused ("exported with a fixed batch its graph depends on"); the leading 1 now
+    reads the input's batch. Either program was written to ONNX with the example's batch baked in
+    (TorchScript turned its sizes into constants: onnxruntime refused a batch of two), and a
+    program with a bounded batch (Dim(max=512)) could not be written back as .pt2 with a dynamic one."""
+    torch.manual_seed(0)
+    module = _Shuffle().eval()
+    if batch == "fixed":
+        program = torch.export.export(module, (torch.randn(1, 3, 8, 8),))
+    else:
+        program = torch.export.export(module, (torch.randn(2, 3, 8, 8),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", max=512)},))
+    torch.export.save(program, tmp_path / "shuffle.pt2")
+    model = gp.load(tmp_path / "shuffle.pt2")
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.allclose(model.run(x), module(x), atol=1e-5)
+    smaller = gp.drop_blocks(model, ["body"])
+    gp.save(smaller, tmp_path / "small.onnx")
+    session = ort.InferenceSession(str(tmp_path / "small.onnx"), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.allclose(out, smaller.run(x).numpy(), atol=1e-5)
+    gp.save(smaller, tmp_path / "small.pt2")
+    assert torch.allclose(torch.export.load(str(tmp_path / "small.pt2")).module()(x), smaller.run(x), atol=1e-5)

@@ -17,6 +17,11 @@ that fails the rewrite is undone (the graph is left as it was exported) and
 
 The written ONNX keeps its own constants and its declared batch: the writer copies back only
 trained float weights (``onnx_lower``), and these shapes are integer tensors.
+
+A ``torch.export`` program saved without ``dynamic_shapes`` holds its example's batch the same
+way, as the leading 1 of ``view``/``reshape``/``expand`` sizes (ShuffleNet's channel shuffle,
+``x.view(1, groups, c, h, w)``). :func:`free_view_batches` makes each such leading 1, on a tensor
+whose batch is 1, the input's batch (``sym_size(input, 0)``), under the same check and undo.
 """
 
 from __future__ import annotations
@@ -95,3 +100,27 @@ def batch_consistent(model: Model) -> bool:
     except Exception:
         return False
     return together.shape == apart.shape and torch.allclose(together, apart, rtol=1e-4, atol=1e-4)
+
+
+_BATCHED_SIZES = ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.expand.default")
+
+
+def free_view_batches(gm: fx.GraphModule) -> list[Callable[[], None]]:
+    """Each ``view``/``reshape``/``expand`` of a batch-1 tensor to sizes that lead with 1 reads its
+    leading size from the input instead (module docstring); the steps that undo it."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    sized = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in _BATCHED_SIZES
+             and isinstance(n.args[1], (list, tuple)) and len(n.args[1]) > 1 and n.args[1][0] == 1
+             and getattr(n.args[0].meta.get("val"), "shape", (None,))[:1] == (1,)]
+    if len(inputs) != 1 or not sized:
+        return []
+    with gm.graph.inserting_after(inputs[0]):
+        batch = gm.graph.call_function(torch.ops.aten.sym_size.int, (inputs[0], 0))
+    undo = []
+    for node in sized:
+        original = node.args
+        node.args = (original[0], [batch, *original[1][1:]], *original[2:])
+        undo.append(lambda node=node, original=original: setattr(node, "args", original))
+    undo.append(lambda: gm.graph.erase_node(batch))  # last: the nodes read it until they are undone
+    gm.recompile()
+    return [*undo, gm.recompile]

@@ -6,8 +6,11 @@
 * ``torchvision:<name>`` builds a torchvision architecture; ``zoo:<name>`` one of graphprune's own
   (:mod:`graphprune.zoo`). ``weights`` is a state dict read with ``torch.load(weights_only=True)``.
 
-Writing: ``.pt2`` through ``torch.export``; ONNX through ``torch.onnx.export`` (TorchScript
-exporter, opset 17 falling back to 14, then the dynamo exporter), with the batch axis dynamic.
+Writing: ``.pt2`` through ``torch.export`` (any batch, else the range the graph allows, else the
+example's); ONNX through ``torch.onnx.export`` (TorchScript exporter, opset 17 falling back to 14,
+then the dynamo exporter), with the batch axis dynamic: sizes the graph reads from its input
+(``sym_size``) are exported as ``x.size(d)`` (:func:`_traced_sizes`), and a file onnxruntime
+cannot run at a batch of two is not taken.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import fx, nn
 
 from ..errors import GraphpruneError, first_line
 from ..model import InputSpec, Model
-from .batch_axis import batch_consistent
+from .batch_axis import batch_consistent, free_view_batches
 
 DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
 
@@ -110,9 +113,15 @@ def _free_exported_batch(model: Model, path: Path) -> None:
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         gm.graph.erase_node(node)
     gm.recompile()
-    if not batch_consistent(model):
-        raise GraphpruneError(f"{path.name} was exported with a fixed batch its graph depends on; "
-                              "export it with a dynamic batch (torch.export dynamic_shapes)")
+    if batch_consistent(model):
+        return
+    undo = free_view_batches(gm)  # sizes that hold the example's batch (channel shuffle's view)
+    if undo and batch_consistent(model):
+        return
+    for step in undo:
+        step()
+    raise GraphpruneError(f"{path.name} was exported with a fixed batch its graph depends on; "
+                          "export it with a dynamic batch (torch.export dynamic_shapes)")
 
 
 def build_named(spec: str, weights: str | None = None, input_shape: tuple[int, ...] | None = None) -> Model:
@@ -178,7 +187,7 @@ def export_onnx(model: Model) -> bytes:
     example = model.example_inputs()
     input_names = [s.name for s in model.inputs]
     output_names = list(model.output_names) or ["output"]
-    with _no_attention_fast_path():
+    with _no_attention_fast_path(), _traced_sizes(gm):
         return _export_onnx(gm, example, input_names, output_names)
 
 
@@ -193,6 +202,7 @@ def _export_onnx(gm, example, input_names, output_names) -> bytes:
                 torch.onnx.export(gm, example, buffer, opset_version=opset, dynamo=False,
                                   input_names=input_names, output_names=output_names,
                                   dynamic_axes=dynamic_axes, do_constant_folding=True)
+            _check_runs_batched(buffer.getvalue(), example)
             return buffer.getvalue()
         except Exception as exc:
             errors.append(f"opset {opset}: {first_line(exc)[:160]}")
@@ -207,6 +217,50 @@ def _export_onnx(gm, example, input_names, output_names) -> bytes:
     except Exception as exc:
         errors.append(f"dynamo: {first_line(exc)[:160]}")
     raise GraphpruneError("ONNX export failed (" + "; ".join(errors) + ")")
+
+
+# the ops that take sizes, as the tensor methods the TorchScript tracer records with traced sizes
+_SIZED_METHODS = {"aten.view.default": "view", "aten._unsafe_view.default": "view",
+                  "aten.reshape.default": "reshape", "aten.expand.default": "expand"}
+
+
+@contextmanager
+def _traced_sizes(gm: fx.GraphModule):
+    """``aten.sym_size.int(x, d)`` nodes (a dynamic-batch program's sizes read from its input, or
+    those :func:`~graphprune.formats.batch_axis.free_view_batches` adds) as ``x.size(d)``, and the
+    ``view``/``reshape``/``expand`` ops that take them as tensor methods, while exporting: the
+    TorchScript exporter records those as Shape -> Gather -> Reshape, but writes the ints the aten
+    ops return and take as the example's constants (a file that then fails at any other batch)."""
+    changed = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.aten.sym_size.int:
+            changed.append((node, node.target))
+            node.op, node.target = "call_method", "size"
+        elif str(node.target) in _SIZED_METHODS and any(isinstance(a, fx.Node) for a in node.args[1]):
+            changed.append((node, node.target))
+            node.op, node.target = "call_method", _SIZED_METHODS[str(node.target)]
+    if changed:
+        gm.recompile()
+    try:
+        yield
+    finally:
+        for node, target in changed:
+            node.op, node.target = "call_function", target
+        if changed:
+            gm.recompile()
+
+
+def _check_runs_batched(onnx_bytes: bytes, example: tuple[torch.Tensor, ...]) -> None:
+    """Raise where onnxruntime cannot run the file at a batch of two: the TorchScript exporter
+    writes a size the graph reads from its input (``sym_size``, as a dynamic-batch program's
+    channel shuffle does) as the example's constant, and such a file fails at any other batch;
+    the dynamo exporter keeps it symbolic."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    session.run(None, {i.name: torch.cat([x, x]).numpy() for i, x in zip(session.get_inputs(), example)})
 
 
 @contextmanager
@@ -226,11 +280,13 @@ def export_pt2(model: Model) -> torch.export.ExportedProgram:
     """A ``torch.export`` program of the model (batch axis dynamic where possible)."""
     gm = model.graph_module.eval()
     example = model.example_inputs(batch_size=2)
-    try:
-        batch = torch.export.Dim("batch", min=1)
-        return torch.export.export(gm, example, dynamic_shapes=tuple({0: batch} for _ in example))
-    except Exception:
-        pass
+    # any batch; else the range the graph allows (a program read with its own, Dim("batch", max=512),
+    # keeps it); else the example's batch alone
+    for batch in (torch.export.Dim("batch", min=1), torch.export.Dim.AUTO):
+        try:
+            return torch.export.export(gm, example, dynamic_shapes=tuple({0: batch} for _ in example))
+        except Exception:
+            pass
     try:
         return torch.export.export(gm, model.example_inputs())
     except Exception as exc:
