@@ -314,3 +314,25 @@ def test_a_program_whose_sizes_carry_the_batch_runs_batches_and_is_written_batch
     assert np.allclose(out, smaller.run(x).numpy(), atol=1e-5)
     gp.save(smaller, tmp_path / "small.pt2")
     assert torch.allclose(torch.export.load(str(tmp_path / "small.pt2")).module()(x), smaller.run(x), atol=1e-5)
+
+
+def test_a_two_input_program_with_a_fixed_batch_loads(tmp_path, cli):
+    """Checking whether its batch could be freed unpacked one input and raised an internal error."""
+    class TwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.head = torch.nn.Linear(3, 2)
+
+        def forward(self, x, y):
+            z = x + y
+            return self.head((z + self.conv(z)).mean((2, 3)))
+
+    path = tmp_path / "two.pt2"
+    torch.export.save(torch.export.export(TwoInputs().eval(), (torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8))), path)
+    model = gp.load(path)
+    assert len(model.inputs) == 2 and len(gp.find_blocks(model)) == 1
+    data = tmp_path / "tiny.npz"
+    np.savez(data, images=np.zeros((20, 8, 8, 3), np.uint8))
+    code, _, err = cli("optimize", path, "--latency-cut", "0.1", "--data", data, "-o", tmp_path / "o.pt2", "--no-cache")
+    assert code == 1 and err.strip() == "graphprune: error: optimize needs a model with one image input; this one has 2 (x, y)"
