@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from .backends.base import LatencySettings, get_backend
 from .data import Preprocessing, TinySet, split_holdout
 from .errors import GraphpruneError
@@ -118,6 +120,9 @@ def image_input_shape(model: Model) -> tuple[int, int, int]:
     if any(p.dtype in HALF_DTYPES for p in model.graph_module.parameters()):
         raise GraphpruneError("optimize needs float32 weights: this half-precision graph could not be run in "
                               "float32 (it casts to half inside); export it in float32")
+    if any(p.dtype == torch.float64 for p in model.graph_module.parameters()):  # onnxruntime has no double Conv
+        raise GraphpruneError("optimize needs float32 weights: this model's are float64; export it after "
+                              "model.float()")
     if model.meta.get("batches_run") is False:  # formats/batch_axis.py could not free it
         raise GraphpruneError("the model's graph fixes its batch at 1 (a batch of 2 images does not give what each "
                               "gives alone): optimize runs the tiny set in batches; export it with a dynamic batch "

@@ -336,3 +336,14 @@ def test_a_two_input_program_with_a_fixed_batch_loads(tmp_path, cli):
     np.savez(data, images=np.zeros((20, 8, 8, 3), np.uint8))
     code, _, err = cli("optimize", path, "--latency-cut", "0.1", "--data", data, "-o", tmp_path / "o.pt2", "--no-cache")
     assert code == 1 and err.strip() == "graphprune: error: optimize needs a model with one image input; this one has 2 (x, y)"
+
+
+def test_optimize_refuses_float64_weights_in_one_line(tmp_path, cli):
+    """onnxruntime has no double convolution: the run failed later with its NOT_IMPLEMENTED."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).double().eval()
+    path = tmp_path / "f64.pt2"
+    torch.export.save(torch.export.export(net, (torch.randn(1, 3, 8, 8, dtype=torch.float64),)), path)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, images=np.zeros((20, 8, 8, 3), np.uint8))
+    code, _, err = cli("optimize", path, "--latency-cut", "0.1", "--data", data, "-o", tmp_path / "o.pt2", "--no-cache")
+    assert code == 1 and "this model's are float64; export it after model.float()" in err and err.count("\n") == 1
