@@ -347,3 +347,36 @@ def test_optimize_refuses_float64_weights_in_one_line(tmp_path, cli):
     np.savez(data, images=np.zeros((20, 8, 8, 3), np.uint8))
     code, _, err = cli("optimize", path, "--latency-cut", "0.1", "--data", data, "-o", tmp_path / "o.pt2", "--no-cache")
     assert code == 1 and "this model's are float64; export it after model.float()" in err and err.count("\n") == 1
+
+
+class _Attention(torch.nn.Module):
+    """Patches -> pre-norm attention and MLP blocks, as a small ViT."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 4, 4)
+        self.n1, self.att = torch.nn.LayerNorm(16), torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.n2, self.mlp = torch.nn.LayerNorm(16), torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
+                                                                        torch.nn.Linear(32, 16))
+        self.fc = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        h = self.n1(t)
+        t = t + self.att(h, h, h, need_weights=False)[0]
+        t = t + self.mlp(self.n2(t))
+        return self.fc(t.mean(1))
+
+
+def test_attention_with_layer_norms_is_written_to_onnx(tmp_path):
+    """Written back by the TorchScript exporter, a LayerNorm reading an attention's output has no
+    input rank shape inference can give: onnx2torch made its normalised shape empty, and saving
+    failed with torch's RuntimeError instead of writing the file."""
+    torch.manual_seed(0)
+    model = gp.load(_Attention().eval(), input_shape=(1, 3, 16, 16))
+    smaller = gp.drop_blocks(model, [gp.find_blocks(model)[-1].name])
+    gp.save(smaller, tmp_path / "att.onnx")
+    x = torch.randn(2, 3, 16, 16)
+    session = ort.InferenceSession(str(tmp_path / "att.onnx"), providers=["CPUExecutionProvider"])
+    assert np.allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], smaller.run(x).numpy(),
+                       atol=1e-5)

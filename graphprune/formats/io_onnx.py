@@ -374,7 +374,10 @@ def verify_against_onnxruntime(proto: onnx.ModelProto, model: Model, what: str, 
         expected = run_onnxruntime(proto, inputs, is_channels_last(model))[0]
     except Exception as exc:
         raise GraphpruneError(f"onnxruntime cannot run {what}: {first_line(exc)[:200]}") from None
-    got = model.run(*inputs)
+    try:
+        got = model.run(*inputs)
+    except Exception as exc:  # a converter gap that shows only when the graph runs
+        raise GraphpruneError(f"{what}: the converted graph cannot run: {first_line(exc)[:200]}") from None
     if got is None or tuple(got.shape) != tuple(expected.shape):
         raise GraphpruneError(f"{what}: output shape {tuple(expected.shape)} differs from the converted graph's")
     scale = max(1.0, float(np.abs(expected).max()))

@@ -10,6 +10,10 @@ only step in where it raises:
   dimension 1 of an input of any rank, holding its weights and statistics as a ``BatchNorm2d``
   does (so they are trained, linked back to their initializers and written back alike);
 * ``MaxPool``/``AveragePool``: the rank is ``2 + len(kernel_shape)``, which the node itself says;
+* ``LayerNormalization`` with constant weights, whose input rank shape inference cannot give:
+  onnx2torch takes the normalised shape from that rank and made it empty, and the layer failed at
+  run time; the scale's own shape is the normalised shape (a transformer written back by the
+  TorchScript exporter, whose LayerNorm reads a MultiheadAttention's output);
 * ``Clip`` (opset 11+) with one bound: both torch exporters write ``clamp(max=c)`` as
   ``Clip(x, "", c)``, whose empty name (an absent optional input) onnx2torch looked up as a tensor
   and refused as a "dynamic value". An absent bound is no bound.
@@ -50,6 +54,8 @@ def register() -> None:
             _CONVERTER_REGISTRY[description] = _pool_fallback(converter)
         elif description.operation_type == "Clip" and description.version >= 11:
             _CONVERTER_REGISTRY[description] = _clip_fallback(converter)
+        elif description.operation_type == "LayerNormalization":
+            _CONVERTER_REGISTRY[description] = _layer_norm_shape(converter)
     _REGISTERED = True
 
 
@@ -122,3 +128,14 @@ def _one_sided_clip(node, graph):
         raise NotImplementedError("Clip with a bound computed at run time is not supported") from exc
     return OperationConverterResult(torch_module=_create_torch_module(min_val=low, max_val=high),
                                     onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values))
+
+
+def _layer_norm_shape(converter):
+    def convert(node, graph):
+        result = converter(node, graph)
+        module = result.torch_module
+        if isinstance(module, nn.LayerNorm) and module.weight is not None and \
+                tuple(module.normalized_shape) != tuple(module.weight.shape):
+            module.normalized_shape = tuple(module.weight.shape)
+        return result
+    return convert
