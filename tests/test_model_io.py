@@ -175,6 +175,25 @@ def test_module_that_fx_cannot_trace_falls_back_to_torch_export():
 
     model = gp.load(Branchy(), input_shape=(1, 3, 8, 8))
     assert len(gp.find_blocks(model)) == 1
+    assert model.run(torch.randn(3, 3, 8, 8)).shape == (3, 2)  # exported with any batch, not the example's
+
+
+def test_a_module_with_keyword_arguments_runs_batches():
+    """fx cannot trace keyword arguments with defaults; the torch.export fallback exported the
+    example's batch of 1, and every batch of the tiny set failed its guard (an AssertionError)."""
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.Linear(3, 2)
+
+        def forward(self, x, scale: float = 1.0, features: bool = False):
+            y = (x + self.conv(x)).mean((2, 3)) * scale
+            return y if features else self.head(y)
+
+    module = Scaled().eval()
+    model = gp.load(module, input_shape=(1, 3, 8, 8))
+    x = torch.randn(3, 3, 8, 8)
+    assert len(gp.find_blocks(model)) == 1 and torch.allclose(model.run(x), module(x), atol=1e-6)
 
 
 def test_failed_write_leaves_no_file_and_keeps_existing(tmp_path, monkeypatch):

@@ -44,20 +44,34 @@ def load_module(module: nn.Module, input_shape: tuple[int, ...] | None = None, n
         with torch.no_grad():
             gm(torch.randn(shape))
     except Exception:
-        gm = _export_module(module, shape)
+        gm, fixed_batch = _export_module(module, shape)
+    else:
+        fixed_batch = False
     gm.eval()
     spec = InputSpec(_placeholder_names(gm)[0], (None, *shape[1:]))
-    return Model(gm, "torch", (spec,), ("output",), name or type(module).__name__, input_shape=shape)
+    model = Model(gm, "torch", (spec,), ("output",), name or type(module).__name__, input_shape=shape)
+    if fixed_batch:
+        _free_exported_batch(model, model.name)
+    return model
 
 
-def _export_module(module: nn.Module, shape: tuple[int, ...]) -> fx.GraphModule:
+def _export_module(module: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, bool]:
+    """``torch.export`` of a module fx cannot trace (Python control flow, keyword arguments): with
+    any batch, else the example's alone; the graph, and whether its batch is fixed."""
+    example = (torch.randn((2, *shape[1:])),)  # a batch of 2: export specialises a dimension of 1
+    for batch in (torch.export.Dim("batch", min=1), torch.export.Dim.AUTO):
+        try:
+            program = torch.export.export(module, example, dynamic_shapes=({0: batch},))
+            return plain_graph_module(program.module()), False
+        except Exception:
+            pass
     try:
         program = torch.export.export(module, (torch.randn(shape),))
     except Exception as exc:
         raise GraphpruneError(
             f"cannot trace {type(module).__name__} with torch.fx or torch.export: {first_line(exc)[:200]}"
         ) from None
-    return plain_graph_module(program.module())
+    return plain_graph_module(program.module()), True
 
 
 def plain_graph_module(exported: fx.GraphModule) -> fx.GraphModule:
@@ -102,11 +116,11 @@ def load_pt2(path: str | os.PathLike, input_shape: tuple[int, ...] | None = None
     model = Model(gm, "pt2", tuple(specs), ("output",), path.stem,
                   input_shape=tuple(input_shape) if input_shape else example_shape)
     if fixed_batch:
-        _free_exported_batch(model, path)
+        _free_exported_batch(model, path.name)
     return model
 
 
-def _free_exported_batch(model: Model, path: Path) -> None:
+def _free_exported_batch(model: Model, label: str) -> None:
     """A program exported without ``dynamic_shapes`` guards its example's batch, but the tiny set
     runs in batches: drop the guard where the graph itself computes every row alone."""
     gm = model.graph_module
@@ -120,7 +134,7 @@ def _free_exported_batch(model: Model, path: Path) -> None:
         return
     for step in undo:
         step()
-    raise GraphpruneError(f"{path.name} was exported with a fixed batch its graph depends on; "
+    raise GraphpruneError(f"{label} was exported with a fixed batch its graph depends on; "
                           "export it with a dynamic batch (torch.export dynamic_shapes)")
 
 
