@@ -399,3 +399,12 @@ def test_attention_with_layer_norms_is_written_to_onnx(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "att.onnx"), providers=["CPUExecutionProvider"])
     assert np.allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], smaller.run(x).numpy(),
                        atol=1e-5)
+
+
+def test_an_exported_program_in_python_loads_as_its_pt2_would():
+    """gp.load(torch.export.export(...)) raised torch's OSError: it took the program for a path."""
+    module = CifarResNet(20).eval()
+    program = torch.export.export(module, (torch.randn(1, 3, 32, 32),))
+    model = gp.load(program)
+    x = torch.randn(2, 3, 32, 32)
+    assert len(gp.find_blocks(model)) == 9 and torch.allclose(model.run(x), module(x), atol=1e-5)

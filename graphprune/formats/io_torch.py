@@ -99,6 +99,12 @@ def load_pt2(path: str | os.PathLike, input_shape: tuple[int, ...] | None = None
         raise GraphpruneError(f"not a readable torch.export program: {path} ({type(exc).__name__})") from None
     finally:
         export_log.disabled = was_disabled
+    return load_program(program, path.stem, input_shape)
+
+
+def load_program(program: torch.export.ExportedProgram, name: str = "program",
+                 input_shape: tuple[int, ...] | None = None) -> Model:
+    """An ``ExportedProgram`` (read from a ``.pt2``, or made in Python by ``torch.export.export``)."""
     user_inputs = program.graph_signature.user_inputs
     specs = []
     for node in program.graph.nodes:
@@ -113,10 +119,10 @@ def load_pt2(path: str | os.PathLike, input_shape: tuple[int, ...] | None = None
             example_shape = (1, *(int(d) for d in node.meta["val"].shape[1:]))
             fixed_batch = isinstance(node.meta["val"].shape[0], int)
             break
-    model = Model(gm, "pt2", tuple(specs), ("output",), path.stem,
+    model = Model(gm, "pt2", tuple(specs), ("output",), name,
                   input_shape=tuple(input_shape) if input_shape else example_shape)
     if fixed_batch:
-        _free_exported_batch(model, path.name)
+        _free_exported_batch(model, name)
     return model
 
 

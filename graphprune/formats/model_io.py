@@ -30,10 +30,12 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".th", ".bin", ".ckpt")
 
 
 def load(source, input_shape: tuple[int, ...] | None = None, weights: str | None = None) -> Model:
-    """Load a model: an ``nn.Module``, an ``.onnx`` or ``.pt2`` file, ``torchvision:<arch>`` or
-    ``zoo:<arch>`` (with an optional state-dict ``weights`` file)."""
+    """Load a model: an ``nn.Module`` or ``ExportedProgram``, an ``.onnx`` or ``.pt2`` file,
+    ``torchvision:<arch>`` or ``zoo:<arch>`` (with an optional state-dict ``weights`` file)."""
     if isinstance(source, Model):
         return source
+    if isinstance(source, torch.export.ExportedProgram):
+        return io_torch.load_program(source, "program", input_shape)
     if isinstance(source, nn.Module):
         return io_torch.load_module(source, input_shape)
     text = str(source)
