@@ -408,3 +408,15 @@ def test_an_exported_program_in_python_loads_as_its_pt2_would():
     model = gp.load(program)
     x = torch.randn(2, 3, 32, 32)
     assert len(gp.find_blocks(model)) == 9 and torch.allclose(model.run(x), module(x), atol=1e-5)
+
+
+def test_a_program_exported_in_training_mode_is_refused_in_one_line(tmp_path):
+    """Its BatchNorm updates the running statistics on every run: the analyses (which must leave
+    the model as they found it) stopped with an internal error."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).train()
+    path = tmp_path / "train.pt2"
+    torch.export.save(torch.export.export(net, (torch.randn(2, 3, 8, 8),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    with pytest.raises(gp.GraphpruneError, match=r"train's forward updates its buffers \(1.running_mean, "
+                                                 r"1.running_var, 1.num_batches_tracked\): exported in training mode"):
+        gp.load(path)

@@ -121,9 +121,32 @@ def load_program(program: torch.export.ExportedProgram, name: str = "program",
             break
     model = Model(gm, "pt2", tuple(specs), ("output",), name,
                   input_shape=tuple(input_shape) if input_shape else example_shape)
+    _refuse_buffer_updates(model)
     if fixed_batch:
         _free_exported_batch(model, name)
     return model
+
+
+def _refuse_buffer_updates(model: Model) -> None:
+    """One line for a graph whose forward changes its own buffers (a program exported in training
+    mode: BatchNorm updates its running statistics): every run would be another model, and the
+    analyses, which must leave the model as they found it, stopped with an internal error. The
+    buffers are put back after the trial run."""
+    gm = model.graph_module
+    saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
+    try:
+        with torch.no_grad():
+            gm(*model.example_inputs(batch_size=1))
+    except Exception:
+        return  # a shape it cannot run yet (dynamic sizes): the first real run says so
+    changed = [name for name, b in gm.named_buffers() if not torch.equal(b, saved[name])]
+    with torch.no_grad():
+        for name, b in gm.named_buffers():
+            b.copy_(saved[name])
+    if changed:
+        raise GraphpruneError(f"{model.name}'s forward updates its buffers ({', '.join(changed[:3])}"
+                              f"{', ...' if len(changed) > 3 else ''}): exported in training mode? export it after "
+                              "model.eval()")
 
 
 def _free_exported_batch(model: Model, label: str) -> None:
