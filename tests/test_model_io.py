@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import graphprune as gp
-from conftest import data_path
+from conftest import StemBlockHead, data_path
 from graphprune.formats import model_io
 from graphprune.zoo import CifarResNet
 from onnx_builders import channels_last_residual, residual_onnx, save
@@ -290,22 +290,12 @@ def test_program_whose_graph_fixes_the_batch_is_refused_in_one_line(tmp_path):
         gp.load(path)
 
 
-class _Shuffle(torch.nn.Module):
-    """A channel shuffle (ShuffleNet's: ``view(batch, groups, c, h, w)``) and a residual block."""
+class _Shuffle(StemBlockHead):
+    """A channel shuffle (ShuffleNet's: ``view(batch, groups, c, h, w)``) before the residual block."""
 
-    def __init__(self):
-        super().__init__()
-        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
-                                        torch.nn.Conv2d(8, 8, 3, padding=1))
-        self.fc = torch.nn.Linear(8, 4)
-
-    def forward(self, x):
-        y = self.stem(x)
+    def between(self, y):
         b, c, h, w = y.shape
-        y = y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
-        y = torch.relu(y + self.body(y))
-        return self.fc(y.mean((2, 3)))
+        return y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
 
 
 @pytest.mark.parametrize("batch", ["fixed", "dynamic"])
@@ -326,7 +316,7 @@ def test_a_program_whose_sizes_carry_the_batch_runs_batches_and_is_written_batch
     model = gp.load(tmp_path / "shuffle.pt2")
     x = torch.randn(3, 3, 8, 8)
     assert torch.allclose(model.run(x), module(x), atol=1e-5)
-    smaller = gp.drop_blocks(model, ["body"])
+    smaller = gp.drop_blocks(model, ["block"])
     gp.save(smaller, tmp_path / "small.onnx")
     session = ort.InferenceSession(str(tmp_path / "small.onnx"), providers=["CPUExecutionProvider"])
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]

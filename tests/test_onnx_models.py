@@ -18,6 +18,7 @@ import graphprune as gp
 from graphprune.errors import GraphpruneError
 from graphprune.formats.onnx_converters import AnyRankBatchNorm
 from graphprune.formats.onnx_fold import fold_constants
+from conftest import StemBlockHead
 from onnx_builders import residual_onnx, save, unknown_rank_norm, with_metadata
 
 
@@ -200,20 +201,11 @@ def test_a_clip_with_one_bound_converts_and_is_written_back(tmp_path, bound_as, 
     assert np.allclose(_ort(tmp_path / "smaller.onnx", x), smaller.run(x).numpy(), atol=1e-5)
 
 
-class _Uint8Input(torch.nn.Module):
+class _Uint8Input(StemBlockHead):
     """Takes uint8 pixels (N, 3, H, W) and scales them itself, as camera and edge exports do."""
 
-    def __init__(self):
-        super().__init__()
-        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.block = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
-                                         torch.nn.Conv2d(8, 8, 3, padding=1))
-        self.fc = torch.nn.Linear(8, 5)
-
-    def forward(self, x):
-        y = self.stem(x.float() / 255)
-        y = torch.relu(y + self.block(y))
-        return self.fc(y.mean((2, 3)))
+    def before(self, x):
+        return x.float() / 255
 
 
 def test_a_uint8_input_takes_pixels_and_its_file_is_fed_them_rounded(tmp_path, caplog):
