@@ -96,7 +96,8 @@ class OptimizeResult:
 
 def with_recorded_normalisation(prep: Preprocessing, model: Model, given: bool) -> Preprocessing:
     """``prep`` with the normalisation the model's file records (an ultralytics export: [0, 1], no
-    mean or std; a uint8 input: pixels, 0 to 255; :func:`~graphprune.formats.input_shape.recorded_normalisation`) where the user
+    mean or std; a uint8 input: pixels, 0 to 255;
+    :func:`~graphprune.formats.input_shape.recorded_normalisation`) where the user
     ``given`` none, saying so in one line; else ``prep``."""
     recorded = model.meta.get("recorded_normalisation")
     if given or not recorded:

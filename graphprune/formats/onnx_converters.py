@@ -126,8 +126,8 @@ def _one_sided_clip(node, graph):
         low, high = (float(get_const_value(name, graph)) if name else None for name in names)
     except KeyError as exc:
         raise NotImplementedError("Clip with a bound computed at run time is not supported") from exc
-    return OperationConverterResult(torch_module=_create_torch_module(min_val=low, max_val=high),
-                                    onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values))
+    mapping = OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values)
+    return OperationConverterResult(torch_module=_create_torch_module(min_val=low, max_val=high), onnx_mapping=mapping)
 
 
 def _layer_norm_shape(converter):

@@ -103,8 +103,8 @@ def check_onnx(proto: onnx.ModelProto, label: str) -> None:
     training = next((n for n in proto.graph.node
                      if n.op_type == "BatchNormalization" and len([o for o in n.output if o]) > 1), None)
     if training is not None:  # onnx2torch's "BatchNorm operation with mean/var output is not implemented"
-        raise GraphpruneError(f"{label} was exported in training mode (BatchNormalization '{training.name}' outputs its "
-                              "running statistics): export it after model.eval()")
+        raise GraphpruneError(f"{label} was exported in training mode (BatchNormalization '{training.name}' "
+                              "outputs its running statistics): export it after model.eval()")
     for tensor in _all_initializers(proto):
         if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
             values = numpy_helper.to_array(tensor)
