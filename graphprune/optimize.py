@@ -242,14 +242,16 @@ def build_report(original: Model, state: PassState, ctx: PassContext, config: Op
                                             no_block_needed(ctx, found)),
         "pipeline": list(state.records),
         # the steps whose work is in the written file: none, and the output is the input as it was
-        "changed_by": state.changed_by + (["int8"] if quantized_file(found) else []),
+        "changed_by": state.changed_by + (["int8"] if written_int8(found) is not None else []),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def quantized_file(found) -> bool:
+def written_int8(found):
+    """The int8 ONNX a ``quantize_result`` step made among the artefacts ``found`` (what
+    :func:`write_result` writes instead of the float model), or None."""
     quantized = found.get(QuantizedOnnx)
-    return quantized is not None and quantized.proto is not None
+    return quantized.proto if quantized is not None else None
 
 
 def quantization_report(config: OptimizeConfig, plan, quantized, final, block_work_skipped: str | None = None
@@ -281,8 +283,7 @@ def evaluate_result(result: OptimizeResult, original: Model, test: TinySet) -> d
     :func:`write_result` writes) and ``optimized_float`` the float model before quantisation."""
     from .evaluate import evaluate, evaluate_written
 
-    quantized = result.state.artifacts.get(QuantizedOnnx)
-    int8 = quantized.proto if quantized is not None else None
+    int8 = written_int8(result.state.artifacts)
     evaluation = {"original": evaluate(original, test),
                   "optimized": evaluate_written(result.model, int8, test, original)}
     if int8 is not None:
@@ -294,8 +295,8 @@ def write_result(result: OptimizeResult, path, source_path=None) -> Path:
     """Write what ``optimize`` made: the quantised ONNX file where a ``quantize_result`` step made
     one (ONNX even where ``path`` or the input is ``.pt2``: ``report["output_note"]`` says so),
     else the model as :func:`~graphprune.formats.save` writes it. Atomic; returns the path written."""
-    quantized = result.state.artifacts.get(QuantizedOnnx)
-    if quantized is None or quantized.proto is None:
+    int8 = written_int8(result.state.artifacts)
+    if int8 is None:
         save(result.model, path, source_path)
         result.report["output"] = str(path)
         return Path(path)
@@ -312,7 +313,7 @@ def write_result(result: OptimizeResult, path, source_path=None) -> Path:
     if path.exists() and any(s is not None and Path(s).exists() and Path(s).resolve() == path.resolve() for s in sources):
         raise GraphpruneError(f"refusing to overwrite the input model {path}; choose another output path",
                               parameter="output")
-    data = quantized.proto.SerializeToString()
+    data = int8.SerializeToString()
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
     result.report["output"] = str(path)
     if note:

@@ -101,14 +101,16 @@ def batch_consistent(model: Model) -> bool:
     return together.shape == apart.shape and torch.allclose(together, apart, rtol=1e-4, atol=1e-4)
 
 
-_BATCHED_SIZES = ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.expand.default")
+# the aten ops that take a list of sizes, and the tensor method each one is
+SIZED_OPS = {"aten.view.default": "view", "aten._unsafe_view.default": "view",
+             "aten.reshape.default": "reshape", "aten.expand.default": "expand"}
 
 
 def free_view_batches(gm: fx.GraphModule) -> list[Callable[[], None]]:
     """Each ``view``/``reshape``/``expand`` of a batch-1 tensor to sizes that lead with 1 reads its
     leading size from the input instead (module docstring); the steps that undo it."""
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    sized = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in _BATCHED_SIZES
+    sized = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in SIZED_OPS
              and isinstance(n.args[1], (list, tuple)) and len(n.args[1]) > 1 and n.args[1][0] == 1
              and getattr(n.args[0].meta.get("val"), "shape", (None,))[:1] == (1,)]
     if len(inputs) != 1 or not sized:

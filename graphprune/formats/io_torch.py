@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from ..errors import GraphpruneError, first_line
 from ..model import InputSpec, Model
-from .batch_axis import batch_consistent, free_view_batches
+from .batch_axis import SIZED_OPS, batch_consistent, free_view_batches
 
 DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
 
@@ -58,13 +58,9 @@ def load_module(module: nn.Module, input_shape: tuple[int, ...] | None = None, n
 def _export_module(module: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, bool]:
     """``torch.export`` of a module fx cannot trace (Python control flow, keyword arguments): with
     any batch, else the example's alone; the graph, and whether its batch is fixed."""
-    example = (torch.randn((2, *shape[1:])),)  # a batch of 2: export specialises a dimension of 1
-    for batch in (torch.export.Dim("batch", min=1), torch.export.Dim.AUTO):
-        try:
-            program = torch.export.export(module, example, dynamic_shapes=({0: batch},))
-            return plain_graph_module(program.module()), False
-        except Exception:
-            pass
+    program = _export_any_batch(module, (torch.randn((2, *shape[1:])),))  # 2: export specialises a 1
+    if program is not None:
+        return plain_graph_module(program.module()), False
     try:
         program = torch.export.export(module, (torch.randn(shape),))
     except Exception as exc:
@@ -72,6 +68,18 @@ def _export_module(module: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphM
             f"cannot trace {type(module).__name__} with torch.fx or torch.export: {first_line(exc)[:200]}"
         ) from None
     return plain_graph_module(program.module()), True
+
+
+def _export_any_batch(module: nn.Module, example: tuple[torch.Tensor, ...]
+                      ) -> torch.export.ExportedProgram | None:
+    """``torch.export`` with the batch axis dynamic: any batch, else the range the graph allows (a
+    program read with its own, ``Dim("batch", max=512)``, keeps it); None where neither exports."""
+    for batch in (torch.export.Dim("batch", min=1), torch.export.Dim.AUTO):
+        try:
+            return torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
+        except Exception:
+            pass
+    return None
 
 
 def plain_graph_module(exported: fx.GraphModule) -> fx.GraphModule:
@@ -262,11 +270,6 @@ def _export_onnx(gm, example, input_names, output_names) -> bytes:
     raise GraphpruneError("ONNX export failed (" + "; ".join(errors) + ")")
 
 
-# the ops that take sizes, as the tensor methods the TorchScript tracer records with traced sizes
-_SIZED_METHODS = {"aten.view.default": "view", "aten._unsafe_view.default": "view",
-                  "aten.reshape.default": "reshape", "aten.expand.default": "expand"}
-
-
 @contextmanager
 def _traced_sizes(gm: fx.GraphModule):
     """``aten.sym_size.int(x, d)`` nodes (a dynamic-batch program's sizes read from its input, or
@@ -281,9 +284,9 @@ def _traced_sizes(gm: fx.GraphModule):
         if node.target is torch.ops.aten.sym_size.int:
             changed.append((node, node.target))
             node.op, node.target = "call_method", "size"
-        elif str(node.target) in _SIZED_METHODS and any(isinstance(a, fx.Node) for a in node.args[1]):
+        elif str(node.target) in SIZED_OPS and any(isinstance(a, fx.Node) for a in node.args[1]):
             changed.append((node, node.target))
-            node.op, node.target = "call_method", _SIZED_METHODS[str(node.target)]
+            node.op, node.target = "call_method", SIZED_OPS[str(node.target)]  # what the tracer records
     if changed:
         gm.recompile()
     try:
@@ -322,15 +325,10 @@ def _no_attention_fast_path():
 def export_pt2(model: Model) -> torch.export.ExportedProgram:
     """A ``torch.export`` program of the model (batch axis dynamic where possible)."""
     gm = model.graph_module.eval()
-    example = model.example_inputs(batch_size=2)
-    # any batch; else the range the graph allows (a program read with its own, Dim("batch", max=512),
-    # keeps it); else the example's batch alone
-    for batch in (torch.export.Dim("batch", min=1), torch.export.Dim.AUTO):
-        try:
-            return torch.export.export(gm, example, dynamic_shapes=tuple({0: batch} for _ in example))
-        except Exception:
-            pass
-    try:
+    program = _export_any_batch(gm, model.example_inputs(batch_size=2))
+    if program is not None:
+        return program
+    try:  # the example's batch alone
         return torch.export.export(gm, model.example_inputs())
     except Exception as exc:
         hint = " (a model read from ONNX is written back as .onnx)" if model.source == "onnx" else ""
