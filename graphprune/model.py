@@ -21,11 +21,14 @@ from .errors import GraphpruneError
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One graph input: its name, shape (``None`` for a dynamic dimension) and dtype."""
+    """One graph input: its name, shape (``None`` for a dynamic dimension) and dtype; ``example``:
+    the full shape a program was exported at, which its dynamic dimensions take when no shape is
+    given (a ``.pt2`` records one; an ONNX file does not)."""
 
     name: str
     shape: tuple[int | None, ...]
     dtype: torch.dtype = torch.float32
+    example: tuple[int, ...] | None = None
 
     def concrete_shape(self, override: tuple[int, ...] | None = None, batch_size: int = 1) -> tuple[int, ...]:
         """The shape to run with: ``override`` if given, else this shape with batch ``batch_size``."""
@@ -46,6 +49,8 @@ class InputSpec:
         dims = list(self.shape)
         if dims and dims[0] is None:
             dims[0] = batch_size
+        if self.example is not None:
+            dims = [e if d is None else d for d, e in zip(dims, self.example)]
         if any(d is None for d in dims):
             raise GraphpruneError(
                 f"input '{self.name}' has dynamic dimensions {_fmt_shape(self.shape)}; "

@@ -7,15 +7,19 @@
   (:mod:`graphprune.zoo`). ``weights`` is a state dict read with ``torch.load(weights_only=True)``.
 
 Writing: ``.pt2`` through ``torch.export`` (any batch, else the range the graph allows, else the
-example's); ONNX through ``torch.onnx.export`` (TorchScript exporter, opset 17 falling back to 14,
-then the dynamo exporter), with the batch axis dynamic: sizes the graph reads from its input
+example's; other axes the input left dynamic, a program's height and width, stay so); ONNX
+through ``torch.onnx.export`` (TorchScript exporter, opset 17 falling back to 14, then the dynamo
+exporter), with the batch axis dynamic (and those other axes): sizes the graph reads from its input
 (``sym_size``) are exported as ``x.size(d)`` (:func:`_traced_sizes`), and a file onnxruntime
 cannot run at a batch of two is not taken.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
+import itertools
 import logging
 import os
 import warnings
@@ -30,14 +34,17 @@ from ..model import InputSpec, Model
 from .batch_axis import SIZED_OPS, batch_consistent, free_view_batches
 
 DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
+log = logging.getLogger("graphprune")
 
 
 def load_module(module: nn.Module, input_shape: tuple[int, ...] | None = None, name: str | None = None) -> Model:
     """Trace a Python ``nn.Module`` into a :class:`Model`."""
     if not isinstance(module, nn.Module):
         raise GraphpruneError(f"expected an nn.Module, got {type(module).__name__}")
+    if _is_exported(module):  # whose eval() raises NotImplementedError
+        return _load_exported(module, name or "program", input_shape)
     shape = tuple(input_shape) if input_shape else tuple(getattr(module, "input_shape", DEFAULT_IMAGE_SHAPE))
-    module = module.eval()
+    module = copy.deepcopy(module).eval()  # the caller's module keeps its mode and its buffers
     try:
         gm = fx.symbolic_trace(module)
         # symbolic_trace keeps the original module's Python attributes; run once to be sure it works.
@@ -50,8 +57,9 @@ def load_module(module: nn.Module, input_shape: tuple[int, ...] | None = None, n
     gm.eval()
     spec = InputSpec(_placeholder_names(gm)[0], (None, *shape[1:]))
     model = Model(gm, "torch", (spec,), ("output",), name or type(module).__name__, input_shape=shape)
+    _refuse_buffer_updates(model)
     if fixed_batch:
-        _free_exported_batch(model, model.name)
+        _free_exported_batch(model)
     return model
 
 
@@ -70,16 +78,32 @@ def _export_module(module: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphM
     return plain_graph_module(program.module()), True
 
 
-def _export_any_batch(module: nn.Module, example: tuple[torch.Tensor, ...]
-                      ) -> torch.export.ExportedProgram | None:
+def _export_any_batch(module: nn.Module, example: tuple[torch.Tensor, ...],
+                      free_axes: tuple[tuple[int, ...], ...] = ()) -> torch.export.ExportedProgram | None:
     """``torch.export`` with the batch axis dynamic: any batch, else the range the graph allows (a
-    program read with its own, ``Dim("batch", max=512)``, keeps it); None where neither exports."""
+    program read with its own, ``Dim("batch", max=512)``, keeps it); None where neither exports.
+    ``free_axes[i]``: input i's other axes that stay dynamic where the graph allows (``Dim.AUTO``)."""
     for batch in (torch.export.Dim("batch", min=1), torch.export.Dim.AUTO):
         try:
-            return torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
+            return torch.export.export(module, example, dynamic_shapes=_dynamic_shapes(example, free_axes, batch))
         except Exception:
             pass
     return None
+
+
+def _dynamic_shapes(example, free_axes, batch) -> tuple[dict, ...]:
+    return tuple({0: batch, **dict.fromkeys(axes, torch.export.Dim.AUTO)}
+                 for _, axes in itertools.zip_longest(example, free_axes, fillvalue=()))
+
+
+def _batched(model: Model) -> bool:
+    """Whether every input's batch is dynamic (not one :func:`_free_exported_batch` left at 1)."""
+    return all(spec.shape[:1] == (None,) for spec in model.inputs)
+
+
+def _free_axes(model: Model) -> tuple[tuple[int, ...], ...]:
+    """Each input's dynamic axes besides the batch (a program exported with dynamic H and W)."""
+    return tuple(tuple(i for i, d in enumerate(spec.shape) if i and d is None) for spec in model.inputs)
 
 
 def plain_graph_module(exported: fx.GraphModule) -> fx.GraphModule:
@@ -112,54 +136,79 @@ def load_pt2(path: str | os.PathLike, input_shape: tuple[int, ...] | None = None
 
 def load_program(program: torch.export.ExportedProgram, name: str = "program",
                  input_shape: tuple[int, ...] | None = None) -> Model:
-    """An ``ExportedProgram`` (read from a ``.pt2``, or made in Python by ``torch.export.export``)."""
-    user_inputs = program.graph_signature.user_inputs
-    specs = []
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name in user_inputs:
-            val = node.meta.get("val")
-            specs.append(InputSpec(node.name, (None, *tuple(int(d) for d in val.shape[1:])), val.dtype))
-    gm = plain_graph_module(program.module())
-    example_shape = None
-    fixed_batch = False
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name in user_inputs:
-            example_shape = (1, *(int(d) for d in node.meta["val"].shape[1:]))
-            fixed_batch = isinstance(node.meta["val"].shape[0], int)
-            break
-    model = Model(gm, "pt2", tuple(specs), ("output",), name,
-                  input_shape=tuple(input_shape) if input_shape else example_shape)
-    _refuse_buffer_updates(model)
+    """An ``ExportedProgram`` (read from a ``.pt2``, or made in Python by ``torch.export.export``).
+    A dimension exported as dynamic (``dynamic_shapes``) stays dynamic: the batch always; height
+    and width where the program allows any (analysed at ``input_shape``, else at its example's
+    size, said in one line, and written back dynamic)."""
+    return _load_exported(program.module(), name, input_shape)
+
+
+def _is_exported(module: nn.Module) -> bool:
+    """``ExportedProgram.module()``: a graph whose inputs carry the example values export traced."""
+    if not isinstance(module, fx.GraphModule):
+        return False
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    return bool(placeholders) and all(isinstance(n.meta.get("val"), torch.Tensor) for n in placeholders)
+
+
+def _load_exported(exported: fx.GraphModule, name: str, input_shape: tuple[int, ...] | None) -> Model:
+    """See :func:`load_program`; ``exported`` is its ``module()``."""
+    values = {n.target: n.meta["val"] for n in exported.graph.nodes if n.op == "placeholder"}
+    specs = tuple(InputSpec(input_name, tuple(None if i == 0 or not isinstance(d, int) else int(d)
+                                              for i, d in enumerate(val.shape)),
+                            val.dtype, example=(1, *(_size_hint(d) for d in val.shape[1:])))
+                  for input_name, val in values.items())
+    fixed_batch = bool(values) and isinstance(next(iter(values.values())).shape[0], int)
+    model = Model(plain_graph_module(exported), "pt2", specs, ("output",), name,
+                  input_shape=tuple(input_shape) if input_shape else (specs[0].example if specs else None))
+    dynamic = len(specs) == 1 and any(d is None for d in specs[0].shape[1:])
+    model.meta["input_shape_source"] = "input_shape" if input_shape else ("example" if dynamic else "declared")
+    if dynamic and not input_shape:
+        log.warning("input shape %s from the program's example; pass --input-shape to use another",
+                    ",".join(map(str, model.input_shape)))
+    failure = _refuse_buffer_updates(model)
+    if failure is not None and dynamic and input_shape:
+        raise GraphpruneError(f"input_shape {','.join(map(str, input_shape))} is not one {name} was exported for: "
+                              f"{first_line(failure)[:160]}", parameter="input_shape")
     if fixed_batch:
-        _free_exported_batch(model, name)
+        _free_exported_batch(model)
     return model
 
 
-def _refuse_buffer_updates(model: Model) -> None:
+def _size_hint(size: int | torch.SymInt) -> int:
+    """A dimension's example size. Not ``int(size)``: that specialises the program's symbol, and
+    its module then no longer checks the range it was exported for."""
+    return size if isinstance(size, int) else int(size.node.hint or 1)
+
+
+def _refuse_buffer_updates(model: Model) -> Exception | None:
     """One line for a graph whose forward changes its own buffers (a program exported in training
     mode: BatchNorm updates its running statistics): every run would be another model, and the
     analyses, which must leave the model as they found it, stopped with an internal error. The
-    buffers are put back after the trial run."""
+    buffers are put back after the trial run; what that run raised is returned."""
     gm = model.graph_module
     saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
     try:
         with torch.no_grad():
             gm(*model.example_inputs(batch_size=1))
-    except Exception:
-        return  # a shape it cannot run yet (dynamic sizes): the first real run says so
+    except Exception as exc:
+        return exc  # a shape it cannot run (the caller says why; else the first real run does)
     changed = [name for name, b in gm.named_buffers() if not torch.equal(b, saved[name])]
     with torch.no_grad():
         for name, b in gm.named_buffers():
             b.copy_(saved[name])
     if changed:
         raise GraphpruneError(f"{model.name}'s forward updates its buffers ({', '.join(changed[:3])}"
-                              f"{', ...' if len(changed) > 3 else ''}): exported in training mode? export it after "
-                              "model.eval()")
+                              f"{', ...' if len(changed) > 3 else ''}): every run would be another model "
+                              "(exported in training mode? export it after model.eval())")
+    return None
 
 
-def _free_exported_batch(model: Model, label: str) -> None:
+def _free_exported_batch(model: Model) -> None:
     """A program exported without ``dynamic_shapes`` guards its example's batch, but the tiny set
-    runs in batches: drop the guard where the graph itself computes every row alone."""
+    runs in batches: drop the guard where the graph itself computes every row alone. Where it does
+    not (attention folding the batch into its sizes), the batch stays 1: inspect, drop and profile
+    run it image by image, and optimize refuses it (``model.meta["batches_run"]``), as for ONNX."""
     gm = model.graph_module
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         gm.graph.erase_node(node)
@@ -171,8 +220,8 @@ def _free_exported_batch(model: Model, label: str) -> None:
         return
     for step in undo:
         step()
-    raise GraphpruneError(f"{label} was exported with a fixed batch its graph depends on; "
-                          "export it with a dynamic batch (torch.export dynamic_shapes)")
+    model.inputs = tuple(dataclasses.replace(spec, shape=(1, *spec.shape[1:])) for spec in model.inputs)
+    model.meta["batches_run"] = False
 
 
 def build_named(spec: str, weights: str | None = None, input_shape: tuple[int, ...] | None = None) -> Model:
@@ -239,11 +288,14 @@ def export_onnx(model: Model) -> bytes:
     input_names = [s.name for s in model.inputs]
     output_names = list(model.output_names) or ["output"]
     with _no_attention_fast_path(), _traced_sizes(gm):
-        return _export_onnx(gm, example, input_names, output_names)
+        return _export_onnx(gm, example, input_names, output_names, _free_axes(model), _batched(model))
 
 
-def _export_onnx(gm, example, input_names, output_names) -> bytes:
-    dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
+def _export_onnx(gm, example, input_names, output_names, free_axes, batched: bool) -> bytes:
+    batch_axis = {0: "batch"} if batched else {}
+    dynamic_axes = {name: batch_axis for name in output_names}
+    dynamic_axes.update({name: {**batch_axis, **{a: f"{name}_{a}" for a in axes}}
+                         for name, axes in itertools.zip_longest(input_names, free_axes, fillvalue=())})
     errors = []
     for opset in (17, 14):
         buffer = io.BytesIO()
@@ -253,17 +305,17 @@ def _export_onnx(gm, example, input_names, output_names) -> bytes:
                 torch.onnx.export(gm, example, buffer, opset_version=opset, dynamo=False,
                                   input_names=input_names, output_names=output_names,
                                   dynamic_axes=dynamic_axes, do_constant_folding=True)
-            _check_runs_batched(buffer.getvalue(), example)
+            if batched:
+                _check_runs_batched(buffer.getvalue(), example)
             return buffer.getvalue()
         except Exception as exc:
             errors.append(f"opset {opset}: {first_line(exc)[:160]}")
     try:
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            batch = torch.export.Dim("batch", min=1)
+            dynamic = _dynamic_shapes(example, free_axes, torch.export.Dim("batch", min=1) if batched else None)
             program = torch.onnx.export(gm, example, dynamo=True, input_names=input_names,
-                                        output_names=output_names,
-                                        dynamic_shapes=tuple({0: batch} for _ in example))
+                                        output_names=output_names, dynamic_shapes=dynamic)
         return program.model_proto.SerializeToString()
     except Exception as exc:
         errors.append(f"dynamo: {first_line(exc)[:160]}")
@@ -305,7 +357,9 @@ def _check_runs_batched(onnx_bytes: bytes, example: tuple[torch.Tensor, ...]) ->
     the dynamo exporter keeps it symbolic."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # its failure is one of the tries export_onnx reports, not a log
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
     session.run(None, {i.name: torch.cat([x, x]).numpy() for i, x in zip(session.get_inputs(), example)})
 
 
@@ -325,11 +379,13 @@ def _no_attention_fast_path():
 def export_pt2(model: Model) -> torch.export.ExportedProgram:
     """A ``torch.export`` program of the model (batch axis dynamic where possible)."""
     gm = model.graph_module.eval()
-    program = _export_any_batch(gm, model.example_inputs(batch_size=2))
+    free_axes = _free_axes(model)
+    program = _export_any_batch(gm, model.example_inputs(batch_size=2), free_axes) if _batched(model) else None
     if program is not None:
         return program
     try:  # the example's batch alone
-        return torch.export.export(gm, model.example_inputs())
+        example = model.example_inputs()
+        return torch.export.export(gm, example, dynamic_shapes=_dynamic_shapes(example, free_axes, None))
     except Exception as exc:
         hint = " (a model read from ONNX is written back as .onnx)" if model.source == "onnx" else ""
         raise GraphpruneError(f"torch.export failed{hint}: {first_line(exc)[:200]}") from None

@@ -73,7 +73,13 @@ def to_onnx(model: Model, verify: bool = True) -> onnx.ModelProto:
     proto = simplify(proto)
     check_onnx(proto, "(output)")
     if verify:
-        io_onnx.verify_against_onnxruntime(proto, model, what="the written model", atol=1e-3)
+        try:
+            io_onnx.verify_against_onnxruntime(proto, model, what="the written model", atol=1e-3)
+        except GraphpruneError as exc:
+            if any(p.dtype == torch.float64 for p in model.graph_module.parameters()):  # no double Conv there
+                raise GraphpruneError(f"{exc} (the weights are float64: write a .pt2, or export it after "
+                                      "model.float())") from None
+            raise
     return proto
 
 
