@@ -68,7 +68,7 @@ def read_rate(outputs: np.ndarray, texts: list[str], dictionary: list[str]) -> f
     top class per position, repeats merged, class 0 the blank; class i > 0 is ``dictionary[i - 1]``,
     the last class a space, as PaddleOCR's CTC label decoder reads its dictionary), spaces ignored:
     the recogniser reads the gaps between words its own way."""
-    from graphprune.fidelity import ctc_text
+    from graphprune.ctc import ctc_text
 
     classes = ["", *dictionary, " "]
     read = 0

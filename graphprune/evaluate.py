@@ -33,8 +33,9 @@ import onnx
 import torch
 
 from .data import TinySet
+from .ctc import CtcText
 from .errors import GraphpruneError
-from .fidelity import (DECODERS, CtcText, DetectionCounts, MapOverlap, describe_layout, output_layout,
+from .fidelity import (DECODERS, DetectionCounts, MapOverlap, describe_layout, output_layout,
                        same_top_classes)
 from .model import Model
 

@@ -29,18 +29,7 @@ original's: the layout of an output, and a detector's boxes decoded and matched.
 **Agreement** (:func:`same_top_classes`): an image agrees with the original where its top class
 does at every position (a ``classes`` output has one position; a recogniser reads the same text).
 
-**Text** (:class:`CtcText`): a ``sequence`` output is also read as a CTC recogniser's text, the way
-its users decode it (greedy CTC): the top class at each position, runs of one class collapsed to
-one, the blank class removed. The blank is not in the file: it is taken to be the class that is the
-original's top class at the most positions over the evaluation images (a recogniser's blank fills
-the positions between characters: PP-OCRv4's class 0, at most of them), and the report says which
-and at what share, so a token classifier (whose runs are not collapsed) can be told apart. Summed
-over the images, with d the edit distance (insertions, deletions, substitutions) of the two texts:
-
-    text_agreement       = images whose texts are equal / images
-    character_error_rate = sum d(text_optimised, text_original) / sum |text_original|
-
-(None where the original read no character on any image).
+**Text** (:mod:`graphprune.ctc`): a ``sequence`` output is also read as a CTC recogniser's text.
 
 **Class distributions** (:func:`class_kl`): a ``classes`` output is compared as distributions,
 KL(p_original || p_optimised) averaged over the images, p = softmax(scores), or the scores
@@ -192,47 +181,6 @@ class MapOverlap:
 
     def value(self) -> float | None:
         return self.intersection / self.union if self.union > 0 else None
-
-
-def ctc_text(tops: list[int], blank: int) -> list[int]:
-    """Greedy CTC: ``tops`` (the top class at each position) with runs collapsed and ``blank`` removed."""
-    return [c for i, c in enumerate(tops) if c != blank and (i == 0 or c != tops[i - 1])]
-
-
-def edit_distance(a: list[int], b: list[int]) -> int:
-    """Levenshtein distance: the fewest insertions, deletions and substitutions from ``a`` to ``b``."""
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        diagonal, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (x != y))
-    return row[-1]
-
-
-@dataclass
-class CtcText:
-    """Two ``sequence`` outputs read as CTC text (module docstring), their top classes kept batch by
-    batch (N x T integers: small next to the outputs)."""
-
-    original: list = field(default_factory=list)
-    optimized: list = field(default_factory=list)
-
-    def add(self, original: torch.Tensor, optimized: torch.Tensor) -> None:
-        self.original.append(original.argmax(-1).reshape(len(original), -1))
-        self.optimized.append(optimized.argmax(-1).reshape(len(optimized), -1))
-
-    def as_dict(self) -> dict:
-        theirs, ours = torch.cat(self.original), torch.cat(self.optimized)
-        counts = torch.bincount(theirs.flatten())
-        blank = int(counts.argmax())
-        same = errors = length = 0
-        for their_tops, our_tops in zip(theirs.tolist(), ours.tolist()):
-            their_text, our_text = ctc_text(their_tops, blank), ctc_text(our_tops, blank)
-            same += their_text == our_text
-            errors += edit_distance(our_text, their_text)
-            length += len(their_text)
-        return {"blank": blank, "blank_share": float(counts[blank]) / theirs.numel(),
-                "text_agreement": same / len(theirs), "character_error_rate": errors / length if length else None}
 
 
 @dataclass(frozen=True)

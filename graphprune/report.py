@@ -131,7 +131,7 @@ def _held_out_line(held_out: dict) -> str:
 
 
 def _ctc_words(ctc: dict) -> str:
-    """A class-per-position output read as CTC text (fidelity.CtcText), with the blank it assumed."""
+    """A class-per-position output read as CTC text (ctc.CtcText), with the blank it assumed."""
     rate = ctc["character_error_rate"]
     return (f"read as CTC text (blank = class {ctc['blank']}, the original's top class at "
             f"{100 * ctc['blank_share']:.0f}% of positions): the same text on {100 * ctc['text_agreement']:.2f}% "

@@ -16,9 +16,10 @@ import graphprune as gp
 from graphprune.data import Preprocessing, TinySet, load_tiny_set
 from graphprune.errors import GraphpruneError
 from graphprune.evaluate import evaluate, evaluate_onnx
-from graphprune.fidelity import (CONFIDENCE, CtcText, DetectionCounts, Detections, MapOverlap, average_precision,
-                                 box_iou, class_kl, ctc_text, decode_yolov5, decode_yolov8, edit_distance, matched,
-                                 output_layout, ranked_hits, same_top_classes)
+from graphprune.ctc import CtcText, ctc_text, edit_distance, same_text
+from graphprune.fidelity import (CONFIDENCE, DetectionCounts, Detections, MapOverlap, average_precision, box_iou,
+                                 class_kl, decode_yolov5, decode_yolov8, matched, output_layout, ranked_hits,
+                                 same_top_classes)
 from graphprune.report import format_summary
 from onnx_builders import save
 from yolo_like import tiny_yolo5_onnx, tiny_yolo_onnx
@@ -387,6 +388,9 @@ def test_ctc_reading_takes_the_original_s_commonest_class_as_blank_and_scores_te
     assert result["blank"] == 0 and result["blank_share"] == pytest.approx(0.6)
     assert result["text_agreement"] == pytest.approx(0.5) and result["character_error_rate"] == pytest.approx(1 / 3)
     assert not bool(same_top_classes(one_hot([[0, 3, 0, 0, 0]]), one_hot([[3, 3, 0, 0, 0]])))
+    assert same_text(one_hot([[1, 0, 0, 1, 2], [3, 3, 0, 0, 0]]),
+                     one_hot([[0, 1, 1, 0, 2], [0, 3, 0, 0, 0]])).tolist() == [False, True]
+    assert same_text(one_hot([[1, 2, 3, 4, 5]]), one_hot([[1, 2, 3, 4, 0]])) is None  # no class fills half: no blank
     silent = CtcText()
     silent.add(one_hot([[0, 0]]), one_hot([[0, 4]]))
     assert silent.as_dict()["character_error_rate"] is None and silent.as_dict()["text_agreement"] == 0

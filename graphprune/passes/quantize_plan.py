@@ -28,6 +28,7 @@ import onnx
 import torch
 
 from ..backends.base import CutMeasurement
+from ..ctc import same_text
 from ..errors import GraphpruneError
 from ..fidelity import DECODERS, DetectionCounts, MapOverlap, lower_map50, output_layout, same_top_classes
 from ..formats.ort_run import cpu_session, run_outputs
@@ -212,7 +213,7 @@ class _Judge:
         self.reference = run_outputs(cpu_session(proto, "the float model"), images, settings.batch_size)
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
         layout = output_layout(torch.from_numpy(self.reference))
-        classifier = layout in ("classes", "sequence")  # judged by the top class (at every position)
+        classifier = layout in ("classes", "sequence")  # judged by the top class (a recogniser: its text)
         if layout != "classes":
             self.labels = None  # labels are classes of an image, which only a (N, K) output gives
         self.float_top1, self.note = None, ""
@@ -279,7 +280,7 @@ class _Judge:
         elif self.metric == "relative_error":
             candidate.loss = error
         else:
-            agrees = same_top_classes(torch.from_numpy(out), torch.from_numpy(self.reference)).numpy()
+            agrees = self._agrees(torch.from_numpy(out), torch.from_numpy(self.reference)).numpy()
             candidate.correct = out.argmax(1) == self.labels if self.labels is not None else agrees
             candidate.agreement = float(agrees.mean())
             if self.labels is not None:
@@ -287,6 +288,11 @@ class _Judge:
             candidate.loss = self.float_top1 - candidate.top1 if self.labels is not None else 1.0 - candidate.agreement
         candidate.within_bound = self.within(candidate.loss)
         return candidate
+
+    def _agrees(self, out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Per image, the same top class, or for a recogniser the same CTC text (:mod:`graphprune.ctc`)."""
+        texts = same_text(out, reference) if self.layout == "sequence" else None
+        return texts if texts is not None else same_top_classes(out, reference)
 
     def within(self, loss: float) -> bool:
         """``loss`` at most the bound, up to float rounding: losses are fractions of a few hundred
