@@ -22,10 +22,8 @@ def format_summary(report: dict) -> str:
         lines.append(f"{quantization['block_work_skipped']} (no block profiled or scored)")
     if quantization.get("mode") in ("auto", "int8") and not quantization.get("used") and quantization.get("reason"):
         lines.append(quantization["reason"])  # why int8 is off: it cannot run here, or was slower or inaccurate
-    if quantization.get("used") and quantization.get("mimic"):
-        mimic = quantization["mimic"]
-        lines.append(f"int8 weights trained by quantisation-aware mimicking: {quantization['reason']} "
-                     f"({mimic.get('steps')} steps, {mimic.get('seconds', 0):.0f}s)")
+    if quantization.get("used"):
+        lines.append(_int8_line(quantization, bool(report["dropped"])))
     if latency:
         lines.append(f"latency {latency['original_ms']:.3f} ms -> {latency['optimized_ms']:.3f} ms "
                      f"(measured cut {100 * latency['cut']:.1f}%, target {100 * latency['target']:.1f}%)")
@@ -103,6 +101,24 @@ def _eval_lines(evaluation: dict) -> list[str]:
     if errors:
         lines.append(f"relative output error ||y - y_orig|| / ||y_orig||: {', '.join(errors)}")
     return lines
+
+
+def _int8_line(quantization: dict, dropped: bool) -> str:
+    """What int8 did where it was written: the plan's choice and reason, mimicking's training, the
+    nodes kept in float, and, with blocks dropped too, each one's share of the measured cut."""
+    chosen = ((quantization.get("plan") or {}).get("chosen") or {}).get("label")
+    line = f"quantised to int8{f' ({chosen})' if chosen else ''}: {quantization.get('reason') or 'as planned'}"
+    mimic = quantization.get("mimic")
+    if mimic:
+        line += (f"; weights trained by quantisation-aware mimicking ({mimic.get('steps')} steps, "
+                 f"{mimic.get('seconds', 0):.0f}s)")
+    if quantization.get("float_nodes"):
+        line += f"; {len(quantization['float_nodes'])} nodes kept in float"
+    split = quantization.get("cut")
+    if dropped and split:
+        line += (f"; of the {100 * split['total']:.1f}% cut, dropping blocks {100 * split['float_only']:.1f}% "
+                 f"and int8 the rest")
+    return line
 
 
 def _held_out_line(held_out: dict) -> str:
