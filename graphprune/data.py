@@ -1,19 +1,6 @@
-"""The tiny set: images from a folder, a labels CSV or an ``.npz``, sampled, resized, normalised and split.
+"""The tiny set: raw images (:mod:`graphprune.data_sources`: a folder, a labels CSV or an ``.npz``),
+sampled, resized, normalised and split.
 
-* A folder is searched at any depth for image files. When every image sits in a first-level
-  sub-folder, the sub-folders are classes (sorted names -> 0..K-1, or their integer value when
-  every name is an integer); labels are used only for evaluation and class-balanced sampling.
-* A folder with a ``labels.csv`` (or that CSV given itself) is the images the CSV names, paths
-  relative to its folder, with its integer labels (:func:`read_labels_csv`): the first column
-  names the files; the label column is one named ``label``, ``class_index``, ``target``,
-  ``class``, ... (``LABEL_COLUMNS``) or ending in ``_class_index``, ``_label``, ...
-  (``LABEL_SUFFIXES``), the first of them whose values are all integers, else the second of a
-  two-column file; a first row whose first cell is a file of the folder and whose second is an
-  integer is data (a header-less ``file,label`` file).
-  A missing file, no label column, a label that is not a non-negative integer, a file named twice
-  is one line. Images of the folder the CSV does not name are not read.
-* An ``.npz`` holds ``images`` (N, H, W, C uint8) and optionally ``labels`` (N,): class indices
-  >= 0, or all -1 (unlabelled); other negatives, or -1 for some images only, are one line.
 * ``num_samples`` images are drawn with ``seed`` (round-robin over classes when labels exist, so
   the draw is class-balanced), resized (shorter side to the model's size, or to that size divided
   by ``crop``: 0.875 is ImageNet's 256 -> 224) and centre-cropped to the model's input size,
@@ -22,13 +9,13 @@
   ``mean``/``std``.
 * :func:`split_holdout` keeps a held-out part (default 20%, at least 16 images) to measure
   recoverability on images the adaptors never trained on.
-Unreadable files are skipped and counted; a set with no readable image is an error.
+Unreadable files are skipped, counted and the first named in one line; a set with no readable
+image is an error.
 """
 
 from __future__ import annotations
 
-import csv
-import zipfile
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,15 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import GraphpruneError, first_line
+from .data_sources import read_source, sample_indices  # noqa: F401  (sample_indices: part of this API)
+from .errors import GraphpruneError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
-LABELS_FILE = "labels.csv"
-# The label column of a CSV: a header cell equal to one of LABEL_COLUMNS, else one ending in one of
-# LABEL_SUFFIXES (ImageNet lists' ``imagenet_class_index``), earlier entries first; the first of them
-# whose values are all integers (``_label_column``).
-LABEL_COLUMNS = ("label", "labels", "class_index", "class_id", "target", "category_id", "class", "category", "y")
-LABEL_SUFFIXES = ("_class_index", "_class_id", "_label", "_target")
+log = logging.getLogger("graphprune")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -127,19 +110,14 @@ def load_tiny_set(path: str | Path, prep: Preprocessing, num_samples: int | None
     path = Path(path)
     if not path.exists():
         raise GraphpruneError(f"data not found: {path}")
-    if path.is_dir():
-        raw, labels, classes, skipped = _read_folder(path, num_samples, seed)
-    elif path.suffix.lower() == ".npz":
-        raw, labels, classes, skipped = _read_npz(path, num_samples, seed)
-    elif path.suffix.lower() == ".csv":
-        raw, labels, skipped = _read_files(*read_labels_csv(path), num_samples, seed)
-        classes = []
-    else:
-        raise GraphpruneError(f"path must be a folder of images, a labels .csv or an .npz file, got {path.name}",
-                              parameter="path")
-    if not raw:
-        raise GraphpruneError(f"no readable images in {path}" + (f" ({skipped} unreadable)" if skipped else ""))
-    return _preprocess(raw, labels, prep, str(path), skipped, classes)
+    raw = read_source(path, num_samples, seed)
+    if raw.skipped:
+        log.warning("%s: skipped %d file%s not readable as an image (e.g. %s)", path, len(raw.skipped),
+                    "s" if len(raw.skipped) > 1 else "", raw.skipped[0].name)
+    if not raw.images:
+        raise GraphpruneError(f"no readable images in {path}" + (f" ({len(raw.skipped)} unreadable)"
+                                                                 if raw.skipped else ""))
+    return _preprocess(raw.images, raw.labels, prep, str(path), len(raw.skipped), raw.classes)
 
 
 def tiny_set_from_array(images: np.ndarray, prep: Preprocessing, source: str) -> TinySet:
@@ -156,173 +134,6 @@ def _preprocess(raw, labels, prep: Preprocessing, source: str, skipped: int, cla
     mean, std = prep.channel_stats()
     images = (images - mean) / std
     return TinySet(images, torch.as_tensor(labels, dtype=torch.long), source, skipped, classes)
-
-
-def _read_npz(path: Path, num_samples, seed):
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "images" not in data.files:
-                raise GraphpruneError(f"{path.name} has no 'images' array (found: {', '.join(data.files) or 'none'})")
-            images = data["images"]
-            labels = data["labels"] if "labels" in data.files else None
-    except GraphpruneError:
-        raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise GraphpruneError(f"cannot read {path.name} as .npz ({type(exc).__name__})") from None
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[0] == 0 or not 1 <= images.shape[-1] <= 4:
-        raise GraphpruneError(f"{path.name}: 'images' must be (N, H, W, C) with C in 1..4, got {tuple(images.shape)}")
-    if images.dtype != np.uint8:
-        raise GraphpruneError(f"{path.name}: 'images' must be uint8, got {images.dtype}")
-    if labels is not None:
-        labels = np.asarray(labels).reshape(-1)
-        if labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
-            raise GraphpruneError(f"{path.name}: 'labels' must be N integers matching 'images'")
-        unlabelled = int((labels == -1).sum())
-        if (labels < -1).any() or 0 < unlabelled < len(labels):  # a set is labelled whole or not at all
-            raise GraphpruneError(f"{path.name}: 'labels' must be class indices >= 0, or all -1 for unlabelled "
-                                  f"images; got {int(labels.min())}"
-                                  + (f" ({unlabelled} of {len(labels)} are -1)" if unlabelled else ""))
-    order = sample_indices(labels, images.shape[0], num_samples, seed)
-    raw = [torch.from_numpy(np.ascontiguousarray(images[i])).permute(2, 0, 1)[None] for i in order]
-    out_labels = [int(labels[i]) for i in order] if labels is not None else [-1] * len(order)
-    return raw, out_labels, [], 0
-
-
-def _read_folder(root: Path, num_samples, seed):
-    if (root / LABELS_FILE).is_file():
-        raw, labels, skipped = _read_files(*read_labels_csv(root / LABELS_FILE), num_samples, seed)
-        return raw, labels, [], skipped
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise GraphpruneError(f"no image files in {root}")
-    parents = {p.relative_to(root).parts[0] if len(p.relative_to(root).parts) == 2 else None for p in files}
-    classes: list[str] = []
-    labels = None
-    if None not in parents and len(parents) > 1:
-        classes = sorted(parents, key=lambda n: (int(n), n) if n.isdigit() else (float("inf"), n))
-        index = {c: (int(c) if all(n.isdigit() for n in classes) else i) for i, c in enumerate(classes)}
-        labels = np.array([index[p.relative_to(root).parts[0]] for p in files])
-    raw, out_labels, skipped = _read_files(files, labels, num_samples, seed)
-    return raw, out_labels, classes, skipped
-
-
-def _read_files(files: list[Path], labels, num_samples, seed):
-    """Images of ``files`` (labels ``labels`` or None) in sampled order until ``num_samples`` are
-    readable: (images, labels, unreadable count)."""
-    order = sample_indices(labels, len(files), None, seed)
-    raw, out_labels, skipped = [], [], 0
-    for i in order:
-        if num_samples is not None and len(raw) >= num_samples:
-            break
-        image = _read_image(files[i])
-        if image is None:
-            skipped += 1
-            continue
-        raw.append(image)
-        out_labels.append(int(labels[i]) if labels is not None else -1)
-    return raw, out_labels, skipped
-
-
-def read_labels_csv(path: Path) -> tuple[list[Path], np.ndarray]:
-    """The files a labels CSV names (relative to its folder) and their integer labels (see the
-    module docstring); one line for anything else."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            rows = [(reader.line_num, [cell.strip() for cell in row]) for row in reader if any(c.strip() for c in row)]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise GraphpruneError(f"cannot read {path.name} as CSV: {first_line(exc)}") from None
-    header = None
-    if rows and not _is_data_row(rows[0][1], path.parent):
-        header, rows = rows[0][1], rows[1:]
-    if not rows:
-        raise GraphpruneError(f"{path.name} lists no images")
-    column = 1 if header is None else _label_column(header, rows, path.name)
-    files, labels, seen = [], [], set()
-    for line, row in rows:
-        if len(row) <= column:
-            raise GraphpruneError(f"{path.name} line {line} has {len(row)} columns; "
-                                  f"the labels are in column {column + 1}")
-        name, label = row[0], row[column]
-        if not name or Path(name).is_absolute() or ".." in Path(name).parts:  # stay inside the folder
-            raise GraphpruneError(f"{path.name} line {line}: '{name}' is not a file name inside {path.parent}")
-        if name in seen:
-            raise GraphpruneError(f"{path.name} names '{name}' twice (line {line})")
-        if not _is_label(label):
-            raise GraphpruneError(f"{path.name} line {line}: label '{label}' is not a non-negative integer"
-                                  + ("" if header is None else f" (column '{header[column]}')"))
-        seen.add(name)
-        files.append(path.parent / name)
-        labels.append(int(label))
-    missing = [f for f in files if not f.is_file()]
-    if missing:
-        raise GraphpruneError(f"{path.name} names {len(missing)} files not in {path.parent}, "
-                              f"e.g. '{missing[0].relative_to(path.parent)}'")
-    return files, np.array(labels)
-
-
-def _is_label(cell: str) -> bool:
-    return cell.isascii() and cell.isdigit()
-
-
-def _is_data_row(row: list[str], folder: Path) -> bool:
-    """A header-less ``file,label`` row: a file of the folder, then an integer."""
-    return len(row) >= 2 and _is_label(row[1]) and bool(row[0]) and (folder / row[0]).is_file()
-
-
-def _label_column(header: list[str], rows, name: str) -> int:
-    """The label column: the first named like a label (``LABEL_COLUMNS``, then ``LABEL_SUFFIXES``)
-    whose values are all integers (a ``class`` of names is passed over for a ``class_index``),
-    else the second of two columns."""
-    lowered = [cell.lower() for cell in header]
-    candidates = [i for wanted in LABEL_COLUMNS for i in range(1, len(header)) if lowered[i] == wanted]
-    candidates += [i for suffix in LABEL_SUFFIXES for i in range(1, len(header))
-                   if lowered[i].endswith(suffix) and i not in candidates]
-    if not candidates and len(header) == 2:
-        candidates = [1]
-    if not candidates:
-        raise GraphpruneError(f"{name} has no label column (columns: {', '.join(header)}); name the column of "
-                              "integer labels 'label', 'class', 'class_index' or 'target'")
-    for column in candidates:
-        if all(len(row) > column and _is_label(row[column]) for _, row in rows):
-            return column
-    return candidates[0]  # not all integers: the rows' check names the first bad value
-
-
-def _read_image(path: Path) -> torch.Tensor | None:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            array = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
-
-
-def sample_indices(labels, count: int, num_samples: int | None, seed: int) -> list[int]:
-    """A seeded order of ``count`` items; round-robin over classes when labels are given, so any
-    prefix is class-balanced. Truncated to ``num_samples``."""
-    rng = np.random.default_rng(seed)
-    if labels is None:
-        order = rng.permutation(count).tolist()
-    else:
-        labels = np.asarray(labels)
-        per_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
-        rng.shuffle(per_class)
-        order = []
-        while any(per_class):
-            for bucket in per_class:
-                if bucket:
-                    order.append(bucket.pop(0))
-    if num_samples is not None:
-        if num_samples <= 0:
-            raise GraphpruneError(f"num_samples must be positive, got {num_samples}", parameter="num_samples")
-        order = order[:num_samples]
-    return order
 
 
 def _to_model_size(image: torch.Tensor, size: tuple[int, int, int], source: str, crop: float = 1.0) -> torch.Tensor:
@@ -354,7 +165,7 @@ def split_holdout(tiny: TinySet, fraction: float = 0.2, minimum: int = 16, seed:
     """(train, held-out): ``max(minimum, fraction * N)`` images held out, never more than half."""
     n = len(tiny)
     if n < 4:
-        raise GraphpruneError(f"the tiny set has {n} images; need at least 4")
+        raise GraphpruneError(f"the tiny set has {n} image{'s' if n != 1 else ''}; need at least 4")
     held = min(max(minimum, round(fraction * n)), n // 2)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return tiny.subset(order[held:]), tiny.subset(order[:held])

@@ -22,6 +22,14 @@ def _npz(path, n=40, size=8, channels=3, labels=True, seed=0):
     return path
 
 
+def _npy_bytes(array) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def test_npz_is_normalised_and_class_balanced(tmp_path):
     path = _npz(tmp_path / "d.npz")
     tiny = load_tiny_set(path, PREP, num_samples=20, seed=3)
@@ -70,6 +78,13 @@ def test_folder_without_classes_and_grey_model(tmp_path):
      "class indices >= 0, or all -1 for unlabelled images; got -5"),  # was read as an unlabelled set
     (lambda p: np.savez(p.with_suffix(".npz"), images=np.zeros((4, 8, 8, 3), np.uint8), labels=[0, -1, 3, 2]),
      "(1 of 4 are -1)"),
+    # an internal error (TypeError: np.load gave an array), a ZeroDivisionError, and one colour image
+    # silently read as 32 grey images 32 x 3 pixels
+    (lambda p: p.with_suffix(".npz").write_bytes(_npy_bytes(np.zeros((4, 8, 8, 3), np.uint8))),
+     "one .npy array, not an .npz"),
+    (lambda p: np.savez(p.with_suffix(".npz"), images=np.zeros((8, 0, 32, 3), np.uint8)), "H, W above 0"),
+    (lambda p: np.savez(p.with_suffix(".npz"), images=np.zeros((32, 32, 3), np.uint8)), "one colour image?"),
+    (lambda p: np.savez(p.with_suffix(".npz"), images=np.array([object()] * 4)), "pickled Python objects"),
 ])
 def test_bad_data(tmp_path, make, message):
     target = tmp_path / "data"
@@ -189,3 +204,50 @@ def test_crop_takes_the_centre_share_of_the_resized_image(tmp_path):
     for bad in (0.0, 1.5):
         with pytest.raises(GraphpruneError, match="crop must be in"):
             load_tiny_set(path, Preprocessing((3, 4, 4), crop=bad))
+
+
+def test_deep_pixels_and_exif_orientation_are_read_as_a_viewer_shows_them(tmp_path):
+    """A 16-bit PNG read all white and a float TIFF all black (Pillow's RGB conversion clips them);
+    a phone's portrait photo (stored sideways, EXIF orientation 6) was read sideways."""
+    ramp = np.linspace(0, 1, 64).reshape(8, 8)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(ramp.astype(np.float32), mode="F").save(tmp_path / "float.tif")
+    tiny = load_tiny_set(tmp_path, Preprocessing((1, 8, 8), (0.0,), (1.0,)))
+    for image in tiny.images:
+        assert torch.allclose(image[0], torch.from_numpy(ramp).float(), atol=1 / 255)
+    photo = tmp_path / "photo"
+    photo.mkdir()
+    stored = np.zeros((8, 16, 3), np.uint8)
+    stored[:, :8] = 255  # left half white as stored; the viewer turns it 90 degrees clockwise: top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(photo / "p.png", exif=exif)
+    (image,) = load_tiny_set(photo, Preprocessing((1, 16, 8), (0.0,), (1.0,)), seed=0).images
+    assert image.shape == (1, 16, 8) and image[0, :8].min() == 1.0 and image[0, 8:].max() == 0.0
+
+
+def test_folders_read_as_a_user_keeps_them(tmp_path, caplog):
+    """Dot files (macOS's ._photo.jpg) were unreadable images counted silently, and one at the top
+    level turned class folders into an unlabelled set; train/<class>/ under one folder had no
+    classes; symlinked folders were not followed; skipped files were never named."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "imagenet" / "train"
+    for cls in ("n01", "n02"):
+        (data / cls).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(data / cls / "a.png")
+    (data.parent / "._cover.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (data / "n02" / ".hidden").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / "n02" / ".hidden" / "thumb.png")
+    elsewhere = tmp_path / "more"
+    elsewhere.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(elsewhere / "b.png")
+    (data / "n03").symlink_to(elsewhere)
+    tiny = load_tiny_set(tmp_path / "imagenet", PREP)
+    assert tiny.classes == ["n01", "n02", "n03"] and sorted(tiny.labels.tolist()) == [0, 1, 2] and tiny.skipped == 0
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / "stray.png")
+    (data / "n01" / "broken.jpg").write_bytes(b"not a jpeg")
+    with caplog.at_level("WARNING", logger="graphprune"):
+        tiny = load_tiny_set(data, PREP)
+    assert not tiny.has_labels and tiny.skipped == 1
+    assert "not read as class folders: 1 of 5 images lie outside its 3 sub-folders (e.g. stray.png)" in caplog.text
+    assert "skipped 1 file not readable as an image (e.g. broken.jpg)" in caplog.text
