@@ -220,7 +220,7 @@ def build_report(original: Model, state: PassState, ctx: PassContext, config: Op
                     "cut": final.cut, "target": config.latency_cut,
                     "selection_cut": selection.cut.cut if selection else None,
                     "original_stats": final.original.to_dict(),
-                    "optimized_stats": final.candidate.to_dict()} if final else None,
+                    "optimized_stats": final.candidate.to_dict(), "given_file": final.given_file} if final else None,
         "blocks": blocks,
         "identical_blocks": [{"blocks": names, "measured": [measured.get(n) for n in names],
                               "pooled": pooled_saved.get(names[0])} for names in (pooled.pooled_groups if pooled else [])],

@@ -58,6 +58,9 @@ def test_optimize_writes_a_verified_faster_model_and_a_report(cli, r20_onnx, tmp
     assert session.run(None, {session.get_inputs()[0].name: np.zeros((3, 3, 32, 32), np.float32)})[0].shape == (3, 10)
     assert len(gp.find_blocks(gp.load(out))) == 9 - len(doc["dropped"])
     assert "measured cut" in stdout
+    given = doc["latency"]["given_file"]  # the file as given, timed against its simplified form
+    assert given["path"] == str(model) and given["ms"] > 0 and given["ratio"] == given["original_ms"] / given["ms"]
+    assert given["cut"] == pytest.approx(1 - (1 - doc["latency"]["cut"]) * given["ratio"])
 
 
 def test_optimize_can_recover_by_mimicking_the_feature_map(cli, r20_onnx, tmp_path):
@@ -204,3 +207,15 @@ def save_npz(tmp_path, shape) -> str:
     path = tmp_path / "d.npz"
     np.savez(path, images=np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
     return str(path)
+
+
+def test_the_summary_names_a_given_file_slower_than_its_simplified_form():
+    from graphprune.report import format_summary
+
+    latency = {"original_ms": 0.4, "optimized_ms": 0.3, "cut": 0.25, "target": 0.2}
+    report = {"latency": latency, "blocks": [], "dropped": [], "seconds_per_stage": {}}
+    slow = {"ms": 0.8, "original_ms": 0.4, "ratio": 0.5, "cut": 0.625}
+    assert "against the file as given the cut is 62.5%" in format_summary({**report, "latency": {
+        **latency, "given_file": slow}})
+    same = {"ms": 0.41, "original_ms": 0.4, "ratio": 0.4 / 0.41, "cut": 0.27}
+    assert "as given" not in format_summary({**report, "latency": {**latency, "given_file": same}})

@@ -32,12 +32,14 @@ recovered float model, so the report splits the final cut into block dropping's 
 
 from __future__ import annotations
 
+import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from ..backends.base import (CutMeasurement, LatencyBackend, LatencySettings, LatencyStats, RunOnce,
                              compare_interleaved, latency_cut, time_runs)
+from ..errors import GraphpruneError
 from ..interrupts import raise_if_interrupted
 from ..model import Model
 from .base import Analysis, PassResult
@@ -167,6 +169,7 @@ class FinalCut(CutMeasurement):
     model, timed in the same interleaved run."""
 
     float_candidate: LatencyStats | None = None
+    given_file: dict | None = None  # :func:`time_given_file`, with "cut": the result against that file
 
     @property
     def float_cut(self) -> float:
@@ -176,7 +179,32 @@ class FinalCut(CutMeasurement):
     def to_dict(self) -> dict:
         extra = {} if self.float_candidate is None else {"float_candidate_ms": self.float_candidate.to_dict(),
                                                          "float_cut": self.float_cut}
-        return {**super().to_dict(), **extra}
+        return {**super().to_dict(), **extra, **({"given_file": self.given_file} if self.given_file else {})}
+
+
+def time_given_file(ctx, backend: LatencyBackend, original_run: RunOnce) -> dict | None:
+    """The input file as the user gave it, timed interleaved against the original graphprune times
+    (its converted and simplified form, which the written file inherits): ``ratio`` = original /
+    given. A TorchScript export's shape arithmetic left in the file can make it twice as slow as
+    its simplified form on small inputs (a Swin: 0.78 ms against 0.40). None for a model not read
+    from an ONNX file, or a target onnxruntime does not time; ``error`` where it cannot run it."""
+    from ..backends.environment import batch_inputs
+    from ..backends.onnxruntime import OnnxRuntimeBackend, session_runner
+    from ..formats.input_layout import is_channels_last
+    from ..formats.onnx_read import read_onnx
+
+    original = ctx.original
+    path = original.onnx.path if original.source == "onnx" and original.onnx is not None else None
+    if path is None or not isinstance(backend, OnnxRuntimeBackend) or not os.path.isfile(path):
+        return None
+    try:
+        given_run = session_runner(read_onnx(path), batch_inputs(original, ctx.latency), ctx.latency,
+                                   is_channels_last(original), "the input file as given")
+    except GraphpruneError as exc:
+        return {"path": path, "error": str(exc)}
+    timed, given = compare_interleaved([original_run, given_run], ctx.latency)
+    return {"path": path, "ms": given.median_ms, "original_ms": timed.median_ms,
+            "ratio": timed.median_ms / given.median_ms}
 
 
 class MeasureResult(Analysis):
@@ -190,17 +218,23 @@ class MeasureResult(Analysis):
     def run(self, model: Model, ctx, inputs) -> PassResult:
         backend = ctx.need("backend", self.name)
         quantized = inputs.get(QuantizedOnnx)
+        original_run = backend.prepare(ctx.original, ctx.latency)
         if quantized is None or quantized.proto is None:
-            cut = measure_cut(backend, ctx.original, model, ctx.latency)
+            cut = measure_cut(backend, ctx.original, model, ctx.latency, original_run)
             final = FinalCut(cut.original, cut.candidate, cut.cut)
         else:
             from ..backends.environment import batch_inputs
             from ..backends.onnxruntime import session_runner
             from ..formats.input_layout import is_channels_last
 
-            runs = [backend.prepare(ctx.original, ctx.latency), backend.prepare(model, ctx.latency),
+            runs = [original_run, backend.prepare(model, ctx.latency),
                     session_runner(quantized.proto, batch_inputs(model, ctx.latency), ctx.latency,
                                    is_channels_last(model), "the quantised model")]
             original, recovered, written = compare_interleaved(runs, ctx.latency)
             final = FinalCut(original, written, latency_cut(original, written), float_candidate=recovered)
+        given = time_given_file(ctx, backend, original_run)  # after the cut: its timing stays as it was
+        if given and "ratio" in given:
+            final = replace(final, given_file={**given, "cut": 1.0 - (1.0 - final.cut) * given["ratio"]})
+        elif given:
+            final = replace(final, given_file=given)
         return PassResult(model, record=final.to_dict(), artifacts=[final])
