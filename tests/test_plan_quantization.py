@@ -222,7 +222,7 @@ def test_int8_mode_uses_the_faster_candidate_that_loses_least_over_the_accuracy_
     assert "although no candidate stays within the accuracy bound" in forced.record["reason"]
     cuts.update({"qdq-u8s8": -0.1, "qdq-s8s8": -0.2})  # none faster: the fastest, as before
     forced = PlanQuantization("int8", settings)(model, ctx)
-    assert forced.value.config.label == "qdq-u8s8" and "the fastest candidate measured" in forced.record["reason"]
+    assert forced.value.config.label == "qdq-u8s8" and "the fastest candidate measured (cut " in forced.record["reason"]
 
 
 def test_the_plan_is_judged_on_every_tiny_image_with_their_labels(r20, monkeypatch):

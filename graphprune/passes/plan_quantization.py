@@ -230,8 +230,8 @@ def forced_plan(plan: QuantizationPlan, time_noise: float) -> QuantizationPlan:
     measured = [c for c in plan.candidates if c.error is None and c.timing is not None]
     closest = closest_candidate(measured, time_noise)
     taken = closest or max(measured, key=lambda c: c.timing.cut)
-    which = (f"the faster candidate that loses least ({plan.metric} {taken.loss:.3f}" if closest
-             else "the fastest candidate measured (") + f", cut {taken.timing.cut:+.1%})"
+    which = (f"the faster candidate that loses least ({plan.metric} {taken.loss:.3f}, cut {taken.timing.cut:+.1%})"
+             if closest else f"the fastest candidate measured (cut {taken.timing.cut:+.1%})")
     reason = f"quantize 'int8': {taken.config.label} used as asked, {which}, although {plan.reason.split('; auto')[0]}"
     return replace(plan, proto=None, config=taken.config, reason=reason)
 
