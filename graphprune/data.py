@@ -112,8 +112,8 @@ def load_tiny_set(path: str | Path, prep: Preprocessing, num_samples: int | None
         raise GraphpruneError(f"data not found: {path}")
     raw = read_source(path, num_samples, seed)
     if raw.skipped:
-        log.warning("%s: skipped %d file%s not readable as an image (e.g. %s)", path, len(raw.skipped),
-                    "s" if len(raw.skipped) > 1 else "", raw.skipped[0].name)
+        log.warning("%s: skipped %d file%s not readable as an image, or over Pillow's size limit for one (e.g. %s)",
+                    path, len(raw.skipped), "s" if len(raw.skipped) > 1 else "", raw.skipped[0].name)
     if not raw.images:
         raise GraphpruneError(f"no readable images in {path}" + (f" ({len(raw.skipped)} unreadable)"
                                                                  if raw.skipped else ""))

@@ -250,4 +250,5 @@ def test_folders_read_as_a_user_keeps_them(tmp_path, caplog):
         tiny = load_tiny_set(data, PREP)
     assert not tiny.has_labels and tiny.skipped == 1
     assert "not read as class folders: 1 of 5 images lie outside its 3 sub-folders (e.g. stray.png)" in caplog.text
-    assert "skipped 1 file not readable as an image (e.g. broken.jpg)" in caplog.text
+    assert "skipped 1 file not readable as an image, or over Pillow's size limit for one (e.g. broken.jpg)" in \
+        caplog.text
