@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"graphprune: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except (KeyboardInterrupt, click.Abort):  # click turns a KeyboardInterrupt into Abort
-        print("graphprune: interrupted", file=sys.stderr)
-        return 130
+        word, status = interrupts.interrupted_by()
+        print(f"graphprune: {word}", file=sys.stderr)
+        return status
     except Exception as exc:  # a bug: say so in one line unless --debug
         if debug:
             raise
