@@ -16,8 +16,9 @@
   (``LABEL_SUFFIXES``), the first of them whose values are all integers, else the second of a
   two-column file; a first row whose first cell is a file of the folder and whose second is an
   integer is data (a header-less ``file,label`` file).
-  A missing file, no label column, a label that is not a non-negative integer, a file named twice
-  is one line. Images of the folder the CSV does not name are not read.
+  Columns split at commas, else (no comma in the first line) at semicolons or tabs. A missing file,
+  no label column, a label that is not a non-negative integer, a file named twice, a first column
+  named as labels is one line. Images of the folder the CSV does not name are not read, said in one line.
 * An ``.npz`` holds ``images`` (N, H, W, C uint8, or N, H, W grey) and optionally ``labels`` (N,):
   class indices >= 0, or all -1 (unlabelled); other negatives, or -1 for some images only, are one
   line; so are a ``.npy`` file, pickled objects (never loaded) and one image without its N axis.
@@ -71,7 +72,12 @@ def read_source(path: Path, num_samples: int | None, seed: int) -> RawImages:
     """The raw images of a folder, a labels ``.csv`` or an ``.npz`` (module docstring)."""
     if path.is_dir():
         if (path / LABELS_FILE).is_file():
-            return _read_files(*read_labels_csv(path / LABELS_FILE), num_samples, seed)
+            files, labels = read_labels_csv(path / LABELS_FILE)
+            unnamed = len(set(image_files(path)) - set(files))
+            if unnamed:
+                log.warning("%s names %d of the %d images in %s; the other %d %s not read", LABELS_FILE, len(files),
+                            len(files) + unnamed, path, unnamed, "is" if unnamed == 1 else "are")
+            return _read_files(files, labels, num_samples, seed)
         return _read_folder(path, num_samples, seed)
     if path.suffix.lower() == ".npz":
         return _read_npz(path, num_samples, seed)
@@ -210,7 +216,11 @@ def read_labels_csv(path: Path) -> tuple[list[Path], np.ndarray]:
     module docstring); one line for anything else."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
+            first = next((line for line in f if line.strip()), "")
+            f.seek(0)
+            # a spreadsheet in a comma-decimal locale writes ';', some tools tabs
+            delimiter = "," if "," in first else ";" if ";" in first else "\t" if "\t" in first else ","
+            reader = csv.reader(f, delimiter=delimiter)
             rows = [(reader.line_num, [cell.strip() for cell in row]) for row in reader if any(c.strip() for c in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise GraphpruneError(f"cannot read {path.name} as CSV: {first_line(exc)}") from None
@@ -219,6 +229,9 @@ def read_labels_csv(path: Path) -> tuple[list[Path], np.ndarray]:
         header, rows = rows[0][1], rows[1:]
     if not rows:
         raise GraphpruneError(f"{path.name} lists no images")
+    if header is not None and header[0].lower() in LABEL_COLUMNS and len(header) > 1:
+        raise GraphpruneError(f"{path.name}: the first column must name the files; '{header[0]}' holds the labels "
+                              f"(put the file column first)")
     column = 1 if header is None else _label_column(header, rows, path.name)
     files, labels, seen = [], [], set()
     for line, row in rows:
@@ -248,8 +261,10 @@ def _is_label(cell: str) -> bool:
 
 
 def _is_data_row(row: list[str], folder: Path) -> bool:
-    """A header-less ``file,label`` row: a file of the folder, then an integer."""
-    return len(row) >= 2 and _is_label(row[1]) and bool(row[0]) and (folder / row[0]).is_file()
+    """A header-less ``file,label`` row: a file of the folder (or a name with an image suffix: a
+    missing file is then named as such, not taken for a header), then an integer."""
+    return len(row) >= 2 and _is_label(row[1]) and bool(row[0]) and \
+        ((folder / row[0]).is_file() or Path(row[0]).suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _label_column(header: list[str], rows, name: str) -> int:

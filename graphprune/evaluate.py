@@ -190,6 +190,14 @@ def _scores(outputs: tuple[torch.Tensor, ...], names: list[str], data: TinySet, 
         classes = max(out.shape[1] for layout, out in zip(layouts, outputs) if layout == "classes")
         raise GraphpruneError(f"{data.source} has labels up to {most}, but the model's class scores have {classes} "
                               "classes")
+    named = [c for c in data.classes if not c.isdigit()]
+    if labelled and named and all(out.shape[1] != len(data.classes) for layout, out in zip(layouts, outputs)
+                                  if layout == "classes"):
+        classes = max(out.shape[1] for layout, out in zip(layouts, outputs) if layout == "classes")
+        shown = ", ".join(data.classes[:3]) + (", ..." if len(data.classes) > 3 else "")
+        raise GraphpruneError(f"{data.source}'s {len(data.classes)} class folders ({shown}) are read in sorted order "
+                              f"as classes 0..{len(data.classes) - 1}, but the model has {classes} classes: name "
+                              "each folder by its class index (e.g. 3/, 5/), or give a labels.csv")
     return [_OutputScore(name, layout, describe_layout(layout, out),
                          score_labels=layout == "classes" and labelled and out.shape[1] > most, compare=compare)
             for name, layout, out in zip(names, layouts, outputs)]

@@ -197,6 +197,9 @@ def eval_inputs(tmp_path_factory):
     for i in range(4):
         Image.fromarray(images[i]).save(folder / "broken" / f"{i}.png")
     (folder / "broken" / "labels.csv").write_text("file,class\n0.png,cat\n1.png,dog\n2.png,cat\n3.png,dog\n")
+    for i, name in enumerate(("cat", "dog", "ship")):  # 3 of CIFAR-10's classes, by name: read as 0, 1, 2
+        (folder / "named" / name).mkdir(parents=True)
+        Image.fromarray(images[i]).save(folder / "named" / name / f"{i}.png")
     return folder, save(tiny_yolo_onnx(), folder / "yolo.onnx")
 
 
@@ -205,6 +208,8 @@ def eval_inputs(tmp_path_factory):
     ("yolo", "labelled.npz", "labels cannot be scored against a detector; give the images without labels"),
     ("zoo:cifar10_resnet20", "broken", "labels.csv line 2: label 'cat' is not a non-negative integer"),
     ("zoo:cifar10_resnet20", "labelled.npz", "has labels up to 12, but the model's class scores have 10 classes"),
+    ("zoo:cifar10_resnet20", "named", "3 class folders (cat, dog, ship) are read in sorted order as classes 0..2, "
+                                      "but the model has 10 classes: name each folder by its class index"),
 ])
 def test_eval_data_the_model_cannot_be_scored_on_fails_before_the_run(cli, eval_inputs, tmp_path, model,
                                                                       eval_data, expected):

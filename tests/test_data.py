@@ -133,13 +133,17 @@ def _flat_folder(folder, names=("a.png", "b.png", "c.png", "d.png")):
     "name,target\r\na.png,7\r\nb.png,3\r\n\r\nc.png,7\r\nd.png,0\r\n",
     "a.png,7\nb.png,3\nc.png,7\nd.png,0\n",  # two columns, no header
     "path,y_true\na.png,7\nb.png,3\nc.png,7\nd.png,0\n",  # two columns: the second is the label
+    "file;label\na.png;7\nb.png;3\nc.png;7\nd.png;0\n",  # a comma-decimal locale's spreadsheet
+    "file\tlabel\na.png\t7\nb.png\t3\nc.png\t7\nd.png\t0\n",
 ])
-def test_flat_folder_with_labels_csv(tmp_path, csv_text):
+def test_flat_folder_with_labels_csv(tmp_path, csv_text, caplog):
     folder = _flat_folder(tmp_path / "eval")
     (folder / "labels.csv").write_text(csv_text)
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(folder / "unlisted.png")  # not in the CSV: not read
-    tiny = load_tiny_set(folder, PREP)
+    with caplog.at_level("WARNING", logger="graphprune"):
+        tiny = load_tiny_set(folder, PREP)
     assert tiny.has_labels and len(tiny) == 4
+    assert "labels.csv names 4 of the 5 images in" in caplog.text and "the other 1 is not read" in caplog.text
     by_value = {round(float(img.mean() * PREP.std[0] + PREP.mean[0]) * 255 / 60): int(label)
                 for img, label in zip(tiny.images[:, :1], tiny.labels)}  # image i is grey 60 * i
     assert by_value == {0: 7, 1: 3, 2: 7, 3: 0}
@@ -157,6 +161,8 @@ def test_flat_folder_with_labels_csv(tmp_path, csv_text):
     ("file,wnid,label\na.png,n1\n", "line 2 has 2 columns; the labels are in column 3"),
     ("file,label\n", "lists no images"),
     ("", "lists no images"),
+    ("label,file\n7,a.png\n", "the first column must name the files; 'label' holds the labels"),
+    ("gone.png,1\na.png,2\n", "names 1 files not in"),  # was taken for a header and dropped
 ])
 def test_broken_labels_csv(tmp_path, csv_text, message):
     folder = _flat_folder(tmp_path / "eval")
