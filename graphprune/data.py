@@ -110,7 +110,8 @@ def load_tiny_set(path: str | Path, prep: Preprocessing, num_samples: int | None
     path = Path(path)
     if not path.exists():
         raise GraphpruneError(f"data not found: {path}")
-    raw = read_source(path, num_samples, seed)
+    prep.check()
+    raw = read_source(path, num_samples, seed, lambda image: _to_model_size(image, prep.size, str(path), prep.crop))
     if raw.skipped:
         log.warning("%s: skipped %d file%s not readable as an image, or over Pillow's size limit for one (e.g. %s)",
                     path, len(raw.skipped), "s" if len(raw.skipped) > 1 else "", raw.skipped[0].name)
@@ -122,15 +123,17 @@ def load_tiny_set(path: str | Path, prep: Preprocessing, num_samples: int | None
 
 def tiny_set_from_array(images: np.ndarray, prep: Preprocessing, source: str) -> TinySet:
     """A tiny set from uint8 (N, H, W, C) images without labels (synthetic data)."""
-    raw = [torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None] for img in images]
-    return _preprocess(raw, [-1] * len(raw), prep, source, 0, [])
-
-
-def _preprocess(raw, labels, prep: Preprocessing, source: str, skipped: int, classes) -> TinySet:
     prep.check()
+    resized = [_to_model_size(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None], prep.size, source,
+                              prep.crop) for img in images]
+    return _preprocess(resized, [-1] * len(resized), prep, source, 0, [])
+
+
+def _preprocess(resized, labels, prep: Preprocessing, source: str, skipped: int, classes) -> TinySet:
+    """A set of images already at the model's size (:func:`_to_model_size`), normalised."""
     if labels and max(labels) > MAX_LABEL:  # a class index, not a number torch's int64 may not hold
         raise GraphpruneError(f"{source}: labels are class indices up to {MAX_LABEL}, got {max(labels)}")
-    images = torch.cat([_to_model_size(img, prep.size, source, prep.crop) for img in raw])
+    images = torch.cat(resized)
     mean, std = prep.channel_stats()
     images = (images - mean) / std
     return TinySet(images, torch.as_tensor(labels, dtype=torch.long), source, skipped, classes)

@@ -1,7 +1,8 @@
 """Where a tiny set's raw images come from: a folder, a labels CSV or an ``.npz`` (:func:`read_source`).
 
 * A folder is searched at any depth for image files (``IMAGE_SUFFIXES``, any case), through
-  symlinked folders (each real folder once: a link loop ends). Names starting with a dot are not
+  symlinked folders (each real folder once: a link loop ends; not a link to a folder that holds
+  the data folder, such as ``..`` or ``/``). Names starting with a dot are not
   the set's images (``.DS_Store``, the ``._photo.jpg`` files macOS leaves on shared drives,
   ``.cache/``). A folder whose images all lie under one sub-folder is read from that sub-folder
   (``imagenet/train/<class>/...``). When every image sits in a first-level sub-folder and there are
@@ -22,9 +23,10 @@
 * An ``.npz`` holds ``images`` (N, H, W, C uint8, or N, H, W grey) and optionally ``labels`` (N,):
   class indices >= 0, or all -1 (unlabelled); other negatives, or -1 for some images only, are one
   line; so are a ``.npy`` file, pickled objects (never loaded) and one image without its N axis.
-* Pixels: 8-bit images as stored; 16- and 32-bit integer images (PNG, TIFF) scaled from their
-  range (65535; 255 where no value exceeds it), float images from [0, 1] ([0, 255] where values
-  exceed 1): Pillow's RGB conversion clipped them, a 16-bit PNG read all white; grey, palette and
+* Pixels: 8-bit images as stored; 16- and 32-bit integer images (PNG, TIFF) scaled from the depth
+  their values fit (8, 10, 12 or 16 bits: a 12-bit camera's image in a 16-bit file), float images
+  from [0, 1] ([0, 255] where finite values exceed 1; NaN read as 0): Pillow's RGB conversion
+  clipped them, a 16-bit PNG read all white; grey, palette and
   CMYK images in RGB; an EXIF orientation applied, as a viewer shows the photo (a phone stores a
   portrait photo sideways with the tag).
 
@@ -40,6 +42,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -55,12 +58,13 @@ LABELS_FILE = "labels.csv"
 LABEL_COLUMNS = ("label", "labels", "class_index", "class_id", "target", "category_id", "class", "category", "y")
 LABEL_SUFFIXES = ("_class_index", "_class_id", "_label", "_target")
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # Pillow modes with more than 8 bits
+Convert = Callable[[torch.Tensor], torch.Tensor] | None  # applied to each uint8 (1, C, H, W) image as read
 
 
 @dataclass
 class RawImages:
-    """uint8 (1, C, H, W) images in sampled order, their labels (-1 unknown), class names, and the
-    files that could not be read."""
+    """Images in sampled order (uint8 (1, C, H, W), or as ``convert`` made them), their labels (-1
+    unknown), class names, and the files that could not be read."""
 
     images: list[torch.Tensor] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
@@ -68,8 +72,10 @@ class RawImages:
     skipped: list[Path] = field(default_factory=list)
 
 
-def read_source(path: Path, num_samples: int | None, seed: int) -> RawImages:
-    """The raw images of a folder, a labels ``.csv`` or an ``.npz`` (module docstring)."""
+def read_source(path: Path, num_samples: int | None, seed: int, convert: Convert = None) -> RawImages:
+    """The images of a folder, a labels ``.csv`` or an ``.npz`` (module docstring), each passed
+    through ``convert`` as it is read: a photo is kept at the model's size, not at its own (one
+    10000 x 10000 image held 3.3 GB until the set was resized)."""
     if path.is_dir():
         if (path / LABELS_FILE).is_file():
             files, labels = read_labels_csv(path / LABELS_FILE)
@@ -77,12 +83,12 @@ def read_source(path: Path, num_samples: int | None, seed: int) -> RawImages:
             if unnamed:
                 log.warning("%s names %d of the %d images in %s; the other %d %s not read", LABELS_FILE, len(files),
                             len(files) + unnamed, path, unnamed, "is" if unnamed == 1 else "are")
-            return _read_files(files, labels, num_samples, seed)
-        return _read_folder(path, num_samples, seed)
+            return _read_files(files, labels, num_samples, seed, convert)
+        return _read_folder(path, num_samples, seed, convert)
     if path.suffix.lower() == ".npz":
-        return _read_npz(path, num_samples, seed)
+        return _read_npz(path, num_samples, seed, convert)
     if path.suffix.lower() == ".csv":
-        return _read_files(*read_labels_csv(path), num_samples, seed)
+        return _read_files(*read_labels_csv(path), num_samples, seed, convert)
     raise GraphpruneError(f"path must be a folder of images, a labels .csv or an .npz file, got {path.name}",
                           parameter="path")
 
@@ -109,7 +115,7 @@ def sample_indices(labels, count: int, num_samples: int | None, seed: int) -> li
     return order
 
 
-def _read_npz(path: Path, num_samples, seed) -> RawImages:
+def _read_npz(path: Path, num_samples, seed, convert: Convert = None) -> RawImages:
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -151,7 +157,8 @@ def _read_npz(path: Path, num_samples, seed) -> RawImages:
                                   f"images; got {int(labels.min())}"
                                   + (f" ({unlabelled} of {len(labels)} are -1)" if unlabelled else ""))
     order = sample_indices(labels, images.shape[0], num_samples, seed)
-    raw = [torch.from_numpy(np.ascontiguousarray(images[i])).permute(2, 0, 1)[None] for i in order]
+    convert = convert or (lambda image: image)
+    raw = [convert(torch.from_numpy(np.ascontiguousarray(images[i])).permute(2, 0, 1)[None]) for i in order]
     out_labels = [int(labels[i]) for i in order] if labels is not None else [-1] * len(order)
     return RawImages(raw, out_labels)
 
@@ -159,20 +166,33 @@ def _read_npz(path: Path, num_samples, seed) -> RawImages:
 def image_files(root: Path) -> list[Path]:
     """Every image file under ``root`` (module docstring: symlinked folders, dot names)."""
     found, seen = [], set()
+    top = os.path.realpath(root)
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:  # a link back to a folder read already
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        # a link to a folder holding this one (.., /) would read the data's surroundings, or the disk
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not _holds(os.path.realpath(os.path.join(folder, d)),
+                                                                           top)]
         found += [Path(folder, name) for name in files
                   if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
                   and os.path.isfile(os.path.join(folder, name))]  # not a broken link
     return sorted(found)
 
 
-def _read_folder(root: Path, num_samples, seed) -> RawImages:
+def _holds(folder: str, path: str) -> bool:
+    """Whether ``folder`` is ``path`` or one of its ancestors (real paths)."""
+    return os.path.commonpath([folder, path]) == folder
+
+
+def _class_index(name: str) -> bool:
+    """A folder named by a class index: ASCII digits (``str.isdigit`` also takes '²', which ``int`` refuses)."""
+    return name.isascii() and name.isdigit()
+
+
+def _read_folder(root: Path, num_samples, seed, convert: Convert = None) -> RawImages:
     files = image_files(root)
     if not files:
         raise GraphpruneError(f"no image files in {root}")
@@ -184,21 +204,22 @@ def _read_folder(root: Path, num_samples, seed) -> RawImages:
     classes: list[str] = []
     labels = None
     if len(folders) > 1 and len(in_folders) == len(parts):
-        classes = sorted(folders, key=lambda n: (int(n), n) if n.isdigit() else (float("inf"), n))
-        index = {c: (int(c) if all(n.isdigit() for n in classes) else i) for i, c in enumerate(classes)}
+        classes = sorted(folders, key=lambda n: (int(n), n) if _class_index(n) else (float("inf"), n))
+        index = {c: (int(c) if all(_class_index(n) for n in classes) else i) for i, c in enumerate(classes)}
         labels = np.array([index[p[0]] for p in parts])
     elif len(folders) > 1:
         elsewhere = next(p for p in parts if len(p) != 2)
         log.warning("%s: not read as class folders: %d of %d images lie outside its %d sub-folders (e.g. %s)", root,
                     len(parts) - len(in_folders), len(parts), len(folders), os.path.join(*elsewhere))
-    raw = _read_files(files, labels, num_samples, seed)
+    raw = _read_files(files, labels, num_samples, seed, convert)
     raw.classes = classes
     return raw
 
 
-def _read_files(files: list[Path], labels, num_samples, seed) -> RawImages:
+def _read_files(files: list[Path], labels, num_samples, seed, convert: Convert = None) -> RawImages:
     """Images of ``files`` (labels ``labels`` or None) in sampled order until ``num_samples`` are readable."""
     raw = RawImages()
+    convert = convert or (lambda image: image)
     for i in sample_indices(labels, len(files), None, seed):
         if num_samples is not None and len(raw.images) >= num_samples:
             break
@@ -206,7 +227,7 @@ def _read_files(files: list[Path], labels, num_samples, seed) -> RawImages:
         if image is None:
             raw.skipped.append(files[i])
             continue
-        raw.images.append(image)
+        raw.images.append(convert(image))
         raw.labels.append(int(labels[i]) if labels is not None else -1)
     return raw
 
@@ -307,12 +328,12 @@ def _rgb_uint8(img) -> np.ndarray:
     if img.mode not in HIGH_DEPTH_MODES:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
     values = np.asarray(img, dtype=np.float64)
-    top = float(values.max()) if values.size else 0.0
+    finite = values[np.isfinite(values)]
+    top = float(finite.max()) if finite.size else 0.0
     if img.mode == "F":
         scale = 1.0 if top <= 1.0 else 255.0
-    elif img.mode == "I":
-        scale = 255.0 if top <= 255 else 65535.0
-    else:
-        scale = 65535.0
+    else:  # the depth the values fit: 8, 10, 12 (a camera's or a scanner's in a 16-bit file) or 16 bits
+        scale = next((float(2**bits - 1) for bits in (8, 10, 12) if top <= 2**bits - 1), 65535.0)
+    values = np.nan_to_num(values, nan=0.0, posinf=scale, neginf=0.0)
     grey = np.clip(np.rint(values * (255.0 / scale)), 0, 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=-1)

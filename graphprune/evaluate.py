@@ -190,7 +190,7 @@ def _scores(outputs: tuple[torch.Tensor, ...], names: list[str], data: TinySet, 
         classes = max(out.shape[1] for layout, out in zip(layouts, outputs) if layout == "classes")
         raise GraphpruneError(f"{data.source} has labels up to {most}, but the model's class scores have {classes} "
                               "classes")
-    named = [c for c in data.classes if not c.isdigit()]
+    named = [c for c in data.classes if not (c.isascii() and c.isdigit())]
     if labelled and named and all(out.shape[1] != len(data.classes) for layout, out in zip(layouts, outputs)
                                   if layout == "classes"):
         classes = max(out.shape[1] for layout, out in zip(layouts, outputs) if layout == "classes")

@@ -221,6 +221,14 @@ def test_deep_pixels_and_exif_orientation_are_read_as_a_viewer_shows_them(tmp_pa
     tiny = load_tiny_set(tmp_path, Preprocessing((1, 8, 8), (0.0,), (1.0,)))
     for image in tiny.images:
         assert torch.allclose(image[0], torch.from_numpy(ramp).float(), atol=1 / 255)
+    twelve = tmp_path / "twelve"  # a 12-bit camera's image in a 16-bit file read near black (at most 15/255)
+    twelve.mkdir()
+    Image.fromarray((ramp * 4095).astype(np.uint16)).save(twelve / "deep.png")
+    nan = ramp.astype(np.float32)
+    nan[0, 0] = np.nan  # one bad pixel turned the whole image near black
+    Image.fromarray(nan, mode="F").save(twelve / "nan.tif")
+    for image in load_tiny_set(twelve, Preprocessing((1, 8, 8), (0.0,), (1.0,))).images:
+        assert torch.allclose(image[0].flatten()[1:], torch.from_numpy(ramp).float().flatten()[1:], atol=1 / 255)
     photo = tmp_path / "photo"
     photo.mkdir()
     stored = np.zeros((8, 16, 3), np.uint8)
@@ -250,6 +258,9 @@ def test_folders_read_as_a_user_keeps_them(tmp_path, caplog):
     (data / "n03").symlink_to(elsewhere)
     tiny = load_tiny_set(tmp_path / "imagenet", PREP)
     assert tiny.classes == ["n01", "n02", "n03"] and sorted(tiny.labels.tolist()) == [0, 1, 2] and tiny.skipped == 0
+    (data / "n02" / "up").symlink_to(tmp_path)  # a link to a folder holding the data: not its images
+    (data / "n02" / "root").symlink_to("/")
+    assert len(load_tiny_set(tmp_path / "imagenet", PREP)) == 3
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / "stray.png")
     (data / "n01" / "broken.jpg").write_bytes(b"not a jpeg")
     with caplog.at_level("WARNING", logger="graphprune"):
@@ -258,3 +269,11 @@ def test_folders_read_as_a_user_keeps_them(tmp_path, caplog):
     assert "not read as class folders: 1 of 5 images lie outside its 3 sub-folders (e.g. stray.png)" in caplog.text
     assert "skipped 1 file not readable as an image, or over Pillow's size limit for one (e.g. broken.jpg)" in \
         caplog.text
+
+
+def test_a_class_folder_named_by_a_unicode_digit_is_a_name(tmp_path):
+    """'²'.isdigit() is true and int('²') raises: an internal error."""
+    for name in ("²", "3"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name / "a.png")
+    assert load_tiny_set(tmp_path, PREP).classes == ["3", "²"]
