@@ -133,3 +133,24 @@ def test_a_windowed_attention_program_is_written_to_onnx_as_it_computes(tmp_path
     session = ort.InferenceSession(str(tmp_path / "swin.onnx"), providers=["CPUExecutionProvider"])
     assert np.allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], net(x).detach().numpy(),
                        atol=1e-4)
+
+
+class _TwoHeads(StemBlockHead):
+    def forward(self, x):
+        y = self.stem(x)
+        y = torch.relu(y + self.block(y))
+        return self.fc(y.mean((2, 3))), y.flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("source", ["module", "program"])
+def test_each_output_of_a_two_output_model_is_named_with_its_batch(tmp_path, source):
+    """With one name for two outputs the exporter called the second '83' and gave it no batch axis."""
+    module = _TwoHeads().eval()
+    x = torch.randn(2, 3, 8, 8)
+    loaded = gp.load(module, input_shape=(1, 3, 8, 8)) if source == "module" else \
+        gp.load(torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("b")},)))
+    gp.save(loaded, tmp_path / "two.onnx")
+    session = ort.InferenceSession(str(tmp_path / "two.onnx"), providers=["CPUExecutionProvider"])
+    assert [(o.name, o.shape[0]) for o in session.get_outputs()] == [("output0", "batch"), ("output1", "batch")]
+    ours = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert all(np.allclose(a, b.detach().numpy(), atol=1e-5) for a, b in zip(ours, module(x)))

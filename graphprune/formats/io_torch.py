@@ -58,7 +58,7 @@ def load_module(module: nn.Module, input_shape: tuple[int, ...] | None = None, n
         fixed_batch = False
     gm.eval()
     spec = InputSpec(_placeholder_names(gm)[0], (None, *shape[1:]))
-    model = Model(gm, "torch", (spec,), ("output",), name or type(module).__name__, input_shape=shape)
+    model = Model(gm, "torch", (spec,), _output_names(gm), name or type(module).__name__, input_shape=shape)
     _refuse_buffer_updates(model)
     if fixed_batch:
         _free_exported_batch(model)
@@ -116,6 +116,15 @@ def plain_graph_module(exported: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _output_names(gm: fx.GraphModule) -> tuple[str, ...]:
+    """``output``, or ``output0``, ``output1``, ... for a graph returning several tensors: the ONNX
+    file names each (with one name the exporter called the second output '83' and gave it no batch axis)."""
+    node = next(n for n in gm.graph.nodes if n.op == "output")
+    values = node.args[0]
+    count = len(values) if isinstance(values, (tuple, list)) else 1
+    return ("output",) if count == 1 else tuple(f"output{i}" for i in range(count))
+
+
 def _placeholder_names(gm: fx.GraphModule) -> list[str]:
     return [n.target for n in gm.graph.nodes if n.op == "placeholder"] or ["input"]
 
@@ -161,7 +170,8 @@ def _load_exported(exported: fx.GraphModule, name: str, input_shape: tuple[int, 
                             val.dtype, example=(1, *(_size_hint(d) for d in val.shape[1:])))
                   for input_name, val in values.items())
     fixed_batch = bool(values) and isinstance(next(iter(values.values())).shape[0], int)
-    model = Model(plain_graph_module(exported), "pt2", specs, ("output",), name,
+    gm = plain_graph_module(exported)
+    model = Model(gm, "pt2", specs, _output_names(gm), name,
                   input_shape=tuple(input_shape) if input_shape else (specs[0].example if specs else None))
     dynamic = len(specs) == 1 and any(d is None for d in specs[0].shape[1:])
     model.meta["input_shape_source"] = "input_shape" if input_shape else ("example" if dynamic else "declared")
