@@ -115,7 +115,9 @@ def _int8_line(quantization: dict, dropped: bool) -> str:
     """What int8 did where it was written: the plan's choice and reason, mimicking's training, the
     nodes kept in float, and, with blocks dropped too, each one's share of the measured cut."""
     chosen = ((quantization.get("plan") or {}).get("chosen") or {}).get("label")
-    line = f"quantised to int8{f' ({chosen})' if chosen else ''}: {quantization.get('reason') or 'as planned'}"
+    reason = quantization.get("reason") or "as planned"
+    named = f" ({chosen})" if chosen and not reason.startswith(chosen) else ""  # the plan's reasons start with it
+    line = f"quantised to int8{named}: {reason}"
     mimic = quantization.get("mimic")
     if mimic:
         line += (f"; weights trained by quantisation-aware mimicking ({mimic.get('steps')} steps, "
