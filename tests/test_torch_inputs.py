@@ -151,6 +151,7 @@ def test_each_output_of_a_two_output_model_is_named_with_its_batch(tmp_path, sou
         gp.load(torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("b")},)))
     gp.save(loaded, tmp_path / "two.onnx")
     session = ort.InferenceSession(str(tmp_path / "two.onnx"), providers=["CPUExecutionProvider"])
-    assert [(o.name, o.shape[0]) for o in session.get_outputs()] == [("output0", "batch"), ("output1", "batch")]
+    assert [(o.name, o.shape) for o in session.get_outputs()] == [("output0", ["batch", 4]),
+                                                                   ("output1", ["batch", 64, 8])]
     ours = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert all(np.allclose(a, b.detach().numpy(), atol=1e-5) for a, b in zip(ours, module(x)))

@@ -7,33 +7,25 @@
   (:mod:`graphprune.zoo`). ``weights`` is a state dict read with ``torch.load(weights_only=True)``.
 
 Writing: ``.pt2`` through ``torch.export`` (any batch, else the range the graph allows, else the
-example's; other axes the input left dynamic, a program's height and width, stay so); ONNX
-through ``torch.onnx.export`` (TorchScript exporter, opset 17 falling back to 14, then the dynamo
-exporter), with the batch axis dynamic (and those other axes): sizes the graph reads from its input
-(``sym_size``) are exported as ``x.size(d)`` (:func:`_traced_sizes`), and a file onnxruntime
-does not run as the graph computes, at a batch of two, is not taken.
+example's; other axes the input left dynamic, a program's height and width, stay so); ONNX in
+:mod:`graphprune.formats.torch_onnx`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import itertools
 import logging
 import os
-import warnings
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
-import onnx
 import torch
 from torch import fx, nn
 
 from ..errors import GraphpruneError, first_line
 from ..model import InputSpec, Model
-from .batch_axis import SIZED_OPS, batch_consistent, free_view_batches
-from .io_onnx import verify_against_onnxruntime
+from .batch_axis import batch_consistent, free_view_batches
 
 DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
 log = logging.getLogger("graphprune")
@@ -291,96 +283,6 @@ def load_state_dict_file(module: nn.Module, path: str | os.PathLike) -> None:
     for name, tensor in module.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise GraphpruneError(f"weight '{name}' in {path} contains NaN or infinite values")
-
-
-def export_onnx(model: Model) -> bytes:
-    """Export a PyTorch-sourced model to ONNX bytes with a dynamic batch axis."""
-    gm = model.graph_module.eval()
-    example = model.example_inputs()
-    input_names = [s.name for s in model.inputs]
-    output_names = list(model.output_names) or ["output"]
-    with _no_attention_fast_path(), _traced_sizes(gm):
-        return _export_onnx(model, example, input_names, output_names, _free_axes(model), _batched(model))
-
-
-def _export_onnx(model: Model, example, input_names, output_names, free_axes, batched: bool) -> bytes:
-    """The first of the exporters whose file onnxruntime runs as the graph does: the TorchScript
-    exporter writes sizes read from the input (``sym_size``, a channel shuffle's) as the example's
-    constants where :func:`_traced_sizes` cannot reach them (a file that fails at a batch of two),
-    and can compute otherwise than the graph (torchvision's swin_t read from a ``.pt2``: 0.034 off);
-    the dynamo exporter keeps both right."""
-    gm = model.graph_module
-    batch_axis = {0: "batch"} if batched else {}
-    dynamic_axes = {name: batch_axis for name in output_names}
-    dynamic_axes.update({name: {**batch_axis, **{a: f"{name}_{a}" for a in axes}}
-                         for name, axes in itertools.zip_longest(input_names, free_axes, fillvalue=())})
-    errors = []
-    for opset in (17, 14):
-        buffer = io.BytesIO()
-        try:
-            with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-                warnings.simplefilter("ignore")
-                torch.onnx.export(gm, example, buffer, opset_version=opset, dynamo=False,
-                                  input_names=input_names, output_names=output_names,
-                                  dynamic_axes=dynamic_axes, do_constant_folding=True)
-            verify_against_onnxruntime(onnx.load_model_from_string(buffer.getvalue()), model,
-                                       what=f"the TorchScript export (opset {opset})")
-            return buffer.getvalue()
-        except Exception as exc:
-            errors.append(f"opset {opset}: {first_line(exc)[:160]}")
-    try:
-        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            if batched:  # export specialises a batch of 1, and fails where the graph's range starts at 2
-                example = tuple(torch.cat([t, t]) for t in example)
-            dynamic = _dynamic_shapes(example, free_axes, torch.export.Dim("batch", min=1) if batched else None)
-            program = torch.onnx.export(gm, example, dynamo=True, input_names=input_names,
-                                        output_names=output_names, dynamic_shapes=dynamic)
-        return program.model_proto.SerializeToString()
-    except Exception as exc:
-        errors.append(f"dynamo: {first_line(exc)[:160]}")
-    raise GraphpruneError("ONNX export failed (" + "; ".join(errors) + ")")
-
-
-@contextmanager
-def _traced_sizes(gm: fx.GraphModule):
-    """``aten.sym_size.int(x, d)`` nodes (a dynamic-batch program's sizes read from its input, or
-    those :func:`~graphprune.formats.batch_axis.free_view_batches` adds) as ``x.size(d)``, and the
-    ``view``/``reshape``/``expand`` ops that take them as tensor methods, while exporting: the
-    TorchScript exporter records those as Shape -> Gather -> Reshape, but writes the ints the aten
-    ops return and take as the example's constants (a file that then fails at any other batch)."""
-    changed = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target is torch.ops.aten.sym_size.int:
-            changed.append((node, node.target))
-            node.op, node.target = "call_method", "size"
-        elif str(node.target) in SIZED_OPS and any(isinstance(a, fx.Node) for a in node.args[1]):
-            changed.append((node, node.target))
-            node.op, node.target = "call_method", SIZED_OPS[str(node.target)]  # what the tracer records
-    if changed:
-        gm.recompile()
-    try:
-        yield
-    finally:
-        for node, target in changed:
-            node.op, node.target = "call_function", target
-        if changed:
-            gm.recompile()
-
-
-@contextmanager
-def _no_attention_fast_path():
-    """``nn.MultiheadAttention`` in eval mode with no weight requiring grad (a recovered model:
-    recovery freezes every weight) takes its fused fast path, ``aten::_native_multi_head_attention``,
-    which no ONNX exporter can write; the unfused path computes the same attention."""
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def export_pt2(model: Model) -> torch.export.ExportedProgram:

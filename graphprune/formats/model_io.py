@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import GraphpruneError
 from ..interrupts import raise_if_interrupted
 from ..model import Model
-from . import io_onnx, io_torch
+from . import io_onnx, io_torch, torch_onnx
 from .onnx_lower import lower
 from .onnx_opset import restore_opset
 from .onnx_read import check_onnx, simplify
@@ -65,7 +65,7 @@ def to_onnx(model: Model, verify: bool = True) -> onnx.ModelProto:
         proto = restore_opset(lower(model), model.onnx.input_opset or 0)
     else:
         try:
-            proto = onnx.load_model_from_string(io_torch.export_onnx(model))
+            proto = onnx.load_model_from_string(torch_onnx.export_onnx(model))
         except GraphpruneError:
             raise
         except Exception as exc:
