@@ -8,8 +8,9 @@
   (``imagenet/train/<class>/...``). When every image sits in a first-level sub-folder and there are
   at least two, the sub-folders are classes (sorted names -> 0..K-1, or their integer value when
   every name is an integer); labels are used only for evaluation and class-balanced sampling. Where
-  two or more sub-folders hold images but some images lie elsewhere, there are no classes, said in
-  one line.
+  two or more sub-folders hold images but some images lie elsewhere, where one folder named by a
+  class index holds them all (as likely a wrapper), or where they lie two levels down under several
+  folders (``train/<class>/`` next to ``val/<class>/``), there are no classes, said in one line.
 * A folder with a ``labels.csv`` (or that CSV given itself) is the images the CSV names, paths
   relative to its folder, with its integer labels (:func:`read_labels_csv`): the first column
   names the files; the label column is one named ``label``, ``class_index``, ``target``,
@@ -211,6 +212,12 @@ def _read_folder(root: Path, num_samples, seed, convert: Convert = None) -> RawI
         elsewhere = next(p for p in parts if len(p) != 2)
         log.warning("%s: not read as class folders: %d of %d images lie outside its %d sub-folders (e.g. %s)", root,
                     len(parts) - len(in_folders), len(parts), len(folders), os.path.join(*elsewhere))
+    elif len(in_folders) == len(parts) and _class_index(next(iter(folders))):
+        log.warning("%s: its one sub-folder, %s, is not read as a class (one folder is as likely a wrapper); "
+                    "give a labels.csv to label its images", root, next(iter(folders)))
+    elif all(len(p) == 3 for p in parts) and len({p[0] for p in parts}) > 1:
+        log.warning("%s: not read as class folders: the images lie two levels down (e.g. %s); give the folder that "
+                    "holds the class folders", root, os.path.join(*parts[0]))
     raw = _read_files(files, labels, num_samples, seed, convert)
     raw.classes = classes
     return raw

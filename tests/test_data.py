@@ -277,3 +277,16 @@ def test_a_class_folder_named_by_a_unicode_digit_is_a_name(tmp_path):
         (tmp_path / name).mkdir()
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name / "a.png")
     assert load_tiny_set(tmp_path, PREP).classes == ["3", "²"]
+
+
+def test_class_folders_the_reader_cannot_take_as_classes_are_said(tmp_path, caplog):
+    """One folder named by a class index, or train/<class>/ next to val/<class>/: read without
+    labels, and nothing said (the evaluation then reported no top-1 without a word)."""
+    for folder in (tmp_path / "one" / "3", tmp_path / "split" / "train" / "n01", tmp_path / "split" / "val" / "n01"):
+        folder.mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
+    with caplog.at_level("WARNING", logger="graphprune"):
+        assert not load_tiny_set(tmp_path / "one", PREP).has_labels
+        assert not load_tiny_set(tmp_path / "split", PREP).has_labels
+    assert "its one sub-folder, 3, is not read as a class" in caplog.text
+    assert "not read as class folders: the images lie two levels down (e.g. train/n01/a.png)" in caplog.text
