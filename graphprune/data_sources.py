@@ -59,7 +59,12 @@ LABELS_FILE = "labels.csv"
 LABEL_COLUMNS = ("label", "labels", "class_index", "class_id", "target", "category_id", "class", "category", "y")
 LABEL_SUFFIXES = ("_class_index", "_class_id", "_label", "_target")
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # Pillow modes with more than 8 bits
-Convert = Callable[[torch.Tensor], torch.Tensor] | None  # applied to each uint8 (1, C, H, W) image as read
+Convert = Callable[[torch.Tensor], torch.Tensor]  # applied to each uint8 (1, C, H, W) image as read
+
+
+def as_read(image: torch.Tensor) -> torch.Tensor:
+    """The :data:`Convert` that keeps an image as read."""
+    return image
 
 
 @dataclass
@@ -73,7 +78,7 @@ class RawImages:
     skipped: list[Path] = field(default_factory=list)
 
 
-def read_source(path: Path, num_samples: int | None, seed: int, convert: Convert = None) -> RawImages:
+def read_source(path: Path, num_samples: int | None, seed: int, convert: Convert = as_read) -> RawImages:
     """The images of a folder, a labels ``.csv`` or an ``.npz`` (module docstring), each passed
     through ``convert`` as it is read: a photo is kept at the model's size, not at its own (one
     10000 x 10000 image held 3.3 GB until the set was resized)."""
@@ -116,7 +121,7 @@ def sample_indices(labels, count: int, num_samples: int | None, seed: int) -> li
     return order
 
 
-def _read_npz(path: Path, num_samples, seed, convert: Convert = None) -> RawImages:
+def _read_npz(path: Path, num_samples, seed, convert: Convert = as_read) -> RawImages:
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -158,7 +163,6 @@ def _read_npz(path: Path, num_samples, seed, convert: Convert = None) -> RawImag
                                   f"images; got {int(labels.min())}"
                                   + (f" ({unlabelled} of {len(labels)} are -1)" if unlabelled else ""))
     order = sample_indices(labels, images.shape[0], num_samples, seed)
-    convert = convert or (lambda image: image)
     raw = [convert(torch.from_numpy(np.ascontiguousarray(images[i])).permute(2, 0, 1)[None]) for i in order]
     out_labels = [int(labels[i]) for i in order] if labels is not None else [-1] * len(order)
     return RawImages(raw, out_labels)
@@ -188,12 +192,12 @@ def _holds(folder: str, path: str) -> bool:
     return os.path.commonpath([folder, path]) == folder
 
 
-def _class_index(name: str) -> bool:
+def is_class_index(name: str) -> bool:
     """A folder named by a class index: ASCII digits (``str.isdigit`` also takes '²', which ``int`` refuses)."""
     return name.isascii() and name.isdigit()
 
 
-def _read_folder(root: Path, num_samples, seed, convert: Convert = None) -> RawImages:
+def _read_folder(root: Path, num_samples, seed, convert: Convert = as_read) -> RawImages:
     files = image_files(root)
     if not files:
         raise GraphpruneError(f"no image files in {root}")
@@ -205,14 +209,14 @@ def _read_folder(root: Path, num_samples, seed, convert: Convert = None) -> RawI
     classes: list[str] = []
     labels = None
     if len(folders) > 1 and len(in_folders) == len(parts):
-        classes = sorted(folders, key=lambda n: (int(n), n) if _class_index(n) else (float("inf"), n))
-        index = {c: (int(c) if all(_class_index(n) for n in classes) else i) for i, c in enumerate(classes)}
+        classes = sorted(folders, key=lambda n: (int(n), n) if is_class_index(n) else (float("inf"), n))
+        index = {c: (int(c) if all(is_class_index(n) for n in classes) else i) for i, c in enumerate(classes)}
         labels = np.array([index[p[0]] for p in parts])
     elif len(folders) > 1:
         elsewhere = next(p for p in parts if len(p) != 2)
         log.warning("%s: not read as class folders: %d of %d images lie outside its %d sub-folders (e.g. %s)", root,
                     len(parts) - len(in_folders), len(parts), len(folders), os.path.join(*elsewhere))
-    elif len(in_folders) == len(parts) and _class_index(next(iter(folders))):
+    elif len(in_folders) == len(parts) and is_class_index(next(iter(folders))):
         log.warning("%s: its one sub-folder, %s, is not read as a class (one folder is as likely a wrapper); "
                     "give a labels.csv to label its images", root, next(iter(folders)))
     elif all(len(p) == 3 for p in parts) and len({p[0] for p in parts}) > 1:
@@ -223,10 +227,9 @@ def _read_folder(root: Path, num_samples, seed, convert: Convert = None) -> RawI
     return raw
 
 
-def _read_files(files: list[Path], labels, num_samples, seed, convert: Convert = None) -> RawImages:
+def _read_files(files: list[Path], labels, num_samples, seed, convert: Convert = as_read) -> RawImages:
     """Images of ``files`` (labels ``labels`` or None) in sampled order until ``num_samples`` are readable."""
     raw = RawImages()
-    convert = convert or (lambda image: image)
     for i in sample_indices(labels, len(files), None, seed):
         if num_samples is not None and len(raw.images) >= num_samples:
             break

@@ -33,6 +33,7 @@ import onnx
 import torch
 
 from .data import TinySet
+from .data_sources import is_class_index
 from .ctc import CtcText
 from .errors import GraphpruneError
 from .fidelity import (DECODERS, DetectionCounts, MapOverlap, describe_layout, output_layout,
@@ -186,17 +187,15 @@ def _scores(outputs: tuple[torch.Tensor, ...], names: list[str], data: TinySet, 
                               "labels (a folder without labels.csv or class sub-folders, an .npz without 'labels') "
                               "to compare the optimised model's outputs with the original's")
     most = int(data.labels.max()) if labelled else -1
-    if labelled and not any(layout == "classes" and out.shape[1] > most for layout, out in zip(layouts, outputs)):
-        classes = max(out.shape[1] for layout, out in zip(layouts, outputs) if layout == "classes")
-        raise GraphpruneError(f"{data.source} has labels up to {most}, but the model's class scores have {classes} "
-                              "classes")
-    named = [c for c in data.classes if not (c.isascii() and c.isdigit())]
-    if labelled and named and all(out.shape[1] != len(data.classes) for layout, out in zip(layouts, outputs)
-                                  if layout == "classes"):
-        classes = max(out.shape[1] for layout, out in zip(layouts, outputs) if layout == "classes")
+    widths = [out.shape[1] for layout, out in zip(layouts, outputs) if layout == "classes"]  # class counts
+    if labelled and not any(width > most for width in widths):
+        raise GraphpruneError(f"{data.source} has labels up to {most}, but the model's class scores have "
+                              f"{max(widths)} classes")
+    named = [c for c in data.classes if not is_class_index(c)]
+    if labelled and named and len(data.classes) not in widths:
         shown = ", ".join(data.classes[:3]) + (", ..." if len(data.classes) > 3 else "")
         raise GraphpruneError(f"{data.source}'s {len(data.classes)} class folders ({shown}) are read in sorted order "
-                              f"as classes 0..{len(data.classes) - 1}, but the model has {classes} classes: name "
+                              f"as classes 0..{len(data.classes) - 1}, but the model has {max(widths)} classes: name "
                               "each folder by its class index (e.g. 3/, 5/), or give a labels.csv")
     return [_OutputScore(name, layout, describe_layout(layout, out),
                          score_labels=layout == "classes" and labelled and out.shape[1] > most, compare=compare)

@@ -79,23 +79,25 @@ def _export_any_batch(module: nn.Module, example: tuple[torch.Tensor, ...],
     ``free_axes[i]``: input i's other axes that stay dynamic where the graph allows (``Dim.AUTO``)."""
     for batch in (torch.export.Dim("batch", min=1), torch.export.Dim.AUTO):
         try:
-            return torch.export.export(module, example, dynamic_shapes=_dynamic_shapes(example, free_axes, batch))
+            return torch.export.export(module, example, dynamic_shapes=export_dynamic_shapes(example, free_axes, batch))
         except Exception:
             pass
     return None
 
 
-def _dynamic_shapes(example, free_axes, batch) -> tuple[dict, ...]:
+def export_dynamic_shapes(example, free_axes, batch) -> tuple[dict, ...]:
+    """``dynamic_shapes`` for ``torch.export``: each input's batch as ``batch`` (None: static), its
+    ``free_axes`` as ``Dim.AUTO``."""
     return tuple({0: batch, **dict.fromkeys(axes, torch.export.Dim.AUTO)}
                  for _, axes in itertools.zip_longest(example, free_axes, fillvalue=()))
 
 
-def _batched(model: Model) -> bool:
+def batch_is_dynamic(model: Model) -> bool:
     """Whether every input's batch is dynamic (not one :func:`_free_exported_batch` left at 1)."""
     return all(spec.shape[:1] == (None,) for spec in model.inputs)
 
 
-def _free_axes(model: Model) -> tuple[tuple[int, ...], ...]:
+def other_dynamic_axes(model: Model) -> tuple[tuple[int, ...], ...]:
     """Each input's dynamic axes besides the batch (a program exported with dynamic H and W)."""
     return tuple(tuple(i for i, d in enumerate(spec.shape) if i and d is None) for spec in model.inputs)
 
@@ -288,13 +290,13 @@ def load_state_dict_file(module: nn.Module, path: str | os.PathLike) -> None:
 def export_pt2(model: Model) -> torch.export.ExportedProgram:
     """A ``torch.export`` program of the model (batch axis dynamic where possible)."""
     gm = model.graph_module.eval()
-    free_axes = _free_axes(model)
-    program = _export_any_batch(gm, model.example_inputs(batch_size=2), free_axes) if _batched(model) else None
+    free_axes = other_dynamic_axes(model)
+    program = _export_any_batch(gm, model.example_inputs(batch_size=2), free_axes) if batch_is_dynamic(model) else None
     if program is not None:
         return program
     try:  # the example's batch alone
         example = model.example_inputs()
-        return torch.export.export(gm, example, dynamic_shapes=_dynamic_shapes(example, free_axes, None))
+        return torch.export.export(gm, example, dynamic_shapes=export_dynamic_shapes(example, free_axes, None))
     except Exception as exc:
         hint = " (a model read from ONNX is written back as .onnx)" if model.source == "onnx" else ""
         raise GraphpruneError(f"torch.export failed{hint}: {first_line(exc)[:200]}") from None

@@ -24,7 +24,7 @@ from ..errors import GraphpruneError, first_line
 from ..model import Model
 from .batch_axis import SIZED_OPS
 from .io_onnx import verify_against_onnxruntime
-from .io_torch import _batched, _dynamic_shapes, _free_axes
+from .io_torch import batch_is_dynamic, export_dynamic_shapes, other_dynamic_axes
 
 
 def export_onnx(model: Model) -> bytes:
@@ -33,9 +33,10 @@ def export_onnx(model: Model) -> bytes:
     example = model.example_inputs()
     input_names = [s.name for s in model.inputs]
     output_names = list(model.output_names) or ["output"]
+    free_axes = other_dynamic_axes(model)
     with _no_attention_fast_path(), _traced_sizes(gm):
-        data = _export_onnx(model, example, input_names, output_names, _free_axes(model), _batched(model))
-    return data if any(_free_axes(model)) else _declare_output_shapes(data, model)
+        data = _export_onnx(model, example, input_names, output_names, free_axes, batch_is_dynamic(model))
+    return data if any(free_axes) else _declare_output_shapes(data, model)
 
 
 def _declare_output_shapes(data: bytes, model: Model) -> bytes:
@@ -43,7 +44,7 @@ def _declare_output_shapes(data: bytes, model: Model) -> bytes:
     the batch, for an image model's outputs), the batch axis named ``batch``."""
     with torch.no_grad():
         shapes = [[tuple(t.shape) for t in _tensors(model.graph_module(*model.example_inputs(batch_size=b)))]
-                  for b in ((1, 2) if _batched(model) else (1,))]
+                  for b in ((1, 2) if batch_is_dynamic(model) else (1,))]
     proto = onnx.load_model_from_string(data)
     for index, value in enumerate(proto.graph.output):
         dims = value.type.tensor_type.shape.dim
@@ -93,7 +94,7 @@ def _export_onnx(model: Model, example, input_names, output_names, free_axes, ba
             warnings.simplefilter("ignore")
             if batched:  # export specialises a batch of 1, and fails where the graph's range starts at 2
                 example = tuple(torch.cat([t, t]) for t in example)
-            dynamic = _dynamic_shapes(example, free_axes, torch.export.Dim("batch", min=1) if batched else None)
+            dynamic = export_dynamic_shapes(example, free_axes, torch.export.Dim("batch", min=1) if batched else None)
             program = torch.onnx.export(gm, example, dynamo=True, input_names=input_names,
                                         output_names=output_names, dynamic_shapes=dynamic)
         return program.model_proto.SerializeToString()

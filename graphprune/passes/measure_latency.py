@@ -188,9 +188,7 @@ def time_given_file(ctx, backend: LatencyBackend, original_run: RunOnce) -> dict
     given. A TorchScript export's shape arithmetic left in the file can make it twice as slow as
     its simplified form on small inputs (a Swin: 0.78 ms against 0.40). None for a model not read
     from an ONNX file, or a target onnxruntime does not time; ``error`` where it cannot run it."""
-    from ..backends.environment import batch_inputs
-    from ..backends.onnxruntime import OnnxRuntimeBackend, session_runner
-    from ..formats.input_layout import is_channels_last
+    from ..backends.onnxruntime import OnnxRuntimeBackend
     from ..formats.onnx_read import read_onnx
 
     original = ctx.original
@@ -198,13 +196,22 @@ def time_given_file(ctx, backend: LatencyBackend, original_run: RunOnce) -> dict
     if path is None or not isinstance(backend, OnnxRuntimeBackend) or not os.path.isfile(path):
         return None
     try:
-        given_run = session_runner(read_onnx(path), batch_inputs(original, ctx.latency), ctx.latency,
-                                   is_channels_last(original), "the input file as given")
+        given_run = _file_runner(read_onnx(path), original, ctx, "the input file as given")
     except GraphpruneError as exc:
         return {"path": path, "error": str(exc)}
     timed, given = compare_interleaved([original_run, given_run], ctx.latency)
     return {"path": path, "ms": given.median_ms, "original_ms": timed.median_ms,
             "ratio": timed.median_ms / given.median_ms}
+
+
+def _file_runner(proto, model: Model, ctx, what: str) -> RunOnce:
+    """One run of an ONNX file that stands for ``model`` (its int8 form, or the file it was read
+    from), on ``model``'s inputs in the file's layout, with ``ctx.latency``'s settings."""
+    from ..backends.environment import batch_inputs
+    from ..backends.onnxruntime import session_runner
+    from ..formats.input_layout import is_channels_last
+
+    return session_runner(proto, batch_inputs(model, ctx.latency), ctx.latency, is_channels_last(model), what)
 
 
 class MeasureResult(Analysis):
@@ -223,18 +230,12 @@ class MeasureResult(Analysis):
             cut = measure_cut(backend, ctx.original, model, ctx.latency, original_run)
             final = FinalCut(cut.original, cut.candidate, cut.cut)
         else:
-            from ..backends.environment import batch_inputs
-            from ..backends.onnxruntime import session_runner
-            from ..formats.input_layout import is_channels_last
-
             runs = [original_run, backend.prepare(model, ctx.latency),
-                    session_runner(quantized.proto, batch_inputs(model, ctx.latency), ctx.latency,
-                                   is_channels_last(model), "the quantised model")]
+                    _file_runner(quantized.proto, model, ctx, "the quantised model")]
             original, recovered, written = compare_interleaved(runs, ctx.latency)
             final = FinalCut(original, written, latency_cut(original, written), float_candidate=recovered)
         given = time_given_file(ctx, backend, original_run)  # after the cut: its timing stays as it was
         if given and "ratio" in given:
-            final = replace(final, given_file={**given, "cut": 1.0 - (1.0 - final.cut) * given["ratio"]})
-        elif given:
-            final = replace(final, given_file=given)
+            given["cut"] = 1.0 - (1.0 - final.cut) * given["ratio"]
+        final = replace(final, given_file=given)
         return PassResult(model, record=final.to_dict(), artifacts=[final])
