@@ -12,7 +12,9 @@ Scoring, recovery and evaluation feed batches of up to 128 images, which such a 
 shape to 0 ("copy the input's dimension") and lets every Resize with constant sizes that start
 with 1 resize only its spatial axes (which is all a Resize with such sizes does), then checks the
 invariant it relies on: a batch of two inputs gives, row for row, what each input gives alone. If
-that fails the rewrite is undone (the graph is left as it was exported) and
+that fails, :func:`~graphprune.formats.batch_trace.trace_folded_batch` looks for a batch folded
+into products of sizes (attention's ``[L, N*heads, E/heads]``) under the same check; if that fails
+too, every rewrite is undone (the graph is left as it was exported) and
 ``model.meta["batches_run"]`` is False: ``optimize`` refuses such a model in one line.
 
 The written ONNX keeps its own constants and its declared batch: the writer copies back only
@@ -32,6 +34,7 @@ import torch
 from torch import fx
 
 from ..model import Model
+from .batch_trace import trace_folded_batch
 
 
 def free_fixed_batch(model: Model) -> bool:
@@ -46,7 +49,15 @@ def free_fixed_batch(model: Model) -> bool:
         return True
     for step in undo:
         step()
-    model.meta["batches_run"] = batch_consistent(model)
+    if batch_consistent(model):
+        model.meta["batches_run"] = True
+        return False
+    undo = _free_resizes(gm) + (trace_folded_batch(model) or [])  # the batch folded into products
+    model.meta["batches_run"] = bool(undo) and batch_consistent(model)
+    if model.meta["batches_run"]:
+        return True
+    for step in undo:
+        step()
     return False
 
 

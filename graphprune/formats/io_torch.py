@@ -26,6 +26,7 @@ from torch import fx, nn
 from ..errors import GraphpruneError, first_line
 from ..model import InputSpec, Model
 from .batch_axis import batch_consistent, free_view_batches
+from .batch_trace import trace_folded_batch
 
 DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
 log = logging.getLogger("graphprune")
@@ -212,9 +213,10 @@ def _refuse_buffer_updates(model: Model) -> Exception | None:
 
 def _free_exported_batch(model: Model) -> None:
     """A program exported without ``dynamic_shapes`` guards its example's batch, but the tiny set
-    runs in batches: drop the guard where the graph itself computes every row alone. Where it does
-    not (attention folding the batch into its sizes), the batch stays 1: inspect, drop and profile
-    run it image by image, and optimize refuses it (``model.meta["batches_run"]``), as for ONNX."""
+    runs in batches: drop the guard where the graph itself computes every row alone, else where the
+    sizes that hold the batch can be found (a leading 1; a product, as attention folds it:
+    :mod:`~graphprune.formats.batch_trace`). Where not, the batch stays 1: inspect, drop and
+    profile run it image by image, and optimize refuses it (``model.meta["batches_run"]``)."""
     gm = model.graph_module
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         gm.graph.erase_node(node)
@@ -222,6 +224,9 @@ def _free_exported_batch(model: Model) -> None:
     if batch_consistent(model):
         return
     undo = free_view_batches(gm)  # sizes that hold the example's batch (channel shuffle's view)
+    if undo and batch_consistent(model):
+        return
+    undo = (trace_folded_batch(model) or []) + undo  # the batch folded into products (attention)
     if undo and batch_consistent(model):
         return
     for step in undo:

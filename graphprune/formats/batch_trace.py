@@ -1,0 +1,331 @@
+"""Find where a fixed-batch export folded its batch into constant sizes, by tracing two images.
+
+:mod:`~graphprune.formats.batch_axis` frees a batch of 1 written as the *leading* 1 of a size list.
+An exporter tracing at batch 1 also folds it into products: ``nn.MultiheadAttention`` reshapes its
+(L, N, E) query to (L, N*heads, E/heads) and its output to (L*N, E), which a fixed-batch export
+writes as the constants ``[17, 2, 16]`` and ``[17, 32]``; nothing in them says which size holds N.
+
+:func:`trace_folded_batch` finds out by running the graph node by node on two images, each alone
+(batch 1) and both together (batch 2). A tensor the batch-2 run computes correctly is, in memory
+order, the two images' tensors interleaved in blocks of ``stride`` elements: the batch's stride.
+A reshape only regroups memory order, so its output keeps the batch at that stride, in the axis k
+whose inner size ``inner_k`` (the product of the sizes after k) divides the stride and whose own
+size is divisible by ``stride / inner_k``. That axis becomes -1 (inferred: its batch-1 size times
+the batch) and every other axis its batch-1 size, which at batch 1 is the same reshape.
+
+Where two axes qualify (the stride at a boundary: the batch the innermost part of axis k or the
+outermost part of axis k+1, as in the two constants above) the graph after it decides: a choice
+stands while every later tensor is still such an interleaving and every node runs; else the trace
+goes back to the latest choice with an alternative left (depth first, a bounded number of node
+runs). The option the search last moved to for the same sizes and stride is tried first there.
+
+A Concat joining a batch-free constant (a class token, exported as its expand to batch 1) to
+batched tensors repeats the constant along their batch axis.
+
+Only the fx graph changes (a reshape's module or size list, a Concat's module); the written ONNX
+keeps its own constants. The caller checks the result with
+:func:`~graphprune.formats.batch_axis.batch_consistent` and undoes it where that fails.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import fx
+
+from ..model import Model
+
+_SIZED_ATEN = ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default")
+_MAX_RUNS_PER_NODE = 16  # node runs the search may spend, per node of the graph
+
+
+class ReshapeToBatched(torch.nn.Module):
+    """ONNX Reshape to fixed sizes but one inferred axis (-1): the sizes input is ignored."""
+
+    def __init__(self, sizes: list[int]):
+        super().__init__()
+        self.sizes = list(sizes)
+
+    def forward(self, x: torch.Tensor, shape: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.reshape(x, self.sizes)
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}"
+
+
+class ConcatRepeatingConstants(torch.nn.Module):
+    """ONNX Concat whose batch-free inputs (``positions``) are repeated along ``batch_axis`` to the
+    batch of the first batched input."""
+
+    def __init__(self, axis: int, batch_axis: int, positions: tuple[int, ...]):
+        super().__init__()
+        self.axis, self.batch_axis, self.positions = axis, batch_axis, tuple(positions)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        batched = next(t for i, t in enumerate(tensors) if i not in self.positions)
+        batch = batched.shape[self.batch_axis]
+        tensors = [t.expand(*[batch if d == self.batch_axis else -1 for d in range(t.dim())])
+                   if i in self.positions else t for i, t in enumerate(tensors)]
+        return torch.cat(tensors, self.axis)
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, batch_axis={self.batch_axis}, repeated={self.positions}"
+
+
+def trace_folded_batch(model: Model) -> list[Callable[[], None]] | None:
+    """Rewrite the constant sizes of ``model`` (one image input, batch 1) so any batch runs; the
+    steps that undo it, or None (nothing changed) where the trace finds no consistent rewrite."""
+    if len(model.inputs) != 1:
+        return None
+    gm = model.graph_module
+    one, other = model.example_inputs(batch_size=1, seed=0), model.example_inputs(batch_size=1, seed=1)
+    try:
+        with torch.no_grad():
+            alone = (_all_values(gm, one[0]), _all_values(gm, other[0]))
+    except Exception:
+        return None
+    trace = _Trace(gm, alone, torch.cat([one[0], other[0]]))
+    with torch.no_grad():
+        done = trace.run()
+    if not done:
+        trace.undo_all()
+        return None
+    steps = [step for _, _, _, step in reversed(trace.choices)]
+    gm.recompile()
+    return [*steps, gm.recompile] if steps else None
+
+
+def _all_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, object]:
+    interpreter = fx.Interpreter(gm, garbage_collect_values=False)
+    interpreter.run(x)
+    return dict(interpreter.env)
+
+
+class _Trace:
+    """The depth-first search of the module docstring over the graph's nodes in order."""
+
+    def __init__(self, gm: fx.GraphModule, alone: tuple[dict, dict], together: torch.Tensor):
+        self.gm, self.alone, self.together = gm, alone, together
+        self.nodes = list(gm.graph.nodes)
+        self.position = {node: i for i, node in enumerate(self.nodes)}
+        self.interpreter = fx.Interpreter(gm, garbage_collect_values=False)
+        self.choices: list[tuple[int, list, int, Callable[[], None]]] = []  # (node index, options, taken, undo)
+        self.worked: dict[tuple, object] = {}  # (sizes, stride) -> the option that worked there
+        self.strides: dict[fx.Node, int | None] = {}  # None: the node's value holds no batch
+
+    def run(self) -> bool:
+        env, runs, i = self.interpreter.env, 0, 0
+        while i < len(self.nodes):
+            runs += 1
+            if runs > _MAX_RUNS_PER_NODE * len(self.nodes):
+                return False
+            node = self.nodes[i]
+            if self._step(node, env):
+                i += 1
+                continue
+            i = self._backtrack()
+            if i is None:
+                return False
+            for later in self.nodes[i:]:
+                env.pop(later, None)
+                self.strides.pop(later, None)
+        return True
+
+    def undo_all(self) -> None:
+        while self.choices:
+            self.choices.pop()[3]()
+
+    def _step(self, node: fx.Node, env: dict) -> bool:
+        """Run ``node`` at batch 2 (choosing its rewrite first where it has one); False if it fails."""
+        if node.op == "placeholder":
+            env[node] = self.together
+            self.strides[node] = self.together[0].numel()
+            return True
+        if node.op == "output":  # every output batched along its first axis
+            outputs: list[fx.Node] = []
+            fx.node.map_arg(node.args[0], outputs.append)
+            return all(self.strides.get(o) == self.alone[0][o].numel() for o in outputs
+                       if isinstance(self.alone[0].get(o), torch.Tensor))
+        if not self._choose(node):
+            return False
+        try:
+            env[node] = self.interpreter.run_node(node)
+        except Exception:
+            if not self._repeat_constants(node):
+                return False
+            try:
+                env[node] = self.interpreter.run_node(node)
+            except Exception:
+                return False
+        stride = _batch_stride(env[node], self.alone[0].get(node), self.alone[1].get(node))
+        if stride is False:
+            return False
+        self.strides[node] = stride
+        return True
+
+    def _choose(self, node: fx.Node) -> bool:
+        """At a reshape to constant sizes of a batched tensor: take its first option (module doc)."""
+        sizes = _constant_sizes(self.gm, node)
+        source = node.args[0] if node.args else None
+        stride = self.strides.get(source) if isinstance(source, fx.Node) else None
+        value = self.alone[0].get(node)
+        if sizes is None or stride is None or not isinstance(value, torch.Tensor):
+            return True
+        options = _axes_holding(stride, list(value.shape))
+        if not options:
+            return False
+        key = self._key(node)
+        if key in self.worked and self.worked[key] in options:
+            options.remove(self.worked[key])
+            options.insert(0, self.worked[key])
+        self.choices.append((self.position[node], options, 0, _rewrite_reshape(self.gm, node, value.shape, options[0])))
+        return True
+
+    def _backtrack(self) -> int | None:
+        """Undo choices back to the latest one with an option left and take that option; its index."""
+        while self.choices:
+            index, options, taken, undo = self.choices.pop()
+            undo()
+            node = self.nodes[index]
+            if taken + 1 < len(options) and options[taken] != "concat":
+                value = self.alone[0][node]
+                step = _rewrite_reshape(self.gm, node, value.shape, options[taken + 1])
+                self.choices.append((index, options, taken + 1, step))
+                self.worked[self._key(node)] = options[taken + 1]  # the latest evidence for these sizes
+                return index
+        return None
+
+    def _key(self, node: fx.Node) -> tuple:
+        """A reshape's batch-1 sizes and its input's batch stride: what its options depend on."""
+        return tuple(self.alone[0][node].shape), self.strides.get(node.args[0])
+
+    def _repeat_constants(self, node: fx.Node) -> bool:
+        """A failing ONNX Concat of batched tensors and batch-free constants: repeat the constants
+        along the batch axis the batched ones share (a size-1 axis at their stride)."""
+        if node.op != "call_module":
+            return False
+        module = self.gm.get_submodule(str(node.target))
+        if type(module).__name__ != "OnnxConcat":
+            return False
+        inputs = list(node.args)
+        if not all(isinstance(a, fx.Node) for a in inputs):
+            return False
+        constant = tuple(i for i, a in enumerate(inputs) if self.strides.get(a) is None)
+        batched = [a for a in inputs if self.strides.get(a) is not None]
+        axes = {_pure_batch_axis(self.strides[a], list(self.alone[0][a].shape)) for a in batched}
+        if not constant or not batched or len(axes) != 1 or None in axes:
+            return False
+        (batch_axis,) = axes
+        if batch_axis == module.axis % self.alone[0][batched[0]].dim():
+            return False
+        replacement = ConcatRepeatingConstants(module.axis, batch_axis, constant)
+        undo = _swap_module(self.gm, str(node.target), replacement)
+        self.choices.append((self.position[node], ["concat"], 0, undo))
+        return True
+
+
+def _batch_stride(together, one, other) -> int | None | bool:
+    """The stride at which ``together`` interleaves ``one`` and ``other`` (module docstring); None
+    where it holds no batch (a constant: all three equal); False where it is neither. Compared at
+    a fixed sample of positions: the full check is :func:`batch_consistent` on the outputs."""
+    if not isinstance(one, torch.Tensor) or not isinstance(together, torch.Tensor):
+        return None
+    first, second, flat = one.reshape(-1), other.reshape(-1), together.reshape(-1)
+    positions = _sample(first.numel())
+    if together.shape == one.shape and _close(flat[positions], first[positions]) \
+            and _close(first[positions], second[positions]):
+        return None
+    if together.numel() != 2 * one.numel() or one.numel() == 0:
+        return False
+    for stride in _candidate_strides(list(one.shape)):
+        # element i of one image sits at row i // stride, column i % stride of (rows, 2, stride)
+        at = (positions // stride) * 2 * stride + positions % stride
+        if _close(flat[at], first[positions]) and _close(flat[at + stride], second[positions]):
+            return stride
+    return False
+
+
+def _sample(count: int, size: int = 4096) -> torch.Tensor:
+    if count <= size:
+        return torch.arange(count)
+    return torch.randint(count, (size,), generator=torch.Generator().manual_seed(count))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return torch.allclose(a, b, rtol=1e-3, atol=1e-4 * scale + 1e-7)
+
+
+def _candidate_strides(shape: list[int]) -> list[int]:
+    """Every stride the batch can sit at in a tensor of ``shape``: a divisor of an axis's size
+    times the product of the sizes after it (largest first)."""
+    strides = set()
+    for k, size in enumerate(shape):
+        inner = math.prod(shape[k + 1:])
+        strides.update(inner * c for c in _divisors(size))
+    return sorted(strides, reverse=True)
+
+
+def _divisors(n: int) -> set[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return {*small, *(n // d for d in small)}
+
+
+def _axes_holding(stride: int, shape: list[int]) -> list[int]:
+    """The axes of ``shape`` a batch at ``stride`` can multiply: a size-1 axis first, then the batch
+    as an axis's outermost part, then the rest (module docstring)."""
+    axes = []
+    for k, size in enumerate(shape):
+        inner = math.prod(shape[k + 1:])
+        if stride % inner == 0 and size % (stride // inner) == 0:
+            axes.append(k)
+    return sorted(axes, key=lambda k: (shape[k] != 1, stride != math.prod(shape[k:]), k))
+
+
+def _pure_batch_axis(stride: int, shape: list[int]) -> int | None:
+    """The size-1 axis a batch at ``stride`` fills alone, if any."""
+    for k, size in enumerate(shape):
+        if size == 1 and math.prod(shape[k + 1:]) == stride:
+            return k
+    return None
+
+
+def _constant_sizes(gm: fx.GraphModule, node: fx.Node) -> list[int] | None:
+    """The constant sizes of a reshape node (ONNX Reshape with an initializer, aten view/reshape
+    with integers), else None."""
+    if node.op == "call_module" and type(gm.get_submodule(str(node.target))).__name__ == "OnnxReshape":
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
+        if isinstance(shape, fx.Node) and shape.op == "get_attr":
+            return [int(v) for v in gm.get_buffer(str(shape.target)).tolist()]
+        return None
+    if node.op == "call_function" and str(node.target) in _SIZED_ATEN and len(node.args) > 1:
+        sizes = node.args[1]
+        if isinstance(sizes, (list, tuple)) and all(isinstance(s, int) for s in sizes):
+            return list(sizes)
+    return None
+
+
+def _rewrite_reshape(gm: fx.GraphModule, node: fx.Node, shape, axis: int) -> Callable[[], None]:
+    """Make ``node`` reshape to ``shape`` (its batch-1 sizes) with ``axis`` inferred; the undo."""
+    sizes = [-1 if k == axis else int(s) for k, s in enumerate(shape)]
+    if node.op == "call_module":
+        return _swap_module(gm, str(node.target), ReshapeToBatched(sizes))
+    original = node.args
+    node.args = (original[0], sizes, *original[2:])
+    return lambda: setattr(node, "args", original)
+
+
+def _swap_module(gm: fx.GraphModule, target: str, module: torch.nn.Module) -> Callable[[], None]:
+    parent_name, _, name = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    original = getattr(parent, name)
+    if hasattr(original, "onnx_mapping"):  # the ONNX names of its inputs and outputs (io_onnx reads them)
+        module.onnx_mapping = original.onnx_mapping
+    setattr(parent, name, module)
+    return lambda: setattr(parent, name, original)

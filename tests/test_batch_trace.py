@@ -1,0 +1,94 @@
+"""A fixed-batch export whose batch is folded into products of constant sizes (torch's attention:
+[L, N*heads, E/heads], [L*N, E]) runs batches once the trace finds the sizes that hold it
+(graphprune/formats/batch_trace.py); a graph whose rows truly mix stays refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import graphprune as gp
+from graphprune.formats.batch_trace import ConcatRepeatingConstants, ReshapeToBatched, _axes_holding, _batch_stride
+from test_vit import SHAPE, small_vit
+
+
+@pytest.fixture(scope="module")
+def fixed_batch_vit(tmp_path_factory):
+    """What ``torch.onnx.export(vit, (x,), path)`` writes by default: the dynamo exporter, batch 1."""
+    path = tmp_path_factory.mktemp("vit") / "vit_fixed.onnx"
+    torch.onnx.export(small_vit(), (torch.randn(SHAPE),), str(path), dynamo=True, verbose=False)
+    return path
+
+
+def _rows_match_onnxruntime(model, path, x: torch.Tensor) -> None:
+    together = model.run(x)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for i in range(len(x)):
+        (alone,) = session.run(None, {name: x[i:i + 1].numpy()})
+        np.testing.assert_allclose(together[i:i + 1].numpy(), alone, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_exported_at_batch_one_runs_batches(fixed_batch_vit):
+    proto = onnx.load(str(fixed_batch_vit), load_external_data=False)
+    folded = [list(numpy_helper.to_array(t)) for t in proto.graph.initializer if list(t.dims) == [3]]
+    assert [17, 2, 16] in folded  # the export did fold the batch into attention's sizes
+    model = gp.load(fixed_batch_vit)
+    assert model.meta["batches_run"] is True
+    modules = [type(m) for m in model.graph_module.modules()]
+    assert ReshapeToBatched in modules and ConcatRepeatingConstants in modules  # the class token
+    _rows_match_onnxruntime(model, fixed_batch_vit, torch.randn(3, *SHAPE[1:]))
+
+
+def test_the_trace_goes_back_when_a_choice_fails_downstream(tmp_path):
+    """X (1, 4, 6) -> Transpose -> (4, 1, 6) -> Reshape [4, 6] -> MatMul W (6, 5) -> Reshape
+    [4, 1, 5] -> Transpose -> (1, 4, 5). At batch B the first Reshape may be (4B, 6) or (4, 6B):
+    both regroup the same memory; the option tried first, (4, 6B), fails at the MatMul."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 5)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([4, 6], np.int64), "flat"),
+             numpy_helper.from_array(np.array([4, 1, 5], np.int64), "rows")]
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["X"], ["t"], perm=[1, 0, 2]),
+         helper.make_node("Reshape", ["t", "flat"], ["f"]),
+         helper.make_node("MatMul", ["f", "w"], ["m"]),
+         helper.make_node("Reshape", ["m", "rows"], ["r"]),
+         helper.make_node("Transpose", ["r"], ["Y"], perm=[1, 0, 2])],
+        "folded", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4, 6])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4, 5])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 7
+    onnx.save(proto, str(tmp_path / "folded.onnx"))
+    assert _axes_holding(6, [4, 6]) == [1, 0]  # the outermost-part option comes first
+    model = gp.load(tmp_path / "folded.onnx")
+    assert model.meta["batches_run"] is True
+    sizes = sorted(m.sizes for m in model.graph_module.modules() if isinstance(m, ReshapeToBatched))
+    assert sizes == [[-1, 6], [4, -1, 5]]
+    _rows_match_onnxruntime(model, tmp_path / "folded.onnx", torch.randn(3, 4, 6))
+
+
+def test_the_batch_stride_is_where_two_images_interleave():
+    one, other = torch.randn(17, 1, 32), torch.randn(17, 1, 32)
+    assert _batch_stride(torch.cat([one, other], 1), one, other) == 32
+    assert _batch_stride(torch.cat([one, other], 0), one, other) == 17 * 32
+    assert _batch_stride(one, one, one.clone()) is None  # a constant holds no batch
+    assert _batch_stride(torch.cat([one, one], 1), one, other) is False  # the rows are not the images'
+
+
+@pytest.mark.slow  # 15 s: optimize end to end, then the output through onnxruntime
+def test_optimize_writes_a_fixed_batch_vit_that_onnxruntime_runs(cli, fixed_batch_vit, tmp_path):
+    out = tmp_path / "fast.onnx"
+    code, _, err = cli("optimize", fixed_batch_vit, "--latency-cut", "0.2", "--data-free", "--synthetic", "procedural",
+                       "--num-samples", "24", "--score-iterations", "3", "--refine-evaluations", "0",
+                       "--recovery-iterations", "3", "--quantize", "none", "--min-time", "0.05", "--no-cache",
+                       "-o", out)
+    assert code == 0, err
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 3, 32, 32]  # written with the batch it was given
+    (y,) = session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, 32, 32), np.float32)})
+    assert y.shape == (1, 10)
+    assert len(onnx.load(str(out)).graph.node) < len(onnx.load(str(fixed_batch_vit)).graph.node)
