@@ -12,7 +12,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune as gp
-from graphprune.formats.batch_trace import ConcatRepeatingConstants, ReshapeToBatched, _axes_holding, _batch_stride
+from graphprune.formats.batch_trace import (ConcatRepeatingConstants, ReshapeToBatched, _axes_holding, _batch_stride,
+                                             _Seen)
 from test_vit import SHAPE, small_vit
 
 
@@ -71,12 +72,17 @@ def test_the_trace_goes_back_when_a_choice_fails_downstream(tmp_path):
     _rows_match_onnxruntime(model, tmp_path / "folded.onnx", torch.randn(3, 4, 6))
 
 
+def _seen(one: torch.Tensor, other: torch.Tensor) -> _Seen:
+    positions = torch.arange(one.numel())
+    return _Seen(tuple(one.shape), positions, one.reshape(-1), other.reshape(-1))
+
+
 def test_the_batch_stride_is_where_two_images_interleave():
     one, other = torch.randn(17, 1, 32), torch.randn(17, 1, 32)
-    assert _batch_stride(torch.cat([one, other], 1), one, other) == 32
-    assert _batch_stride(torch.cat([one, other], 0), one, other) == 17 * 32
-    assert _batch_stride(one, one, one.clone()) is None  # a constant holds no batch
-    assert _batch_stride(torch.cat([one, one], 1), one, other) is False  # the rows are not the images'
+    assert _batch_stride(torch.cat([one, other], 1), _seen(one, other)) == 32
+    assert _batch_stride(torch.cat([one, other], 0), _seen(one, other)) == 17 * 32
+    assert _batch_stride(one, _seen(one, one.clone())) is None  # a constant holds no batch
+    assert _batch_stride(torch.cat([one, one], 1), _seen(one, other)) is False  # the rows are not the images'
 
 
 @pytest.mark.slow  # 15 s: optimize end to end, then the output through onnxruntime

@@ -30,6 +30,7 @@ keeps its own constants. The caller checks the result with
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -38,7 +39,7 @@ from torch import fx
 from ..model import Model
 
 _SIZED_ATEN = ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default")
-_MAX_RUNS_PER_NODE = 16  # node runs the search may spend, per node of the graph
+_MAX_RESTARTS = 32  # runs of the graph the search may start again
 
 
 class ReshapeToBatched(torch.nn.Module):
@@ -83,59 +84,90 @@ def trace_folded_batch(model: Model) -> list[Callable[[], None]] | None:
     one, other = model.example_inputs(batch_size=1, seed=0), model.example_inputs(batch_size=1, seed=1)
     try:
         with torch.no_grad():
-            alone = (_all_values(gm, one[0]), _all_values(gm, other[0]))
+            seen = _seen_alone(gm, one[0], other[0])
     except Exception:
         return None
-    trace = _Trace(gm, alone, torch.cat([one[0], other[0]]))
+    trace = _Trace(gm, seen, torch.cat([one[0], other[0]]))
     with torch.no_grad():
         done = trace.run()
-    if not done:
-        trace.undo_all()
+    steps = [choice[2] for choice in reversed(trace.choices.values())]
+    if not done or not steps:
+        for step in steps:
+            step()
         return None
-    steps = [step for _, _, _, step in reversed(trace.choices)]
     gm.recompile()
-    return [*steps, gm.recompile] if steps else None
+    return [*steps, gm.recompile]
 
 
-def _all_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, object]:
-    interpreter = fx.Interpreter(gm, garbage_collect_values=False)
-    interpreter.run(x)
-    return dict(interpreter.env)
+@dataclass(frozen=True)
+class _Seen:
+    """What the two batch-1 runs computed at a node: its sizes and both images' values at a fixed
+    sample of positions (all a check needs; the tensors themselves are not kept)."""
+
+    shape: tuple[int, ...]
+    positions: torch.Tensor
+    first: torch.Tensor
+    second: torch.Tensor
+
+
+class _Sampling(fx.Interpreter):
+    """Runs the graph (freeing each value after its last use) and keeps each tensor's sample."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.samples: dict[fx.Node, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
+
+    def run_node(self, node: fx.Node):
+        value = super().run_node(node)
+        if isinstance(value, torch.Tensor):
+            positions = _sample(value.numel())
+            self.samples[node] = (tuple(value.shape), positions, value.reshape(-1)[positions].clone())
+        return value
+
+
+def _seen_alone(gm: fx.GraphModule, one: torch.Tensor, other: torch.Tensor) -> dict[fx.Node, _Seen]:
+    first, second = _Sampling(gm), _Sampling(gm)
+    first.run(one)
+    second.run(other)
+    return {node: _Seen(shape, positions, values, second.samples[node][2])
+            for node, (shape, positions, values) in first.samples.items()
+            if node in second.samples and second.samples[node][0] == shape}
 
 
 class _Trace:
-    """The depth-first search of the module docstring over the graph's nodes in order."""
+    """The depth-first search of the module docstring over the graph's nodes in order. A failed
+    node makes the latest choice take its next option and the run start again (the batch-2 values
+    are freed after their last use, as the two batch-1 runs were)."""
 
-    def __init__(self, gm: fx.GraphModule, alone: tuple[dict, dict], together: torch.Tensor):
-        self.gm, self.alone, self.together = gm, alone, together
+    def __init__(self, gm: fx.GraphModule, seen: dict[fx.Node, _Seen], together: torch.Tensor):
+        self.gm, self.seen, self.together = gm, seen, together
         self.nodes = list(gm.graph.nodes)
         self.position = {node: i for i, node in enumerate(self.nodes)}
+        self.last_use = {node: max((self.position[u] for u in node.users), default=len(self.nodes))
+                         for node in self.nodes}
         self.interpreter = fx.Interpreter(gm, garbage_collect_values=False)
-        self.choices: list[tuple[int, list, int, Callable[[], None]]] = []  # (node index, options, taken, undo)
-        self.worked: dict[tuple, object] = {}  # (sizes, stride) -> the option that worked there
+        # node index -> (options, the one taken, its undo, what it depends on), in node order
+        self.choices: dict[int, tuple[list, int, Callable[[], None], tuple]] = {}
+        self.worked: dict[tuple, object] = {}  # (sizes, stride) -> the option the search last moved to
         self.strides: dict[fx.Node, int | None] = {}  # None: the node's value holds no batch
 
     def run(self) -> bool:
-        env, runs, i = self.interpreter.env, 0, 0
+        env, i, restarts = self.interpreter.env, 0, 0
         while i < len(self.nodes):
-            runs += 1
-            if runs > _MAX_RUNS_PER_NODE * len(self.nodes):
-                return False
             node = self.nodes[i]
             if self._step(node, env):
+                for source in node.all_input_nodes:
+                    if self.last_use[source] == i:
+                        env.pop(source, None)
                 i += 1
                 continue
-            i = self._backtrack()
-            if i is None:
+            restarts += 1
+            if restarts > _MAX_RESTARTS or not self._backtrack():
                 return False
-            for later in self.nodes[i:]:
-                env.pop(later, None)
-                self.strides.pop(later, None)
+            env.clear()
+            self.strides.clear()
+            i = 0
         return True
-
-    def undo_all(self) -> None:
-        while self.choices:
-            self.choices.pop()[3]()
 
     def _step(self, node: fx.Node, env: dict) -> bool:
         """Run ``node`` at batch 2 (choosing its rewrite first where it has one); False if it fails."""
@@ -146,8 +178,7 @@ class _Trace:
         if node.op == "output":  # every output batched along its first axis
             outputs: list[fx.Node] = []
             fx.node.map_arg(node.args[0], outputs.append)
-            return all(self.strides.get(o) == self.alone[0][o].numel() for o in outputs
-                       if isinstance(self.alone[0].get(o), torch.Tensor))
+            return all(self.strides.get(o) == math.prod(self.seen[o].shape) for o in outputs if o in self.seen)
         if not self._choose(node):
             return False
         try:
@@ -159,7 +190,7 @@ class _Trace:
                 env[node] = self.interpreter.run_node(node)
             except Exception:
                 return False
-        stride = _batch_stride(env[node], self.alone[0].get(node), self.alone[1].get(node))
+        stride = _batch_stride(env[node], self.seen.get(node))
         if stride is False:
             return False
         self.strides[node] = stride
@@ -167,82 +198,76 @@ class _Trace:
 
     def _choose(self, node: fx.Node) -> bool:
         """At a reshape to constant sizes of a batched tensor: take its first option (module doc)."""
-        sizes = _constant_sizes(self.gm, node)
+        index = self.position[node]
+        if index in self.choices:
+            return True
         source = node.args[0] if node.args else None
         stride = self.strides.get(source) if isinstance(source, fx.Node) else None
-        value = self.alone[0].get(node)
-        if sizes is None or stride is None or not isinstance(value, torch.Tensor):
+        if stride is None or node not in self.seen or _constant_sizes(self.gm, node) is None:
             return True
-        options = _axes_holding(stride, list(value.shape))
+        shape = self.seen[node].shape
+        options = _axes_holding(stride, list(shape))
         if not options:
             return False
-        key = self._key(node)
-        if key in self.worked and self.worked[key] in options:
+        key = (shape, stride)
+        if self.worked.get(key) in options:
             options.remove(self.worked[key])
             options.insert(0, self.worked[key])
-        self.choices.append((self.position[node], options, 0, _rewrite_reshape(self.gm, node, value.shape, options[0])))
+        self.choices[index] = (options, 0, _rewrite_reshape(self.gm, node, shape, options[0]), key)
         return True
 
-    def _backtrack(self) -> int | None:
-        """Undo choices back to the latest one with an option left and take that option; its index."""
+    def _backtrack(self) -> bool:
+        """Undo choices back to the latest one with an option left and take that option."""
         while self.choices:
-            index, options, taken, undo = self.choices.pop()
+            index = next(reversed(self.choices))
+            options, taken, undo, key = self.choices.pop(index)
             undo()
-            node = self.nodes[index]
-            if taken + 1 < len(options) and options[taken] != "concat":
-                value = self.alone[0][node]
-                step = _rewrite_reshape(self.gm, node, value.shape, options[taken + 1])
-                self.choices.append((index, options, taken + 1, step))
-                self.worked[self._key(node)] = options[taken + 1]  # the latest evidence for these sizes
-                return index
-        return None
-
-    def _key(self, node: fx.Node) -> tuple:
-        """A reshape's batch-1 sizes and its input's batch stride: what its options depend on."""
-        return tuple(self.alone[0][node].shape), self.strides.get(node.args[0])
+            if taken + 1 < len(options):
+                node = self.nodes[index]
+                step = _rewrite_reshape(self.gm, node, self.seen[node].shape, options[taken + 1])
+                self.choices[index] = (options, taken + 1, step, key)
+                self.worked[key] = options[taken + 1]  # the latest evidence for these sizes and stride
+                return True
+        return False
 
     def _repeat_constants(self, node: fx.Node) -> bool:
         """A failing ONNX Concat of batched tensors and batch-free constants: repeat the constants
         along the batch axis the batched ones share (a size-1 axis at their stride)."""
-        if node.op != "call_module":
+        if node.op != "call_module" or self.position[node] in self.choices:
             return False
         module = self.gm.get_submodule(str(node.target))
-        if type(module).__name__ != "OnnxConcat":
-            return False
         inputs = list(node.args)
-        if not all(isinstance(a, fx.Node) for a in inputs):
+        if type(module).__name__ != "OnnxConcat" or not all(a in self.seen for a in inputs):
             return False
         constant = tuple(i for i, a in enumerate(inputs) if self.strides.get(a) is None)
         batched = [a for a in inputs if self.strides.get(a) is not None]
-        axes = {_pure_batch_axis(self.strides[a], list(self.alone[0][a].shape)) for a in batched}
+        axes = {_pure_batch_axis(self.strides[a], list(self.seen[a].shape)) for a in batched}
         if not constant or not batched or len(axes) != 1 or None in axes:
             return False
         (batch_axis,) = axes
-        if batch_axis == module.axis % self.alone[0][batched[0]].dim():
+        if batch_axis == module.axis % len(self.seen[batched[0]].shape):
             return False
-        replacement = ConcatRepeatingConstants(module.axis, batch_axis, constant)
-        undo = _swap_module(self.gm, str(node.target), replacement)
-        self.choices.append((self.position[node], ["concat"], 0, undo))
+        undo = _swap_module(self.gm, str(node.target), ConcatRepeatingConstants(module.axis, batch_axis, constant))
+        self.choices[self.position[node]] = (["concat"], 0, undo, ())
         return True
 
 
-def _batch_stride(together, one, other) -> int | None | bool:
-    """The stride at which ``together`` interleaves ``one`` and ``other`` (module docstring); None
-    where it holds no batch (a constant: all three equal); False where it is neither. Compared at
-    a fixed sample of positions: the full check is :func:`batch_consistent` on the outputs."""
-    if not isinstance(one, torch.Tensor) or not isinstance(together, torch.Tensor):
+def _batch_stride(together, seen: _Seen | None) -> int | None | bool:
+    """The stride at which ``together`` interleaves the two images' values ``seen`` alone (module
+    docstring); None where it holds no batch (a constant: all three equal); False where it is
+    neither. Compared at the sampled positions only: the full check is ``batch_consistent``."""
+    if seen is None or not isinstance(together, torch.Tensor) or seen.positions.numel() == 0:
         return None
-    first, second, flat = one.reshape(-1), other.reshape(-1), together.reshape(-1)
-    positions = _sample(first.numel())
-    if together.shape == one.shape and _close(flat[positions], first[positions]) \
-            and _close(first[positions], second[positions]):
+    flat, positions = together.reshape(-1), seen.positions
+    if tuple(together.shape) == seen.shape and _close(flat[positions], seen.first) \
+            and _close(seen.first, seen.second):
         return None
-    if together.numel() != 2 * one.numel() or one.numel() == 0:
+    if together.numel() != 2 * math.prod(seen.shape):
         return False
-    for stride in _candidate_strides(list(one.shape)):
+    for stride in _candidate_strides(list(seen.shape)):
         # element i of one image sits at row i // stride, column i % stride of (rows, 2, stride)
         at = (positions // stride) * 2 * stride + positions % stride
-        if _close(flat[at], first[positions]) and _close(flat[at + stride], second[positions]):
+        if _close(flat[at], seen.first) and _close(flat[at + stride], seen.second):
             return stride
     return False
 
