@@ -12,7 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune as gp
-from graphprune.formats.batch_trace import (ConcatRepeatingConstants, ReshapeToBatched, _axes_holding, _batch_stride,
+from graphprune.formats.batch_trace import (ConcatRepeatingConstants, GatherEachImage, ReshapeToBatched, _axes_holding, _batch_stride,
                                              _Seen)
 from test_vit import SHAPE, small_vit
 
@@ -43,6 +43,22 @@ def test_attention_exported_at_batch_one_runs_batches(fixed_batch_vit):
     modules = [type(m) for m in model.graph_module.modules()]
     assert ReshapeToBatched in modules and ConcatRepeatingConstants in modules  # the class token
     _rows_match_onnxruntime(model, fixed_batch_vit, torch.randn(3, *SHAPE[1:]))
+
+
+def test_windowed_attention_exported_at_batch_one_runs_batches(tmp_path):
+    """A small Swin: windows folded with the batch ([1 * 4 windows, 16, C]) and its head's flatten
+    written as as_strided (Reshape [-1] then Gather with constant indices)."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    swin = SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                           num_classes=10).eval()
+    path = tmp_path / "swin.onnx"
+    torch.onnx.export(swin, (torch.randn(SHAPE),), str(path), dynamo=True, verbose=False)
+    model = gp.load(path)
+    assert model.meta["batches_run"] is True
+    assert GatherEachImage in [type(m) for m in model.graph_module.modules()]
+    _rows_match_onnxruntime(model, path, torch.randn(3, *SHAPE[1:]))
 
 
 def test_the_trace_goes_back_when_a_choice_fails_downstream(tmp_path):

@@ -19,10 +19,13 @@ stands while every later tensor is still such an interleaving and every node run
 goes back to the latest choice with an alternative left (depth first, a bounded number of node
 runs). The option the search last moved to for the same sizes and stride is tried first there.
 
-A Concat joining a batch-free constant (a class token, exported as its expand to batch 1) to
-batched tensors repeats the constant along their batch axis.
+Two more nodes spell out the batch of 1 in constants and are rewritten where they fail at batch 2:
+a Concat joining a batch-free constant (a class token, exported as its expand to batch 1) to
+batched tensors repeats the constant along their batch axis; a Gather of constant indices from
+axis 0 of a tensor holding the images one after another (how the dynamo exporter writes
+``as_strided`` after a flatten, Swin's head) takes those indices from every image.
 
-Only the fx graph changes (a reshape's module or size list, a Concat's module); the written ONNX
+Only the fx graph changes (a reshape's module or size list, a Concat's or Gather's module); the written ONNX
 keeps its own constants. The caller checks the result with
 :func:`~graphprune.formats.batch_axis.batch_consistent` and undoes it where that fails.
 """
@@ -73,6 +76,24 @@ class ConcatRepeatingConstants(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"axis={self.axis}, batch_axis={self.batch_axis}, repeated={self.positions}"
+
+
+class GatherEachImage(torch.nn.Module):
+    """ONNX Gather on axis 0 of a tensor whose axis 0 holds the images one after another
+    (``rows`` rows each): the same constant indices taken from every image, stacked on axis 0."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        indices = torch.where(indices < 0, indices + self.rows, indices).long()
+        images = x.shape[0] // self.rows
+        offsets = torch.arange(images, device=x.device).view(-1, *[1] * indices.dim()) * self.rows
+        return x[(indices.unsqueeze(0) + offsets).reshape(-1, *indices.shape[1:])]
+
+    def extra_repr(self) -> str:
+        return f"rows={self.rows}"
 
 
 def trace_folded_batch(model: Model) -> list[Callable[[], None]] | None:
@@ -181,20 +202,21 @@ class _Trace:
             return all(self.strides.get(o) == math.prod(self.seen[o].shape) for o in outputs if o in self.seen)
         if not self._choose(node):
             return False
-        try:
-            env[node] = self.interpreter.run_node(node)
-        except Exception:
-            if not self._repeat_constants(node):
-                return False
-            try:
-                env[node] = self.interpreter.run_node(node)
-            except Exception:
-                return False
-        stride = _batch_stride(env[node], self.seen.get(node))
+        stride = self._run(node, env)
+        if stride is False and self._repair(node):  # a Concat or Gather that needs the batch spelled out
+            stride = self._run(node, env)
         if stride is False:
             return False
         self.strides[node] = stride
         return True
+
+    def _run(self, node: fx.Node, env: dict) -> int | None | bool:
+        """Run ``node`` at batch 2: its batch stride (:func:`_batch_stride`), False if it fails."""
+        try:
+            env[node] = self.interpreter.run_node(node)
+        except Exception:
+            return False
+        return _batch_stride(env[node], self.seen.get(node))
 
     def _choose(self, node: fx.Node) -> bool:
         """At a reshape to constant sizes of a batched tensor: take its first option (module doc)."""
@@ -230,27 +252,45 @@ class _Trace:
                 return True
         return False
 
-    def _repeat_constants(self, node: fx.Node) -> bool:
-        """A failing ONNX Concat of batched tensors and batch-free constants: repeat the constants
-        along the batch axis the batched ones share (a size-1 axis at their stride)."""
-        if node.op != "call_module" or self.position[node] in self.choices:
+    def _repair(self, node: fx.Node) -> bool:
+        """Rewrite a failing ONNX Concat or Gather whose constant inputs assume batch 1 (once)."""
+        if node.op != "call_module" or self.position[node] in self.choices or not all(
+                a in self.seen for a in node.all_input_nodes):
             return False
         module = self.gm.get_submodule(str(node.target))
-        inputs = list(node.args)
-        if type(module).__name__ != "OnnxConcat" or not all(a in self.seen for a in inputs):
+        kind = type(module).__name__
+        replacement = (self._repeated_constants(node, module) if kind == "OnnxConcat"
+                       else self._gathered_per_image(node, module) if kind == "OnnxGather" else None)
+        if replacement is None:
             return False
+        self.choices[self.position[node]] = (["repair"], 0, _swap_module(self.gm, str(node.target), replacement), ())
+        return True
+
+    def _repeated_constants(self, node: fx.Node, module) -> torch.nn.Module | None:
+        """A Concat of batched tensors and batch-free constants (a class token): the constants
+        repeated along the batch axis the batched ones share (a size-1 axis at their stride)."""
+        inputs = list(node.args)
         constant = tuple(i for i, a in enumerate(inputs) if self.strides.get(a) is None)
         batched = [a for a in inputs if self.strides.get(a) is not None]
         axes = {_pure_batch_axis(self.strides[a], list(self.seen[a].shape)) for a in batched}
         if not constant or not batched or len(axes) != 1 or None in axes:
-            return False
+            return None
         (batch_axis,) = axes
         if batch_axis == module.axis % len(self.seen[batched[0]].shape):
-            return False
-        undo = _swap_module(self.gm, str(node.target), ConcatRepeatingConstants(module.axis, batch_axis, constant))
-        self.choices[self.position[node]] = (["concat"], 0, undo, ())
-        return True
+            return None
+        return ConcatRepeatingConstants(module.axis, batch_axis, constant)
 
+    def _gathered_per_image(self, node: fx.Node, module) -> torch.nn.Module | None:
+        """A Gather on axis 0 with constant indices of a tensor holding the images one after
+        another along axis 0 (the dynamo exporter's ``as_strided`` after a flatten): the indices
+        taken from every image."""
+        data, indices = node.args[0], node.args[1] if len(node.args) > 1 else None
+        if not isinstance(indices, fx.Node) or indices.op != "get_attr" or self.strides.get(indices) is not None:
+            return None
+        shape = self.seen[data].shape
+        if module._axis != 0 or not shape or self.strides.get(data) != math.prod(shape) or not self.seen[indices].shape:
+            return None
+        return GatherEachImage(shape[0])
 
 def _batch_stride(together, seen: _Seen | None) -> int | None | bool:
     """The stride at which ``together`` interleaves the two images' values ``seen`` alone (module
