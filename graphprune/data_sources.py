@@ -25,7 +25,8 @@
   class indices >= 0, or all -1 (unlabelled); other negatives, or -1 for some images only, are one
   line; so are a ``.npy`` file, pickled objects (never loaded) and one image without its N axis.
 * Pixels: 8-bit images as stored; 16- and 32-bit integer images (PNG, TIFF) scaled from the depth
-  their values fit (8, 10, 12 or 16 bits: a 12-bit camera's image in a 16-bit file), float images
+  a PNG's sBIT chunk states, else the depth their values fit (8, 10, 12 or 16 bits: a 12-bit
+  camera's image in a 16-bit file; a dark 16-bit photo without sBIT reads brighter), float images
   from [0, 1] ([0, 255] where finite values exceed 1; NaN read as 0): Pillow's RGB conversion
   clipped them, a 16-bit PNG read all white; grey, palette and
   CMYK images in RGB; an EXIF orientation applied, as a viewer shows the photo (a phone stores a
@@ -323,18 +324,21 @@ def _read_image(path: Path) -> torch.Tensor | None:
     try:
         with Image.open(path) as img:
             img.load()
+            deep_png = img.format == "PNG" and img.mode in HIGH_DEPTH_MODES  # a transposed copy has no format
+            bits = _png_significant_bits(path) if deep_png else None
             try:
                 img = ImageOps.exif_transpose(img)
             except Exception:  # a malformed EXIF block: the pixels as stored
                 pass
-            array = _rgb_uint8(img)
+            array = _rgb_uint8(img, bits)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
 
 
-def _rgb_uint8(img) -> np.ndarray:
-    """(H, W, 3) uint8 of a Pillow image of any mode (module docstring: deeper pixels scaled)."""
+def _rgb_uint8(img, significant_bits: int | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 of a Pillow image of any mode (module docstring: deeper pixels scaled from
+    ``significant_bits`` where the file states them)."""
     if img.mode not in HIGH_DEPTH_MODES:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
     values = np.asarray(img, dtype=np.float64)
@@ -342,8 +346,31 @@ def _rgb_uint8(img) -> np.ndarray:
     top = float(finite.max()) if finite.size else 0.0
     if img.mode == "F":
         scale = 1.0 if top <= 1.0 else 255.0
+    elif significant_bits:
+        scale = float(2**significant_bits - 1)
     else:  # the depth the values fit: 8, 10, 12 (a camera's or a scanner's in a 16-bit file) or 16 bits
         scale = next((float(2**bits - 1) for bits in (8, 10, 12) if top <= 2**bits - 1), 65535.0)
     values = np.nan_to_num(values, nan=0.0, posinf=scale, neginf=0.0)
     grey = np.clip(np.rint(values * (255.0 / scale)), 0, 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _png_significant_bits(path: Path) -> int | None:
+    """The grey depth a PNG's sBIT chunk states (a 12-bit camera's image in a 16-bit file), if any:
+    Pillow does not read it. Chunks are read up to the first image data."""
+    try:
+        with open(path, "rb") as stream:
+            if stream.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            for _ in range(64):
+                head = stream.read(8)
+                if len(head) < 8 or head[4:] in (b"IDAT", b"IEND"):
+                    return None
+                length = int.from_bytes(head[:4], "big")
+                if head[4:] == b"sBIT":
+                    bits = stream.read(min(length, 4))[:1]
+                    return bits[0] if bits and 1 <= bits[0] <= 16 else None
+                stream.seek(length + 4, 1)  # the chunk's data and its CRC
+    except OSError:
+        return None
+    return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from graphprune.data import Preprocessing, load_tiny_set, sample_indices, split_holdout
 from graphprune.errors import GraphpruneError
@@ -229,6 +229,13 @@ def test_deep_pixels_and_exif_orientation_are_read_as_a_viewer_shows_them(tmp_pa
     Image.fromarray(nan, mode="F").save(twelve / "nan.tif")
     for image in load_tiny_set(twelve, Preprocessing((1, 8, 8), (0.0,), (1.0,))).images:
         assert torch.allclose(image[0].flatten()[1:], torch.from_numpy(ramp).float().flatten()[1:], atol=1 / 255)
+    stated = tmp_path / "stated"  # a dark 16-bit photo whose sBIT says 16 bits is read as dark as it is
+    stated.mkdir()
+    info = PngImagePlugin.PngInfo()
+    info.add(b"sBIT", bytes([16]))
+    Image.fromarray((ramp * 3000).astype(np.uint16)).save(stated / "dark.png", pnginfo=info)
+    (image,) = load_tiny_set(stated, Preprocessing((1, 8, 8), (0.0,), (1.0,))).images
+    assert torch.allclose(image[0], torch.from_numpy(ramp * 3000 / 65535).float(), atol=1 / 255)
     photo = tmp_path / "photo"
     photo.mkdir()
     stored = np.zeros((8, 16, 3), np.uint8)
