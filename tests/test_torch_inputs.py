@@ -100,8 +100,9 @@ class _FoldsTheBatch(StemBlockHead):
 
 
 def test_a_program_whose_graph_fixes_the_batch_runs_image_by_image(tmp_path, cli):
-    """It was refused at load: not even inspect or drop ran (the ViT and Swin .pt2 files a user
-    exports the plain way). Now only optimize, which runs batches, refuses it."""
+    """It was refused at load: not even inspect or drop ran. Now only optimize, which runs batches,
+    refuses it (no size list holds its batch: the transpose moves it; a ViT's or Swin's folded
+    batch is found by formats/batch_trace.py, tests/test_batch_trace.py)."""
     module = _FoldsTheBatch().eval()
     path = tmp_path / "fixed.pt2"
     torch.export.save(torch.export.export(module, (torch.randn(1, 3, 8, 8),)), path)
