@@ -192,3 +192,30 @@ def test_a_simplification_onnxruntime_does_not_run_alike_is_not_used(monkeypatch
         assert simplify(proto, fuse=False) is proto
     monkeypatch.setattr(onnxsim, "simplify", lambda model, **_: (model, True))
     assert simplify(proto, fuse=False) is not proto  # one onnxruntime takes is used
+
+
+def test_default_valued_new_attributes_and_split_outputs_lower_to_opset_17(tmp_path):
+    """What the dynamo exporter writes for a segmentation head and ShuffleNet's channel split:
+    Resize-19 with antialias=0 and keep_aspect_ratio_policy='stretch' (their defaults; refused as
+    new attributes) and Split-18 with num_outputs (refused: Split-13 takes sizes). Structural: the
+    node keeps no default-only attribute, the Split gets sizes; numerical: onnxruntime's values."""
+    resize = _schema_node("Resize", ["x", "", "scales"], mode="linear", antialias=0, keep_aspect_ratio_policy="stretch")
+    lowered = _downgrade_node(resize, 20, 17, {})
+    assert {a.name for a in lowered.attribute} == {"mode"}
+    assert _downgrade_node(_schema_node("Resize", ["x", "", "scales"], antialias=1), 20, 17, {}) is None
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], dtype=np.float32), "scales")
+    graph = helper.make_graph(
+        [helper.make_node("Split", ["X"], ["a", "b"], axis=1, num_outputs=2),
+         helper.make_node("Resize", ["a", "", "scales"], ["up"], mode="linear", antialias=0,
+                          keep_aspect_ratio_policy="stretch"),
+         helper.make_node("Resize", ["b", "", "scales"], ["up_b"], mode="nearest"),
+         helper.make_node("Sub", ["up", "up_b"], ["Y"])],
+        "split_resize", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 6, 8, 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 3, 16, 16])], initializer=[scales])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    proto.ir_version = 9
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    model = gp.load(tmp_path / "m.onnx")
+    x = torch.randn(1, 6, 8, 8)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(model.run(x).numpy(), session.run(None, {"X": x.numpy()})[0], rtol=1e-5, atol=1e-5)

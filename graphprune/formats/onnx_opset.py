@@ -9,8 +9,11 @@ the same at the lower opset:
   uses) and declares every attribute the node sets: the node stays as it is. This covers new
   versions that only add element types or optional inputs the node leaves out (Flatten-21,
   Reshape-19/21, Pad-18+ without ``axes``, Relu, Conv, Gemm ...);
+* attributes a newer version added, set to the value they have when left out (the dynamo
+  exporter writes Resize-18's ``antialias=0``), are not counted as set;
 * the Reduce ops that take ``axes`` as an input since opset 18 get it back as the ``axes``
-  attribute when that input is a constant.
+  attribute when that input is a constant; Split-18's ``num_outputs`` becomes Split-13's sizes
+  input where shape inference knows the split axis's size.
 
 An op onnx2torch has no converter for at any version but which ONNX defines as a function of
 other ops (Gelu, new in opset 20) is first replaced by that function's nodes
@@ -28,6 +31,7 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
+import numpy as np
 import onnx
 from onnx import defs, helper, numpy_helper
 
@@ -184,18 +188,23 @@ def _upgrade(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto | None:
 def _downgrade(proto: onnx.ModelProto, target: int) -> onnx.ModelProto | None:
     opset = default_opset(proto)
     constants = {t.name: t for t in proto.graph.initializer}
-    nodes = []
+    nodes, added = [], []
+    types: dict[str, onnx.TypeProto] | None = None  # inferred once, and only if a Split needs them
     for node in proto.graph.node:
         if node.domain not in ("", "ai.onnx"):
             nodes.append(node)
             continue
         lowered = _downgrade_node(node, opset, target, constants)
+        if lowered is None and node.op_type == "Split":
+            types = _value_types(proto) if types is None else types
+            lowered = _split_sizes_as_input(node, types, added)
         if lowered is None:
             return None
         nodes.append(lowered)
     out = copy.deepcopy(proto)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
+    out.graph.initializer.extend(added)
     for entry in out.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = target
@@ -216,7 +225,15 @@ def _downgrade_node(node: onnx.NodeProto, opset: int, target: int, constants: di
         return node
     if node.op_type in REDUCE_OPS and new.since_version >= REDUCE_AXES_INPUT_SINCE > old.since_version:
         return _axes_input_to_attribute(node, constants)
-    return node if _same_signature(node, new, old) else None
+    if not _same_signature(node, new, old):
+        return None
+    unknown = [a for a in node.attribute if a.name not in old.attributes]  # each at its default (_is_default)
+    if not unknown:
+        return node
+    lowered = copy.deepcopy(node)
+    del lowered.attribute[:]
+    lowered.attribute.extend(a for a in node.attribute if a.name in old.attributes)
+    return lowered
 
 
 def _same_signature(node: onnx.NodeProto, new: defs.OpSchema, old: defs.OpSchema) -> bool:
@@ -232,7 +249,38 @@ def _same_signature(node: onnx.NodeProto, new: defs.OpSchema, old: defs.OpSchema
         required = [f for f in old_formals if f.option == defs.OpSchema.FormalParameterOption.Single]
         if len(used) < len(required):
             return False
-    return all(attribute.name in old.attributes for attribute in node.attribute)
+    return all(attribute.name in old.attributes or _is_default(attribute, new) for attribute in node.attribute)
+
+
+def _is_default(attribute: onnx.AttributeProto, schema: defs.OpSchema) -> bool:
+    """``attribute`` set to the value it has when left out (the dynamo exporter writes Resize-18's
+    ``antialias=0`` and ``keep_aspect_ratio_policy='stretch'``): the node means the same without it."""
+    formal = schema.attributes.get(attribute.name)
+    if formal is None or not formal.default_value.name:
+        return False
+    return helper.get_attribute_value(attribute) == helper.get_attribute_value(formal.default_value)
+
+
+def _split_sizes_as_input(node: onnx.NodeProto, types: dict[str, onnx.TypeProto], added: list) -> onnx.NodeProto | None:
+    """Split-18's ``num_outputs`` as the sizes input that Split-13 takes, where the split axis's
+    size is known: ceil(size / n) each, the last what is left (Split-18's rule)."""
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    count = attributes.pop("num_outputs", None)
+    if count is None or len(node.input) > 1 and node.input[1]:
+        return None
+    shape = types.get(node.input[0])
+    dims = list(shape.tensor_type.shape.dim) if shape is not None and shape.tensor_type.HasField("shape") else []
+    axis = int(attributes.get("axis", 0))
+    if not dims or not -len(dims) <= axis < len(dims) or not dims[axis].HasField("dim_value"):
+        return None
+    size = dims[axis].dim_value
+    each = -(-size // count)
+    sizes = [each] * (count - 1) + [size - each * (count - 1)]
+    if min(sizes) < 0:
+        return None
+    name = f"{node.output[0]}__split_sizes"
+    added.append(numpy_helper.from_array(np.array(sizes, dtype=np.int64), name))
+    return helper.make_node("Split", [node.input[0], name], list(node.output), name=node.name, **attributes)
 
 
 def _axes_input_to_attribute(node: onnx.NodeProto, constants: dict) -> onnx.NodeProto | None:
