@@ -12,11 +12,15 @@ Python API (each step is also a pass in :mod:`graphprune.passes`)::
     result = gp.optimize(model, tiny, config, pipeline=steps)
 """
 
-from .errors import GraphpruneError
-from .model import InputSpec, Model
-from .formats.model_io import load, save, to_onnx
-from .optimize import OptimizeConfig, default_pipeline, optimize
-from .passes import Block, Pipeline, drop_blocks, find_blocks
+from . import interrupts as _interrupts
+
+_interrupts.quiet_while_starting()  # the command's Ctrl-C during the imports below: one line, no traceback
+
+from .errors import GraphpruneError  # noqa: E402
+from .model import InputSpec, Model  # noqa: E402
+from .formats.model_io import load, save, to_onnx  # noqa: E402
+from .optimize import OptimizeConfig, default_pipeline, optimize  # noqa: E402
+from .passes import Block, Pipeline, drop_blocks, find_blocks  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -44,6 +44,16 @@ def settings_fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def cache_folder(directory: str | Path) -> Path:
+    """``directory``, created where it is missing; one line where it cannot be (a file, no rights)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GraphpruneError(f"cannot create cache folder {directory}: {exc.strerror}") from None
+    return directory
+
+
 class JsonCache:
     """A persistent ``str -> JSON value`` mapping (``None`` directory: in memory only)."""
 
@@ -51,10 +61,7 @@ class JsonCache:
         self.path = None if directory is None else Path(directory) / f"{kind}-{key}.json"
         self.data: dict = {}
         if self.path is not None:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise GraphpruneError(f"cannot create cache folder {self.path.parent}: {exc.strerror}") from None
+            cache_folder(self.path.parent)
             if self.path.exists():
                 try:
                     self.data = json.loads(self.path.read_text())

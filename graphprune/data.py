@@ -66,6 +66,9 @@ class TinySet:
                 "labelled": self.has_labels, "shape": list(self.images.shape[1:])}
 
 
+MAX_RESIZED_SIDE = 16384  # the side ``crop`` may resize an image to: 64 x a 256-px input
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How raw images become model inputs: ``size`` is (C, H, W)."""
@@ -81,6 +84,10 @@ class Preprocessing:
     def check(self) -> None:
         if not 0.0 < self.crop <= 1.0:
             raise GraphpruneError(f"crop must be in (0, 1], got {self.crop}", parameter="crop")
+        resized = max(self.size[1:]) / self.crop
+        if resized > MAX_RESIZED_SIDE:  # every image would be resized to that before its centre crop
+            raise GraphpruneError(f"crop {self.crop:g} resizes each image to {resized:,.0f} pixels a side first "
+                                  f"(at most {MAX_RESIZED_SIDE:,}): ImageNet's is 0.875", parameter="crop")
 
     def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         channels = self.size[0]

@@ -17,6 +17,7 @@ once, skipping every ``finally``, and left int8 quantisation's temporary folder 
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -36,6 +37,25 @@ def _unraisablehook(unraisable) -> None:
     if issubclass(unraisable.exc_type, KeyboardInterrupt) and _requested.is_set():
         return  # remembered: raised again at the next check, not printed
     _previous_unraisablehook(unraisable)
+
+
+def quiet_while_starting() -> None:
+    """When the process is the ``graphprune`` command, end it with the one line a later Ctrl-C
+    (or SIGTERM) gives if it arrives before :func:`install` runs: importing torch takes seconds, and
+    the default handler printed a traceback of the import. Nothing exists yet that needs cleaning up.
+    A library import (any other program) keeps Python's handler."""
+    orig_argv = getattr(sys, "orig_argv", [])
+    command = (os.path.basename(sys.argv[0]) if sys.argv else "") == "graphprune" or any(
+        flag == "-m" and module == "graphprune" for flag, module in zip(orig_argv, orig_argv[1:]))
+    if command and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _end_while_starting)
+        signal.signal(signal.SIGTERM, _end_while_starting)  # silent by default, but the same line later says it
+
+
+def _end_while_starting(signum, frame) -> None:
+    sys.stderr.write(f"graphprune: {'terminated' if signum == signal.SIGTERM else 'interrupted'}\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def install() -> None:

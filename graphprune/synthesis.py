@@ -251,6 +251,9 @@ def _jitter(x: torch.Tensor, gen: torch.Generator, max_shift: int | None = None)
 # ------------------------------------------------------------------------------------------------
 # Entry point with caching
 
+MAX_SYNTHETIC_ELEMENTS = 2**30  # 4 GiB of float32 images
+
+
 def synthetic_tiny_set(model: Model, settings: SynthesisSettings, prep, cache_dir: str | Path | None = None,
                        show_progress: bool = True):
     """``(TinySet, method)`` of synthetic images; cached as ``.npz`` in ``cache_dir`` by (method,
@@ -261,25 +264,39 @@ def synthetic_tiny_set(model: Model, settings: SynthesisSettings, prep, cache_di
     shape = tuple(model.analysis_shape())[1:]
     if len(shape) != 3:
         raise GraphpruneError("data-free synthesis needs an image model (N, C, H, W input)")
+    if settings.num_samples * math.prod(shape) > MAX_SYNTHETIC_ELEMENTS:
+        most = MAX_SYNTHETIC_ELEMENTS // math.prod(shape)
+        raise GraphpruneError(f"{settings.num_samples:,} synthetic images of {'x'.join(map(str, shape))} would not fit in "
+                              f"memory: lower num_samples to at most {most:,} (a tiny set is tens to a thousand)", parameter="num_samples")
     path = None
     if cache_dir is not None:
-        from .cache import model_fingerprint, settings_fingerprint
+        from .cache import cache_folder, model_fingerprint, settings_fingerprint
 
         key_parts = [method, asdict(settings), list(prep.mean), list(prep.std), shape]
         if method == "bn-inversion":
             key_parts.append(model_fingerprint(model))
-        path = Path(cache_dir) / f"synthetic-{settings_fingerprint(*key_parts)}.npz"
-        if path.exists():
-            with np.load(path) as cached:
-                return tiny_set_from_array(cached["images"], prep, f"synthetic:{method}"), method
+        path = cache_folder(cache_dir) / f"synthetic-{settings_fingerprint(*key_parts)}.npz"  # before the work
+        cached = _cached_images(path)
+        if cached is not None:
+            return tiny_set_from_array(cached, prep, f"synthetic:{method}"), method
     if method == "procedural":
         images = procedural_images(settings.num_samples, shape[1], shape[2], settings.seed, channels=shape[0])
     else:
         mean, std = (t.flatten().tolist() for t in prep.channel_stats())
         images = bn_inversion_images(model, settings, mean, std, show_progress)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp.npz")
         np.savez_compressed(tmp, images=images)
         tmp.replace(path)
     return tiny_set_from_array(images, prep, f"synthetic:{method}"), method
+
+
+def _cached_images(path: Path) -> np.ndarray | None:
+    """The images a previous run synthesised, or None (none there, or a damaged file: made again)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            return cached["images"]
+    except (OSError, ValueError, KeyError):
+        return None

@@ -8,9 +8,10 @@ import stat
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
-from onnx_builders import residual_onnx, save
+from onnx_builders import residual_onnx, save, with_metadata
 from test_cli import _assert_clean_failure
 
 
@@ -34,7 +35,7 @@ def _optimize(cli, inputs, tmp_path, *extra, data="tiny.npz"):
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (("--recovery-lr", "nan"), "--recovery-lr: must be a positive number, got 'nan'"),  # nan passed x > 0
+    (("--recovery-lr", "nan"), "--recovery-lr: must be above 0 and at most 10, got 'nan'"),  # nan passed x > 0
     (("--min-time", "nan"), "--min-time: must be a positive number"),  # timed 100000 runs, or hung
     (("--margin", "inf"), "--margin: must be 0 or more"),
     (("--mean", "nan,nan,nan"), "--mean: must be finite numbers"),
@@ -167,3 +168,66 @@ def test_written_files_get_the_mode_the_umask_gives(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o640  # mkstemp's 0600 before
+
+
+# Found by the second hostile sweep: each was an internal error, a late failure that left files
+# behind, or an allocation no machine makes.
+
+def test_a_hostile_model_file_is_one_line(cli, tmp_path):
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    negative = residual_onnx()  # was numpy's "negative dimensions are not allowed"
+    negative.graph.input[0].type.tensor_type.shape.dim[1].dim_value = -3
+    _assert_clean_failure(cli("inspect", save(negative, tmp_path / "neg.onnx")), "declares a negative size")
+    external = residual_onnx()  # a length that is not a number: was int()'s ValueError
+    convert_model_to_external_data(external, location="w.bin", size_threshold=0)
+    for tensor in external.graph.initializer:
+        tensor.external_data.add(key="length", value="abc")
+    (tmp_path / "ext.onnx").write_bytes(external.SerializeToString())  # onnx.save itself refuses the length
+    (tmp_path / "w.bin").write_bytes(b"\0" * 64)
+    _assert_clean_failure(cli("inspect", tmp_path / "ext.onnx"), "has a length that is not a size: 'abc'")
+    huge = with_metadata(residual_onnx(dynamic_spatial=True), imgsz="[99999, 99999]")  # a warning, then the error
+    _assert_clean_failure(cli("inspect", save(huge, tmp_path / "huge.onnx")), "the file's metadata (imgsz) gives")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (("--crop", "1e-9"), "--crop 1e-09 resizes each image to 8,000,000,000 pixels"),  # overflowed in torch
+    (("--data-free", "--num-samples", "1000000000"), "lower --num-samples to at most"),  # 2.8 TiB
+    (("--score-lr", "1e300"), "--score-lr: must be above 0 and at most 10"),  # float32 overflow in the optimizer
+    (("--data-free", "--cache-dir", "FILE"), "cannot create cache folder"),  # was NotADirectoryError
+    (("--report", "/proc/graphprune.json"), "--report: cannot write /proc/graphprune.json"),  # after the whole run
+    (("--plot", "p" * 250 + ".png"), "--plot: cannot write"),  # a name too long: after the run, with -o left
+])
+def test_impossible_sizes_and_unwritable_places_are_one_line_before_the_run(cli, inputs, tmp_path, extra, expected):
+    folder, model = inputs
+    extra = [str(folder / "tiny.npz" / "cache") if e == "FILE" else e for e in extra]
+    if "--plot" in extra:
+        extra[extra.index("--plot") + 1] = str(tmp_path / extra[extra.index("--plot") + 1])
+    if "/proc/graphprune.json" in extra and not Path("/proc").is_dir():
+        pytest.skip("needs Linux's /proc: a folder no file can be made in")
+    out = tmp_path / "o.onnx"
+    argv = ["optimize", model, "--latency-cut", "0.2", "-o", out, "--no-cache", "--quiet", "--mean", "0,0,0,0",
+            "--std", "1,1,1,1", *([] if "--data-free" in extra else ["--data", folder / "tiny.npz"]), *extra]
+    if "--cache-dir" in extra:
+        argv.remove("--no-cache")
+    _assert_clean_failure(cli(*argv), expected, out)
+    assert not list(tmp_path.iterdir())
+
+
+def test_staged_writes_appear_together_or_not_at_all(tmp_path):
+    """optimize writes the model, the report and the plot in one block: a report that failed after
+    the model was written left the model behind (and a plot before a failing model)."""
+    from graphprune.formats.model_io import atomic_write, staged_writes
+
+    model, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    with pytest.raises(RuntimeError):
+        with staged_writes():
+            atomic_write(model, lambda tmp: tmp.write_bytes(b"model"))
+            assert not model.exists()  # still under its temporary name
+            raise RuntimeError("the report failed")
+    assert not list(tmp_path.iterdir())
+    with staged_writes():
+        atomic_write(model, lambda tmp: tmp.write_bytes(b"model"))
+        atomic_write(report, lambda tmp: tmp.write_text("{}"))
+    assert model.read_bytes() == b"model" and report.read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json"]

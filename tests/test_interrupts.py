@@ -124,6 +124,19 @@ def test_sigterm_is_an_interrupt_that_says_terminated(installed):
     assert interrupts.interrupted_by() == ("interrupted", 130)
 
 
+@pytest.mark.parametrize("signum,line,status", [(signal.SIGINT, "graphprune: interrupted", 130),
+                                                 (signal.SIGTERM, "graphprune: terminated", 143)])
+def test_a_signal_while_the_command_starts_is_one_line(signum, line, status):
+    """Ctrl-C while torch was still being imported (the first seconds) printed the import's
+    traceback: 12 to 52 lines and a signal's status."""
+    proc = subprocess.Popen([sys.executable, "-m", "graphprune", "inspect", "zoo:cifar10_resnet20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == status and err.strip().splitlines() == [line]
+
+
 @pytest.mark.slow
 def test_a_terminated_command_ends_in_one_line_and_leaves_no_output(tmp_path):
     out = tmp_path / "m.onnx"

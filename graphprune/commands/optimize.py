@@ -17,12 +17,12 @@ import click
 from ..cache import default_cache_dir
 from ..cli import load_model_from_args, model_options, output_option
 from ..cli_config import config_file, config_option
-from ..cli_options import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, SHARE, Numbers, Settings,
-                           flags_for, latency_options, subcommand, user_gave)
+from ..cli_options import (COUNT, FRACTION, LEARNING_RATE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, SHARE, Numbers,
+                           Settings, flags_for, latency_options, subcommand, user_gave)
 from ..data import Preprocessing, load_tiny_set
 from ..errors import GraphpruneError, UsageError
 from ..evaluate import check_eval_data
-from ..formats.model_io import atomic_write
+from ..formats.model_io import atomic_write, check_writable, staged_writes
 from ..optimize import (OptimizeConfig, default_pipeline, evaluate_result, image_input_shape, optimize,
                         pipeline_from_names, with_recorded_normalisation, write_result)
 from ..passes.recoverability import ESTIMATORS, OPTIMIZERS
@@ -104,7 +104,7 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
      help="adaptor training steps per block (estimator practise)")
 @opt("scoring", "--score-optimizer", fills="recoverability.optimizer", type=click.Choice(OPTIMIZERS),
      help="adaptor optimiser (sgd: the paper's, momentum 0.9)")
-@opt("scoring", "--score-lr", fills="recoverability.lr", type=POSITIVE, help="adaptor learning rate")
+@opt("scoring", "--score-lr", fills="recoverability.lr", type=LEARNING_RATE, help="adaptor learning rate")
 @opt("scoring", "--score-precision", fills="recoverability.precision", type=click.Choice(["auto", "float32", "bfloat16"]),
      help="the adaptor fits' forward passes (held-out errors stay float32): bfloat16, float32, or auto: bf16 where "
           "the hardware has it")
@@ -118,7 +118,7 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
 @opt("refinement", "--refine-seconds", fills="refine.max_seconds", type=POSITIVE,
      help="stop refining once the next joint fit would end past this many seconds (default: no limit)")
 @opt("recovery", "--recovery-iterations", fills="recovery.iterations", type=COUNT, help="training steps")
-@opt("recovery", "--recovery-lr", fills="recovery.lr", type=POSITIVE, help="learning rate")
+@opt("recovery", "--recovery-lr", fills="recovery.lr", type=LEARNING_RATE, help="learning rate")
 @opt("recovery", "--recovery-optimizer", fills="recovery.optimizer", type=click.Choice(OPTIMIZERS),
      help="adam (AdamW) or sgd (with momentum)")
 @opt("recovery", "--recovery-batch-size", fills="recovery.batch_size", type=POSITIVE_INT, help="images per step")
@@ -182,12 +182,13 @@ def command(args) -> int:
     report["config_file"] = config_file(ctx)
     if test is not None:
         report["eval"] = evaluate_result(result, model, test)
-    if args.plot:  # before the model: a plot that fails must not leave an output behind
-        write_plot(report, Path(args.plot))
-    write_result(result, args.output, args.model)
-    if args.report:
-        text = json.dumps(report, indent=2, default=str)
-        atomic_write(Path(args.report), lambda tmp: tmp.write_text(text))
+    with staged_writes():  # the model, the report and the plot appear together, or none does
+        if args.plot:
+            write_plot(report, Path(args.plot))
+        write_result(result, args.output, args.model)
+        if args.report:
+            text = json.dumps(report, indent=2, default=str)
+            atomic_write(Path(args.report), lambda tmp: tmp.write_text(text))
     print(format_summary(report))
     return 0
 
@@ -199,8 +200,11 @@ def check_outputs(args) -> None:
     """Fail before any long computation if an output could not be written."""
     for flag in ("output", "report", "plot"):
         value = getattr(args, flag, None)
-        if value and not Path(value).parent.is_dir():
-            raise GraphpruneError(f"output folder does not exist: {Path(value).parent}")
+        if value:
+            try:
+                check_writable(Path(value))
+            except GraphpruneError as exc:
+                raise GraphpruneError(f"{FLAGS[flag]}: {exc}") from None
     if getattr(args, "quantize", None) == "int8" and Path(args.output).suffix.lower() == ".pt2":
         raise UsageError(f"--quantize int8 writes ONNX (an int8 model is onnxruntime's): give -o ending in .onnx, "
                          f"got '{args.output}'")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -138,16 +139,70 @@ def _umask() -> int:
     return mask
 
 
+_stages: list[list[tuple[Path, Path]]] = []  # open staged_writes blocks: (temporary, final) pairs
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=str(path.parent))
-    os.close(fd)
-    tmp = Path(tmp_name)
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place (inside
+    :func:`staged_writes`: when the block ends). A folder that cannot take the file is one line."""
+    path = Path(path)
+    tmp = _temporary_next_to(path)
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets the mode any other would
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets the mode any other would
+        except OSError as exc:  # a full disk, a name too long for the file system
+            raise GraphpruneError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise_if_interrupted()  # a Ctrl-C swallowed while writing must not leave the file behind
+        if _stages:
+            _stages[-1].append((tmp, path))
+            return
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_writable(path: Path) -> None:
+    """One line now, not after the run, where ``path`` cannot be written as :func:`atomic_write`
+    writes it (no folder, no rights, a name too long with the temporary name's additions)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise GraphpruneError(f"output folder does not exist: {path.parent}")
+    if path.is_dir():
+        raise GraphpruneError(f"output is a folder: {path}")
+    _temporary_next_to(path).unlink()
+
+
+def _temporary_next_to(path: Path) -> Path:
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=str(path.parent))
+    except OSError as exc:
+        raise GraphpruneError(f"cannot write {path}: {exc.strerror or exc}") from None
+    os.close(fd)
+    return Path(name)
+
+
+@contextmanager
+def staged_writes():
+    """Every :func:`atomic_write` inside the block stays under its temporary name until the block
+    ends, then all are renamed into place; if the block fails, none is: a command writing a model,
+    a report and a plot leaves all three or nothing."""
+    stage: list[tuple[Path, Path]] = []
+    _stages.append(stage)
+    try:
+        yield
+        raise_if_interrupted()
+    except BaseException:
+        for tmp, _ in stage:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _stages.remove(stage)
+    try:
+        for index, (tmp, path) in enumerate(stage):
+            os.replace(tmp, path)
+    except OSError as exc:
+        for tmp, _ in stage[index:]:
+            tmp.unlink(missing_ok=True)
+        raise GraphpruneError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -71,7 +71,11 @@ def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
             )
         if not target.is_file():
             raise GraphpruneError(f"external data file not found: {location}")
-        total += int(info.get("length", target.stat().st_size))
+        length = info.get("length", str(target.stat().st_size))
+        if not length.isdigit():
+            raise GraphpruneError(f"external data of tensor '{tensor.name}' has a length that is not a size: "
+                                  f"{length[:40]!r}")
+        total += int(length)
         if total > MAX_MODEL_BYTES:
             raise GraphpruneError(f"external data is larger than {MAX_MODEL_BYTES >> 30} GiB")
     try:
@@ -100,6 +104,11 @@ def check_onnx(proto: onnx.ModelProto, label: str) -> None:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise GraphpruneError(f"invalid ONNX model {label}: {first_line(exc)}") from None
+    initializers = {t.name for t in proto.graph.initializer}
+    for value in proto.graph.input:
+        sizes = [d.dim_value for d in value.type.tensor_type.shape.dim if d.HasField("dim_value")]
+        if value.name not in initializers and any(size < 0 for size in sizes):
+            raise GraphpruneError(f"input '{value.name}' of {label} declares a negative size: {sizes}")
     training = next((n for n in proto.graph.node
                      if n.op_type == "BatchNormalization" and len([o for o in n.output if o]) > 1), None)
     if training is not None:  # onnx2torch's "BatchNorm operation with mean/var output is not implemented"

@@ -446,8 +446,8 @@ def check_recovery(teacher: Model, train: TinySet, settings: RecoverySettings, f
 
 
 def _check(settings: RecoverySettings, train: TinySet) -> None:
-    if settings.iterations < 0 or settings.batch_size <= 0 or settings.lr <= 0:
-        raise GraphpruneError("recovery needs iterations >= 0, batch size > 0 and lr > 0")
+    if settings.iterations < 0 or settings.batch_size <= 0 or not 0 < settings.lr <= 10:
+        raise GraphpruneError("recovery needs iterations >= 0, batch size > 0 and lr in (0, 10]")
     if settings.target not in ("features", "feature-map", "auto"):
         raise GraphpruneError(f"unknown recovery target '{settings.target}' (features, feature-map or auto)")
     if settings.loss not in ("mimic", "label"):
