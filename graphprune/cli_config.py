@@ -17,11 +17,16 @@ table named after the option's ``--help`` group (``input``, ``data``, ``latency`
 Values are checked like the command line's (ranges, choices, paths); lists may stand for
 comma-separated values (``mean = [0.5, 0.5, 0.5]``). Flags on the command line override the file.
 An unknown key, a key in another group's table, or a key given twice is a one-line error (exit 2).
+
+Only a regular file of at most :data:`MAX_CONFIG_BYTES` is read, and no more than that: a FIFO
+would block forever and ``/dev/zero`` never ends.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -31,6 +36,7 @@ from .cli_options import GroupedOption, Numbers, config_key, group_of
 from .errors import UsageError
 
 CONFIG_META = "graphprune.config_file"  # ctx.meta: {"path": ..., "keys": [...]} of the file read
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB: a bigger file is a mistake (a log, a model), not options
 
 
 def config_option(f):
@@ -70,15 +76,36 @@ def read_config(path: Path) -> dict:
         parse, errors = yaml.safe_load, (yaml.YAMLError,)
     else:
         raise UsageError(f"--config must be a .toml, .yaml or .yml file, got '{path}'")
+    text = _read_text(path)
     try:
-        doc = parse(path.read_text())
-    except (*errors, OSError, UnicodeDecodeError) as exc:
+        doc = parse(text)
+    except errors as exc:
         raise UsageError(f"--config {path}: {' '.join(str(exc).split())}") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
         raise UsageError(f"--config {path}: expected a table of option names, got {type(doc).__name__}")
     return doc
+
+
+def _read_text(path: Path) -> str:
+    """The text of ``path``, a regular file of at most :data:`MAX_CONFIG_BYTES` (read as UTF-8, as
+    TOML requires and YAML's writers use)."""
+    try:  # O_NONBLOCK: opening a FIFO for reading would wait for a writer; fstat then refuses it
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise UsageError(f"--config {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"--config {path}: not a regular file")
+        data = file.read(MAX_CONFIG_BYTES + 1)  # a file still growing stops here too
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UsageError(f"--config {path}: larger than {MAX_CONFIG_BYTES // (1 << 20)} MiB; a config holds a few "
+                         "options")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--config {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def config_values(doc: dict, params, path) -> dict[str, object]:

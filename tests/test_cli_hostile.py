@@ -231,3 +231,37 @@ def test_staged_writes_appear_together_or_not_at_all(tmp_path):
         atomic_write(report, lambda tmp: tmp.write_text("{}"))
     assert model.read_bytes() == b"model" and report.read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json"]
+
+
+# ---- --config files ------------------------------------------------------------------------------
+
+def _config_failure(cli, path, expected):
+    _assert_clean_failure(cli("optimize", "m.onnx", "-o", "o.onnx", "--config", path), expected, exit_code=2)
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused_unread(cli, tmp_path):
+    import threading
+
+    fifo = tmp_path / "run.toml"
+    os.mkfifo(fifo)  # reading it waited forever for a writer: this one comes after 10 s, if still needed
+
+    def unblock():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader waiting: nothing to unblock
+            pass
+    writer = threading.Timer(10, unblock)
+    writer.start()
+    try:
+        _config_failure(cli, fifo, "run.toml: not a regular file")
+    finally:
+        writer.cancel()
+    device = tmp_path / "dev.yaml"
+    device.symlink_to(os.devnull)  # /dev/zero or /dev/urandom: 4.7 GB read, then a MemoryError
+    _config_failure(cli, device, "dev.yaml: not a regular file")
+
+
+def test_a_config_larger_than_a_mebibyte_is_refused(cli, tmp_path):
+    path = tmp_path / "big.toml"
+    path.write_text("# padding\n" * 110_000)  # 1.1 MB of comments: valid TOML, but no config is that big
+    _config_failure(cli, path, "big.toml: larger than 1 MiB")
