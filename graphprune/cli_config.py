@@ -19,7 +19,8 @@ comma-separated values (``mean = [0.5, 0.5, 0.5]``). Flags on the command line o
 An unknown key, a key in another group's table, or a key given twice is a one-line error (exit 2).
 
 Only a regular file of at most :data:`MAX_CONFIG_BYTES` is read, and no more than that: a FIFO
-would block forever and ``/dev/zero`` never ends.
+would block forever and ``/dev/zero`` never ends. A document nested too deeply for the parsers
+(they recurse) is a one-line error too.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def read_config(path: Path) -> dict:
     text = _read_text(path)
     try:
         doc = parse(text)
-    except errors as exc:
+    except RecursionError:
+        raise UsageError(f"--config {path}: nested too deeply to read") from None
+    except (*errors, ValueError) as exc:  # ValueError: an integer of more digits than Python reads
         raise UsageError(f"--config {path}: {' '.join(str(exc).split())}") from None
     if doc is None:
         return {}

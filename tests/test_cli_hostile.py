@@ -265,3 +265,19 @@ def test_a_config_larger_than_a_mebibyte_is_refused(cli, tmp_path):
     path = tmp_path / "big.toml"
     path.write_text("# padding\n" * 110_000)  # 1.1 MB of comments: valid TOML, but no config is that big
     _config_failure(cli, path, "big.toml: larger than 1 MiB")
+
+
+@pytest.mark.parametrize("name, text", [
+    ("deep.toml", "latency-cut = " + "[" * 100_000 + "]" * 100_000 + "\n"),
+    ("deep_table.toml", "latency-cut = " + "{a=" * 30_000 + "1" + "}" * 30_000 + "\n"),
+    ("deep.yaml", "latency-cut: " + "[" * 100_000 + "]" * 100_000 + "\n"),
+])
+def test_a_config_nested_too_deeply_is_one_line(cli, tmp_path, name, text):
+    (tmp_path / name).write_text(text)  # the parsers recurse: it was an internal RecursionError
+    _config_failure(cli, tmp_path / name, f"{name}: nested too deeply to read")
+
+
+@pytest.mark.parametrize("name, text", [("long.toml", "seed = 9"), ("long.yaml", "seed: 9")])
+def test_a_config_integer_of_too_many_digits_is_one_line(cli, tmp_path, name, text):
+    (tmp_path / name).write_text(text + "9" * 5000 + "\n")  # Python's int() refuses it: was an internal ValueError
+    _config_failure(cli, tmp_path / name, "Exceeds the limit (4300 digits)")
