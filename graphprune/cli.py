@@ -34,7 +34,7 @@ from click.core import ParameterSource
 
 from . import interrupts
 from .cli_options import CONTEXT, GroupedArgument, GroupedOption, Numbers, config_key, flag, stack
-from .errors import GraphpruneError, first_line
+from .errors import LINE_LIMIT, GraphpruneError, first_line, shown
 
 COMMANDS = ("inspect", "drop", "export", "profile", "optimize", "demo")
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except GraphpruneError as exc:
         if debug:
             raise
-        print(f"graphprune: error: {exc}", file=sys.stderr)
+        print(f"graphprune: error: {shown(str(exc), LINE_LIMIT)}", file=sys.stderr)
         return exc.exit_code
     except (KeyboardInterrupt, click.Abort):  # click turns a KeyboardInterrupt into Abort
         word, status = interrupts.interrupted_by()
@@ -122,7 +122,7 @@ def usage_line(exc: click.ClickException) -> str:
         text = f"{f'--config key {config_key(param)!r}' if from_file else f'argument {flag(param)}'}: {exc.message}"
     else:
         text = exc.format_message()
-    return " ".join(text.split())
+    return shown(text, LINE_LIMIT)  # click's own messages quote the value too ("Path '...' does not exist")
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -156,7 +156,7 @@ class OutputPath(click.Path):
     def convert(self, value, param, ctx):
         value = super().convert(value, param, ctx)
         if Path(str(value)).suffix.lower() not in (".onnx", ".pt2"):
-            self.fail(f"must end in .onnx or .pt2, got '{value}'", param, ctx)
+            self.fail(f"must end in .onnx or .pt2, got '{shown(value)}'", param, ctx)
         return value
 
 

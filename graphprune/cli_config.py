@@ -34,7 +34,7 @@ from pathlib import Path
 import click
 
 from .cli_options import GroupedOption, Numbers, config_key, group_of
-from .errors import UsageError
+from .errors import UsageError, first_line, shown
 
 CONFIG_META = "graphprune.config_file"  # ctx.meta: {"path": ..., "keys": [...]} of the file read
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB: a bigger file is a mistake (a log, a model), not options
@@ -83,7 +83,7 @@ def read_config(path: Path) -> dict:
     except RecursionError:
         raise UsageError(f"--config {path}: nested too deeply to read") from None
     except (*errors, ValueError) as exc:  # ValueError: an integer of more digits than Python reads
-        raise UsageError(f"--config {path}: {' '.join(str(exc).split())}") from None
+        raise UsageError(f"--config {path}: {first_line(exc)}") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -116,17 +116,18 @@ def config_values(doc: dict, params, path) -> dict[str, object]:
     by_key = {config_key(p): p for p in params if p.expose_value}
     values: dict[str, object] = {}
 
-    def add(key: str, shown: str, value, group: str | None = None) -> None:
+    def add(key: str, written: str, value, group: str | None = None) -> None:
         param = by_key.get(key)
         if param is None or (group is not None and group_of(param) != group):
             close = difflib.get_close_matches(key, list(by_key), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UsageError(f"--config {path}: unknown key '{shown}'{hint}")
+            raise UsageError(f"--config {path}: unknown key '{shown(written)}'{hint}")
         if key in values:
             raise UsageError(f"--config {path}: key '{key}' is given twice")
         if not _fits(param, value):
-            raise UsageError(f"--config {path}: '{shown}' must be {_wanted(param)}, got {type(value).__name__} "
-                             f"{value!r}")
+            quoted = f"'{shown(value)}'" if isinstance(value, str) else shown(value)
+            raise UsageError(f"--config {path}: '{shown(written)}' must be {_wanted(param)}, got "
+                             f"{type(value).__name__} {quoted}")
         values[key] = value
 
     groups = {group_of(p) for p in by_key.values()}

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import click
 
-from .errors import GraphpruneError
+from .errors import GraphpruneError, shown
 
 # option groups: key (also the --config table name) -> title in --help, in --help order
 GROUPS = {"input": "Model and input", "data": "Data", "latency": "Latency target", "scoring": "Scoring",
@@ -122,7 +122,7 @@ class _Worded:
         except click.BadParameter:
             number = math.nan
         if not math.isfinite(number):  # nan passes every comparison a range makes
-            self.fail(f"must be {self.wording}, got '{value}'", param, ctx)
+            self.fail(f"must be {self.wording}, got '{shown(value)}'", param, ctx)
         return number
 
 
@@ -162,11 +162,11 @@ class Numbers(click.ParamType):
         try:
             numbers = tuple(self.kind(v) for v in items)
         except (TypeError, ValueError):
-            self.fail(f"must be comma-separated {self.name}, got '{value}'", param, ctx)
+            self.fail(f"must be comma-separated {self.name}, got '{shown(value)}'", param, ctx)
         if not all(math.isfinite(n) for n in numbers):
-            self.fail(f"must be finite numbers, got '{value}'", param, ctx)
+            self.fail(f"must be finite numbers, got '{shown(value)}'", param, ctx)
         if not numbers or (self.kind is int and any(n <= 0 for n in numbers)):
-            self.fail(f"must be positive integers, got '{value}'", param, ctx)
+            self.fail(f"must be positive integers, got '{shown(value)}'", param, ctx)
         return numbers
 
 

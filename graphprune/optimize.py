@@ -27,7 +27,7 @@ import torch
 
 from .backends.base import LatencySettings, get_backend
 from .data import Preprocessing, TinySet, split_holdout
-from .errors import GraphpruneError
+from .errors import GraphpruneError, shown
 from .features import describe_targets
 from .formats.input_layout import looks_channels_last
 from .formats.model_io import atomic_write, save
@@ -161,7 +161,7 @@ def pipeline_from_names(names: list[str], config: OptimizeConfig = OptimizeConfi
     registry = available_passes()
     unknown = [n for n in names if n not in registry]
     if unknown:
-        raise GraphpruneError(f"unknown pass '{unknown[0]}'; available: {', '.join(sorted(registry))}",
+        raise GraphpruneError(f"unknown pass '{shown(unknown[0])}'; available: {', '.join(sorted(registry))}",
                               parameter="passes")
     return [registry[name].from_config(config) for name in names]
 

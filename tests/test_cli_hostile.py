@@ -281,3 +281,26 @@ def test_a_config_nested_too_deeply_is_one_line(cli, tmp_path, name, text):
 def test_a_config_integer_of_too_many_digits_is_one_line(cli, tmp_path, name, text):
     (tmp_path / name).write_text(text + "9" * 5000 + "\n")  # Python's int() refuses it: was an internal ValueError
     _config_failure(cli, tmp_path / name, "Exceeds the limit (4300 digits)")
+
+
+LONG = "x" * 100_000
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (("--seed", LONG), "argument --seed: must be an integer from 0 to 2**32 - 1, got 'xxx"),
+    (("--mean", LONG), "argument --mean: must be comma-separated numbers, got 'xxx"),
+    (("-o", LONG + ".txt"), "argument --output: must end in .onnx or .pt2, got 'xxx"),
+    (("--data", LONG), "argument --data: Path 'xxx"),  # click's own message
+    (("--data-free", "--passes", LONG), "unknown pass 'xxx"),  # a library message
+])
+def test_a_long_value_is_quoted_cut_short(cli, extra, expected):
+    result = cli("optimize", "m.onnx", "--latency-cut", "0.2", "-o", "o.onnx", *extra)
+    _assert_clean_failure(result, expected)
+    assert len(result[2]) < 1100 and "..." in result[2]
+
+
+def test_a_long_config_value_is_quoted_cut_short(cli, tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(f"latency-cut = [{', '.join(['0.1'] * 100_000)}]\n")
+    _config_failure(cli, path, "'latency-cut' must be a number, got list [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, ...]")
+    assert len(cli("optimize", "m.onnx", "-o", "o.onnx", "--config", path)[2]) < 300
