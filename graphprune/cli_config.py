@@ -20,7 +20,9 @@ An unknown key, a key in another group's table, or a key given twice is a one-li
 
 Only a regular file of at most :data:`MAX_CONFIG_BYTES` is read, and no more than that: a FIFO
 would block forever and ``/dev/zero`` never ends. A document nested too deeply for the parsers
-(they recurse) is a one-line error too.
+(they recurse) is a one-line error too, and so is a YAML document whose aliases, written out, make
+more than :data:`MAX_YAML_VALUES` values (433 bytes can stand for 10**9) or a value that contains
+itself: it is refused from its parsed nodes, before any value is built.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .errors import UsageError, first_line, shown
 
 CONFIG_META = "graphprune.config_file"  # ctx.meta: {"path": ..., "keys": [...]} of the file read
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB: a bigger file is a mistake (a log, a model), not options
+MAX_YAML_VALUES = 10_000  # a config holds dozens of values, each a few at most
 
 
 def config_option(f):
@@ -74,7 +77,7 @@ def read_config(path: Path) -> dict:
     elif suffix in (".yaml", ".yml"):
         import yaml
 
-        parse, errors = yaml.safe_load, (yaml.YAMLError,)
+        parse, errors = _load_yaml, (yaml.YAMLError,)
     else:
         raise UsageError(f"--config must be a .toml, .yaml or .yml file, got '{path}'")
     text = _read_text(path)
@@ -89,6 +92,55 @@ def read_config(path: Path) -> dict:
     if not isinstance(doc, dict):
         raise UsageError(f"--config {path}: expected a table of option names, got {type(doc).__name__}")
     return doc
+
+
+def _load_yaml(text: str):
+    """``yaml.safe_load(text)``, checked on its parsed nodes (:func:`_check_yaml_nodes`) before any
+    value is built from them."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _check_yaml_nodes(root)
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_nodes(root) -> None:
+    """A ValueError if ``root``, every alias written out, holds more than :data:`MAX_YAML_VALUES`
+    nodes, or a node holds itself. Each node is visited once (an alias is the node it names, so a
+    node's count is worked out once and reused), without recursion: the nesting may be deep."""
+    counts: dict[int, int] = {}  # id(node) -> nodes in it, aliases written out
+    open_nodes: set[int] = set()  # visited, not counted yet: the node on top and its ancestors
+    stack = [root]
+    while stack:
+        node = stack[-1]
+        if id(node) in counts:  # reached again through an alias
+            stack.pop()
+        elif id(node) not in open_nodes:
+            open_nodes.add(id(node))
+            for child in _yaml_children(node):
+                if id(child) in open_nodes:
+                    raise ValueError("a value contains itself (through an alias)")
+                stack.append(child)
+        else:
+            stack.pop()
+            open_nodes.discard(id(node))
+            counts[id(node)] = 1 + sum(counts[id(child)] for child in _yaml_children(node))
+            if counts[id(node)] > MAX_YAML_VALUES:
+                raise ValueError(f"its aliases make more than {MAX_YAML_VALUES} values; a config holds a few options")
+
+
+def _yaml_children(node) -> list:
+    if node.id == "sequence":
+        return node.value
+    if node.id == "mapping":
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def _read_text(path: Path) -> str:

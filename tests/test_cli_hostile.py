@@ -283,6 +283,30 @@ def test_a_config_integer_of_too_many_digits_is_one_line(cli, tmp_path, name, te
     _config_failure(cli, tmp_path / name, "Exceeds the limit (4300 digits)")
 
 
+def _alias_bomb(levels: int, key: str = "latency-cut") -> str:
+    """YAML of a few hundred bytes whose value, aliases written out, is 10**levels strings."""
+    inner = '&a0 ["lol"]'
+    for level in range(1, levels):
+        inner = f"&a{level} [{inner}" + f", *a{level - 1}" * 9 + "]"
+    return f"{key}: {inner}\n"
+
+
+@pytest.mark.parametrize("key", ["latency-cut", "mean"])
+def test_a_yaml_alias_bomb_is_refused_before_it_is_built(cli, tmp_path, key):
+    path = tmp_path / "bomb.yaml"  # 9 levels: a 922 MB error line (latency-cut) or a MemoryError (mean)
+    path.write_text(_alias_bomb(5, key))
+    _config_failure(cli, path, "bomb.yaml: its aliases make more than 10000 values")
+    path.write_text("a: &a [*a]\n")
+    _config_failure(cli, path, "bomb.yaml: a value contains itself (through an alias)")
+
+
+def test_a_yaml_alias_may_share_a_value(cli, tmp_path):
+    path = tmp_path / "share.yaml"
+    path.write_text("mean: &m [0.5, 0.5, 0.5]\nstd: *m\nlatency-cut: 0.2\n")  # read: the error is the next option's
+    _assert_clean_failure(cli("optimize", "m.onnx", "-o", "o.onnx", "--config", path, "--threads", "0"),
+                          "argument --threads: must be", exit_code=2)
+
+
 LONG = "x" * 100_000
 
 
