@@ -21,8 +21,9 @@ An unknown key, a key in another group's table, or a key given twice is a one-li
 Only a regular file of at most :data:`MAX_CONFIG_BYTES` is read, and no more than that: a FIFO
 would block forever and ``/dev/zero`` never ends. A document nested too deeply for the parsers
 (they recurse) is a one-line error too, and so is a YAML document whose aliases, written out, make
-more than :data:`MAX_YAML_VALUES` values (433 bytes can stand for 10**9) or a value that contains
-itself: it is refused from its parsed nodes, before any value is built.
+more than :data:`MAX_YAML_VALUES` values (433 bytes can stand for 10**9), a value that contains
+itself, or a table with a key given twice (YAML keeps the last without a word; TOML refuses it): it
+is refused from its parsed nodes, before any value is built.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def _load_yaml(text: str):
 
 def _check_yaml_nodes(root) -> None:
     """A ValueError if ``root``, every alias written out, holds more than :data:`MAX_YAML_VALUES`
-    nodes, or a node holds itself. Each node is visited once (an alias is the node it names, so a
+    nodes, a node holds itself, or a mapping has a key twice. Each node is visited once (an alias is the node it names, so a
     node's count is worked out once and reused), without recursion: the nesting may be deep."""
     counts: dict[int, int] = {}  # id(node) -> nodes in it, aliases written out
     open_nodes: set[int] = set()  # visited, not counted yet: the node on top and its ancestors
@@ -123,6 +124,7 @@ def _check_yaml_nodes(root) -> None:
             stack.pop()
         elif id(node) not in open_nodes:
             open_nodes.add(id(node))
+            _check_yaml_keys(node)
             for child in _yaml_children(node):
                 if id(child) in open_nodes:
                     raise ValueError("a value contains itself (through an alias)")
@@ -133,6 +135,20 @@ def _check_yaml_nodes(root) -> None:
             counts[id(node)] = 1 + sum(counts[id(child)] for child in _yaml_children(node))
             if counts[id(node)] > MAX_YAML_VALUES:
                 raise ValueError(f"its aliases make more than {MAX_YAML_VALUES} values; a config holds a few options")
+
+
+def _check_yaml_keys(node) -> None:
+    """A ValueError if the mapping ``node`` writes a key twice (merged ``<<`` keys may repeat: the
+    mapping's own win, as YAML's merge says)."""
+    if node.id != "mapping":
+        return
+    seen = set()
+    for key, _ in node.value:
+        if key.id != "scalar" or key.tag == "tag:yaml.org,2002:merge":
+            continue
+        if (key.tag, key.value) in seen:
+            raise ValueError(f"key '{shown(key.value)}' is given twice (line {key.start_mark.line + 1})")
+        seen.add((key.tag, key.value))
 
 
 def _yaml_children(node) -> list:

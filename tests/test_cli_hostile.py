@@ -328,3 +328,19 @@ def test_a_long_config_value_is_quoted_cut_short(cli, tmp_path):
     path.write_text(f"latency-cut = [{', '.join(['0.1'] * 100_000)}]\n")
     _config_failure(cli, path, "'latency-cut' must be a number, got list [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, ...]")
     assert len(cli("optimize", "m.onnx", "-o", "o.onnx", "--config", path)[2]) < 300
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("latency-cut: 0.2\nlatency-cut: 0.3\n", "key 'latency-cut' is given twice (line 2)"),  # took the last
+    ("recovery:\n  recovery-lr: 0.1\n  recovery-lr: 0.2\n", "key 'recovery-lr' is given twice (line 3)"),
+])
+def test_a_yaml_key_given_twice_is_refused_as_toml_refuses_it(cli, tmp_path, text, expected):
+    (tmp_path / "twice.yaml").write_text(text)
+    _config_failure(cli, tmp_path / "twice.yaml", expected)
+
+
+def test_a_yaml_merge_key_may_repeat_a_key(cli, tmp_path):
+    path = tmp_path / "merge.yaml"  # YAML's merge: the mapping's own key wins over the merged one
+    path.write_text("recovery: {<<: {recovery-lr: 0.1}, recovery-lr: 0.2}\nlatency-cut: 0.2\n")
+    _assert_clean_failure(cli("optimize", "m.onnx", "-o", "o.onnx", "--config", path, "--threads", "0"),
+                          "argument --threads: must be", exit_code=2)
