@@ -14,8 +14,10 @@ table named after the option's ``--help`` group (``input``, ``data``, ``latency`
     recovery-iterations = 4000
     recovery-lr = 3e-4
 
-Values are checked like the command line's (ranges, choices, paths); lists may stand for
-comma-separated values (``mean = [0.5, 0.5, 0.5]``). Flags on the command line override the file.
+Values are checked exactly as the command line's are: a value of the right kind (a number, a
+string, a list of numbers, true or false) becomes the text the command line would give
+(``mean = [0.5, 0.5, 0.5]`` is ``--mean 0.5,0.5,0.5``), which the option's own click type then reads.
+Flags on the command line override the file.
 An unknown key, a key in another group's table, or a key given twice is a one-line error (exit 2).
 
 Only a regular file of at most :data:`MAX_CONFIG_BYTES` is read, and no more than that: a FIFO
@@ -196,7 +198,7 @@ def config_values(doc: dict, params, path) -> dict[str, object]:
             quoted = f"'{shown(value)}'" if isinstance(value, str) else shown(value)
             raise UsageError(f"--config {path}: '{shown(written)}' must be {_wanted(param)}, got "
                              f"{type(value).__name__} {quoted}")
-        values[key] = value
+        values[key] = _as_command_line(value)
 
     groups = {group_of(p) for p in by_key.values()}
     for key, value in doc.items():
@@ -214,17 +216,30 @@ def _fits(param: click.Parameter, value) -> bool:
     if isinstance(value, bool) or getattr(param, "is_flag", False):
         return isinstance(value, bool) and getattr(param, "is_flag", False)
     if isinstance(param.type, Numbers):
-        return isinstance(value, (str, int, float, list))
+        items = value if isinstance(value, list) else [value]
+        return all(isinstance(item, (str, int, float)) and not isinstance(item, bool) for item in items)
     if isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)):
         return isinstance(value, (str, int, float))
     return isinstance(value, str)
+
+
+def _as_command_line(value):
+    """A config file's ``value`` (of a kind :func:`_fits` let through) as the command line would give
+    it, for the option's type to read as it reads a flag's text: click's integer type truncates the
+    float 1.5 (``seed = 1.5`` ran with seed 1; ``input-shape = [1, 3, 32.7, 32]`` read 32) but refuses
+    the text '1.5'. A flag's true or false stays as it is."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)  # str() of a float is its shortest exact text: 0.1 stays '0.1'
 
 
 def _wanted(param: click.Parameter) -> str:
     if getattr(param, "is_flag", False):
         return "true or false"
     if isinstance(param.type, Numbers):
-        return "a list of numbers"
+        return f"a list of {param.type.name}"
     if isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)):
         return "a number"
     return "a string"

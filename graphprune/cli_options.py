@@ -148,8 +148,8 @@ THREADS = IntRange("an integer from 1 to 256", min=1, max=256)
 
 
 class Numbers(click.ParamType):
-    """``0.5,0.5,0.5`` (or a list from a config file) -> a tuple; shapes (``int``) also take ``1x3x32x32``
-    and must be positive."""
+    """``0.5,0.5,0.5`` -> a tuple (a config file's list comes as that text: :mod:`.cli_config`);
+    shapes (``int``) also take ``1x3x32x32`` and must be positive."""
 
     def __init__(self, kind: type = float):
         self.kind, self.name = kind, "integers" if kind is int else "numbers"
@@ -158,14 +158,13 @@ class Numbers(click.ParamType):
         if isinstance(value, tuple):
             return value
         text = str(value).replace("x", ",") if self.kind is int else str(value)
-        items = value if isinstance(value, list) else text.split(",")
         try:
-            numbers = tuple(self.kind(v) for v in items)
-        except (TypeError, ValueError):
+            numbers = tuple(self.kind(v) for v in text.split(","))
+        except ValueError:  # '' (an empty list) too
             self.fail(f"must be comma-separated {self.name}, got '{shown(value)}'", param, ctx)
         if not all(math.isfinite(n) for n in numbers):
             self.fail(f"must be finite numbers, got '{shown(value)}'", param, ctx)
-        if not numbers or (self.kind is int and any(n <= 0 for n in numbers)):
+        if self.kind is int and any(n <= 0 for n in numbers):
             self.fail(f"must be positive integers, got '{shown(value)}'", param, ctx)
         return numbers
 

@@ -191,6 +191,13 @@ def test_no_config_file_is_recorded_as_none(cli, tiny_inputs, tmp_path, captured
     ("recovery-lr = 0.1\n[recovery]\nrecovery-lr = 0.2\n", "key 'recovery-lr' is given twice"),
     ("latency-cut = 1.5\n", "--config key 'latency-cut': must be between 0 and 1"),
     ("latency-cut = \n", "run.toml"),  # malformed TOML
+    # read as the command line reads them: click's int type truncated these floats without a word
+    ("latency-cut = 0.2\nseed = 1.5\n", "--config key 'seed': must be an integer from 0 to 2**32 - 1, got '1.5'"),
+    ("latency-cut = 0.2\ninput-shape = [1, 3, 32.7, 32]\n",
+     "--config key 'input-shape': must be comma-separated integers, got '1,3,32.7,32'"),
+    ("latency-cut = 0.2\ninput-shape = [true, 3, 32, 32]\n",
+     "'input-shape' must be a list of integers, got list [True, 3, 32, 32]"),
+    ("latency-cut = 0.2\nmean = []\n", "--config key 'mean': must be comma-separated numbers, got ''"),  # 'positive integers'
 ])
 def test_config_file_errors_are_one_line(cli, tmp_path, text, expected):
     (tmp_path / "run.toml").write_text(text)
