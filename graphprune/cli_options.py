@@ -169,6 +169,24 @@ class Numbers(click.ParamType):
         return numbers
 
 
+class Names(click.ParamType):
+    """``a, b,c`` -> ``("a", "b", "c")``, blanks left out; a list that names nothing (``,``) is refused,
+    not taken for the option left out."""
+
+    name = "names"
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        names = tuple(part.strip() for part in str(value).split(",") if part.strip())
+        if not names:
+            self.fail(f"must name one or more {self.what}, got '{shown(value)}'", param, ctx)
+        return names
+
+
 # ---- settings trees -----------------------------------------------------------------------------
 
 class Settings:

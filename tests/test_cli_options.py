@@ -48,6 +48,7 @@ def _one_line(result, expected: str, exit_code: int):
     (("--frobnicate",), "No such option '--frobnicate'"),
     (("profile", "m.onnx", "--min-runs", "1000000000000"),  # was the library's 'need 1 <= min_runs <= max_runs'
      "argument --min-runs: must be an integer from 1 to 100000, got '1000000000000'"),
+    (("optimize", "m.onnx", *REQUIRED, "--passes", ","), "argument --passes: must name one or more passes, got ','"),
 ])
 def test_click_usage_errors_are_one_line_and_exit_2(cli, argv, expected):
     _one_line(cli(*argv), expected, 2)

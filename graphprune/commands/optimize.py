@@ -17,8 +17,8 @@ import click
 from ..cache import default_cache_dir
 from ..cli import load_model_from_args, model_options, output_option
 from ..cli_config import config_file, config_option
-from ..cli_options import (COUNT, FRACTION, LEARNING_RATE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, SHARE, Numbers,
-                           Settings, flags_for, latency_options, subcommand, user_gave)
+from ..cli_options import (COUNT, FRACTION, LEARNING_RATE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, SHARE, Names,
+                           Numbers, Settings, flags_for, latency_options, subcommand, user_gave)
 from ..data import Preprocessing, load_tiny_set
 from ..errors import GraphpruneError, UsageError
 from ..evaluate import check_eval_data
@@ -139,7 +139,7 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
 @opt("recovery", "--train-precision", fills="recovery.precision", type=click.Choice(["auto", "float32", "bfloat16"]),
      help="recovery's forward passes: bfloat16 autocast, float32, or auto: bf16 where the CPU or GPU has it natively")
 @opt("recovery", "--train-device", fills="recovery.device", help="device recovery trains on (cpu, cuda)")
-@opt("pipeline", "--passes", metavar="NAMES",
+@opt("pipeline", "--passes", type=Names("passes"), metavar="NAMES",
      help="the pipeline's steps by registered name, comma-separated, third-party passes included "
           f"(default: {','.join(step.name for step in default_pipeline(OptimizeConfig()))}; "
           "plan_quantization and quantize_result only where --quantize is not none)")
@@ -159,8 +159,7 @@ def command(args) -> int:
     cache_dir = None if args.no_cache else (args.cache_dir or str(default_cache_dir()))
     config = replace(SETTINGS.build(params, args), cache_dir=cache_dir,
                      output_format=Path(args.output).suffix.lower().lstrip("."))
-    pipeline = pipeline_from_names([n.strip() for n in args.passes.split(",") if n.strip()], config) \
-        if args.passes else None
+    pipeline = pipeline_from_names(list(args.passes), config) if args.passes else None
     model = load_model_from_args(args)
     prep = with_recorded_normalisation(SETTINGS.build(params, args, "preprocessing", image_input_shape(model)), model,
                                        user_gave("mean", "std"))
