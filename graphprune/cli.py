@@ -5,7 +5,8 @@ Each subcommand is a module in :mod:`graphprune.commands` whose ``command`` is a
 runs or its help is shown. Options that set library settings are declared in
 :mod:`graphprune.cli_options`; ``optimize --config FILE`` in :mod:`graphprune.cli_config`.
 
-Errors: anything a user can cause prints one line, ``graphprune: error: ...``, on stderr. A
+Errors: anything a user can cause prints one line, ``graphprune: error: ...``, on stderr (the
+value it quotes, and the line itself, cut short: :func:`graphprune.errors.shown`). A
 :class:`~graphprune.errors.GraphpruneError` exits 1 (:class:`~graphprune.errors.UsageError`: 2); a
 malformed command line (click's usage errors: missing or unknown option, bad value or choice, no
 such command) exits 2, its message on one line as argparse worded it. Any other exception is a bug:

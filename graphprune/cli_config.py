@@ -88,7 +88,7 @@ def read_config(path: Path) -> dict:
         doc = parse(text)
     except RecursionError:
         raise UsageError(f"--config {path}: nested too deeply to read") from None
-    except (*errors, ValueError) as exc:  # ValueError: an integer of more digits than Python reads
+    except (*errors, ValueError) as exc:  # ValueError: _check_yaml_nodes, or an integer too long for int()
         raise UsageError(f"--config {path}: {first_line(exc)}") from None
     if doc is None:
         return {}
@@ -115,8 +115,9 @@ def _load_yaml(text: str):
 
 def _check_yaml_nodes(root) -> None:
     """A ValueError if ``root``, every alias written out, holds more than :data:`MAX_YAML_VALUES`
-    nodes, a node holds itself, or a mapping has a key twice. Each node is visited once (an alias is the node it names, so a
-    node's count is worked out once and reused), without recursion: the nesting may be deep."""
+    nodes, a node holds itself, or a mapping has a key twice. Each node is visited once (an alias
+    is the node it names, so a node's count is worked out once and reused), without recursion: the
+    nesting may be deep."""
     counts: dict[int, int] = {}  # id(node) -> nodes in it, aliases written out
     open_nodes: set[int] = set()  # visited, not counted yet: the node on top and its ancestors
     stack = [root]

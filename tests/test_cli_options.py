@@ -200,7 +200,8 @@ def test_no_config_file_is_recorded_as_none(cli, tiny_inputs, tmp_path, captured
      "--config key 'input-shape': must be comma-separated integers, got '1,3,32.7,32'"),
     ("latency-cut = 0.2\ninput-shape = [true, 3, 32, 32]\n",
      "'input-shape' must be a list of integers, got list [True, 3, 32, 32]"),
-    ("latency-cut = 0.2\nmean = []\n", "--config key 'mean': must be comma-separated numbers, got ''"),  # 'positive integers'
+    ("latency-cut = 0.2\nmean = []\n", "--config key 'mean': must be comma-separated numbers, got ''"),  # said
+    # 'positive integers'
 ])
 def test_config_file_errors_are_one_line(cli, tmp_path, text, expected):
     (tmp_path / "run.toml").write_text(text)
