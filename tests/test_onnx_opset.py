@@ -219,3 +219,20 @@ def test_default_valued_new_attributes_and_split_outputs_lower_to_opset_17(tmp_p
     x = torch.randn(1, 6, 8, 8)
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(model.run(x).numpy(), session.run(None, {"X": x.numpy()})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_refusal_names_only_the_ops_with_no_older_form(tmp_path, cli):
+    """A Pad with an axes input (no form before opset 18) next to a ReduceMean-18 (which lowers):
+    the message named both ('ReduceMean-20, Pad-20'), as it named ReduceMean-20 for LR-ASPP."""
+    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+             (("axes", [2, 3]), ("pads", [1, 1]), ("pad_axes", [3]))]
+    graph = helper.make_graph(
+        [helper.make_node("Pad", ["X", "pads", "", "pad_axes"], ["p"]),
+         helper.make_node("ReduceMean", ["p", "axes"], ["Y"], keepdims=1)],
+        "pad", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 3, 1, 1])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    proto.ir_version = 9
+    onnx.save(proto, str(tmp_path / "pad.onnx"))
+    code, _, err = cli("inspect", tmp_path / "pad.onnx")
+    assert code == 1 and err.strip().endswith("unsupported ONNX ops in " + str(tmp_path / "pad.onnx") + ": Pad-20")

@@ -50,17 +50,21 @@ def default_opset(proto: onnx.ModelProto) -> int:
 
 
 def to_converter_opset(proto: onnx.ModelProto, unsupported: Callable[[onnx.ModelProto], list[str]]
-                       ) -> onnx.ModelProto | None:
-    """A copy of ``proto`` at an opset where ``unsupported(copy)`` is empty, or None."""
+                       ) -> tuple[onnx.ModelProto | None, list[str]]:
+    """A copy of ``proto`` at an opset where ``unsupported(copy)`` is empty, or None and what stood
+    in the way of the first opset tried: the ops with no form there, else the ops it still cannot
+    convert (empty where onnx's checker refused the result)."""
     opset = default_opset(proto)
-    if opset < UPGRADE_OPSET:
-        candidates = (_upgrade(proto, UPGRADE_OPSET),)
-    else:
-        candidates = (_downgrade(proto, target) for target in CONVERTER_OPSETS if target < opset)
-    for candidate in candidates:
-        if candidate is not None and not unsupported(candidate):
-            return candidate
-    return None
+    blockers: list[str] | None = None
+    targets = (UPGRADE_OPSET,) if opset < UPGRADE_OPSET else [t for t in CONVERTER_OPSETS if t < opset]
+    for target in targets:
+        blocked: list[str] = []
+        candidate = _upgrade(proto, target) if opset < UPGRADE_OPSET else _downgrade(proto, target, blocked)
+        missing = unsupported(candidate) if candidate is not None else blocked
+        if candidate is not None and not missing:
+            return candidate, []
+        blockers = missing if blockers is None else blockers
+    return None, blockers or []
 
 
 def expand_functions(proto: onnx.ModelProto) -> int:
@@ -185,7 +189,9 @@ def _upgrade(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto | None:
         return None
 
 
-def _downgrade(proto: onnx.ModelProto, target: int) -> onnx.ModelProto | None:
+def _downgrade(proto: onnx.ModelProto, target: int, blocked: list[str]) -> onnx.ModelProto | None:
+    """``proto`` at opset ``target`` node by node (module docstring), or None; ``blocked`` gets the
+    ops that have no form there."""
     opset = default_opset(proto)
     constants = {t.name: t for t in proto.graph.initializer}
     nodes, added = [], []
@@ -199,8 +205,11 @@ def _downgrade(proto: onnx.ModelProto, target: int) -> onnx.ModelProto | None:
             types = _value_types(proto) if types is None else types
             lowered = _split_sizes_as_input(node, types, added)
         if lowered is None:
-            return None
+            blocked.append(f"{node.op_type}-{opset}")
         nodes.append(lowered)
+    if blocked:
+        blocked[:] = sorted(set(blocked))
+        return None
     out = copy.deepcopy(proto)
     del out.graph.node[:]
     out.graph.node.extend(nodes)

@@ -328,13 +328,13 @@ def normalise(proto: onnx.ModelProto, label: str,
     if not missing:
         return proto, proto
     with timed_step("load:to_converter_opset", timings):
-        converted = to_converter_opset(proto, unsupported_ops)
+        converted, blockers = to_converter_opset(proto, unsupported_ops)
     if converted is None:
         quantised = [op for op in missing if op.split(".")[-1].split("-")[0] in QUANTISED_OPS]
         if quantised:
             raise GraphpruneError(f"{label} is already quantised ({', '.join(quantised)}): give graphprune the float "
                                   "model (--quantize makes and judges its int8 form)")
-        raise GraphpruneError(f"unsupported ONNX ops in {label}: {', '.join(missing)}")
+        raise GraphpruneError(f"unsupported ONNX ops in {label}: {', '.join(blockers or missing)}")
     return converted, proto
 
 
