@@ -206,6 +206,7 @@ def _downgrade(proto: onnx.ModelProto, target: int, blocked: list[str]) -> onnx.
             lowered = _split_sizes_as_input(node, types, added)
         if lowered is None:
             blocked.append(f"{node.op_type}-{opset}")
+            continue
         nodes.append(lowered)
     if blocked:
         blocked[:] = sorted(set(blocked))
