@@ -28,10 +28,10 @@
   a PNG's sBIT chunk states, else the depth their values fit (8, 10, 12 or 16 bits: a 12-bit
   camera's image in a 16-bit file; a dark 16-bit photo without sBIT reads brighter), float images
   from [0, 1] ([0, 255] where finite values exceed 1; NaN read as 0): Pillow's RGB conversion
-  clipped them, a 16-bit PNG read all white; grey, palette and
-  CMYK images in RGB; RGBA's alpha dropped, not composited (what torchvision's folder loader,
-  ``convert("RGB")``, feeds a model in the pipelines users deploy); an EXIF orientation applied, as a viewer shows the photo (a phone stores a
-  portrait photo sideways with the tag).
+  clipped them, a 16-bit PNG read all white; grey, palette and CMYK images in RGB; RGBA's alpha
+  dropped, not composited (what torchvision's folder loader, ``convert("RGB")``, feeds a model in
+  the pipelines users deploy); an EXIF orientation applied, as a viewer shows the photo (a phone
+  stores a portrait photo sideways with the tag).
 
 Unreadable files are skipped and returned (the caller names the first); ``num_samples`` images are
 drawn with ``seed``, round-robin over classes where there are labels (:func:`sample_indices`).

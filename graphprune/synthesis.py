@@ -266,8 +266,9 @@ def synthetic_tiny_set(model: Model, settings: SynthesisSettings, prep, cache_di
         raise GraphpruneError("data-free synthesis needs an image model (N, C, H, W input)")
     if settings.num_samples * math.prod(shape) > MAX_SYNTHETIC_ELEMENTS:
         most = MAX_SYNTHETIC_ELEMENTS // math.prod(shape)
-        raise GraphpruneError(f"{settings.num_samples:,} synthetic images of {'x'.join(map(str, shape))} would not fit in "
-                              f"memory: lower num_samples to at most {most:,} (a tiny set is tens to a thousand)", parameter="num_samples")
+        raise GraphpruneError(f"{settings.num_samples:,} synthetic images of {'x'.join(map(str, shape))} would not "
+                              f"fit in memory: lower num_samples to at most {most:,} (a tiny set is tens to a "
+                              "thousand)", parameter="num_samples")
     path = None
     if cache_dir is not None:
         from .cache import cache_folder, model_fingerprint, settings_fingerprint

@@ -12,8 +12,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune as gp
-from graphprune.formats.batch_trace import (ConcatRepeatingConstants, GatherEachImage, ReshapeToBatched, _axes_holding, _batch_stride,
-                                             _Seen)
+from graphprune.formats.batch_trace import (ConcatRepeatingConstants, GatherEachImage, ReshapeToBatched, _axes_holding,
+                                             _batch_stride, _Seen)
 from test_vit import SHAPE, small_vit
 
 

@@ -47,8 +47,9 @@ def resolve_input_shape(proto: onnx.ModelProto, specs: tuple[InputSpec, ...],
         return None, None
     key = next(k for k in IMAGE_SIZE_KEYS if k in _metadata(proto))
     if math.prod(shape) > MAX_INPUT_ELEMENTS:  # said before the warning: one line in all
-        raise GraphpruneError(f"the file's metadata ({key}) gives an input of {math.prod(shape):,} elements; graphprune "
-                              f"handles at most {MAX_INPUT_ELEMENTS:,}: pass --input-shape", parameter="input_shape")
+        raise GraphpruneError(f"the file's metadata ({key}) gives an input of {math.prod(shape):,} elements; "
+                              f"graphprune handles at most {MAX_INPUT_ELEMENTS:,}: pass --input-shape",
+                              parameter="input_shape")
     log.warning("input shape %s from the file's metadata (%s); pass --input-shape to use another", _fmt(shape), key)
     return shape, f"metadata:{key}"
 
