@@ -344,3 +344,15 @@ def test_a_yaml_merge_key_may_repeat_a_key(cli, tmp_path):
     path.write_text("recovery: {<<: {recovery-lr: 0.1}, recovery-lr: 0.2}\nlatency-cut: 0.2\n")
     _assert_clean_failure(cli("optimize", "m.onnx", "-o", "o.onnx", "--config", path, "--threads", "0"),
                           "argument --threads: must be", exit_code=2)
+
+
+def test_an_uncomputed_output_and_an_unfed_input_type_are_named(cli, tmp_path):
+    """An output that is the input itself or a weight was onnx2torch's "KeyError: 'X'"; a string or
+    int8 input was "unsupported element type 8"."""
+    echo = residual_onnx()
+    echo.graph.output.append(echo.graph.input[0])
+    _assert_clean_failure(cli("inspect", save(echo, tmp_path / "echo.onnx")),
+                          f"output '{echo.graph.input[0].name}' of {tmp_path / 'echo.onnx'} is not computed by the graph")
+    text = residual_onnx()
+    text.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.STRING
+    _assert_clean_failure(cli("inspect", save(text, tmp_path / "text.onnx")), "is of element type STRING")

@@ -63,6 +63,14 @@ class OnnxOrigin:
     input_opset: int | None = None  # the file's own opset; a written graph is brought back up to it
 
 
+def _type_name(elem_type: int) -> str:
+    """ONNX's name of an element type (STRING, INT8, ...), or its number where ONNX has none."""
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type)
+    except ValueError:
+        return str(elem_type)
+
+
 def input_specs(proto: onnx.ModelProto) -> tuple[InputSpec, ...]:
     specs = []
     for value in proto.graph.input:
@@ -71,7 +79,8 @@ def input_specs(proto: onnx.ModelProto) -> tuple[InputSpec, ...]:
                      for d in ttype.shape.dim)
         dtype = _ONNX_DTYPES.get(ttype.elem_type)
         if dtype is None:
-            raise GraphpruneError(f"input '{value.name}' has an unsupported element type {ttype.elem_type}")
+            raise GraphpruneError(f"input '{value.name}' is of element type {_type_name(ttype.elem_type)}, which "
+                                  f"graphprune cannot feed (it feeds {', '.join(map(_type_name, _ONNX_DTYPES))})")
         specs.append(InputSpec(value.name, dims, dtype))
     return tuple(specs)
 

@@ -324,6 +324,11 @@ def normalise(proto: onnx.ModelProto, label: str,
             proto = result if isinstance(result, onnx.ModelProto) else proto
     if not proto.graph.input:
         raise GraphpruneError(f"the model has no inputs: {label}")
+    computed = {name for node in proto.graph.node for name in node.output}
+    passive = next((o.name for o in proto.graph.output if o.name not in computed), None)
+    if passive is not None:  # onnx2torch's KeyError: it maps every output to a node's
+        raise GraphpruneError(f"output '{passive}' of {label} is not computed by the graph (it is an input, a weight "
+                              "or a constant once folded): give graphprune a model whose outputs all are")
     missing = unsupported_ops(proto)
     if not missing:
         return proto, proto
