@@ -137,8 +137,6 @@ class FloatRange(_Worded, click.FloatRange):
 POSITIVE_INT = IntRange("a positive integer", min=1)
 COUNT = IntRange("0 or more", min=0)
 POSITIVE = FloatRange("a positive number", min=0, min_open=True)
-# a learning rate: 1e300 overflowed float32 inside torch's optimizer (an internal error); 10 is far past any that trains
-LEARNING_RATE = FloatRange("above 0 and at most 10", min=0, max=10, min_open=True)
 NON_NEGATIVE = FloatRange("0 or more", min=0)
 FRACTION = FloatRange("between 0 and 1 (exclusive)", min=0, max=1, min_open=True, max_open=True)
 SHARE = FloatRange("above 0 and at most 1", min=0, max=1, min_open=True)

@@ -53,9 +53,10 @@ def quiet_while_starting() -> None:
 
 
 def _end_while_starting(signum, frame) -> None:
-    sys.stderr.write(f"graphprune: {'terminated' if signum == signal.SIGTERM else 'interrupted'}\n")
+    word, status = _ending(signum)
+    sys.stderr.write(f"graphprune: {word}\n")
     sys.stderr.flush()
-    os._exit(128 + signum)
+    os._exit(status)
 
 
 def install() -> None:
@@ -80,5 +81,8 @@ def raise_if_interrupted() -> None:
 def interrupted_by() -> tuple[str, int]:
     """How the CLI ends after an interrupt: ``("interrupted", 130)`` for Ctrl-C, ``("terminated",
     143)`` for SIGTERM (128 + the signal's number, as a shell reports it)."""
-    signum = _signal[0]
+    return _ending(_signal[0])
+
+
+def _ending(signum: int) -> tuple[str, int]:
     return ("terminated" if signum == signal.SIGTERM else "interrupted"), 128 + int(signum)

@@ -17,7 +17,7 @@ import click
 from ..cache import default_cache_dir
 from ..cli import load_model_from_args, model_options, output_option
 from ..cli_config import config_file, config_option
-from ..cli_options import (COUNT, FRACTION, LEARNING_RATE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, SHARE, Names,
+from ..cli_options import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, SHARE, FloatRange, Names,
                            Numbers, Settings, flags_for, latency_options, subcommand, user_gave)
 from ..data import Preprocessing, load_tiny_set
 from ..errors import GraphpruneError, UsageError
@@ -25,6 +25,7 @@ from ..evaluate import check_eval_data
 from ..formats.model_io import atomic_write, check_writable, staged_writes
 from ..optimize import (OptimizeConfig, default_pipeline, evaluate_result, image_input_shape, optimize,
                         pipeline_from_names, with_recorded_normalisation, write_result)
+from ..passes.recover import MAX_LR
 from ..passes.recoverability import ESTIMATORS, OPTIMIZERS
 from ..report import format_summary, write_plot
 from ..synthesis import METHODS, SynthesisSettings, synthetic_tiny_set
@@ -33,6 +34,7 @@ from ..synthesis import METHODS, SynthesisSettings, synthetic_tiny_set
 # data-free tiny set and the images' normalisation. Each option below fills the fields it names.
 SETTINGS = Settings(OptimizeConfig, synthesis=SynthesisSettings, preprocessing=Preprocessing)
 opt = SETTINGS.option
+LEARNING_RATE = FloatRange(f"above 0 and at most {MAX_LR:g}", min=0, max=MAX_LR, min_open=True)  # recover.MAX_LR
 # Fields no option sets, deliberately: tuned defaults (documented where they are defined) that
 # the Python API can change; tests/test_cli_options.py checks every other field has an option.
 INTERNAL = ("holdout_minimum", "latency.warmup_runs", "latency.warmup_s", "latency.min_runs", "latency.max_runs",

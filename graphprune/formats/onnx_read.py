@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import GraphpruneError, first_line
+from ..errors import GraphpruneError, first_line, shown
 from ..steplog import timed_step
 from .onnx_fold import fold_constants
 from .onnx_if import inline_constant_ifs
@@ -74,7 +74,7 @@ def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
         length = info.get("length", str(target.stat().st_size))
         if not length.isdigit():
             raise GraphpruneError(f"external data of tensor '{tensor.name}' has a length that is not a size: "
-                                  f"{length[:40]!r}")
+                                  f"'{shown(length)}'")
         total += int(length)
         if total > MAX_MODEL_BYTES:
             raise GraphpruneError(f"external data is larger than {MAX_MODEL_BYTES >> 30} GiB")

@@ -60,6 +60,11 @@ from .find_blocks import Blocks
 from .selection import Selection
 
 
+# the largest learning rate taken (recovery's and the adaptors'): 1e300 overflowed float32 inside
+# torch's optimizer; 10 is far past any that trains
+MAX_LR = 10
+
+
 @dataclass(frozen=True)
 class RecoverySettings:
     # Defaults from benchmarks/studies/scoring_study.py's sweep (ResNet-56 ONNX, 40% cut, 500 images): on
@@ -446,8 +451,8 @@ def check_recovery(teacher: Model, train: TinySet, settings: RecoverySettings, f
 
 
 def _check(settings: RecoverySettings, train: TinySet) -> None:
-    if settings.iterations < 0 or settings.batch_size <= 0 or not 0 < settings.lr <= 10:
-        raise GraphpruneError("recovery needs iterations >= 0, batch size > 0 and lr in (0, 10]")
+    if settings.iterations < 0 or settings.batch_size <= 0 or not 0 < settings.lr <= MAX_LR:
+        raise GraphpruneError(f"recovery needs iterations >= 0, batch size > 0 and lr in (0, {MAX_LR:g}]")
     if settings.target not in ("features", "feature-map", "auto"):
         raise GraphpruneError(f"unknown recovery target '{settings.target}' (features, feature-map or auto)")
     if settings.loss not in ("mimic", "label"):
