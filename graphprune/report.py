@@ -7,6 +7,9 @@ from pathlib import Path
 from .formats.model_io import atomic_write
 
 GIVEN_FILE_NOISE = 0.05  # the file as given is said to differ where its time differs by more (interleaved noise: a few %)
+# A written model's measured cut this far below the target is said in a warning line: interleaved
+# re-timings of one file moved by up to a point on an idle machine (ResNet-56: 22.5, 22.1, 21.4%).
+SHORTFALL_NOISE = 0.02
 
 
 def format_summary(report: dict) -> str:
@@ -29,6 +32,8 @@ def format_summary(report: dict) -> str:
     if latency:
         lines.append(f"latency {latency['original_ms']:.3f} ms -> {latency['optimized_ms']:.3f} ms "
                      f"(measured cut {100 * latency['cut']:.1f}%, target {100 * latency['target']:.1f}%)")
+        if latency["cut"] < latency["target"] - SHORTFALL_NOISE:
+            lines.append(_shortfall_line(latency, report.get("resumed_from_cache") or {}))
         given = latency.get("given_file") or {}
         if abs(given.get("ratio", 1.0) - 1.0) > GIVEN_FILE_NOISE:
             pace = "slower" if given["ratio"] < 1 else "faster"
@@ -63,6 +68,21 @@ def format_summary(report: dict) -> str:
     if "output" in report:
         lines.append(f"wrote {report['output']}")
     return "\n".join(lines)
+
+
+def _shortfall_line(latency: dict, cached: dict) -> str:
+    """The written model's measured cut is short of the target: selection's own measurement of the
+    same model reached it (else selection would have said the target is out of reach), so the two
+    timings disagree, as they do where the machine's load changed between them or block timings came
+    from the cache of an earlier run under other load (a YOLOv8n at 10%: selection 17.7%, the
+    written file 2.3%, its six block timings cached from a run at load average 7)."""
+    selected = latency.get("selection_cut")
+    selection = f"; selection measured {100 * selected:.1f}% for the same model" if selected is not None else ""
+    rows = cached.get("latency_rows") or 0
+    cache = f", {rows} block timings from the cache of an earlier run" if rows else ""
+    return (f"warning: the written model's measured cut, {100 * latency['cut']:.1f}%, is short of the "
+            f"{100 * latency['target']:.1f}% target{selection}{cache}: the timings disagree, as they do when other "
+            "work loads the machine; re-run on an idle machine (with an empty --cache-dir where timings were cached)")
 
 
 def _int8_hint(quantization: dict) -> str:

@@ -219,3 +219,18 @@ def test_the_summary_names_a_given_file_slower_than_its_simplified_form():
         **latency, "given_file": slow}})
     same = {"ms": 0.41, "original_ms": 0.4, "ratio": 0.4 / 0.41, "cut": 0.27}
     assert "as given" not in format_summary({**report, "latency": {**latency, "given_file": same}})
+
+
+def test_the_summary_warns_where_the_written_models_cut_is_short_of_the_target():
+    from graphprune.report import format_summary
+
+    latency = {"original_ms": 10.0, "optimized_ms": 9.77, "cut": 0.023, "target": 0.1, "selection_cut": 0.177}
+    report = {"latency": latency, "blocks": [], "dropped": [], "seconds_per_stage": {},
+              "resumed_from_cache": {"latency_rows": 6, "recoverability": 0}}
+    (line,) = [line for line in format_summary(report).splitlines() if line.startswith("warning:")]
+    assert "2.3%, is short of the 10.0% target; selection measured 17.7%" in line
+    assert "6 block timings from the cache" in line and "--cache-dir" in line
+    fresh = format_summary({**report, "resumed_from_cache": {"latency_rows": 0}})
+    assert "short of the 10.0% target" in fresh and "from the cache" not in fresh
+    for cut in (0.09, 0.1, 0.3):  # within the interleaved noise of the target, or past it: no warning
+        assert "warning" not in format_summary({**report, "latency": {**latency, "cut": cut}})
