@@ -14,6 +14,10 @@ only step in where it raises:
   onnx2torch takes the normalised shape from that rank and made it empty, and the layer failed at
   run time; the scale's own shape is the normalised shape (a transformer written back by the
   TorchScript exporter, whose LayerNorm reads a MultiheadAttention's output);
+* ``NonZero``: ONNX gives the indices as (rank, count), onnx2torch's module as ``torch.nonzero``
+  does, (count, rank); a GatherND reading them through the Transpose the exporters write (an
+  ultralytics export with ``nms=True`` picks its candidate boxes so) then failed to run. Replaced,
+  not wrapped: its converter never raises, its module is wrong;
 * ``Clip`` (opset 11+) with one bound: both torch exporters write ``clamp(max=c)`` as
   ``Clip(x, "", c)``, whose empty name (an absent optional input) onnx2torch looked up as a tensor
   and refused as a "dynamic value". An absent bound is no bound.
@@ -23,6 +27,7 @@ only step in where it raises:
 
 from __future__ import annotations
 
+import torch
 from onnx import helper
 from torch import nn
 
@@ -56,6 +61,8 @@ def register() -> None:
             _CONVERTER_REGISTRY[description] = _clip_fallback(converter)
         elif description.operation_type == "LayerNormalization":
             _CONVERTER_REGISTRY[description] = _layer_norm_shape(converter)
+        elif description.operation_type == "NonZero":
+            _CONVERTER_REGISTRY[description] = _non_zero
     _REGISTERED = True
 
 
@@ -139,3 +146,17 @@ def _layer_norm_shape(converter):
             module.normalized_shape = tuple(module.weight.shape)
         return result
     return convert
+
+
+class OnnxLayoutNonZero(nn.Module):
+    """ONNX ``NonZero``: the indices of the non-zero elements as (rank, count)."""
+
+    def forward(self, x):
+        return torch.nonzero(x).t()
+
+
+def _non_zero(node, graph):
+    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
+
+    mapping = OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values)
+    return OperationConverterResult(torch_module=OnnxLayoutNonZero(), onnx_mapping=mapping)

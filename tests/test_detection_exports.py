@@ -1,0 +1,48 @@
+"""Detector heads as ultralytics exports them beyond the plain (N, 4+C, anchors) output: ``nms=True``
+(NonZero -> Transpose -> GatherND picks the candidate boxes, NonMaxSuppression ranks them) and the
+end-to-end heads of YOLOv10/YOLO26 (TopK over the scores). Hand-written graphs, no ultralytics."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import graphprune as gp
+from onnx_builders import save
+
+
+def _candidates_onnx() -> onnx.ModelProto:
+    """X (1, 4, 8, 8) -> Conv -> ReduceMax over channels -> the positions over 0 (NonZero ->
+    Transpose, as the exporters write ``torch.nonzero``) -> GatherND of their values -> ReduceSum:
+    one number, as an embedded NMS reads the boxes whose score passes the threshold."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0.0], np.float32), "zero")]
+    nodes = [helper.make_node("Conv", ["X", "w"], ["c"], pads=[1, 1, 1, 1], name="/conv/Conv"),
+             helper.make_node("ReduceMax", ["c"], ["m"], axes=[1], keepdims=0, name="/ReduceMax"),
+             helper.make_node("Greater", ["m", "zero"], ["keep"], name="/Greater"),
+             helper.make_node("NonZero", ["keep"], ["where"], name="/NonZero"),
+             helper.make_node("Transpose", ["where"], ["indices"], perm=[1, 0], name="/Transpose"),
+             helper.make_node("GatherND", ["m", "indices"], ["picked"], name="/GatherND"),
+             helper.make_node("ReduceSum", ["picked"], ["Y"], keepdims=1, name="/ReduceSum")]
+    graph = helper.make_graph(nodes, "candidates", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_non_zero_gives_indices_as_onnx_lays_them_out(tmp_path):
+    # onnx2torch's NonZero gave torch.nonzero's (count, rank); the GatherND after the Transpose
+    # then failed: "The last dimension of indices should have a value between 1 ... got 63 and 3"
+    path = save(_candidates_onnx(), tmp_path / "candidates.onnx")
+    model = gp.load(path)
+    x = torch.randn(1, 4, 8, 8)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (expected,) = session.run(None, {"X": x.numpy()})
+    assert np.allclose(model.run(x).numpy(), expected, atol=1e-5)
+
