@@ -11,6 +11,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune as gp
+from graphprune.formats.io_onnx import same_rows
 from onnx_builders import save
 
 
@@ -46,3 +47,13 @@ def test_non_zero_gives_indices_as_onnx_lays_them_out(tmp_path):
     (expected,) = session.run(None, {"X": x.numpy()})
     assert np.allclose(model.run(x).numpy(), expected, atol=1e-5)
 
+
+def test_ranked_detections_compare_as_sets_of_rows():
+    rng = np.random.default_rng(0)
+    boxes = rng.normal(0, 50, (2, 300, 6)).astype(np.float32)
+    reordered = boxes[:, rng.permutation(300)]  # equal scores ranked in another order
+    assert same_rows(reordered, boxes, 1e-3)
+    other = boxes.copy()
+    other[1, 7, 0] += 1.0  # one box moved: not the same detections
+    assert not same_rows(other, boxes, 1e-3)
+    assert not same_rows(boxes[0], boxes[0], 1e-3)  # only (N, K, F) lists
