@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
@@ -57,3 +58,31 @@ def test_ranked_detections_compare_as_sets_of_rows():
     other[1, 7, 0] += 1.0  # one box moved: not the same detections
     assert not same_rows(other, boxes, 1e-3)
     assert not same_rows(boxes[0], boxes[0], 1e-3)  # only (N, K, F) lists
+
+
+def _grid_sample_onnx(opset: int, mode: str, align_corners: int) -> onnx.ModelProto:
+    """X (1, 4, 8, 8) -> Conv -> GridSample at a fixed grid of (6, 5) points, as RT-DETR's
+    deformable attention samples its feature maps."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.uniform(-1.1, 1.1, (1, 6, 5, 2)).astype(np.float32), "grid")]
+    nodes = [helper.make_node("Conv", ["X", "w"], ["c"], pads=[1, 1, 1, 1], name="/conv/Conv"),
+             helper.make_node("GridSample", ["c", "grid"], ["Y"], mode=mode, align_corners=align_corners,
+                              padding_mode="border", name="/sample/GridSample")]
+    graph = helper.make_graph(nodes, "grid_sample", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4, 6, 5])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8 if opset < 20 else 9
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("opset, mode, align_corners", [(16, "bilinear", 0), (18, "nearest", 1), (20, "linear", 1)])
+def test_grid_sample_converts(tmp_path, opset, mode, align_corners):
+    # was refused: "unsupported ONNX ops in rtdetr-l.onnx: GridSample-17"
+    path = save(_grid_sample_onnx(opset, mode, align_corners), tmp_path / "grid.onnx")
+    model = gp.load(path)
+    x = torch.randn(1, 4, 8, 8)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (expected,) = session.run(None, {"X": x.numpy()})
+    assert np.allclose(model.run(x).numpy(), expected, atol=1e-5)

@@ -18,6 +18,9 @@ only step in where it raises:
   does, (count, rank); a GatherND reading them through the Transpose the exporters write (an
   ultralytics export with ``nms=True`` picks its candidate boxes so) then failed to run. Replaced,
   not wrapped: its converter never raises, its module is wrong;
+* ``GridSample`` (opsets 16 and 20, 4-d), which onnx2torch has no converter for:
+  ``F.grid_sample``, the op the exporters write it from (RT-DETR's deformable attention, as
+  ultralytics exports it, samples its feature maps so);
 * ``Clip`` (opset 11+) with one bound: both torch exporters write ``clamp(max=c)`` as
   ``Clip(x, "", c)``, whose empty name (an absent optional input) onnx2torch looked up as a tensor
   and refused as a "dynamic value". An absent bound is no bound.
@@ -33,6 +36,8 @@ from torch import nn
 
 _REGISTERED = False
 _POOLS = ("MaxPool", "AveragePool")
+_GRID_SAMPLE_VERSIONS = (16, 20)
+_GRID_SAMPLE_MODES = {"linear": "bilinear", "cubic": "bicubic"}  # opset 20 names -> torch's
 
 
 class AnyRankBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -63,6 +68,10 @@ def register() -> None:
             _CONVERTER_REGISTRY[description] = _layer_norm_shape(converter)
         elif description.operation_type == "NonZero":
             _CONVERTER_REGISTRY[description] = _non_zero
+    from onnx2torch.node_converters.registry import OperationDescription
+
+    for version in _GRID_SAMPLE_VERSIONS:
+        _CONVERTER_REGISTRY.setdefault(OperationDescription("", "GridSample", version), _grid_sample)
     _REGISTERED = True
 
 
@@ -160,3 +169,28 @@ def _non_zero(node, graph):
 
     mapping = OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values)
     return OperationConverterResult(torch_module=OnnxLayoutNonZero(), onnx_mapping=mapping)
+
+
+class OnnxGridSample(nn.Module):
+    """ONNX ``GridSample`` on an (N, C, H, W) input: ``F.grid_sample``."""
+
+    def __init__(self, mode: str, padding_mode: str, align_corners: bool):
+        super().__init__()
+        self.mode, self.padding_mode, self.align_corners = mode, padding_mode, align_corners
+
+    def forward(self, x, grid):
+        return nn.functional.grid_sample(x, grid, mode=self.mode, padding_mode=self.padding_mode,
+                                         align_corners=self.align_corners)
+
+
+def _grid_sample(node, graph):
+    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
+
+    rank = graph.value_info.get(node.input_values[0])
+    if rank is not None and len(rank.type.tensor_type.shape.dim) not in (0, 4):
+        raise NotImplementedError("GridSample is converted for 4-d inputs (N, C, H, W) only")
+    mode = node.attributes.get("mode", "bilinear")
+    module = OnnxGridSample(_GRID_SAMPLE_MODES.get(mode, mode), node.attributes.get("padding_mode", "zeros"),
+                            bool(node.attributes.get("align_corners", 0)))
+    mapping = OnnxMapping(inputs=tuple(node.input_values[:2]), outputs=node.output_values)
+    return OperationConverterResult(torch_module=module, onnx_mapping=mapping)

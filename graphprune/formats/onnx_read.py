@@ -301,6 +301,9 @@ def unsupported_ops(proto: onnx.ModelProto) -> list[str]:
     """Op types (with their opset) that onnx2torch has no converter for."""
     from onnx2torch.node_converters.registry import get_converter
 
+    from .onnx_converters import register
+
+    register()  # graphprune's own converters (GridSample) count as converters
     versions = {e.domain or "": e.version for e in proto.opset_import}
     missing = set()
     for node in proto.graph.node:
