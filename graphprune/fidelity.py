@@ -22,6 +22,13 @@ original's: the layout of an output, and a detector's boxes decoded and matched.
   widths and heights must be >= 0, as decoded ones are: a head exported undecoded (YOLOX's
   ``decode_in_inference=False``: grid offsets and log sizes, as ddddocr's detector ships) is
   ``other``, since boxes it does not hold cannot be matched.
+* ``detections``: a float (N, K, 6) output, K above 6, whose rows are x1, y1, x2, y2 (x2 >= x1,
+  y2 >= y1), a score in [0, 1], ranked highest first, and a class index (a whole number >= 0) is a
+  list of final detections: the end-to-end head of YOLOv10 and YOLO26 and an ultralytics export
+  with ``nms=True`` ((1, 300, 6), rows after the last detection all 0). ``detections_xywh``: the
+  same with boxes cx, cy, w, h (w, h >= 0) where some row is not x1, y1, x2, y2 (RT-DETR's, as
+  ultralytics exports it, in fractions of the image). Read before ``yolov5``, whose column 5 would
+  take the class index for a class score.
 * ``map``: a float (N, C, H, W) output, H and W above 1, all in [0, 1], is a map of probabilities
   (a segmentation mask, a text detector's text map such as PP-OCR's DB head, a heat map).
 * ``other``: anything else (compared by its relative error only).
@@ -48,7 +55,8 @@ as ``map50`` below, it does not move with whichever threshold a user picks. Meas
 text detector with int8 activations on 200 photos, it read 0.749 where the IoU of the regions
 above 0.3 read 0.749 and the maps' relative error 0.49.
 
-**Detections** (``DECODERS``: ``yolov8`` and ``yolov5``, each anchor's class scores as above), as
+**Detections** (``DECODERS``: ``yolov8`` and ``yolov5``, each anchor's class scores as above; a
+``detections`` list is already decoded: its rows above the confidence, as they are), as
 ultralytics' ``non_max_suppression`` with its defaults: each anchor's best class
 c = argmax_k s_k; confident where s_c > CONFIDENCE; box (cx - w/2, cy - h/2, cx + w/2, cy + h/2),
 w and h clamped at 0; non-maximum suppression within each class at NMS_IOU; at most
@@ -91,10 +99,12 @@ MAX_DETECTIONS = 300
 MATCH_IOU = 0.5  # a detection is the original's when it overlaps it this much (the usual mAP@0.5)
 AP_CONFIDENCE = 0.001  # ultralytics' val default: the ranked list that map50 is computed over
 BOX_ROWS = 4  # cx, cy, w, h
+DETECTION_COLUMNS = 6  # x1, y1, x2, y2, score, class: a list of final detections
 
 
 def output_layout(output: torch.Tensor) -> str:
-    """``"classes"``, ``"sequence"``, ``"yolov8"``, ``"map"`` or ``"other"`` for a batch of one output
+    """``"classes"``, ``"sequence"``, ``"yolov8"``, ``"yolov5"``, ``"detections"``, ``"detections_xywh"``,
+    ``"map"`` or ``"other"`` for a batch of one output
     (see the module docstring)."""
     if not output.is_floating_point():
         return "other"
@@ -105,12 +115,26 @@ def output_layout(output: torch.Tensor) -> str:
     if output.dim() == 3 and BOX_ROWS < output.shape[1] < output.shape[2]:
         if _within_0_1(output[:, BOX_ROWS:]):
             return "yolov8"
+    if _ranked_detections(output):
+        boxes = output[..., :BOX_ROWS]
+        return "detections" if bool((boxes[..., 2:] >= boxes[..., :2]).all()) else "detections_xywh"
     if output.dim() == 3 and BOX_ROWS + 1 < output.shape[2] < output.shape[1]:
         if _within_0_1(output[:, :, BOX_ROWS:]) and bool((output[:, :, 2:BOX_ROWS] >= 0).all()):
             return "yolov5"
     if output.dim() == 4 and output.shape[2] > 1 and output.shape[3] > 1 and _within_0_1(output):
         return "map"
     return "other"
+
+
+def _ranked_detections(output: torch.Tensor) -> bool:
+    """Whether ``output`` is a ``detections`` list (module docstring)."""
+    if output.dim() != 3 or output.shape[2] != DETECTION_COLUMNS or output.shape[1] <= DETECTION_COLUMNS:
+        return False
+    boxes, scores, classes = output[..., :BOX_ROWS], output[..., BOX_ROWS], output[..., BOX_ROWS + 1]
+    return (bool((boxes[..., 2:] >= torch.minimum(boxes[..., :2], torch.zeros_like(boxes[..., :2]))).all())
+            and _within_0_1(scores)
+            and bool((scores[:, 1:] <= scores[:, :-1]).all())
+            and bool((classes >= 0).all()) and bool((classes == classes.round()).all()))
 
 
 def _within_0_1(values: torch.Tensor) -> bool:
@@ -162,6 +186,10 @@ def describe_layout(layout: str, output: torch.Tensor) -> str:
         return (f"YOLOv5-style detections (N, {anchors} anchors, 5+{classes}): cx, cy, w, h, objectness, {classes} "
                 f"class scores (score = objectness x class score); confidence > {CONFIDENCE}, per-class NMS at IoU "
                 f"{NMS_IOU}, at most {MAX_DETECTIONS}, matched at IoU >= {MATCH_IOU}")
+    if layout in ("detections", "detections_xywh"):
+        box = "x1, y1, x2, y2" if layout == "detections" else "cx, cy, w, h"
+        return (f"final detections (N, {output.shape[1]}, 6): {box}, score, class, as the model ranks "
+                f"them (end-to-end head or embedded NMS); confidence > {CONFIDENCE}, matched at IoU >= {MATCH_IOU}")
     if layout == "map":
         return f"map of values in [0, 1] (N, {rest}): IoU of the regions, thresholds integrated out"
     return f"other (N, {rest}): relative error only"
@@ -206,7 +234,26 @@ def decode_yolov5(output: torch.Tensor, confidence: float = CONFIDENCE) -> list[
                         confidence) for image in output.float()]
 
 
-DECODERS = {"yolov8": decode_yolov8, "yolov5": decode_yolov5}  # detector layouts and their decoding
+def decode_detections(output: torch.Tensor, confidence: float = CONFIDENCE, centred: bool = False) -> list[Detections]:
+    """A ``detections`` list's rows above ``confidence``: the model ran NMS (or needs none) already."""
+    images = []
+    for image in output.float():
+        rows = image[image[:, BOX_ROWS] > confidence]
+        boxes = rows[:, :BOX_ROWS]
+        if centred:
+            centre, size = boxes[:, :2], boxes[:, 2:].clamp(min=0) / 2
+            boxes = torch.cat([centre - size, centre + size], 1)
+        images.append(Detections(boxes, rows[:, BOX_ROWS], rows[:, BOX_ROWS + 1].long()))
+    return images
+
+
+def decode_detections_xywh(output: torch.Tensor, confidence: float = CONFIDENCE) -> list[Detections]:
+    """:func:`decode_detections` of a ``detections_xywh`` list."""
+    return decode_detections(output, confidence, centred=True)
+
+
+DECODERS = {"yolov8": decode_yolov8, "yolov5": decode_yolov5, "detections": decode_detections,
+            "detections_xywh": decode_detections_xywh}  # detector layouts and their decoding
 
 
 def _detections(centred_boxes: torch.Tensor, class_scores: torch.Tensor, confidence: float) -> Detections:

@@ -12,6 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune as gp
+from graphprune.fidelity import DECODERS, DetectionCounts, output_layout
 from graphprune.formats.io_onnx import same_rows
 from onnx_builders import save
 
@@ -86,3 +87,50 @@ def test_grid_sample_converts(tmp_path, opset, mode, align_corners):
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     (expected,) = session.run(None, {"X": x.numpy()})
     assert np.allclose(model.run(x).numpy(), expected, atol=1e-5)
+
+
+def _final_detections(classes: int, centred: bool = False, seed: int = 0) -> torch.Tensor:
+    """(2, 300, 6) as an end-to-end head ranks its detections: boxes, score (descending), class;
+    the rows after the 40th all 0, as an nms=True export pads them."""
+    g = torch.Generator().manual_seed(seed)
+    corner = torch.rand(2, 300, 2, generator=g) * 200
+    size = torch.rand(2, 300, 2, generator=g) * 100 + 4
+    boxes = torch.cat([corner + size / 2, size], -1) if centred else torch.cat([corner, corner + size], -1)
+    scores = torch.rand(2, 300, generator=g).sort(1, descending=True).values
+    labels = torch.randint(0, classes, (2, 300), generator=g).float()
+    out = torch.cat([boxes, scores[..., None], labels[..., None]], -1)
+    out[:, 40:] = 0
+    return out
+
+
+@pytest.mark.parametrize("classes", [1, 80])
+def test_final_detections_are_read_as_detections(classes):
+    # a one-class end-to-end head (class column all 0) was read as YOLOv5 anchors: its class index
+    # taken for a class score, so no detection at all
+    out = _final_detections(classes)
+    assert output_layout(out) == "detections"
+    assert [len(d) for d in DECODERS["detections"](out)] == [int((o[:, 4] > 0.25).sum()) for o in out]
+    counts = DetectionCounts("detections")
+    counts.add(out, out)
+    assert counts.kept == counts.original > 0 and counts.as_dict()["map50"] == 1.0
+    moved = out.clone()
+    moved[:, :, :4] += 1000  # every box elsewhere: nothing kept
+    counts = DetectionCounts("detections")
+    counts.add(out, moved)
+    assert counts.kept == 0 and counts.as_dict()["map50"] == 0.0
+
+
+def test_centred_final_detections_are_read_as_such():
+    out = _final_detections(80, centred=True)
+    assert output_layout(out) == "detections_xywh"  # RT-DETR's (1, 300, 6): cx, cy, w, h, score, class
+    (first, _) = DECODERS["detections_xywh"](out)
+    row = out[0, 0]
+    assert torch.allclose(first.boxes[0], torch.cat([row[:2] - row[2:4] / 2, row[:2] + row[2:4] / 2]))
+
+
+def test_unranked_rows_are_not_final_detections():
+    out = _final_detections(80)
+    assert output_layout(out.flip(1)) != "detections"  # scores rising: not a ranked list
+    fractional = out.clone()
+    fractional[:, :, 5] += 0.5  # a sixth value that is no class index
+    assert output_layout(fractional) not in ("detections", "detections_xywh")
