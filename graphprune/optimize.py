@@ -124,6 +124,10 @@ def image_input_shape(model: Model) -> tuple[int, int, int]:
     if any(p.dtype == torch.float64 for p in model.graph_module.parameters()):  # onnxruntime has no double Conv
         raise GraphpruneError("optimize needs float32 weights: this model's are float64; export it after "
                               "model.float()")
+    if model.meta.get("batches_run") is False and model.meta.get("declared_batch"):
+        raise GraphpruneError("the model's input declares a dynamic batch, but a batch of 2 images does not give what "
+                              "each gives alone (an ultralytics export with nms=True keeps the first image's "
+                              "detections only): optimize runs the tiny set in batches; export it without nms=True")
     if model.meta.get("batches_run") is False:  # formats/batch_axis.py could not free it
         raise GraphpruneError("the model's graph fixes its batch at 1 (a batch of 2 images does not give what each "
                               "gives alone): optimize runs the tiny set in batches; export it with a dynamic batch "

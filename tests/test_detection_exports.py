@@ -12,8 +12,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune as gp
+from graphprune.errors import GraphpruneError
 from graphprune.fidelity import DECODERS, DetectionCounts, output_layout
 from graphprune.formats.io_onnx import same_rows
+from graphprune.optimize import image_input_shape
 from onnx_builders import save
 
 
@@ -134,3 +136,45 @@ def test_unranked_rows_are_not_final_detections():
     fractional = out.clone()
     fractional[:, :, 5] += 0.5  # a sixth value that is no class index
     assert output_layout(fractional) not in ("detections", "detections_xywh")
+
+
+def _first_image_only_onnx() -> onnx.ModelProto:
+    """X (batch, 4, 8, 8) -> Conv -> times (image index == 0): a dynamic batch in which every image
+    but the first comes out 0, as ultralytics' nms=True export (dynamic=True) gives its detections."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero_scalar"),
+             numpy_helper.from_array(np.array(1, np.int64), "one_scalar"),
+             numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "column")]
+    nodes = [helper.make_node("Conv", ["X", "w"], ["c"], pads=[1, 1, 1, 1], name="/conv/Conv"),
+             helper.make_node("Shape", ["X"], ["shape"], name="/Shape"),
+             helper.make_node("Gather", ["shape", "zero_scalar"], ["count"], axis=0, name="/Gather"),
+             helper.make_node("Range", ["zero_scalar", "count", "one_scalar"], ["index"], name="/Range"),
+             helper.make_node("Equal", ["index", "zero"], ["first"], name="/Equal"),
+             helper.make_node("Cast", ["first"], ["mask"], to=TensorProto.FLOAT, name="/Cast"),
+             helper.make_node("Reshape", ["mask", "column"], ["mask4"], name="/Reshape"),
+             helper.make_node("Mul", ["c", "mask4"], ["Y"], name="/Mul")]
+    graph = helper.make_graph(nodes, "first_only", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 4, 8, 8])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_declared_batch_that_keeps_only_the_first_image_is_refused_by_optimize(tmp_path):
+    # scoring and evaluation ran batches of 16 and compared one image's detections per batch
+    model = gp.load(save(_first_image_only_onnx(), tmp_path / "first_only.onnx"))
+    assert model.meta["batches_run"] is False
+    with pytest.raises(GraphpruneError, match="declares a dynamic batch.*nms=True"):
+        image_input_shape(model)
+
+
+def test_a_declared_batch_that_holds_is_kept(tmp_path):
+    from onnx_builders import residual_onnx
+
+    model = gp.load(save(residual_onnx(), tmp_path / "residual.onnx"))  # (batch, 4, 8, 8): each image its own
+    assert model.meta.get("batches_run") is not False
+    image_input_shape(model)

@@ -16,6 +16,9 @@ that fails, :func:`~graphprune.formats.batch_trace.trace_folded_batch` looks for
 into products of sizes (attention's ``[L, N*heads, E/heads]``) under the same check; if that fails
 too, every rewrite is undone (the graph is left as it was exported) and
 ``model.meta["batches_run"]`` is False: ``optimize`` refuses such a model in one line.
+A batch axis the file declares dynamic gets the same check (:func:`_check_declared_batch`):
+ultralytics' ``nms=True`` export (``dynamic=True``) declares one, yet every image but the first of a
+batch comes out with no detections.
 
 The written ONNX keeps its own constants and its declared batch: the writer copies back only
 trained float weights (``onnx_lower``), and these shapes are integer tensors.
@@ -33,6 +36,7 @@ from typing import Callable
 import torch
 from torch import fx
 
+from ..errors import GraphpruneError
 from ..model import Model
 from .batch_trace import trace_folded_batch
 
@@ -40,7 +44,12 @@ from .batch_trace import trace_folded_batch
 def free_fixed_batch(model: Model) -> bool:
     """Rewrite ``model``'s constants so batches run; True if it did (and checks out). Sets
     ``model.meta["batches_run"]`` where the input's batch is fixed at 1."""
-    if len(model.inputs) != 1 or model.inputs[0].shape[:1] != (1,):
+    if len(model.inputs) != 1:
+        return False
+    if model.inputs[0].shape[:1] == (None,):
+        _check_declared_batch(model)
+        return False
+    if model.inputs[0].shape[:1] != (1,):
         return False
     gm = model.graph_module
     undo = _free_reshapes(gm) + _free_resizes(gm)
@@ -59,6 +68,21 @@ def free_fixed_batch(model: Model) -> bool:
     for step in undo:
         step()
     return False
+
+
+def _check_declared_batch(model: Model) -> None:
+    """A batch axis the file declares dynamic is taken at its word only where a batch of two gives
+    what each image gives alone: ultralytics' ``nms=True`` export declares one and keeps the first
+    image's detections only (the rest all 0), which would score and evaluate one image per batch.
+    Where it does not, ``model.meta["batches_run"]`` is False (``optimize`` refuses the model in one
+    line, ``meta["declared_batch"]`` saying why)."""
+    try:
+        model.example_inputs(batch_size=1)
+    except GraphpruneError:
+        return  # dynamic spatial sizes and no shape: nothing to run yet
+    if not batch_consistent(model):
+        model.meta["batches_run"] = False
+        model.meta["declared_batch"] = True
 
 
 def _constant_arg(gm: fx.GraphModule, node: fx.Node, index: int, keyword: str) -> torch.Tensor | None:
