@@ -114,3 +114,32 @@ def test_optimize_writes_a_fixed_batch_vit_that_onnxruntime_runs(cli, fixed_batc
     (y,) = session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, 32, 32), np.float32)})
     assert y.shape == (1, 10)
     assert len(onnx.load(str(out)).graph.node) < len(onnx.load(str(fixed_batch_vit)).graph.node)
+
+
+class KeepsPositive(torch.nn.Module):
+    """A conv, then the sum of its positive outputs, picked by NonZero (how an ultralytics nms=True
+    export picks its candidate boxes): the sizes after NonZero follow the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x).reshape(-1)
+        return y[torch.nonzero(y > 0)[:, 0]].sum().reshape(1, 1) + self.conv(x).mean((2, 3))
+
+
+def test_a_graph_whose_sizes_follow_its_values_is_not_traced(tmp_path, monkeypatch):
+    from graphprune.formats import batch_trace
+
+    path = tmp_path / "nonzero.onnx"
+    torch.onnx.export(KeepsPositive().eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=False, opset_version=17)
+    assert any(node.op_type == "NonZero" for node in onnx.load(str(path)).graph.node)
+    model = gp.load(path)
+    assert model.meta["batches_run"] is False  # the sum mixes a batch's images: refused, as before
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("traced a graph whose sizes follow its values")
+
+    monkeypatch.setattr(batch_trace, "_Trace", no_trace)  # the search gave up only after its restarts (294 s)
+    assert batch_trace.trace_folded_batch(model) is None

@@ -25,9 +25,11 @@ batched tensors repeats the constant along their batch axis; a Gather of constan
 axis 0 of a tensor holding the images one after another (how the dynamo exporter writes
 ``as_strided`` after a flatten, Swin's head) takes those indices from every image.
 
-Only the fx graph changes (a reshape's module or size list, a Concat's or Gather's module); the written ONNX
-keeps its own constants. The caller checks the result with
-:func:`~graphprune.formats.batch_axis.batch_consistent` and undoes it where that fails.
+Only the fx graph changes (a reshape's module or size list, a Concat's or Gather's module); the
+written ONNX keeps its own constants. A graph holding an op whose output sizes follow the values
+(NonZero, NonMaxSuppression) is not traced: its images' tensors differ in size past it. The caller
+checks the result with :func:`~graphprune.formats.batch_axis.batch_consistent` and undoes it where
+that fails.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class GatherEachImage(torch.nn.Module):
 def trace_folded_batch(model: Model) -> list[Callable[[], None]] | None:
     """Rewrite the constant sizes of ``model`` (one image input, batch 1) so any batch runs; the
     steps that undo it, or None (nothing changed) where the trace finds no consistent rewrite."""
-    if len(model.inputs) != 1:
+    if len(model.inputs) != 1 or _sizes_follow_values(model.graph_module):
         return None
     gm = model.graph_module
     one, other = model.example_inputs(batch_size=1, seed=0), model.example_inputs(batch_size=1, seed=1)
@@ -118,6 +120,17 @@ def trace_folded_batch(model: Model) -> list[Callable[[], None]] | None:
         return None
     gm.recompile()
     return [*steps, gm.recompile]
+
+
+# Ops whose output sizes follow the values: past one, the two images' tensors differ in size, no
+# stride interleaves them, and the search only ran out its restarts (an ultralytics nms=True export,
+# NonZero -> GatherND -> NonMaxSuppression: 294 s to give up).
+_VALUE_SIZED_ONNX_OPS = frozenset({"NonZero", "NonMaxSuppression"})
+
+
+def _sizes_follow_values(gm: fx.GraphModule) -> bool:
+    return any(node.meta.get("onnx_op") in _VALUE_SIZED_ONNX_OPS or "nonzero" in str(node.target)
+               for node in gm.graph.nodes)
 
 
 @dataclass(frozen=True)
