@@ -137,3 +137,33 @@ def test_a_global_residual_around_the_whole_network_is_not_a_block(upscale, tmp_
     assert not torch.allclose(smaller.run(x), model.run(x))
     edsr = gp.find_blocks(gp.load(_Edsr().eval(), input_shape=(1, 3, 16, 16)))
     assert [b.name for b in edsr] == ["body.0", "body.1", "body"]  # the long skip: head and tail lie outside
+
+
+class _RepVggBlock(nn.Module):
+    """RepVGG/MobileOne training form: conv3x3-bn + conv1x1-bn (+ bn of the input), then ReLU."""
+
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.kxk = nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.scale = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.identity = nn.BatchNorm2d(c_out) if stride == 1 and c_in == c_out else None
+
+    def forward(self, x):
+        y = self.scale(x) + self.kxk(x)
+        return torch.relu(y if self.identity is None else y + self.identity(x))
+
+
+@pytest.mark.parametrize("source", ["torch", "onnx"])
+def test_reparameterisable_parallel_convs_are_not_blocks(source, tmp_path):
+    """conv3x3(x) + conv1x1(x) is one conv once reparameterised: a linear branch beside a projection
+    is no block (mobileone_s0 read 183 of them); the identity branch around the sum is one."""
+    torch.manual_seed(0)
+    net = nn.Sequential(_RepVggBlock(3, 8, 2), _RepVggBlock(8, 8), _RepVggBlock(8, 16, 2),
+                        _RepVggBlock(16, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    model = net
+    if source == "onnx":
+        model = str(tmp_path / "rep.onnx")
+        torch.onnx.export(net, (torch.randn(1, 3, 32, 32),), model, dynamo=False, opset_version=17)
+    blocks = gp.find_blocks(gp.load(model, input_shape=(1, 3, 32, 32)))
+    assert [b.kind for b in blocks] == ["shortcut", "shortcut"]
+    assert [b.input_shape for b in blocks] == [(1, 8, 16, 16), (1, 16, 8, 8)]

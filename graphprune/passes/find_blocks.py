@@ -14,7 +14,11 @@ path from the entry to ``m``. ``m`` is a residual block when
    and the other, the *branch*, contains at least one weighted op (conv, linear, matmul);
 4. the branch does not hold every weighted op of the network: a global residual, y = x + f(x)
    around the whole network (a denoiser such as DnCNN, a super-resolution net adding its
-   upsampled input), is how the network states its output, and dropping it would leave none.
+   upsampled input), is how the network states its output, and dropping it would leave none;
+5. a projection's branch computes something other than a linear map (convs, norms and sums
+   only): conv(x) + conv'(x), the training form of RepVGG and MobileOne (branches summed that
+   become one conv once reparameterised), is one layer, not a block around one. Their identity
+   branch, x + convs(x), is a block.
 
 An activation that is the merge's only reader belongs to the block. Blocks are named after the
 module path shared by the merge and the branch's weighted ops (``layer2.1``, ``features.3``);
@@ -38,6 +42,8 @@ from ..scopes import common_prefix, node_scope
 from .base import Analysis, PassResult
 
 MAX_SHORTCUT_NODES = 8  # longer parameter-free paths are computations, not shortcuts
+# Kinds of a branch that is a linear map of the entry (rule 5): reparameterisable parallel convs.
+_LINEAR_KINDS = frozenset({"conv", "linear", "batch_norm", "add", "pad"}) | NO_OPS
 _ROOT = "__root__"
 
 
@@ -182,6 +188,8 @@ def _match_block(merge, a, b, graph, idom, gm, constants) -> _Raw | None:
     if not branch[2]:
         return None  # the branch must carry weights
     kind = "projection" if shortcut[2] else ("shortcut" if shortcut[3] else "identity")
+    if kind == "projection" and all(op_kind(n, gm) in _LINEAR_KINDS for n in branch[1]):
+        return None  # rule 5: parallel linear branches summed, one conv once reparameterised
     exit_node = merge
     users = [u for u in merge.users]
     if len(users) == 1 and op_kind(users[0], gm) in ACTIVATIONS and \
