@@ -143,3 +143,27 @@ def test_a_graph_whose_sizes_follow_its_values_is_not_traced(tmp_path, monkeypat
 
     monkeypatch.setattr(batch_trace, "_Trace", no_trace)  # the search gave up only after its restarts (294 s)
     assert batch_trace.trace_folded_batch(model) is None
+
+
+class _Scaled:
+    """A stand-in model: 1e12 * x, a batch's float noise (1e5, 1e-7 of the scale) or mixed rows."""
+
+    def __init__(self, mix: bool):
+        self.mix = mix
+
+    def example_inputs(self, batch_size=1, seed=0):
+        return [torch.tensor([[1.0 + seed, 0.0]])]
+
+    def run(self, x):
+        if x.shape[0] == 1:
+            return x * 1e12
+        return x.flip(0) * 1e12 if self.mix else x * 1e12 + 1e5
+
+
+def test_batch_consistency_is_judged_at_the_outputs_scale():
+    """An untrained mobileone_s0's logits reach 1e12, where a batch's float32 sums differ from its
+    rows' by 1e5 near a zero logit: not a fixed batch. Rows that mix still are."""
+    from graphprune.formats.batch_axis import batch_consistent
+
+    assert batch_consistent(_Scaled(mix=False))
+    assert not batch_consistent(_Scaled(mix=True))
