@@ -193,3 +193,25 @@ def test_quantize_result_trains_the_weights_where_the_plans_config_says_mimic():
     planned = QuantizationPlan(mimicked.value.proto, QuantConfig.from_label("qdq-u8s8+mimic"), "planned", "", 0.0, [])
     again = step(model, ctx, planned)
     assert again.value.proto is mimicked.value.proto and again.record["mimic"]["steps"] == 5
+
+
+def test_a_pace_that_drops_shortens_the_schedule_again(monkeypatch):
+    """Sized once on the first steps, a schedule whose steps then slowed tenfold (a shared CPU)
+    overran its limit (efficientnet_b0: 201 s for 149); the fit is redone after every step."""
+    import graphprune.passes.quantize_mimic as qm
+
+    clock = {"now": 0.0, "steps": 0}
+    step = torch.optim.AdamW.step
+
+    def slowing_step(self, *args, **kwargs):
+        clock["steps"] += 1
+        clock["now"] += 1.0 if clock["steps"] <= TIMED_STEPS else 10.0
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", slowing_step)
+    monkeypatch.setattr(qm.time, "perf_counter", lambda: clock["now"])
+    model, x, _, _ = _setup()
+    _, record = mimic_quantized(model, model, Calibrated(to_onnx(model), x), QDQ,
+                                MimicSettings(steps=500, max_seconds=30.0))
+    assert record["shortened_to_fit_seconds"] == 30.0
+    assert record["seconds"] <= 30.0 + 10.0  # at most the step that crossed the limit

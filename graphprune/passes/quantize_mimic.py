@@ -263,10 +263,12 @@ def mimic_quantized(model: Model, teacher: Model, calibrated: Calibrated, config
         optimizer.step()
         curve.append(float(loss.detach()))
         bar.update()
-        if len(curve) == TIMED_STEPS and settings.max_seconds is not None:
-            fit = int(settings.max_seconds / ((time.perf_counter() - start) / TIMED_STEPS))
+        if len(curve) >= TIMED_STEPS and settings.max_seconds is not None:
+            # sized on the first steps and again after each one: a pace that drops (a CPU shared
+            # with other work) overran the limit by a third where the schedule was sized once
+            fit = int(settings.max_seconds / ((time.perf_counter() - start) / len(curve)))
             if fit < total:
-                total = max(fit, TIMED_STEPS)
+                total = max(fit, len(curve), TIMED_STEPS)
                 record["shortened_to_fit_seconds"] = settings.max_seconds
     bar.close()
     for p in params:
