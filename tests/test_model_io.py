@@ -393,3 +393,11 @@ def test_a_program_exported_in_training_mode_is_refused_in_one_line(tmp_path):
                                                  r"1.running_var, 1.num_batches_tracked\): every run would be another "
                                                  r"model \(exported in training mode"):
         gp.load(path)
+
+
+def test_a_torchscript_archive_is_named_as_one(tmp_path):
+    """torch.jit.save writes a .pt too; the refusal says what it is and what graphprune reads."""
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.trace(torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)), path)
+    with pytest.raises(gp.GraphpruneError, match="TorchScript archive.*torch.export.save"):
+        gp.load(path)

@@ -50,6 +50,11 @@ def load(source, input_shape: tuple[int, ...] | None = None, weights: str | None
         return io_onnx.load_onnx(text, input_shape)
     if suffix == ".pt2":
         return io_torch.load_pt2(text, input_shape)
+    if suffix in PICKLE_SUFFIXES and _is_torchscript(text):
+        raise GraphpruneError(
+            f"{text}: a TorchScript archive (torch.jit.save), which graphprune does not read; export the "
+            "module with torch.export.save (.pt2) or to .onnx"
+        )
     if suffix in PICKLE_SUFFIXES:
         raise GraphpruneError(
             f"{text}: pickled PyTorch files are never unpickled; export a .pt2 with torch.export.save, "
@@ -58,6 +63,18 @@ def load(source, input_shape: tuple[int, ...] | None = None, weights: str | None
     if not Path(text).exists():
         raise GraphpruneError(f"model file not found: {text}")
     raise GraphpruneError(f"unknown model format '{suffix or text}': expected .onnx or .pt2")
+
+
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive (a zip holding the module's code), which the pickle refusal misnamed:
+    the user who saved one did not pickle a module, and asked what graphprune reads."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name and name.endswith(".py") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def to_onnx(model: Model, verify: bool = True) -> onnx.ModelProto:
