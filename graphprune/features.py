@@ -335,15 +335,37 @@ def _plain_copy(graph: fx.Graph) -> fx.Graph:
     return new
 
 
+def image_count(tensors) -> int:
+    """The images a tuple of per-image tensors holds: the smallest leading size. A value cached
+    from inside a network may hold its batch folded into the first axis, ``k`` rows per image,
+    image after image (MobileViT's patches, (N * 4, tokens, C); a window attention's windows)."""
+    return min(len(t) for t in tensors)
+
+
+def image_rows(x: torch.Tensor, n: int, index: torch.Tensor) -> torch.Tensor:
+    """The rows of images ``index`` of ``x``, which holds ``n`` images (``len(x) // n`` rows each)."""
+    k = len(x) // n
+    if k == 1:
+        return x[index]
+    return x[(index[:, None] * k + torch.arange(k, device=index.device)).reshape(-1)]
+
+
+def image_slice(x: torch.Tensor, n: int, start: int, stop: int) -> torch.Tensor:
+    """Images ``start`` to ``stop`` of ``x``, which holds ``n`` images (``len(x) // n`` rows each)."""
+    k = len(x) // n
+    return x[start * k:stop * k]
+
+
 @torch.no_grad()
 def run_batched(gm: fx.GraphModule, images: torch.Tensor | tuple[torch.Tensor, ...], batch_size: int = 128):
     """``gm`` on ``images`` (or on a tuple of inputs, one per graph input, batched alike) in eval
     mode, in batches, concatenated (each element of a tuple output)."""
     inputs = images if isinstance(images, tuple) else (images,)
+    n = image_count(inputs)
     was_training = gm.training
     gm.eval()
     try:
-        outs = [gm(*(x[i:i + batch_size] for x in inputs)) for i in range(0, len(inputs[0]), batch_size)]
+        outs = [gm(*(image_slice(x, n, i, i + batch_size) for x in inputs)) for i in range(0, n, batch_size)]
     finally:
         gm.train(was_training)
     if isinstance(outs[0], (tuple, list)):

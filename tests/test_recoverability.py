@@ -128,3 +128,44 @@ def test_a_long_shortcut_is_cached_with_the_prefix_and_scores_alike(tmp_path, mo
     from_images = score_blocks(model, blocks, train, holdout, settings, show_progress=False)
     for a, b in zip(cached, from_images):
         assert a.recoverability == pytest.approx(b.recoverability, rel=1e-4) and a.recoverability < a.before_fit
+
+
+class _MiniMobileVit(torch.nn.Module):
+    """MobileViT's shape: blocks on 2x2 patches with the batch folded in, (N * 4, 16, C), folded
+    back and concatenated with the feature map they came from."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fuse, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(16, 8, 1), torch.nn.Linear(8, 5)
+        self.mlps = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+                                        for _ in range(2))
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        b = h.shape[0]
+        p = h.reshape(b, 8, 4, 2, 4, 2).permute(0, 3, 5, 2, 4, 1).reshape(b * 4, 16, 8)
+        for mlp in self.mlps:
+            p = p + mlp(p)
+        y = p.reshape(b, 2, 2, 4, 4, 8).permute(0, 5, 3, 1, 4, 2).reshape(b, 8, 8, 8)
+        return self.fc(torch.relu(self.fuse(torch.cat([h, y], 1))).mean((2, 3)))
+
+
+def test_blocks_on_a_folded_batch_score_from_the_cached_prefix(tmp_path):
+    """The cached prefix holds the patches (4 rows an image) and the feature map (1 row): the fit
+    drew rows of the first for both (mobilevit_xxs: 'index 44 is out of bounds for dimension 0
+    with size 12'); it draws images, and each value's rows of them."""
+    from graphprune.data import TinySet
+
+    torch.manual_seed(0)
+    path = tmp_path / "mvit.onnx"
+    torch.onnx.export(_MiniMobileVit().eval(), (torch.randn(1, 3, 8, 8),), str(path), opset_version=17, dynamo=False,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    model = gp.load(path)
+    blocks = gp.find_blocks(model)
+    assert [b.input_shape for b in blocks] == [(4, 16, 8)] * 2
+    images = torch.rand(48, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    train, holdout = TinySet(images[:32], -torch.ones(32, dtype=torch.long)), \
+        TinySet(images[32:], -torch.ones(16, dtype=torch.long))
+    scores = score_blocks(model, blocks, train, holdout, RecoverabilitySettings(iterations=6, batch_size=16),
+                          show_progress=False)
+    assert all(0 <= s.recoverability <= s.before_fit for s in scores)

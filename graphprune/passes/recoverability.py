@@ -50,7 +50,8 @@ from ..cache import tensor_fingerprint
 from ..checkpoints import BestCheckpoint, checkpoint_steps
 from ..data import TinySet
 from ..errors import GraphpruneError
-from ..features import cached_suffix, mimic_loss, mimic_targets, run_batched, target_names, target_weights, truncate
+from ..features import (cached_suffix, image_count, image_rows, mimic_loss, mimic_targets, run_batched, target_names,
+                        target_weights, truncate)
 from ..graph_stats import node_stats
 from ..model import Model
 from ..ops import is_multi_output, tensor_args
@@ -446,14 +447,14 @@ def _fit_adaptors(student: fx.GraphModule, inputs: tuple[torch.Tensor, ...], tar
     milestone = max(1, int(0.4 * settings.iterations))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [milestone], gamma=0.1)
     gen = torch.Generator().manual_seed(settings.seed)
-    n = len(inputs[0])
+    n = image_count((*inputs, *targets))  # a cached value may fold the batch (MobileViT's patches)
     checkpoints = checkpoint_steps(settings.iterations)
     fmt = memory_format(settings.precision, settings.device, student)
     for step in range(settings.iterations):
         index = torch.randint(0, n, (min(settings.batch_size, n),), generator=gen)
         with autocast(settings.precision, settings.device):
-            output = student(*(to_format(x[index], fmt) for x in inputs))
-        loss = mimic_loss([o.float() for o in output], [t[index] for t in targets], weights)
+            output = student(*(to_format(image_rows(x, n, index), fmt) for x in inputs))
+        loss = mimic_loss([o.float() for o in output], [image_rows(t, n, index) for t in targets], weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
