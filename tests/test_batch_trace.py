@@ -167,3 +167,42 @@ def test_batch_consistency_is_judged_at_the_outputs_scale():
 
     assert batch_consistent(_Scaled(mix=False))
     assert not batch_consistent(_Scaled(mix=True))
+
+
+class _LinearNorm(torch.nn.Module):
+    """LeViT's Linear + BatchNorm1d over the tokens of every image: bn(x.flatten(0, 1)).reshape_as(x)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.linear, self.bn = torch.nn.Linear(cin, cout, bias=False), torch.nn.BatchNorm1d(cout)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class _MiniLevit(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mlp, self.head = torch.nn.Conv2d(3, 8, 4, 4), _LinearNorm(8, 8), _LinearNorm(8, 8)
+        with torch.no_grad():  # statistics of their own, as trained ones are
+            for bn in (self.mlp.bn, self.head.bn):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        x = x + self.mlp(torch.relu(x))
+        return self.head(x).mean(1)
+
+
+def test_a_batch_folded_before_a_batch_norm_is_traced_in_eval_mode(tmp_path):
+    """LeViT exported at batch 1: the trace ran the graph in training mode, where BatchNorm1d refuses
+    one row ('Expected more than 1 value per channel'), so optimize refused the model as batch-fixed."""
+    torch.manual_seed(0)
+    path = tmp_path / "levit.onnx"
+    torch.onnx.export(_MiniLevit().eval(), (torch.randn(1, 3, 16, 16),), str(path), opset_version=17, dynamo=False)
+    model = gp.load(path)
+    assert model.meta["batches_run"] is True
+    x = torch.randn(3, 3, 16, 16)
+    assert torch.allclose(model.run(x), torch.cat([model.run(x[i:i + 1]) for i in range(3)]), atol=1e-5)

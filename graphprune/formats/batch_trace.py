@@ -104,6 +104,15 @@ def trace_folded_batch(model: Model) -> list[Callable[[], None]] | None:
     if len(model.inputs) != 1 or _sizes_follow_values(model.graph_module):
         return None
     gm = model.graph_module
+    was_training = gm.training
+    gm.eval()  # as the model runs: a training-mode BatchNorm refused LeViT's one row, (1, 384)
+    try:
+        return _trace_folded_batch(model, gm)
+    finally:
+        gm.train(was_training)
+
+
+def _trace_folded_batch(model: Model, gm: fx.GraphModule) -> list[Callable[[], None]] | None:
     one, other = model.example_inputs(batch_size=1, seed=0), model.example_inputs(batch_size=1, seed=1)
     try:
         with torch.no_grad():
