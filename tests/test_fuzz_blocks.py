@@ -72,7 +72,12 @@ def build(specs, cin: int = 3):
         cls = SwappedBlock if spec["swapped"] else Block
         layers.append(cls(c, spec["cout"], spec["stride"], spec["branch_depth"], spec["shortcut"], spec["act_after"],
                           inner))
-        expected += 1
+        resized = spec["stride"] != 1 or c != spec["cout"]
+        projected = spec["shortcut"] == "projection" or (spec["shortcut"] == "identity" and resized) or \
+            (spec["shortcut"] == "pool" and c != spec["cout"])  # the shortcut holds a conv
+        # one conv beside a projection (the nested block inside it linear too) is RepVGG's training
+        # form, one conv once reparameterised: no block (find_blocks, rule 5)
+        expected += not (projected and spec["branch_depth"] == 1)
         c = spec["cout"]
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 3)]
     net = nn.Sequential(*layers).eval()
