@@ -128,6 +128,11 @@ def image_input_shape(model: Model) -> tuple[int, int, int]:
         raise GraphpruneError("the model's input declares a dynamic batch, but a batch of 2 images does not give what "
                               "each gives alone (an ultralytics export with nms=True keeps the first image's "
                               "detections only): optimize runs the tiny set in batches; export it without nms=True")
+    if model.meta.get("batches_run") is False and model.meta.get("sizes_follow_values"):
+        raise GraphpruneError("the model's graph fixes its batch at 1 and holds NonZero or NonMaxSuppression (sizes "
+                              "that follow the values, such as an embedded NMS), which graphprune cannot free: "
+                              "optimize runs the tiny set in batches; export it without NMS (ultralytics: "
+                              "nms=False) and with a dynamic batch axis")
     if model.meta.get("batches_run") is False:  # formats/batch_axis.py could not free it
         raise GraphpruneError("the model's graph fixes its batch at 1 (a batch of 2 images does not give what each "
                               "gives alone): optimize runs the tiny set in batches; export it with a dynamic batch "

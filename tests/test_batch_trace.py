@@ -12,6 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune as gp
+from graphprune.optimize import image_input_shape
 from graphprune.formats.batch_trace import (ConcatRepeatingConstants, GatherEachImage, ReshapeToBatched, _axes_holding,
                                              _batch_stride, _Seen)
 from test_vit import SHAPE, small_vit
@@ -143,6 +144,9 @@ def test_a_graph_whose_sizes_follow_its_values_is_not_traced(tmp_path, monkeypat
 
     monkeypatch.setattr(batch_trace, "_Trace", no_trace)  # the search gave up only after its restarts (294 s)
     assert batch_trace.trace_folded_batch(model) is None
+    assert model.meta["sizes_follow_values"] is True
+    with pytest.raises(gp.GraphpruneError, match="holds NonZero or NonMaxSuppression.*without NMS"):
+        image_input_shape(model)
 
 
 class _Scaled:

@@ -101,7 +101,10 @@ class GatherEachImage(torch.nn.Module):
 def trace_folded_batch(model: Model) -> list[Callable[[], None]] | None:
     """Rewrite the constant sizes of ``model`` (one image input, batch 1) so any batch runs; the
     steps that undo it, or None (nothing changed) where the trace finds no consistent rewrite."""
-    if len(model.inputs) != 1 or _sizes_follow_values(model.graph_module):
+    if len(model.inputs) != 1:
+        return None
+    if _sizes_follow_values(model.graph_module):
+        model.meta["sizes_follow_values"] = True  # optimize's refusal names the cause
         return None
     gm = model.graph_module
     was_training = gm.training
