@@ -124,23 +124,28 @@ def image_input_shape(model: Model) -> tuple[int, int, int]:
     if any(p.dtype == torch.float64 for p in model.graph_module.parameters()):  # onnxruntime has no double Conv
         raise GraphpruneError("optimize needs float32 weights: this model's are float64; export it after "
                               "model.float()")
-    if model.meta.get("batches_run") is False and model.meta.get("declared_batch"):
-        raise GraphpruneError("the model's input declares a dynamic batch, but a batch of 2 images does not give what "
-                              "each gives alone (an ultralytics export with nms=True keeps the first image's "
-                              "detections only): optimize runs the tiny set in batches; export it without nms=True")
-    if model.meta.get("batches_run") is False and model.meta.get("sizes_follow_values"):
-        raise GraphpruneError("the model's graph fixes its batch at 1 and holds NonZero or NonMaxSuppression (sizes "
-                              "that follow the values, such as an embedded NMS), which graphprune cannot free: "
-                              "optimize runs the tiny set in batches; export it without NMS (ultralytics: "
-                              "nms=False) and with a dynamic batch axis")
-    if model.meta.get("batches_run") is False:  # formats/batch_axis.py could not free it
-        raise GraphpruneError("the model's graph fixes its batch at 1 (a batch of 2 images does not give what each "
-                              "gives alone): optimize runs the tiny set in batches; export it with a dynamic batch "
-                              "axis")
+    if model.meta.get("batches_run") is False:  # formats/batch_axis.py could not free it, or found it false
+        cause, export = _unbatched(model.meta)
+        raise GraphpruneError(f"{cause}: optimize runs the tiny set in batches; export it {export}")
     if looks_channels_last(shape):  # ONNX files get a channels-first view on load (input_layout.py)
         raise GraphpruneError(f"the model's input {shape} looks channels-last (N, H, W, C); optimize needs "
                               "channels-first (N, C, H, W) input: export the model with NCHW input")
     return shape[1:]
+
+
+def _unbatched(meta: dict) -> tuple[str, str]:
+    """Why a batch of images cannot run, as ``formats/batch_axis.py`` and ``batch_trace.py`` found
+    it, and the export that runs batches."""
+    if meta.get("declared_batch"):
+        return ("the model's input declares a dynamic batch, but a batch of 2 images does not give what each gives "
+                "alone (an ultralytics export with nms=True keeps the first image's detections only)",
+                "without nms=True")
+    if meta.get("sizes_follow_values"):
+        return ("the model's graph fixes its batch at 1 and holds NonZero or NonMaxSuppression (sizes that follow "
+                "the values, such as an embedded NMS), which graphprune cannot free",
+                "without NMS (ultralytics: nms=False) and with a dynamic batch axis")
+    return ("the model's graph fixes its batch at 1 (a batch of 2 images does not give what each gives alone)",
+            "with a dynamic batch axis")
 
 
 def default_pipeline(config: OptimizeConfig = OptimizeConfig()) -> list[Pass]:

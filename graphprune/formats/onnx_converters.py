@@ -186,8 +186,8 @@ class OnnxGridSample(nn.Module):
 def _grid_sample(node, graph):
     from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
 
-    rank = graph.value_info.get(node.input_values[0])
-    if rank is not None and len(rank.type.tensor_type.shape.dim) not in (0, 4):
+    info = graph.value_info.get(node.input_values[0])
+    if info is not None and len(info.type.tensor_type.shape.dim) not in (0, 4):
         raise NotImplementedError("GridSample is converted for 4-d inputs (N, C, H, W) only")
     mode = node.attributes.get("mode", "bilinear")
     module = OnnxGridSample(_GRID_SAMPLE_MODES.get(mode, mode), node.attributes.get("padding_mode", "zeros"),

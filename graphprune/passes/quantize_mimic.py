@@ -268,7 +268,7 @@ def mimic_quantized(model: Model, teacher: Model, calibrated: Calibrated, config
             # with other work) overran the limit by a third where the schedule was sized once
             fit = int(settings.max_seconds / ((time.perf_counter() - start) / len(curve)))
             if fit < total:
-                total = max(fit, len(curve), TIMED_STEPS)
+                total = max(fit, len(curve))  # len(curve) >= TIMED_STEPS here
                 record["shortened_to_fit_seconds"] = settings.max_seconds
     bar.close()
     for p in params:
