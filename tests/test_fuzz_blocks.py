@@ -5,7 +5,7 @@ and dropping any block it finds equals zeroing that block's branch."""
 from __future__ import annotations
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -91,6 +91,9 @@ def build(specs, cin: int = 3):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(block_spec, min_size=1, max_size=4), st.integers(0, 1000))
+# the branch an average pool and a conv, beside one conv: linear both ways, no block (rule 5)
+@example([{"cout": 4, "stride": 2, "branch_depth": 1, "shortcut": "pool", "act_after": False, "swapped": True,
+           "nested": False}], 0)
 def test_random_residual_networks(specs, seed):
     torch.manual_seed(seed)
     net, expected = build(specs)

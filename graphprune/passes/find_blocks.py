@@ -15,8 +15,8 @@ path from the entry to ``m``. ``m`` is a residual block when
 4. the branch does not hold every weighted op of the network: a global residual, y = x + f(x)
    around the whole network (a denoiser such as DnCNN, a super-resolution net adding its
    upsampled input), is how the network states its output, and dropping it would leave none;
-5. a projection's branch computes something other than a linear map (convs, norms and sums
-   only): conv(x) + conv'(x), the training form of RepVGG and MobileOne (branches summed that
+5. a projection's branch computes something other than a linear map (convs, norms, average
+   pools and sums only): conv(x) + conv'(x), the training form of RepVGG and MobileOne (branches summed that
    become one conv once reparameterised), is one layer, not a block around one. Their identity
    branch, x + convs(x), is a block.
 
@@ -43,7 +43,7 @@ from .base import Analysis, PassResult
 
 MAX_SHORTCUT_NODES = 8  # longer parameter-free paths are computations, not shortcuts
 # Kinds of a branch that is a linear map of the entry (rule 5): reparameterisable parallel convs.
-_LINEAR_KINDS = frozenset({"conv", "linear", "batch_norm", "add", "pad"}) | NO_OPS
+_LINEAR_KINDS = frozenset({"conv", "linear", "batch_norm", "add", "pad", "avg_pool"}) | NO_OPS
 _ROOT = "__root__"
 
 
