@@ -232,7 +232,7 @@ def test_the_plan_is_judged_on_every_tiny_image_with_their_labels(r20, monkeypat
     path, tiny = r20
     seen = {}
 
-    def spy(proto, calibration, judge_images, settings, measure, labels=None, improve=None):
+    def spy(proto, calibration, judge_images, settings, measure, labels=None, improve=None, max_seconds=None):
         seen.update(calibration=len(calibration), judged=judge_images, labels=labels)
         return QuantizationPlan(None, None, "spied", "", 0.0, [])
 

@@ -344,6 +344,33 @@ def test_plan_picks_the_faster_candidate():
     assert plan.chosen.relative_error < 0.05
 
 
+def test_plan_leaves_untried_the_candidates_that_would_end_past_its_time_limit(monkeypatch):
+    """Each candidate takes 10 s on a fake clock; with 25 s the second ends at 20 s and a third would
+    end at 30 s: two measured, the rest (two more formats, every float group) untried and counted
+    in the reason. The first runs even with no time at all: a plan needs one measurement."""
+    from graphprune.passes import quantize_plan
+
+    clock, cuts = [0.0], fake_measure({"qdq-u8s8": 0.3, "qdq-s8s8": 0.5, "*": 0.4})
+
+    def measure(proto):
+        clock[0] += 10.0
+        return cuts(proto)
+
+    monkeypatch.setattr(quantize_plan.time, "perf_counter", lambda: clock[0])
+    plan = plan_quantization(convnet(), images(16), images(32, seed=1), SETTINGS, measure, max_seconds=25.0)
+    assert cuts.seen == ["qdq-u8s8", "qdq-s8s8"] and len(plan.candidates) == 2
+    assert plan.config.label.replace("-7bit", "") == "qdq-s8s8"  # the faster of the two measured
+    untried = 2 + sum(bool(float_group_nodes(convnet(), group)) for group in SETTINGS.float_groups)
+    assert plan.reason.endswith(f"{untried} candidate(s) left untried: another would have ended past planning's "
+                                "time limit of 25 s")
+    cuts.seen.clear()
+    assert plan_quantization(convnet(), images(16), images(32, seed=1), SETTINGS, measure, max_seconds=0.0).config
+    assert len(cuts.seen) == 1
+    cuts.seen.clear()
+    plan_quantization(convnet(), images(16), images(32, seed=1), SETTINGS, measure)
+    assert len(cuts.seen) == 4 + untried - 2  # no limit: every candidate, float groups on the chosen one
+
+
 def test_plan_with_labels_returns_none_when_no_candidate_is_within_the_bound():
     """Labels the float model gets all right (top-1 1.0): a bound no candidate can meet leaves
     quantisation off; a loose one takes the fastest (int8 activations, made 'faster' here)."""

@@ -56,3 +56,26 @@ def test_recovery_takes_the_time_left_but_the_reserve():
         pruned, ctx, {Selection: Selection(["layer1.1"], None, [], [])})
     assert 3 < result.record["iterations_run"] < 100_000
     assert result.record["settings"]["max_seconds"] <= 0.5
+
+
+def test_int8_planning_takes_its_share_of_the_time_left_and_mimicking_the_time_left_then(monkeypatch):
+    """The plan's candidates get PLAN_SHARE of the time left when planning starts; quantisation-aware
+    mimicking is sized when it starts, so time the candidates spent is not given to it twice."""
+    from graphprune.passes import plan_quantization as planning
+
+    seen = {}
+
+    def fake_plan(proto, calibration, judge_images, settings, measure, labels=None, improve=None, max_seconds=None):
+        seen["plan"] = max_seconds
+        seen["mimic"] = improve.args[4]().max_seconds  # _mimicked's MimicSettings, made when it is called
+        raise planning.NoCandidate("stop here")
+
+    monkeypatch.setattr(planning, "plan_quantization", fake_plan)
+    model = gp.load("zoo:cifar10_resnet20")
+    tiny = TinySet(torch.randn(16, 3, 32, 32), torch.zeros(16, dtype=torch.long))
+    ctx = PassContext(model, tiny=tiny, show_progress=False, backend=gp.backends.get_backend("onnxruntime"),
+                      deadline=time.monotonic() + 100.0)
+    plan = planning.PlanQuantization("auto").plan(ctx)
+    assert plan.config is None and "stop here" in plan.reason
+    assert seen["plan"] == pytest.approx(planning.PLAN_SHARE * 100.0, abs=1.0)
+    assert seen["mimic"] == pytest.approx(planning.MIMIC_SHARE * 100.0, abs=1.0)

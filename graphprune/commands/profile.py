@@ -166,7 +166,8 @@ def _profile_quantized(args, model, mode: str, given, settings: LatencySettings)
     from ..data import load_tiny_set
     from ..formats.model_io import to_onnx
     from ..optimize import image_input_shape, make_context, with_recorded_normalisation
-    from ..passes.plan_quantization import PlanQuantization, check_int8_run, quantize_model
+    from ..passes.plan_quantization import PlanQuantization, check_int8_run
+    from ..passes.quantize_result import quantize_model
     from ..passes.quantize import QuantizeSettings
 
     params = click.get_current_context().command.params

@@ -9,7 +9,8 @@ from .drop_blocks import DropBlocks, drop_blocks, zero_branch
 from .find_blocks import Block, Blocks, FindBlocks, find_blocks
 from .measure_latency import (BlockLatency, BlockLatencyTable, CutMeasurement, FinalCut, MeasureBlockLatency,
                               MeasureResult, measure_block_latency, measure_cut)
-from .plan_quantization import Measuring, PlanQuantization, QuantizedOnnx, QuantizeResult, measuring_backend
+from .plan_quantization import Measuring, PlanQuantization, measuring_backend
+from .quantize_result import QuantizedOnnx, QuantizeResult
 from .pipeline import Instrument, PassState, Pipeline, Step, default_instruments, run_step
 from .pool_latency import PooledLatency, PoolIdenticalBlocks
 from .quantize_plan import QuantizationPlan

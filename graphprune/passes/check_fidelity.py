@@ -27,7 +27,7 @@ from ..errors import GraphpruneError
 from ..fidelity import lower_map50
 from ..model import Model
 from .base import Analysis, PassResult
-from .plan_quantization import QuantizedOnnx
+from .quantize_result import QuantizedOnnx
 from .recover import RecoveryLog
 
 

@@ -45,7 +45,8 @@ from ..model import Model
 from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
 from .find_blocks import Block, Blocks, blocks_of, find_blocks
-from .plan_quantization import QuantizedOnnx, QuantizationPlan, measuring_backend, no_block_needed
+from .plan_quantization import QuantizationPlan, measuring_backend, no_block_needed
+from .quantize_result import QuantizedOnnx
 
 
 @dataclass(frozen=True)

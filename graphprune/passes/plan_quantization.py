@@ -39,29 +39,25 @@
   refine_selection skip their block work, each record saying why: nothing is profiled, scored,
   dropped or trained. On a CPU with VNNI int8 alone cuts CIFAR ResNet-56 by more than half (54.7%,
   :mod:`.quantize`), so at such targets that work was minutes spent on a choice already made.
-* :class:`QuantizeResult` (analysis -> :class:`QuantizedOnnx`) quantises the recovered model
-  (``to_onnx``) with the plan's config, calibrated on *all* of ``ctx.tiny``: the model written.
-  A config the plan chose after quantisation-aware mimicking (``+mimic``: no plain candidate was
-  within the bound) has the recovered model's weights trained the same way first
-  (:func:`quantize_model`), unless no block was dropped: the plan's own int8 model is written then.
+* :class:`~.quantize_result.QuantizeResult` quantises the recovered model with the plan's config
+  (:mod:`.quantize_result`).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from typing import Callable
 
-import numpy as np
 import onnx
 
 from ..backends.base import CutMeasurement, LatencyBackend
 from ..errors import GraphpruneError
 from ..formats.model_io import to_onnx
-from ..formats.ort_run import cpu_session, run_outputs
 from ..model import Model
 from .base import Analysis, PassResult
 from .calibration import MIN_CALIBRATION_IMAGES, Calibrated
-from .quantize import QuantConfig, QuantizeSettings, check_int8_device, is_cuda, quantization_info, quantize_onnx
+from .quantize import QuantConfig, QuantizeSettings, check_int8_device, is_cuda, quantize_onnx
 from .quantize_mimic import MimicSettings, mimic_quantized, with_mimic_record
 from .quantize_plan import NoCandidate, QuantizationPlan, closest_candidate, plan_quantization
 from .selection import goal_cut
@@ -77,11 +73,13 @@ TIMING_CALIBRATION_IMAGES = MIN_CALIBRATION_IMAGES
 # The resume cache of measured block sets, keyed by "|".join(names) (select_blocks, refine_selection):
 # quantisation alone is its empty set, so a run resumed from an older cache reads the same figure.
 SELECTION_CACHE = "selection"
-# With a --time-budget: the plan's quantisation-aware mimicking may take this share of the time left
-# (where it brings int8 within the bound, int8 alone usually reaches the target and no block work
-# follows), and quantize_result's leaves this many seconds for the steps after it. Guards, not knees.
+# With a --time-budget: the plan's candidates may take this share of the time left when planning
+# starts, and its quantisation-aware mimicking this share of the time left when it starts (where
+# either brings int8 within the bound, int8 alone usually reaches the target and no block work
+# follows). Guards, not knees: a YOLOv8n planned for 410 s of a 300 s budget on a loaded machine
+# before the candidates had one.
+PLAN_SHARE = 0.5
 MIMIC_SHARE = 0.5
-MIMIC_RESERVE_SECONDS = 60.0
 EMPTY_SET = ""
 
 
@@ -175,14 +173,16 @@ class PlanQuantization(Analysis):
         tiny = ctx.need("tiny", self.name)
         proto = to_onnx(ctx.original) if float_proto is None else float_proto
         settings = self._settings(ctx)
-        mimic = settings.mimic_settings(self.train_device, ctx.stage_budget(None, share=MIMIC_SHARE))
+        mimic = functools.partial(settings.mimic_settings, self.train_device)  # its budget: the time left then
         improve = None if settings.mimic == "off" else \
-            functools.partial(_mimicked, ctx.original, proto, tiny.images, settings.device, mimic, ctx.feature_node,
+            functools.partial(_mimicked, ctx.original, proto, tiny.images, settings.device,
+                              lambda: mimic(ctx.stage_budget(None, share=MIMIC_SHARE)), ctx.feature_node,
                               ctx.show_progress)
         try:
             plan = plan_quantization(proto, tiny.images, tiny.images, settings,
                                      onnxruntime_cut(proto, tiny.images, ctx.latency),
-                                     tiny.labels if tiny.has_labels else None, improve)
+                                     tiny.labels if tiny.has_labels else None, improve,
+                                     ctx.stage_budget(None, share=PLAN_SHARE))
         except NoCandidate as exc:  # none made or judged (a target it cannot time is refused): float
             if self.mode != "auto":
                 raise
@@ -197,13 +197,15 @@ class PlanQuantization(Analysis):
         return PassResult(model, record=record, artifacts=[plan])
 
 
-def _mimicked(original: Model, float_proto: onnx.ModelProto, images, device: str, mimic: MimicSettings,
-              feature_node: str | None, show_progress: bool, candidate) -> tuple[onnx.ModelProto, dict] | None:
+def _mimicked(original: Model, float_proto: onnx.ModelProto, images, device: str,
+              mimic: Callable[[], MimicSettings], feature_node: str | None, show_progress: bool,
+              candidate) -> tuple[onnx.ModelProto, dict] | None:
     """The plan's ``improve``: ``candidate`` made again from weights trained by quantisation-aware
-    mimicking (None where nothing could be trained, and for float16: it has no int8 rounding to learn)."""
+    mimicking as ``mimic()`` says when it starts (None where nothing could be trained, and for
+    float16: it has no int8 rounding to learn)."""
     if candidate.config.is_half:
         return None
-    trained, record = mimic_trained(original, original, float_proto, images, candidate.config, mimic, feature_node,
+    trained, record = mimic_trained(original, original, float_proto, images, candidate.config, mimic(), feature_node,
                                     show_progress)
     if record.get("skipped"):
         return None
@@ -315,89 +317,3 @@ def _images_key(images) -> str:
     from ..cache import tensor_fingerprint
 
     return tensor_fingerprint(images)
-
-
-@dataclass(frozen=True)
-class QuantizedOnnx:
-    """Artefact: the model as written when quantised (``proto``; None when the plan chose float,
-    with the ``reason``), how it was made (``info``: :func:`~.quantize.quantization_info`) and how
-    close it stays to the float model it was made from on the tiny set."""
-
-    proto: onnx.ModelProto | None
-    info: dict = field(default_factory=dict)
-    reason: str = ""
-    agreement: dict = field(default_factory=dict)
-
-    @property
-    def float_nodes(self) -> list[str]:
-        return list(self.info.get("float_nodes", []))
-
-
-class QuantizeResult(Analysis):
-    """Quantise the current (recovered) model with the plan's config, calibrated on every image of
-    ``ctx.tiny``, its weights first trained by quantisation-aware mimicking where the config says
-    so; the fx model stays float (the written file is the ``QuantizedOnnx``)."""
-
-    name = "quantize_result"
-    requires = (QuantizationPlan,)
-    provides = (QuantizedOnnx,)
-    batch_size = 64
-
-    def __init__(self, settings: QuantizeSettings = QuantizeSettings(), train_device: str = "cpu"):
-        self.settings, self.train_device = settings, train_device
-
-    @classmethod
-    def from_config(cls, config) -> "QuantizeResult":
-        return cls(config.quantization, config.recovery.device)
-
-    # no check of its own: a plan with a config exists only where plan_quantization found int8 can run
-
-    def run(self, model: Model, ctx, inputs) -> PassResult:
-        plan = inputs[QuantizationPlan]
-        if plan.config is None:
-            quantized = QuantizedOnnx(None, reason=f"not quantised: {plan.reason}")
-            return PassResult(model, record={"quantized": False, "reason": quantized.reason}, artifacts=[quantized])
-        images = ctx.need("tiny", self.name).images
-        if plan.config.mimic and plan.proto is not None and model.graph_module is ctx.original.graph_module:
-            # the plan trained this very model on these images (seeded): training again repeats its
-            # minutes to the same weights
-            quantized = QuantizedOnnx(plan.proto, quantization_info(plan.proto), plan.reason,
-                                      output_agreement(to_onnx(model), plan.proto, images, self.batch_size))
-        else:
-            mimic = self.settings.mimic_settings(self.train_device, ctx.stage_budget(None, reserve=MIMIC_RESERVE_SECONDS))
-            quantized = quantize_model(model, ctx.original, images, plan.config, ctx.latency.device, plan.reason, mimic,
-                                       ctx.feature_node, self.batch_size, ctx.show_progress)
-        record = {"quantized": True, "config": plan.config.to_dict(), "float_nodes": quantized.float_nodes,
-                  "calibration_images": len(images), "opset": quantized.info.get("opset"),
-                  "notes": quantized.info.get("notes"), "mimic": quantized.info.get("mimic"),
-                  "against_float_on_tiny_set": quantized.agreement}
-        return PassResult(model, record=record, artifacts=[quantized])
-
-
-def quantize_model(model: Model, teacher: Model, images, config: QuantConfig, device: str = "cpu", reason: str = "",
-                   mimic: MimicSettings = MimicSettings(), feature_node: str | None = None, batch_size: int = 64,
-                   show_progress: bool = False) -> QuantizedOnnx:
-    """``model`` quantised with ``config``, calibrated on every one of ``images``, with how it was
-    made and how close it stays to the float model on those images (what ``quantize_result``
-    writes, and what ``graphprune profile --quantize`` times). Where ``config.mimic``, the weights
-    are first trained to mimic ``teacher`` with the plain quantisation's rounding in the graph
-    (:mod:`.quantize_mimic`, as ``mimic`` says); ``info["mimic"]`` is that training's record."""
-    float_proto = to_onnx(model)
-    if config.mimic:
-        trained, record = mimic_trained(model, teacher, float_proto, images, config, mimic, feature_node, show_progress)
-        proto = with_mimic_record(quantize_onnx(trained, config=config, device=device), record)
-    else:
-        proto = quantize_onnx(float_proto, images, config, device)
-    return QuantizedOnnx(proto, quantization_info(proto), reason, output_agreement(float_proto, proto, images, batch_size))
-
-
-def output_agreement(float_proto: onnx.ModelProto, proto: onnx.ModelProto, images, batch_size: int = 64) -> dict:
-    """The quantised model against the float one on ``images``: the output's relative error and,
-    for a classifier output (N, K), the fraction of images whose top-1 class is the same."""
-    reference = run_outputs(cpu_session(float_proto, "the float model"), images, batch_size)
-    out = run_outputs(cpu_session(proto), images, batch_size)
-    result = {"images": int(len(out)),
-              "relative_error": float(np.linalg.norm(out - reference) / max(np.linalg.norm(reference), 1e-12))}
-    if reference.ndim == 2 and reference.shape[1] > 1:
-        result["top1_agreement"] = float((out.argmax(1) == reference.argmax(1)).mean())
-    return result

@@ -15,12 +15,17 @@ on nudenet's YOLOv8n the trained model scored 0.954 there and 0.956 on 800 photo
 (mAP50 against the float model; benchmarks/studies/int8_mimic.py), so that judge was not the
 optimistic one.
 ``plan.proto is None`` with a reason when quantisation does not pay ("auto leaves it off").
+
+With ``max_seconds`` (optimize's ``--time-budget``) no candidate starts that would end past it, if
+it takes as long as the one before (the first also computes the calibration ranges the rest reuse): the choice is among those measured, and the reason says how many were
+left untried. The first candidate always runs: a plan needs one measurement.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -118,18 +123,44 @@ class NoCandidate(GraphpruneError):
     """No candidate could be made or judged (each one's error; the first is the message)."""
 
 
+class _TimeLimit:
+    """Whether another candidate fits in ``max_seconds`` (None: always), if it takes as long as the last."""
+
+    def __init__(self, max_seconds: float | None):
+        self.max_seconds, self.start, self.last, self.untried = max_seconds, time.perf_counter(), 0.0, 0
+
+    def attempt(self, judge: "_Judge", prepared: Calibrated, config: QuantConfig, measure: Measure,
+                first: bool = False) -> "Candidate | None":
+        """``judge.evaluate`` of ``config``, or None (counted untried) where it would end past the limit."""
+        begun = time.perf_counter()
+        if not first and self.max_seconds is not None and begun - self.start + self.last > self.max_seconds:
+            self.untried += 1
+            return None
+        candidate = judge.evaluate(prepared, config, measure)
+        self.last = time.perf_counter() - begun
+        return candidate
+
+    def note(self) -> str:
+        return (f"{self.untried} candidate(s) left untried: another would have ended past planning's time "
+                f"limit of {self.max_seconds:.0f} s") if self.untried else ""
+
+
 def plan_quantization(proto: onnx.ModelProto, calibration, judge_images, settings: QuantizeSettings,
-                      measure: Measure, labels=None, improve: Improve | None = None) -> QuantizationPlan:
+                      measure: Measure, labels=None, improve: Improve | None = None,
+                      max_seconds: float | None = None) -> QuantizationPlan:
     """Measure every candidate of ``settings`` and choose (see the module docstring): calibrated on
     ``calibration``, judged on ``judge_images`` (``labels``: theirs, or None); each is capped at
     ``max_calibration_images``, drawn with ``settings.seed``. ``improve``: where no candidate is
     within the bound, the closest is given to it, and what it returns judged as one more candidate
-    (its config with ``mimic`` set; timed as the closest: the same graph with other weights)."""
+    (its config with ``mimic`` set; timed as the closest: the same graph with other weights).
+    ``max_seconds``: no candidate after the first starts that would end past it."""
     settings.check()
+    limit = _TimeLimit(max_seconds)
     calibration, _ = _at_most(as_images(calibration), None, settings)
     prepared = Calibrated(proto, calibration, settings.batch_size)
     judge = _Judge(proto, *_at_most(as_images(judge_images, "judge_images"), labels, settings), settings)
-    tried = [judge.evaluate(prepared, config, measure) for config in settings.candidates()]
+    tried = [c for i, config in enumerate(settings.candidates())
+             if (c := limit.attempt(judge, prepared, config, measure, first=i == 0)) is not None]
     done = [c for c in tried if c.error is None]
     if not done:
         raise NoCandidate(tried[0].error)
@@ -137,7 +168,7 @@ def plan_quantization(proto: onnx.ModelProto, calibration, judge_images, setting
     def plan(best: Candidate | None, reason: str) -> QuantizationPlan:
         for candidate in tried:  # only the chosen model is kept in memory
             candidate.proto = candidate.proto if candidate is best else None
-        reason = f"{reason}; {judge.note}" if judge.note else reason
+        reason = "; ".join(part for part in (reason, judge.note, limit.note()) if part)
         return QuantizationPlan(best.proto if best else None, best.config if best else None, reason, judge.metric,
                                 judge.bound, tried, judge.float_top1)
 
@@ -165,8 +196,10 @@ def plan_quantization(proto: onnx.ModelProto, calibration, judge_images, setting
         for group in settings.float_groups:
             if not float_group_nodes(proto, group):
                 continue
-            trial = judge.evaluate(prepared, replace(current.config, float_groups=(*current.config.float_groups,
-                                                                                   group)), measure)
+            trial = limit.attempt(judge, prepared, replace(current.config, float_groups=(*current.config.float_groups,
+                                                                                          group)), measure)
+            if trial is None:
+                continue
             tried.append(trial)
             if trial.error is None and judge.better(trial, current, speed):
                 current = trial
