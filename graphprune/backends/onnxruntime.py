@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from ..errors import GraphpruneError, first_line
 from ..formats.input_layout import is_channels_last
-from ..formats.io_onnx import ort_feeds
+from ..formats.ort_run import ort_feeds
 from ..model import Model
 from ..formats.model_io import to_onnx
 from .base import LatencySettings, RunOnce

@@ -7,7 +7,7 @@ and the node after the permute sees exactly the tensor the file's input would ha
 
 Invariants: the permute is marked ``meta["input_layout"]`` and is no ONNX node; the ONNX writer
 maps it back onto the file's own input (``onnx_lower``), so the written model keeps its
-channels-last input; onnxruntime is always fed the file's layout (``io_onnx.ort_feeds``).
+channels-last input; onnxruntime is always fed the file's layout (``ort_run.ort_feeds``).
 ``--input-shape`` is given in the file's layout, as the user sees it.
 
 An input counts as channels-last when it is 4-d, its last dimension is 1, 3 or 4 and its second

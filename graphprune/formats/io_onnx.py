@@ -28,10 +28,11 @@ from ..ops import merge_duplicate_getitems
 from ..scopes import scope_from_onnx_metadata, scope_from_onnx_name
 from ..steplog import timed_step
 from .batch_axis import free_fixed_batch
-from .input_layout import TO_FILE_LAYOUT, is_channels_last, to_channels_first
+from .input_layout import is_channels_last, to_channels_first
 from .input_shape import recorded_normalisation, resolve_input_shape
 from .onnx_opset import default_opset
 from .onnx_read import check_onnx, normalise, read_onnx
+from .ort_run import run_onnxruntime
 
 BLOCK_NAMES_KEY = "graphprune.block_names"  # model metadata: JSON [[merge node name, block name], ...]
 _ONNX_DTYPES = {
@@ -137,7 +138,7 @@ def load_proto(proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = Non
 def _compute_in_float32(model: Model, proto: onnx.ModelProto, label: str) -> Model:
     """A half-precision file is analysed and trained in float32: the tiny set is float32 and CPU
     half kernels are slow or missing. Its inputs are then float32 to graphprune (onnxruntime is
-    fed the file's own types, :func:`ort_feeds`) and trained weights are written back in the
+    fed the file's own types, :func:`~.ort_run.ort_feeds`) and trained weights are written back in the
     file's dtype (``onnx_lower``). Kept only if the float32 graph still matches onnxruntime
     (a graph that casts to half inside stays as it was)."""
     gm = model.graph_module
@@ -328,41 +329,6 @@ def _match_tensor(value: np.ndarray, candidates: list[str], inits: dict[str, np.
 
 # ----------------------------------------------------------------------------------------------
 # Checking against onnxruntime
-
-def run_onnxruntime(proto_or_bytes, inputs: tuple[torch.Tensor, ...],
-                    channels_last: bool = False) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    data = proto_or_bytes if isinstance(proto_or_bytes, bytes) else proto_or_bytes.SerializeToString()
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # a failure is raised and said in one line; no log of it
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    return session.run(None, ort_feeds(session, inputs, channels_last))
-
-
-_ORT_FLOATS = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
-_ORT_INTEGERS = {"tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
-
-
-def ort_feeds(session, inputs: tuple[torch.Tensor, ...], channels_last: bool = False) -> dict[str, np.ndarray]:
-    """Feeds for an onnxruntime session in the file's own form: each float tensor in the type the
-    file declares (a half-precision file is computed in float32 by graphprune, see
-    :func:`_compute_in_float32`; for a uint8 input, rounded and clipped to its range) and, for a
-    ``channels_last`` model, in (N, H, W, C) layout (:mod:`graphprune.formats.input_layout`)."""
-    feeds = {}
-    for info, tensor in zip(session.get_inputs(), inputs):
-        if channels_last and tensor.dim() == 4:
-            tensor = tensor.permute(*TO_FILE_LAYOUT)
-        array = np.ascontiguousarray(tensor.detach().cpu().numpy())
-        wanted = _ORT_FLOATS.get(info.type) or _ORT_INTEGERS.get(info.type)
-        if wanted is not None and np.issubdtype(array.dtype, np.floating) and array.dtype != wanted:
-            if np.issubdtype(wanted, np.integer):  # pixels for a uint8 input: rounded, as a camera gives them
-                bounds = np.iinfo(wanted)
-                array = np.clip(np.rint(array), bounds.min, bounds.max)
-            array = array.astype(wanted)
-        feeds[info.name] = array
-    return feeds
-
 
 def _low_precision(proto: onnx.ModelProto) -> bool:
     half = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)

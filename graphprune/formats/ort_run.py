@@ -1,6 +1,6 @@
 """Run an ONNX file on onnxruntime's CPU provider, as graphprune's calibration, judging and
 evaluation do: a session that refuses in one line, feeds in the file's own input layout and float
-type (:func:`~graphprune.formats.io_onnx.ort_feeds`), whole batches where the file fixes one."""
+type (:func:`ort_feeds`), whole batches where the file fixes one."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import numpy as np
 import torch
 
 from ..errors import GraphpruneError, first_line
-from .input_layout import looks_channels_last
-from .io_onnx import ort_feeds
+from .input_layout import TO_FILE_LAYOUT, looks_channels_last
 
 
 def image_batches(session, images: torch.Tensor, batch_size: int, equal: bool = False):
     """Feeds for ``session``, ``batch_size`` images at a time (the input's fixed batch where it has
-    one), in the file's own input layout and float type (:func:`~graphprune.formats.io_onnx.ort_feeds`).
+    one), in the file's own input layout and float type (:func:`ort_feeds`).
     ``equal`` (or a fixed batch): every batch the same size, the remainder left out."""
     if len(session.get_inputs()) != 1:
         raise GraphpruneError(f"onnxruntime is fed models with one image input here; this one has "
@@ -52,3 +51,38 @@ def cpu_session(proto_or_bytes, what: str = "the model"):
 def run_outputs(session, images: torch.Tensor, batch_size: int) -> np.ndarray:
     """The first output of ``session`` on ``images``, batched."""
     return np.concatenate([session.run(None, feeds)[0] for feeds in image_batches(session, images, batch_size)])
+
+
+def run_onnxruntime(proto_or_bytes, inputs: tuple[torch.Tensor, ...],
+                    channels_last: bool = False) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    data = proto_or_bytes if isinstance(proto_or_bytes, bytes) else proto_or_bytes.SerializeToString()
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a failure is raised and said in one line; no log of it
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return session.run(None, ort_feeds(session, inputs, channels_last))
+
+
+_ORT_FLOATS = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
+_ORT_INTEGERS = {"tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+
+
+def ort_feeds(session, inputs: tuple[torch.Tensor, ...], channels_last: bool = False) -> dict[str, np.ndarray]:
+    """Feeds for an onnxruntime session in the file's own form: each float tensor in the type the
+    file declares (a half-precision file is computed in float32 by graphprune, see
+    :func:`~.io_onnx._compute_in_float32`; for a uint8 input, rounded and clipped to its range) and, for a
+    ``channels_last`` model, in (N, H, W, C) layout (:mod:`graphprune.formats.input_layout`)."""
+    feeds = {}
+    for info, tensor in zip(session.get_inputs(), inputs):
+        if channels_last and tensor.dim() == 4:
+            tensor = tensor.permute(*TO_FILE_LAYOUT)
+        array = np.ascontiguousarray(tensor.detach().cpu().numpy())
+        wanted = _ORT_FLOATS.get(info.type) or _ORT_INTEGERS.get(info.type)
+        if wanted is not None and np.issubdtype(array.dtype, np.floating) and array.dtype != wanted:
+            if np.issubdtype(wanted, np.integer):  # pixels for a uint8 input: rounded, as a camera gives them
+                bounds = np.iinfo(wanted)
+                array = np.clip(np.rint(array), bounds.min, bounds.max)
+            array = array.astype(wanted)
+        feeds[info.name] = array
+    return feeds
