@@ -23,7 +23,8 @@ Models (``--model``):
 
 Methods: ``graphprune`` (the default pipeline), ``block-influence`` (Block Influence ranks the
 blocks; no refinement), ``graphprune-int8`` (``quantize="auto"``), ``int8-only`` (the plan and the
-quantised original, no block step). Each row: the written file's cut measured by ``measure_result``
+quantised original, no block step), ``graphprune-resolution`` (``lever="resolution"``, float: the
+network behind a resize at its entry, no training; its size is in the dropped column). Each row: the written file's cut measured by ``measure_result``
 (interleaved with the original), fidelity on the evaluation set of the written file as onnxruntime
 runs it, the dropped blocks, wall seconds per stage, recovery steps and refinement fits. Rows go to
 ``benchmarks/results/real_models.json`` (a rerun skips finished rows of this CPU; ``--redo`` replaces them).
@@ -47,7 +48,7 @@ from benchmarks.common import CACHE, DATA_DIR, results_dir, run_report_main
 from benchmarks.compare_rows import this_machine
 from benchmarks.rowfile import RowFile, report_fields, run_rows
 
-METHODS = ("graphprune", "block-influence", "graphprune-int8", "int8-only")
+METHODS = ("graphprune", "block-influence", "graphprune-int8", "int8-only", "graphprune-resolution")
 SEEDS = (2021, 2022, 2023)
 ROWS = RowFile("real_models")
 
@@ -133,7 +134,8 @@ class RealModel:
 MODELS = {
     "efficientnet_lite0": RealModel(lite0_onnx, (3, 224, 224), (0.5,) * 3, (0.5,) * 3, True,
                                     {"graphprune": (0.22,), "block-influence": (0.22,),
-                                     "graphprune-int8": (0.22, 0.5)}, crop=0.875),  # ImageNet's 256 -> 224
+                                     "graphprune-int8": (0.22, 0.5), "graphprune-resolution": (0.2, 0.22)},
+                                    crop=0.875),  # ImageNet's 256 -> 224
     # blocks alone stop at 10%: on the AMD EPYC family 25 all 6 C2f blocks together cut 15.4%, short of
     # the issue's 15% plus the margin; 15% is int8's
     "yolov8n_nudenet": RealModel(nudenet_onnx, (3, 320, 320), (0.0,) * 3, (1.0,) * 3, False,
@@ -209,7 +211,7 @@ def grid(model: str, methods, seeds, cuts=None, overrides: dict | None = None) -
     rows = []
     for seed in seeds:
         for method in methods:
-            targets = [None] if method == "int8-only" else (cuts or spec.cuts[method])
+            targets = [None] if method == "int8-only" else (cuts or spec.cuts.get(method, ()))
             rows += [dict(method=method, model=model, samples=200, seed=seed, cut=c, overrides=dict(overrides))
                      for c in targets]
     return rows
@@ -233,7 +235,9 @@ def config_for(row: dict):
                 else replace(base, **{name: value}))
     if row["method"] in ("graphprune-int8", "int8-only"):
         return replace(base, quantize="auto")
-    base = replace(base, quantize="none")  # the block methods: float, whatever the product's default
+    base = replace(base, quantize="none")  # the block and resolution methods: float, whatever the product's default
+    if row["method"] == "graphprune-resolution":
+        return replace(base, lever="resolution")
     if row["method"] == "block-influence":
         return replace(base, recoverability=replace(base.recoverability, estimator="influence"))
     return base
@@ -269,6 +273,7 @@ def run_row(row: dict, original_path: Path, tiny, test, spec: RealModel) -> dict
         "recovery_steps": records.get("recover", {}).get("iterations_run"),
         "early_stop": {k: v for k, v in (records.get("recover", {}).get("early_stop") or {}).items() if k != "checkpoints"},
         "refinement_fits": len((report.get("refinement") or {}).get("evaluations", [])),
+        "resolution": report.get("resolution"),
     }
 
 
@@ -294,10 +299,18 @@ def cmd_run(args) -> None:
     cmd_report(args)
 
 
+def changed_text(row: dict) -> str:
+    """The blocks a row dropped, or the internal size a resolution row runs at."""
+    size = (row.get("resolution") or {}).get("size")
+    if size:
+        return f"runs at {size[0]}x{size[1]}"
+    return ", ".join(row["dropped"]) or "-"
+
+
 def summary(row: dict) -> str:
     if "error" in row:
         return f"error: {row['error']}"
-    return (f"cut {100 * row['cut_measured']:.1f}%, {fidelity_text(row)}, dropped {', '.join(row['dropped']) or '-'}, "
+    return (f"cut {100 * row['cut_measured']:.1f}%, {fidelity_text(row)}, dropped {changed_text(row)}, "
             f"{row['wall_s'] / 60:.1f} min")
 
 
@@ -348,7 +361,7 @@ def cmd_report(args) -> None:
                 continue
             stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in r["seconds_per_stage"].items() if v >= 30)
             lines.append(f"| {r['model']} | {r['method']} | {settings} | {r['cut']} | {r['seed']} "
-                         f"| {100 * r['cut_measured']:.1f}% | {fidelity_text(r)} | {', '.join(r['dropped']) or '-'} "
+                         f"| {100 * r['cut_measured']:.1f}% | {fidelity_text(r)} | {changed_text(r)} "
                          f"| {r['wall_s'] / 60:.1f} | {stages} | {r['recovery_steps']} | {r['refinement_fits']} |")
         groups = {}
         for r in mine:

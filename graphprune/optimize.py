@@ -8,6 +8,10 @@ int8: ``plan_quantization`` follows find_blocks and ``quantize_result`` follows 
 (:mod:`graphprune.passes.plan_quantization`); every measuring step times candidates quantised,
 against the float original, and :func:`write_result` writes the quantised file.
 
+With ``lever="resolution"`` the block steps give way to ``choose_resolution -> resize_input``: the
+network runs behind a resize at its entry, the largest internal size measured at the target, and
+nothing is trained (:mod:`graphprune.passes.choose_resolution`).
+
 :func:`default_pipeline` is that list; a user edits it (insert, replace, remove passes) and hands
 it to :func:`optimize`, which builds the :class:`~graphprune.passes.PassContext` (backend, latency
 settings, the target, the tiny set split once: the held-out part measures recoverability, recovery
@@ -32,7 +36,8 @@ from .features import describe_targets
 from .formats.input_layout import looks_channels_last
 from .formats.model_io import atomic_write, save
 from .model import HALF_DTYPES, Model
-from .passes import (BlockLatencyTable, BlockRecoverabilities, Blocks, CheckFidelity, CheckReachable, DropBlocks,
+from .passes import (BlockLatencyTable, BlockRecoverabilities, Blocks, CheckFidelity, CheckReachable, ChooseResolution,
+                     DropBlocks, ResizeInput, ResolutionChoice,
                      FinalCut, FindBlocks, HeldOutFidelity, MeasureBlockLatency, MeasureResult, Pass, PassContext, PassState,
                      Pipeline, PlanQuantization, PooledLatency, PoolIdenticalBlocks, QuantizationPlan, QuantizedOnnx,
                      QuantizeResult, Recover, Recoverability, RecoveryLog, Refinement, RefineSelection, SelectBlocks,
@@ -44,6 +49,7 @@ from .passes.recoverability import RecoverabilitySettings
 from .passes.refine_selection import RefineSettings
 
 log = logging.getLogger("graphprune")
+LEVERS = ("blocks", "resolution")
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,15 @@ class OptimizeConfig:
     # left when they start (PassContext.stage_budget); profiling and scoring cost what the model costs
     time_budget_s: float | None = None
     quantization: QuantizeSettings = QuantizeSettings()
+    # what is cut to reach the target: "blocks" (PRACTISE: drop residual blocks, then recover) or
+    # "resolution" (the network behind a resize at its entry, the file's input unchanged; no training:
+    # passes/choose_resolution.py), each composed with int8 as quantize says
+    lever: str = "blocks"
 
     def __post_init__(self):
         check_quantize_mode(self.quantize)
+        if self.lever not in LEVERS:
+            raise GraphpruneError(f"lever must be one of {', '.join(LEVERS)}, got '{self.lever}'", parameter="lever")
         if self.output_format not in ("onnx", "pt2"):
             raise GraphpruneError(f"output_format must be onnx or pt2, got '{self.output_format}'",
                                   parameter="output_format")
@@ -150,8 +162,18 @@ def _unbatched(meta: dict) -> tuple[str, str]:
 
 def default_pipeline(config: OptimizeConfig = OptimizeConfig()) -> list[Pass]:
     """The PRACTISE pipeline: the list ``optimize`` runs unless given another; with ``quantize``
-    other than ``"none"``, ``plan_quantization`` after find_blocks and ``quantize_result`` after recover."""
+    other than ``"none"``, ``plan_quantization`` after find_blocks and ``quantize_result`` after recover.
+    With ``lever="resolution"``: choose_resolution and resize_input instead of the block steps."""
     quantized = config.quantize != "none"
+    if config.lever == "resolution":
+        return [
+            *([PlanQuantization.from_config(config)] if quantized else []),
+            ChooseResolution(),
+            ResizeInput(),
+            *([QuantizeResult.from_config(config)] if quantized else []),
+            MeasureResult(),
+            CheckFidelity(),
+        ]
     return [
         FindBlocks(),
         *([PlanQuantization.from_config(config)] if quantized else []),
@@ -252,6 +274,7 @@ def build_report(original: Model, state: PassState, ctx: PassContext, config: Op
         "resumed_from_cache": {"latency_rows": table.from_cache if table else 0,
                                "recoverability": recoverabilities.from_cache if recoverabilities else 0},
         "held_out": found.get(HeldOutFidelity).to_dict() if found.get(HeldOutFidelity) else None,
+        "resolution": found.get(ResolutionChoice).to_dict() if found.get(ResolutionChoice) else None,
         "quantization": quantization_report(config, found.get(QuantizationPlan), found.get(QuantizedOnnx), final,
                                             no_block_needed(ctx, found)),
         "pipeline": list(state.records),

@@ -14,14 +14,8 @@ SHORTFALL_NOISE = 0.02
 
 def format_summary(report: dict) -> str:
     latency = report["latency"]
-    lines = [f"{'block':<28} {'recoverability':>14} {'saved':>7} {'score':>10}  dropped"]
-    for b in report["blocks"]:
-        rec = "-" if b["recoverability"] is None else f"{b['recoverability']:.4g}"
-        saved = "-" if b["saved_fraction"] is None else f"{100 * b['saved_fraction']:.1f}%"
-        score = "-" if b["score"] is None else f"{b['score']:.4g}"
-        lines.append(f"{b['name']:<28} {rec:>14} {saved:>7} {score:>10}  {'yes' if b['dropped'] else ''}")
-    lines.append("")
-    lines.append(f"dropped {len(report['dropped'])} of {len(report['blocks'])} blocks: {', '.join(report['dropped'])}")
+    resolution = report.get("resolution")
+    lines = _resolution_lines(resolution) if resolution else _block_lines(report)
     quantization = report.get("quantization") or {}
     if quantization.get("block_work_skipped"):
         lines.append(f"{quantization['block_work_skipped']} (no block profiled or scored)")
@@ -68,6 +62,26 @@ def format_summary(report: dict) -> str:
     if "output" in report:
         lines.append(f"wrote {report['output']}")
     return "\n".join(lines)
+
+
+def _block_lines(report: dict) -> list[str]:
+    lines = [f"{'block':<28} {'recoverability':>14} {'saved':>7} {'score':>10}  dropped"]
+    for b in report["blocks"]:
+        rec = "-" if b["recoverability"] is None else f"{b['recoverability']:.4g}"
+        saved = "-" if b["saved_fraction"] is None else f"{100 * b['saved_fraction']:.1f}%"
+        score = "-" if b["score"] is None else f"{b['score']:.4g}"
+        lines.append(f"{b['name']:<28} {rec:>14} {saved:>7} {score:>10}  {'yes' if b['dropped'] else ''}")
+    return [*lines, "", f"dropped {len(report['dropped'])} of {len(report['blocks'])} blocks: "
+                        f"{', '.join(report['dropped'])}"]
+
+
+def _resolution_lines(resolution: dict) -> list[str]:
+    """The sizes measured (lever "resolution") and the one chosen."""
+    measured = ", ".join(f"{m['size'][0]}x{m['size'][1]} {100 * m['cut']:.1f}%" for m in resolution["measurements"])
+    chosen = resolution["size"]
+    head = (f"resolution: the network runs at {chosen[0]}x{chosen[1]} behind a resize at its entry (the input is "
+            f"unchanged)" if chosen else "resolution: unchanged")
+    return [head, f"  {resolution['reason']}" + (f"; measured cuts: {measured}" if measured else "")]
 
 
 def _shortfall_line(latency: dict, cached: dict) -> str:

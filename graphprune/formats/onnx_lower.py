@@ -21,6 +21,10 @@ from ..model import Model
 from .input_layout import META_KEY as INPUT_LAYOUT
 from .io_onnx import OnnxOrigin, arg_links, onnx_index
 
+# fx node meta of graphprune's resize of the image input (passes/resize_input.py): its scale, written
+# as one ONNX Resize (linear, half-pixel: what F.interpolate computes without align_corners)
+RESIZED_INPUT = "graphprune.resized_input"
+
 
 def lower(model: Model) -> onnx.ModelProto:
     """The input ONNX graph, restricted to what the fx graph still computes, with its weights."""
@@ -33,11 +37,17 @@ def lower(model: Model) -> onnx.ModelProto:
         tensor_of[fx_node] = value.name
 
     new_nodes: dict[int, onnx.NodeProto] = {}
+    added_initializers: list[onnx.TensorProto] = []
     for fx_node in gm.graph.nodes:
         if fx_node.op in ("placeholder", "output"):
             continue
         if fx_node.meta.get(INPUT_LAYOUT):  # graphprune's channels-first view of the file's own input
             tensor_of[fx_node] = tensor_of[fx_node.args[0]]
+            continue
+        if fx_node.meta.get(RESIZED_INPUT):  # before every node of the file: it reads the graph input
+            new_nodes[-1], extra = _resize_node(tensor_of[fx_node.args[0]], fx_node.meta[RESIZED_INPUT], base)
+            added_initializers.extend(extra)
+            tensor_of[fx_node] = new_nodes[-1].output[0]
             continue
         if fx_node.op == "get_attr":
             if fx_node.target not in origin.attr_initializers:
@@ -66,6 +76,7 @@ def lower(model: Model) -> onnx.ModelProto:
     out.CopyFrom(base)
     del out.graph.node[:]
     out.graph.node.extend(new_nodes[i] for i in sorted(new_nodes))
+    out.graph.initializer.extend(added_initializers)
     outputs = gm.graph.output_node().args[0]
     outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
     for value, fx_value in zip(base.graph.output, outputs):
@@ -74,6 +85,20 @@ def lower(model: Model) -> onnx.ModelProto:
     _write_back_weights(out, model)
     _prune(out)
     return out
+
+
+def _resize_node(source: str, scale: float, base: onnx.ModelProto) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """The Resize of ``source`` by ``scale`` on its two spatial axes, and its roi and scales
+    initializers (roi empty: opsets 11 and 12 take the input, later ones an empty one alike)."""
+    taken = {n for node in base.graph.node for n in (*node.input, *node.output)} | \
+        {t.name for t in base.graph.initializer} | {i.name for i in base.graph.input}
+    prefix = next(p for p in (f"graphprune_resize{i or ''}" for i in range(len(taken) + 1))
+                  if not any(name.startswith(p) for name in taken))
+    roi = numpy_helper.from_array(np.zeros(0, np.float32), f"{prefix}_roi")
+    scales = numpy_helper.from_array(np.array([1.0, 1.0, scale, scale], np.float32), f"{prefix}_scales")
+    node = onnx.helper.make_node("Resize", [source, roi.name, scales.name], [f"{prefix}_output"], name=prefix,
+                                 mode="linear", coordinate_transformation_mode="half_pixel")
+    return node, [roi, scales]
 
 
 def _add_conversion_time_producers(nodes: dict[int, onnx.NodeProto], base: onnx.ModelProto) -> None:

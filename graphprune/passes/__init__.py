@@ -4,6 +4,7 @@
 from .base import Analysis, Artifacts, Pass, PassResult, Transform, available_passes
 from .check_fidelity import CheckFidelity, HeldOutFidelity
 from .check_reachable import CheckReachable
+from .choose_resolution import ChooseResolution
 from .context import PassContext
 from .drop_blocks import DropBlocks, drop_blocks, zero_branch
 from .find_blocks import Block, Blocks, FindBlocks, find_blocks
@@ -17,11 +18,13 @@ from .quantize_plan import QuantizationPlan
 from .recover import Recover, RecoveryLog
 from .recoverability import BlockRecoverabilities, Recoverability
 from .refine_selection import RefineSelection, Refinement
+from .resize_input import ResizeInput, ResolutionChoice, resize_input
 from .select_blocks import SelectBlocks
 from .selection import BlockScore, Selection
 
 BUILTIN_PASSES = (FindBlocks, PlanQuantization, MeasureBlockLatency, PoolIdenticalBlocks, CheckReachable, Recoverability,
-                  SelectBlocks, RefineSelection, DropBlocks, Recover, QuantizeResult, MeasureResult, CheckFidelity)
+                  SelectBlocks, RefineSelection, DropBlocks, Recover, QuantizeResult, MeasureResult, CheckFidelity,
+                  ChooseResolution, ResizeInput)
 ALIASES = {"measure_block_latency": MeasureBlockLatency, "recoverability": Recoverability}  # earlier names
 
 
@@ -34,7 +37,7 @@ __all__ = [
     "Instrument", "available_passes", "builtin_passes", "default_instruments", "run_step",
     "Block", "BlockLatency", "BlockLatencyTable", "BlockRecoverabilities", "BlockScore", "Blocks", "CutMeasurement",
     "FinalCut", "HeldOutFidelity", "PooledLatency", "QuantizationPlan", "QuantizedOnnx", "Refinement", "RecoveryLog",
-    "Selection", "CheckFidelity", "DropBlocks", "FindBlocks", "MeasureBlockLatency", "MeasureResult", "PlanQuantization",
+    "Selection", "CheckFidelity", "ChooseResolution", "ResizeInput", "ResolutionChoice", "resize_input", "DropBlocks", "FindBlocks", "MeasureBlockLatency", "MeasureResult", "PlanQuantization",
     "PoolIdenticalBlocks",
     "QuantizeResult", "Recover", "Recoverability", "RefineSelection", "SelectBlocks",
     "Measuring", "drop_blocks", "find_blocks", "measure_block_latency", "measure_cut", "measuring_backend",

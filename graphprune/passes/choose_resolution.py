@@ -1,0 +1,95 @@
+"""Analysis: the largest internal resolution whose measured cut reaches the target.
+
+The lever of :mod:`.resize_input` (a resize at the graph's entry; the file's input unchanged),
+chosen by measurement as blocks are: candidate sides from the input's height down in steps of
+``STEP`` pixels at 224 (in proportion to the side for others: 1 pixel at 32), the width scaled alike, to
+``MIN_SCALE`` of the side; each candidate timed interleaved with the original on the run's backend
+(quantised with the plan's config where a usable int8 plan is present: the quantised-measurement
+rule of :mod:`.plan_quantization`), largest first, until one reaches the goal (target plus margin);
+then the sides between it and the last one short of the goal are bisected to the pixel, since
+latency falls in steps as the feature maps' sizes round (Lite0: 21.8% at 192 px, 33.0% at 184), and
+the largest measured at the goal is chosen. Fewer pixels never cost accuracy less, so the largest size that is fast
+enough is the one to keep. Where quantisation alone reaches the goal, no resize is chosen.
+
+No training follows: on EfficientNet-Lite0 (200 photos, 22%) the resize alone kept 84.38 top-1 of
+87.12 on 800 other photos, where blocks kept 81.25, and recovery on 160 photos lowered top-1 on the
+classes it had not seen (benchmarks/studies/lite0_resolution.py, lite0_recovery.py).
+"""
+
+from __future__ import annotations
+
+from ..errors import GraphpruneError
+from ..model import Model
+from .base import Analysis, PassResult
+from .measure_latency import measure_cut
+from .plan_quantization import measuring_backend, no_block_needed
+from .quantize_plan import QuantizationPlan
+from .resize_input import ResolutionChoice, check_resizable, resize_input, resized_size, scale_for
+from .selection import goal_cut
+
+STEP = 8  # pixels per candidate at 224 px; the bisection below then finds the side to the pixel
+MIN_SCALE = 0.5  # below half the side a classifier has lost what its training saw (176 px: -5.6 top-1 on Lite0)
+
+
+def candidate_sides(side: int) -> list[int]:
+    """The internal sides tried, largest first, down to ``MIN_SCALE`` of ``side``."""
+    step = max(1, round(STEP * side / 224))
+    return list(range(side - step, int(side * MIN_SCALE) - 1, -step))
+
+
+class ChooseResolution(Analysis):
+    """Provides the :class:`ResolutionChoice` (see the module docstring)."""
+
+    name = "choose_resolution"
+    optional = (QuantizationPlan,)
+    provides = (ResolutionChoice,)
+
+    def run(self, model: Model, ctx, inputs) -> PassResult:
+        skipped = no_block_needed(ctx, inputs)
+        if skipped:
+            choice = ResolutionChoice(None, None, [], skipped.replace("no block is dropped", "no resize"))
+            return PassResult(model, record=choice.to_dict(), artifacts=[choice])
+        if ctx.latency_cut is None:
+            raise GraphpruneError("choose_resolution needs a latency target")
+        goal = goal_cut(ctx.latency_cut, ctx.margin)
+        measuring = measuring_backend(ctx, inputs, self.name)
+        reference = (measuring.reference or measuring.backend).prepare(ctx.original, ctx.latency)
+        shape = ctx.original.analysis_shape()
+        side = int(shape[-2])
+        sides = candidate_sides(side)
+        if not sides:
+            raise GraphpruneError(f"the input's side, {side} pixels, is too small to lower inside the graph")
+        measurements = {}
+
+        def reaches(candidate_side: int) -> bool:
+            scale = scale_for(side, candidate_side)
+            candidate = resize_input(model, scale)
+            if not measurements:
+                check_resizable(model, candidate)  # one line before any time is spent where it cannot run
+            cut = measure_cut(measuring.backend, ctx.original, candidate, ctx.latency, reference)
+            measurements[candidate_side] = {"size": list(resized_size(shape, scale)), "scale": scale, "cut": cut.cut}
+            return cut.cut >= goal
+
+        above = side  # the smallest side measured short of the goal (the input's own: no cut)
+        for candidate_side in sides:
+            if reaches(candidate_side):
+                break
+            above = candidate_side
+        else:
+            last = measurements[sides[-1]]
+            raise GraphpruneError(f"a {ctx.latency_cut:.0%} latency cut is not reachable by resolution: at "
+                                  f"{last['size'][0]}x{last['size'][1]} ({MIN_SCALE:.0%} of the side) it measures "
+                                  f"{last['cut']:.1%}")
+        below = candidate_side  # reaches the goal; latency falls by steps with the feature maps' sizes, so
+        while above - below > 1:  # the largest side that reaches it lies in between: bisect
+            middle = (above + below) // 2
+            if reaches(middle):
+                below = middle
+            else:
+                above = middle
+        chosen = measurements[below]
+        choice = ResolutionChoice(chosen["scale"], tuple(chosen["size"]),
+                                  [measurements[s] for s in sorted(measurements, reverse=True)],
+                                  f"{chosen['size'][0]}x{chosen['size'][1]}: the largest size measured at the goal "
+                                  f"({chosen['cut']:.1%} >= {goal:.1%})")
+        return PassResult(model, record=choice.to_dict(), artifacts=[choice])

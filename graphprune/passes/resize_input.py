@@ -1,0 +1,137 @@
+"""Transform: run the network at a lower resolution behind a resize at its entry.
+
+The file's input and outputs stay as they were (a user still feeds 224 x 224); the first node
+resizes the image by ``scale`` on both spatial axes (bilinear, half-pixel centres, no antialias:
+``F.interpolate(x, scale_factor=scale, recompute_scale_factor=False)``, which ONNX writes as one
+``Resize`` with those scales, so any input size is scaled alike). Every convolution then runs on
+``scale**2`` of the pixels. Only a network whose outputs do not depend on the input's size (a
+classifier that pools globally) keeps its outputs' shapes; :func:`check_resizable` says, in one
+line, where another does not (a detector's anchors, a fixed reshape).
+
+An output size is ``floor(side * scale)``; :func:`scale_for` gives the scale whose floor is the
+side asked for (by a thousandth of a pixel over it), the ratio the coordinates are mapped by.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import GraphpruneError
+from ..formats.input_layout import is_channels_last
+from ..formats.onnx_lower import RESIZED_INPUT
+from ..model import Model
+from .base import PassResult, Transform
+
+MIN_OPSET = 11  # Resize with half-pixel coordinates; opset 10's maps asymmetrically
+
+
+@dataclass(frozen=True)
+class ResolutionChoice:
+    """Artefact: the scale the network runs at (None: its own), the internal size at the analysis
+    shape, each measured candidate (size, cut) and why."""
+
+    scale: float | None
+    size: tuple[int, int] | None
+    measurements: list[dict]
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"scale": self.scale, "size": list(self.size) if self.size else None,
+                "measurements": self.measurements, "reason": self.reason}
+
+
+def scale_for(side: int, target: int) -> float:
+    """The scale that resizes ``side`` to ``target`` pixels (floor of the product)."""
+    return (target + 1e-3) / side
+
+
+def resized_size(shape, scale: float) -> tuple[int, int]:
+    """(height, width) of an (N, C, H, W) input after the resize."""
+    return int(shape[-2] * scale), int(shape[-1] * scale)
+
+
+def resize_input(model: Model, scale: float) -> Model:
+    """A copy of ``model`` whose one image input is resized by ``scale`` before anything reads it."""
+    if not 0.0 < scale < 1.0:
+        raise GraphpruneError(f"the resize scale must be in (0, 1), got {scale}")
+    if is_channels_last(model):
+        raise GraphpruneError("resizing inside the graph needs channels-first (N, C, H, W) input; this file takes "
+                              "(N, H, W, C)")
+    if model.onnx is not None and _opset(model) < MIN_OPSET:
+        raise GraphpruneError(f"resizing inside the graph needs ONNX opset {MIN_OPSET} or later (half-pixel Resize); "
+                              f"this file is opset {_opset(model)}")
+    new = model.clone()
+    graph = new.graph_module.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise GraphpruneError(f"resizing inside the graph needs one image input; this model has {len(placeholders)}")
+    image = placeholders[0]
+    with graph.inserting_after(image):
+        resized = graph.call_function(F.interpolate, (image,), {"scale_factor": (scale, scale), "mode": "bilinear",
+                                                                "align_corners": False,
+                                                                "recompute_scale_factor": False})
+    image.replace_all_uses_with(resized, delete_user_cb=lambda user: user is not resized)
+    resized.meta[RESIZED_INPUT] = scale
+    new.graph_module.recompile()
+    new.meta["resized_input"] = scale
+    return new
+
+
+def check_resizable(model: Model, resized: Model) -> None:
+    """One line where ``resized`` does not give outputs of ``model``'s shapes (or cannot run)."""
+    example = model.example_inputs()
+    with torch.no_grad():
+        try:
+            got = _shapes(_outputs(resized, example))
+        except Exception as exc:  # a fixed pooling window or reshape that the smaller map breaks
+            size = "x".join(map(str, resized_size(example[0].shape, resized.meta["resized_input"])))
+            raise GraphpruneError(f"the network cannot run at {size} inside the graph ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else 'no message'}): its layers fix the "
+                                  "input's size") from None
+        expected = _shapes(_outputs(model, example))
+    if got != expected:
+        size = "x".join(map(str, resized_size(example[0].shape, resized.meta["resized_input"])))
+        raise GraphpruneError(f"at {size} inside the graph the outputs' shapes change ({expected} -> {got}): only a "
+                              "network whose outputs do not follow the input's size (a classifier that pools globally) "
+                              "can run at a lower resolution")
+
+
+def _outputs(model: Model, example):
+    """Every output of ``model`` on ``example``, in eval mode (``Model.run`` gives the first)."""
+    gm = model.graph_module
+    was_training = gm.training
+    gm.eval()
+    try:
+        return gm(*example)
+    finally:
+        gm.train(was_training)
+
+
+def _shapes(output) -> list[tuple[int, ...]]:
+    if isinstance(output, torch.Tensor):
+        return [tuple(output.shape)]
+    if isinstance(output, (list, tuple)):
+        return [s for item in output for s in _shapes(item)]
+    return []
+
+
+def _opset(model: Model) -> int:
+    return next((o.version for o in model.onnx.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+class ResizeInput(Transform):
+    """Resize the input by the :class:`ResolutionChoice`'s scale (none: the model as it is)."""
+
+    name = "resize_input"
+    requires = (ResolutionChoice,)
+
+    def run(self, model: Model, ctx, inputs) -> PassResult:
+        choice = inputs[ResolutionChoice]
+        if choice.scale is None:
+            return PassResult(model, changed=False, record={"resized": None, "skipped": choice.reason})
+        resized = resize_input(model, choice.scale)
+        check_resizable(model, resized)
+        return PassResult(resized, changed=True, record={"resized": list(choice.size), "scale": choice.scale})

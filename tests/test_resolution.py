@@ -1,0 +1,163 @@
+"""The resolution lever: resize_input (a resize at the graph's entry) and choose_resolution (the
+largest internal size measured at the target)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+import graphprune as gp
+from graphprune.backends.base import CutMeasurement, LatencyStats
+from graphprune.data import TinySet
+from graphprune.errors import GraphpruneError
+from graphprune.formats.io_onnx import load_proto
+from graphprune.formats.model_io import to_onnx
+from graphprune.formats.ort_run import cpu_session
+from graphprune.optimize import OptimizeConfig, make_context, optimize
+from graphprune.passes import ChooseResolution, ResizeInput, ResolutionChoice, resize_input
+from graphprune.passes import choose_resolution as choose_module
+from graphprune.passes.choose_resolution import candidate_sides
+from graphprune.passes.resize_input import check_resizable, scale_for
+from onnx_builders import residual_onnx
+from test_quantize import convnet
+
+
+def _onnx_model(proto: onnx.ModelProto):
+    return load_proto(proto)
+
+
+def test_resize_input_puts_one_resize_before_everything_and_onnxruntime_agrees():
+    """Structure: one interpolate node reads the input, every former reader reads it instead; the
+    written file's first node is a linear half-pixel Resize and its input and outputs are the
+    original's. Numbers: the original network on F.interpolate of the images, in fx and onnxruntime."""
+    model = _onnx_model(convnet())
+    resized = resize_input(model, scale_for(16, 12))
+    graph = resized.graph_module.graph
+    image = next(n for n in graph.nodes if n.op == "placeholder")
+    assert [u.target for u in image.users] == [F.interpolate]
+    assert len(list(model.graph_module.graph.nodes)) + 1 == len(list(graph.nodes))
+    proto = to_onnx(resized)
+    first = proto.graph.node[0]
+    assert first.op_type == "Resize" and first.input[0] == "X"
+    attrs = {a.name: a.s.decode() for a in first.attribute}
+    assert attrs == {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}
+    assert [i.name for i in proto.graph.input] == ["X"] and [o.name for o in proto.graph.output] == ["Y"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[2].dim_value == 16  # the file still takes 16 x 16
+    x = torch.randn(3, 3, 16, 16)
+    scale = scale_for(16, 12)
+    small = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+    assert small.shape[-2:] == (12, 12)
+    expected = model.graph_module.eval()(small).detach()
+    got = resized.graph_module.eval()(x).detach()
+    torch.testing.assert_close(got, expected)
+    # the scale exceeds 12/16 by a thousandth of a pixel: the same map as a resize to 12 x 12, to 1e-3
+    exact = model.graph_module.eval()(F.interpolate(x, size=(12, 12), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(got, exact.detach(), atol=1e-3, rtol=0)
+    session = cpu_session(proto)
+    out = session.run(None, {"X": x.numpy()})[0]
+    np.testing.assert_allclose(out, expected.numpy(), atol=1e-4)
+    assert model.graph_module is not resized.graph_module and "resized_input" not in model.meta
+
+
+def test_scale_for_gives_the_side_asked_for():
+    for side in (16, 32, 224, 225, 320, 640, 1333):
+        for target in range(max(1, side // 2), side):
+            assert int(side * scale_for(side, target)) == target
+
+
+def test_resize_refuses_in_one_line_what_it_cannot_write_or_run():
+    with pytest.raises(GraphpruneError, match="opset 11 or later"):
+        resize_input(_onnx_model(residual_onnx(opset=10)), 0.5)
+    with pytest.raises(GraphpruneError, match=r"scale must be in \(0, 1\)"):
+        resize_input(_onnx_model(convnet()), 1.0)
+    # outputs that follow the input's size (a map, a detector's anchors): refused by their shapes
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Sigmoid()).eval()
+    model = gp.load(torch.export.export(net, (torch.randn(1, 3, 16, 16),)))
+    with pytest.raises(GraphpruneError) as exc:
+        check_resizable(model, resize_input(model, scale_for(16, 12)))
+    assert "outputs' shapes change ([(1, 4, 16, 16)] -> [(1, 4, 12, 12)])" in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def _fake_cuts(monkeypatch, seen):
+    """Latency in proportion to the pixels: cut = 1 - (side / 16)^2 of the convnet's 16 px input."""
+    def measure_cut(backend, original, candidate, settings, original_run=None):
+        side = int(16 * candidate.meta["resized_input"])
+        seen.append(side)
+        stats = LatencyStats(1.0, 1.0, 1.0, 1.0, 0.0, 1)
+        return CutMeasurement(stats, stats, 1.0 - (side / 16) ** 2)
+    monkeypatch.setattr(choose_module, "measure_cut", measure_cut)
+
+
+def _context(model, cut):
+    tiny = TinySet(torch.randn(20, 3, 16, 16), torch.full((20,), -1))
+    return make_context(model, tiny, OptimizeConfig(latency_cut=cut, quantize="none", show_progress=False))
+
+
+def test_choose_resolution_steps_down_then_bisects_to_the_largest_side_at_the_goal(monkeypatch):
+    """Goal 0.3 + 0.005: 1 - (s/16)^2 >= 0.305 holds for s <= 13.3. Steps of 1 px at 16 px (from
+    STEP at 224) find 13 at once; the choice is the largest side measured at the goal."""
+    seen = []
+    _fake_cuts(monkeypatch, seen)
+    model = _onnx_model(convnet())
+    result = ChooseResolution()(model, _context(model, 0.3))
+    choice = result.value
+    assert choice.size == (13, 13) and seen == [15, 14, 13]
+    assert [m["size"] for m in choice.measurements] == [[15, 15], [14, 14], [13, 13]]
+    assert "13x13: the largest size measured at the goal" in choice.reason
+    assert candidate_sides(224)[:3] == [216, 208, 200] and candidate_sides(16)[-1] == 8
+
+
+def test_choose_resolution_bisects_between_coarse_steps(monkeypatch):
+    seen = []
+    _fake_cuts(monkeypatch, seen)
+    monkeypatch.setattr(choose_module, "STEP", 8 * 224 / 16 * 4 / 8)  # 4 px steps at 16 px: 12, then 14, 13
+    model = _onnx_model(convnet())
+    choice = ChooseResolution()(model, _context(model, 0.3)).value
+    assert seen == [12, 14, 13] and choice.size == (13, 13)
+
+
+def test_choose_resolution_refuses_an_unreachable_target_in_one_line(monkeypatch):
+    _fake_cuts(monkeypatch, [])
+    model = _onnx_model(convnet())
+    with pytest.raises(GraphpruneError) as exc:
+        ChooseResolution()(model, _context(model, 0.9))
+    assert str(exc.value) == "a 90% latency cut is not reachable by resolution: at 8x8 (50% of the side) it measures 75.0%"
+
+
+def test_resize_input_without_a_scale_leaves_the_model():
+    model = _onnx_model(convnet())
+    result = ResizeInput()(model, None, ResolutionChoice(None, None, [], "quantisation alone reaches the target"))
+    assert result.model is model and not result.changed
+
+
+def test_optimize_with_the_resolution_lever_writes_a_file_onnxruntime_runs(tmp_path):
+    """End to end on the real onnxruntime backend: a 64 px convnet, a 20% target."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(net, (torch.randn(1, 3, 64, 64),), str(path), dynamo=False, opset_version=13,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    model = gp.load(str(path))
+    tiny = TinySet(torch.rand(24, 3, 64, 64), torch.full((24,), -1))
+    result = optimize(model, tiny, OptimizeConfig(latency_cut=0.2, quantize="none", lever="resolution",
+                                                  show_progress=False))
+    report = result.report
+    assert report["resolution"]["size"][0] < 64 and report["latency"]["cut"] > 0.1
+    assert result.state.changed_by == ["resize_input"]
+    out = tmp_path / "fast.onnx"
+    gp.save(result.model, out, str(path))
+    proto = onnx.load(str(out))
+    assert proto.graph.node[0].op_type == "Resize"
+    session = cpu_session(proto)
+    x = tiny.images[:2].numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x})[0],
+                               result.model.graph_module.eval()(tiny.images[:2]).detach().numpy(), atol=1e-4)
+    with pytest.raises(GraphpruneError, match="lever must be one of blocks, resolution"):
+        OptimizeConfig(lever="pixels")
