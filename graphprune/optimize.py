@@ -271,6 +271,7 @@ def build_report(original: Model, state: PassState, ctx: PassContext, config: Op
                       "guard_signal": recovery.guard_signal} if recovery else None),
         "settings": {**config.to_dict(), "backend_info": table.backend_info if table else None},
         "seconds_per_stage": dict(state.timings),
+        "scoring_steps": _scoring_steps(recoverabilities, config),
         "resumed_from_cache": {"latency_rows": table.from_cache if table else 0,
                                "recoverability": recoverabilities.from_cache if recoverabilities else 0},
         "held_out": found.get(HeldOutFidelity).to_dict() if found.get(HeldOutFidelity) else None,
@@ -282,6 +283,13 @@ def build_report(original: Model, state: PassState, ctx: PassContext, config: Op
         "changed_by": state.changed_by + (["int8"] if written_int8(found) is not None else []),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _scoring_steps(recoverabilities, config: OptimizeConfig) -> dict | None:
+    """The adaptor steps per block scoring used where the time budget made them fewer than asked."""
+    if recoverabilities is None or recoverabilities.settings.iterations == config.recoverability.iterations:
+        return None
+    return {"asked": config.recoverability.iterations, "used": recoverabilities.settings.iterations}
 
 
 def written_int8(found):

@@ -16,6 +16,10 @@ def format_summary(report: dict) -> str:
     latency = report["latency"]
     resolution = report.get("resolution")
     lines = _resolution_lines(resolution) if resolution else _block_lines(report)
+    steps = report.get("scoring_steps")
+    if steps:
+        lines.append(f"scoring: {steps['used']} adaptor steps per block instead of {steps['asked']}, to fit the time "
+                     "budget")
     quantization = report.get("quantization") or {}
     if quantization.get("block_work_skipped"):
         lines.append(f"{quantization['block_work_skipped']} (no block profiled or scored)")

@@ -79,3 +79,51 @@ def test_int8_planning_takes_its_share_of_the_time_left_and_mimicking_the_time_l
     assert plan.config is None and "stop here" in plan.reason
     assert seen["plan"] == pytest.approx(planning.PLAN_SHARE * 100.0, abs=1.0)
     assert seen["mimic"] == pytest.approx(planning.MIMIC_SHARE * 100.0, abs=1.0)
+
+
+def test_scoring_gives_every_block_the_steps_that_fit_its_time():
+    """A probe of 5 steps: 2 s fixed and 1 s a step. 50 steps for 6 blocks cost 312 s: with 100 s
+    each block gets (100 / 6 - 2) / 1 = 14 steps; with 400 s the 50 asked."""
+    from graphprune.passes.scoring_budget import PROBE_STEPS, affordable_iterations
+
+    asked = []
+
+    def probe(steps):
+        asked.append(steps)
+        return 2.0 + steps * 1.0, steps * 1.0
+
+    assert affordable_iterations(50, 6, 100.0, probe) == 14 and asked == [PROBE_STEPS]
+    assert affordable_iterations(50, 6, 400.0, probe) == 50
+    assert affordable_iterations(50, 6, 5.0, probe) == 0  # not even the fixed part fits: the drop error alone
+    assert affordable_iterations(3, 6, 1.0, probe) == 0 and asked[-1] == 3  # never more steps than asked
+
+
+def test_scoring_under_a_time_limit_scores_every_block_with_the_same_fewer_steps(monkeypatch):
+    """score_blocks with max_seconds: the probe's measure decides the steps; every block gets them,
+    the result's settings say so, and the cache (kept for the steps asked) is neither read nor written."""
+    from graphprune.passes import recoverability
+    from graphprune.passes.recoverability import RecoverabilitySettings, score_blocks
+
+    model = gp.load("zoo:cifar10_resnet20")
+    blocks = gp.find_blocks(model)[:3]
+    train = TinySet(torch.randn(16, 3, 32, 32), torch.full((16,), -1))
+    holdout = TinySet(torch.randn(16, 3, 32, 32), torch.full((16,), -1))
+    monkeypatch.setattr(recoverability, "affordable_iterations", lambda iterations, blocks, seconds, probe: 2)
+    cache = {}
+    settings = RecoverabilitySettings(iterations=20, batch_size=8)
+    scores = score_blocks(model, blocks, train, holdout, settings, show_progress=False, cache=cache, max_seconds=10.0)
+    assert scores.settings.iterations == 2 and len(scores) == 3 and cache == {}
+    unlimited = score_blocks(model, blocks, train, holdout, settings, show_progress=False, cache=cache)
+    assert unlimited.settings == settings and len(cache) == 3
+    assert [s.before_fit for s in scores] == pytest.approx([s.before_fit for s in unlimited])
+
+
+def test_the_report_says_when_scoring_took_fewer_steps_than_asked():
+    from graphprune.optimize import _scoring_steps
+    from graphprune.passes.recoverability import BlockRecoverabilities, RecoverabilitySettings
+
+    config = gp.OptimizeConfig()
+    asked = config.recoverability
+    assert _scoring_steps(BlockRecoverabilities([], asked), config) is None and _scoring_steps(None, config) is None
+    fewer = BlockRecoverabilities([], RecoverabilitySettings(iterations=7))
+    assert _scoring_steps(fewer, config) == {"asked": asked.iterations, "used": 7}

@@ -103,8 +103,9 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
           "classifiers that pool globally)")
 @opt("latency", "--margin", fills="margin", type=NON_NEGATIVE, help="select until the measured cut reaches cut+margin")
 @opt("latency", "--time-budget", fills="time_budget_s", type=POSITIVE, metavar="SECONDS",
-     help="seconds the whole run should take (2700: 45 minutes): refinement and recovery are sized to the time "
-          "left when they start; profiling and scoring cost what the model costs (default: no limit)")
+     help="seconds the whole run should take (2700: 45 minutes): int8 planning, scoring, refinement and "
+          "recovery are sized to the time left when they start; profiling costs what the model costs (default: "
+          "no limit)")
 @opt("scoring", "--estimator", fills="recoverability.estimator", type=click.Choice(ESTIMATORS),
      help="recoverability estimator")
 @opt("scoring", "--score-iterations", fills="recoverability.iterations", type=COUNT,

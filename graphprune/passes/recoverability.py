@@ -38,6 +38,8 @@ each iteration count) reproduces the ranking of blocks by accuracy after full re
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -62,7 +64,9 @@ from .drop_blocks import drop_blocks
 from .find_blocks import Block, Blocks, blocks_of
 from .plan_quantization import no_block_needed
 from .quantize_plan import QuantizationPlan
+from .scoring_budget import SCORE_SHARE, affordable_iterations
 
+log = logging.getLogger("graphprune")
 ESTIMATORS = ("practise", "lstsq", "none", "influence")
 OPTIMIZERS = ("adam", "sgd")
 
@@ -143,21 +147,29 @@ class Recoverability(Analysis):
         train, holdout = ctx.need("train", self.name), ctx.need("holdout", self.name)
         cache = ctx.cache("recoverability", data_key(ctx), asdict(self.settings), ctx.feature_node)
         cached = sum(1 for b in blocks if b.name in cache)
+        budget = ctx.stage_budget(None, share=SCORE_SHARE)
         scores = score_blocks(model, blocks, train, holdout, self.settings, ctx.feature_node,
-                              ctx.show_progress, cache)
-        record = {"settings": asdict(self.settings), "blocks": [s.to_dict() for s in scores],
-                  "from_cache": cached}
-        return PassResult(model, record=record, artifacts=[BlockRecoverabilities(scores, self.settings, cached)])
+                              ctx.show_progress, cache, max_seconds=budget)
+        record = {"settings": asdict(scores.settings), "blocks": [s.to_dict() for s in scores],
+                  "from_cache": cached if scores.settings == self.settings else 0}
+        if scores.settings != self.settings:
+            record["time_limit"] = {"seconds": budget, "iterations_asked": self.settings.iterations,
+                                    "iterations": scores.settings.iterations}
+        return PassResult(model, record=record,
+                          artifacts=[BlockRecoverabilities(scores, scores.settings, record["from_cache"])])
 
 
 def score_blocks(model: Model, blocks: list[Block], train: TinySet, holdout: TinySet,
                  settings: RecoverabilitySettings, feature_node: str | None = None,
-                 show_progress: bool = True, cache=None, candidates: list[str] | None = None
-                 ) -> list[BlockRecoverability]:
+                 show_progress: bool = True, cache=None, candidates: list[str] | None = None,
+                 max_seconds: float | None = None) -> BlockRecoverabilities:
     """Recoverability of each block, in the order given. ``cache`` (a dict-like of JSON records,
     e.g. :class:`graphprune.cache.JsonCache`) is read before and written after each block, so an
     interrupted run resumes where it stopped. ``candidates`` limits which blocks are scored (all
-    blocks still define the shape regions adaptors are placed in)."""
+    blocks still define the shape regions adaptors are placed in). ``max_seconds``: where the
+    adaptor steps asked for would not fit, every block gets the steps that do
+    (:mod:`.scoring_budget`), neither read from nor written to ``cache`` (kept for the steps asked);
+    the result's ``settings`` are those used."""
     if settings.estimator not in ESTIMATORS:
         raise GraphpruneError(f"unknown recoverability estimator '{settings.estimator}' ({', '.join(ESTIMATORS)})")
     if settings.optimizer not in OPTIMIZERS:
@@ -167,6 +179,17 @@ def score_blocks(model: Model, blocks: list[Block], train: TinySet, holdout: Tin
     context = None  # built on first use: a fully cached run computes nothing
     results = []
     todo = [b for b in blocks if candidates is None or b.name in candidates]
+    uncached = [b for b in todo if cache is None or b.name not in cache]
+    if max_seconds is not None and settings.estimator == "practise" and uncached:
+        started = time.perf_counter()
+        context = _Context(model, blocks, train, holdout, targets, settings)
+        steps = affordable_iterations(settings.iterations, len(todo), max_seconds - (time.perf_counter() - started),
+                                      functools.partial(_probe, context, uncached[0]))
+        if steps < settings.iterations:
+            log.info("scoring: %d adaptor steps per block instead of %d, to fit %.0f s of the time budget",
+                     steps, settings.iterations, max_seconds)
+            settings, cache = replace(settings, iterations=steps), None  # the cache's records are for the steps asked
+            context.settings = settings
     bar = progress_bar(total=len(todo), desc=f"recoverability ({settings.estimator})", enabled=show_progress)
     for block in todo:
         cached = cache.get(block.name) if cache is not None else None
@@ -181,7 +204,19 @@ def score_blocks(model: Model, blocks: list[Block], train: TinySet, holdout: Tin
         results.append(result)
         bar.update(1)
     bar.close()
-    return results
+    return BlockRecoverabilities(results, settings)
+
+
+def _probe(context: "_Context", block: Block, steps: int) -> tuple[float, float]:
+    """Seconds scoring ``block`` with ``steps`` adaptor steps takes, and its steps' own seconds."""
+    asked = context.settings
+    context.settings, context.step_seconds = replace(asked, iterations=steps), []
+    started = time.perf_counter()
+    try:
+        context.score(block)
+    finally:
+        context.settings = asked
+    return time.perf_counter() - started, sum(context.step_seconds)
 
 
 def set_scorer(model: Model, blocks: list[Block], train: TinySet, holdout: TinySet,
@@ -218,6 +253,7 @@ class _Context:
         self.shapes = {b.exit: b.output_shape for b in blocks}
         self.shapes.update({name: s.shape for name, s in node_stats(self._on_cpu(model)).items()})
         self.prefix_cache: dict[tuple[str, ...], tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
+        self.step_seconds: list[float] = []  # adaptor steps' own seconds (scoring_budget.py reads them)
 
     @staticmethod
     def _on_cpu(model: Model) -> Model:
@@ -321,7 +357,7 @@ class _Context:
         start = shape_region(self.blocks, dropped[0])[0].entry  # every adaptor sits after it
         student, train_in, holdout_in = self._from_cache(gm, start)
         return _fit_adaptors(student, train_in, self.teacher_train, self.weights, self.settings,
-                             lambda: self._holdout_mse(student, holdout_in))
+                             lambda: self._holdout_mse(student, holdout_in), self.step_seconds)
 
     def _from_cache(self, gm: fx.GraphModule, start: str):
         """``gm``'s targets as a function of cached values before node ``start`` (unchanged by
@@ -425,11 +461,12 @@ def _ridge_map(x: torch.Tensor, y: torch.Tensor, dim: int, ridge: float) -> torc
 
 
 def _fit_adaptors(student: fx.GraphModule, inputs: tuple[torch.Tensor, ...], targets: tuple, weights: list[float],
-                  settings: RecoverabilitySettings, holdout_error) -> float:
+                  settings: RecoverabilitySettings, holdout_error, step_seconds: list | None = None) -> float:
     """Fit ``student``'s adaptors to ``targets`` and return the held-out error ``holdout_error()``
     of the best of the checkpoints: the identity start and every fifth of the steps. So the fit
     never leaves the held-out error above no fit at all: with few training images the adaptors can
-    fit them and not the rest (early stopping on the held-out error)."""
+    fit them and not the rest (early stopping on the held-out error). ``step_seconds``: the steps' own seconds are
+    appended to it (:mod:`.scoring_budget` sizes the steps from them)."""
     params = adaptor_parameters(student)
     if not params or settings.iterations <= 0:
         return holdout_error()
@@ -450,6 +487,7 @@ def _fit_adaptors(student: fx.GraphModule, inputs: tuple[torch.Tensor, ...], tar
     n = image_count((*inputs, *targets))  # a cached value may fold the batch (MobileViT's patches)
     checkpoints = checkpoint_steps(settings.iterations)
     fmt = memory_format(settings.precision, settings.device, student)
+    started = time.perf_counter()
     for step in range(settings.iterations):
         index = torch.randint(0, n, (min(settings.batch_size, n),), generator=gen)
         with autocast(settings.precision, settings.device):
@@ -460,7 +498,10 @@ def _fit_adaptors(student: fx.GraphModule, inputs: tuple[torch.Tensor, ...], tar
         optimizer.step()
         scheduler.step()
         if step + 1 in checkpoints:
+            if step_seconds is not None:
+                step_seconds.append(time.perf_counter() - started)
             guard.check(step + 1)
+            started = time.perf_counter()
     for p in params:
         p.requires_grad_(False)
     return guard.restore()
