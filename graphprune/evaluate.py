@@ -36,8 +36,9 @@ from .data import TinySet
 from .data_sources import is_class_index
 from .ctc import CtcText
 from .errors import GraphpruneError
-from .fidelity import (DECODERS, DetectionCounts, MapOverlap, describe_layout, output_layout,
+from .fidelity import (DECODERS, DetectionCounts, MapOverlap, describe_layout, detection_head, output_layout,
                        same_top_classes)
+from .formats.input_shape import recorded_detection_rows
 from .model import Model
 
 Runner = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # one batch of images -> every output
@@ -48,7 +49,8 @@ HEADLINE = ("top1", "agreement", "detections", "map_iou")
 
 def evaluate(model: Model, data: TinySet, reference: Model | None = None, batch_size: int | None = None) -> dict:
     """The model's metrics on ``data`` (see the module docstring), compared with ``reference``'s outputs."""
-    return _evaluate(_fx_runner(model), None, list(model.output_names), data, reference, batch_size)
+    return _evaluate(_fx_runner(model), None, list(model.output_names), data, reference, batch_size,
+                     head_rows(reference or model))
 
 
 def evaluate_onnx(proto: onnx.ModelProto, data: TinySet, reference: Model | None = None,
@@ -64,7 +66,9 @@ def evaluate_onnx(proto: onnx.ModelProto, data: TinySet, reference: Model | None
         (feeds,) = image_batches(session, images, len(images))  # one batch: a multiple of a fixed one
         return tuple(torch.from_numpy(np.asarray(out)) for out in session.run(None, feeds))
 
-    return _evaluate(run, fixed_batch(session), [o.name for o in session.get_outputs()], data, reference, batch_size)
+    rows = head_rows(reference) if reference is not None else (recorded_detection_rows(proto) or {}).get("rows")
+    return _evaluate(run, fixed_batch(session), [o.name for o in session.get_outputs()], data, reference, batch_size,
+                     rows)
 
 
 def evaluate_written(model: Model, int8: onnx.ModelProto | None, data: TinySet, reference: Model | None = None) -> dict:
@@ -77,7 +81,13 @@ def check_eval_data(model: Model, data: TinySet) -> None:
     """Refuse, before anything long runs, a set the model's outputs cannot be scored on (labels
     for a model without class scores, labels beyond its classes): the model runs on two images."""
     outputs = _fx_runner(model)(data.images[:2])
-    _scores(outputs, list(model.output_names), data, compare=False)
+    _scores(outputs, list(model.output_names), data, compare=False, head_rows=head_rows(model))
+
+
+def head_rows(model: Model) -> int | None:
+    """The rows of the model's first output that are a YOLOv8 head's, where its file says so
+    (``formats.input_shape.recorded_detection_rows``: an ultralytics segment, pose or obb export)."""
+    return (model.meta.get("detection_rows") or {}).get("rows")
 
 
 @dataclass
@@ -89,6 +99,7 @@ class _OutputScore:
     description: str
     score_labels: bool
     compare: bool
+    head_rows: int | None = None  # the first rows a YOLOv8 head's (fidelity.detection_head)
     correct: int = 0
     agree: int = 0
     positions: int = 0  # a sequence's positions compared, and those whose top class agrees
@@ -121,9 +132,9 @@ class _OutputScore:
             self.positions_agree += int((output.argmax(-1) == reference.argmax(-1)).sum())
             self.text.add(reference, output)
         elif self.layout in DECODERS and reference is not None:
-            self.detections.add(reference, output)
+            self.detections.add(detection_head(reference, self.head_rows), detection_head(output, self.head_rows))
         elif self.layout in DECODERS:
-            self.own_detections += sum(len(d) for d in DECODERS[self.layout](output))
+            self.own_detections += sum(len(d) for d in DECODERS[self.layout](detection_head(output, self.head_rows)))
         elif self.layout == "map" and reference is not None:
             self.overlap.add(reference, output)
 
@@ -147,7 +158,7 @@ class _OutputScore:
 
 
 def _evaluate(run: Runner, fixed: int | None, names: list[str], data: TinySet, reference: Model | None,
-              batch_size: int | None) -> dict:
+              batch_size: int | None, rows: int | None = None) -> dict:
     step = fixed or batch_size or max(1, min(MAX_BATCH, BATCH_ELEMENTS // max(1, data.images[0].numel())))
     count = len(data) - (len(data) % fixed if fixed else 0)
     if count == 0:
@@ -159,7 +170,8 @@ def _evaluate(run: Runner, fixed: int | None, names: list[str], data: TinySet, r
         outputs = run(images)
         expected = run_reference(images) if run_reference is not None else None
         if not scores:  # layouts from the reference's outputs, which the model's must match
-            scores = _scores(outputs if expected is None else expected, names, data, compare=expected is not None)
+            scores = _scores(outputs if expected is None else expected, names, data, compare=expected is not None,
+                             head_rows=rows)
         if len(outputs) != len(scores):
             raise GraphpruneError(f"the model has {len(outputs)} outputs; the original has {len(scores)}")
         for i, (score, output) in enumerate(zip(scores, outputs)):
@@ -174,11 +186,14 @@ def _evaluate(run: Runner, fixed: int | None, names: list[str], data: TinySet, r
     return result
 
 
-def _scores(outputs: tuple[torch.Tensor, ...], names: list[str], data: TinySet, compare: bool) -> list[_OutputScore]:
-    """An accumulator per output, by its layout; labels only where they can be scored (one line otherwise)."""
+def _scores(outputs: tuple[torch.Tensor, ...], names: list[str], data: TinySet, compare: bool,
+            head_rows: int | None = None) -> list[_OutputScore]:
+    """An accumulator per output, by its layout (``head_rows``: of the first output, where the file
+    says so); labels only where they can be scored (one line otherwise)."""
     names = names if len(names) == len(outputs) and len(set(names)) == len(names) else \
         [f"output{i}" for i in range(len(outputs))]
-    layouts = [output_layout(out) for out in outputs]
+    rows = [head_rows if i == 0 else None for i in range(len(outputs))]
+    layouts = [output_layout(out, r) for out, r in zip(outputs, rows)]
     labelled = data.has_labels
     if labelled and "classes" not in layouts:
         shapes = ", ".join(f"'{n}' {_shape(out)}" for n, out in zip(names, outputs))
@@ -197,9 +212,10 @@ def _scores(outputs: tuple[torch.Tensor, ...], names: list[str], data: TinySet, 
         raise GraphpruneError(f"{data.source}'s {len(data.classes)} class folders ({shown}) are read in sorted order "
                               f"as classes 0..{len(data.classes) - 1}, but the model has {max(widths)} classes: name "
                               "each folder by its class index (e.g. 3/, 5/), or give a labels.csv")
-    return [_OutputScore(name, layout, describe_layout(layout, out),
-                         score_labels=layout == "classes" and labelled and out.shape[1] > most, compare=compare)
-            for name, layout, out in zip(names, layouts, outputs)]
+    return [_OutputScore(name, layout, describe_layout(layout, out, r),
+                         score_labels=layout == "classes" and labelled and out.shape[1] > most, compare=compare,
+                         head_rows=r if layout == "yolov8" else None)
+            for name, layout, out, r in zip(names, layouts, outputs, rows)]
 
 
 def _shape(output: torch.Tensor) -> str:

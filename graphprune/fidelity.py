@@ -12,7 +12,9 @@ original's: the layout of an output, and a detector's boxes decoded and matched.
   and rows 4.. all in [0, 1] is ultralytics' YOLOv8 detect head as it exports it (``output0``,
   (1, 84, 8400)): per anchor a box cx, cy, w, h, then C class scores after their sigmoid. A
   segmentation head's mask coefficients and a pose head's keypoints lie outside [0, 1], so their
-  rows are not taken for class scores.
+  rows are not taken for class scores. Where an ultralytics file's metadata names a segment, pose
+  or obb task and its classes, the first 4 + C rows of its first output are read so
+  (:func:`detection_head`; the rows after them by the relative error only).
 * ``yolov5``: a float (N, A, 5 + C) output with C >= 1, more anchors A than columns 5 + C, and
   columns 4.. all in [0, 1] is the anchor-based YOLO head's (YOLOv5, YOLOv7 and YOLOX export it so:
   (1, 25200, 85) at 640 px): per anchor a box cx, cy, w, h, an objectness, then C class scores,
@@ -102,12 +104,16 @@ BOX_ROWS = 4  # cx, cy, w, h
 DETECTION_COLUMNS = 6  # x1, y1, x2, y2, score, class: a list of final detections
 
 
-def output_layout(output: torch.Tensor) -> str:
+def output_layout(output: torch.Tensor, head_rows: int | None = None) -> str:
     """``"classes"``, ``"sequence"``, ``"yolov8"``, ``"yolov5"``, ``"detections"``, ``"detections_xywh"``,
-    ``"map"`` or ``"other"`` for a batch of one output
-    (see the module docstring)."""
+    ``"map"`` or ``"other"`` for a batch of one output (see the module docstring). ``head_rows``:
+    the rows of a (N, rows + more, anchors) output that the file's metadata says are a YOLOv8 head's
+    (an ultralytics segment, pose or obb export: :func:`detection_head`)."""
     if not output.is_floating_point():
         return "other"
+    if head_rows is not None and output.dim() == 3 and BOX_ROWS < head_rows < output.shape[1] < output.shape[2]:
+        if _within_0_1(output[:, BOX_ROWS:head_rows]):
+            return "yolov8"
     if output.dim() == 2 and output.shape[1] >= 2:
         return "classes"
     if output.dim() == 3 and output.shape[2] >= 2 and _distributions(output, -1):
@@ -168,8 +174,20 @@ def class_kl(output: torch.Tensor, reference: torch.Tensor) -> float:
                                             log_target=True, reduction="batchmean"))
 
 
-def describe_layout(layout: str, output: torch.Tensor) -> str:
+def detection_head(output: torch.Tensor, head_rows: int | None) -> torch.Tensor:
+    """The YOLOv8 head's rows of an output that holds more (``head_rows``: boxes and class scores; the
+    mask coefficients, keypoints or angle after them are compared by the output's relative error
+    only), else the output."""
+    return output[:, :head_rows] if head_rows is not None and output.dim() == 3 else output
+
+
+def describe_layout(layout: str, output: torch.Tensor, head_rows: int | None = None) -> str:
     """The report's words for how an output of this layout is read (the decoding used)."""
+    if head_rows is not None and layout == "yolov8" and output.shape[1] > head_rows:
+        extra = output.shape[1] - head_rows
+        return (f"{describe_layout(layout, output[:, :head_rows])}; its other {extra} rows (mask coefficients, "
+                "keypoints or a rotated box's angle, as the file's task says; an obb box is matched as if upright) "
+                "by the relative error only")
     rest = ", ".join(str(d) for d in output.shape[1:])
     if layout == "classes":
         return f"class scores (N, {rest}): top-1"

@@ -17,6 +17,7 @@ from graphprune.fidelity import DECODERS, DetectionCounts, output_layout
 from graphprune.formats.io_onnx import same_rows
 from graphprune.optimize import image_input_shape
 from onnx_builders import save
+from yolo_like import tiny_yolo, tiny_yolo_onnx
 
 
 def _candidates_onnx() -> onnx.ModelProto:
@@ -178,3 +179,63 @@ def test_a_declared_batch_that_holds_is_kept(tmp_path):
     model = gp.load(save(residual_onnx(), tmp_path / "residual.onnx"))  # (batch, 4, 8, 8): each image its own
     assert model.meta.get("batches_run") is not False
     image_input_shape(model)
+
+
+class _WithExtraRows(torch.nn.Module):
+    """A YOLOv8 head's (N, 4+3, anchors) output with 5 rows after it outside [0, 1], as a segment
+    head's mask coefficients (a pose head's keypoints, an obb head's angle) follow its class scores."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x):
+        y = self.detector(x)
+        return torch.cat([y, 3.0 * y[:, :5] - 40.0], 1)
+
+
+def _segment_like_onnx(task: str | None) -> onnx.ModelProto:
+    import io
+
+    buffer = io.BytesIO()
+    torch.onnx.export(_WithExtraRows(tiny_yolo(score_bias=-1.0)), (torch.randn(1, 3, 64, 64),), buffer,
+                      opset_version=17, dynamo=False, input_names=["images"], output_names=["output0"],
+                      dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}})
+    proto = onnx.load_from_string(buffer.getvalue())
+    if task:
+        for key, value in (("author", "Ultralytics"), ("task", task), ("names", "{0: 'a', 1: 'b', 2: 'c'}")):
+            proto.metadata_props.add(key=key, value=value)
+    return proto
+
+
+def test_a_segment_pose_or_obb_head_is_scored_by_its_boxes_and_classes_as_its_metadata_says(tmp_path):
+    """Without metadata the extra rows make the output 'other' (relative error only); with an
+    ultralytics task and its 3 class names the first 4+3 rows are decoded as YOLOv8 detections, in
+    evaluation (fx and onnxruntime) and in int8's judge, the rest still in the relative error."""
+    from graphprune.data import TinySet
+    from graphprune.evaluate import evaluate, evaluate_onnx
+    from graphprune.passes.quantize import QuantizeSettings
+    from graphprune.passes.quantize_plan import Timing, plan_quantization
+
+    images = TinySet(torch.rand(24, 3, 64, 64), torch.full((24,), -1))
+    plain = gp.load(save(_segment_like_onnx(None), tmp_path / "plain.onnx"))
+    assert plain.meta["detection_rows"] is None
+    assert evaluate(plain, images, plain)["outputs"]["output0"]["layout"].startswith("other")
+    proto = _segment_like_onnx("segment")
+    model = gp.load(save(proto, tmp_path / "seg.onnx"))
+    assert model.meta["detection_rows"] == {"rows": 7, "task": "segment"}
+    for result in (evaluate(model, images, model), evaluate_onnx(proto, images, model), evaluate_onnx(proto, images)):
+        output = result["outputs"]["output0"]
+        assert output["layout"].startswith("YOLOv8 detections (N, 4+3, ") and "its other 5 rows" in output["layout"]
+        assert "detections" in output
+    compared = evaluate(model, images, model)["outputs"]["output0"]
+    head_only = gp.load(save(tiny_yolo_onnx(score_bias=-1.0), tmp_path / "head.onnx"))  # the same detector alone
+    alone = evaluate(head_only, images, head_only)["outputs"]["output0"]
+    assert compared["detections"] == alone["detections"] and alone["detections"]["original"] > 0
+    assert compared["relative_error"] == 0.0
+    settings = QuantizeSettings(max_calibration_images=16, batch_size=8, float_groups=(), mimic="off")
+    plan = plan_quantization(proto, images.images[:16], images.images, settings, lambda p: Timing(0.3, 1.0, 0.7))
+    assert plan.metric == "map50_drop" and all(c.detections for c in plan.candidates if c.error is None)
+    broken = _segment_like_onnx("segment")
+    broken.metadata_props[2].value = "{0: 'a', 1: 'b', 2: 'c'" * 3  # not a literal: no rows, no failure
+    assert gp.load(save(broken, tmp_path / "broken.onnx")).meta["detection_rows"] is None

@@ -83,6 +83,32 @@ def recorded_normalisation(proto: onnx.ModelProto) -> dict | None:
     return None
 
 
+# ultralytics heads whose first output holds, after its 4 box rows and one score row per class, rows
+# that are no class (mask coefficients, keypoints, a rotated box's angle)
+EXTENDED_DETECT_TASKS = ("segment", "pose", "obb")
+
+
+def recorded_detection_rows(proto: onnx.ModelProto) -> dict | None:
+    """``{"rows": 4 + classes, "task"}`` where an ultralytics file's metadata names a segment, pose or
+    obb task and its classes (``names: {0: 'person', ...}``): the rows of its first output that are
+    a YOLOv8 detect head's (boxes and class scores); else None."""
+    metadata = _metadata(proto)
+    task = metadata.get("task", "").strip()
+    names = metadata.get("names", "")
+    if task not in EXTENDED_DETECT_TASKS or not names or len(names) > MAX_NAMES_TEXT:
+        return None
+    try:
+        value = ast.literal_eval(names.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        return None
+    if not isinstance(value, (dict, list)) or not value:
+        return None
+    return {"rows": 4 + len(value), "task": task}
+
+
+MAX_NAMES_TEXT = 1_000_000  # characters of a names entry read: a hostile file's is not parsed
+
+
 def _metadata(proto: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 

@@ -29,7 +29,7 @@ from ..scopes import scope_from_onnx_metadata, scope_from_onnx_name
 from ..steplog import timed_step
 from .batch_axis import free_fixed_batch
 from .input_layout import is_channels_last, to_channels_first
-from .input_shape import recorded_normalisation, resolve_input_shape
+from .input_shape import recorded_detection_rows, recorded_normalisation, resolve_input_shape
 from .onnx_opset import default_opset
 from .onnx_read import check_onnx, normalise, read_onnx
 from .ort_run import run_onnxruntime
@@ -119,6 +119,7 @@ def load_proto(proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = Non
     )
     model.meta["input_shape_source"] = shape_source
     model.meta["recorded_normalisation"] = recorded_normalisation(given)
+    model.meta["detection_rows"] = recorded_detection_rows(given)
     with timed_step("load:verify", timings):
         verify_against_onnxruntime(proto, model, what="conversion of " + label)
         if own_opset is not proto:  # the opset was changed for the converter: same results as before?

@@ -36,7 +36,9 @@ import torch
 from ..backends.base import CutMeasurement
 from ..ctc import same_text
 from ..errors import GraphpruneError
-from ..fidelity import DECODERS, DetectionCounts, MapOverlap, lower_map50, output_layout, same_top_classes
+from ..fidelity import (DECODERS, DetectionCounts, MapOverlap, detection_head, lower_map50, output_layout,
+                        same_top_classes)
+from ..formats.input_shape import recorded_detection_rows
 from ..formats.ort_run import cpu_session, run_outputs
 from .float_groups import float_group_nodes
 from .calibration import Calibrated, as_images
@@ -254,14 +256,17 @@ class _Judge:
         self.settings, self.images = settings, images
         self.reference = run_outputs(cpu_session(proto, "the float model"), images, settings.batch_size)
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
-        layout = output_layout(torch.from_numpy(self.reference))
+        # an ultralytics segment, pose or obb head: its boxes and class scores judged as a detector's
+        self.head_rows = (recorded_detection_rows(proto) or {}).get("rows")
+        layout = output_layout(torch.from_numpy(self.reference), self.head_rows)
         classifier = layout in ("classes", "sequence")  # judged by the top class (a recogniser: its text)
         if layout != "classes":
             self.labels = None  # labels are classes of an image, which only a (N, K) output gives
         self.float_top1, self.note = None, ""
         # a detector is judged by its detections where the float model makes some here: its whole
         # output's relative error is the boxes' (pixels), blind to class scores in [0, 1] rounded away
-        self.detector = layout in DECODERS and any(len(d) for d in DECODERS[layout](torch.from_numpy(self.reference)))
+        self.detector = layout in DECODERS and any(
+            len(d) for d in DECODERS[layout](detection_head(torch.from_numpy(self.reference), self.head_rows)))
         self.layout = layout
         # a map is judged by the regions it marks (where the float model marks any), as its user
         # reads it, with a bound like the detector's: 1 - IoU (fidelity.MapOverlap)
@@ -311,7 +316,8 @@ class _Judge:
         candidate = Candidate(config, timing, error, proto=quantized, info=quantization_info(quantized))
         if self.detector:
             counts = DetectionCounts(self.layout)
-            counts.add(torch.from_numpy(self.reference), torch.from_numpy(out))
+            counts.add(detection_head(torch.from_numpy(self.reference), self.head_rows),
+                       detection_head(torch.from_numpy(out), self.head_rows))
             candidate.detections = counts.as_dict()
             candidate.loss = 1 - lower_map50(candidate.detections)
         elif self.map:
