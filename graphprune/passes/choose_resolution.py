@@ -2,14 +2,15 @@
 
 The lever of :mod:`.resize_input` (a resize at the graph's entry; the file's input unchanged),
 chosen by measurement as blocks are: candidate sides from the input's height down in steps of
-``STEP`` pixels at 224 (in proportion to the side for others: 1 pixel at 32), the width scaled alike, to
-``MIN_SCALE`` of the side; each candidate timed interleaved with the original on the run's backend
+``STEP`` pixels at 224 (in proportion to the side for others: 1 pixel at 32), the width scaled
+alike, to ``MIN_SCALE`` of the side; each candidate timed interleaved with the original on the run's backend
 (quantised with the plan's config where a usable int8 plan is present: the quantised-measurement
 rule of :mod:`.plan_quantization`), largest first, until one reaches the goal (target plus margin);
 then the sides between it and the last one short of the goal are bisected to the pixel, since
-latency falls in steps as the feature maps' sizes round (Lite0: 21.8% at 192 px, 33.0% at 184), and
-the largest measured at the goal is chosen. Fewer pixels never cost accuracy less, so the largest size that is fast
-enough is the one to keep. Where quantisation alone reaches the goal, no resize is chosen.
+latency falls in steps (Lite0: a 22.4% cut at 192 px, 32.4% at 191), and the largest measured at
+the goal is chosen: fewer pixels mostly cost more accuracy (Lite0 at 208, 192, 176 px: 83.00,
+84.38, 81.50; benchmarks/studies/results/lite0_resolution.md). Where quantisation alone reaches the
+goal, no resize is chosen.
 
 No training follows: on EfficientNet-Lite0 (200 photos, 22%) the resize alone kept 84.38 top-1 of
 87.12 on 800 other photos, where blocks kept 81.25, and recovery on 160 photos lowered top-1 on the
