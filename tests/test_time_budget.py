@@ -83,7 +83,8 @@ def test_int8_planning_takes_its_share_of_the_time_left_and_mimicking_the_time_l
 
 def test_scoring_gives_every_block_the_steps_that_fit_its_time():
     """A probe of 5 steps: 2 s fixed and 1 s a step. 50 steps for 6 blocks cost 312 s: with 100 s
-    each block gets (100 / 6 - 2) / 1 = 14 steps; with 400 s the 50 asked."""
+    each block gets (100 / 6 - 2) / 1 = 14 steps; with 400 s the 50 asked. With two probes their mean
+    stands for a block."""
     from graphprune.passes.scoring_budget import PROBE_STEPS, affordable_iterations
 
     asked = []
@@ -92,10 +93,15 @@ def test_scoring_gives_every_block_the_steps_that_fit_its_time():
         asked.append(steps)
         return 2.0 + steps * 1.0, steps * 1.0
 
-    assert affordable_iterations(50, 6, 100.0, probe) == 14 and asked == [PROBE_STEPS]
-    assert affordable_iterations(50, 6, 400.0, probe) == 50
-    assert affordable_iterations(50, 6, 5.0, probe) == 0  # not even the fixed part fits: the drop error alone
-    assert affordable_iterations(3, 6, 1.0, probe) == 0 and asked[-1] == 3  # never more steps than asked
+    assert affordable_iterations(50, 6, 100.0, [probe]) == 14 and asked == [PROBE_STEPS]
+    assert affordable_iterations(50, 6, 400.0, [probe]) == 50
+    assert affordable_iterations(50, 6, 5.0, [probe]) == 0  # not even the fixed part fits: the drop error alone
+    assert affordable_iterations(3, 6, 1.0, [probe]) == 0 and asked[-1] == 3  # never more steps than asked
+
+    def cheap(steps):  # a late block: 1 s fixed, 0.5 s a step; the mean block costs 1.5 + 0.75 a step
+        return 1.0 + steps * 0.5, steps * 0.5
+
+    assert affordable_iterations(50, 6, 100.0, [probe, cheap]) == int((100 / 6 - 1.5) / 0.75)
 
 
 def test_scoring_under_a_time_limit_scores_every_block_with_the_same_fewer_steps(monkeypatch):

@@ -184,7 +184,8 @@ def score_blocks(model: Model, blocks: list[Block], train: TinySet, holdout: Tin
         started = time.perf_counter()
         context = _Context(model, blocks, train, holdout, targets, settings)
         steps = affordable_iterations(settings.iterations, len(todo), max_seconds - (time.perf_counter() - started),
-                                      functools.partial(_probe, context, uncached[0]))
+                                      [functools.partial(_probe, context, block)
+                                       for block in dict.fromkeys((uncached[0], uncached[-1]))])
         if steps < settings.iterations:
             log.info("scoring: %d adaptor steps per block instead of %d, to fit %.0f s of the time budget",
                      steps, settings.iterations, max_seconds)
