@@ -133,3 +133,18 @@ def test_the_report_says_when_scoring_took_fewer_steps_than_asked():
     assert _scoring_steps(BlockRecoverabilities([], asked), config) is None and _scoring_steps(None, config) is None
     fewer = BlockRecoverabilities([], RecoverabilitySettings(iterations=7))
     assert _scoring_steps(fewer, config) == {"asked": asked.iterations, "used": 7}
+
+
+def test_a_time_limit_that_fits_leaves_every_score_as_it_was():
+    """The probes run their own steps; the blocks are then scored exactly as without a limit."""
+    from graphprune.passes.recoverability import RecoverabilitySettings, score_blocks
+
+    model = gp.load("zoo:cifar10_resnet20")
+    blocks = gp.find_blocks(model)[:3]
+    train = TinySet(torch.randn(16, 3, 32, 32), torch.full((16,), -1))
+    holdout = TinySet(torch.randn(16, 3, 32, 32), torch.full((16,), -1))
+    settings = RecoverabilitySettings(iterations=10, batch_size=8)
+    limited = score_blocks(model, blocks, train, holdout, settings, show_progress=False, max_seconds=1e6)
+    unlimited = score_blocks(model, blocks, train, holdout, settings, show_progress=False)
+    assert limited.settings == settings
+    assert [s.recoverability for s in limited] == [s.recoverability for s in unlimited]
