@@ -161,3 +161,37 @@ def test_optimize_with_the_resolution_lever_writes_a_file_onnxruntime_runs(tmp_p
                                result.model.graph_module.eval()(tiny.images[:2]).detach().numpy(), atol=1e-4)
     with pytest.raises(GraphpruneError, match="lever must be one of blocks, resolution"):
         OptimizeConfig(lever="pixels")
+
+
+def test_the_cli_runs_the_resolution_lever_and_says_what_it_chose(cli, tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(net, (torch.randn(1, 3, 64, 64),), str(path), dynamo=False, opset_version=13,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    np.savez(tmp_path / "tiny.npz", images=np.random.default_rng(0).integers(0, 255, (24, 64, 64, 3), np.uint8))
+    out = tmp_path / "fast.onnx"
+    code, stdout, stderr = cli("optimize", path, "--data", tmp_path / "tiny.npz", "--latency-cut", "0.2",
+                               "--lever", "resolution", "--quantize", "none", "-o", out)
+    assert code == 0, stderr
+    assert "resolution: the network runs at " in stdout and "behind a resize at its entry" in stdout
+    assert "block " not in stdout.split("\n")[0] and out.exists()
+    code, _, stderr = cli("optimize", path, "--data", tmp_path / "tiny.npz", "--latency-cut", "0.2",
+                          "--lever", "pixels", "-o", tmp_path / "other.onnx")
+    assert code == 2 and "'pixels' is not one of 'blocks', 'resolution'" in stderr
+
+
+def test_the_cli_refuses_the_resolution_lever_for_a_detector_in_one_line(cli, tmp_path):
+    from onnx_builders import save
+    from yolo_like import tiny_yolo_onnx
+
+    path = save(tiny_yolo_onnx(size=64), tmp_path / "yolo.onnx")
+    np.savez(tmp_path / "tiny.npz", images=np.random.default_rng(0).integers(0, 255, (24, 64, 64, 3), np.uint8))
+    out = tmp_path / "fast.onnx"
+    code, _, stderr = cli("optimize", path, "--data", tmp_path / "tiny.npz", "--latency-cut", "0.2",
+                          "--lever", "resolution", "--quantize", "none", "-o", out)
+    lines = [line for line in stderr.splitlines() if line.startswith("graphprune: error:")]
+    assert code == 1 and not out.exists() and len(lines) == 1 and "Traceback" not in stderr
+    assert "the outputs' shapes change" in lines[0]
