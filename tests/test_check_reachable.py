@@ -109,7 +109,17 @@ def test_a_model_without_residual_blocks_reaches_check_reachable_and_is_refused_
     with pytest.raises(gp.GraphpruneError) as exc:
         optimize(gp.load(plain_cnn_onnx(tmp_path / "plain.onnx")), tiny, config)
     assert str(exc.value) == ("a 20% latency cut is not reachable: no residual blocks found in this model (nothing "
-                              "to drop); int8 may reach it (quantize 'auto')")
+                              "to drop); int8 may reach it (quantize 'auto'); resolution may reach it (lever "
+                              "'resolution': the network at a lower resolution inside the graph)")
+
+
+def test_the_resolution_hint_is_given_only_where_the_network_runs_smaller(tmp_path):
+    from graphprune.passes.resize_input import resolution_hint
+    from onnx_builders import save
+    from yolo_like import tiny_yolo_onnx
+
+    assert resolution_hint(gp.load(plain_cnn_onnx(tmp_path / "plain.onnx"))).startswith("; resolution may reach it")
+    assert resolution_hint(gp.load(save(tiny_yolo_onnx(size=64), tmp_path / "yolo.onnx"))) == ""  # anchors follow the size
 
 
 def test_with_no_block_the_line_gives_what_int8_alone_cuts():

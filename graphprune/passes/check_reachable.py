@@ -10,16 +10,20 @@ line select_blocks would raise (:func:`~.select_blocks.unreachable`), after one 
 of after scoring every block: PP-OCRv4's detector at a 30% target with int8 (its 6 blocks cut about
 4% together) was still scoring blocks after 24 minutes, past its 15-minute --time-budget, when the
 run was stopped. Where quantisation alone reaches the goal, or no target is set, there is nothing to check.
+Where the network can run at a lower resolution inside the graph, the line says the resolution lever
+may reach the target (:func:`~.resize_input.resolution_hint`).
 """
 
 from __future__ import annotations
 
+from ..errors import GraphpruneError
 from ..model import Model
 from .base import Analysis, PassResult
 from .find_blocks import Blocks
 from .measure_latency import BlockLatencyTable
 from .plan_quantization import SELECTION_CACHE, QuantizationPlan, measuring_backend, no_block_needed
 from .pool_latency import PooledLatency
+from .resize_input import resolution_hint
 from .select_blocks import int8_off_reason, scoring_latency, set_measurer, unreachable
 from .selection import check_latency_cut, goal_cut
 
@@ -49,6 +53,7 @@ class CheckReachable(Analysis):
         cut = measure(names) if names else alone
         best = cut.cut if cut is not None else 0.0
         if best < goal:
-            raise unreachable(target, goal, len(names), best, alone, int8_off_reason(inputs.get(QuantizationPlan)),
-                              blocks_found=len(inputs[Blocks]))
+            refused = unreachable(target, goal, len(names), best, alone, int8_off_reason(inputs.get(QuantizationPlan)),
+                                  blocks_found=len(inputs[Blocks]))
+            raise GraphpruneError(f"{refused}{resolution_hint(model)}")
         return PassResult(model, record={"candidates": len(names), "all_dropped_cut": best, "goal": goal})

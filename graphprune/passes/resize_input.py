@@ -99,6 +99,17 @@ def check_resizable(model: Model, resized: Model) -> None:
                               "can run at a lower resolution")
 
 
+def resolution_hint(model: Model) -> str:
+    """``"; resolution may reach it ..."`` where ``model`` runs at three quarters of its side
+    with its outputs' shapes (a classifier that pools globally), else ``""``: what an unreachable
+    target's line adds for a model with too few blocks."""
+    try:
+        check_resizable(model, resize_input(model, 0.75))
+    except GraphpruneError:
+        return ""
+    return "; resolution may reach it (lever 'resolution': the network at a lower resolution inside the graph)"
+
+
 def _outputs(model: Model, example):
     """Every output of ``model`` on ``example``, in eval mode (``Model.run`` gives the first)."""
     gm = model.graph_module
