@@ -135,15 +135,20 @@ def test_resize_input_without_a_scale_leaves_the_model():
     assert result.model is model and not result.changed
 
 
-def test_optimize_with_the_resolution_lever_writes_a_file_onnxruntime_runs(tmp_path):
-    """End to end on the real onnxruntime backend: a 64 px convnet, a 20% target."""
+def _pooling_net_onnx(path):
+    """A 64 px convnet that pools globally, exported as a user would (dynamic batch)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
                               torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
-    path = tmp_path / "net.onnx"
     torch.onnx.export(net, (torch.randn(1, 3, 64, 64),), str(path), dynamo=False, opset_version=13,
                       input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    return path
+
+
+def test_optimize_with_the_resolution_lever_writes_a_file_onnxruntime_runs(tmp_path):
+    """End to end on the real onnxruntime backend: a 64 px convnet, a 20% target."""
+    path = _pooling_net_onnx(tmp_path / "net.onnx")
     model = gp.load(str(path))
     tiny = TinySet(torch.rand(24, 3, 64, 64), torch.full((24,), -1))
     result = optimize(model, tiny, OptimizeConfig(latency_cut=0.2, quantize="none", lever="resolution",
@@ -164,13 +169,7 @@ def test_optimize_with_the_resolution_lever_writes_a_file_onnxruntime_runs(tmp_p
 
 
 def test_the_cli_runs_the_resolution_lever_and_says_what_it_chose(cli, tmp_path):
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
-    path = tmp_path / "net.onnx"
-    torch.onnx.export(net, (torch.randn(1, 3, 64, 64),), str(path), dynamo=False, opset_version=13,
-                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    path = _pooling_net_onnx(tmp_path / "net.onnx")
     np.savez(tmp_path / "tiny.npz", images=np.random.default_rng(0).integers(0, 255, (24, 64, 64, 3), np.uint8))
     out = tmp_path / "fast.onnx"
     code, stdout, stderr = cli("optimize", path, "--data", tmp_path / "tiny.npz", "--latency-cut", "0.2",
