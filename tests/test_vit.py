@@ -52,7 +52,7 @@ def test_adaptors_mix_the_channels_of_every_token(form, vit_onnx, monkeypatch):
     blocks = gp.find_blocks(model)
     assert [b.name.rsplit(".", 1)[-1] for b in blocks] == ["self_attention", "mlp"] * 2
     seen = []  # (adaptor, the shape of what it reads) for every adaptor of every fit
-    fit = rec._fit_adaptors
+    fit = rec.fit_adaptors
 
     def recording(student, *args, **kwargs):
         adaptors = [m for m in student.modules() if isinstance(m, Adaptor)]
@@ -62,7 +62,7 @@ def test_adaptors_mix_the_channels_of_every_token(form, vit_onnx, monkeypatch):
         finally:
             for hook in hooks:
                 hook.remove()
-    monkeypatch.setattr(rec, "_fit_adaptors", recording)
+    monkeypatch.setattr(rec, "fit_adaptors", recording)
     scores = score_blocks(model, blocks, _unlabelled(16, 0), _unlabelled(16, 1), RecoverabilitySettings(iterations=2, batch_size=8),
                           show_progress=False)
     assert seen and all(s.recoverability < s.before_fit for s in scores)  # even two steps help

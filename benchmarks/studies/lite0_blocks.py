@@ -143,7 +143,7 @@ def gapfit(names: list[str], ridges: list[float]) -> None:
     from graphprune.data import split_holdout
     from graphprune.features import run_batched, truncate
     from graphprune.passes import find_blocks
-    from graphprune.passes.recoverability import _current_input, _node, _redirect, _ridge_map
+    from graphprune.passes.adaptor_fit import current_input, node_named, redirect, ridge_map
 
     spec = MODELS["efficientnet_lite0"]
     original = gp.load(str(spec.path()))
@@ -158,17 +158,17 @@ def gapfit(names: list[str], ridges: list[float]) -> None:
         gm = pruned.graph_module
         for i, block in enumerate(b for b in blocks if b.name in names):
             nodes = {n.name: n for n in gm.graph.nodes}
-            readers = [nodes[u.name] for u in _node(ogm, block.exit).users if u.name in nodes]
+            readers = [nodes[u.name] for u in node_named(ogm, block.exit).users if u.name in nodes]
             if not readers:  # the next block is dropped too: one adaptor at the end of the run
                 continue
-            value = _current_input(ogm, gm, block.exit, readers[0].name)
+            value = current_input(ogm, gm, block.exit, readers[0].name)
             x = run_batched(truncate(gm, value.name), train.images)
             y = run_batched(truncate(ogm, block.exit), train.images)
-            dim = channel_dim(_node(ogm, block.exit), ogm, tuple(y.shape))
+            dim = channel_dim(node_named(ogm, block.exit), ogm, tuple(y.shape))
             adaptor = insert_adaptor(gm, value, [], y.shape[dim], dim, f"gap_adaptor_{i}")
             for reader in readers:
-                _redirect(ogm, reader, block.exit, adaptor)
-            gm.get_submodule(str(adaptor.target)).weight.data.copy_(_ridge_map(x, y, dim, ridge))
+                redirect(ogm, reader, block.exit, adaptor)
+            gm.get_submodule(str(adaptor.target)).weight.data.copy_(ridge_map(x, y, dim, ridge))
             gm.recompile()
         test_out = _logits(pruned, test)
         row = {"blocks": names, "why": f"gap lstsq ridge {ridge}", "top1": float((test_out.argmax(1) == test.labels)

@@ -110,7 +110,7 @@ def find_blocks(model: Model, require: bool = False) -> list[Block]:
         if found is not None and not weighted <= set(found.branch):  # not a global residual (4.)
             raw.append(found)
     blocks = _name_blocks(raw, gm, constants, stats)
-    blocks.sort(key=lambda blk: order[_node(gm, blk.merge)])
+    blocks.sort(key=lambda blk: order[node_named(gm, blk.merge)])
     if require and not blocks:
         raise GraphpruneError(f"no residual blocks found in {model.name}: nothing to drop")
     return blocks
@@ -124,7 +124,8 @@ def blocks_of(model: Model, inputs) -> list[Block]:
     return find_blocks(model, require=True) if found is None else found
 
 
-def _node(gm: fx.GraphModule, name: str) -> fx.Node:
+def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
+    """The node called ``name`` (a KeyError where there is none)."""
     for node in gm.graph.nodes:
         if node.name == name:
             return node

@@ -31,6 +31,8 @@ Estimators (``estimator=``):
 * ``"influence"``: not PRACTISE but ShortGPT's Block Influence, ``1 - cos(block input, block
   output)`` averaged over positions of the training images; kept as a baseline criterion.
 
+Where the adaptors go and how they are fitted is :mod:`.adaptor_fit`.
+
 Why more than one: on a 2-core CPU the paper's 1000+ SGD steps per block make scoring ResNet-56
 take hours. The benchmark ``benchmarks/studies/scoring_study.py`` measures how well each estimator (and
 each iteration count) reproduces the ranking of blocks by accuracy after full recovery.
@@ -47,23 +49,22 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..adaptors import Adaptor, adaptor_parameters, channel_dim, insert_adaptor
+from ..adaptors import Adaptor, channel_dim, insert_adaptor
 from ..cache import tensor_fingerprint
-from ..checkpoints import BestCheckpoint, checkpoint_steps
 from ..data import TinySet
 from ..errors import GraphpruneError
-from ..features import (cached_suffix, image_count, image_rows, mimic_loss, mimic_targets, run_batched, target_names,
-                        target_weights, truncate)
+from ..features import cached_suffix, mimic_loss, mimic_targets, run_batched, target_names, target_weights, truncate
 from ..graph_stats import node_stats
 from ..model import Model
-from ..ops import is_multi_output, tensor_args
-from ..precision import autocast, check_precision, memory_format, to_format
+from ..ops import is_multi_output
+from ..precision import check_precision
 from ..progress import progress_bar
 from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
 from .find_blocks import Block, Blocks, blocks_of
 from .plan_quantization import no_block_needed
 from .quantize_plan import QuantizationPlan
+from .adaptor_fit import adaptor_sites, current_input, fit_adaptors, node_named, redirect, ridge_map, shape_region
 from .scoring_budget import SCORE_SHARE, affordable_iterations
 
 log = logging.getLogger("graphprune")
@@ -292,11 +293,11 @@ class _Context:
         y = run_batched(truncate(original, block.exit), self.train_x)
         # the block's input, or, where the entry is a tuple (a Split) or the block changes the
         # shape, the value its shortcut adds to the branch
-        x = None if is_multi_output(_node(original, block.entry)) else \
+        x = None if is_multi_output(node_named(original, block.entry)) else \
             run_batched(truncate(original, block.entry), self.train_x)
         if x is None or x.shape != y.shape:
             x = run_batched(truncate(original, block.shortcut_output), self.train_x)
-        dim = channel_dim(_node(original, block.exit), original, tuple(y.shape))
+        dim = channel_dim(node_named(original, block.exit), original, tuple(y.shape))
         cos = F.cosine_similarity(x.movedim(dim, -1).reshape(-1, x.shape[dim]),
                                   y.movedim(dim, -1).reshape(-1, y.shape[dim]), dim=-1)
         return float(1 - cos.mean())
@@ -311,20 +312,20 @@ class _Context:
         """An adaptor where the block was, solved in closed form to map what now arrives there to
         what the block used to output (over every position of every training image)."""
         original = self.model.graph_module
-        readers = [u.name for u in _node(original, block.exit).users]
+        readers = [u.name for u in node_named(original, block.exit).users]
         nodes = {n.name: n for n in gm.graph.nodes}
         gap_readers = [nodes[r] for r in readers if r in nodes]
         if not gap_readers:
             return
-        gap_value = _current_input(original, gm, block.exit, gap_readers[0].name)
+        gap_value = current_input(original, gm, block.exit, gap_readers[0].name)
         shape = self.shapes[block.exit]
-        dim = channel_dim(_node(original, block.exit), original, shape)
+        dim = channel_dim(node_named(original, block.exit), original, shape)
         x = run_batched(truncate(gm, gap_value.name), self.train_x)
         y = run_batched(truncate(original, block.exit), self.train_x)
-        weight = _ridge_map(x, y, dim, self.settings.ridge)
+        weight = ridge_map(x, y, dim, self.settings.ridge)
         node = insert_adaptor(gm, gap_value, [], shape[dim], dim, "gap_adaptor")
         for reader in gap_readers:
-            _redirect(original, reader, block.exit, node)
+            redirect(original, reader, block.exit, node)
         gm.get_submodule(str(node.target)).weight.data.copy_(weight)
 
     # --- PRACTISE adaptors --------------------------------------------------------------------
@@ -346,18 +347,18 @@ class _Context:
         nodes = {n.name: n for n in gm.graph.nodes}
         for k, (producer, consumers) in enumerate(sites):
             readers = [nodes[c] for c in consumers if c in nodes]
-            if not readers or is_multi_output(_node(original, producer)):
+            if not readers or is_multi_output(node_named(original, producer)):
                 continue  # nothing reads it any more, or a tuple: its parts get adaptors where read
-            value = _current_input(original, gm, producer, readers[0].name)
+            value = current_input(original, gm, producer, readers[0].name)
             shape = self.shapes[producer]
-            dim = channel_dim(_node(original, producer), original, shape)
+            dim = channel_dim(node_named(original, producer), original, shape)
             adaptor = insert_adaptor(gm, value, [], shape[dim], dim, f"adaptor_{k}")
             for reader in readers:
-                _redirect(original, reader, producer, adaptor)
+                redirect(original, reader, producer, adaptor)
         gm.recompile()
         start = shape_region(self.blocks, dropped[0])[0].entry  # every adaptor sits after it
         student, train_in, holdout_in = self._from_cache(gm, start)
-        return _fit_adaptors(student, train_in, self.teacher_train, self.weights, self.settings,
+        return fit_adaptors(student, train_in, self.teacher_train, self.weights, self.settings,
                              lambda: self._holdout_mse(student, holdout_in), self.step_seconds)
 
     def _from_cache(self, gm: fx.GraphModule, start: str):
@@ -378,134 +379,6 @@ class _Context:
             prefix = truncate(self.model.graph_module, list(cut))
             self.prefix_cache[key] = (run_batched(prefix, self.train_x), run_batched(prefix, self.holdout_x))
         return student, *self.prefix_cache[key]
-
-
-def shape_region(blocks: list[Block], block: Block) -> list[Block]:
-    """The run of consecutive blocks (each one's entry is the previous one's exit) around ``block``
-    whose outputs have ``block``'s shape: one stage of a ResNet, the encoder of a ViT."""
-    index = blocks.index(block)
-    lo = hi = index
-    while lo > 0 and blocks[lo - 1].output_shape == block.output_shape and blocks[lo].entry == blocks[lo - 1].exit:
-        lo -= 1
-    while hi + 1 < len(blocks) and blocks[hi + 1].output_shape == block.output_shape and \
-            blocks[hi + 1].entry == blocks[hi].exit:
-        hi += 1
-    return blocks[lo:hi + 1]
-
-
-def adaptor_sites(gm: fx.GraphModule, blocks: list[Block], region: list[Block],
-                  dropped: Block) -> list[tuple[str, list[str]]]:
-    """(producer, readers) edges of the original graph that get an adaptor when ``dropped`` goes
-    (see the module docstring)."""
-    sites: list[tuple[str, list[str]]] = []
-    position = region.index(dropped)
-    for before in region[:position]:
-        sites.append((before.branch_output, [before.merge]))
-        if before.kind == "projection":
-            sites.append((before.shortcut_output, [before.merge]))
-    after = list(region[position + 1:])
-    following = blocks.index(region[-1]) + 1
-    if following < len(blocks) and blocks[following].entry == region[-1].exit:
-        after.append(blocks[following])
-    for later in after:
-        entry_readers = {u.name for u in _node(gm, later.entry).users}
-        paths = [later.branch] + ([later.shortcut] if later.kind == "projection" else [])
-        for path in paths:
-            readers = [name for name in path if name in entry_readers]
-            if readers:
-                sites.append((later.entry, readers))
-    if not any(producer == dropped.exit for producer, _ in sites):
-        # no block of the region reads the gap (an MBConv stage's last block before a downsampling
-        # one, a ViT's last MLP before the final norm): one adaptor where the block's output was
-        sites.append((dropped.exit, [u.name for u in _node(gm, dropped.exit).users]))
-    return sites
-
-
-def _current_input(original: fx.GraphModule, gm: fx.GraphModule, producer: str, consumer: str) -> fx.Node:
-    """The node that now feeds ``consumer`` where ``producer`` did (it may have been replaced)."""
-    slot = _slots(_node(original, consumer), _node(original, producer))[0]
-    return tensor_args(_node(gm, consumer))[slot]
-
-
-def _slots(node: fx.Node, value: fx.Node) -> list[int]:
-    return [i for i, arg in enumerate(tensor_args(node)) if arg is value]
-
-
-def _redirect(original: fx.GraphModule, reader: fx.Node, producer: str, new: fx.Node) -> None:
-    """Make ``reader`` read ``new`` in the argument slots where, in ``original``, it read
-    ``producer`` (and in no other slot, even one holding the same value)."""
-    slots = set(_slots(_node(original, reader.name), _node(original, producer)))
-    counter = iter(range(len(tensor_args(reader))))
-
-    def swap(arg: fx.Node) -> fx.Node:
-        return new if next(counter) in slots else arg
-    reader.args = fx.node.map_arg(reader.args, swap)
-    reader.kwargs = fx.node.map_arg(reader.kwargs, swap)
-
-
-def _node(gm: fx.GraphModule, name: str) -> fx.Node:
-    for node in gm.graph.nodes:
-        if node.name == name:
-            return node
-    raise KeyError(name)
-
-
-def _ridge_map(x: torch.Tensor, y: torch.Tensor, dim: int, ridge: float) -> torch.Tensor:
-    """A minimising sum ||A x_p - y_p||^2 + lam ||A - I||^2 over positions p (channels on ``dim``)."""
-    xs = x.movedim(dim, -1).reshape(-1, x.shape[dim]).double()
-    ys = y.movedim(dim, -1).reshape(-1, y.shape[dim]).double()
-    gram = xs.T @ xs
-    lam = ridge * float(gram.trace()) / gram.shape[0] + 1e-12
-    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    a_t = torch.linalg.solve(gram + lam * eye, xs.T @ ys + lam * eye)
-    return a_t.T.float()
-
-
-def _fit_adaptors(student: fx.GraphModule, inputs: tuple[torch.Tensor, ...], targets: tuple, weights: list[float],
-                  settings: RecoverabilitySettings, holdout_error, step_seconds: list | None = None) -> float:
-    """Fit ``student``'s adaptors to ``targets`` and return the held-out error ``holdout_error()``
-    of the best of the checkpoints: the identity start and every fifth of the steps. So the fit
-    never leaves the held-out error above no fit at all: with few training images the adaptors can
-    fit them and not the rest (early stopping on the held-out error). ``step_seconds``: the steps' own seconds are
-    appended to it (:mod:`.scoring_budget` sizes the steps from them)."""
-    params = adaptor_parameters(student)
-    if not params or settings.iterations <= 0:
-        return holdout_error()
-    guard = BestCheckpoint(params, holdout_error)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    student.eval()
-    if settings.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=settings.lr)
-    else:
-        optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                                    weight_decay=settings.weight_decay)
-    milestone = max(1, int(0.4 * settings.iterations))
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [milestone], gamma=0.1)
-    gen = torch.Generator().manual_seed(settings.seed)
-    n = image_count((*inputs, *targets))  # a cached value may fold the batch (MobileViT's patches)
-    checkpoints = checkpoint_steps(settings.iterations)
-    fmt = memory_format(settings.precision, settings.device, student)
-    started = time.perf_counter()
-    for step in range(settings.iterations):
-        index = torch.randint(0, n, (min(settings.batch_size, n),), generator=gen)
-        with autocast(settings.precision, settings.device):
-            output = student(*(to_format(image_rows(x, n, index), fmt) for x in inputs))
-        loss = mimic_loss([o.float() for o in output], [image_rows(t, n, index) for t in targets], weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if step + 1 in checkpoints:
-            if step_seconds is not None:
-                step_seconds.append(time.perf_counter() - started)
-            guard.check(step + 1)
-            started = time.perf_counter()
-    for p in params:
-        p.requires_grad_(False)
-    return guard.restore()
 
 
 __all__ = ["Adaptor", "BlockRecoverability", "ESTIMATORS", "Recoverability", "RecoverabilitySettings",
