@@ -76,8 +76,9 @@ class OptimizeConfig:
     # what the result will be written as, where the caller knows ("onnx" or "pt2"): quantize "auto"
     # leaves int8 off for "pt2", since an int8 model is ONNX only
     output_format: str = "onnx"
-    # seconds the whole run should take (None: no limit): refinement and recovery are sized to the time
-    # left when they start (PassContext.stage_budget); profiling and scoring cost what the model costs
+    # seconds the whole run should take (None: no limit): int8 planning, scoring, refinement and recovery
+    # are sized to the time left when they start (PassContext.stage_budget); profiling costs what the
+    # model costs
     time_budget_s: float | None = None
     quantization: QuantizeSettings = QuantizeSettings()
     # what is cut to reach the target: "blocks" (PRACTISE: drop residual blocks, then recover) or

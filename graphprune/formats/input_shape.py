@@ -86,6 +86,7 @@ def recorded_normalisation(proto: onnx.ModelProto) -> dict | None:
 # ultralytics heads whose first output holds, after its 4 box rows and one score row per class, rows
 # that are no class (mask coefficients, keypoints, a rotated box's angle)
 EXTENDED_DETECT_TASKS = ("segment", "pose", "obb")
+MAX_NAMES_TEXT = 1_000_000  # characters of a names entry read: a hostile file's is not parsed
 
 
 def recorded_detection_rows(proto: onnx.ModelProto) -> dict | None:
@@ -104,9 +105,6 @@ def recorded_detection_rows(proto: onnx.ModelProto) -> dict | None:
     if not isinstance(value, (dict, list)) or not value:
         return None
     return {"rows": 4 + len(value), "task": task}
-
-
-MAX_NAMES_TEXT = 1_000_000  # characters of a names entry read: a hostile file's is not parsed
 
 
 def _metadata(proto: onnx.ModelProto) -> dict[str, str]:

@@ -17,8 +17,9 @@ optimistic one.
 ``plan.proto is None`` with a reason when quantisation does not pay ("auto leaves it off").
 
 With ``max_seconds`` (optimize's ``--time-budget``) no candidate starts that would end past it, if
-it takes as long as the one before (the first also computes the calibration ranges the rest reuse): the choice is among those measured, and the reason says how many were
-left untried. The first candidate always runs: a plan needs one measurement.
+it takes as long as the one before (the first also computes the calibration ranges the rest
+reuse): the choice is among those measured, and the reason says how many were left untried. The
+first candidate always runs: a plan needs one measurement.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ score needs whatever the steps (dropping it, caching the prefix, the held-out ch
 ``per_step`` one adaptor step. Both are measured with ``PROBE_STEPS`` steps (the steps' own time
 apart from the rest) on the first and the last block, whose mean stands for a block: a step runs
 the network from the block onwards, so the first block's steps are the dearest (CIFAR ResNet-56:
-the first alone put its 27 blocks at 370 s where they take 236). Where the asked steps fit the seconds left, they stay;
-else every block gets the most steps that fit, the same for all so the scores stay comparable
-(0: the held-out error of the block simply gone). Measured, not guessed: on nudenet's YOLOv8n a
+the first alone put its 27 blocks at 370 s where they take 236). Where the asked steps fit the
+seconds left, they stay; else every block gets the most steps that fit, the same for all so the
+scores stay comparable (0: the held-out error of the block simply gone). Measured, not guessed: on nudenet's YOLOv8n a
 block took 78 s with 50 steps, and six of them 466 s of a 300 s budget.
 """
 
