@@ -34,7 +34,7 @@ FINDINGS = ("On both block sets, every variant raised the held-out KL from the f
             "800 followed it down (feature MSE at lr 3e-4: 76.25 -> 73.25-73.87; at 3e-5: 81.25 -> 80.25-81.38; KD on "
             "the logits at 3e-4: 76.25 -> 64.88-66.87; at 3e-5: 80.25-81.12), while in the MSE runs the feature MSE "
             "and the logits' L2 error fell: guards on those keep trained weights that are worse. The 40 photos' KL moved with "
-            "the 800's at every checkpoint, so recovery now guards a classifier by it (`recover._holdout_signal`). "
+            "the 800's at every checkpoint, so recovery now guards a classifier by it (`recovery_parts.holdout_signal`). "
             "KD at lr 1e-5 stayed level (held-out KL 0.243 -> 0.243, 0.250; top-1 81.38, 81.88; the 800's KL "
             "0.206 -> 0.215, 0.217). Nothing trained on 160 of these photos brought Lite0's classes closer to the "
             "original's on photos of other classes.")

@@ -25,7 +25,7 @@ With held-out images (``early_stop``), the weights of the best of ten checkpoint
 training stops once half of them in a row have not improved on the best (nothing to gain). "Best"
 is judged on what the model outputs where it classifies (the class distributions' KL to the
 original's), not on the mimicked features, which can come closer while the classes drift away
-(:func:`_holdout_signal`); elsewhere on the feature error. Without,
+(:func:`~.recovery_parts.holdout_signal`); elsewhere on the feature error. Without,
 the start is kept where training ends with a higher feature error on the training images themselves
 (un-augmented) than it began with: it diverged.
 
@@ -42,21 +42,20 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch import fx
 
 from ..augment import augmenter
 from ..checkpoints import BestCheckpoint, checkpoint_steps
 from ..data import TinySet
 from ..errors import GraphpruneError
-from ..features import (cached_suffix, classifier_parameters, feature_map_node_name, mimic_loss, mimic_targets,
-                        run_batched, target_names, target_weights, truncate)
-from ..fidelity import class_kl, output_layout
-from ..model import Model, first_tensor
-from ..ops import fetch_attr
+from ..features import (classifier_parameters, mimic_loss, mimic_targets, run_batched, target_names, target_weights,
+                        truncate)
+from ..model import Model
 from ..precision import autocast, check_device, check_precision, memory_format, to_format
 from ..progress import progress_bar
 from .base import PassResult, Transform
 from .find_blocks import Blocks
+from .recovery_parts import (feature_map, holdout_error, holdout_signal, mimicked_nodes, split_at,
+                             trainable_parameters)
 from .selection import Selection
 
 
@@ -177,14 +176,14 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     student_model = model.clone()
     device = torch.device(settings.device)
     targets = mimic_targets(teacher, feature_node)
-    mimicked = _mimicked_nodes(teacher, student_model, targets, settings)
+    mimicked = mimicked_nodes(teacher, student_model, targets, settings)
     teacher_full = teacher.clone().graph_module.to(device).eval()
     full = student_model.graph_module.to(device)
     images, labels = train.images, train.labels
     split = None
     if settings.loss == "mimic" and frozen_until and _large_images(settings.freeze_prefix, images.shape[-2:]):
-        split = _split_at(full, teacher_full, frozen_until, mimicked, [x.shape for x in teacher.example_inputs()])
-    if split is not None and not _trainable(split[2], set(), settings.trainable):
+        split = split_at(full, teacher_full, frozen_until, mimicked, [x.shape for x in teacher.example_inputs()])
+    if split is not None and not trainable_parameters(split[2], set(), settings.trainable):
         split = None  # only the frozen classifier follows the gap (the last block dropped): train the prefix
     if settings.loss == "label":
         student, frozen = full, {id(p) for p in classifier_parameters(student_model)}
@@ -194,7 +193,7 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     else:
         student, frozen = truncate(full, mimicked[1]), set()
         prefix, teacher_gm = None, truncate(teacher_full, mimicked[0])
-    params = _trainable(student, frozen, settings.trainable)
+    params = trainable_parameters(student, frozen, settings.trainable)
     for p in full.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -219,16 +218,16 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     guard = at_start = None
     kept = [*params, *student.buffers()]  # what a checkpoint keeps: BatchNorm's statistics train too
     if holdout is not None and settings.loss == "mimic":
-        signal, holdout_error = _holdout_signal(holdout.images.to(device), prefix, teacher_gm, student, weights,
-                                                teacher_full, full)
-        guard = BestCheckpoint(kept, holdout_error)
+        signal, guard_error = holdout_signal(holdout.images.to(device), prefix, teacher_gm, student, weights,
+                                             teacher_full, full)
+        guard = BestCheckpoint(kept, guard_error)
         checkpoints = checkpoint_steps(total, EARLY_STOP_CHECKPOINTS)
     elif settings.loss == "mimic" and total > 0:
         # no held-out images: the start is still kept where training leaves the error on the training
         # images themselves (un-augmented) higher than it found it, i.e. it diverged. Adam's steps are
         # about lr whatever a weight's scale: a network whose features are ~1e-6 (torchvision's MNASNet
         # with its initial weights) came out of 10 steps at lr 3e-4 with outputs 23x its own off.
-        at_start = BestCheckpoint(kept, _holdout_error(images.to(device), prefix, teacher_gm, student, weights))
+        at_start = BestCheckpoint(kept, holdout_error(images.to(device), prefix, teacher_gm, student, weights))
     start = time.perf_counter()
     bar = progress_bar(total=total, desc="recovery", enabled=show_progress)
     student.train()
@@ -335,110 +334,6 @@ def _large_images(mode: str, size) -> bool:
     return mode == "on" or (mode == "auto" and max(int(size[0]), int(size[1])) > 64)
 
 
-def _holdout_signal(images: torch.Tensor, prefix, teacher: fx.GraphModule, student: fx.GraphModule, weights,
-                    teacher_full: fx.GraphModule, full: fx.GraphModule):
-    """(name, error function) of what the guard compares on held-out images. Where the model
-    classifies (``fidelity.output_layout``), its class distributions: KL(original || pruned) of the
-    whole network's first output (``fidelity.class_kl``). Mimicking lowers the feature error while
-    it can raise this: on EfficientNet-Lite0 (``benchmarks/studies/lite0_guard.py``, Block
-    Influence's 4 blocks, 400 steps) the held-out feature error fell 24% and the logits' L2 error
-    14% while the held-out KL rose from 0.40 to 1.05 and top-1 on 800 other photos fell from 76.25
-    to 73.75; the 40 photos' KL followed the 800's (0.36 -> 0.96). Elsewhere (a detector, a
-    segmentation map), the mimicked feature error."""
-    reference = first_tensor(run_batched(teacher_full, images))
-    if output_layout(reference) != "classes":
-        return "feature error", _holdout_error(images, prefix, teacher, student, weights)
-
-    def error() -> float:
-        with torch.no_grad():
-            return class_kl(first_tensor(run_batched(full, images)), reference)
-    return "output KL", error
-
-
-def _holdout_error(images: torch.Tensor, prefix, teacher: fx.GraphModule, student: fx.GraphModule, weights):
-    """The student's float32 feature error on held-out images, in eval mode (teacher targets and the
-    frozen prefix's activations computed once)."""
-    inputs = run_batched(prefix, images) if prefix is not None else images
-    targets = run_batched(teacher, inputs)
-
-    def error() -> float:
-        student.eval()
-        with torch.no_grad():
-            return float(mimic_loss(run_batched(student, inputs), targets, weights))
-    return error
-
-
-def _split_at(student: fx.GraphModule, teacher: fx.GraphModule, start: str, mimicked, input_shapes=None):
-    """(shared prefix, teacher suffix, student suffix) at node ``start`` where both graphs compute
-    ``start`` with the same code and weights (the pruned model before its first gap), so that one
-    prefix run serves both and the prefix is not trained; None where they differ or ``start`` is a
-    tuple. Where the targets also read earlier values by another path (a neck's long shortcut, as
-    in PP-OCRv4's recogniser or a YOLO neck), the prefix computes the cut before ``start``
-    (:func:`~graphprune.features.cached_suffix`: ``start`` and those values) and the suffixes take
-    them all, as scoring's cache does; the prefix returns the cut's values as a tuple."""
-    if start not in {n.name for n in student.graph.nodes}:
-        return None
-    found = (cached_suffix(teacher, start, mimicked[0], input_shapes),
-             cached_suffix(student, start, mimicked[1], input_shapes))
-    if None in found or found[0][0] != found[1][0]:
-        return None
-    cut, suffixes = found[1][0], (found[0][1], found[1][1])
-    prefixes = truncate(student, cut), truncate(teacher, cut)
-    if prefixes[0].code != prefixes[1].code:
-        return None
-    mine, theirs = _used_tensors(prefixes[0]), _used_tensors(prefixes[1])
-    if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
-        return None
-    return prefixes[1].eval(), suffixes[0].eval(), suffixes[1]
-
-
-def _trainable(student: fx.GraphModule, frozen: set, which: str = "all") -> list[torch.nn.Parameter]:
-    """The float weights ``student``'s graph reads (a truncated copy keeps every module, the frozen
-    prefix's too), but for those in ``frozen``; with ``which="bias"`` only the biases."""
-    used = {id(t) for name, t in _used_tensors(student).items() if which == "all" or name.endswith("bias")}
-    return [p for p in student.parameters() if p.is_floating_point() and id(p) not in frozen and id(p) in used]
-
-
-def _used_tensors(gm: fx.GraphModule) -> dict:
-    """The weights and buffers ``gm``'s graph reads (a truncated copy keeps every module)."""
-    found = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            module = gm.get_submodule(node.target)  # parameters themselves (state_dict detaches them)
-            found.update({f"{node.target}.{k}": v for k, v in [*module.named_parameters(), *module.named_buffers()]})
-        elif node.op == "get_attr":
-            value = fetch_attr(gm, node.target)
-            if isinstance(value, torch.Tensor):
-                found[node.target] = value
-    return found
-
-
-def _mimicked_nodes(teacher: Model, student: Model, targets, settings: RecoverySettings) -> tuple[list, list]:
-    """(teacher nodes, student nodes) whose outputs are compared, one pair per target. A target is
-    found in the pruned model through the layer that reads it (``target_names``), but the map
-    before it may be a dropped block's output, so each model's map is found from its own target."""
-    teacher_nodes = target_names(teacher.graph_module, targets)
-    student_nodes = target_names(student.graph_module, targets)
-    if settings.target == "features" or settings.loss == "label":
-        return teacher_nodes, student_nodes
-    pairs = []
-    for t, s in zip(teacher_nodes, student_nodes):
-        if settings.target == "auto":
-            maps = feature_map_node_name(teacher, t), feature_map_node_name(student, s)
-            pairs.append((t, s) if None in maps else maps)
-        else:
-            pairs.append((_feature_map(teacher, t), _feature_map(student, s)))
-    return [t for t, _ in pairs], [s for _, s in pairs]
-
-
-def _feature_map(model: Model, feature: str) -> str:
-    name = feature_map_node_name(model, feature)
-    if name is None:
-        raise GraphpruneError(f"recovery target 'feature-map': '{feature}' is not pooled or reshaped from a "
-                              "larger tensor without weights; use the target 'features'")
-    return name
-
-
 def check_recovery(teacher: Model, train: TinySet, settings: RecoverySettings, feature_node: str | None = None) -> None:
     """Refuse, with a one-line error, settings that ``recover`` would refuse, before anything runs:
     a pipeline calls this first so that a bad setting does not cost the scoring before it."""
@@ -447,7 +342,7 @@ def check_recovery(teacher: Model, train: TinySet, settings: RecoverySettings, f
     targets = mimic_targets(teacher, feature_node)  # an unknown feature_node or no target: one line now
     if settings.loss == "mimic" and settings.target == "feature-map":
         for name in target_names(teacher.graph_module, targets):
-            _feature_map(teacher, name)
+            feature_map(teacher, name)
 
 
 def _check(settings: RecoverySettings, train: TinySet) -> None:
