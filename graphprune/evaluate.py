@@ -36,8 +36,8 @@ from .data import TinySet
 from .data_sources import is_class_index
 from .ctc import CtcText
 from .errors import GraphpruneError
-from .fidelity import (DECODERS, DetectionCounts, MapOverlap, describe_layout, detection_head, output_layout,
-                       same_top_classes)
+from .fidelity import (BOX_ROWS, CONFIDENCE, DECODERS, MATCH_IOU, MAX_DETECTIONS, NMS_IOU, DetectionCounts,
+                       MapOverlap, detection_head, output_layout, same_top_classes)
 from .formats.input_shape import recorded_detection_rows
 from .model import Model
 
@@ -216,6 +216,38 @@ def _scores(outputs: tuple[torch.Tensor, ...], names: list[str], data: TinySet, 
                          score_labels=layout == "classes" and labelled and out.shape[1] > most, compare=compare,
                          head_rows=r if layout == "yolov8" else None)
             for name, layout, out, r in zip(names, layouts, outputs, rows)]
+
+
+def describe_layout(layout: str, output: torch.Tensor, head_rows: int | None = None) -> str:
+    """The report's words for how an output of this layout is read (the decoding used)."""
+    if head_rows is not None and layout == "yolov8" and output.shape[1] > head_rows:
+        extra = output.shape[1] - head_rows
+        return (f"{describe_layout(layout, output[:, :head_rows])}; its other {extra} rows (mask coefficients, "
+                "keypoints or a rotated box's angle, as the file's task says; an obb box is matched as if upright) "
+                "by the relative error only")
+    rest = ", ".join(str(d) for d in output.shape[1:])
+    if layout == "classes":
+        return f"class scores (N, {rest}): top-1"
+    if layout == "sequence":
+        return (f"a class per position (N, {rest}): the top class at every position, and as CTC text (runs "
+                "collapsed, the most frequent class as the blank)")
+    if layout == "yolov8":
+        classes, anchors = output.shape[1] - BOX_ROWS, output.shape[2]
+        return (f"YOLOv8 detections (N, 4+{classes}, {anchors} anchors): cx, cy, w, h, {classes} class scores; "
+                f"confidence > {CONFIDENCE}, per-class NMS at IoU {NMS_IOU}, at most {MAX_DETECTIONS}, "
+                f"matched at IoU >= {MATCH_IOU}")
+    if layout == "yolov5":
+        anchors, classes = output.shape[1], output.shape[2] - BOX_ROWS - 1
+        return (f"YOLOv5-style detections (N, {anchors} anchors, 5+{classes}): cx, cy, w, h, objectness, {classes} "
+                f"class scores (score = objectness x class score); confidence > {CONFIDENCE}, per-class NMS at IoU "
+                f"{NMS_IOU}, at most {MAX_DETECTIONS}, matched at IoU >= {MATCH_IOU}")
+    if layout in ("detections", "detections_xywh"):
+        box = "x1, y1, x2, y2" if layout == "detections" else "cx, cy, w, h"
+        return (f"final detections (N, {output.shape[1]}, 6): {box}, score, class, as the model ranks "
+                f"them (end-to-end head or embedded NMS); confidence > {CONFIDENCE}, matched at IoU >= {MATCH_IOU}")
+    if layout == "map":
+        return f"map of values in [0, 1] (N, {rest}): IoU of the regions, thresholds integrated out"
+    return f"other (N, {rest}): relative error only"
 
 
 def _shape(output: torch.Tensor) -> str:
