@@ -194,3 +194,20 @@ def test_the_cli_refuses_the_resolution_lever_for_a_detector_in_one_line(cli, tm
     lines = [line for line in stderr.splitlines() if line.startswith("graphprune: error:")]
     assert code == 1 and not out.exists() and len(lines) == 1 and "Traceback" not in stderr
     assert "the outputs' shapes change" in lines[0]
+
+
+def test_inspect_says_whether_the_resolution_lever_applies(cli, tmp_path):
+    import json
+
+    from onnx_builders import save
+    from yolo_like import tiny_yolo_onnx
+
+    classifier = _pooling_net_onnx(tmp_path / "net.onnx")
+    code, stdout, _ = cli("inspect", classifier)
+    assert code == 0 and "no residual blocks found" in stdout
+    assert "resolution: the network runs at a lower resolution inside the graph" in stdout
+    code, stdout, _ = cli("inspect", classifier, "--json")
+    assert code == 0 and json.loads(stdout)["runs_at_lower_resolution"] is True
+    detector = save(tiny_yolo_onnx(size=64), tmp_path / "yolo.onnx")
+    code, stdout, _ = cli("inspect", detector)
+    assert code == 0 and "residual blocks;" in stdout and "resolution: its outputs follow the input's size" in stdout

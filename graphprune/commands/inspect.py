@@ -1,4 +1,5 @@
-"""``graphprune inspect MODEL``: the residual blocks, as a table or JSON."""
+"""``graphprune inspect MODEL``: the residual blocks, as a table or JSON, and whether the network
+can run at a lower resolution inside the graph (``optimize --lever resolution``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import click
 from ..cli import load_model_from_args, model_options
 from ..cli_options import GroupedOption, subcommand
 from ..passes import FindBlocks
+from ..passes.resize_input import runs_smaller
 
 
 @subcommand("inspect", help="List the residual blocks of a model.")
@@ -18,14 +20,17 @@ def command(args) -> int:
     model = load_model_from_args(args)
     result = FindBlocks()(model)
     blocks, total = result.value, result.record["model_macs"]
+    smaller = runs_smaller(model)
     if args.json:
         print(json.dumps({"model": args.model, "input_shape": list(model.analysis_shape()),
-                          "model_macs": total, "blocks": [b.summary() for b in blocks]}, indent=2))
+                          "model_macs": total, "blocks": [b.summary() for b in blocks],
+                          "runs_at_lower_resolution": smaller}, indent=2))
         return 0
-    if not blocks:
-        print(f"{args.model}: no residual blocks found (nothing graphprune can drop)")
-        return 0
-    print(format_block_table(blocks, total))
+    print(format_block_table(blocks, total) if blocks else
+          f"{args.model}: no residual blocks found (nothing graphprune can drop)")
+    print("resolution: the network runs at a lower resolution inside the graph with its outputs' shapes "
+          "(optimize --lever resolution)" if smaller else
+          "resolution: its outputs follow the input's size, or it cannot run smaller (no --lever resolution)")
     return 0
 
 

@@ -99,13 +99,20 @@ def check_resizable(model: Model, resized: Model) -> None:
                               "can run at a lower resolution")
 
 
-def resolution_hint(model: Model) -> str:
-    """``"; resolution may reach it ..."`` where ``model`` runs at three quarters of its side
-    with its outputs' shapes (a classifier that pools globally), else ``""``: what an unreachable
-    target's line adds for a model with too few blocks."""
+def runs_smaller(model: Model) -> bool:
+    """Whether ``model`` runs at three quarters of its side with its outputs' shapes (a classifier
+    that pools globally): whether the resolution lever applies to it."""
     try:
         check_resizable(model, resize_input(model, 0.75))
     except GraphpruneError:
+        return False
+    return True
+
+
+def resolution_hint(model: Model) -> str:
+    """``"; resolution may reach it ..."`` where :func:`runs_smaller`, else ``""``: what an
+    unreachable target's line adds for a model with too few blocks."""
+    if not runs_smaller(model):
         return ""
     return "; resolution may reach it (lever 'resolution': the network at a lower resolution inside the graph)"
 
