@@ -49,7 +49,7 @@ HEADLINE = ("top1", "agreement", "detections", "map_iou")
 
 def evaluate(model: Model, data: TinySet, reference: Model | None = None, batch_size: int | None = None) -> dict:
     """The model's metrics on ``data`` (see the module docstring), compared with ``reference``'s outputs."""
-    return _evaluate(_fx_runner(model), None, list(model.output_names), data, reference, batch_size,
+    return _evaluate(fx_runner(model), None, list(model.output_names), data, reference, batch_size,
                      head_rows(reference or model))
 
 
@@ -80,7 +80,7 @@ def evaluate_written(model: Model, int8: onnx.ModelProto | None, data: TinySet, 
 def check_eval_data(model: Model, data: TinySet) -> None:
     """Refuse, before anything long runs, a set the model's outputs cannot be scored on (labels
     for a model without class scores, labels beyond its classes): the model runs on two images."""
-    outputs = _fx_runner(model)(data.images[:2])
+    outputs = fx_runner(model)(data.images[:2])
     _scores(outputs, list(model.output_names), data, compare=False, head_rows=head_rows(model))
 
 
@@ -163,7 +163,7 @@ def _evaluate(run: Runner, fixed: int | None, names: list[str], data: TinySet, r
     count = len(data) - (len(data) % fixed if fixed else 0)
     if count == 0:
         raise GraphpruneError(f"the model's fixed batch of {fixed} is more than the {len(data)} evaluation images")
-    run_reference = _fx_runner(reference) if reference is not None else None
+    run_reference = fx_runner(reference) if reference is not None else None
     scores: list[_OutputScore] = []
     for start in range(0, count, step):
         images, labels = data.images[start:start + step], data.labels[start:start + step]
@@ -254,7 +254,8 @@ def _shape(output: torch.Tensor) -> str:
     return "(N, " + ", ".join(str(d) for d in output.shape[1:]) + ")"
 
 
-def _fx_runner(model: Model) -> Runner:
+def fx_runner(model: Model) -> Runner:
+    """``run(images)``: every output tensor of the fx graph on one batch, in eval mode, no grad."""
     gm = model.graph_module
 
     def run(images: torch.Tensor) -> tuple[torch.Tensor, ...]:

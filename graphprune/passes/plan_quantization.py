@@ -173,10 +173,12 @@ class PlanQuantization(Analysis):
         tiny = ctx.need("tiny", self.name)
         proto = to_onnx(ctx.original) if float_proto is None else float_proto
         settings = self._settings(ctx)
-        mimic = functools.partial(settings.mimic_settings, self.train_device)  # its budget: the time left then
+
+        def mimic() -> MimicSettings:  # sized to the time left when the mimicking starts
+            return settings.mimic_settings(self.train_device, ctx.stage_budget(None, share=MIMIC_SHARE))
+
         improve = None if settings.mimic == "off" else \
-            functools.partial(_mimicked, ctx.original, proto, tiny.images, settings.device,
-                              lambda: mimic(ctx.stage_budget(None, share=MIMIC_SHARE)), ctx.feature_node,
+            functools.partial(_mimicked, ctx.original, proto, tiny.images, settings.device, mimic, ctx.feature_node,
                               ctx.show_progress)
         try:
             plan = plan_quantization(proto, tiny.images, tiny.images, settings,

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
 from ..errors import GraphpruneError
+from ..evaluate import fx_runner
 from ..formats.input_layout import is_channels_last
 from ..formats.onnx_lower import RESIZED_INPUT
 from ..model import Model
@@ -82,18 +82,16 @@ def resize_input(model: Model, scale: float) -> Model:
 
 def check_resizable(model: Model, resized: Model) -> None:
     """One line where ``resized`` does not give outputs of ``model``'s shapes (or cannot run)."""
-    example = model.example_inputs()
-    with torch.no_grad():
-        try:
-            got = _shapes(_outputs(resized, example))
-        except Exception as exc:  # a fixed pooling window or reshape that the smaller map breaks
-            size = "x".join(map(str, resized_size(example[0].shape, resized.meta["resized_input"])))
-            raise GraphpruneError(f"the network cannot run at {size} inside the graph ({type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else 'no message'}): its layers fix the "
-                                  "input's size") from None
-        expected = _shapes(_outputs(model, example))
+    (image,) = model.example_inputs()  # resize_input takes models with one input
+    size = "x".join(map(str, resized_size(image.shape, resized.meta["resized_input"])))
+    try:
+        got = [tuple(t.shape) for t in fx_runner(resized)(image)]
+    except Exception as exc:  # a fixed pooling window or reshape that the smaller map breaks
+        raise GraphpruneError(f"the network cannot run at {size} inside the graph ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'no message'}): its layers fix the "
+                              "input's size") from None
+    expected = [tuple(t.shape) for t in fx_runner(model)(image)]
     if got != expected:
-        size = "x".join(map(str, resized_size(example[0].shape, resized.meta["resized_input"])))
         raise GraphpruneError(f"at {size} inside the graph the outputs' shapes change ({expected} -> {got}): only a "
                               "network whose outputs do not follow the input's size (a classifier that pools globally) "
                               "can run at a lower resolution")
@@ -115,25 +113,6 @@ def resolution_hint(model: Model) -> str:
     if not runs_smaller(model):
         return ""
     return "; resolution may reach it (lever 'resolution': the network at a lower resolution inside the graph)"
-
-
-def _outputs(model: Model, example):
-    """Every output of ``model`` on ``example``, in eval mode (``Model.run`` gives the first)."""
-    gm = model.graph_module
-    was_training = gm.training
-    gm.eval()
-    try:
-        return gm(*example)
-    finally:
-        gm.train(was_training)
-
-
-def _shapes(output) -> list[tuple[int, ...]]:
-    if isinstance(output, torch.Tensor):
-        return [tuple(output.shape)]
-    if isinstance(output, (list, tuple)):
-        return [s for item in output for s in _shapes(item)]
-    return []
 
 
 def _opset(model: Model) -> int:
