@@ -24,7 +24,9 @@ Models (``--model``):
 Methods: ``graphprune`` (the default pipeline), ``block-influence`` (Block Influence ranks the
 blocks; no refinement), ``graphprune-int8`` (``quantize="auto"``), ``int8-only`` (the plan and the
 quantised original, no block step), ``graphprune-resolution`` (``lever="resolution"``, float: the
-network behind a resize at its entry, no training; its size is in the dropped column). Each row: the written file's cut measured by ``measure_result``
+network behind a resize at its entry, no training; its size is in the dropped column),
+``graphprune-auto`` (``lever="auto"``, float: both levers, the one closer to the original on the
+held-out tiny images written; the report's ``lever`` is in the row). Each row: the written file's cut measured by ``measure_result``
 (interleaved with the original), fidelity on the evaluation set of the written file as onnxruntime
 runs it, the dropped blocks, wall seconds per stage, recovery steps and refinement fits. Rows go to
 ``benchmarks/results/real_models.json`` (a rerun skips finished rows of this CPU; ``--redo`` replaces them).
@@ -48,7 +50,7 @@ from benchmarks.common import CACHE, DATA_DIR, results_dir, run_report_main
 from benchmarks.compare_rows import this_machine
 from benchmarks.rowfile import RowFile, report_fields, run_rows
 
-METHODS = ("graphprune", "block-influence", "graphprune-int8", "int8-only", "graphprune-resolution")
+METHODS = ("graphprune", "block-influence", "graphprune-int8", "int8-only", "graphprune-resolution", "graphprune-auto")
 SEEDS = (2021, 2022, 2023)
 ROWS = RowFile("real_models")
 
@@ -134,7 +136,8 @@ class RealModel:
 MODELS = {
     "efficientnet_lite0": RealModel(lite0_onnx, (3, 224, 224), (0.5,) * 3, (0.5,) * 3, True,
                                     {"graphprune": (0.22,), "block-influence": (0.22,),
-                                     "graphprune-int8": (0.22, 0.5), "graphprune-resolution": (0.2, 0.22)},
+                                     "graphprune-int8": (0.22, 0.5), "graphprune-resolution": (0.2, 0.22),
+                                     "graphprune-auto": (0.22,)},
                                     crop=0.875),  # ImageNet's 256 -> 224
     # blocks alone stop at 10%: on the AMD EPYC family 25 all 6 C2f blocks together cut 15.4%, short of
     # the issue's 15% plus the margin; 15% is int8's
@@ -236,8 +239,8 @@ def config_for(row: dict):
     if row["method"] in ("graphprune-int8", "int8-only"):
         return replace(base, quantize="auto")
     base = replace(base, quantize="none")  # the block and resolution methods: float, whatever the product's default
-    if row["method"] == "graphprune-resolution":
-        return replace(base, lever="resolution")
+    if row["method"] in ("graphprune-resolution", "graphprune-auto"):
+        return replace(base, lever=row["method"].split("-")[1])
     if row["method"] == "block-influence":
         return replace(base, recoverability=replace(base.recoverability, estimator="influence"))
     return base
@@ -274,6 +277,7 @@ def run_row(row: dict, original_path: Path, tiny, test, spec: RealModel) -> dict
         "early_stop": {k: v for k, v in (records.get("recover", {}).get("early_stop") or {}).items() if k != "checkpoints"},
         "refinement_fits": len((report.get("refinement") or {}).get("evaluations", [])),
         "resolution": report.get("resolution"),
+        "lever": report.get("lever"),
     }
 
 
@@ -300,11 +304,16 @@ def cmd_run(args) -> None:
 
 
 def changed_text(row: dict) -> str:
-    """The blocks a row dropped, or the internal size a resolution row runs at."""
+    """The blocks a row dropped, or the internal size a resolution row runs at; for lever "auto",
+    which lever was kept and each one's held-out distance."""
     size = (row.get("resolution") or {}).get("size")
-    if size:
-        return f"runs at {size[0]}x{size[1]}"
-    return ", ".join(row["dropped"]) or "-"
+    changed = f"runs at {size[0]}x{size[1]}" if size else (", ".join(row["dropped"]) or "-")
+    lever = row.get("lever") or {}
+    if lever.get("candidates"):
+        tried = "; ".join(f"{name} " + ", ".join(f"{k} {v:.3g}" for k, v in c["distance"].items())
+                          if c["error"] is None else f"{name} failed" for name, c in lever["candidates"].items())
+        changed = f"{lever['chosen']} kept ({tried}): {changed}"
+    return changed
 
 
 def summary(row: dict) -> str:

@@ -8,7 +8,8 @@ reference's output (the model's own without one; :mod:`graphprune.fidelity`), an
 * every output, with a reference: ``relative_error`` = ||y - y_ref|| / ||y_ref||, norms over all
   the images (None where y_ref is 0);
 * class scores (N, K): ``top1`` where the set has labels (below K), ``agreement`` of the top
-  class with the reference's;
+  class with the reference's and ``kl``, the mean KL(reference || model) of the class
+  distributions (what ``lever="auto"`` compares the levers by);
 * a class per position (N, T, K), with a reference: ``agreement``, the images whose top class
   agrees at every position, ``positions_agreement``, and ``ctc``: the outputs read as CTC text,
   the images that read the same text and the character error rate against the reference's;
@@ -37,7 +38,7 @@ from .data_sources import is_class_index
 from .ctc import CtcText
 from .errors import GraphpruneError
 from .fidelity import (BOX_ROWS, CONFIDENCE, DECODERS, MATCH_IOU, MAX_DETECTIONS, NMS_IOU, DetectionCounts,
-                       MapOverlap, detection_head, output_layout, same_top_classes)
+                       MapOverlap, class_kl, detection_head, output_layout, same_top_classes)
 from .formats.input_shape import recorded_detection_rows
 from .model import Model
 
@@ -102,6 +103,7 @@ class _OutputScore:
     head_rows: int | None = None  # the first rows a YOLOv8 head's (fidelity.detection_head)
     correct: int = 0
     agree: int = 0
+    kl_sum: float = 0.0  # KL(original || this) of the class distributions, summed over the images
     positions: int = 0  # a sequence's positions compared, and those whose top class agrees
     positions_agree: int = 0
     squared_error: float = 0.0
@@ -125,7 +127,9 @@ class _OutputScore:
         if self.layout == "classes":
             top = output.argmax(1)
             self.correct += int((top == labels).sum()) if self.score_labels else 0
-            self.agree += int(same_top_classes(output, reference).sum()) if reference is not None else 0
+            if reference is not None:
+                self.agree += int(same_top_classes(output, reference).sum())
+                self.kl_sum += class_kl(output, reference) * len(output)
         elif self.layout == "sequence" and reference is not None:
             self.agree += int(same_top_classes(output, reference).sum())
             self.positions += output.shape[0] * output.shape[1]
@@ -147,6 +151,8 @@ class _OutputScore:
             result["top1"] = self.correct / images
         if self.layout in ("classes", "sequence") and self.compare:
             result["agreement"] = self.agree / images
+        if self.layout == "classes" and self.compare:
+            result["kl"] = self.kl_sum / images
         if self.layout == "sequence" and self.compare:
             result["positions_agreement"] = self.positions_agree / self.positions
             result["ctc"] = self.text.as_dict()

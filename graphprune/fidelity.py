@@ -170,8 +170,9 @@ def class_log_probabilities(scores: torch.Tensor) -> torch.Tensor:
 
 def class_kl(output: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean over the images of KL(p_reference || p_output) of two ``classes`` outputs."""
-    return float(torch.nn.functional.kl_div(class_log_probabilities(output), class_log_probabilities(reference),
-                                            log_target=True, reduction="batchmean"))
+    kl = torch.nn.functional.kl_div(class_log_probabilities(output), class_log_probabilities(reference),
+                                    log_target=True, reduction="batchmean")
+    return max(0.0, float(kl))  # >= 0 but for rounding
 
 
 def detection_head(output: torch.Tensor, head_rows: int | None) -> torch.Tensor:

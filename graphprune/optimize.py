@@ -10,7 +10,9 @@ against the float original, and :func:`write_result` writes the quantised file.
 
 With ``lever="resolution"`` the block steps give way to ``choose_resolution -> resize_input``: the
 network runs behind a resize at its entry, the largest internal size measured at the target, and
-nothing is trained (:mod:`graphprune.passes.choose_resolution`).
+nothing is trained (:mod:`graphprune.passes.choose_resolution`). With ``lever="auto"`` both lists
+run on one context and the written model closer to the original on the held-out images is kept
+(:mod:`graphprune.choose_lever`).
 
 :func:`default_pipeline` is that list; a user edits it (insert, replace, remove passes) and hands
 it to :func:`optimize`, which builds the :class:`~graphprune.passes.PassContext` (backend, latency
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .backends.base import LatencySettings, get_backend
+from .choose_lever import optimize_auto
 from .data import Preprocessing, TinySet, split_holdout
 from .errors import GraphpruneError, shown
 from .features import describe_targets
@@ -49,7 +52,7 @@ from .passes.recoverability import RecoverabilitySettings
 from .passes.refine_selection import RefineSettings
 
 log = logging.getLogger("graphprune")
-LEVERS = ("blocks", "resolution")
+LEVERS = ("blocks", "resolution", "auto")
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ class OptimizeConfig:
     quantization: QuantizeSettings = QuantizeSettings()
     # what is cut to reach the target: "blocks" (PRACTISE: drop residual blocks, then recover) or
     # "resolution" (the network behind a resize at its entry, the file's input unchanged; no training:
-    # passes/choose_resolution.py), each composed with int8 as quantize says
+    # passes/choose_resolution.py), each composed with int8 as quantize says; "auto": both, the one
+    # whose result stays closer to the original on the held-out images kept (choose_lever.py)
     lever: str = "blocks"
 
     def __post_init__(self):
@@ -164,8 +168,12 @@ def _unbatched(meta: dict) -> tuple[str, str]:
 def default_pipeline(config: OptimizeConfig = OptimizeConfig()) -> list[Pass]:
     """The PRACTISE pipeline: the list ``optimize`` runs unless given another; with ``quantize``
     other than ``"none"``, ``plan_quantization`` after find_blocks and ``quantize_result`` after recover.
-    With ``lever="resolution"``: choose_resolution and resize_input instead of the block steps."""
+    With ``lever="resolution"``: choose_resolution and resize_input instead of the block steps.
+    ``lever="auto"`` is two pipelines (:mod:`graphprune.choose_lever`), not one list."""
     quantized = config.quantize != "none"
+    if config.lever == "auto":
+        raise GraphpruneError("lever 'auto' runs the default pipelines of both levers; a pipeline of its own "
+                              "takes lever 'blocks' or 'resolution'", parameter="lever")
     if config.lever == "resolution":
         return [
             *([PlanQuantization.from_config(config)] if quantized else []),
@@ -208,11 +216,20 @@ def optimize(model: Model, tiny: TinySet, config: OptimizeConfig = OptimizeConfi
     """Run ``pipeline`` (default: :func:`default_pipeline`) on ``model`` with the tiny set: drop
     blocks until the measured latency cut reaches ``config.latency_cut``, then recover."""
     image_input_shape(model)
-    steps = default_pipeline(config) if pipeline is None else pipeline
     ctx = make_context(model, tiny, config)
-    state = PassState(model)
-    Pipeline(steps).run(model, ctx, state)
-    return OptimizeResult(state.model, state, build_report(model, state, ctx, config))
+    lever = {"chosen": config.lever, "reason": "as asked", "candidates": {}}
+    if config.lever == "auto" and pipeline is not None:
+        raise GraphpruneError("lever 'auto' chooses between the two default pipelines; a pipeline of its own "
+                              "takes lever 'blocks' or 'resolution'", parameter="lever")
+    if config.lever == "auto":
+        state, lever = optimize_auto(model, ctx, config, default_pipeline)
+    else:
+        steps = default_pipeline(config) if pipeline is None else pipeline
+        state = PassState(model)
+        Pipeline(steps).run(model, ctx, state)
+    report = build_report(model, state, ctx, config)
+    report["lever"] = lever
+    return OptimizeResult(state.model, state, report)
 
 
 def make_context(model: Model, tiny: TinySet, config: OptimizeConfig) -> PassContext:

@@ -16,6 +16,10 @@ def format_summary(report: dict) -> str:
     latency = report["latency"]
     resolution = report.get("resolution")
     lines = _resolution_lines(resolution) if resolution else _block_lines(report)
+    lever = report.get("lever") or {}
+    if lever.get("candidates"):  # lever "auto": both were tried
+        took = ", ".join(f"{name} {c['seconds']:.0f}s" for name, c in lever["candidates"].items())
+        lines.append(f"lever: {lever['reason']} (time: {took})")
     steps = report.get("scoring_steps")
     if steps:
         lines.append(f"scoring: {steps['used']} adaptor steps per block instead of {steps['asked']}, to fit the time "

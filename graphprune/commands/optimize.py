@@ -96,11 +96,12 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
 @opt("latency", "--quantize-mimic", fills="quantization.mimic", type=click.Choice(["auto", "off"]),
      help="auto: where plain int8 loses more than the bound, train the weights with int8's rounding in the graph "
           "to mimic the original on the tiny set (minutes), and judge again; off: never")
-@opt("latency", "--lever", fills="lever", type=click.Choice(["blocks", "resolution"]),
-     help="what is cut: blocks (drop residual blocks, then recover on the tiny set) or resolution (the network "
+@opt("latency", "--lever", fills="lever", type=click.Choice(["blocks", "resolution", "auto"]),
+     help="what is cut: blocks (drop residual blocks, then recover on the tiny set), resolution (the network "
           "runs behind a resize at its entry, the file's input unchanged: the largest internal size measured at "
           "the target, no training; for networks whose outputs do not follow the input's size, such as "
-          "classifiers that pool globally)")
+          "classifiers that pool globally), or auto (both; the result closer to the original on the held-out "
+          "images is written)")
 @opt("latency", "--margin", fills="margin", type=NON_NEGATIVE, help="select until the measured cut reaches cut+margin")
 @opt("latency", "--time-budget", fills="time_budget_s", type=POSITIVE, metavar="SECONDS",
      help="seconds the whole run should take (2700: 45 minutes): int8 planning, scoring, refinement and "

@@ -55,5 +55,7 @@ class CheckReachable(Analysis):
         if best < goal:
             refused = unreachable(target, goal, len(names), best, alone, int8_off_reason(inputs.get(QuantizationPlan)),
                                   blocks_found=len(inputs[Blocks]))
-            raise GraphpruneError(f"{refused}{resolution_hint(model)}")
+            # lever "auto" has tried resolution itself and says so
+            auto = getattr(ctx.config, "lever", None) == "auto"
+            raise GraphpruneError(refused if auto else f"{refused}{resolution_hint(model)}")
         return PassResult(model, record={"candidates": len(names), "all_dropped_cut": best, "goal": goal})
