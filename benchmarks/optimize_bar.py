@@ -2,13 +2,14 @@
 ResNet-56 (ONNX), 500 images of train_lossless_4000 (seed 2021), a 22% cut on onnxruntime CPU,
 1 thread, batch 1, with an empty cache (nothing reused from earlier runs).
 
-``--time-budget SECONDS`` runs it under ``optimize --time-budget`` (results named ``..._budget<SECONDS>``).
+``--time-budget SECONDS`` runs it under ``optimize --time-budget`` (results named ``..._budget<SECONDS>``);
+``--lever auto`` (or ``resolution``) under ``optimize --lever`` (``..._lever-<LEVER>``).
 
 Then, independently of the report: the written file is timed against the original, interleaved,
 three times, and evaluated on test_lossless_1000. Writes
 ``benchmarks/results/optimize_resnet56_cut22_seed2021.{json,md}`` (and the run's plot).
 
-    python -m benchmarks.optimize_bar [--time-budget 600]
+    python -m benchmarks.optimize_bar [--time-budget 600] [--lever auto]
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ REPEATS = 3
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--time-budget", type=int, help="optimize's --time-budget in seconds")
+    parser.add_argument("--lever", choices=("resolution", "auto"), help="optimize's --lever (default: blocks)")
     args = parser.parse_args()
-    name = NAME + (f"_budget{args.time_budget}" if args.time_budget else "")
-    budget = ["--time-budget", str(args.time_budget)] if args.time_budget else []
+    name = NAME + (f"_budget{args.time_budget}" if args.time_budget else "") + (f"_lever-{args.lever}" if args.lever else "")
+    budget = (["--time-budget", str(args.time_budget)] if args.time_budget else []) + \
+        (["--lever", args.lever] if args.lever else [])
 
     import graphprune as gp
     from graphprune.backends.base import LatencySettings, get_backend
@@ -74,7 +77,8 @@ def main() -> None:
         "top1_optimized": evaluate(optimized, test)["top1"],
         "load_average": os.getloadavg(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "options": f" --time-budget {args.time_budget}" if args.time_budget else "",
+        "options": "".join(f" {x}" for x in budget),
+        "lever": run_report.get("lever"),
     }
     (results_dir() / f"{name}.json").write_text(json.dumps(result, indent=1))
     (results_dir() / f"{name}.md").write_text(_markdown(result))
@@ -96,7 +100,8 @@ def _markdown(r: dict) -> str:
         f"| independent interleaved timing of the written file, {len(r['independent_cuts'])} repeats of 2 s per model"
         f" | {cuts} ({ms}) |",
         f"| wall time | **{r['wall_s'] / 60:.1f} min** (bar: under 20); per stage: {r['stage_seconds']} |",
-        f"| dropped | {', '.join(r['dropped'])} |", "",
+        f"| dropped | {', '.join(r['dropped']) or '-'} |",
+        *([f"| lever (auto) | {r['lever']['reason']} |"] if (r.get("lever") or {}).get("candidates") else []), "",
         "Blocks come whole (3-4% of ResNet-56's latency each), so the cut lands above the target by up to",
         "one block; selection stops at the first measured set that reaches the target + 0.005.", ""])
 

@@ -21,30 +21,41 @@ from graphprune.passes.refine_selection import RefineSettings
 
 
 def _run(lever: str, kl: float | None = None, error: str | None = None, trained_on: bool = False,
-         relative_error: float = 0.3) -> LeverRun:
+         relative_error: float = 0.3, agreement: float | None = 0.9) -> LeverRun:
     if error is not None:
         return LeverRun(lever, None, error, 1.0)
     state = PassState(model=None)
-    outputs = {"logits": {"layout": "classes", "agreement": 0.9, "kl": kl, "relative_error": relative_error}}
-    state.artifacts.put(HeldOutFidelity({"images": 16, "outputs": outputs}, 16, trained_on))
+    outputs = {"logits": {"layout": "classes", "agreement": agreement, "kl": kl, "relative_error": relative_error}}
+    state.artifacts.put(HeldOutFidelity({"images": 40, "outputs": outputs}, 40, trained_on))
     return LeverRun(lever, state, None, 1.0)
 
 
-def test_the_lever_with_the_lower_held_out_kl_is_kept_and_the_reason_gives_both():
-    kept, reason = choose(_run("resolution", 0.22), _run("blocks", 0.61))
+def test_top_class_agreement_decides_where_it_differs_by_two_images_or_more():
+    """Agreement decides, whichever lever has the lower held-out KL."""
+    kept, reason = choose(_run("resolution", 0.58, agreement=34 / 40), _run("blocks", 0.38, agreement=32 / 40))
     assert kept.lever == "resolution"
-    assert reason == "resolution: held-out output KL 0.22 with resolution, 0.61 with blocks"
-    kept, reason = choose(_run("resolution", 0.4), _run("blocks", 0.1, trained_on=True))
-    assert kept.lever == "blocks" and reason.endswith("(blocks' recovery trained on these images)")
-    assert _run("blocks", 0.1).to_dict()["distance"] == {"output KL": 0.1, "relative error": 0.3}
-
-
-def test_a_saturated_softmax_is_compared_by_the_relative_error():
-    """Both KLs about 0 (one class near 1 for every image) say nothing: the logits' error decides."""
-    kept, reason = choose(_run("resolution", 1e-9, relative_error=0.2), _run("blocks", 0.0, relative_error=0.5))
-    assert kept.lever == "resolution" and reason == "resolution: held-out relative error 0.2 with resolution, 0.5 with blocks"
-    kept, _ = choose(_run("resolution", None, relative_error=0.4), _run("blocks", None, relative_error=0.1))
+    assert reason == "resolution: the original's top class on 34 of 40 held-out images with resolution, 32 with blocks"
+    kept, _ = choose(_run("resolution", 0.1, agreement=30 / 40), _run("blocks", 0.4, agreement=36 / 40))
     assert kept.lever == "blocks"
+    assert _run("blocks", 0.1).to_dict()["distance"] == {"agreement": 0.9, "output KL": 0.1, "relative error": 0.3}
+
+
+def test_within_one_image_the_untrained_lever_is_kept():
+    """Lite0 at 30%: both kept the top class on 31 of 40; blocks' lower KL (0.38 against 0.58) went
+    with 4 points less top-1 on 800 other photos."""
+    kept, reason = choose(_run("resolution", 0.58, agreement=31 / 40), _run("blocks", 0.38, agreement=32 / 40))
+    assert kept.lever == "resolution"
+    assert reason == ("resolution: the original's top class on 31 of 40 held-out images with resolution, 32 with "
+                      "blocks (within 1: the untrained lever is kept)")
+
+
+def test_outputs_without_classes_are_compared_by_the_relative_error():
+    kept, reason = choose(_run("resolution", None, relative_error=0.2, agreement=None),
+                          _run("blocks", None, relative_error=0.5, agreement=None))
+    assert kept.lever == "resolution" and reason == "resolution: held-out relative error 0.2 with resolution, 0.5 with blocks"
+    kept, reason = choose(_run("resolution", None, relative_error=0.4, agreement=None),
+                          _run("blocks", None, trained_on=True, relative_error=0.1, agreement=None))
+    assert kept.lever == "blocks" and reason.endswith("(blocks' recovery trained on these images)")
 
 
 def test_a_lever_that_failed_leaves_the_other_and_both_failing_is_one_line():
@@ -61,8 +72,7 @@ def test_a_lever_that_failed_leaves_the_other_and_both_failing_is_one_line():
 
 def test_auto_runs_both_levers_and_writes_the_closer_one(cli, tmp_path):
     """ResNet-20 at 32 px (its CIFAR weights), 15%: both levers reach it; the report holds both
-    candidates' held-out distances and cut, and the summary says which was kept and why (on noise
-    images its softmax saturates: both KLs are about 0, and the relative error decides)."""
+    candidates' held-out distances and cut, and the summary says which was kept and why."""
     data, out, report = tmp_path / "tiny.npz", tmp_path / "fast.onnx", tmp_path / "r.json"
     np.savez(data, images=np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
     code, stdout, err = cli("optimize", "zoo:cifar10_resnet20", "--latency-cut", "0.15", "--quantize", "none",
@@ -75,10 +85,10 @@ def test_auto_runs_both_levers_and_writes_the_closer_one(cli, tmp_path):
     assert set(candidates) == {"resolution", "blocks"}
     for run in candidates.values():
         assert run["error"] is None, run["error"]
-        assert set(run["distance"]) == {"output KL", "relative error"} and run["cut"] is not None
-    signal = "output KL" if max(c["distance"]["output KL"] for c in candidates.values()) > 1e-6 else "relative error"
-    closer = min(candidates, key=lambda name: candidates[name]["distance"][signal])
-    assert lever["chosen"] == closer and f"lever: {closer}: held-out {signal}" in stdout
+        assert set(run["distance"]) == {"agreement", "output KL", "relative error"} and run["cut"] is not None
+    agree = {name: round(16 * c["distance"]["agreement"]) for name, c in candidates.items()}
+    closer = max(agree, key=agree.get) if abs(agree["resolution"] - agree["blocks"]) >= 2 else "resolution"
+    assert lever["chosen"] == closer and f"lever: {closer}: the original's top class on" in stdout
     written = gp.load(str(out))
     resized = any(node.op_type == "Resize" for node in written.onnx.proto.graph.node)
     assert resized == (closer == "resolution")
