@@ -111,17 +111,17 @@ def choose(resolution: LeverRun, blocks: LeverRun | None) -> tuple[LeverRun, str
     flattered = " (blocks' recovery trained on these images)" if blocks.fidelity.trained_on else ""
     if "agreement" in first and "agreement" in second:  # a classifier: the user's measure first
         images = blocks.fidelity.images
-        counts = {r.lever: round(r.signals()["agreement"] * images) for r in runs}
-        agreed = (f"the original's top class on {counts['resolution']} of {images} held-out images with resolution, "
-                  f"{counts['blocks']} with blocks{flattered}")
-        if abs(counts["resolution"] - counts["blocks"]) >= DECISIVE_IMAGES:
-            kept = max(runs, key=lambda r: counts[r.lever])
+        ours, theirs = round(first["agreement"] * images), round(second["agreement"] * images)
+        agreed = (f"the original's top class on {ours} of {images} held-out images with resolution, "
+                  f"{theirs} with blocks{flattered}")
+        if abs(ours - theirs) >= DECISIVE_IMAGES:
+            kept = resolution if ours > theirs else blocks
             return kept, f"{kept.lever}: {agreed}"
         # within one image: resolution, whose held-out figures nothing was fitted to (see the docstring)
         return resolution, f"resolution: {agreed} (within {DECISIVE_IMAGES - 1}: the untrained lever is kept)"
     if "relative error" not in first or "relative error" not in second:  # check_fidelity could not compare
         return blocks, "blocks: the held-out outputs could not be compared"
-    kept = min(runs, key=lambda r: r.signals()["relative error"])
+    kept = resolution if first["relative error"] <= second["relative error"] else blocks
     return kept, (f"{kept.lever}: held-out relative error {first['relative error']:.4g} with resolution, "
                   f"{second['relative error']:.4g} with blocks{flattered}")
 

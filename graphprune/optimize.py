@@ -216,11 +216,11 @@ def optimize(model: Model, tiny: TinySet, config: OptimizeConfig = OptimizeConfi
     """Run ``pipeline`` (default: :func:`default_pipeline`) on ``model`` with the tiny set: drop
     blocks until the measured latency cut reaches ``config.latency_cut``, then recover."""
     image_input_shape(model)
-    ctx = make_context(model, tiny, config)
-    lever = {"chosen": config.lever, "reason": "as asked", "candidates": {}}
     if config.lever == "auto" and pipeline is not None:
         raise GraphpruneError("lever 'auto' chooses between the two default pipelines; a pipeline of its own "
                               "takes lever 'blocks' or 'resolution'", parameter="lever")
+    ctx = make_context(model, tiny, config)
+    lever = {"chosen": config.lever, "reason": "as asked", "candidates": {}}
     if config.lever == "auto":
         state, lever = optimize_auto(model, ctx, config, default_pipeline)
     else:

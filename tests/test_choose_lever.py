@@ -96,7 +96,6 @@ def test_auto_runs_both_levers_and_writes_the_closer_one(cli, tmp_path):
 
 def test_auto_on_a_model_that_cannot_run_smaller_keeps_blocks_and_says_why():
     """A detector's outputs follow the input's size: resolution fails in one line, blocks are kept."""
-    from onnx_builders import save  # noqa: F401  (the test helpers' import path)
     from yolo_like import tiny_yolo_onnx
 
     model = gp.formats.io_onnx.load_proto(tiny_yolo_onnx(size=64))

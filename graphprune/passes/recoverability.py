@@ -61,10 +61,10 @@ from ..precision import check_precision
 from ..progress import progress_bar
 from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
-from .find_blocks import Block, Blocks, blocks_of
+from .find_blocks import Block, Blocks, blocks_of, node_named
 from .plan_quantization import no_block_needed
 from .quantize_plan import QuantizationPlan
-from .adaptor_fit import adaptor_sites, current_input, fit_adaptors, node_named, redirect, ridge_map, shape_region
+from .adaptor_fit import adaptor_sites, current_input, fit_adaptors, redirect, ridge_map, shape_region
 from .scoring_budget import SCORE_SHARE, affordable_iterations
 
 log = logging.getLogger("graphprune")
