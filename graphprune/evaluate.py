@@ -38,7 +38,7 @@ from .data_sources import is_class_index
 from .ctc import CtcText
 from .errors import GraphpruneError
 from .fidelity import (BOX_ROWS, CONFIDENCE, DECODERS, MATCH_IOU, MAX_DETECTIONS, NMS_IOU, DetectionCounts,
-                       MapOverlap, class_kl, detection_head, output_layout, same_top_classes)
+                       HeadRows, MapOverlap, class_kl, detection_head, output_layout, same_top_classes)
 from .formats.input_shape import recorded_detection_rows
 from .model import Model
 
@@ -67,7 +67,7 @@ def evaluate_onnx(proto: onnx.ModelProto, data: TinySet, reference: Model | None
         (feeds,) = image_batches(session, images, len(images))  # one batch: a multiple of a fixed one
         return tuple(torch.from_numpy(np.asarray(out)) for out in session.run(None, feeds))
 
-    rows = head_rows(reference) if reference is not None else (recorded_detection_rows(proto) or {}).get("rows")
+    rows = head_rows(reference) if reference is not None else HeadRows.from_record(recorded_detection_rows(proto))
     return _evaluate(run, fixed_batch(session), [o.name for o in session.get_outputs()], data, reference, batch_size,
                      rows)
 
@@ -85,10 +85,10 @@ def check_eval_data(model: Model, data: TinySet) -> None:
     _scores(outputs, list(model.output_names), data, compare=False, head_rows=head_rows(model))
 
 
-def head_rows(model: Model) -> int | None:
+def head_rows(model: Model) -> HeadRows | None:
     """The rows of the model's first output that are a YOLOv8 head's, where its file says so
     (``formats.input_shape.recorded_detection_rows``: an ultralytics segment, pose or obb export)."""
-    return (model.meta.get("detection_rows") or {}).get("rows")
+    return HeadRows.from_record(model.meta.get("detection_rows"))
 
 
 @dataclass
@@ -100,7 +100,7 @@ class _OutputScore:
     description: str
     score_labels: bool
     compare: bool
-    head_rows: int | None = None  # the first rows a YOLOv8 head's (fidelity.detection_head)
+    head_rows: HeadRows | None = None  # the first rows a YOLOv8 head's (fidelity.detection_head)
     correct: int = 0
     agree: int = 0
     kl_sum: float = 0.0  # KL(original || this) of the class distributions, summed over the images
@@ -164,7 +164,7 @@ class _OutputScore:
 
 
 def _evaluate(run: Runner, fixed: int | None, names: list[str], data: TinySet, reference: Model | None,
-              batch_size: int | None, rows: int | None = None) -> dict:
+              batch_size: int | None, rows: HeadRows | None = None) -> dict:
     step = fixed or batch_size or max(1, min(MAX_BATCH, BATCH_ELEMENTS // max(1, data.images[0].numel())))
     count = len(data) - (len(data) % fixed if fixed else 0)
     if count == 0:
@@ -193,7 +193,7 @@ def _evaluate(run: Runner, fixed: int | None, names: list[str], data: TinySet, r
 
 
 def _scores(outputs: tuple[torch.Tensor, ...], names: list[str], data: TinySet, compare: bool,
-            head_rows: int | None = None) -> list[_OutputScore]:
+            head_rows: HeadRows | None = None) -> list[_OutputScore]:
     """An accumulator per output, by its layout (``head_rows``: of the first output, where the file
     says so); labels only where they can be scored (one line otherwise)."""
     names = names if len(names) == len(outputs) and len(set(names)) == len(names) else \
@@ -220,18 +220,22 @@ def _scores(outputs: tuple[torch.Tensor, ...], names: list[str], data: TinySet, 
                               "each folder by its class index (e.g. 3/, 5/), or give a labels.csv")
     return [_OutputScore(name, layout, describe_layout(layout, out, r),
                          score_labels=layout == "classes" and labelled and out.shape[1] > most, compare=compare,
-                         head_rows=r if layout == "yolov8" else None)
+                         head_rows=r if layout in ("yolov8", "yolov8_obb") else None)
             for name, layout, out, r in zip(names, layouts, outputs, rows)]
 
 
-def describe_layout(layout: str, output: torch.Tensor, head_rows: int | None = None) -> str:
+def describe_layout(layout: str, output: torch.Tensor, head: HeadRows | None = None) -> str:
     """The report's words for how an output of this layout is read (the decoding used)."""
-    if head_rows is not None and layout == "yolov8" and output.shape[1] > head_rows:
-        extra = output.shape[1] - head_rows
-        return (f"{describe_layout(layout, output[:, :head_rows])}; its other {extra} rows (mask coefficients, "
-                "keypoints or a rotated box's angle, as the file's task says; an obb box is matched as if upright) "
-                "by the relative error only")
+    if head is not None and layout in ("yolov8", "yolov8_obb") and output.shape[1] > head.rows + head.rotated:
+        extra = output.shape[1] - head.rows - head.rotated
+        return (f"{describe_layout(layout, detection_head(output, head))}; its other {extra} rows (mask "
+                "coefficients or keypoints, as the file's task says) by the relative error only")
     rest = ", ".join(str(d) for d in output.shape[1:])
+    if layout == "yolov8_obb":
+        classes, anchors = output.shape[1] - BOX_ROWS - 1, output.shape[2]
+        return (f"YOLOv8 oriented detections (N, 4+{classes}+1, {anchors} anchors): cx, cy, w, h, {classes} class "
+                f"scores, angle; confidence > {CONFIDENCE}, per-class NMS at probabilistic IoU {NMS_IOU}, at most "
+                f"{MAX_DETECTIONS}, matched at probabilistic IoU >= {MATCH_IOU} (ultralytics' obb measure)")
     if layout == "classes":
         return f"class scores (N, {rest}): top-1"
     if layout == "sequence":

@@ -13,8 +13,11 @@ original's: the layout of an output, and a detector's boxes decoded and matched.
   (1, 84, 8400)): per anchor a box cx, cy, w, h, then C class scores after their sigmoid. A
   segmentation head's mask coefficients and a pose head's keypoints lie outside [0, 1], so their
   rows are not taken for class scores. Where an ultralytics file's metadata names a segment, pose
-  or obb task and its classes, the first 4 + C rows of its first output are read so
-  (:func:`detection_head`; the rows after them by the relative error only).
+  or obb task and its classes (:class:`HeadRows`), the first 4 + C rows of its first output are
+  read so (:func:`detection_head`; the rows after them by the relative error only).
+* ``yolov8_obb``: the same where the metadata names the obb task: row 4 + C is each box's angle
+  (radians, turning w towards the y axis), and boxes overlap by their probabilistic IoU
+  (:mod:`graphprune.rotated_boxes`, ultralytics' measure for oriented boxes) in NMS and matching.
 * ``yolov5``: a float (N, A, 5 + C) output with C >= 1, more anchors A than columns 5 + C, and
   columns 4.. all in [0, 1] is the anchor-based YOLO head's (YOLOv5, YOLOv7 and YOLOX export it so:
   (1, 25200, 85) at 640 px): per anchor a box cx, cy, w, h, an objectness, then C class scores,
@@ -63,7 +66,7 @@ ultralytics' ``non_max_suppression`` with its defaults: each anchor's best class
 c = argmax_k s_k; confident where s_c > CONFIDENCE; box (cx - w/2, cy - h/2, cx + w/2, cy + h/2),
 w and h clamped at 0; non-maximum suppression within each class at NMS_IOU; at most
 MAX_DETECTIONS per image, highest scores first. IoU(a, b) = |a n b| / |a u b| (0 where the union
-is empty).
+is empty; oriented boxes: their probiou, in NMS and below).
 
 **Matching** an image's optimised detections D to the original's O: pairs of the same class with
 IoU >= MATCH_IOU, taken greedily, highest IoU first, each detection in at most one pair. Summed
@@ -95,6 +98,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .rotated_boxes import probiou, rotated_nms
+
 CONFIDENCE = 0.25  # ultralytics' predict defaults: conf, iou and max_det
 NMS_IOU = 0.45
 MAX_DETECTIONS = 300
@@ -104,16 +109,30 @@ BOX_ROWS = 4  # cx, cy, w, h
 DETECTION_COLUMNS = 6  # x1, y1, x2, y2, score, class: a list of final detections
 
 
-def output_layout(output: torch.Tensor, head_rows: int | None = None) -> str:
-    """``"classes"``, ``"sequence"``, ``"yolov8"``, ``"yolov5"``, ``"detections"``, ``"detections_xywh"``,
-    ``"map"`` or ``"other"`` for a batch of one output (see the module docstring). ``head_rows``:
-    the rows of a (N, rows + more, anchors) output that the file's metadata says are a YOLOv8 head's
-    (an ultralytics segment, pose or obb export: :func:`detection_head`)."""
+@dataclass(frozen=True)
+class HeadRows:
+    """The rows of a (N, rows + more, anchors) output that an ultralytics file's metadata says are a
+    YOLOv8 head's (a segment, pose or obb export): ``rows`` = 4 + C boxes and class scores, and in
+    an obb export (``rotated``) each box's angle in the row after them."""
+
+    rows: int
+    rotated: bool = False
+
+    @classmethod
+    def from_record(cls, record: dict | None) -> HeadRows | None:
+        """From ``formats.input_shape.recorded_detection_rows``'s record (None: none)."""
+        return None if not record else cls(int(record["rows"]), record.get("task") == "obb")
+
+
+def output_layout(output: torch.Tensor, head: HeadRows | None = None) -> str:
+    """``"classes"``, ``"sequence"``, ``"yolov8"``, ``"yolov8_obb"``, ``"yolov5"``, ``"detections"``,
+    ``"detections_xywh"``, ``"map"`` or ``"other"`` for a batch of one output (see the module
+    docstring). ``head``: what the file's metadata says of its first output's rows."""
     if not output.is_floating_point():
         return "other"
-    if head_rows is not None and output.dim() == 3 and BOX_ROWS < head_rows < output.shape[1] < output.shape[2]:
-        if _within_0_1(output[:, BOX_ROWS:head_rows]):
-            return "yolov8"
+    if head is not None and output.dim() == 3 and BOX_ROWS < head.rows < output.shape[1] < output.shape[2]:
+        if _within_0_1(output[:, BOX_ROWS:head.rows]):
+            return "yolov8_obb" if head.rotated else "yolov8"
     if output.dim() == 2 and output.shape[1] >= 2:
         return "classes"
     if output.dim() == 3 and output.shape[2] >= 2 and _distributions(output, -1):
@@ -175,11 +194,11 @@ def class_kl(output: torch.Tensor, reference: torch.Tensor) -> float:
     return max(0.0, float(kl))  # >= 0 but for rounding
 
 
-def detection_head(output: torch.Tensor, head_rows: int | None) -> torch.Tensor:
-    """The YOLOv8 head's rows of an output that holds more (``head_rows``: boxes and class scores; the
-    mask coefficients, keypoints or angle after them are compared by the output's relative error
-    only), else the output."""
-    return output[:, :head_rows] if head_rows is not None and output.dim() == 3 else output
+def detection_head(output: torch.Tensor, head: HeadRows | None) -> torch.Tensor:
+    """The YOLOv8 head's rows of an output that holds more (boxes and class scores, and an obb head's
+    angles; the mask coefficients or keypoints after them are compared by the output's relative
+    error only), else the output."""
+    return output[:, :head.rows + head.rotated] if head is not None and output.dim() == 3 else output
 
 
 @dataclass
@@ -200,11 +219,23 @@ class MapOverlap:
 
 @dataclass(frozen=True)
 class Detections:
-    """One image's confident detections: ``boxes`` (n, 4) x1, y1, x2, y2, ``scores`` and ``classes`` (n,)."""
+    """One image's confident detections: ``boxes`` (n, 4) x1, y1, x2, y2, ``scores`` and ``classes``
+    (n,); oriented boxes: ``angles`` (n,), each box turned by its angle about its centre."""
 
     boxes: torch.Tensor
     scores: torch.Tensor
     classes: torch.Tensor
+    angles: torch.Tensor | None = None
+
+    def oriented(self) -> torch.Tensor:
+        """(n, 5) cx, cy, w, h, angle (0 for upright boxes)."""
+        angles = self.angles if self.angles is not None else torch.zeros_like(self.scores)
+        centre, size = (self.boxes[:, :2] + self.boxes[:, 2:]) / 2, self.boxes[:, 2:] - self.boxes[:, :2]
+        return torch.cat([centre, size, angles[:, None].to(centre.dtype)], 1)
+
+    def subset(self, keep: torch.Tensor) -> Detections:
+        return Detections(self.boxes[keep], self.scores[keep], self.classes[keep],
+                          None if self.angles is None else self.angles[keep])
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -239,8 +270,23 @@ def decode_detections_xywh(output: torch.Tensor, confidence: float = CONFIDENCE)
     return decode_detections(output, confidence, centred=True)
 
 
-DECODERS = {"yolov8": decode_yolov8, "yolov5": decode_yolov5, "detections": decode_detections,
-            "detections_xywh": decode_detections_xywh}  # detector layouts and their decoding
+def decode_yolov8_obb(output: torch.Tensor, confidence: float = CONFIDENCE) -> list[Detections]:
+    """:func:`decode_yolov8` of a ``yolov8_obb`` head (its last row the angles): per-class NMS by probiou."""
+    images = []
+    for image in output.float():
+        scores, classes = image[BOX_ROWS:-1].max(0)
+        sure = scores > confidence
+        cx, cy, w, h = image[:BOX_ROWS, sure]
+        w, h, angles = w.clamp(min=0), h.clamp(min=0), image[-1, sure]
+        keep = rotated_nms(torch.stack([cx, cy, w, h, angles], 1), scores[sure], classes[sure], NMS_IOU,
+                           MAX_DETECTIONS)
+        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+        images.append(Detections(boxes, scores[sure], classes[sure], angles).subset(keep))
+    return images
+
+
+DECODERS = {"yolov8": decode_yolov8, "yolov8_obb": decode_yolov8_obb, "yolov5": decode_yolov5,
+            "detections": decode_detections, "detections_xywh": decode_detections_xywh}  # layouts and decoding
 
 
 def _detections(centred_boxes: torch.Tensor, class_scores: torch.Tensor, confidence: float) -> Detections:
@@ -267,10 +313,17 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(union))
 
 
+def overlap(a: Detections, b: Detections) -> torch.Tensor:
+    """(n, m) IoU of two images' detections: probiou where they are oriented, else ``box_iou``."""
+    if a.angles is None and b.angles is None:
+        return box_iou(a.boxes, b.boxes)
+    return probiou(a.oriented(), b.oriented()).to(a.boxes.dtype)
+
+
 def matched(original: Detections, optimized: Detections) -> int:
     """How many of ``original``'s detections ``optimized`` keeps: greedy same-class pairs with
     IoU >= MATCH_IOU, highest IoU first, each detection in one pair at most."""
-    iou = box_iou(original.boxes, optimized.boxes)
+    iou = overlap(original, optimized)
     iou[original.classes[:, None] != optimized.classes[None, :]] = 0
     rows, columns = torch.nonzero(iou >= MATCH_IOU, as_tuple=True)  # few: NMS leaves few overlaps per box
     order = torch.argsort(iou[rows, columns], descending=True, stable=True)
@@ -285,15 +338,14 @@ def matched(original: Detections, optimized: Detections) -> int:
 def confident(detections: Detections, confidence: float = CONFIDENCE) -> Detections:
     """Those of ``detections`` above ``confidence``: the same as decoding at it, since NMS keeps a
     box or not by the higher-scoring boxes alone."""
-    keep = detections.scores > confidence
-    return Detections(detections.boxes[keep], detections.scores[keep], detections.classes[keep])
+    return detections.subset(detections.scores > confidence)
 
 
 def ranked_hits(truth: Detections, predicted: Detections) -> torch.Tensor:
     """For each of ``predicted`` (highest score first), whether it is a true positive against
     ``truth``: it pairs with a not yet paired detection of its class at IoU >= MATCH_IOU, the
     highest such IoU."""
-    iou = box_iou(predicted.boxes, truth.boxes)
+    iou = overlap(predicted, truth)
     iou[predicted.classes[:, None] != truth.classes[None, :]] = 0
     hits = torch.zeros(len(predicted), dtype=torch.bool)
     free = torch.ones(len(truth), dtype=torch.bool)

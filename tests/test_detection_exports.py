@@ -194,11 +194,27 @@ class _WithExtraRows(torch.nn.Module):
         return torch.cat([y, 3.0 * y[:, :5] - 40.0], 1)
 
 
-def _segment_like_onnx(task: str | None) -> onnx.ModelProto:
+class _WithAngles(torch.nn.Module):
+    """An obb head's (N, 4+3+1, anchors) output: a YOLOv8 head's rows (boxes made 8 to 16 pixels long
+    and a quarter as wide: the tiny head's are near 0, and a box of no area overlaps nothing), then
+    each box's angle in [-pi/4, 3pi/4) (ultralytics' range) from the features, as its OBB head
+    computes it."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x):
+        y = self.detector(x)
+        length = 8 + 8 * torch.sigmoid(y[:, 2:3])
+        return torch.cat([y[:, :2], length, length / 4, y[:, 4:], (torch.sigmoid(y[:, :1] / 8) - 0.25) * torch.pi], 1)
+
+
+def _segment_like_onnx(task: str | None, module=_WithExtraRows) -> onnx.ModelProto:
     import io
 
     buffer = io.BytesIO()
-    torch.onnx.export(_WithExtraRows(tiny_yolo(score_bias=-1.0)), (torch.randn(1, 3, 64, 64),), buffer,
+    torch.onnx.export(module(tiny_yolo(score_bias=-1.0)), (torch.randn(1, 3, 64, 64),), buffer,
                       opset_version=17, dynamo=False, input_names=["images"], output_names=["output0"],
                       dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}})
     proto = onnx.load_from_string(buffer.getvalue())
@@ -239,3 +255,38 @@ def test_a_segment_pose_or_obb_head_is_scored_by_its_boxes_and_classes_as_its_me
     broken = _segment_like_onnx("segment")
     broken.metadata_props[2].value = "{0: 'a', 1: 'b', 2: 'c'" * 3  # not a literal: no rows, no failure
     assert gp.load(save(broken, tmp_path / "broken.onnx")).meta["detection_rows"] is None
+
+
+def test_an_obb_head_is_decoded_with_its_angles_in_evaluation_and_in_int8s_judge(tmp_path):
+    """With the obb task in its metadata the row after the 3 class scores is the boxes' angle: the
+    layout says oriented detections, the original keeps all of its own, a model whose angles differ
+    loses some (the same boxes upright would all match), and int8's judge reads them so too."""
+    from graphprune.data import TinySet
+    from graphprune.evaluate import evaluate, evaluate_onnx
+    from graphprune.passes.quantize import QuantizeSettings
+    from graphprune.passes.quantize_plan import Timing, plan_quantization
+
+    images = TinySet(torch.rand(24, 3, 64, 64), torch.full((24,), -1))
+    proto = _segment_like_onnx("obb", _WithAngles)
+    model = gp.load(save(proto, tmp_path / "obb.onnx"))
+    assert model.meta["detection_rows"] == {"rows": 7, "task": "obb"}
+    for result in (evaluate(model, images, model), evaluate_onnx(proto, images, model)):
+        output = result["outputs"]["output0"]
+        assert output["layout"].startswith("YOLOv8 oriented detections (N, 4+3+1, ") and "other" not in output["layout"]
+        assert output["detections"]["original"] > 0 and output["detections"]["kept_fraction"] == 1.0
+    turned = onnx.load_from_string(proto.SerializeToString())  # the same network, its angles a quarter turn on
+    last = turned.graph.node[-1]
+    turned.graph.node.append(helper.make_node("Split", [last.output[0], "split_rows"], ["head", "angle"], axis=1))
+    turned.graph.node.append(helper.make_node("Add", ["angle", "quarter"], ["turned_angle"]))
+    turned.graph.node.append(helper.make_node("Concat", ["head", "turned_angle"], ["turned_output"], axis=1))
+    turned.graph.initializer.extend([numpy_helper.from_array(np.array([7, 1], np.int64), "split_rows"),
+                                     numpy_helper.from_array(np.array(np.pi / 2, np.float32), "quarter")])
+    turned.graph.output[0].name = "turned_output"
+    oriented = evaluate_onnx(turned, images, model)["outputs"]["turned_output"]["detections"]
+    assert oriented["kept"] < oriented["original"]
+    upright = TinySet(images.images, images.labels)
+    plain = gp.load(save(_segment_like_onnx("segment", _WithAngles), tmp_path / "upright.onnx"))
+    assert evaluate_onnx(turned, upright, plain)["outputs"]["turned_output"]["detections"]["kept_fraction"] == 1.0
+    settings = QuantizeSettings(max_calibration_images=16, batch_size=8, float_groups=(), mimic="off")
+    plan = plan_quantization(proto, images.images[:16], images.images, settings, lambda p: Timing(0.3, 1.0, 0.7))
+    assert plan.metric == "map50_drop" and all(c.detections for c in plan.candidates if c.error is None)

@@ -37,7 +37,7 @@ import torch
 from ..backends.base import CutMeasurement
 from ..ctc import same_text
 from ..errors import GraphpruneError
-from ..fidelity import (DECODERS, DetectionCounts, MapOverlap, detection_head, lower_map50, output_layout,
+from ..fidelity import (DECODERS, DetectionCounts, HeadRows, MapOverlap, detection_head, lower_map50, output_layout,
                         same_top_classes)
 from ..formats.input_shape import recorded_detection_rows
 from ..formats.ort_run import cpu_session, run_outputs
@@ -258,7 +258,7 @@ class _Judge:
         self.reference = run_outputs(cpu_session(proto, "the float model"), images, settings.batch_size)
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
         # an ultralytics segment, pose or obb head: its boxes and class scores judged as a detector's
-        self.head_rows = (recorded_detection_rows(proto) or {}).get("rows")
+        self.head_rows = HeadRows.from_record(recorded_detection_rows(proto))
         layout = output_layout(torch.from_numpy(self.reference), self.head_rows)
         classifier = layout in ("classes", "sequence")  # judged by the top class (a recogniser: its text)
         if layout != "classes":
