@@ -25,8 +25,20 @@ With ``--crops``: the central share of the input first (objects as large as in t
 lost). A crop that lifts a ~22% size within 2 points means the lever is crop-and-resize, chosen by
 the tiny set's KL where that ranks crops as top-1 does; no lift means resize alone.
 
+With ``--antialias``: the resize low-pass filtered first (``F.interpolate(antialias=True)``: a
+triangle filter as wide as the scale asks), as the photos were when they were shrunk for training
+(Pillow's resize filters), where plain bilinear reads 2 x 2 pixels and aliases; and ``blurred``: a
+fixed separable 3-tap filter, the triangle's weights at offsets -1, 0, 1 (1 - |d| s, s the scale),
+before plain bilinear, which any opset writes as a depthwise Conv and a Resize. A lift that brings
+192 px (22%) within 2 points (85.12) with the blur means the resolution lever's resize gets it; a
+lift with torch's filter only means opset 18's ``Resize(antialias=1)``; less than half a point
+means nothing to build. Both filters lowered top-1 at every size (below), so ``sharpened a``
+followed: taps (-a, 1, -a) / (1 - 2a), the opposite direction; a lift to 85.12 at 192 px, ranked so
+by the tiny set's signals, would make a sharpening the lever's, its strength chosen on the tiny set.
+
     python -m benchmarks.studies.lite0_resolution run [--sizes 224,208,200,192,176] [--recalibrate]
     python -m benchmarks.studies.lite0_resolution run --sizes 224,200,192 --crops 1,0.95,0.9,0.857
+    python -m benchmarks.studies.lite0_resolution run --sizes 224,200,192,190,176 --antialias
     python -m benchmarks.studies.lite0_resolution report  # -> benchmarks/studies/results/lite0_resolution.md
 """
 
@@ -52,6 +64,14 @@ CROP_FINDINGS = ("Finding: no crop lifts top-1 above the resize alone at either 
                  "resize alone. The tiny set's KL does not rank the crops as top-1 does (the 0.857 crop has the "
                  "lowest KL, 0.215, and the lowest top-1): it could not choose a crop. At 192 px the cut measured "
                  "22.5% on the quieter machine of this run (21.2% at load 7.9 in the first table).")
+ANTIALIAS_FINDINGS = ("Finding: no filter lifts top-1 above the plain resize. Low-pass filtering lowers it at every "
+                      "size (192 px: 84.38 plain, 83.50 antialiased, 82.63 blurred; 176 px: 81.50, 80.00, 77.75), "
+                      "and sharpening by 0.1 leaves it within 2 photos (84.38 at 192, 83.75 at 200, 81.63 at 176) "
+                      "while the tiny set's agreement rises (91.0 to 94.0 at 192): the tiny set would pick a "
+                      "sharpening that the 800 photos do not reward. The lever's resize stays plain bilinear; "
+                      "Lite0's float goal at 22% stays out of its reach. A first run with 190 px as well "
+                      "(2026-12-06T23:11, load 1.92) gave the same plain and filtered top-1 at 200, 192 and 176, "
+                      "and at 190 px 80.50 plain, 79.75 antialiased, 77.88 blurred.")
 ROUNDS, RUNS = 30, 5
 
 
@@ -59,18 +79,32 @@ class Downscaled(torch.nn.Module):
     """``net`` after the central ``crop`` of its (square) input, resized bilinearly to ``size`` x
     ``size`` (no resize where the crop is that size already)."""
 
-    def __init__(self, net: torch.nn.Module, size: int, crop: float = 1.0):
+    def __init__(self, net: torch.nn.Module, size: int, crop: float = 1.0, antialias: bool = False,
+                 side_tap: float = 0.0):
         super().__init__()
-        self.net, self.size, self.crop = net, size, crop
+        self.net, self.size, self.crop, self.antialias, self.side_tap = net, size, crop, antialias, side_tap
 
     def forward(self, x):
         full = int(x.shape[-1])  # a constant in the trace: the file takes one size
         side = round(full * self.crop)
         start = (full - side) // 2
         x = x[..., start:start + side, start:start + side]
+        if self.side_tap and self.size < side:
+            x = _filtered(x, self.side_tap)
         if self.size != side:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                              antialias=self.antialias)
         return self.net(x)
+
+
+def _filtered(x: torch.Tensor, side: float) -> torch.Tensor:
+    """``x`` through the separable 3-tap filter (side, 1, side) / (1 + 2 side), edges replicated: a
+    blur where ``side`` > 0 (the triangle filter of a resize by s at 1 - s), a sharpening where < 0."""
+    taps = torch.tensor([side, 1.0, side], dtype=x.dtype) / (1.0 + 2 * side)
+    channels = x.shape[1]
+    x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    x = F.conv2d(x, taps.view(1, 1, 1, 3).repeat(channels, 1, 1, 1), groups=channels)
+    return F.conv2d(x, taps.view(1, 1, 3, 1).repeat(channels, 1, 1, 1), groups=channels)
 
 
 def _lite0() -> torch.nn.Module:
@@ -117,9 +151,10 @@ def _interleaved_ms(paths: dict[int, str], example: np.ndarray) -> dict[int, dic
             for size, ms in rounds.items()}
 
 
-def run(sizes: list[int], recalibrate: bool, crops: list[float]) -> None:
+def run(sizes: list[int], recalibrate: bool, crops: list[float], antialias: bool = False) -> None:
     """Every size as trained (and recalibrated); with ``crops``, instead, every size after each
-    central crop, kept beside the earlier rows as ``crop_rows``."""
+    central crop, kept beside the earlier rows as ``crop_rows``; with ``antialias``, every size
+    resized plainly and low-pass filtered, as ``antialias_rows``."""
     from benchmarks.real_models import MODELS, eval_set, tiny_set
     from graphprune.fidelity import class_kl
 
@@ -136,6 +171,11 @@ def run(sizes: list[int], recalibrate: bool, crops: list[float]) -> None:
             torch.onnx.export(model, (tiny.images[:1],), paths[size], dynamo=False, opset_version=13)
             variants = {f"central {crop:g} cropped": Downscaled(net, size, crop).eval() for crop in crops
                         if round(224 * crop) >= size} if crops else {"as trained": model}
+            if antialias and size < 224:
+                variants["antialiased"] = Downscaled(net, size, antialias=True).eval()
+                variants["blurred"] = Downscaled(net, size, side_tap=1.0 - size / 224).eval()
+                for strength in (0.1, 0.2):
+                    variants[f"sharpened {strength:g}"] = Downscaled(net, size, side_tap=-strength).eval()
             if recalibrate and not crops:
                 variants["bn recalibrated on the 200"] = _recalibrated(net, size, tiny.images)
             for variant, module in variants.items():
@@ -153,12 +193,12 @@ def run(sizes: list[int], recalibrate: bool, crops: list[float]) -> None:
     path = study_results_dir() / f"{NAME}.json"
     measured = {"cpu": platform.processor() or platform.machine(), "load_average": os.getloadavg(),
                 "rounds": ROUNDS, "runs": RUNS, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if crops:
-        result = json.loads(path.read_text())
-        result["crop_rows"] = {"rows": rows, **measured, "sizes": sizes, "crops": crops}
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    if crops or antialias:
+        result = earlier
+        result["crop_rows" if crops else "antialias_rows"] = {"rows": rows, **measured, "sizes": sizes, "crops": crops}
     else:
-        result = {"rows": rows, **measured, **({"crop_rows": json.loads(path.read_text()).get("crop_rows")}
-                                               if path.exists() else {})}
+        result = {"rows": rows, **measured, **{k: earlier[k] for k in ("crop_rows", "antialias_rows") if k in earlier}}
     path.write_text(json.dumps(result, indent=1))
     report()
 
@@ -192,6 +232,16 @@ def report() -> None:
                   "and fewer pixels dropped from them, at the cost of the border. The cut is the resize-only file's "
                   "of that size, timed in this run.", "",
                   *_table(cropped["rows"]), "", CROP_FINDINGS]
+    filtered = result.get("antialias_rows")
+    if filtered:
+        lines += ["", "## Low-pass filtered before resizing", "",
+                  f"Command: `python -m benchmarks.studies.lite0_resolution run --sizes "
+                  f"{','.join(map(str, filtered['sizes']))} --antialias` (finished {filtered['finished']}; load "
+                  f"average at the end {filtered['load_average'][0]:.2f}). Each size resized plainly (as trained), "
+                  "with torch's antialiased bilinear (a triangle filter as wide as the scale), and blurred (a fixed "
+                  "3-tap triangle filter, then plain bilinear), or sharpened (taps -a, 1, -a over 1 - 2a). The cut is the "
+                  "plain file's of that size, timed in this run.", "", *_table(filtered["rows"]),
+                  *(["", ANTIALIAS_FINDINGS] if ANTIALIAS_FINDINGS else [])]
     (study_results_dir() / f"{NAME}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -203,11 +253,12 @@ def main() -> None:
     run_parser.add_argument("--sizes", default="224,208,200,192,176")
     run_parser.add_argument("--recalibrate", action="store_true")
     run_parser.add_argument("--crops", default="", help="central shares cropped before the resize (crop_rows)")
+    run_parser.add_argument("--antialias", action="store_true", help="also each size low-pass filtered (antialias_rows)")
     sub.add_parser("report")
     args = parser.parse_args()
     if args.command == "run":
         run(sorted({int(s) for s in args.sizes.split(",")}, reverse=True), args.recalibrate,
-            [float(c) for c in args.crops.split(",") if c])
+            [float(c) for c in args.crops.split(",") if c], args.antialias)
     else:
         report()
 
