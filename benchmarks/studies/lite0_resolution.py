@@ -213,6 +213,14 @@ def _table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _section(title: str, part: dict, flag: str, what: str, findings: str) -> list[str]:
+    """A later run's table (``crop_rows``, ``antialias_rows``) with its command and findings."""
+    return ["", f"## {title}", "",
+            f"Command: `python -m benchmarks.studies.lite0_resolution run --sizes {','.join(map(str, part['sizes']))} "
+            f"{flag}` (finished {part['finished']}; load average at the end {part['load_average'][0]:.2f}). {what}",
+            "", *_table(part["rows"]), "", findings]
+
+
 def report() -> None:
     result = json.loads((study_results_dir() / f"{NAME}.json").read_text())
     lines = [f"# {NAME}: EfficientNet-Lite0 run at a lower internal resolution", "",
@@ -224,24 +232,18 @@ def report() -> None:
              *_table(result["rows"])]
     cropped = result.get("crop_rows")
     if cropped:
-        lines += ["", "## Cropped before resizing", "",
-                  f"Command: `python -m benchmarks.studies.lite0_resolution run --sizes "
-                  f"{','.join(map(str, cropped['sizes']))} --crops {','.join(f'{c:g}' for c in cropped['crops'])}` "
-                  f"(finished {cropped['finished']}; load average at the end {cropped['load_average'][0]:.2f}). The "
-                  "central share of the 224 input, then the resize: objects as large as the network was trained on "
-                  "and fewer pixels dropped from them, at the cost of the border. The cut is the resize-only file's "
-                  "of that size, timed in this run.", "",
-                  *_table(cropped["rows"]), "", CROP_FINDINGS]
+        lines += _section("Cropped before resizing", cropped,
+                          f"--crops {','.join(f'{c:g}' for c in cropped['crops'])}",
+                          "The central share of the 224 input, then the resize: objects as large as the network "
+                          "was trained on and fewer pixels dropped from them, at the cost of the border. The cut is "
+                          "the resize-only file's of that size, timed in this run.", CROP_FINDINGS)
     filtered = result.get("antialias_rows")
     if filtered:
-        lines += ["", "## Low-pass filtered before resizing", "",
-                  f"Command: `python -m benchmarks.studies.lite0_resolution run --sizes "
-                  f"{','.join(map(str, filtered['sizes']))} --antialias` (finished {filtered['finished']}; load "
-                  f"average at the end {filtered['load_average'][0]:.2f}). Each size resized plainly (as trained), "
-                  "with torch's antialiased bilinear (a triangle filter as wide as the scale), and blurred (a fixed "
-                  "3-tap triangle filter, then plain bilinear), or sharpened (taps -a, 1, -a over 1 - 2a). The cut is the "
-                  "plain file's of that size, timed in this run.", "", *_table(filtered["rows"]),
-                  *(["", ANTIALIAS_FINDINGS] if ANTIALIAS_FINDINGS else [])]
+        lines += _section("Filtered before resizing", filtered, "--antialias",
+                          "Each size resized plainly (as trained), with torch's antialiased bilinear (a triangle "
+                          "filter as wide as the scale), blurred (a fixed 3-tap triangle filter, then plain "
+                          "bilinear), or sharpened (taps -a, 1, -a over 1 - 2a). The cut is the plain file's of that "
+                          "size, timed in this run.", ANTIALIAS_FINDINGS)
     (study_results_dir() / f"{NAME}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
