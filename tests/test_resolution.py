@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +21,7 @@ from graphprune.optimize import OptimizeConfig, make_context, optimize
 from graphprune.passes import ChooseResolution, ResizeInput, ResolutionChoice, resize_input
 from graphprune.passes import choose_resolution as choose_module
 from graphprune.passes.choose_resolution import candidate_sides
-from graphprune.passes.resize_input import check_resizable, scale_for
+from graphprune.passes.resize_input import axis_scales, check_resizable, scale_for
 from onnx_builders import residual_onnx
 from test_quantize import convnet
 
@@ -62,6 +63,23 @@ def test_resize_input_puts_one_resize_before_everything_and_onnxruntime_agrees()
     assert model.graph_module is not resized.graph_module and "resized_input" not in model.meta
 
 
+def test_a_resize_by_one_scale_per_axis_is_written_and_run_alike():
+    """A (height, width) scale: 13 x 12 in fx, one Resize with scales (1, 1, h, w), onnxruntime agrees."""
+    model = _onnx_model(convnet())
+    scale = (scale_for(16, 13), scale_for(16, 12))
+    resized = resize_input(model, scale)
+    proto = to_onnx(resized)
+    scales = next(numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == proto.graph.node[0].input[2])
+    np.testing.assert_allclose(scales, [1.0, 1.0, *scale], rtol=1e-6)
+    x = torch.randn(2, 3, 16, 16)
+    exact = model.graph_module.eval()(F.interpolate(x, size=(13, 12), mode="bilinear", align_corners=False)).detach()
+    got = resized.graph_module.eval()(x).detach()
+    torch.testing.assert_close(got, exact, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(cpu_session(proto).run(None, {"X": x.numpy()})[0], got.numpy(), atol=1e-4)
+    with pytest.raises(GraphpruneError, match=r"scale must be in \(0, 1\)"):
+        resize_input(model, (1.0, 1.0))
+
+
 def test_scale_for_gives_the_side_asked_for():
     for side in (16, 32, 224, 225, 320, 640, 1333):
         for target in range(max(1, side // 2), side):
@@ -84,12 +102,13 @@ def test_resize_refuses_in_one_line_what_it_cannot_write_or_run():
 
 
 def _fake_cuts(monkeypatch, seen):
-    """Latency in proportion to the pixels: cut = 1 - (side / 16)^2 of the convnet's 16 px input."""
+    """Latency in proportion to the pixels: cut = 1 - height x width / 16^2 of the convnet's 16 px
+    input; ``seen``: the sides of each size timed (a pair where they differ)."""
     def measure_cut(backend, original, candidate, settings, original_run=None):
-        side = int(16 * candidate.meta["resized_input"])
-        seen.append(side)
+        height, width = (int(16 * s) for s in axis_scales(candidate.meta["resized_input"]))
+        seen.append(height if height == width else (height, width))
         stats = LatencyStats(1.0, 1.0, 1.0, 1.0, 0.0, 1)
-        return CutMeasurement(stats, stats, 1.0 - (side / 16) ** 2)
+        return CutMeasurement(stats, stats, 1.0 - height * width / 16 ** 2)
     monkeypatch.setattr(choose_module, "measure_cut", measure_cut)
 
 
@@ -100,14 +119,15 @@ def _context(model, cut):
 
 def test_choose_resolution_steps_down_then_bisects_to_the_largest_side_at_the_goal(monkeypatch):
     """Goal 0.3 + 0.005: 1 - (s/16)^2 >= 0.305 holds for s <= 13.3. Steps of 1 px at 16 px (from
-    STEP at 224) find 13 at once; the choice is the largest side measured at the goal."""
+    STEP at 224) find 13 at once; the choice is the largest side measured at the goal (14 x 13, one
+    side of each, cuts 0.289: short of it)."""
     seen = []
     _fake_cuts(monkeypatch, seen)
     model = _onnx_model(convnet())
     result = ChooseResolution()(model, _context(model, 0.3))
     choice = result.value
-    assert choice.size == (13, 13) and seen == [15, 14, 13]
-    assert [m["size"] for m in choice.measurements] == [[15, 15], [14, 14], [13, 13]]
+    assert choice.size == (13, 13) and choice.scale == scale_for(16, 13) and seen == [15, 14, 13, (14, 13), (13, 14)]
+    assert [m["size"] for m in choice.measurements] == [[15, 15], [14, 14], [14, 13], [13, 14], [13, 13]]
     assert "13x13: the largest size measured at the goal" in choice.reason
     assert candidate_sides(224)[:3] == [216, 208, 200] and candidate_sides(16)[-1] == 8
 
@@ -118,7 +138,23 @@ def test_choose_resolution_bisects_between_coarse_steps(monkeypatch):
     monkeypatch.setattr(choose_module, "STEP", 8 * 224 / 16 * 4 / 8)  # 4 px steps at 16 px: 12, then 14, 13
     model = _onnx_model(convnet())
     choice = ChooseResolution()(model, _context(model, 0.3)).value
-    assert seen == [12, 14, 13] and choice.size == (13, 13)
+    assert seen == [12, 14, 13, (14, 13), (13, 14)] and choice.size == (13, 13)
+
+
+def test_choose_resolution_takes_a_size_between_two_squares_one_pixel_apart(monkeypatch):
+    """Goal 0.28 + 0.005: 14 x 14 cuts 0.234 (short), 13 x 13 0.340, 14 x 13 and 13 x 14 0.289 (at the
+    goal, more pixels): the first of those (equal cuts) is chosen, its scale a (height, width) pair,
+    and the resized model runs at that size."""
+    seen = []
+    _fake_cuts(monkeypatch, seen)
+    model = _onnx_model(convnet())
+    context = _context(model, 0.28)
+    choice = ChooseResolution()(model, context).value
+    assert choice.size == (14, 13) and choice.scale == (scale_for(16, 14), scale_for(16, 13))
+    assert choice.to_dict()["scale"] == [scale_for(16, 14), scale_for(16, 13)] and "14x13" in choice.reason
+    resized = ResizeInput()(model, context, choice).model
+    assert resize_input(model, choice.scale).meta["resized_input"] == choice.scale
+    assert resized.meta["resized_input"] == choice.scale
 
 
 def test_choose_resolution_refuses_an_unreachable_target_in_one_line(monkeypatch):

@@ -87,15 +87,16 @@ def lower(model: Model) -> onnx.ModelProto:
     return out
 
 
-def _resize_node(source: str, scale: float, base: onnx.ModelProto) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
-    """The Resize of ``source`` by ``scale`` on its two spatial axes, and its roi and scales
-    initializers (roi empty: opsets 11 and 12 take the input, later ones an empty one alike)."""
+def _resize_node(source: str, scale: tuple[float, float], base: onnx.ModelProto) -> tuple[onnx.NodeProto,
+                                                                                         list[onnx.TensorProto]]:
+    """The Resize of ``source`` by ``scale`` (height, width) on its two spatial axes, and its roi and
+    scales initializers (roi empty: opsets 11 and 12 take the input, later ones an empty one alike)."""
     taken = {n for node in base.graph.node for n in (*node.input, *node.output)} | \
         {t.name for t in base.graph.initializer} | {i.name for i in base.graph.input}
     prefix = next(p for p in (f"graphprune_resize{i or ''}" for i in range(len(taken) + 1))
                   if not any(name.startswith(p) for name in taken))
     roi = numpy_helper.from_array(np.zeros(0, np.float32), f"{prefix}_roi")
-    scales = numpy_helper.from_array(np.array([1.0, 1.0, scale, scale], np.float32), f"{prefix}_scales")
+    scales = numpy_helper.from_array(np.array([1.0, 1.0, *scale], np.float32), f"{prefix}_scales")
     node = onnx.helper.make_node("Resize", [source, roi.name, scales.name], [f"{prefix}_output"], name=prefix,
                                  mode="linear", coordinate_transformation_mode="half_pixel")
     return node, [roi, scales]

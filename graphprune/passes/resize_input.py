@@ -9,7 +9,9 @@ classifier that pools globally) keeps its outputs' shapes; :func:`check_resizabl
 line, where another does not (a detector's anchors, a fixed reshape).
 
 An output size is ``floor(side * scale)``; :func:`scale_for` gives the scale whose floor is the
-side asked for (by a thousandth of a pixel over it), the ratio the coordinates are mapped by.
+side asked for (by a thousandth of a pixel over it), the ratio the coordinates are mapped by. A
+scale is one number for both axes or a (height, width) pair: sides one pixel apart, where latency
+falls in a step between two square sizes (``choose_resolution``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from ..formats.onnx_lower import RESIZED_INPUT
 from ..model import Model
 from .base import PassResult, Transform
 
+Scale = float | tuple[float, float]  # both axes, or (height, width)
+
 MIN_OPSET = 11  # Resize with half-pixel coordinates; opset 10's maps asymmetrically
 
 
@@ -33,13 +37,14 @@ class ResolutionChoice:
     """Artefact: the scale the network runs at (None: its own), the internal size at the analysis
     shape, each measured candidate (size, cut) and why."""
 
-    scale: float | None
+    scale: Scale | None
     size: tuple[int, int] | None
     measurements: list[dict]
     reason: str
 
     def to_dict(self) -> dict:
-        return {"scale": self.scale, "size": list(self.size) if self.size else None,
+        return {"scale": list(self.scale) if isinstance(self.scale, tuple) else self.scale,
+                "size": list(self.size) if self.size else None,
                 "measurements": self.measurements, "reason": self.reason}
 
 
@@ -48,14 +53,21 @@ def scale_for(side: int, target: int) -> float:
     return (target + 1e-3) / side
 
 
-def resized_size(shape, scale: float) -> tuple[int, int]:
+def axis_scales(scale: Scale) -> tuple[float, float]:
+    """(height, width) scales of a scale."""
+    return (float(scale[0]), float(scale[1])) if isinstance(scale, (tuple, list)) else (float(scale), float(scale))
+
+
+def resized_size(shape, scale: Scale) -> tuple[int, int]:
     """(height, width) of an (N, C, H, W) input after the resize."""
-    return int(shape[-2] * scale), int(shape[-1] * scale)
+    height, width = axis_scales(scale)
+    return int(shape[-2] * height), int(shape[-1] * width)
 
 
-def resize_input(model: Model, scale: float) -> Model:
+def resize_input(model: Model, scale: Scale) -> Model:
     """A copy of ``model`` whose one image input is resized by ``scale`` before anything reads it."""
-    if not 0.0 < scale < 1.0:
+    scales = axis_scales(scale)
+    if not all(0.0 < s <= 1.0 for s in scales) or scales == (1.0, 1.0):
         raise GraphpruneError(f"the resize scale must be in (0, 1), got {scale}")
     if is_channels_last(model):
         raise GraphpruneError("resizing inside the graph needs channels-first (N, C, H, W) input; this file takes "
@@ -70,11 +82,11 @@ def resize_input(model: Model, scale: float) -> Model:
         raise GraphpruneError(f"resizing inside the graph needs one image input; this model has {len(placeholders)}")
     image = placeholders[0]
     with graph.inserting_after(image):
-        resized = graph.call_function(F.interpolate, (image,), {"scale_factor": (scale, scale), "mode": "bilinear",
+        resized = graph.call_function(F.interpolate, (image,), {"scale_factor": scales, "mode": "bilinear",
                                                                 "align_corners": False,
                                                                 "recompute_scale_factor": False})
     image.replace_all_uses_with(resized, delete_user_cb=lambda user: user is not resized)
-    resized.meta[RESIZED_INPUT] = scale
+    resized.meta[RESIZED_INPUT] = scales
     new.graph_module.recompile()
     new.meta["resized_input"] = scale
     return new
@@ -131,4 +143,5 @@ class ResizeInput(Transform):
             return PassResult(model, changed=False, record={"resized": None, "skipped": choice.reason})
         resized = resize_input(model, choice.scale)
         check_resizable(model, resized)
-        return PassResult(resized, changed=True, record={"resized": list(choice.size), "scale": choice.scale})
+        return PassResult(resized, changed=True, record={"resized": list(choice.size),
+                                                         "scale": choice.to_dict()["scale"]})
