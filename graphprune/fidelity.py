@@ -272,25 +272,17 @@ def decode_detections_xywh(output: torch.Tensor, confidence: float = CONFIDENCE)
 
 def decode_yolov8_obb(output: torch.Tensor, confidence: float = CONFIDENCE) -> list[Detections]:
     """:func:`decode_yolov8` of a ``yolov8_obb`` head (its last row the angles): per-class NMS by probiou."""
-    images = []
-    for image in output.float():
-        scores, classes = image[BOX_ROWS:-1].max(0)
-        sure = scores > confidence
-        cx, cy, w, h = image[:BOX_ROWS, sure]
-        w, h, angles = w.clamp(min=0), h.clamp(min=0), image[-1, sure]
-        keep = rotated_nms(torch.stack([cx, cy, w, h, angles], 1), scores[sure], classes[sure], NMS_IOU,
-                           MAX_DETECTIONS)
-        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-        images.append(Detections(boxes, scores[sure], classes[sure], angles).subset(keep))
-    return images
+    return [_detections(image[:BOX_ROWS], image[BOX_ROWS:-1], confidence, image[-1]) for image in output.float()]
 
 
 DECODERS = {"yolov8": decode_yolov8, "yolov8_obb": decode_yolov8_obb, "yolov5": decode_yolov5,
             "detections": decode_detections, "detections_xywh": decode_detections_xywh}  # layouts and decoding
 
 
-def _detections(centred_boxes: torch.Tensor, class_scores: torch.Tensor, confidence: float) -> Detections:
-    """One image's detections from its anchors' boxes (4, A: cx, cy, w, h) and scores (C, A)."""
+def _detections(centred_boxes: torch.Tensor, class_scores: torch.Tensor, confidence: float,
+                angles: torch.Tensor | None = None) -> Detections:
+    """One image's detections from its anchors' boxes (4, A: cx, cy, w, h) and scores (C, A), and
+    where they are oriented their angles (A,): NMS by probiou then."""
     from torchvision.ops import batched_nms
 
     scores, classes = class_scores.max(0)
@@ -298,8 +290,11 @@ def _detections(centred_boxes: torch.Tensor, class_scores: torch.Tensor, confide
     cx, cy, w, h = centred_boxes[:, confident]
     w, h = w.clamp(min=0), h.clamp(min=0)
     boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-    keep = batched_nms(boxes, scores[confident], classes[confident], NMS_IOU)[:MAX_DETECTIONS]
-    return Detections(boxes[keep], scores[confident][keep], classes[confident][keep])
+    found = Detections(boxes, scores[confident], classes[confident], None if angles is None else angles[confident])
+    if angles is None:
+        return found.subset(batched_nms(boxes, found.scores, found.classes, NMS_IOU)[:MAX_DETECTIONS])
+    oriented = torch.stack([cx, cy, w, h, found.angles], 1)
+    return found.subset(rotated_nms(oriented, found.scores, found.classes, NMS_IOU, MAX_DETECTIONS))
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -66,10 +66,13 @@ class ChooseResolution(Analysis):
             raise GraphpruneError(f"the input's side, {side} pixels, is too small to lower inside the graph")
         measurements = {}  # by (height side, width side)
 
+        def scale_of(sides: tuple[int, int]) -> float | tuple[float, float]:
+            height, width = sides
+            return scale_for(side, height) if height == width else (scale_for(side, height), scale_for(side, width))
+
         def reaches(candidate_side: int, width_side: int | None = None) -> bool:
             key = (candidate_side, candidate_side if width_side is None else width_side)
-            scale = scale_for(side, key[0]) if width_side is None else (scale_for(side, key[0]),
-                                                                        scale_for(side, key[1]))
+            scale = scale_of(key)
             candidate = resize_input(model, scale)
             if not measurements:
                 check_resizable(model, candidate)  # one line before any time is spent where it cannot run
@@ -95,13 +98,13 @@ class ChooseResolution(Analysis):
                 below = middle
             else:
                 above = middle
-        chosen = measurements[(below, below)]
+        kept = (below, below)
         if above - below == 1 and above < side:  # a step between two measured squares: the sizes between
             between = [key for key in ((above, below), (below, above)) if reaches(*key)]
             if between:
-                chosen = max((measurements[key] for key in between), key=lambda m: m["cut"])
-        scale = tuple(chosen["scale"]) if isinstance(chosen["scale"], list) else chosen["scale"]
-        choice = ResolutionChoice(scale, tuple(chosen["size"]),
+                kept = max(between, key=lambda key: measurements[key]["cut"])
+        chosen = measurements[kept]
+        choice = ResolutionChoice(scale_of(kept), tuple(chosen["size"]),
                                   [measurements[s] for s in sorted(measurements, reverse=True)],
                                   f"{chosen['size'][0]}x{chosen['size'][1]}: the largest size measured at the goal "
                                   f"({chosen['cut']:.1%} >= {goal:.1%})")
