@@ -36,9 +36,14 @@ means nothing to build. Both filters lowered top-1 at every size (below), so ``s
 followed: taps (-a, 1, -a) / (1 - 2a), the opposite direction; a lift to 85.12 at 192 px, ranked so
 by the tiny set's signals, would make a sharpening the lever's, its strength chosen on the tiny set.
 
+A size given as ``HxW`` (height x width): the sizes between two squares one pixel apart, which
+``choose_resolution`` times where latency falls in a step between them (Lite0: 192 and 191 px);
+such a run is kept as ``pair_rows``.
+
     python -m benchmarks.studies.lite0_resolution run [--sizes 224,208,200,192,176] [--recalibrate]
     python -m benchmarks.studies.lite0_resolution run --sizes 224,200,192 --crops 1,0.95,0.9,0.857
-    python -m benchmarks.studies.lite0_resolution run --sizes 224,200,192,190,176 --antialias
+    python -m benchmarks.studies.lite0_resolution run --sizes 224,200,192,176 --antialias
+    python -m benchmarks.studies.lite0_resolution run --sizes 224,192,192x191,191x192,191  # pair_rows
     python -m benchmarks.studies.lite0_resolution report  # -> benchmarks/studies/results/lite0_resolution.md
 """
 
@@ -72,27 +77,32 @@ ANTIALIAS_FINDINGS = ("Finding: no filter lifts top-1 above the plain resize. Lo
                       "Lite0's float goal at 22% stays out of its reach. A first run with 190 px as well "
                       "(2026-12-06T23:11, load 1.92) gave the same plain and filtered top-1 at 200, 192 and 176, "
                       "and at 190 px 80.50 plain, 79.75 antialiased, 77.88 blurred.")
+PAIR_FINDINGS = ("Finding: the sizes between 192 and 191 px halve the step: 26.6% at 82.25 (192x191) and 26.7% at "
+                 "81.50 (191x192), between 192 px's 21.9% at 84.38 and 191 px's 31.0% at 80.00. So choose_resolution "
+                 "times them where a target falls in the step (22% with the margin: 192 px short of it).")
+LATER_PARTS = ("crop_rows", "antialias_rows", "pair_rows")
 ROUNDS, RUNS = 30, 5
 
 
 class Downscaled(torch.nn.Module):
     """``net`` after the central ``crop`` of its (square) input, resized bilinearly to ``size`` x
-    ``size`` (no resize where the crop is that size already)."""
+    ``size`` (a pair: height x width; no resize where the crop is that size already)."""
 
-    def __init__(self, net: torch.nn.Module, size: int, crop: float = 1.0, antialias: bool = False,
-                 side_tap: float = 0.0):
+    def __init__(self, net: torch.nn.Module, size: int | tuple[int, int], crop: float = 1.0,
+                 antialias: bool = False, side_tap: float = 0.0):
         super().__init__()
-        self.net, self.size, self.crop, self.antialias, self.side_tap = net, size, crop, antialias, side_tap
+        self.net, self.crop, self.antialias, self.side_tap = net, crop, antialias, side_tap
+        self.size = size if isinstance(size, tuple) else (size, size)
 
     def forward(self, x):
         full = int(x.shape[-1])  # a constant in the trace: the file takes one size
         side = round(full * self.crop)
         start = (full - side) // 2
         x = x[..., start:start + side, start:start + side]
-        if self.side_tap and self.size < side:
+        if self.side_tap and max(self.size) < side:
             x = _filtered(x, self.side_tap)
-        if self.size != side:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+        if self.size != (side, side):
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False,
                               antialias=self.antialias)
         return self.net(x)
 
@@ -151,10 +161,16 @@ def _interleaved_ms(paths: dict[int, str], example: np.ndarray) -> dict[int, dic
             for size, ms in rounds.items()}
 
 
-def run(sizes: list[int], recalibrate: bool, crops: list[float], antialias: bool = False) -> None:
+def size_label(size: tuple[int, int]) -> int | str:
+    """A (height, width) size as a row names it: the side of a square, else ``HxW``."""
+    return size[0] if size[0] == size[1] else f"{size[0]}x{size[1]}"
+
+
+def run(sizes: list[tuple[int, int]], recalibrate: bool, crops: list[float], antialias: bool = False) -> None:
     """Every size as trained (and recalibrated); with ``crops``, instead, every size after each
     central crop, kept beside the earlier rows as ``crop_rows``; with ``antialias``, every size
-    resized plainly and low-pass filtered, as ``antialias_rows``."""
+    resized plainly and low-pass filtered, as ``antialias_rows``; sizes with a pair among them, as
+    ``pair_rows``."""
     from benchmarks.real_models import MODELS, eval_set, tiny_set
     from graphprune.fidelity import class_kl
 
@@ -165,19 +181,20 @@ def run(sizes: list[int], recalibrate: bool, crops: list[float], antialias: bool
     tiny_ref = _logits(net, tiny.images)
     rows, paths = [], {}
     with tempfile.TemporaryDirectory() as folder:
-        for size in sizes:
-            model = Downscaled(net, size).eval()
+        for hw in sizes:
+            size = size_label(hw)
+            model = Downscaled(net, hw).eval()
             paths[size] = os.path.join(folder, f"lite0_{size}.onnx")
             torch.onnx.export(model, (tiny.images[:1],), paths[size], dynamo=False, opset_version=13)
-            variants = {f"central {crop:g} cropped": Downscaled(net, size, crop).eval() for crop in crops
-                        if round(224 * crop) >= size} if crops else {"as trained": model}
-            if antialias and size < 224:
-                variants["antialiased"] = Downscaled(net, size, antialias=True).eval()
-                variants["blurred"] = Downscaled(net, size, side_tap=1.0 - size / 224).eval()
+            variants = {f"central {crop:g} cropped": Downscaled(net, hw, crop).eval() for crop in crops
+                        if round(224 * crop) >= max(hw)} if crops else {"as trained": model}
+            if antialias and max(hw) < 224:
+                variants["antialiased"] = Downscaled(net, hw, antialias=True).eval()
+                variants["blurred"] = Downscaled(net, hw, side_tap=1.0 - max(hw) / 224).eval()
                 for strength in (0.1, 0.2):
-                    variants[f"sharpened {strength:g}"] = Downscaled(net, size, side_tap=-strength).eval()
+                    variants[f"sharpened {strength:g}"] = Downscaled(net, hw, side_tap=-strength).eval()
             if recalibrate and not crops:
-                variants["bn recalibrated on the 200"] = _recalibrated(net, size, tiny.images)
+                variants["bn recalibrated on the 200"] = _recalibrated(net, hw, tiny.images)
             for variant, module in variants.items():
                 logits = _logits(module, tiny.images)
                 rows.append({"size": size, "variant": variant,
@@ -187,18 +204,20 @@ def run(sizes: list[int], recalibrate: bool, crops: list[float], antialias: bool
                              "agreement": float((logits.argmax(1) == tiny_ref.argmax(1)).float().mean())})
                 print(json.dumps(rows[-1]), flush=True)
         timing = _interleaved_ms(paths, tiny.images[:1].numpy())
-    base = timing[max(sizes)]["median_ms"]
+    base = timing[size_label(max(sizes))]["median_ms"]
     for row in rows:
         row.update(timing[row["size"]], cut=1.0 - timing[row["size"]]["median_ms"] / base)
     path = study_results_dir() / f"{NAME}.json"
     measured = {"cpu": platform.processor() or platform.machine(), "load_average": os.getloadavg(),
                 "rounds": ROUNDS, "runs": RUNS, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     earlier = json.loads(path.read_text()) if path.exists() else {}
-    if crops or antialias:
+    part = "crop_rows" if crops else "antialias_rows" if antialias else \
+        "pair_rows" if any(h != w for h, w in sizes) else "rows"
+    if part != "rows":
         result = earlier
-        result["crop_rows" if crops else "antialias_rows"] = {"rows": rows, **measured, "sizes": sizes, "crops": crops}
+        result[part] = {"rows": rows, **measured, "sizes": [size_label(s) for s in sizes], "crops": crops}
     else:
-        result = {"rows": rows, **measured, **{k: earlier[k] for k in ("crop_rows", "antialias_rows") if k in earlier}}
+        result = {"rows": rows, **measured, **{k: earlier[k] for k in LATER_PARTS if k in earlier}}
     path.write_text(json.dumps(result, indent=1))
     report()
 
@@ -216,8 +235,8 @@ def _table(rows: list[dict]) -> list[str]:
 def _section(title: str, part: dict, flag: str, what: str, findings: str) -> list[str]:
     """A later run's table (``crop_rows``, ``antialias_rows``) with its command and findings."""
     return ["", f"## {title}", "",
-            f"Command: `python -m benchmarks.studies.lite0_resolution run --sizes {','.join(map(str, part['sizes']))} "
-            f"{flag}` (finished {part['finished']}; load average at the end {part['load_average'][0]:.2f}). {what}",
+            f"Command: `python -m benchmarks.studies.lite0_resolution run --sizes {','.join(map(str, part['sizes']))}"
+            f"{' ' + flag if flag else ''}` (finished {part['finished']}; load average at the end {part['load_average'][0]:.2f}). {what}",
             "", *_table(part["rows"]), "", findings]
 
 
@@ -244,8 +263,19 @@ def report() -> None:
                           "filter as wide as the scale), blurred (a fixed 3-tap triangle filter, then plain "
                           "bilinear), or sharpened (taps -a, 1, -a over 1 - 2a). The cut is the plain file's of that "
                           "size, timed in this run.", ANTIALIAS_FINDINGS)
+    pairs = result.get("pair_rows")
+    if pairs:
+        lines += _section("Sizes between two squares", pairs, "",
+                          "A side of each of two squares one pixel apart (height x width), as choose_resolution "
+                          "times them where latency falls in a step between the squares.", PAIR_FINDINGS)
     (study_results_dir() / f"{NAME}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``224`` or ``192x191`` (height x width)."""
+    height, _, width = text.partition("x")
+    return int(height), int(width or height)
 
 
 def main() -> None:
@@ -259,7 +289,7 @@ def main() -> None:
     sub.add_parser("report")
     args = parser.parse_args()
     if args.command == "run":
-        run(sorted({int(s) for s in args.sizes.split(",")}, reverse=True), args.recalibrate,
+        run(sorted({_size(s) for s in args.sizes.split(",")}, reverse=True), args.recalibrate,
             [float(c) for c in args.crops.split(",") if c], args.antialias)
     else:
         report()

@@ -13,8 +13,8 @@ the goal is chosen: fewer pixels mostly cost more accuracy (Lite0 at 208, 192, 1
 pixel apart, below the input's own (a step), the two sizes between them, one side of each (H x
 W-1 and H-1 x W), are timed too, and where either measures at the goal it is chosen over the
 smaller square (both: the larger cut, the surer of the target at the same pixels): a step halved
-(Lite0: 24.1% at 192x192, 29.1% at 192x191 with top-1 82.25, 33.5% at 191x191 with 80.00, timed
-in one run). Where quantisation alone reaches the goal, no resize is chosen.
+(Lite0: 21.9% at 192x192, 26.6% at 192x191 with top-1 82.25, 31.0% at 191x191 with 80.00;
+benchmarks/studies/results/lite0_resolution.md, "Sizes between two squares"). Where quantisation alone reaches the goal, no resize is chosen.
 
 No training follows: on EfficientNet-Lite0 (200 photos, 22%) the resize alone kept 84.38 top-1 of
 87.12 on 800 other photos, where blocks kept 81.25, and recovery on 160 photos lowered top-1 on the
