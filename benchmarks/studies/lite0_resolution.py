@@ -80,7 +80,6 @@ ANTIALIAS_FINDINGS = ("Finding: no filter lifts top-1 above the plain resize. Lo
 PAIR_FINDINGS = ("Finding: the sizes between 192 and 191 px halve the step: 26.6% at 82.25 (192x191) and 26.7% at "
                  "81.50 (191x192), between 192 px's 21.9% at 84.38 and 191 px's 31.0% at 80.00. So choose_resolution "
                  "times them where a target falls in the step (22% with the margin: 192 px short of it).")
-LATER_PARTS = ("crop_rows", "antialias_rows", "pair_rows")
 ROUNDS, RUNS = 30, 5
 
 
@@ -217,7 +216,7 @@ def run(sizes: list[tuple[int, int]], recalibrate: bool, crops: list[float], ant
         result = earlier
         result[part] = {"rows": rows, **measured, "sizes": [size_label(s) for s in sizes], "crops": crops}
     else:
-        result = {"rows": rows, **measured, **{k: earlier[k] for k in LATER_PARTS if k in earlier}}
+        result = {"rows": rows, **measured, **{k: earlier[k] for k, *_ in _later_parts() if k in earlier}}
     path.write_text(json.dumps(result, indent=1))
     report()
 
@@ -236,8 +235,25 @@ def _section(title: str, part: dict, flag: str, what: str, findings: str) -> lis
     """A later run's table (``crop_rows``, ``antialias_rows``) with its command and findings."""
     return ["", f"## {title}", "",
             f"Command: `python -m benchmarks.studies.lite0_resolution run --sizes {','.join(map(str, part['sizes']))}"
-            f"{' ' + flag if flag else ''}` (finished {part['finished']}; load average at the end {part['load_average'][0]:.2f}). {what}",
+            f"{' ' + flag if flag else ''}` (finished {part['finished']}; load average at the end "
+            f"{part['load_average'][0]:.2f}). {what}",
             "", *_table(part["rows"]), "", findings]
+
+
+def _later_parts() -> tuple:
+    """Each later run's part of the results: key, heading, its command's flag, what it measured, findings."""
+    return (("crop_rows", "Cropped before resizing",
+             lambda part: "--crops " + ",".join(f"{c:g}" for c in part["crops"]),
+             "The central share of the 224 input, then the resize: objects as large as the network was trained on "
+             "and fewer pixels dropped from them, at the cost of the border. The cut is the resize-only file's of "
+             "that size, timed in this run.", CROP_FINDINGS),
+            ("antialias_rows", "Filtered before resizing", lambda part: "--antialias",
+             "Each size resized plainly (as trained), with torch's antialiased bilinear (a triangle filter as wide "
+             "as the scale), blurred (a fixed 3-tap triangle filter, then plain bilinear), or sharpened (taps -a, "
+             "1, -a over 1 - 2a). The cut is the plain file's of that size, timed in this run.", ANTIALIAS_FINDINGS),
+            ("pair_rows", "Sizes between two squares", lambda part: "",
+             "A side of each of two squares one pixel apart (height x width), as choose_resolution times them where "
+             "latency falls in a step between the squares.", PAIR_FINDINGS))
 
 
 def report() -> None:
@@ -249,25 +265,9 @@ def report() -> None:
              "other signals on the 200 tiny photos against the original; latency onnxruntime CPU 1 thread batch 1, "
              f"all files interleaved, {result['rounds']} rounds of {result['runs']} runs (median, IQR).", "",
              *_table(result["rows"])]
-    cropped = result.get("crop_rows")
-    if cropped:
-        lines += _section("Cropped before resizing", cropped,
-                          f"--crops {','.join(f'{c:g}' for c in cropped['crops'])}",
-                          "The central share of the 224 input, then the resize: objects as large as the network "
-                          "was trained on and fewer pixels dropped from them, at the cost of the border. The cut is "
-                          "the resize-only file's of that size, timed in this run.", CROP_FINDINGS)
-    filtered = result.get("antialias_rows")
-    if filtered:
-        lines += _section("Filtered before resizing", filtered, "--antialias",
-                          "Each size resized plainly (as trained), with torch's antialiased bilinear (a triangle "
-                          "filter as wide as the scale), blurred (a fixed 3-tap triangle filter, then plain "
-                          "bilinear), or sharpened (taps -a, 1, -a over 1 - 2a). The cut is the plain file's of that "
-                          "size, timed in this run.", ANTIALIAS_FINDINGS)
-    pairs = result.get("pair_rows")
-    if pairs:
-        lines += _section("Sizes between two squares", pairs, "",
-                          "A side of each of two squares one pixel apart (height x width), as choose_resolution "
-                          "times them where latency falls in a step between the squares.", PAIR_FINDINGS)
+    for key, title, flag, what, findings in _later_parts():
+        if result.get(key):
+            lines += _section(title, result[key], flag(result[key]), what, findings)
     (study_results_dir() / f"{NAME}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -285,7 +285,8 @@ def main() -> None:
     run_parser.add_argument("--sizes", default="224,208,200,192,176")
     run_parser.add_argument("--recalibrate", action="store_true")
     run_parser.add_argument("--crops", default="", help="central shares cropped before the resize (crop_rows)")
-    run_parser.add_argument("--antialias", action="store_true", help="also each size low-pass filtered (antialias_rows)")
+    run_parser.add_argument("--antialias", action="store_true",
+                            help="also each size low-pass filtered (antialias_rows)")
     sub.add_parser("report")
     args = parser.parse_args()
     if args.command == "run":
