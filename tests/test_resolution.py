@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import graphprune as gp
-from graphprune.backends.base import CutMeasurement, LatencyStats
+from graphprune.backends.base import CutMeasurement, LatencySettings, LatencyStats
 from graphprune.data import TinySet
 from graphprune.errors import GraphpruneError
 from graphprune.formats.io_onnx import load_proto
@@ -22,6 +22,8 @@ from graphprune.passes import ChooseResolution, ResizeInput, ResolutionChoice, r
 from graphprune.passes import choose_resolution as choose_module
 from graphprune.passes.choose_resolution import candidate_sides
 from graphprune.passes.resize_input import axis_scales, check_resizable, scale_for
+from graphprune.report import _resolution_lines
+from conftest import export_onnx
 from onnx_builders import residual_onnx
 from test_quantize import convnet
 
@@ -126,9 +128,10 @@ def test_choose_resolution_steps_down_then_bisects_to_the_largest_side_at_the_go
     model = _onnx_model(convnet())
     result = ChooseResolution()(model, _context(model, 0.3))
     choice = result.value
-    assert choice.size == (13, 13) and choice.scale == scale_for(16, 13) and seen == [15, 14, 13, (14, 13), (13, 14)]
+    assert choice.size == (13, 13) and choice.scale == scale_for(16, 13) and seen == [15, 14, 13, (14, 13), (13, 14), 13]
     assert [m["size"] for m in choice.measurements] == [[15, 15], [14, 14], [14, 13], [13, 14], [13, 13]]
-    assert "13x13: the largest size measured at the goal" in choice.reason
+    assert "13x13: the largest size measured at the goal twice (34.0%, then 34.0% >= 30.5%)" == choice.reason
+    assert [m.get("confirmation") for m in choice.measurements] == [None, None, None, None, 1 - 13 * 13 / 16 ** 2]
     assert candidate_sides(224)[:3] == [216, 208, 200] and candidate_sides(16)[-1] == 8
 
 
@@ -138,7 +141,7 @@ def test_choose_resolution_bisects_between_coarse_steps(monkeypatch):
     monkeypatch.setattr(choose_module, "STEP", 8 * 224 / 16 * 4 / 8)  # 4 px steps at 16 px: 12, then 14, 13
     model = _onnx_model(convnet())
     choice = ChooseResolution()(model, _context(model, 0.3)).value
-    assert seen == [12, 14, 13, (14, 13), (13, 14)] and choice.size == (13, 13)
+    assert seen == [12, 14, 13, (14, 13), (13, 14), 13] and choice.size == (13, 13)
 
 
 def test_choose_resolution_takes_a_size_between_two_squares_one_pixel_apart(monkeypatch):
@@ -155,6 +158,58 @@ def test_choose_resolution_takes_a_size_between_two_squares_one_pixel_apart(monk
     resized = ResizeInput()(model, context, choice).model
     assert resize_input(model, choice.scale).meta["resized_input"] == choice.scale
     assert resized.meta["resized_input"] == choice.scale
+
+
+def _retimed_lower(monkeypatch, by: float):
+    """Each size's second timing (``CONFIRM_TIME`` times as long) reads ``by`` lower than its first."""
+    timed = choose_module.measure_cut
+
+    def measure_cut(backend, original, candidate, settings, original_run=None):
+        cut = timed(backend, original, candidate, settings, original_run)
+        again = settings.min_time_s == choose_module.CONFIRM_TIME * LatencySettings().min_time_s
+        return CutMeasurement(cut.original, cut.candidate, cut.cut - (by if again else 0.0))
+    monkeypatch.setattr(choose_module, "measure_cut", measure_cut)
+
+
+def test_choose_resolution_keeps_only_a_size_that_reaches_the_goal_when_timed_again(monkeypatch):
+    """Goal 0.28 + 0.005 as above, but second timings read 0.02 lower: 14 x 13 and 13 x 14 (0.289,
+    then 0.269) fall short, 13 x 13 (0.340, then 0.320) holds."""
+    seen = []
+    _fake_cuts(monkeypatch, seen)
+    _retimed_lower(monkeypatch, 0.02)
+    model = _onnx_model(convnet())
+    choice = ChooseResolution()(model, _context(model, 0.28)).value
+    assert seen == [15, 14, 13, (14, 13), (13, 14), (14, 13), (13, 14), 13] and choice.size == (13, 13)
+    assert choice.reason.endswith("(34.0%, then 32.0% >= 28.5%); 2 larger size(s) fell short when timed again")
+    assert "14x13 28.9% (again 26.9%)" in _resolution_lines(choice.to_dict())[1]
+
+
+def test_choose_resolution_stops_in_one_line_where_no_size_holds_when_timed_again(monkeypatch):
+    seen = []
+    _fake_cuts(monkeypatch, seen)
+    _retimed_lower(monkeypatch, 0.9)
+    model = _onnx_model(convnet())
+    with pytest.raises(GraphpruneError) as exc:
+        ChooseResolution()(model, _context(model, 0.28))
+    assert "fell short of it when timed again, down to 50% of the side" in str(exc.value)
+    assert seen[-2:] == [8, 8] and "\n" not in str(exc.value)
+
+
+def test_choose_resolution_stops_in_one_line_at_a_size_the_network_cannot_run_at(monkeypatch, tmp_path):
+    """A stride-2 conv then a Linear on its flattened map: at 15 px the map is 8 x 8 as at 16, at
+    14 px 7 x 7, which the Linear cannot take. 15 px (12.1%) is short of a 30% goal, so the run stops
+    at 14 px with what broke and what the sizes that run reach, before timing the size it cannot run."""
+    seen = []
+    _fake_cuts(monkeypatch, seen)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 8 * 8, 5)).eval()
+    model = gp.load(export_onnx(net, (1, 3, 16, 16), tmp_path / "fixed.onnx"))
+    with pytest.raises(GraphpruneError) as exc:
+        ChooseResolution()(model, _context(model, 0.3))
+    message = str(exc.value)
+    assert message.startswith("a 30% latency cut is not reachable by resolution: the network cannot run at 14x14")
+    assert message.endswith("its layers fix the input's size; the larger sizes it runs at measure at most 12.1%")
+    assert seen == [15] and "\n" not in message
 
 
 def test_choose_resolution_refuses_an_unreachable_target_in_one_line(monkeypatch):
