@@ -86,7 +86,7 @@ def _block_lines(report: dict) -> list[str]:
 def _resolution_lines(resolution: dict) -> list[str]:
     """The sizes measured (lever "resolution") and the one chosen."""
     measured = ", ".join(f"{m['size'][0]}x{m['size'][1]} {100 * m['cut']:.1f}%"
-                         + (f" (again {100 * m['confirmation']:.1f}%)" if "confirmation" in m else "")
+                         + (f" (mean of {len(m['timings'])})" if len(m.get("timings", ())) > 1 else "")
                          for m in resolution["measurements"])
     chosen = resolution["size"]
     head = (f"resolution: the network runs at {chosen[0]}x{chosen[1]} behind a resize at its entry (the input is "

@@ -16,12 +16,15 @@ smaller square (both: the larger cut, the surer of the target at the same pixels
 (Lite0: 21.9% at 192x192, 26.6% at 192x191 with top-1 82.25, 31.0% at 191x191 with 80.00;
 benchmarks/studies/results/lite0_resolution.md, "Sizes between two squares"). Where quantisation alone reaches the goal, no resize is chosen.
 
-A size is kept only once a second timing, ``CONFIRM_TIME`` times as long, also reaches the goal;
-else the next size measured at the goal is tried, in the same order (most pixels first; at equal
-pixels the larger cut), then the steps below them. One timing is noisy by about a point on Lite0
-(200 px: 17.6-20.0% over nine runs), and the largest size at the goal is the one whose timing
-erred upward most likely: before the second timing, the written files of three 20% runs timed
-21.4%, 19.5% and 19.9% in the benchmark's own measurement (benchmarks/results/real_models.md).
+A size timed within ``NEAR`` (a point) of the goal is timed again, up to ``MAX_TIMINGS`` times,
+and judged by the mean: one timing is noisy by about a point on Lite0 (200 px: 17.3-20.0%, 192 px:
+20.1-22.7% over a dozen runs), so single timings erred both ways, near the target, in the
+benchmark's rows (benchmarks/results/real_models.md): upward, where the written files of three 20%
+runs then timed 21.4%, 19.5% and 19.9%; downward, where 192 px timed 20.1% at a 20% target and the
+run fell past the step to 191x192 (top-1 81.50 where 192 px keeps 84.38). The mean does not
+remove it all: the noise comes in episodes of seconds to minutes, whichever sessions are timed
+(benchmarks/studies/session_noise.py: one pair timed 12 times, sd 0.5-0.7 points), so the run's
+final timing still measured 3 of 9 benchmark rows short of their target by 0.4-0.8 points.
 
 No training follows: on EfficientNet-Lite0 (200 photos, 22%) the resize alone kept 84.38 top-1 of
 87.12 on 800 other photos, where blocks kept 81.25, and recovery on 160 photos lowered top-1 on the
@@ -30,7 +33,7 @@ classes it had not seen (benchmarks/studies/lite0_resolution.py, lite0_recovery.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import statistics
 
 from ..errors import GraphpruneError
 from ..model import Model
@@ -42,7 +45,8 @@ from .resize_input import ResolutionChoice, check_resizable, resize_input, resiz
 from .selection import goal_cut
 
 STEP = 8  # pixels per candidate at 224 px; the bisection below then finds the side to the pixel
-CONFIRM_TIME = 2  # the confirming timing runs this many times as long as the others: less noisy
+NEAR = 0.01  # a size timed within this of the goal is timed again (one timing is noisy by about a point)
+MAX_TIMINGS = 3  # ... up to this many times, and judged by the mean
 MIN_SCALE = 0.5  # below half the side a classifier has lost what its training saw (176 px: -5.6 top-1 on Lite0)
 
 
@@ -68,7 +72,6 @@ class ChooseResolution(Analysis):
             raise GraphpruneError("choose_resolution needs a latency target")
         goal = goal_cut(ctx.latency_cut, ctx.margin)
         measuring = measuring_backend(ctx, inputs, self.name)
-        confirming = replace(ctx.latency, min_time_s=CONFIRM_TIME * ctx.latency.min_time_s)
         reference = (measuring.reference or measuring.backend).prepare(ctx.original, ctx.latency)
         shape = ctx.original.analysis_shape()
         side = int(shape[-2])
@@ -93,10 +96,13 @@ class ChooseResolution(Analysis):
                     raise
                 unrunnable[key] = str(exc)  # a smaller map breaks a fixed reshape or window: not at the goal
                 return False
-            cut = measure_cut(measuring.backend, ctx.original, candidate, ctx.latency, reference)
+            cuts = [measure_cut(measuring.backend, ctx.original, candidate, ctx.latency, reference).cut]
+            while len(cuts) < MAX_TIMINGS and abs(statistics.fmean(cuts) - goal) < NEAR:  # too close to call
+                cuts.append(measure_cut(measuring.backend, ctx.original, candidate, ctx.latency, reference).cut)
             measurements[key] = {"size": list(resized_size(shape, scale)),
-                                 "scale": list(scale) if isinstance(scale, tuple) else scale, "cut": cut.cut}
-            return cut.cut >= goal
+                                 "scale": list(scale) if isinstance(scale, tuple) else scale,
+                                 "cut": statistics.fmean(cuts), "timings": cuts}
+            return measurements[key]["cut"] >= goal
 
         above = side  # the smallest side measured short of the goal (the input's own: no cut)
         for candidate_side in sides:
@@ -120,33 +126,16 @@ class ChooseResolution(Analysis):
                 below = middle
             else:
                 above = middle
+        kept = (below, below)
         if above - below == 1 and above < side:  # a step between two measured squares: the sizes between
-            for key in ((above, below), (below, above)):
-                reaches(*key)
-
-        def confirms(key: tuple[int, int]) -> bool:
-            candidate = resize_input(model, scale_of(key))
-            cut = measure_cut(measuring.backend, ctx.original, candidate, confirming, reference).cut
-            measurements[key]["confirmation"] = cut
-            return cut >= goal
-
-        # most pixels first (fewer mostly cost accuracy); at equal pixels the larger cut, the surer of the target
-        at_goal = sorted((key for key, m in measurements.items() if m["cut"] >= goal),
-                         key=lambda key: (key[0] * key[1], measurements[key]["cut"]), reverse=True)
-        smaller = [(s, s) for s in sides if s < min(key[0] for key in at_goal)]  # where none confirms
-        kept = next((key for key in at_goal + smaller if (key in measurements or reaches(*key)) and confirms(key)),
-                    None)
-        if kept is None:
-            raise GraphpruneError(f"a {ctx.latency_cut:.0%} latency cut is not reachable by resolution: sizes measured "
-                                  f"at the goal ({goal:.1%}) fell short of it when timed again, down to "
-                                  f"{MIN_SCALE:.0%} of the side; the timings are too noisy (is other work loading the "
-                                  "machine?)")
+            between = [key for key in ((above, below), (below, above)) if reaches(*key)]
+            if between:
+                kept = max(between, key=lambda key: measurements[key]["cut"])
         chosen = measurements[kept]
-        unconfirmed = sum(1 for key, m in measurements.items() if "confirmation" in m and key != kept)
-        retimed = f"; {unconfirmed} larger size(s) fell short when timed again" if unconfirmed else ""
+        timings = len(chosen["timings"])
         choice = ResolutionChoice(scale_of(kept), tuple(chosen["size"]),
                                   [measurements[s] for s in sorted(measurements, reverse=True)],
                                   f"{chosen['size'][0]}x{chosen['size'][1]}: the largest size measured at the goal "
-                                  f"twice ({chosen['cut']:.1%}, then {chosen['confirmation']:.1%} >= {goal:.1%})"
-                                  f"{retimed}")
+                                  f"({chosen['cut']:.1%} >= {goal:.1%}"
+                                  + (f", the mean of {timings} timings)" if timings > 1 else ")"))
         return PassResult(model, record=choice.to_dict(), artifacts=[choice])
