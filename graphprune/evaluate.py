@@ -37,8 +37,8 @@ from .data import TinySet
 from .data_sources import is_class_index
 from .ctc import CtcText
 from .errors import GraphpruneError
-from .fidelity import (BOX_ROWS, CONFIDENCE, DECODERS, MATCH_IOU, MAX_DETECTIONS, NMS_IOU, DetectionCounts,
-                       HeadRows, MapOverlap, class_kl, detection_head, output_layout, same_top_classes)
+from .detections import BOX_ROWS, CONFIDENCE, DECODERS, MATCH_IOU, MAX_DETECTIONS, NMS_IOU, DetectionCounts
+from .fidelity import HeadRows, MapOverlap, class_kl, detection_head, output_layout, same_top_classes
 from .formats.input_shape import recorded_detection_rows
 from .model import Model
 

@@ -13,7 +13,7 @@ gives probiou = 1 - sqrt(1 - exp(-B)) (one minus the Hellinger distance): 1 for 
 square turned by 90 degrees is itself), falling towards 0 as they part. It is not the polygons'
 IoU: two equal upright boxes offset by half a width have IoU 1/3 and probiou 0.44. B is capped at
 ``MAX_DISTANCE`` (probiou 0 to 22 decimals); a box of zero area overlaps nothing, itself included,
-as an upright one (``fidelity.box_iou``).
+as an upright one (``detections.box_iou``).
 """
 
 from __future__ import annotations

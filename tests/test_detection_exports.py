@@ -13,7 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphprune as gp
 from graphprune.errors import GraphpruneError
-from graphprune.fidelity import DECODERS, DetectionCounts, output_layout
+from graphprune.detections import DECODERS, DetectionCounts
+from graphprune.fidelity import output_layout
 from graphprune.formats.io_onnx import same_rows
 from graphprune.optimize import image_input_shape
 from onnx_builders import save

@@ -17,9 +17,9 @@ from graphprune.data import Preprocessing, TinySet, load_tiny_set
 from graphprune.errors import GraphpruneError
 from graphprune.evaluate import evaluate, evaluate_onnx
 from graphprune.ctc import CtcText, ctc_text, edit_distance, same_text
-from graphprune.fidelity import (CONFIDENCE, DetectionCounts, Detections, MapOverlap, average_precision, box_iou,
-                                 class_kl, decode_yolov5, decode_yolov8, matched, output_layout, ranked_hits,
-                                 same_top_classes)
+from graphprune.detections import (CONFIDENCE, DetectionCounts, Detections, average_precision, box_iou, decode_yolov5,
+                                   decode_yolov8, matched, ranked_hits)
+from graphprune.fidelity import MapOverlap, class_kl, output_layout, same_top_classes
 from graphprune.report import format_summary
 from onnx_builders import save
 from yolo_like import tiny_yolo5_onnx, tiny_yolo_onnx

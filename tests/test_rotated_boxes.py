@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from graphprune.fidelity import DetectionCounts, HeadRows, decode_yolov8_obb, detection_head, output_layout
+from graphprune.detections import DetectionCounts, decode_yolov8_obb
+from graphprune.fidelity import HeadRows, detection_head, output_layout
 from graphprune.rotated_boxes import probiou, rotated_nms
 
 

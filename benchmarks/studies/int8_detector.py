@@ -27,7 +27,7 @@ def main() -> None:
 
     from benchmarks.real_models import MODELS, eval_set, tiny_set
     from graphprune.data import split_holdout
-    from graphprune.fidelity import DetectionCounts, lower_map50
+    from graphprune.detections import DetectionCounts, lower_map50
     from graphprune.formats.ort_run import cpu_session, run_outputs
     from graphprune.passes.calibration import Calibrated
     from graphprune.passes.quantize import QuantizeSettings, quantize_onnx

@@ -94,7 +94,7 @@ def main() -> None:
     import torch
 
     from benchmarks.real_models import MODELS, eval_set, tiny_set
-    from graphprune.fidelity import DetectionCounts, lower_map50
+    from graphprune.detections import DetectionCounts, lower_map50
     from graphprune.formats.model_io import load, to_onnx
     from graphprune.formats.ort_run import cpu_session, run_outputs
     from graphprune.passes.calibration import Calibrated

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import GraphpruneError
-from ..fidelity import lower_map50
+from ..detections import lower_map50
 from ..model import Model
 from .base import Analysis, PassResult
 from .quantize_result import QuantizedOnnx

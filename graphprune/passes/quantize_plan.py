@@ -37,8 +37,8 @@ import torch
 from ..backends.base import CutMeasurement
 from ..ctc import same_text
 from ..errors import GraphpruneError
-from ..fidelity import (DECODERS, DetectionCounts, HeadRows, MapOverlap, detection_head, lower_map50, output_layout,
-                        same_top_classes)
+from ..detections import DECODERS, DetectionCounts, lower_map50
+from ..fidelity import HeadRows, MapOverlap, detection_head, output_layout, same_top_classes
 from ..formats.input_shape import recorded_detection_rows
 from ..formats.ort_run import cpu_session, run_outputs
 from .float_groups import float_group_nodes
@@ -75,7 +75,7 @@ class Candidate:
     info: dict = field(default_factory=dict)
     proto: onnx.ModelProto | None = field(default=None, repr=False)
     correct: np.ndarray | None = field(default=None, repr=False)  # per judged image, for paired tests
-    detections: dict | None = None  # a detector's: fidelity.DetectionCounts.as_dict() against the float model
+    detections: dict | None = None  # a detector's: detections.DetectionCounts.as_dict() against the float model
     map_iou: float | None = None  # a map's (segmentation, text map): fidelity.MapOverlap against the float model
 
     def to_dict(self) -> dict:
