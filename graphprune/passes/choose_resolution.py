@@ -19,8 +19,8 @@ benchmarks/studies/results/lite0_resolution.md, "Sizes between two squares"). Wh
 A size timed within ``NEAR`` (a point) of the goal is timed again, up to ``MAX_TIMINGS`` times,
 and judged by the mean: one timing is noisy by about a point on Lite0 (200 px: 17.3-20.0%, 192 px:
 20.1-22.7% over a dozen runs), so single timings erred both ways, near the target, in the
-benchmark's rows (benchmarks/results/real_models.md): upward, where the written files of three 20%
-runs then timed 21.4%, 19.5% and 19.9%; downward, where 192 px timed 20.1% at a 20% target and the
+benchmark's rows (benchmarks/results/real_models.md): upward, where the written files of two of
+three 20% runs then timed 19.5% and 19.9%; downward, where 192 px timed 20.1% at a 20% target and the
 run fell past the step to 191x192 (top-1 81.50 where 192 px keeps 84.38). The mean does not
 remove it all: the noise comes in episodes of seconds to minutes, whichever sessions are timed
 (benchmarks/studies/session_noise.py: one pair timed 12 times, sd 0.5-0.7 points), so the run's
