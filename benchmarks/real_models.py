@@ -294,6 +294,10 @@ def cmd_run(args) -> None:
         overrides["recovery.precision"] = args.precision
     if args.time_budget is not None:
         overrides["time_budget_s"] = args.time_budget
+    if args.margin is not None:
+        overrides["margin"] = args.margin
+    if args.resolution_margin is not None:
+        overrides["resolution_margin"] = args.resolution_margin
     done = set() if args.redo else ROWS.done(this_machine())  # a redone row replaces this CPU's
     todo = [r for r in grid(args.model, methods, seeds, cuts, overrides) if row_id(r) not in done]
     print(f"{len(todo)} rows to run on {this_machine()}", flush=True)
@@ -395,6 +399,8 @@ def run_options(parser) -> None:
     parser.add_argument("--recovery-iterations", type=int, help="recovery steps (default: the product's)")
     parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], help="recovery precision")
     parser.add_argument("--time-budget", type=float, help="optimize's time budget in seconds")
+    parser.add_argument("--margin", type=float, help="optimize's --margin (default: the product's)")
+    parser.add_argument("--resolution-margin", type=float, help="optimize's --resolution-margin (default: the product's)")
     parser.add_argument("--redo", action="store_true", help="run rows this CPU has finished again (replacing them)")
 
 

@@ -61,6 +61,7 @@ class OptimizeConfig:
     backend: str = "onnxruntime"
     latency: LatencySettings = LatencySettings()
     margin: float = 0.005  # select until the measured cut reaches latency_cut + margin
+    resolution_margin: float = 0.015  # the resolution lever's margin (passes/choose_resolution.py)
     holdout_fraction: float = 0.2
     holdout_minimum: int = 16
     seed: int = 0
@@ -177,7 +178,7 @@ def default_pipeline(config: OptimizeConfig = OptimizeConfig()) -> list[Pass]:
     if config.lever == "resolution":
         return [
             *([PlanQuantization.from_config(config)] if quantized else []),
-            ChooseResolution(),
+            ChooseResolution.from_config(config),
             ResizeInput(),
             *([QuantizeResult.from_config(config)] if quantized else []),
             MeasureResult(),

@@ -126,7 +126,7 @@ def test_choose_resolution_steps_down_then_bisects_to_the_largest_side_at_the_go
     seen = []
     _fake_cuts(monkeypatch, seen)
     model = _onnx_model(convnet())
-    result = ChooseResolution()(model, _context(model, 0.3))
+    result = ChooseResolution(0.005)(model, _context(model, 0.3))
     choice = result.value
     assert choice.size == (13, 13) and choice.scale == scale_for(16, 13) and seen == [15, 14, 13, (14, 13), (13, 14)]
     assert [m["size"] for m in choice.measurements] == [[15, 15], [14, 14], [14, 13], [13, 14], [13, 13]]
@@ -139,7 +139,7 @@ def test_choose_resolution_bisects_between_coarse_steps(monkeypatch):
     _fake_cuts(monkeypatch, seen)
     monkeypatch.setattr(choose_module, "STEP", 8 * 224 / 16 * 4 / 8)  # 4 px steps at 16 px: 12, then 14, 13
     model = _onnx_model(convnet())
-    choice = ChooseResolution()(model, _context(model, 0.3)).value
+    choice = ChooseResolution(0.005)(model, _context(model, 0.3)).value
     assert seen == [12, 14, 13, (14, 13), (13, 14)] and choice.size == (13, 13)
 
 
@@ -151,7 +151,7 @@ def test_choose_resolution_takes_a_size_between_two_squares_one_pixel_apart(monk
     _fake_cuts(monkeypatch, seen)
     model = _onnx_model(convnet())
     context = _context(model, 0.28)
-    choice = ChooseResolution()(model, context).value
+    choice = ChooseResolution(0.005)(model, context).value
     assert choice.size == (14, 13) and choice.scale == (scale_for(16, 14), scale_for(16, 13))
     assert choice.to_dict()["scale"] == [scale_for(16, 14), scale_for(16, 13)] and "14x13" in choice.reason
     resized = ResizeInput()(model, context, choice).model
@@ -173,7 +173,7 @@ def test_choose_resolution_times_a_size_near_the_goal_again_and_judges_by_the_me
         return CutMeasurement(cut.original, cut.candidate, cut.cut + (offsets[key].pop(0) if key in offsets else 0))
     monkeypatch.setattr(choose_module, "measure_cut", measure_cut)
     model = _onnx_model(convnet())
-    choice = ChooseResolution()(model, _context(model, 0.28)).value
+    choice = ChooseResolution(0.005)(model, _context(model, 0.28)).value
     assert seen == [15, 14, 13, (14, 13), (14, 13), (14, 13), (13, 14)] and choice.size == (14, 13)
     assert choice.reason == "14x13: the largest size measured at the goal (28.9% >= 28.5%, the mean of 3 timings)"
     assert [len(m["timings"]) for m in choice.measurements] == [1, 1, 3, 1, 1]
@@ -190,18 +190,30 @@ def test_choose_resolution_stops_in_one_line_at_a_size_the_network_cannot_run_at
                               torch.nn.Linear(4 * 8 * 8, 5)).eval()
     model = gp.load(export_onnx(net, (1, 3, 16, 16), tmp_path / "fixed.onnx"))
     with pytest.raises(GraphpruneError) as exc:
-        ChooseResolution()(model, _context(model, 0.3))
+        ChooseResolution(0.005)(model, _context(model, 0.3))
     message = str(exc.value)
     assert message.startswith("a 30% latency cut is not reachable by resolution: the network cannot run at 14x14")
     assert message.endswith("its layers fix the input's size; the larger sizes it runs at measure at most 12.1%")
     assert seen == [15] and "\n" not in message
 
 
+def test_the_resolution_lever_takes_a_margin_of_its_own_from_the_config():
+    """Its goal is the target plus ``resolution_margin`` (1.5 points unless set), not blocks' ``margin``."""
+    from graphprune.optimize import default_pipeline
+
+    (step,) = [s for s in default_pipeline(OptimizeConfig(lever="resolution", quantize="none"))
+               if isinstance(s, ChooseResolution)]
+    assert step.margin == choose_module.MARGIN == 0.015
+    (step,) = [s for s in default_pipeline(OptimizeConfig(lever="resolution", quantize="none", margin=0.0,
+                                                          resolution_margin=0.02)) if isinstance(s, ChooseResolution)]
+    assert step.margin == 0.02
+
+
 def test_choose_resolution_refuses_an_unreachable_target_in_one_line(monkeypatch):
     _fake_cuts(monkeypatch, [])
     model = _onnx_model(convnet())
     with pytest.raises(GraphpruneError) as exc:
-        ChooseResolution()(model, _context(model, 0.9))
+        ChooseResolution(0.005)(model, _context(model, 0.9))
     assert str(exc.value) == "a 90% latency cut is not reachable by resolution: at 8x8 (50% of the side) it measures 75.0%"
 
 

@@ -102,7 +102,11 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
           "the target, no training; for networks whose outputs do not follow the input's size, such as "
           "classifiers that pool globally), or auto (both; the result closer to the original on the held-out "
           "images is written)")
-@opt("latency", "--margin", fills="margin", type=NON_NEGATIVE, help="select until the measured cut reaches cut+margin")
+@opt("latency", "--margin", fills="margin", type=NON_NEGATIVE,
+     help="select blocks until the measured cut reaches cut+margin")
+@opt("latency", "--resolution-margin", fills="resolution_margin", type=NON_NEGATIVE,
+     help="the resolution lever's margin: it lands at its goal, not past it by a block, so it needs one above "
+          "the timings' noise")
 @opt("latency", "--time-budget", fills="time_budget_s", type=POSITIVE, metavar="SECONDS",
      help="seconds the whole run should take (2700: 45 minutes): int8 planning, scoring, refinement and "
           "recovery are sized to the time left when they start; profiling costs what the model costs (default: "

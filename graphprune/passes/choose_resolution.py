@@ -26,6 +26,15 @@ remove it all: the noise comes in episodes of seconds to minutes, whichever sess
 (benchmarks/studies/session_noise.py: one pair timed 12 times, sd 0.5-0.7 points), so the run's
 final timing still measured 3 of 9 benchmark rows short of their target by 0.4-0.8 points.
 
+The goal is the target plus ``MARGIN``, 1.5 points (``--resolution-margin``; blocks' ``--margin`` is
+0.5): the lever lands at the goal, not past it by a block, so the written file's own timing meets
+the target only where the margin covers the noise. Over 27 Lite0 rows that timing fell 0.44 points
+below the chosen size's in the run on average, sd 0.79 (to -2.1); with a 0.5-point margin 3 of 9
+rows ended short of their target, with 1.5 points none of 9 (20%: 21.0-22.2%; 22%: 25.6-26.2%; 30%:
+30.4-32.9%), top-1 by target 83.71, 81.75, 79.83 against 83.96, 82.71, 80.46, the 22% mean lower
+because 192 px, which timed 21.2% in the end, is no longer taken (benchmarks/results/real_models.md,
+rows with margin=0.015).
+
 No training follows: on EfficientNet-Lite0 (200 photos, 22%) the resize alone kept 84.38 top-1 of
 87.12 on 800 other photos, where blocks kept 81.25, and recovery on 160 photos lowered top-1 on the
 classes it had not seen (benchmarks/studies/lite0_resolution.py, lite0_recovery.py).
@@ -47,6 +56,7 @@ from .selection import goal_cut
 STEP = 8  # pixels per candidate at 224 px; the bisection below then finds the side to the pixel
 NEAR = 0.01  # a size timed within this of the goal is timed again (one timing is noisy by about a point)
 MAX_TIMINGS = 3  # ... up to this many times, and judged by the mean
+MARGIN = 0.015  # the goal is the target plus this (see the module docstring)
 MIN_SCALE = 0.5  # below half the side a classifier has lost what its training saw (176 px: -5.6 top-1 on Lite0)
 
 
@@ -62,6 +72,10 @@ class ChooseResolution(Analysis):
     name = "choose_resolution"
     optional = (QuantizationPlan,)
     provides = (ResolutionChoice,)
+    config_field = "resolution_margin"
+
+    def __init__(self, margin: float = MARGIN):
+        self.margin = margin  # the lever's own: it lands at the goal, where blocks land past it by a block
 
     def run(self, model: Model, ctx, inputs) -> PassResult:
         skipped = no_block_needed(ctx, inputs)
@@ -70,7 +84,7 @@ class ChooseResolution(Analysis):
             return PassResult(model, record=choice.to_dict(), artifacts=[choice])
         if ctx.latency_cut is None:
             raise GraphpruneError("choose_resolution needs a latency target")
-        goal = goal_cut(ctx.latency_cut, ctx.margin)
+        goal = goal_cut(ctx.latency_cut, self.margin)
         measuring = measuring_backend(ctx, inputs, self.name)
         reference = (measuring.reference or measuring.backend).prepare(ctx.original, ctx.latency)
         shape = ctx.original.analysis_shape()
