@@ -108,7 +108,8 @@ def _shortfall_line(latency: dict, cached: dict) -> str:
     return (f"warning: the written model's measured cut, {100 * latency['cut']:.1f}%, is short of the "
             f"{100 * latency['target']:.1f}% target{selection}{cache}: the timings disagree, as they do when other "
             "work loads the machine; re-run on an idle machine (with an empty --cache-dir where timings were cached), or "
-            "raise --margin above the timings' noise (about a point on a shared machine)")
+            "raise --margin (--resolution-margin for the resolution lever) above the timings' noise (about a point "
+            "on a shared machine)")
 
 
 def _int8_hint(quantization: dict) -> str:
