@@ -124,6 +124,7 @@ class ChooseResolution(Analysis):
                 break
             if (candidate_side, candidate_side) in unrunnable:  # smaller sizes break the same layers
                 best = max(m["cut"] for m in measurements.values())
+                best = 0.0 if abs(best) < 0.0005 else best  # not "-0.0%"
                 raise GraphpruneError(f"a {ctx.latency_cut:.0%} latency cut is not reachable by resolution: "
                                       f"{unrunnable[candidate_side, candidate_side]}; the larger sizes it runs at "
                                       f"measure at most {best:.1%}")
