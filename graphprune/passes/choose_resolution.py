@@ -50,7 +50,8 @@ from .base import Analysis, PassResult
 from .measure_latency import measure_cut
 from .plan_quantization import measuring_backend, no_block_needed
 from .quantize_plan import QuantizationPlan
-from .resize_input import ResolutionChoice, check_resizable, resize_input, resized_size, scale_for
+from .resize_input import (ResolutionChoice, check_resizable, output_shapes, resize_input, resized_size, scale_for,
+                           scale_record)
 from .selection import goal_cut
 
 STEP = 8  # pixels per candidate at 224 px; the bisection below then finds the side to the pixel
@@ -93,6 +94,7 @@ class ChooseResolution(Analysis):
         if not sides:
             raise GraphpruneError(f"the input's side, {side} pixels, is too small to lower inside the graph")
         measurements = {}  # by (height side, width side)
+        expected = output_shapes(model)  # what every candidate must give (computed once: many are checked)
         unrunnable = {}  # by (height side, width side): why the network cannot run at that size
 
         def scale_of(sides: tuple[int, int]) -> float | tuple[float, float]:
@@ -104,17 +106,16 @@ class ChooseResolution(Analysis):
             scale = scale_of(key)
             candidate = resize_input(model, scale)
             try:  # before any time is spent on a size the network cannot run at
-                check_resizable(model, candidate)
+                check_resizable(model, candidate, expected)
             except GraphpruneError as exc:
                 if not measurements:
                     raise
                 unrunnable[key] = str(exc)  # a smaller map breaks a fixed reshape or window: not at the goal
                 return False
-            cuts = [measure_cut(measuring.backend, ctx.original, candidate, ctx.latency, reference).cut]
-            while len(cuts) < MAX_TIMINGS and abs(statistics.fmean(cuts) - goal) < NEAR:  # too close to call
+            cuts = []  # timed again while the mean is within NEAR of the goal: too close to call
+            while not cuts or (len(cuts) < MAX_TIMINGS and abs(statistics.fmean(cuts) - goal) < NEAR):
                 cuts.append(measure_cut(measuring.backend, ctx.original, candidate, ctx.latency, reference).cut)
-            measurements[key] = {"size": list(resized_size(shape, scale)),
-                                 "scale": list(scale) if isinstance(scale, tuple) else scale,
+            measurements[key] = {"size": list(resized_size(shape, scale)), "scale": scale_record(scale),
                                  "cut": statistics.fmean(cuts), "timings": cuts}
             return measurements[key]["cut"] >= goal
 

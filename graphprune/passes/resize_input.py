@@ -43,7 +43,7 @@ class ResolutionChoice:
     reason: str
 
     def to_dict(self) -> dict:
-        return {"scale": list(self.scale) if isinstance(self.scale, tuple) else self.scale,
+        return {"scale": scale_record(self.scale),
                 "size": list(self.size) if self.size else None,
                 "measurements": self.measurements, "reason": self.reason}
 
@@ -51,6 +51,11 @@ class ResolutionChoice:
 def scale_for(side: int, target: int) -> float:
     """The scale that resizes ``side`` to ``target`` pixels (floor of the product)."""
     return (target + 1e-3) / side
+
+
+def scale_record(scale: Scale | None):
+    """A scale as JSON holds it: a number, or a [height, width] list."""
+    return list(scale) if isinstance(scale, tuple) else scale
 
 
 def axis_scales(scale: Scale) -> tuple[float, float]:
@@ -92,8 +97,14 @@ def resize_input(model: Model, scale: Scale) -> Model:
     return new
 
 
-def check_resizable(model: Model, resized: Model) -> None:
-    """One line where ``resized`` does not give outputs of ``model``'s shapes (or cannot run)."""
+def output_shapes(model: Model) -> list[tuple]:
+    """The shapes of ``model``'s outputs on its example input."""
+    return [tuple(t.shape) for t in fx_runner(model)(*model.example_inputs())]
+
+
+def check_resizable(model: Model, resized: Model, expected: list[tuple] | None = None) -> None:
+    """One line where ``resized`` does not give outputs of ``model``'s shapes (or cannot run);
+    ``expected``: those shapes (:func:`output_shapes`), where a caller checks many sizes."""
     (image,) = model.example_inputs()  # resize_input takes models with one input
     size = "x".join(map(str, resized_size(image.shape, resized.meta["resized_input"])))
     try:
@@ -102,7 +113,7 @@ def check_resizable(model: Model, resized: Model) -> None:
         raise GraphpruneError(f"the network cannot run at {size} inside the graph ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else 'no message'}): its layers fix the "
                               "input's size") from None
-    expected = [tuple(t.shape) for t in fx_runner(model)(image)]
+    expected = output_shapes(model) if expected is None else expected
     if got != expected:
         raise GraphpruneError(f"at {size} inside the graph the outputs' shapes change ({expected} -> {got}): only a "
                               "network whose outputs do not follow the input's size (a classifier that pools globally) "
@@ -144,4 +155,4 @@ class ResizeInput(Transform):
         resized = resize_input(model, choice.scale)
         check_resizable(model, resized)
         return PassResult(resized, changed=True, record={"resized": list(choice.size),
-                                                         "scale": choice.to_dict()["scale"]})
+                                                         "scale": scale_record(choice.scale)})
