@@ -5,8 +5,9 @@ pair: interleaved, onnxruntime CPU, 1 thread, batch 1).
 A cut is 1 - candidate / original, each a median of runs interleaved in one measurement. The
 question: does each prepared session come with a speed of its own (where its buffers landed), so
 that cuts timed against one prepared original share its offset and timing again cannot average it
-away? Two first runs of 6 repeats disagreed (sd 0.16, 0.24, 0.65 points in the order below, then
-0.29, 0.18, 0.13); the recorded run of 12 says no: the three ways spread alike (EfficientNet-Lite0 at 192 px:
+away? Two first runs of 6 repeats disagreed (sd 0.16, 0.24, 0.65 points in the order below, from an
+uncommitted script timing the same three ways, then 0.29, 0.18, 0.13 from this study with
+``--repeats 6``, its rows since replaced); the recorded run of 12 says no: the three ways spread alike (EfficientNet-Lite0 at 192 px:
 sd 0.70, 0.48, 0.50 points), in episodes (a run of 20.3-21.0% among 21.5-22.8%). So the noise lies
 in the machine's moments, not in the sessions, and ``choose_resolution`` times a size near its
 goal again with the same prepared original, judging by the mean.
