@@ -142,7 +142,8 @@ MODELS = {
     # blocks alone stop at 10%: on the AMD EPYC family 25 all 6 C2f blocks together cut 15.4%, short of
     # the issue's 15% plus the margin; 15% is int8's
     "yolov8n_nudenet": RealModel(nudenet_onnx, (3, 320, 320), (0.0,) * 3, (1.0,) * 3, False,
-                                 {"graphprune": (0.10,), "block-influence": (0.10,), "graphprune-int8": (0.15, 0.5)}),
+                                 {"graphprune": (0.10,), "block-influence": (0.10,), "graphprune-int8": (0.15, 0.5),
+                                  "graphprune-resolution": (0.15,), "graphprune-auto": (0.15,)}),
     # a probability map (N, 1, H, W): compared by its map IoU; its 6-8 droppable blocks cut 3-5% in
     # all (issue 28), so the targets are int8's. PaddleOCR's normalisation (ImageNet mean and std)
     "ppocrv4_det": RealModel(ppocr_det_onnx, (3, 320, 320), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False,

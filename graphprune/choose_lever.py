@@ -21,6 +21,9 @@ each written file (the int8 one where a step made it) against the original, labe
   rule kept the better lever at both (benchmarks/results/real_models.md). Recovery behind a resize
   halved the held-out KL and moved top-1 on the 800 by under a point
   (benchmarks/studies/results/lite0_recovery.md);
+* a detector: the higher mAP50 of the original's detections (the lower of both ways, as
+  ``check_fidelity`` warns on it), since behind a resize its anchors are fewer and its output's
+  relative error is not defined; ties to resolution;
 * any other output: the lower relative error.
 
 Why both are run rather than guessed: which lever wins depends on the model. CIFAR ResNet-56 at a
@@ -42,6 +45,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
+from .detections import lower_map50
 from .errors import GraphpruneError
 from .passes import FinalCut, HeldOutFidelity, PassState, Pipeline, QuantizationPlan, ResolutionChoice
 from .passes.plan_quantization import PlanQuantization
@@ -74,7 +78,11 @@ class LeverRun:
             return {}
         first = next(iter(fidelity.result.get("outputs", {}).values()), {})
         named = (("agreement", "agreement"), ("output KL", "kl"), ("relative error", "relative_error"))  # KL: reported
-        return {name: float(first[key]) for name, key in named if first.get(key) is not None}
+        signals = {name: float(first[key]) for name, key in named if first.get(key) is not None}
+        ranked = lower_map50(first.get("detections") or {})
+        if ranked is not None:
+            signals["mAP50"] = ranked
+        return signals
 
     def to_dict(self) -> dict:
         fidelity = self.fidelity
@@ -121,6 +129,10 @@ def choose(resolution: LeverRun, blocks: LeverRun | None) -> tuple[LeverRun, str
             return kept, f"{kept.lever}: {agreed}"
         # within one image: resolution, whose held-out figures nothing was fitted to (see the docstring)
         return resolution, f"resolution: {agreed} (within {DECISIVE_IMAGES - 1}: the untrained lever is kept)"
+    if "mAP50" in first and "mAP50" in second:  # a detector: its detections, whatever its anchor count
+        kept = resolution if first["mAP50"] >= second["mAP50"] else blocks
+        return kept, (f"{kept.lever}: the original's held-out detections at mAP50 {first['mAP50']:.3f} (the lower "
+                      f"of both ways) with resolution, {second['mAP50']:.3f} with blocks{flattered}")
     if "relative error" not in first or "relative error" not in second:  # check_fidelity could not compare
         return blocks, "blocks: the held-out outputs could not be compared"
     kept = resolution if first["relative error"] <= second["relative error"] else blocks

@@ -109,6 +109,10 @@ def decode_yolov8_obb(output: torch.Tensor, confidence: float = CONFIDENCE) -> l
 
 DECODERS = {"yolov8": decode_yolov8, "yolov8_obb": decode_yolov8_obb, "yolov5": decode_yolov5,
             "detections": decode_detections, "detections_xywh": decode_detections_xywh}  # layouts and decoding
+# per layout: the axis whose first BOX_ROWS entries are each box's coordinates, and the axis of the
+# anchors, whose count follows the input's size (None: a fixed count of final detections)
+BOX_AXES = {"yolov8": (1, 2), "yolov8_obb": (1, 2), "yolov5": (2, 1), "detections": (2, None),
+            "detections_xywh": (2, None)}
 
 
 def _detections(centred_boxes: torch.Tensor, class_scores: torch.Tensor, confidence: float,

@@ -37,7 +37,7 @@ from .data import TinySet
 from .data_sources import is_class_index
 from .ctc import CtcText
 from .errors import GraphpruneError
-from .detections import BOX_ROWS, CONFIDENCE, DECODERS, MATCH_IOU, MAX_DETECTIONS, NMS_IOU, DetectionCounts
+from .detections import BOX_AXES, BOX_ROWS, CONFIDENCE, DECODERS, MATCH_IOU, MAX_DETECTIONS, NMS_IOU, DetectionCounts
 from .fidelity import HeadRows, MapOverlap, class_kl, detection_head, output_layout, same_top_classes
 from .formats.input_shape import recorded_detection_rows
 from .model import Model
@@ -109,6 +109,7 @@ class _OutputScore:
     squared_error: float = 0.0
     squared_norm: float = 0.0
     own_detections: int = 0
+    anchors_differ: bool = False  # the model's anchor count is not the original's (run at another size)
     detections: DetectionCounts = field(default_factory=DetectionCounts)
     overlap: MapOverlap = field(default_factory=MapOverlap)
     text: CtcText = field(default_factory=CtcText)
@@ -119,9 +120,11 @@ class _OutputScore:
 
     def add(self, output: torch.Tensor, reference: torch.Tensor | None, labels: torch.Tensor) -> None:
         if reference is not None and output.shape != reference.shape:
-            raise GraphpruneError(f"output '{self.name}' has shape {tuple(output.shape)}; "
-                                  f"the original's has {tuple(reference.shape)}")
-        if reference is not None:
+            if not anchors_differ(self.layout, output, reference):
+                raise GraphpruneError(f"output '{self.name}' has shape {tuple(output.shape)}; "
+                                      f"the original's has {tuple(reference.shape)}")
+            self.anchors_differ = True  # a detector run smaller: its detections compare, its tensors do not
+        elif reference is not None:
             self.squared_error += float(((output.double() - reference.double()) ** 2).sum())
             self.squared_norm += float((reference.double() ** 2).sum())
         if self.layout == "classes":
@@ -144,7 +147,10 @@ class _OutputScore:
 
     def result(self, images: int) -> dict:
         result: dict = {"layout": self.description}
-        if self.compare:
+        if self.compare and self.anchors_differ:
+            result["relative_error"] = None
+            result["anchors_differ"] = True
+        elif self.compare:
             result["relative_error"] = (self.squared_error / self.squared_norm) ** 0.5 if self.squared_norm else \
                 (0.0 if self.squared_error == 0 else None)
         if self.layout == "classes" and self.score_labels:
@@ -161,6 +167,14 @@ class _OutputScore:
         if self.layout == "map" and self.compare:
             result["map_iou"] = self.overlap.value()
         return result
+
+
+def anchors_differ(layout: str, output: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether two outputs of a detection ``layout`` differ in shape only along its anchor axis:
+    the same detector run at another size inside the graph (``passes/box_outputs.py``)."""
+    axis = BOX_AXES.get(layout, (None, None))[1]
+    return (axis is not None and output.dim() == reference.dim()
+            and all(a == b for i, (a, b) in enumerate(zip(output.shape, reference.shape)) if i != axis))
 
 
 def _evaluate(run: Runner, fixed: int | None, names: list[str], data: TinySet, reference: Model | None,

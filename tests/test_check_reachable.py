@@ -115,11 +115,11 @@ def test_a_model_without_residual_blocks_reaches_check_reachable_and_is_refused_
 
 def test_the_resolution_hint_is_given_only_where_the_network_runs_smaller(tmp_path):
     from graphprune.passes.resize_input import resolution_hint
-    from onnx_builders import save
-    from yolo_like import tiny_yolo_onnx
+    from conftest import export_onnx
 
     assert resolution_hint(gp.load(plain_cnn_onnx(tmp_path / "plain.onnx"))).startswith("; resolution may reach it")
-    assert resolution_hint(gp.load(save(tiny_yolo_onnx(size=64), tmp_path / "yolo.onnx"))) == ""  # anchors follow the size
+    text_map = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 3, padding=1), torch.nn.Sigmoid()).eval()
+    assert resolution_hint(gp.load(export_onnx(text_map, (1, 3, 32, 32), tmp_path / "map.onnx"))) == ""  # follows the size
 
 
 def test_with_no_block_the_line_gives_what_int8_alone_cuts():

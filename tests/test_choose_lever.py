@@ -94,11 +94,26 @@ def test_auto_runs_both_levers_and_writes_the_closer_one(cli, tmp_path):
     assert resized == (closer == "resolution")
 
 
-def test_auto_on_a_model_that_cannot_run_smaller_keeps_blocks_and_says_why():
-    """A detector's outputs follow the input's size: resolution fails in one line, blocks are kept."""
-    from yolo_like import tiny_yolo_onnx
+def test_auto_on_a_model_that_cannot_run_smaller_keeps_blocks_and_says_why(tmp_path):
+    """A map's outputs follow the input's size: resolution fails in one line, blocks are kept."""
+    from conftest import export_onnx
 
-    model = gp.formats.io_onnx.load_proto(tiny_yolo_onnx(size=64))
+    class ResidualMap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                                                  torch.nn.Conv2d(8, 8, 3, padding=1)) for _ in range(3))
+            self.head = torch.nn.Conv2d(8, 1, 1)
+
+        def forward(self, x):
+            x = self.stem(x).relu()
+            for block in self.blocks:
+                x = (x + block(x)).relu()
+            return self.head(x).sigmoid()
+
+    torch.manual_seed(0)
+    model = gp.load(export_onnx(ResidualMap().eval(), (1, 3, 64, 64), tmp_path / "map.onnx"))
     tiny = TinySet(torch.rand(24, 3, 64, 64), torch.full((24,), -1))
     config = gp.OptimizeConfig(latency_cut=0.1, quantize="none", lever="auto", latency=LatencySettings(min_time_s=0.05),
                                recoverability=RecoverabilitySettings(estimator="lstsq"),

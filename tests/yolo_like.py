@@ -188,3 +188,44 @@ def tiny_yolo5_onnx(size=64, seed=0, objectness_bias=-1.5) -> onnx.ModelProto:
                       input_names=["images"], output_names=["output0"],
                       dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}})
     return onnx.load_from_string(buffer.getvalue())
+
+
+class PixelDetector(nn.Module):
+    """A YOLOv8-style output (batch, 4 + classes, anchors) whose boxes are decoded on the grid in the
+    input's pixels (cx, cy from each stride-4 cell, w, h up to 16 px), from a neck that concatenates
+    the stride-4 map with the stride-8 one upsampled: it runs only where the two match (sides that
+    round up to a multiple of 8), as a YOLO's neck does at multiples of 32. ``fractions``: boxes in
+    fractions of the image instead (RT-DETR's)."""
+
+    def __init__(self, classes=2, fractions=False):
+        super().__init__()
+        self.fractions = fractions
+        self.stem, self.down = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 2, 1)
+        self.down2, self.head = nn.Conv2d(8, 8, 3, 2, 1), nn.Conv2d(16, 4 + classes, 1)
+
+    def forward(self, x):
+        p4 = self.down(self.stem(x).relu()).relu()
+        p8 = self.down2(p4).relu()
+        y = self.head(torch.cat([p4, nn.functional.interpolate(p8, scale_factor=2.0)], 1))
+        ys, xs = torch.meshgrid(torch.arange(y.shape[2]), torch.arange(y.shape[3]), indexing="ij")
+        boxes = torch.stack([(xs + y[:, 0].sigmoid()) * 4, (ys + y[:, 1].sigmoid()) * 4,
+                             y[:, 2].sigmoid() * 16, y[:, 3].sigmoid() * 16], 1)
+        if self.fractions:
+            size = torch.tensor([x.shape[3], x.shape[2], x.shape[3], x.shape[2]], dtype=boxes.dtype)
+            boxes = boxes / size.view(1, 4, 1, 1)
+        return torch.cat([boxes, y[:, 4:].sigmoid()], 1).flatten(2)
+
+
+def pixel_detector_onnx(size=64, fractions=False, seed=0) -> onnx.ModelProto:
+    """:class:`PixelDetector` exported with dynamic batch and spatial axes (input ``images``, output
+    ``output0``, its anchor axis dynamic), ``imgsz`` in the metadata."""
+    torch.manual_seed(seed)
+    buffer = io.BytesIO()
+    torch.onnx.export(PixelDetector(fractions=fractions).eval(), (torch.randn(1, 3, size, size),), buffer,
+                      opset_version=17, dynamo=False, input_names=["images"], output_names=["output0"],
+                      dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
+                                    "output0": {0: "batch", 2: "anchors"}})
+    proto = onnx.load_from_string(buffer.getvalue())
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "imgsz", f"[{size}, {size}]"  # as ultralytics records it: the size to analyse at
+    return proto

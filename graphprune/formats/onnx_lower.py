@@ -24,6 +24,9 @@ from .io_onnx import OnnxOrigin, arg_links, onnx_index
 # fx node meta of graphprune's resize of the image input (passes/resize_input.py): its scale, written
 # as one ONNX Resize (linear, half-pixel: what F.interpolate computes without align_corners)
 RESIZED_INPUT = "graphprune.resized_input"
+# fx node meta of its mapping of a detector's boxes back to the input's pixels (passes/box_outputs.py):
+# the output's axis that follows the input's size (None: none), written as one Mul by the node's factors
+MAPPED_BOXES = "graphprune.mapped_boxes"
 
 
 def lower(model: Model) -> onnx.ModelProto:
@@ -38,6 +41,7 @@ def lower(model: Model) -> onnx.ModelProto:
 
     new_nodes: dict[int, onnx.NodeProto] = {}
     added_initializers: list[onnx.TensorProto] = []
+    anchors_follow: dict[str, int | None] = {}  # a mapped box output's tensor: its axis that follows the size
     for fx_node in gm.graph.nodes:
         if fx_node.op in ("placeholder", "output"):
             continue
@@ -48,6 +52,14 @@ def lower(model: Model) -> onnx.ModelProto:
             new_nodes[-1], extra = _resize_node(tensor_of[fx_node.args[0]], fx_node.meta[RESIZED_INPUT], base)
             added_initializers.extend(extra)
             tensor_of[fx_node] = new_nodes[-1].output[0]
+            continue
+        if MAPPED_BOXES in fx_node.meta:  # after every node of the file: it reads an output
+            node, extra = _box_scale_node(tensor_of[fx_node.args[0]], fx_node.args[1], fx_node.args[2], base,
+                                          f"graphprune_{fx_node.name}")
+            new_nodes[len(base.graph.node) + len(new_nodes)] = node
+            added_initializers.extend(extra)
+            tensor_of[fx_node] = node.output[0]
+            anchors_follow[node.output[0]] = fx_node.meta[MAPPED_BOXES]
             continue
         if fx_node.op == "get_attr":
             if fx_node.target not in origin.attr_initializers:
@@ -79,9 +91,14 @@ def lower(model: Model) -> onnx.ModelProto:
     out.graph.initializer.extend(added_initializers)
     outputs = gm.graph.output_node().args[0]
     outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
-    for value, fx_value in zip(base.graph.output, outputs):
+    for value, declared, fx_value in zip(base.graph.output, out.graph.output, outputs):
         if tensor_of[fx_value] != value.name:  # the output now comes from elsewhere: keep its name
+            _rename_tensor(out.graph, value.name, _free_prefix(f"{value.name}_graphprune_raw", base))
             out.graph.node.append(onnx.helper.make_node("Identity", [tensor_of[fx_value]], [value.name]))
+        axis = anchors_follow.get(tensor_of[fx_value])
+        dims = declared.type.tensor_type.shape.dim
+        if axis is not None and axis < len(dims) and dims[axis].HasField("dim_value"):
+            dims[axis].dim_param = "anchors"  # its length follows the internal size, no longer the file's
     _write_back_weights(out, model)
     _prune(out)
     return out
@@ -91,15 +108,41 @@ def _resize_node(source: str, scale: tuple[float, float], base: onnx.ModelProto)
                                                                                          list[onnx.TensorProto]]:
     """The Resize of ``source`` by ``scale`` (height, width) on its two spatial axes, and its roi and
     scales initializers (roi empty: opsets 11 and 12 take the input, later ones an empty one alike)."""
-    taken = {n for node in base.graph.node for n in (*node.input, *node.output)} | \
-        {t.name for t in base.graph.initializer} | {i.name for i in base.graph.input}
-    prefix = next(p for p in (f"graphprune_resize{i or ''}" for i in range(len(taken) + 1))
-                  if not any(name.startswith(p) for name in taken))
+    prefix = _free_prefix("graphprune_resize", base)
     roi = numpy_helper.from_array(np.zeros(0, np.float32), f"{prefix}_roi")
     scales = numpy_helper.from_array(np.array([1.0, 1.0, *scale], np.float32), f"{prefix}_scales")
     node = onnx.helper.make_node("Resize", [source, roi.name, scales.name], [f"{prefix}_output"], name=prefix,
                                  mode="linear", coordinate_transformation_mode="half_pixel")
     return node, [roi, scales]
+
+
+def _box_scale_node(source: str, factors: tuple[float, ...], axis: int, base: onnx.ModelProto, stem: str
+                    ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """The Mul of ``source`` by ``factors`` along ``axis`` (of a rank-3 box output), and its
+    initializer, named from ``stem`` (the fx node's name: one per output)."""
+    prefix = _free_prefix(stem, base)
+    shape = [1, 1, 1]
+    shape[axis] = len(factors)
+    weights = numpy_helper.from_array(np.array(factors, np.float32).reshape(shape), f"{prefix}_factors")
+    return onnx.helper.make_node("Mul", [source, weights.name], [f"{prefix}_output"], name=prefix), [weights]
+
+
+def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Tensor ``old``, where a node still writes it, renamed ``new`` in its producer and readers (a
+    graph output now written by a node graphprune adds after it: one name, one producer)."""
+    if not any(old in node.output for node in graph.node):
+        return
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+
+
+def _free_prefix(stem: str, base: onnx.ModelProto) -> str:
+    """``stem`` (or ``stem1``, ...) that no name in ``base`` starts with."""
+    taken = {n for node in base.graph.node for n in (*node.input, *node.output)} | \
+        {t.name for t in base.graph.initializer} | {i.name for i in base.graph.input}
+    return next(p for p in (f"{stem}{i or ''}" for i in range(len(taken) + 1))
+                if not any(name.startswith(p) for name in taken))
 
 
 def _add_conversion_time_producers(nodes: dict[int, onnx.NodeProto], base: onnx.ModelProto) -> None:

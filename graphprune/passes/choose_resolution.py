@@ -35,6 +35,12 @@ rows ended short of their target, with 1.5 points none of 9 (20%: 21.0-22.2%; 22
 because 192 px, which timed 21.2% in the end, is no longer taken (benchmarks/results/real_models.md,
 rows with margin=0.015).
 
+Every candidate is checked to run before it is timed (:func:`.resize_input.check_resizable`),
+and one that does not is passed over as short of the goal, not the end of the search: a YOLO's
+neck concatenates its stride-32 map upsampled with the stride-16 one, so at 320 px it runs at 288
+and 256 but not between (and at 319-289 px with 320's maps and latency). A detector's boxes are
+mapped back to the input's pixels (:mod:`.box_outputs`), read on the tiny set's first images.
+
 No training follows: on EfficientNet-Lite0 (200 photos, 22%) the resize alone kept 84.38 top-1 of
 87.12 on 800 other photos, where blocks kept 81.25, and recovery on 160 photos lowered top-1 on the
 classes it had not seen (benchmarks/studies/lite0_resolution.py, lite0_recovery.py).
@@ -51,7 +57,7 @@ from .measure_latency import measure_cut
 from .plan_quantization import measuring_backend, no_block_needed
 from .quantize_plan import QuantizationPlan
 from .resize_input import (ResolutionChoice, check_resizable, output_shapes, resize_input, resized_size, scale_for,
-                           scale_record)
+                           scale_record, tiny_boxes)
 from .selection import goal_cut
 
 STEP = 8  # pixels per candidate at 224 px; the bisection below then finds the side to the pixel
@@ -95,6 +101,7 @@ class ChooseResolution(Analysis):
             raise GraphpruneError(f"the input's side, {side} pixels, is too small to lower inside the graph")
         measurements = {}  # by (height side, width side)
         expected = output_shapes(model)  # what every candidate must give (computed once: many are checked)
+        boxes = tiny_boxes(model, ctx)  # a detector's, mapped back to the input's pixels
         unrunnable = {}  # by (height side, width side): why the network cannot run at that size
 
         def scale_of(sides: tuple[int, int]) -> float | tuple[float, float]:
@@ -104,13 +111,11 @@ class ChooseResolution(Analysis):
         def reaches(candidate_side: int, width_side: int | None = None) -> bool:
             key = (candidate_side, candidate_side if width_side is None else width_side)
             scale = scale_of(key)
-            candidate = resize_input(model, scale)
+            candidate = resize_input(model, scale, boxes)
             try:  # before any time is spent on a size the network cannot run at
                 check_resizable(model, candidate, expected)
-            except GraphpruneError as exc:
-                if not measurements:
-                    raise
-                unrunnable[key] = str(exc)  # a smaller map breaks a fixed reshape or window: not at the goal
+            except GraphpruneError as exc:  # a smaller map breaks a fixed reshape or window, or a YOLO neck's
+                unrunnable[key] = str(exc)  # concatenation off its steps of 32 px: not at the goal
                 return False
             cuts = []  # timed again while the mean is within NEAR of the goal: too close to call
             while not cuts or (len(cuts) < MAX_TIMINGS and abs(statistics.fmean(cuts) - goal) < NEAR):
@@ -123,18 +128,10 @@ class ChooseResolution(Analysis):
         for candidate_side in sides:
             if reaches(candidate_side):
                 break
-            if (candidate_side, candidate_side) in unrunnable:  # smaller sizes break the same layers
-                best = max(m["cut"] for m in measurements.values())
-                best = 0.0 if abs(best) < 0.0005 else best  # not "-0.0%"
-                raise GraphpruneError(f"a {ctx.latency_cut:.0%} latency cut is not reachable by resolution: "
-                                      f"{unrunnable[candidate_side, candidate_side]}; the larger sizes it runs at "
-                                      f"measure at most {best:.1%}")
-            above = candidate_side
+            if (candidate_side, candidate_side) not in unrunnable:  # a size it cannot run at says nothing
+                above = candidate_side  # of the smaller ones (a YOLO runs at 288 and 256 px, not between)
         else:
-            last = measurements[(sides[-1], sides[-1])]
-            raise GraphpruneError(f"a {ctx.latency_cut:.0%} latency cut is not reachable by resolution: at "
-                                  f"{last['size'][0]}x{last['size'][1]} ({MIN_SCALE:.0%} of the side) it measures "
-                                  f"{last['cut']:.1%}")
+            raise GraphpruneError(_unreachable(ctx.latency_cut, sides, measurements, unrunnable))
         below = candidate_side  # reaches the goal; latency falls by steps with the feature maps' sizes, so
         while above - below > 1:  # the largest side that reaches it lies in between: bisect
             middle = (above + below) // 2
@@ -155,3 +152,20 @@ class ChooseResolution(Analysis):
                                   f"({chosen['cut']:.1%} >= {goal:.1%}"
                                   + (f", the mean of {timings} timings)" if timings > 1 else ")"))
         return PassResult(model, record=choice.to_dict(), artifacts=[choice])
+
+
+def _unreachable(target: float, sides: list[int], measurements: dict, unrunnable: dict) -> str:
+    """Why no candidate side reached the goal, in one line."""
+    if not measurements:  # it runs at no size below its own
+        return unrunnable[sides[0], sides[0]]
+    best = max(m["cut"] for m in measurements.values())
+    best = 0.0 if abs(best) < 0.0005 else best  # not "-0.0%"
+    smallest = (sides[-1], sides[-1])
+    if smallest in unrunnable:  # the smaller sizes break its layers: name the first below those it runs at
+        ran = min(height for height, _ in measurements)
+        first = max(key for key in unrunnable if key[0] < ran and key[0] == key[1])
+        return (f"a {target:.0%} latency cut is not reachable by resolution: {unrunnable[first]}; the larger sizes "
+                f"it runs at measure at most {best:.1%}")
+    last = measurements[smallest]
+    return (f"a {target:.0%} latency cut is not reachable by resolution: at {last['size'][0]}x{last['size'][1]} "
+            f"({MIN_SCALE:.0%} of the side) it measures {last['cut']:.1%}")

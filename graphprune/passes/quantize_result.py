@@ -77,13 +77,23 @@ class QuantizeResult(Analysis):
                                       output_agreement(to_onnx(model), plan.proto, images, self.batch_size))
         else:
             mimic = self.settings.mimic_settings(self.train_device, ctx.stage_budget(None, reserve=MIMIC_RESERVE_SECONDS))
-            quantized = quantize_model(model, ctx.original, images, plan.config, ctx.latency.device, plan.reason, mimic,
-                                       ctx.feature_node, self.batch_size, ctx.show_progress)
+            quantized = quantize_model(model, mimic_teacher(model, ctx.original), images, plan.config,
+                                       ctx.latency.device, plan.reason, mimic, ctx.feature_node, self.batch_size,
+                                       ctx.show_progress)
         record = {"quantized": True, "config": plan.config.to_dict(), "float_nodes": quantized.float_nodes,
                   "calibration_images": len(images), "opset": quantized.info.get("opset"),
                   "notes": quantized.info.get("notes"), "mimic": quantized.info.get("mimic"),
                   "against_float_on_tiny_set": quantized.agreement}
         return PassResult(model, record=record, artifacts=[quantized])
+
+
+def mimic_teacher(model: Model, original: Model) -> Model:
+    """Whom quantisation-aware mimicking copies: the original, whose features a model with blocks
+    dropped still has in its shapes; the float model itself where it runs behind a resize (the
+    resolution lever), whose feature maps and a detector's anchors are smaller than the original's
+    (nudenet's YOLOv8n at 256 px: 32 x 32 maps against 40 x 40), so int8 keeps what the resize
+    kept and nothing is trained for the resize, as that lever says."""
+    return model if model.meta.get("resized_input") is not None else original
 
 
 def quantize_model(model: Model, teacher: Model, images, config: QuantConfig, device: str = "cpu", reason: str = "",

@@ -4,9 +4,12 @@ The file's input and outputs stay as they were (a user still feeds 224 x 224); t
 resizes the image by ``scale`` on both spatial axes (bilinear, half-pixel centres, no antialias:
 ``F.interpolate(x, scale_factor=scale, recompute_scale_factor=False)``, which ONNX writes as one
 ``Resize`` with those scales, so any input size is scaled alike). Every convolution then runs on
-``scale**2`` of the pixels. Only a network whose outputs do not depend on the input's size (a
-classifier that pools globally) keeps its outputs' shapes; :func:`check_resizable` says, in one
-line, where another does not (a detector's anchors, a fixed reshape).
+``scale**2`` of the pixels. A network whose outputs do not depend on the input's size (a
+classifier that pools globally) keeps its outputs' shapes. A detector's boxes are mapped back to the
+file's pixels (:mod:`.box_outputs`: a Mul on each box output; its anchor count follows the size);
+:func:`check_resizable` says, in one line, where any other output changes shape (a map, a fixed
+reshape) or the network cannot run at a size (a YOLO's neck concatenates maps of strides 16 and 32,
+so it runs at 288 and 256 px but not between: ``choose_resolution`` passes over such sizes).
 
 An output size is ``floor(side * scale)``; :func:`scale_for` gives the scale whose floor is the
 side asked for (by a thousandth of a pixel over it), the ratio the coordinates are mapped by. A
@@ -19,16 +22,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.nn.functional as F
+from torch import fx
 
 from ..errors import GraphpruneError
 from ..evaluate import fx_runner
 from ..formats.input_layout import is_channels_last
-from ..formats.onnx_lower import RESIZED_INPUT
+from ..formats.onnx_lower import MAPPED_BOXES, RESIZED_INPUT
 from ..model import Model
 from .base import PassResult, Transform
+from .box_outputs import BoxOutput, box_factors, box_outputs, scale_boxes
 
 Scale = float | tuple[float, float]  # both axes, or (height, width)
 
+BOX_IMAGES = 8  # tiny images read to tell boxes in pixels from fractions of the image
 MIN_OPSET = 11  # Resize with half-pixel coordinates; opset 10's maps asymmetrically
 
 
@@ -69,8 +75,10 @@ def resized_size(shape, scale: Scale) -> tuple[int, int]:
     return int(shape[-2] * height), int(shape[-1] * width)
 
 
-def resize_input(model: Model, scale: Scale) -> Model:
-    """A copy of ``model`` whose one image input is resized by ``scale`` before anything reads it."""
+def resize_input(model: Model, scale: Scale, boxes: tuple[BoxOutput, ...] | None = None) -> Model:
+    """A copy of ``model`` whose one image input is resized by ``scale`` before anything reads it,
+    and whose ``boxes`` (:func:`.box_outputs.box_outputs`; read on its example input where None) are
+    mapped back to the input's pixels."""
     scales = axis_scales(scale)
     if not all(0.0 < s <= 1.0 for s in scales) or scales == (1.0, 1.0):
         raise GraphpruneError(f"the resize scale must be in (0, 1), got {scale}")
@@ -92,9 +100,35 @@ def resize_input(model: Model, scale: Scale) -> Model:
                                                                 "recompute_scale_factor": False})
     image.replace_all_uses_with(resized, delete_user_cb=lambda user: user is not resized)
     resized.meta[RESIZED_INPUT] = scales
+    boxes = box_outputs(model) if boxes is None else boxes
+    _map_boxes_back(graph, scales, [b for b in boxes if b.unmappable is None])
     new.graph_module.recompile()
     new.meta["resized_input"] = scale
+    new.meta["mapped_boxes"] = boxes
     return new
+
+
+def _map_boxes_back(graph, scales: tuple[float, float], boxes: list[BoxOutput]) -> None:
+    """A :func:`.box_outputs.scale_boxes` node before each box output of ``graph``."""
+    output = graph.output_node()
+    leaves = _output_leaves(output.args[0])
+    replaced = {}
+    for box in boxes:
+        value = leaves[box.index]
+        with graph.inserting_before(output):
+            mapped = graph.call_function(scale_boxes, (value, box_factors(scales, box.length), box.coordinate_axis))
+        mapped.meta[MAPPED_BOXES] = box.anchor_axis
+        replaced[value] = mapped
+    if replaced:
+        output.args = (fx.node.map_arg(output.args[0], lambda node: replaced.get(node, node)),)
+
+
+def _output_leaves(value) -> list:
+    """The fx nodes of a (possibly nested) graph output, in the order ``evaluate`` reads its tensors."""
+    if isinstance(value, fx.Node):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return [leaf for item in items for leaf in _output_leaves(item)]
 
 
 def output_shapes(model: Model) -> list[tuple]:
@@ -103,10 +137,19 @@ def output_shapes(model: Model) -> list[tuple]:
 
 
 def check_resizable(model: Model, resized: Model, expected: list[tuple] | None = None) -> None:
-    """One line where ``resized`` does not give outputs of ``model``'s shapes (or cannot run);
-    ``expected``: those shapes (:func:`output_shapes`), where a caller checks many sizes."""
+    """One line where ``resized`` does not give outputs of ``model``'s shapes, but for the anchors of
+    the box outputs it maps back, or cannot run, or holds boxes it cannot map back; ``expected``:
+    those shapes (:func:`output_shapes`), where a caller checks many sizes."""
     (image,) = model.example_inputs()  # resize_input takes models with one input
-    size = "x".join(map(str, resized_size(image.shape, resized.meta["resized_input"])))
+    scale = resized.meta["resized_input"]
+    size = "x".join(map(str, resized_size(image.shape, scale)))
+    boxes = resized.meta.get("mapped_boxes", ())
+    for box in boxes:
+        if box.unmappable:
+            raise GraphpruneError(f"the network cannot run at a lower resolution inside the graph: {box.unmappable}")
+        if box.layout == "yolov8_obb" and len(set(axis_scales(scale))) > 1:
+            raise GraphpruneError(f"at {size} inside the graph the oriented boxes of output {box.index} would be "
+                                  "stretched along one image axis: they follow only a resize alike on both")
     try:
         got = [tuple(t.shape) for t in fx_runner(resized)(image)]
     except Exception as exc:  # a fixed pooling window or reshape that the smaller map breaks
@@ -114,20 +157,34 @@ def check_resizable(model: Model, resized: Model, expected: list[tuple] | None =
                               f"{str(exc).splitlines()[0] if str(exc) else 'no message'}): its layers fix the "
                               "input's size") from None
     expected = output_shapes(model) if expected is None else expected
-    if got != expected:
+    anchors = {box.index: box.anchor_axis for box in boxes if box.anchor_axis is not None}
+    if _without_anchors(got, anchors) != _without_anchors(expected, anchors):
         raise GraphpruneError(f"at {size} inside the graph the outputs' shapes change ({expected} -> {got}): only a "
-                              "network whose outputs do not follow the input's size (a classifier that pools globally) "
-                              "can run at a lower resolution")
+                              "network whose outputs do not follow the input's size (a classifier that pools globally, "
+                              "a detector's boxes) can run at a lower resolution")
+
+
+def _without_anchors(shapes: list[tuple], anchors: dict[int, int]) -> list[tuple]:
+    """``shapes`` with the anchor axis of each box output (by index) left out: it follows the size."""
+    return [tuple(d for axis, d in enumerate(shape) if axis != anchors.get(i)) for i, shape in enumerate(shapes)]
+
+
+SMALLER_SHARES = (0.75, 0.8, 0.5)  # of the side: a YOLO at 320 px runs at 256 and 160, not at 240
 
 
 def runs_smaller(model: Model) -> bool:
-    """Whether ``model`` runs at three quarters of its side with its outputs' shapes (a classifier
-    that pools globally): whether the resolution lever applies to it."""
-    try:
-        check_resizable(model, resize_input(model, 0.75))
-    except GraphpruneError:
-        return False
-    return True
+    """Whether ``model`` runs at one of ``SMALLER_SHARES`` of its side with its outputs' shapes (a
+    classifier that pools globally; a detector, its boxes mapped back): whether the resolution lever
+    applies to it."""
+    side = int(model.analysis_shape()[-2])
+    boxes, expected = box_outputs(model), output_shapes(model)
+    for share in SMALLER_SHARES:
+        try:
+            check_resizable(model, resize_input(model, scale_for(side, round(side * share)), boxes), expected)
+        except GraphpruneError:
+            continue
+        return True
+    return False
 
 
 def resolution_hint(model: Model) -> str:
@@ -152,7 +209,17 @@ class ResizeInput(Transform):
         choice = inputs[ResolutionChoice]
         if choice.scale is None:
             return PassResult(model, changed=False, record={"resized": None, "skipped": choice.reason})
-        resized = resize_input(model, choice.scale)
+        resized = resize_input(model, choice.scale, tiny_boxes(model, ctx))
         check_resizable(model, resized)
+        mapped = [f"output {b.index}" for b in resized.meta["mapped_boxes"]]
         return PassResult(resized, changed=True, record={"resized": list(choice.size),
-                                                         "scale": scale_record(choice.scale)})
+                                                         "scale": scale_record(choice.scale),
+                                                         "boxes_mapped_back": mapped})
+
+
+def tiny_boxes(model: Model, ctx) -> tuple[BoxOutput, ...]:
+    """:func:`.box_outputs.box_outputs` read on the first ``BOX_IMAGES`` tiny images where the run
+    has them (real images: a detector's boxes on random pixels may all fall in one corner), else
+    on the example input."""
+    tiny = getattr(ctx, "tiny", None)
+    return box_outputs(model, tiny.images[:BOX_IMAGES] if tiny is not None and len(tiny) else None)

@@ -1,0 +1,165 @@
+"""The resolution lever on detectors: boxes mapped back to the input's pixels (passes/box_outputs.py),
+sizes the network cannot run at skipped, detections compared across anchor counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+import graphprune as gp
+from graphprune.backends.base import CutMeasurement, LatencyStats
+from graphprune.choose_lever import LeverRun, choose
+from graphprune.data import TinySet
+from graphprune.errors import GraphpruneError
+from graphprune.evaluate import evaluate
+from graphprune.formats.ort_run import cpu_session
+from graphprune.optimize import OptimizeConfig, make_context
+from graphprune.passes import ChooseResolution, HeldOutFidelity, PassState
+from graphprune.passes import choose_resolution as choose_module
+from graphprune.passes.box_outputs import BoxOutput, box_outputs
+from graphprune.passes.resize_input import axis_scales, check_resizable, resize_input, runs_smaller, scale_for
+from onnx_builders import save
+from yolo_like import pixel_detector_onnx
+
+
+def _detector(tmp_path, fractions=False):
+    return gp.load(save(pixel_detector_onnx(fractions=fractions), tmp_path / "det.onnx"))
+
+
+def test_boxes_in_pixels_are_found_and_boxes_in_fractions_are_not(tmp_path):
+    images = torch.rand(4, 3, 64, 64)
+    assert box_outputs(_detector(tmp_path), images) == (BoxOutput(0, "yolov8", 6, 1, 2),)
+    assert box_outputs(_detector(tmp_path, fractions=True), images) == ()  # a resize leaves fractions as they are
+
+
+def test_a_detector_behind_a_resize_writes_its_boxes_in_the_input_pixels_and_onnxruntime_agrees(tmp_path):
+    """Structure: a Resize first, a Mul by the box factors writing the output, the anchor axis free.
+    Numbers: the written file on a 64 px image is the original on that image resized to 48 px,
+    its box rows times 64/48 and its score rows as they are."""
+    model = _detector(tmp_path)
+    scale = scale_for(64, 48)
+    resized = resize_input(model, scale, box_outputs(model, torch.rand(4, 3, 64, 64)))
+    check_resizable(model, resized)
+    out = tmp_path / "fast.onnx"
+    gp.save(resized, out, str(tmp_path / "det.onnx"))
+    proto = onnx.load(str(out))
+    assert proto.graph.node[0].op_type == "Resize"
+    (writer,) = [n for n in proto.graph.node if "output0" in n.output]
+    factors = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}[writer.input[1]]
+    assert writer.op_type == "Mul" and factors.shape == (1, 6, 1)
+    np.testing.assert_allclose(factors.ravel(), [1 / scale] * 4 + [1, 1], rtol=1e-6)
+    assert proto.graph.output[0].type.tensor_type.shape.dim[2].dim_param == "anchors"
+    x = torch.rand(2, 3, 64, 64)
+    written = cpu_session(proto).run(None, {"images": x.numpy()})[0]
+    small = F.interpolate(x, scale_factor=(scale, scale), mode="bilinear", align_corners=False,
+                          recompute_scale_factor=False)
+    expected = cpu_session(pixel_detector_onnx()).run(None, {"images": small.numpy()})[0]
+    assert written.shape == (2, 6, 144) and expected.shape == (2, 6, 144)
+    np.testing.assert_allclose(written[:, :4], expected[:, :4] / scale, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(written[:, 4:], expected[:, 4:], atol=1e-5)
+
+
+def test_a_fixed_count_of_final_detections_is_mapped_and_keeps_its_shape(tmp_path):
+    """An end-to-end head's (N, K, 6) detections in pixels: before, a resize left them in the
+    smaller image's pixels, silently, since the shape did not change."""
+    class EndToEnd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, 2, 1)
+
+        def forward(self, x):  # 8 boxes of whole-image extent, ranked scores, class 1
+            pooled = self.conv(x).mean((2, 3))  # (N, 4)
+            side = torch.tensor([x.shape[3], x.shape[2], x.shape[3], x.shape[2]], dtype=x.dtype)
+            corner = pooled.sigmoid() * 0.4 * side
+            boxes = torch.cat([corner[:, :2], corner[:, :2] + 0.5 * side[:2]], 1)
+            ranks = torch.linspace(0.9, 0.2, 8)
+            zero = pooled[:, :1] * 0  # (N, 1), any batch
+            rows = [torch.cat([boxes, zero + ranks[i], zero + 1], 1) for i in range(8)]
+            return torch.stack(rows, 1)
+
+    path = tmp_path / "e2e.onnx"
+    torch.onnx.export(EndToEnd().eval(), (torch.rand(1, 3, 64, 64),), str(path), opset_version=17, dynamo=False,
+                      input_names=["images"], output_names=["dets"], dynamic_axes={"images": {0: "batch"}})
+    model = gp.load(path)
+    boxes = box_outputs(model, torch.rand(2, 3, 64, 64))
+    assert boxes == (BoxOutput(0, "detections", 6, 2, None),)
+    resized = resize_input(model, scale_for(64, 32), boxes)
+    check_resizable(model, resized)
+    x = torch.rand(2, 3, 64, 64)
+    original, ours = model.graph_module(x), resized.graph_module(x)
+    assert ours.shape == original.shape
+    assert float(ours[..., :4].max()) > 40  # a box spans half the 64 px image, not half of 32
+
+
+def test_boxes_a_resize_cannot_map_are_refused_in_one_line(tmp_path):
+    model = _detector(tmp_path)
+    keypoints = (BoxOutput(0, "yolov8", 6, 1, 2, "output 0's rows after its boxes ... are not mapped back"),)
+    with pytest.raises(GraphpruneError, match="cannot run at a lower resolution inside the graph: output 0's rows"):
+        check_resizable(model, resize_input(model, scale_for(64, 48), keypoints))
+    oriented = (BoxOutput(0, "yolov8_obb", 6, 1, 2),)
+    with pytest.raises(GraphpruneError, match="oriented boxes of output 0 would be stretched"):
+        check_resizable(model, resize_input(model, (scale_for(64, 48), scale_for(64, 40)), oriented))
+
+
+def test_choose_resolution_passes_over_sizes_the_network_cannot_run_at(tmp_path, monkeypatch):
+    """The neck concatenates stride 4 with stride 8 upsampled: 60 and 58 px break it, 56 runs. With
+    latency in proportion to the pixels and a 20% goal (+0.5), 56 px (23.4%) is the largest that
+    reaches it; the run neither stops at 60 px nor times it."""
+    model = _detector(tmp_path)
+    timed = []
+
+    def measure_cut(backend, original, candidate, settings, original_run=None):
+        height, width = (int(64 * s) for s in axis_scales(candidate.meta["resized_input"]))
+        timed.append((height, width))
+        stats = LatencyStats(1.0, 1.0, 1.0, 1.0, 0.0, 1)
+        return CutMeasurement(stats, stats, 1.0 - height * width / 64 ** 2)
+
+    monkeypatch.setattr(choose_module, "measure_cut", measure_cut)
+    tiny = TinySet(torch.rand(20, 3, 64, 64), torch.full((20,), -1))
+    ctx = make_context(model, tiny, OptimizeConfig(latency_cut=0.2, quantize="none", show_progress=False))
+    choice = ChooseResolution(0.005)(model, ctx).value
+    assert choice.size == (56, 56)
+    assert timed == [(62, 62), (56, 56)]  # 62 px runs (its maps round up to 64's); 60, 58, 59 and 57 do not
+    assert runs_smaller(model)
+
+
+def test_detections_compare_across_anchor_counts_and_auto_keeps_the_better_detector(tmp_path):
+    model = _detector(tmp_path)
+    images = torch.rand(6, 3, 64, 64)
+    resized = resize_input(model, scale_for(64, 56), box_outputs(model, images))
+    result = evaluate(resized, TinySet(images, torch.full((6,), -1)), reference=model)
+    output = result["outputs"]["output0"]
+    assert output["relative_error"] is None and output["anchors_differ"] is True
+    assert output["detections"]["original"] > 0 and output["detections"]["map50"] is not None
+
+    def run(lever, map50):
+        state = PassState(model)
+        detections = {"original": 5, "optimized": 5, "kept": 4, "map50": map50, "map50_reverse": map50 + 0.05}
+        state.artifacts.put(HeldOutFidelity({"outputs": {"output0": {"detections": detections,
+                                                                      "relative_error": None}}}, 40, False))
+        return LeverRun(lever, state, None, 1.0)
+
+    kept, reason = choose(run("resolution", 0.8), run("blocks", 0.2))
+    assert kept.lever == "resolution" and "mAP50 0.800" in reason and "0.200 with blocks" in reason
+    kept, _ = choose(run("resolution", 0.3), run("blocks", 0.6))
+    assert kept.lever == "blocks"
+
+
+def test_int8_mimicking_behind_a_resize_copies_the_resized_float_model(tmp_path):
+    """Quantisation-aware mimicking of a detector behind a resize: its maps and anchors are smaller
+    than the original's, so it copies the float model it quantises (the original, for blocks)."""
+    from graphprune.passes.quantize import QuantConfig
+    from graphprune.passes.quantize_mimic import MimicSettings
+    from graphprune.passes.quantize_result import mimic_teacher, quantize_model
+
+    model = _detector(tmp_path)
+    images = torch.rand(16, 3, 64, 64)
+    resized = resize_input(model, scale_for(64, 48), box_outputs(model, images))
+    assert mimic_teacher(resized, model) is resized and mimic_teacher(model.clone(), model) is model
+    quantized = quantize_model(resized, mimic_teacher(resized, model), images, QuantConfig(mimic=True),
+                               mimic=MimicSettings(steps=2, batch_size=4, precision="float32"), batch_size=4)
+    out = cpu_session(quantized.proto).run(None, {"images": images[:2].numpy()})[0]
+    assert out.shape == (2, 6, 144) and quantized.info["mimic"] is not None
