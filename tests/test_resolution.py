@@ -209,6 +209,18 @@ def test_the_resolution_lever_takes_a_margin_of_its_own_from_the_config():
     assert step.margin == 0.02
 
 
+def test_a_larger_size_above_the_target_but_inside_the_margin_is_named(monkeypatch):
+    """Target 30%, margin 5 points: 13 px cuts 34.0%, above the target but short of the goal; the
+    reason names it and the flag that takes it. A size clear of the margin gets no such note."""
+    _fake_cuts(monkeypatch, [])
+    model = _onnx_model(convnet())
+    choice = ChooseResolution(0.05)(model, _context(model, 0.3)).value
+    assert choice.size in ((13, 12), (12, 13))
+    assert choice.reason.endswith("; 13x13 measured 34.0%, above the 30% target but inside the margin: a smaller "
+                                  "--resolution-margin takes it, at the risk of a final timing short of the target")
+    assert "inside the margin" not in ChooseResolution(0.005)(model, _context(model, 0.3)).value.reason
+
+
 def test_choose_resolution_refuses_an_unreachable_target_in_one_line(monkeypatch):
     _fake_cuts(monkeypatch, [])
     model = _onnx_model(convnet())
