@@ -32,7 +32,13 @@ def _detector(tmp_path, fractions=False):
 def test_boxes_in_pixels_are_found_and_boxes_in_fractions_are_not(tmp_path):
     images = torch.rand(4, 3, 64, 64)
     assert box_outputs(_detector(tmp_path), images) == (BoxOutput(0, "yolov8", 6, 1, 2),)
-    assert box_outputs(_detector(tmp_path, fractions=True), images) == ()  # a resize leaves fractions as they are
+    fractions = _detector(tmp_path, fractions=True)
+    (found,) = box_outputs(fractions, images)  # a resize leaves fractions as they are; the anchors still follow it
+    assert not found.pixels and not found.mapped and found.anchor_axis == 2
+    resized = resize_input(fractions, scale_for(64, 48), (found,))
+    check_resizable(fractions, resized)
+    assert not any(n.target.__name__ == "scale_boxes" for n in resized.graph_module.graph.nodes
+                   if n.op == "call_function")
 
 
 def test_a_detector_behind_a_resize_writes_its_boxes_in_the_input_pixels_and_onnxruntime_agrees(tmp_path):
@@ -163,3 +169,22 @@ def test_int8_mimicking_behind_a_resize_copies_the_resized_float_model(tmp_path)
                                mimic=MimicSettings(steps=2, batch_size=4, precision="float32"), batch_size=4)
     out = cpu_session(quantized.proto).run(None, {"images": images[:2].numpy()})[0]
     assert out.shape == (2, 6, 144) and quantized.info["mimic"] is not None
+
+
+def test_final_detections_with_no_box_on_the_images_read_are_refused(tmp_path):
+    """All rows 0: pixels or fractions cannot be told, so the resize is refused, not guessed."""
+    class NoDetections(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 6, 3, 2, 1)
+
+        def forward(self, x):
+            return (self.conv(x).mean((2, 3)) * 0).unsqueeze(1).repeat(1, 8, 1)  # (N, 8, 6), every row 0
+
+    path = tmp_path / "none.onnx"
+    torch.onnx.export(NoDetections().eval(), (torch.rand(1, 3, 64, 64),), str(path), opset_version=17, dynamo=False,
+                      input_names=["images"], output_names=["dets"], dynamic_axes={"images": {0: "batch"}})
+    model = gp.load(path)
+    boxes = box_outputs(model, torch.rand(2, 3, 64, 64))
+    with pytest.raises(GraphpruneError, match="holds no box on the images read"):
+        check_resizable(model, resize_input(model, scale_for(64, 48), boxes))

@@ -14,8 +14,10 @@ they are in the file's (x1, y1, x2, y2 and cx, cy, w, h alternate x and y alike)
 * ``detections`` / ``detections_xywh`` (N, K, 6): columns 0-3, K fixed.
 
 Boxes in fractions of the image (RT-DETR's, as ultralytics exports them) do not change with a
-resize and are left alone: told apart by their values, every box value within ``FRACTION_LIMIT``
-on the images read (a box in pixels of an image larger than a couple of pixels reaches past it).
+resize and are left alone (their anchors may still follow the size): told apart by their values,
+every box value within ``FRACTION_LIMIT`` on the images read (a box in pixels of an image larger
+than a couple of pixels reaches past it). Where the images read hold no box at all (final
+detections, all rows 0), which they are is unknown, and the model is refused.
 An ultralytics pose or segment head's rows after its boxes and classes (keypoints in pixels, mask
 coefficients with a prototype map of the input's size) are not mapped: such a model is refused.
 
@@ -39,9 +41,10 @@ FRACTION_LIMIT = 1.5  # box values all within this: fractions of the image, unch
 
 @dataclass(frozen=True)
 class BoxOutput:
-    """Output ``index`` holds boxes in the input's pixels (``layout``): the first ``BOX_ROWS`` of
-    the ``length`` entries along ``coordinate_axis``; ``anchor_axis`` follows the input's size
-    (None: a fixed count); ``unmappable``: why its other rows cannot follow a resize, or None."""
+    """Output ``index`` holds boxes (``layout``): the first ``BOX_ROWS`` of the ``length`` entries
+    along ``coordinate_axis``, in the input's pixels where ``pixels`` (else fractions of the image,
+    left as they are); ``anchor_axis`` follows the input's size (None: a fixed count);
+    ``unmappable``: why its other rows cannot follow a resize, or None."""
 
     index: int
     layout: str
@@ -49,11 +52,17 @@ class BoxOutput:
     coordinate_axis: int
     anchor_axis: int | None
     unmappable: str | None = None
+    pixels: bool = True
+
+    @property
+    def mapped(self) -> bool:
+        """Whether a resize multiplies its boxes back."""
+        return self.pixels and self.unmappable is None
 
 
 def box_outputs(model, images: torch.Tensor | None = None) -> tuple[BoxOutput, ...]:
-    """The outputs of ``model`` holding boxes in its input's pixels, read from its outputs on
-    ``images`` (its example input where None: random pixels, whose boxes land anywhere)."""
+    """The outputs of ``model`` holding boxes, read from its outputs on ``images`` (its example
+    input where None: random pixels, whose boxes land anywhere)."""
     from ..evaluate import fx_runner, head_rows
 
     images = model.example_inputs()[0] if images is None else images
@@ -67,14 +76,17 @@ def box_outputs(model, images: torch.Tensor | None = None) -> tuple[BoxOutput, .
         if layout not in BOX_AXES:
             continue
         coordinate_axis, anchor_axis = BOX_AXES[layout]
-        boxes = output.narrow(coordinate_axis, 0, BOX_ROWS)
-        if not bool((boxes.abs() > FRACTION_LIMIT).any()):
-            continue  # fractions of the image (or no box at all): nothing follows the resize
+        boxes = output.narrow(coordinate_axis, 0, BOX_ROWS).abs()
+        pixels = bool((boxes > FRACTION_LIMIT).any())
         extra = None
+        if not bool((boxes > 0).any()):  # no detection on these images: pixels or fractions, unknown
+            extra = (f"output {index} holds no box on the images read, so whether its boxes are in pixels (to be "
+                     "mapped back) or in fractions of the image is unknown")
         if rows is not None and output.shape[1] > rows.rows + rows.rotated:
             extra = (f"output {index}'s rows after its boxes and class scores (keypoints or mask coefficients, as "
                      "the file's task says) would follow the input's size, and are not mapped back")
-        found.append(BoxOutput(index, layout, output.shape[coordinate_axis], coordinate_axis, anchor_axis, extra))
+        found.append(BoxOutput(index, layout, output.shape[coordinate_axis], coordinate_axis, anchor_axis, extra,
+                               pixels))
     return tuple(found)
 
 

@@ -101,7 +101,7 @@ def resize_input(model: Model, scale: Scale, boxes: tuple[BoxOutput, ...] | None
     image.replace_all_uses_with(resized, delete_user_cb=lambda user: user is not resized)
     resized.meta[RESIZED_INPUT] = scales
     boxes = box_outputs(model) if boxes is None else boxes
-    _map_boxes_back(graph, scales, [b for b in boxes if b.unmappable is None])
+    _map_boxes_back(graph, scales, [b for b in boxes if b.mapped])
     new.graph_module.recompile()
     new.meta["resized_input"] = scale
     new.meta["mapped_boxes"] = boxes
@@ -147,7 +147,7 @@ def check_resizable(model: Model, resized: Model, expected: list[tuple] | None =
     for box in boxes:
         if box.unmappable:
             raise GraphpruneError(f"the network cannot run at a lower resolution inside the graph: {box.unmappable}")
-        if box.layout == "yolov8_obb" and len(set(axis_scales(scale))) > 1:
+        if box.layout == "yolov8_obb" and box.pixels and len(set(axis_scales(scale))) > 1:
             raise GraphpruneError(f"at {size} inside the graph the oriented boxes of output {box.index} would be "
                                   "stretched along one image axis: they follow only a resize alike on both")
     try:
@@ -211,7 +211,7 @@ class ResizeInput(Transform):
             return PassResult(model, changed=False, record={"resized": None, "skipped": choice.reason})
         resized = resize_input(model, choice.scale, tiny_boxes(model, ctx))
         check_resizable(model, resized)
-        mapped = [f"output {b.index}" for b in resized.meta["mapped_boxes"]]
+        mapped = [f"output {b.index}" for b in resized.meta["mapped_boxes"] if b.mapped]
         return PassResult(resized, changed=True, record={"resized": list(choice.size),
                                                          "scale": scale_record(choice.scale),
                                                          "boxes_mapped_back": mapped})
