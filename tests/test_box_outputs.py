@@ -188,3 +188,18 @@ def test_final_detections_with_no_box_on_the_images_read_are_refused(tmp_path):
     boxes = box_outputs(model, torch.rand(2, 3, 64, 64))
     with pytest.raises(GraphpruneError, match="holds no box on the images read"):
         check_resizable(model, resize_input(model, scale_for(64, 48), boxes))
+
+
+def test_the_cli_runs_a_detector_through_the_resolution_lever(cli, tmp_path):
+    """End to end on onnxruntime: the written file takes the 64 px input and says its detections."""
+    path = save(pixel_detector_onnx(), tmp_path / "det.onnx")
+    np.savez(tmp_path / "tiny.npz", images=np.random.default_rng(0).integers(0, 255, (24, 64, 64, 3), np.uint8))
+    out = tmp_path / "fast.onnx"
+    code, stdout, stderr = cli("optimize", path, "--data", tmp_path / "tiny.npz", "--latency-cut", "0.2",
+                               "--lever", "resolution", "--quantize", "none", "-o", out)
+    assert code == 0, stderr
+    assert "behind a resize at its entry" in stdout and "detections" in stdout
+    session = cpu_session(onnx.load(str(out)))
+    assert session.get_inputs()[0].shape[2:] in (["height", "width"], [64, 64])
+    (output,) = session.run(None, {"images": np.random.rand(1, 3, 64, 64).astype(np.float32)})
+    assert output.shape[1] == 6 and output.shape[2] < 256  # fewer anchors than the original's 16 x 16
