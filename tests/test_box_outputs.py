@@ -203,3 +203,18 @@ def test_the_cli_runs_a_detector_through_the_resolution_lever(cli, tmp_path):
     assert session.get_inputs()[0].shape[2:] in (["height", "width"], [64, 64])
     (output,) = session.run(None, {"images": np.random.rand(1, 3, 64, 64).astype(np.float32)})
     assert output.shape[1] == 6 and output.shape[2] < 256  # fewer anchors than the original's 16 x 16
+
+
+def test_a_detector_exported_at_a_fixed_size_is_refused_with_what_to_export(tmp_path, monkeypatch):
+    """Its grid is a constant of the export's size, so it runs at no smaller size: one line that
+    says how to export it for the lever."""
+    model = gp.load(save(pixel_detector_onnx(dynamic=False), tmp_path / "static.onnx"))
+    assert not runs_smaller(model)
+    tiny = TinySet(torch.rand(20, 3, 64, 64), torch.full((20,), -1))
+    ctx = make_context(model, tiny, OptimizeConfig(latency_cut=0.2, quantize="none", show_progress=False))
+    with pytest.raises(GraphpruneError) as exc:
+        ChooseResolution()(model, ctx)
+    # 62 px runs, with 64 px's maps (sides round up): no cut; 60 px and below do not
+    assert str(exc.value).startswith("a 20% latency cut is not reachable by resolution: the network cannot run at "
+                                     "60x60 inside the graph")
+    assert str(exc.value).endswith("export it with dynamic input sizes (dynamic=True) for this lever")

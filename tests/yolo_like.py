@@ -216,15 +216,16 @@ class PixelDetector(nn.Module):
         return torch.cat([boxes, y[:, 4:].sigmoid()], 1).flatten(2)
 
 
-def pixel_detector_onnx(size=64, fractions=False, seed=0) -> onnx.ModelProto:
+def pixel_detector_onnx(size=64, fractions=False, seed=0, dynamic=True) -> onnx.ModelProto:
     """:class:`PixelDetector` exported with dynamic batch and spatial axes (input ``images``, output
-    ``output0``, its anchor axis dynamic), ``imgsz`` in the metadata."""
+    ``output0``, its anchor axis dynamic), ``imgsz`` in the metadata; ``dynamic`` False: at its one
+    size, its grid then constants (as ultralytics' default export)."""
     torch.manual_seed(seed)
     buffer = io.BytesIO()
     torch.onnx.export(PixelDetector(fractions=fractions).eval(), (torch.randn(1, 3, size, size),), buffer,
                       opset_version=17, dynamo=False, input_names=["images"], output_names=["output0"],
                       dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
-                                    "output0": {0: "batch", 2: "anchors"}})
+                                    "output0": {0: "batch", 2: "anchors"}} if dynamic else None)
     proto = onnx.load_from_string(buffer.getvalue())
     entry = proto.metadata_props.add()
     entry.key, entry.value = "imgsz", f"[{size}, {size}]"  # as ultralytics records it: the size to analyse at

@@ -64,6 +64,11 @@ STEP = 8  # pixels per candidate at 224 px; the bisection below then finds the s
 NEAR = 0.01  # a size timed within this of the goal is timed again (one timing is noisy by about a point)
 MAX_TIMINGS = 3  # ... up to this many times, and judged by the mean
 MARGIN = 0.015  # the goal is the target plus this (see the module docstring)
+# a detector that runs at no smaller size: an export at a fixed size bakes its anchor grid, its strides
+# and the reshapes of its box distributions into constants (ultralytics' default dynamic=False: a
+# (1, 2, 2100) grid and a (1, 4, 16, 2100) reshape at 320 px)
+FIXED_ANCHORS = ("; a detector exported at a fixed input size keeps its anchor grid as constants of that size "
+                 "(ultralytics' dynamic=False): export it with dynamic input sizes (dynamic=True) for this lever")
 MIN_SCALE = 0.5  # below half the side a classifier has lost what its training saw (176 px: -5.6 top-1 on Lite0)
 
 
@@ -131,7 +136,8 @@ class ChooseResolution(Analysis):
             if (candidate_side, candidate_side) not in unrunnable:  # a size it cannot run at says nothing
                 above = candidate_side  # of the smaller ones (a YOLO runs at 288 and 256 px, not between)
         else:
-            raise GraphpruneError(_unreachable(ctx.latency_cut, sides, measurements, unrunnable))
+            fixed = FIXED_ANCHORS if any(b.anchor_axis is not None for b in boxes) else ""
+            raise GraphpruneError(_unreachable(ctx.latency_cut, sides, measurements, unrunnable, fixed))
         below = candidate_side  # reaches the goal; latency falls by steps with the feature maps' sizes, so
         while above - below > 1:  # the largest side that reaches it lies in between: bisect
             middle = (above + below) // 2
@@ -155,10 +161,11 @@ class ChooseResolution(Analysis):
         return PassResult(model, record=choice.to_dict(), artifacts=[choice])
 
 
-def _unreachable(target: float, sides: list[int], measurements: dict, unrunnable: dict) -> str:
-    """Why no candidate side reached the goal, in one line."""
+def _unreachable(target: float, sides: list[int], measurements: dict, unrunnable: dict, fixed_hint: str) -> str:
+    """Why no candidate side reached the goal, in one line (``fixed_hint`` added where the smaller
+    sizes break its layers)."""
     if not measurements:  # it runs at no size below its own
-        return unrunnable[sides[0], sides[0]]
+        return unrunnable[sides[0], sides[0]] + fixed_hint
     best = max(m["cut"] for m in measurements.values())
     best = 0.0 if abs(best) < 0.0005 else best  # not "-0.0%"
     smallest = (sides[-1], sides[-1])
@@ -166,7 +173,7 @@ def _unreachable(target: float, sides: list[int], measurements: dict, unrunnable
         ran = min(height for height, _ in measurements)
         first = max(key for key in unrunnable if key[0] < ran and key[0] == key[1])
         return (f"a {target:.0%} latency cut is not reachable by resolution: {unrunnable[first]}; the larger sizes "
-                f"it runs at measure at most {best:.1%}")
+                f"it runs at measure at most {best:.1%}{fixed_hint}")
     last = measurements[smallest]
     return (f"a {target:.0%} latency cut is not reachable by resolution: at {last['size'][0]}x{last['size'][1]} "
             f"({MIN_SCALE:.0%} of the side) it measures {last['cut']:.1%}")
