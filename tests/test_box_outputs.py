@@ -31,7 +31,7 @@ def _detector(tmp_path, fractions=False):
 
 def test_boxes_in_pixels_are_found_and_boxes_in_fractions_are_not(tmp_path):
     images = torch.rand(4, 3, 64, 64)
-    assert box_outputs(_detector(tmp_path), images) == (BoxOutput(0, "yolov8", 6, 1, 2),)
+    assert box_outputs(_detector(tmp_path), images) == (BoxOutput(0, "yolov8", 6, 1, 2, anchors=256),)
     fractions = _detector(tmp_path, fractions=True)
     (found,) = box_outputs(fractions, images)  # a resize leaves fractions as they are; the anchors still follow it
     assert not found.pixels and not found.mapped and found.anchor_axis == 2
@@ -91,7 +91,7 @@ def test_a_fixed_count_of_final_detections_is_mapped_and_keeps_its_shape(tmp_pat
                       input_names=["images"], output_names=["dets"], dynamic_axes={"images": {0: "batch"}})
     model = gp.load(path)
     boxes = box_outputs(model, torch.rand(2, 3, 64, 64))
-    assert boxes == (BoxOutput(0, "detections", 6, 2, None),)
+    assert boxes == (BoxOutput(0, "detections", 6, 2, None),)  # a fixed count: no anchors
     resized = resize_input(model, scale_for(64, 32), boxes)
     check_resizable(model, resized)
     x = torch.rand(2, 3, 64, 64)
@@ -218,3 +218,33 @@ def test_a_detector_exported_at_a_fixed_size_is_refused_with_what_to_export(tmp_
     assert str(exc.value).startswith("a 20% latency cut is not reachable by resolution: the network cannot run at "
                                      "60x60 inside the graph")
     assert str(exc.value).endswith("export it with dynamic input sizes (dynamic=True) for this lever")
+
+
+def test_a_grid_held_as_constants_of_the_export_size_is_written_for_the_new_size(tmp_path):
+    """Structure: the grid (1, 2, A, one per use), strides (1, A) and the reshape's shape holding A
+    are found by value and rewritten. Numbers: the fixed export behind a resize to 48 px writes
+    what the export with dynamic sizes (the same weights) gives, run by onnxruntime on the image
+    resized to 48 px, its boxes times 64/48."""
+    from graphprune.passes.anchor_grid import REGRIDDED
+    from yolo_like import grid_detector_onnx
+
+    x = torch.rand(4, 3, 64, 64)
+    scale = scale_for(64, 48)
+    source = save(grid_detector_onnx(fixed=True), tmp_path / "fixed.onnx")
+    model = gp.load(source)
+    resized = resize_input(model, scale, box_outputs(model, x))
+    check_resizable(model, resized)
+    assert {tuple(v.shape) for v in resized.meta[REGRIDDED].values()} == {(3,), (1, 2, 180), (1, 180)}
+    gp.save(resized, tmp_path / "out.onnx", source)
+    written = cpu_session(onnx.load(str(tmp_path / "out.onnx")))
+    dynamic = cpu_session(grid_detector_onnx(fixed=False))
+    small = F.interpolate(x, scale_factor=(scale, scale), mode="bilinear", align_corners=False,
+                          recompute_scale_factor=False)
+    for i in range(4):
+        ours = written.run(None, {"images": x[i:i + 1].numpy()})[0]
+        expected = dynamic.run(None, {"images": small[i:i + 1].numpy()})[0]
+        assert ours.shape == expected.shape == (1, 6, 144 + 36)
+        np.testing.assert_allclose(ours[:, :4], expected[:, :4] / scale, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(ours[:, 4:], expected[:, 4:], atol=1e-5)
+    dynamic_model = gp.load(save(grid_detector_onnx(fixed=False), tmp_path / "dynamic.onnx"))
+    assert resize_input(dynamic_model, scale, box_outputs(dynamic_model, x)).meta[REGRIDDED] == {}  # nothing fixed

@@ -230,3 +230,59 @@ def pixel_detector_onnx(size=64, fractions=False, seed=0, dynamic=True) -> onnx.
     entry = proto.metadata_props.add()
     entry.key, entry.value = "imgsz", f"[{size}, {size}]"  # as ultralytics records it: the size to analyse at
     return proto
+
+
+class GridDetector(nn.Module):
+    """ultralytics' anchor-free decoding: per cell of strides 4 and 8 a box as distances to the
+    cell's centre, times the stride. ``fixed``: the grid and strides computed once at ``size`` and
+    kept as buffers, as an export with ``dynamic=False`` holds them (constants of that size, and a
+    reshape of every anchor), else from the maps' sizes as they run."""
+
+    strides = (4, 8)
+
+    def __init__(self, classes=2, fixed=False, size=64):
+        super().__init__()
+        self.fixed, self.classes = fixed, classes
+        self.stem, self.down = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 2, 1)
+        self.down2 = nn.Conv2d(8, 8, 3, 2, 1)
+        self.heads = nn.ModuleList(nn.Conv2d(8, 4 + classes, 1) for _ in self.strides)
+        grid, strides = self.grid([(size // s, size // s) for s in self.strides])
+        self.register_buffer("anchor_grid", grid)
+        self.register_buffer("anchor_strides", strides)
+
+    def grid(self, sizes):
+        points, strides = [], []
+        for (h, w), stride in zip(sizes, self.strides):
+            y, x = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+            points.append(torch.stack((x, y), -1).view(-1, 2))
+            strides.append(torch.full((h * w,), float(stride)))
+        return torch.cat(points).T.unsqueeze(0), torch.cat(strides).unsqueeze(0)  # (1, 2, A), (1, A)
+
+    def forward(self, x):
+        p4 = self.down(self.stem(x).relu()).relu()
+        maps = [head(f) for head, f in zip(self.heads, (p4, self.down2(p4).relu()))]
+        if self.fixed:
+            grid, strides = self.anchor_grid, self.anchor_strides
+            y = torch.cat([m.flatten(2) for m in maps], 2).view(len(x), 4 + self.classes, grid.shape[2])
+        else:
+            grid, strides = self.grid([m.shape[2:] for m in maps])
+            y = torch.cat([m.flatten(2) for m in maps], 2)
+        distances = y[:, :4].sigmoid() * 3
+        top_left, bottom_right = grid - distances[:, :2], grid + distances[:, 2:]
+        boxes = torch.cat(((top_left + bottom_right) / 2, bottom_right - top_left), 1) * strides
+        return torch.cat((boxes, y[:, 4:].sigmoid()), 1)
+
+
+def grid_detector_onnx(fixed: bool, size=64, seed=0) -> onnx.ModelProto:
+    """:class:`GridDetector` with weights from ``seed``: ``fixed`` exported at ``size`` only (its grid
+    constants), else with dynamic spatial axes; ``imgsz`` in the metadata."""
+    torch.manual_seed(seed)
+    model = GridDetector(fixed=fixed, size=size).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(1, 3, size, size),), buffer, opset_version=17, dynamo=False,
+                      input_names=["images"], output_names=["output0"],
+                      dynamic_axes=None if fixed else {"images": {2: "height", 3: "width"}, "output0": {2: "anchors"}})
+    proto = onnx.load_from_string(buffer.getvalue())
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "imgsz", f"[{size}, {size}]"
+    return proto

@@ -27,6 +27,9 @@ RESIZED_INPUT = "graphprune.resized_input"
 # fx node meta of its mapping of a detector's boxes back to the input's pixels (passes/box_outputs.py):
 # the output's axis that follows the input's size (None: none), written as one Mul by the node's factors
 MAPPED_BOXES = "graphprune.mapped_boxes"
+# Model.meta of a detector's anchor-grid constants written for another size (passes/anchor_grid.py):
+# get_attr target -> its new tensor, written into the initializer it came from (its shape changed)
+REGRIDDED = "regridded_constants"
 
 
 def lower(model: Model) -> onnx.ModelProto:
@@ -99,9 +102,28 @@ def lower(model: Model) -> onnx.ModelProto:
         dims = declared.type.tensor_type.shape.dim
         if axis is not None and axis < len(dims) and dims[axis].HasField("dim_value"):
             dims[axis].dim_param = "anchors"  # its length follows the internal size, no longer the file's
-    _write_back_weights(out, model)
+    regridded = _write_regridded(out, model)
+    _write_back_weights(out, model, skip=regridded)
     _prune(out)
     return out
+
+
+def _write_regridded(proto: onnx.ModelProto, model: Model) -> set[str]:
+    """The anchor-grid constants written for another size into their initializers; their names. The
+    shapes the file records for the tensors in between are dropped: some held the old anchor count."""
+    values = model.meta.get(REGRIDDED) or {}
+    by_name = {t.name: t for t in proto.graph.initializer}
+    names = set()
+    for target, value in values.items():
+        name = model.onnx.attr_initializers.get(target)
+        if name not in by_name:
+            raise GraphpruneError(f"cannot write ONNX: constant '{target}' has no ONNX initializer")
+        dtype = numpy_helper.to_array(by_name[name]).dtype
+        by_name[name].CopyFrom(numpy_helper.from_array(value.detach().cpu().numpy().astype(dtype), name))
+        names.add(name)
+    if names:
+        del proto.graph.value_info[:]
+    return names
 
 
 def _resize_node(source: str, scale: tuple[float, float], base: onnx.ModelProto) -> tuple[onnx.NodeProto,
@@ -160,14 +182,14 @@ def _add_conversion_time_producers(nodes: dict[int, onnx.NodeProto], base: onnx.
                 stack.append(nodes[index])
 
 
-def _write_back_weights(proto: onnx.ModelProto, model: Model) -> None:
+def _write_back_weights(proto: onnx.ModelProto, model: Model, skip: set[str] = frozenset()) -> None:
     links = model.onnx.weight_links
     state = model.graph_module.state_dict()
     by_name = {t.name: t for t in proto.graph.initializer}
     written: dict[str, np.ndarray] = {}
     for key, tensor in state.items():
         link = links.get(key)
-        if link is None or link.initializer not in by_name:
+        if link is None or link.initializer not in by_name or link.initializer in skip:
             continue
         if not tensor.is_floating_point():
             continue  # only float tensors are ever trained

@@ -44,7 +44,8 @@ class BoxOutput:
     """Output ``index`` holds boxes (``layout``): the first ``BOX_ROWS`` of the ``length`` entries
     along ``coordinate_axis``, in the input's pixels where ``pixels`` (else fractions of the image,
     left as they are); ``anchor_axis`` follows the input's size (None: a fixed count);
-    ``unmappable``: why its other rows cannot follow a resize, or None."""
+    ``unmappable``: why its other rows cannot follow a resize, or None; ``anchors``: how many at the
+    model's size."""
 
     index: int
     layout: str
@@ -53,6 +54,7 @@ class BoxOutput:
     anchor_axis: int | None
     unmappable: str | None = None
     pixels: bool = True
+    anchors: int = 0  # the anchor axis's length at the model's size (0: a fixed count)
 
     @property
     def mapped(self) -> bool:
@@ -86,7 +88,7 @@ def box_outputs(model, images: torch.Tensor | None = None) -> tuple[BoxOutput, .
             extra = (f"output {index}'s rows after its boxes and class scores (keypoints or mask coefficients, as "
                      "the file's task says) would follow the input's size, and are not mapped back")
         found.append(BoxOutput(index, layout, output.shape[coordinate_axis], coordinate_axis, anchor_axis, extra,
-                               pixels))
+                               pixels, output.shape[anchor_axis] if anchor_axis is not None else 0))
     return tuple(found)
 
 

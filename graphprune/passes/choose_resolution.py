@@ -66,7 +66,8 @@ MAX_TIMINGS = 3  # ... up to this many times, and judged by the mean
 MARGIN = 0.015  # the goal is the target plus this (see the module docstring)
 # a detector that runs at no smaller size: an export at a fixed size bakes its anchor grid, its strides
 # and the reshapes of its box distributions into constants (ultralytics' default dynamic=False: a
-# (1, 2, 2100) grid and a (1, 4, 16, 2100) reshape at 320 px)
+# (1, 2, 2100) grid and a (1, 4, 16, 2100) reshape at 320 px), which anchor_grid.py writes again for
+# the new size where it understands every one of them
 FIXED_ANCHORS = ("; a detector exported at a fixed input size keeps its anchor grid as constants of that size "
                  "(ultralytics' dynamic=False): export it with dynamic input sizes (dynamic=True) for this lever")
 MIN_SCALE = 0.5  # below half the side a classifier has lost what its training saw (176 px: -5.6 top-1 on Lite0)

@@ -30,6 +30,7 @@ from ..formats.input_layout import is_channels_last
 from ..formats.onnx_lower import MAPPED_BOXES, RESIZED_INPUT
 from ..model import Model
 from .base import PassResult, Transform
+from .anchor_grid import REGRIDDED, regridded, set_constants
 from .box_outputs import BoxOutput, box_factors, box_outputs, scale_boxes
 
 Scale = float | tuple[float, float]  # both axes, or (height, width)
@@ -102,6 +103,12 @@ def resize_input(model: Model, scale: Scale, boxes: tuple[BoxOutput, ...] | None
     resized.meta[RESIZED_INPUT] = scales
     boxes = box_outputs(model) if boxes is None else boxes
     _map_boxes_back(graph, scales, [b for b in boxes if b.mapped])
+    anchored = [b.anchors for b in boxes if b.anchors]
+    if anchored:  # an export at a fixed size holds its anchor grid as constants of that size
+        shape = model.analysis_shape()
+        values = regridded(new.graph_module, anchored[0], tuple(shape[-2:]), resized_size(shape, scale))
+        set_constants(new.graph_module, values)
+        new.meta[REGRIDDED] = values
     new.graph_module.recompile()
     new.meta["resized_input"] = scale
     new.meta["mapped_boxes"] = boxes
