@@ -192,11 +192,10 @@ def test_final_detections_with_no_box_on_the_images_read_are_refused(tmp_path):
 
 def test_the_cli_runs_a_detector_through_the_resolution_lever(cli, tmp_path):
     """End to end on onnxruntime: the written file takes the 64 px input and says its detections."""
-    path = save(pixel_detector_onnx(), tmp_path / "det.onnx")
-    np.savez(tmp_path / "tiny.npz", images=np.random.default_rng(0).integers(0, 255, (24, 64, 64, 3), np.uint8))
-    out = tmp_path / "fast.onnx"
-    code, stdout, stderr = cli("optimize", path, "--data", tmp_path / "tiny.npz", "--latency-cut", "0.2",
-                               "--lever", "resolution", "--quantize", "none", "-o", out)
+    from test_resolution import optimize_at_lower_resolution
+
+    code, stdout, stderr, out = optimize_at_lower_resolution(cli, save(pixel_detector_onnx(), tmp_path / "det.onnx"),
+                                                             tmp_path)
     assert code == 0, stderr
     assert "behind a resize at its entry" in stdout and "detections" in stdout
     session = cpu_session(onnx.load(str(out)))
