@@ -28,8 +28,8 @@ def command(args) -> int:
         return 0
     print(format_block_table(blocks, total) if blocks else
           f"{args.model}: no residual blocks found (nothing graphprune can drop)")
-    print("resolution: the network runs at a lower resolution inside the graph with its outputs' shapes "
-          "(optimize --lever resolution)" if smaller else
+    print("resolution: the network runs at a lower resolution inside the graph with its outputs' shapes, a "
+          "detector's anchors aside (optimize --lever resolution)" if smaller else
           "resolution: its outputs follow the input's size, or it cannot run smaller (no --lever resolution)")
     return 0
 
