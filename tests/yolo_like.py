@@ -221,15 +221,20 @@ def pixel_detector_onnx(size=64, fractions=False, seed=0, dynamic=True) -> onnx.
     ``output0``, its anchor axis dynamic), ``imgsz`` in the metadata; ``dynamic`` False: at its one
     size, its grid then constants (as ultralytics' default export)."""
     torch.manual_seed(seed)
+    return _detector_onnx(PixelDetector(fractions=fractions), size, dynamic)
+
+
+def _detector_onnx(model: nn.Module, size: int, dynamic: bool) -> onnx.ModelProto:
+    """``model`` exported as ultralytics exports a detector (input ``images``, output ``output0``;
+    ``dynamic``: free batch, spatial and anchor axes), ``imgsz`` in the metadata."""
+    from onnx_builders import with_metadata
+
     buffer = io.BytesIO()
-    torch.onnx.export(PixelDetector(fractions=fractions).eval(), (torch.randn(1, 3, size, size),), buffer,
-                      opset_version=17, dynamo=False, input_names=["images"], output_names=["output0"],
+    torch.onnx.export(model.eval(), (torch.randn(1, 3, size, size),), buffer, opset_version=17, dynamo=False,
+                      input_names=["images"], output_names=["output0"],
                       dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
                                     "output0": {0: "batch", 2: "anchors"}} if dynamic else None)
-    proto = onnx.load_from_string(buffer.getvalue())
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "imgsz", f"[{size}, {size}]"  # as ultralytics records it: the size to analyse at
-    return proto
+    return with_metadata(onnx.load_from_string(buffer.getvalue()), imgsz=f"[{size}, {size}]")
 
 
 class GridDetector(nn.Module):
@@ -275,14 +280,6 @@ class GridDetector(nn.Module):
 
 def grid_detector_onnx(fixed: bool, size=64, seed=0) -> onnx.ModelProto:
     """:class:`GridDetector` with weights from ``seed``: ``fixed`` exported at ``size`` only (its grid
-    constants), else with dynamic spatial axes; ``imgsz`` in the metadata."""
+    constants), else with dynamic axes; ``imgsz`` in the metadata."""
     torch.manual_seed(seed)
-    model = GridDetector(fixed=fixed, size=size).eval()
-    buffer = io.BytesIO()
-    torch.onnx.export(model, (torch.randn(1, 3, size, size),), buffer, opset_version=17, dynamo=False,
-                      input_names=["images"], output_names=["output0"],
-                      dynamic_axes=None if fixed else {"images": {2: "height", 3: "width"}, "output0": {2: "anchors"}})
-    proto = onnx.load_from_string(buffer.getvalue())
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "imgsz", f"[{size}, {size}]"
-    return proto
+    return _detector_onnx(GridDetector(fixed=fixed, size=size), size, dynamic=not fixed)

@@ -27,19 +27,13 @@ import math
 import torch
 
 from ..formats.onnx_lower import REGRIDDED  # Model.meta: get_attr target -> its tensor at the new size
+from ..ops import fetch_attr
 
 
 def _constants(gm) -> dict[str, torch.Tensor]:
     """Every get_attr tensor of ``gm`` by target."""
-    found = {}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            value = gm
-            for part in node.target.split("."):
-                value = getattr(value, part, None)
-            if isinstance(value, torch.Tensor):
-                found[node.target] = value
-    return found
+    values = {node.target: fetch_attr(gm, node.target) for node in gm.graph.nodes if node.op == "get_attr"}
+    return {target: value for target, value in values.items() if isinstance(value, torch.Tensor)}
 
 
 def _levels(strides: torch.Tensor, size: tuple[int, int]) -> list[int] | None:
@@ -81,12 +75,10 @@ def regridded(gm, anchors: int, size: tuple[int, int], new_size: tuple[int, int]
     understood (module docstring)."""
     constants = {t: v for t, v in _constants(gm).items() if anchors in v.shape or
                  (v.dim() == 1 and not v.is_floating_point() and anchors in v.tolist())}
-    strides = [(t, _levels(v, size)) for t, v in constants.items()
-               if v.is_floating_point() and v.numel() == anchors]
-    strides = [(t, levels) for t, levels in strides if levels]
-    if not strides:
+    levels = next((found for v in constants.values() if v.is_floating_point() and v.numel() == anchors
+                   for found in [_levels(v, size)] if found), None)  # from the first strides constant
+    if levels is None:
         return {}
-    levels = strides[0][1]
     new_anchors = sum(_cells(new_size, s) for s in levels)
     grid, new_grid = _grid(levels, size), _grid(levels, new_size)
     out = {}
@@ -115,7 +107,7 @@ def set_constants(gm, values: dict[str, torch.Tensor]) -> None:
     """Put ``values`` (by get_attr target) into ``gm`` in place of the constants they replace."""
     for target, value in values.items():
         owner_path, _, name = target.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
+        owner = fetch_attr(gm, owner_path) if owner_path else gm
         if name in owner._buffers:
             owner._buffers[name] = value
         else:

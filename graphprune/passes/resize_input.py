@@ -118,7 +118,8 @@ def resize_input(model: Model, scale: Scale, boxes: tuple[BoxOutput, ...] | None
 def _map_boxes_back(graph, scales: tuple[float, float], boxes: list[BoxOutput]) -> None:
     """A :func:`.box_outputs.scale_boxes` node before each box output of ``graph``."""
     output = graph.output_node()
-    leaves = _output_leaves(output.args[0])
+    leaves = []  # the output's nodes in the order evaluate reads its tensors (nested tuples, lists, dicts)
+    fx.node.map_arg(output.args[0], leaves.append)
     replaced = {}
     for box in boxes:
         value = leaves[box.index]
@@ -128,14 +129,6 @@ def _map_boxes_back(graph, scales: tuple[float, float], boxes: list[BoxOutput]) 
         replaced[value] = mapped
     if replaced:
         output.args = (fx.node.map_arg(output.args[0], lambda node: replaced.get(node, node)),)
-
-
-def _output_leaves(value) -> list:
-    """The fx nodes of a (possibly nested) graph output, in the order ``evaluate`` reads its tensors."""
-    if isinstance(value, fx.Node):
-        return [value]
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
-    return [leaf for item in items for leaf in _output_leaves(item)]
 
 
 def output_shapes(model: Model) -> list[tuple]:
