@@ -103,14 +103,17 @@ def lower(model: Model) -> onnx.ModelProto:
         if axis is not None and axis < len(dims) and dims[axis].HasField("dim_value"):
             dims[axis].dim_param = "anchors"  # its length follows the internal size, no longer the file's
     regridded = _write_regridded(out, model)
+    if regridded or any(RESIZED_INPUT in n.meta for n in gm.graph.nodes):
+        # the shapes the file records for the tensors in between are the input size's: a quantiser that
+        # reads them writes ops onnxruntime refuses (ResNet-56 at 26 px: QLinearAdd "Incompatible dimensions")
+        del out.graph.value_info[:]
     _write_back_weights(out, model, skip=regridded)
     _prune(out)
     return out
 
 
 def _write_regridded(proto: onnx.ModelProto, model: Model) -> set[str]:
-    """The anchor-grid constants written for another size into their initializers; their names. The
-    shapes the file records for the tensors in between are dropped: some held the old anchor count."""
+    """The anchor-grid constants written for another size into their initializers; their names."""
     values = model.meta.get(REGRIDDED) or {}
     by_name = {t.name: t for t in proto.graph.initializer}
     names = set()
@@ -121,8 +124,6 @@ def _write_regridded(proto: onnx.ModelProto, model: Model) -> set[str]:
         dtype = numpy_helper.to_array(by_name[name]).dtype
         by_name[name].CopyFrom(numpy_helper.from_array(value.detach().cpu().numpy().astype(dtype), name))
         names.add(name)
-    if names:
-        del proto.graph.value_info[:]
     return names
 
 
