@@ -330,31 +330,14 @@ def test_a_resized_file_keeps_no_shape_of_the_input_size_and_quantises(tmp_path)
     small net's int8 form ran even so, so the check is structural: the resized file records no
     shape of the input's size, and its QOperator int8 form still runs."""
     from graphprune.passes.quantize import QuantConfig, quantize_onnx
+    from test_plan_quantization import _TwoBlocks  # two residual Adds on maps of the input's size
 
-    model = gp.load(export_onnx(_small_residual_net(), (1, 3, 32, 32), tmp_path / "res.onnx"))
+    torch.manual_seed(0)
+    model = gp.load(export_onnx(_TwoBlocks().eval(), (1, 3, 32, 32), tmp_path / "res.onnx"))
     assert len(model.onnx.proto.graph.value_info) > 0  # the exporter recorded them
     proto = to_onnx(resize_input(model, scale_for(32, 26)))
     recorded = [d.dim_value for v in proto.graph.value_info for d in v.type.tensor_type.shape.dim]
     assert 32 not in recorded and 26 in recorded  # shapes inferred again at the size it runs at
     images = torch.rand(16, 3, 32, 32)
     quantized = quantize_onnx(proto, images, QuantConfig(fmt="qoperator"))
-    assert cpu_session(quantized).run(None, {"input": images[:2].numpy()})[0].shape == (2, 10)
-
-
-def _small_residual_net():
-    """A small residual CNN: two blocks whose Adds read maps of the input's size."""
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
-            self.blocks = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(2))
-            self.head = torch.nn.Linear(8, 10)
-
-        def forward(self, x):
-            x = self.stem(x).relu()
-            for block in self.blocks:
-                x = (x + block(x)).relu()
-            return self.head(x.mean((2, 3)))
-
-    torch.manual_seed(0)
-    return Net().eval()
+    assert cpu_session(quantized).run(None, {"input": images[:2].numpy()})[0].shape == (2, 4)
