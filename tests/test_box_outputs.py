@@ -190,6 +190,40 @@ def test_final_detections_with_no_box_on_the_images_read_are_refused(tmp_path):
         check_resizable(model, resize_input(model, scale_for(64, 48), boxes))
 
 
+def test_a_head_whose_boxes_are_decoded_outside_the_file_is_refused(tmp_path):
+    """(N, anchors, 5 + C) with offsets up to 2.5 and sizes up to e^1 (YOLOX and YOLOv5 exported
+    without their decoding): past fractions, far short of the 64 px image's pixels. Its decoder
+    builds the grid for the file's size, so fewer anchors would be read on the wrong cells: refused;
+    the same head decoded into pixels (x 4 px a cell, cell offsets added) is mapped."""
+    class RawHead(torch.nn.Module):
+        def __init__(self, decoded):
+            super().__init__()
+            self.decoded, self.conv = decoded, torch.nn.Conv2d(3, 7, 3, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            xy, wh = y[:, :2].sigmoid() * 2 + 0.5, y[:, 2:4].clamp(max=1).exp()
+            if self.decoded:
+                ys, xs = torch.meshgrid(torch.arange(y.shape[2]), torch.arange(y.shape[3]), indexing="ij")
+                xy, wh = (xy + torch.stack([xs, ys])) * 4, wh * 4
+            return torch.cat([xy, wh, y[:, 4:].sigmoid()], 1).flatten(2).transpose(1, 2)
+
+    for decoded in (False, True):
+        path = tmp_path / f"head{decoded}.onnx"
+        torch.onnx.export(RawHead(decoded).eval(), (torch.rand(1, 3, 64, 64),), str(path), opset_version=17,
+                          dynamo=False, input_names=["images"], output_names=["out"],
+                          dynamic_axes={"images": {0: "batch", 2: "h", 3: "w"}, "out": {0: "batch", 1: "anchors"}})
+        model = gp.load(path, input_shape=(1, 3, 64, 64))
+        (box,) = box_outputs(model, torch.rand(2, 3, 64, 64))
+        assert box.layout == "yolov5" and box.pixels
+        if decoded:
+            assert box.mapped
+            continue
+        assert not box.mapped and "a head decoded outside the file" in box.unmappable
+        with pytest.raises(GraphpruneError, match="box values reach [0-9.]+ on a 64x64 image: neither fractions"):
+            check_resizable(model, resize_input(model, scale_for(64, 48), (box,)))
+
+
 def test_the_cli_runs_a_detector_through_the_resolution_lever(cli, tmp_path):
     """End to end on onnxruntime: the written file takes the 64 px input and says its detections."""
     from test_resolution import optimize_at_lower_resolution

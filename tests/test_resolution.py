@@ -21,7 +21,7 @@ from graphprune.optimize import OptimizeConfig, make_context, optimize
 from graphprune.passes import ChooseResolution, ResizeInput, ResolutionChoice, resize_input
 from graphprune.passes import choose_resolution as choose_module
 from graphprune.passes.choose_resolution import candidate_sides
-from graphprune.passes.resize_input import axis_scales, check_resizable, scale_for
+from graphprune.passes.resize_input import aligned_sides, axis_scales, check_resizable, runs_smaller, scale_for
 from graphprune.report import _resolution_lines
 from conftest import export_onnx
 from onnx_builders import residual_onnx
@@ -309,7 +309,7 @@ def test_inspect_says_whether_the_resolution_lever_applies(cli, tmp_path):
     import json
 
     from onnx_builders import save
-    from yolo_like import tiny_yolo_onnx
+    from yolo_like import pixel_detector_onnx
 
     classifier = _pooling_net_onnx(tmp_path / "net.onnx")
     code, stdout, _ = cli("inspect", classifier)
@@ -319,9 +319,9 @@ def test_inspect_says_whether_the_resolution_lever_applies(cli, tmp_path):
     assert code == 0 and json.loads(stdout)["runs_at_lower_resolution"] is True
     code, stdout, _ = cli("inspect", _map_net_onnx(tmp_path / "map.onnx"))
     assert code == 0 and "resolution: its outputs follow the input's size" in stdout
-    detector = save(tiny_yolo_onnx(size=64), tmp_path / "yolo.onnx")  # its boxes are mapped back
+    detector = save(pixel_detector_onnx(), tmp_path / "yolo.onnx")  # its boxes are mapped back
     code, stdout, _ = cli("inspect", detector)
-    assert code == 0 and "residual blocks;" in stdout and "resolution: the network runs at a lower" in stdout
+    assert code == 0 and "resolution: the network runs at a lower" in stdout
 
 
 def test_a_resized_file_keeps_no_shape_of_the_input_size_and_quantises(tmp_path):
@@ -341,3 +341,50 @@ def test_a_resized_file_keeps_no_shape_of_the_input_size_and_quantises(tmp_path)
     images = torch.rand(16, 3, 32, 32)
     quantized = quantize_onnx(proto, images, QuantConfig(fmt="qoperator"))
     assert cpu_session(quantized).run(None, {"input": images[:2].numpy()})[0].shape == (2, 4)
+
+
+class _StrideAligned(torch.nn.Module):
+    """A Focus (odd and even pixels side by side: an even side) then three 2x poolings whose maps are
+    upsampled and added back: it runs only where the side is a multiple of 8, as YOLOX runs only at
+    multiples of 32."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(12, 4, 3, padding=1), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.conv(torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1))
+        p2 = F.max_pool2d(x, 2)
+        p4 = p2 + F.interpolate(F.max_pool2d(p2, 2), scale_factor=2.0)
+        x = x + F.interpolate(p4, scale_factor=2.0)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_aligned_sides_round_a_side_down_to_the_strides_multiples():
+    assert aligned_sides(401) == [401, 400, 384]
+    assert aligned_sides(123, 100) == [123, 122, 120, 112]
+    assert aligned_sides(128) == [128]
+
+
+def test_choose_resolution_tries_a_candidate_rounded_to_the_strides_it_runs_at(monkeypatch, tmp_path):
+    """At 72 px the steps are 3 px (69, 66, ..., 48): the net runs at none of them but 48. 69 rounded
+    down to a multiple of 8, 64, runs and is timed in its place: cut = 1 - (s/72)^2 with an 18% goal
+    (+0.5) reaches it there (21.0%), where the steps alone would end at 48 px (55.6%). inspect's check
+    finds 48 (3/4 of 72 is 54, rounded to 8); without the rounding it found no size."""
+    timed = []
+
+    def measure_cut(backend, original, candidate, settings, original_run=None):
+        height, width = (int(72 * s) for s in axis_scales(candidate.meta["resized_input"]))
+        timed.append(height)
+        stats = LatencyStats(1.0, 1.0, 1.0, 1.0, 0.0, 1)
+        return CutMeasurement(stats, stats, 1.0 - height * width / 72 ** 2)
+
+    monkeypatch.setattr(choose_module, "measure_cut", measure_cut)
+    model = gp.load(export_onnx(_StrideAligned().eval(), (1, 3, 72, 72), tmp_path / "aligned.onnx"))
+    with pytest.raises(GraphpruneError, match="cannot run at 69x69"):
+        check_resizable(model, resize_input(model, scale_for(72, 69)))
+    tiny = TinySet(torch.rand(20, 3, 72, 72), torch.full((20,), -1))
+    ctx = make_context(model, tiny, OptimizeConfig(latency_cut=0.18, quantize="none", show_progress=False))
+    choice = ChooseResolution(0.005)(model, ctx).value
+    assert choice.size == (64, 64) and timed == [64]  # between 72 and 64 it runs at no size to time
+    assert runs_smaller(model)

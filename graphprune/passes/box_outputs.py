@@ -16,7 +16,10 @@ they are in the file's (x1, y1, x2, y2 and cx, cy, w, h alternate x and y alike)
 Boxes in fractions of the image (RT-DETR's, as ultralytics exports them) do not change with a
 resize and are left alone (their anchors may still follow the size): told apart by their values,
 every box value within ``FRACTION_LIMIT`` on the images read (a box in pixels of an image larger
-than a couple of pixels reaches past it). Where the images read hold no box at all (final
+than a couple of pixels reaches past it). A head with an output per anchor whose boxes reach past
+that but not ``DECODED_REACH`` of the image's side holds offsets decoded outside the file (on a
+grid the decoder builds for the file's size, which a resize's fewer anchors would not match): it is
+refused. Where the images read hold no box at all (final
 detections, all rows 0), which they are is unknown, and the model is refused.
 An ultralytics pose or segment head's rows after its boxes and classes (keypoints in pixels, mask
 coefficients with a prototype map of the input's size) are not mapped: such a model is refused.
@@ -37,6 +40,9 @@ from ..detections import BOX_AXES, BOX_ROWS
 from ..fidelity import output_layout
 
 FRACTION_LIMIT = 1.5  # box values all within this: fractions of the image, unchanged by a resize
+# every anchor's box is written, so boxes decoded into pixels reach across the image (a centre per
+# grid cell); raw offsets and log sizes, decoded outside the file on a grid of its own, stay small
+DECODED_REACH = 0.25  # of the image's shorter side
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,11 @@ def box_outputs(model, images: torch.Tensor | None = None) -> tuple[BoxOutput, .
         if not bool((boxes > 0).any()):  # no detection on these images: pixels or fractions, unknown
             extra = (f"output {index} holds no box on the images read, so whether its boxes are in pixels (to be "
                      "mapped back) or in fractions of the image is unknown")
+        reach = float(boxes.max())
+        if pixels and anchor_axis is not None and reach < min(images.shape[-2:]) * DECODED_REACH:
+            extra = (f"output {index}'s box values reach {reach:.3g} on a {images.shape[-2]}x{images.shape[-1]} image: "
+                     "neither fractions of it nor its pixels (a head decoded outside the file?), so a resize's "
+                     "anchor grid would not match its decoding")
         if rows is not None and output.shape[1] > rows.rows + rows.rotated:
             extra = (f"output {index}'s rows after its boxes and class scores (keypoints or mask coefficients, as "
                      "the file's task says) would follow the input's size, and are not mapped back")

@@ -38,7 +38,10 @@ rows with margin=0.015).
 Every candidate is checked to run before it is timed (:func:`.resize_input.check_resizable`),
 and one that does not is passed over as short of the goal, not the end of the search: a YOLO's
 neck concatenates its stride-32 map upsampled with the stride-16 one, so at 320 px it runs at 288
-and 256 but not between (and at 319-289 px with 320's maps and latency). A detector's boxes are
+and 256 but not between (and at 319-289 px with 320's maps and latency). Where it cannot run at a
+candidate, the candidate rounded down to multiples of 2 to 64 pixels is tried in its place
+(:func:`.resize_input.aligned_sides`): YOLOX at 416 px runs at 384, 352, ..., none of the 15-pixel
+steps from 416. A detector's boxes are
 mapped back to the input's pixels (:mod:`.box_outputs`), read on the tiny set's first images.
 
 No training follows: on EfficientNet-Lite0 (200 photos, 22%) the resize alone kept 84.38 top-1 of
@@ -56,8 +59,8 @@ from .base import Analysis, PassResult
 from .measure_latency import measure_cut
 from .plan_quantization import measuring_backend, no_block_needed
 from .quantize_plan import QuantizationPlan
-from .resize_input import (ResolutionChoice, check_resizable, output_shapes, resize_input, resized_size, scale_for,
-                           scale_record, tiny_boxes)
+from .resize_input import (CannotRunAt, ResolutionChoice, aligned_sides, check_resizable, output_shapes, resize_input,
+                           resized_size, scale_for, scale_record, tiny_boxes)
 from .selection import goal_cut
 
 STEP = 8  # pixels per candidate at 224 px; the bisection below then finds the side to the pixel
@@ -116,12 +119,14 @@ class ChooseResolution(Analysis):
 
         def reaches(candidate_side: int, width_side: int | None = None) -> bool:
             key = (candidate_side, candidate_side if width_side is None else width_side)
+            if key in unrunnable or key in measurements:  # an aligned size that two candidates round to
+                return key in measurements and measurements[key]["cut"] >= goal
             scale = scale_of(key)
             candidate = resize_input(model, scale, boxes)
             try:  # before any time is spent on a size the network cannot run at
                 check_resizable(model, candidate, expected)
             except GraphpruneError as exc:  # a smaller map breaks a fixed reshape or window, or a YOLO neck's
-                unrunnable[key] = str(exc)  # concatenation off its steps of 32 px: not at the goal
+                unrunnable[key] = exc  # concatenation off its steps of 32 px: not at the goal
                 return False
             cuts = []  # timed again while the mean is within NEAR of the goal: too close to call
             while not cuts or (len(cuts) < MAX_TIMINGS and abs(statistics.fmean(cuts) - goal) < NEAR):
@@ -131,11 +136,15 @@ class ChooseResolution(Analysis):
             return measurements[key]["cut"] >= goal
 
         above = side  # the smallest side measured short of the goal (the input's own: no cut)
-        for candidate_side in sides:
-            if reaches(candidate_side):
+        for candidate in sides:
+            for candidate_side in aligned_sides(candidate, sides[-1]):  # where it cannot run at the candidate,
+                hit = reaches(candidate_side)  # the candidate rounded down to its strides' multiples
+                if (candidate_side, candidate_side) not in unrunnable:
+                    break
+            if hit:
                 break
             if (candidate_side, candidate_side) not in unrunnable:  # a size it cannot run at says nothing
-                above = candidate_side  # of the smaller ones (a YOLO runs at 288 and 256 px, not between)
+                above = min(above, candidate_side)  # of the smaller ones (a YOLO runs at 288 and 256 px only)
         else:
             fixed = FIXED_ANCHORS if any(b.anchor_axis is not None for b in boxes) else ""
             raise GraphpruneError(_unreachable(ctx.latency_cut, sides, measurements, unrunnable, fixed))
@@ -165,8 +174,9 @@ class ChooseResolution(Analysis):
 def _unreachable(target: float, sides: list[int], measurements: dict, unrunnable: dict, fixed_hint: str) -> str:
     """Why no candidate side reached the goal, in one line (``fixed_hint`` added where the smaller
     sizes break its layers)."""
-    if not measurements:  # it runs at no size below its own
-        return unrunnable[sides[0], sides[0]] + fixed_hint
+    if not measurements:  # it runs at no size below its own: why not at the largest it ran at, else the first
+        ran = [exc for exc in unrunnable.values() if not isinstance(exc, CannotRunAt)]
+        return str(ran[0] if ran else unrunnable[sides[0], sides[0]]) + fixed_hint
     best = max(m["cut"] for m in measurements.values())
     best = 0.0 if abs(best) < 0.0005 else best  # not "-0.0%"
     smallest = (sides[-1], sides[-1])

@@ -39,6 +39,11 @@ BOX_IMAGES = 8  # tiny images read to tell boxes in pixels from fractions of the
 MIN_OPSET = 11  # Resize with half-pixel coordinates; opset 10's maps asymmetrically
 
 
+class CannotRunAt(GraphpruneError):
+    """The network's layers fail at a size (a fixed reshape, a neck joining maps off its stride's
+    steps), as against running there with its outputs changed."""
+
+
 @dataclass(frozen=True)
 class ResolutionChoice:
     """Artefact: the scale the network runs at (None: its own), the internal size at the analysis
@@ -153,7 +158,7 @@ def check_resizable(model: Model, resized: Model, expected: list[tuple] | None =
     try:
         got = [tuple(t.shape) for t in fx_runner(resized)(image)]
     except Exception as exc:  # a fixed pooling window or reshape that the smaller map breaks
-        raise GraphpruneError(f"the network cannot run at {size} inside the graph ({type(exc).__name__}: "
+        raise CannotRunAt(f"the network cannot run at {size} inside the graph ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else 'no message'}): its layers fix the "
                               "input's size") from None
     expected = output_shapes(model) if expected is None else expected
@@ -170,20 +175,40 @@ def _without_anchors(shapes: list[tuple], anchors: dict[int, int]) -> list[tuple
 
 
 SMALLER_SHARES = (0.75, 0.8, 0.5)  # of the side: a YOLO at 320 px runs at 256 and 160, not at 240
+ALIGNMENTS = (2, 4, 8, 16, 32, 64)  # the total strides a network's joined maps may need
+
+
+def aligned_sides(side: int, lowest: int = 1) -> list[int]:
+    """``side``, then ``side`` rounded down to a multiple of each of ``ALIGNMENTS`` (no smaller than
+    ``lowest``), each once: the sizes to try, in turn, where a network cannot run at ``side``. One
+    whose maps halve and are then joined runs only at multiples of its total stride: YOLOX's Focus
+    (odd and even pixels side by side) and its 32 px neck at 416 px run at 384, at no size from 385
+    to 415, so the lever's 15-pixel steps from 416 would find none."""
+    sides = [side]
+    for alignment in ALIGNMENTS:
+        aligned = side - side % alignment
+        if lowest <= aligned < sides[-1]:
+            sides.append(aligned)
+    return sides
 
 
 def runs_smaller(model: Model) -> bool:
-    """Whether ``model`` runs at one of ``SMALLER_SHARES`` of its side with its outputs' shapes (a
-    classifier that pools globally; a detector, its boxes mapped back): whether the resolution lever
-    applies to it."""
+    """Whether ``model`` runs at one of ``SMALLER_SHARES`` of its side (or one of its
+    :func:`aligned_sides`) with its outputs' shapes (a classifier that pools globally; a detector,
+    its boxes mapped back): whether the resolution lever applies to it."""
     side = int(model.analysis_shape()[-2])
     boxes, expected = box_outputs(model), output_shapes(model)
+    tried = set()
     for share in SMALLER_SHARES:
-        try:
-            check_resizable(model, resize_input(model, scale_for(side, round(side * share)), boxes), expected)
-        except GraphpruneError:
-            continue
-        return True
+        for smaller in aligned_sides(round(side * share)):
+            if smaller in tried:
+                continue
+            tried.add(smaller)
+            try:
+                check_resizable(model, resize_input(model, scale_for(side, smaller), boxes), expected)
+            except GraphpruneError:
+                continue
+            return True
     return False
 
 
