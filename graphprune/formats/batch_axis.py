@@ -67,7 +67,16 @@ def free_fixed_batch(model: Model) -> bool:
         return True
     for step in undo:
         step()
+    _note_sequence_first(model)
     return False
+
+
+def _note_sequence_first(model: Model) -> None:
+    """Where batches run but the output holds them on axis 1 ((T, N, C): the sequence-first layout
+    of a CTC recogniser, as PyTorch's CTC loss takes it), ``model.meta["batch_on_axis_1"]``, so the
+    refusal says that, not that the graph fixes its batch."""
+    if batch_consistent(model, axis=1):
+        model.meta["batch_on_axis_1"] = True
 
 
 def _check_declared_batch(model: Model) -> None:
@@ -83,6 +92,7 @@ def _check_declared_batch(model: Model) -> None:
     if not batch_consistent(model):
         model.meta["batches_run"] = False
         model.meta["declared_batch"] = True
+        _note_sequence_first(model)
 
 
 def _constant_arg(gm: fx.GraphModule, node: fx.Node, index: int, keyword: str) -> torch.Tensor | None:
@@ -125,12 +135,13 @@ def _free_resizes(gm: fx.GraphModule) -> list[Callable[[], None]]:
     return undo
 
 
-def batch_consistent(model: Model) -> bool:
-    """A batch of two inputs gives, row for row, what each input gives alone (every input batched)."""
+def batch_consistent(model: Model, axis: int = 0) -> bool:
+    """A batch of two inputs gives, row for row, what each input gives alone (every input batched),
+    the output's rows along ``axis``."""
     one, other = model.example_inputs(batch_size=1, seed=0), model.example_inputs(batch_size=1, seed=1)
     try:
         together = model.run(*(torch.cat([a, b]) for a, b in zip(one, other)))
-        apart = torch.cat([model.run(*one), model.run(*other)])
+        apart = torch.cat([model.run(*one), model.run(*other)], axis)
     except Exception:
         return False
     if together.shape != apart.shape:

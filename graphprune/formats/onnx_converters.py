@@ -21,6 +21,8 @@ only step in where it raises:
 * ``GridSample`` (opsets 16 and 20, 4-d), which onnx2torch has no converter for:
   ``F.grid_sample``, the op the exporters write it from (RT-DETR's deformable attention, as
   ultralytics exports it, samples its feature maps so);
+* ``LSTM`` and ``GRU``, which onnx2torch has no converter for: :mod:`.onnx_recurrent`
+  (a CRNN text recogniser's bidirectional LSTM over the columns);
 * ``Clip`` (opset 11+) with one bound: both torch exporters write ``clamp(max=c)`` as
   ``Clip(x, "", c)``, whose empty name (an absent optional input) onnx2torch looked up as a tensor
   and refused as a "dynamic value". An absent bound is no bound.
@@ -33,6 +35,9 @@ from __future__ import annotations
 import torch
 from onnx import helper
 from torch import nn
+
+from .onnx_recurrent import VERSIONS as RECURRENT_VERSIONS
+from .onnx_recurrent import convert_recurrent
 
 _REGISTERED = False
 _POOLS = ("MaxPool", "AveragePool")
@@ -72,6 +77,9 @@ def register() -> None:
 
     for version in _GRID_SAMPLE_VERSIONS:
         _CONVERTER_REGISTRY.setdefault(OperationDescription("", "GridSample", version), _grid_sample)
+    for kind, versions in RECURRENT_VERSIONS.items():
+        for version in versions:
+            _CONVERTER_REGISTRY.setdefault(OperationDescription("", kind, version), convert_recurrent)
     _REGISTERED = True
 
 
