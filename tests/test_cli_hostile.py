@@ -214,6 +214,15 @@ def test_impossible_sizes_and_unwritable_places_are_one_line_before_the_run(cli,
     assert not list(tmp_path.iterdir())
 
 
+def test_a_size_of_minus_one_is_read_as_dynamic(cli, tmp_path):
+    """Paddle2ONNX writes a dynamic size as dim_value -1 (PaddleOCR's direction classifier in
+    rapidocr-onnxruntime: x [-1, 3, ?, ?]); it was refused as a negative size."""
+    model = residual_onnx()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    code, stdout, stderr = cli("inspect", save(model, tmp_path / "paddle.onnx"))
+    assert code == 0 and "residual blocks" in stdout, stderr
+
+
 def test_staged_writes_appear_together_or_not_at_all(tmp_path):
     """optimize writes the model, the report and the plot in one block: a report that failed after
     the model was written left the model behind (and a plot before a failing model)."""

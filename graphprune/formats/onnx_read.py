@@ -107,7 +107,7 @@ def check_onnx(proto: onnx.ModelProto, label: str) -> None:
     initializers = {t.name for t in proto.graph.initializer}
     for value in proto.graph.input:
         sizes = [d.dim_value for d in value.type.tensor_type.shape.dim if d.HasField("dim_value")]
-        if value.name not in initializers and any(size < 0 for size in sizes):
+        if value.name not in initializers and any(size < -1 for size in sizes):  # -1: Paddle2ONNX's dynamic size
             raise GraphpruneError(f"input '{value.name}' of {label} declares a negative size: {sizes}")
     training = next((n for n in proto.graph.node
                      if n.op_type == "BatchNormalization" and len([o for o in n.output if o]) > 1), None)
@@ -297,6 +297,15 @@ def _strip_initializer_inputs(proto: onnx.ModelProto) -> None:
     proto.ir_version = max(proto.ir_version, 4)
 
 
+def _name_minus_one_sizes(proto: onnx.ModelProto) -> None:
+    """A size written as -1 (Paddle2ONNX's dynamic size: PaddleOCR's direction classifier takes
+    x [-1, 3, ?, ?]) becomes a named dynamic size, as every other exporter writes one."""
+    for value in list(proto.graph.input) + list(proto.graph.output) + list(proto.graph.value_info):
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value == -1:
+                dim.dim_param = f"{value.name}_dynamic_{axis}"
+
+
 def unsupported_ops(proto: onnx.ModelProto) -> list[str]:
     """Op types (with their opset) that onnx2torch has no converter for."""
     from onnx2torch.node_converters.registry import get_converter
@@ -355,6 +364,7 @@ QUANTISED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
 
 # The rewrites in order: each edits the proto in place or returns a new one.
 REWRITES = [
+    ("name_minus_one_sizes", _name_minus_one_sizes),
     ("strip_initializer_inputs", _strip_initializer_inputs),
     ("expand_functions", expand_functions),
     ("constants_to_initializers", _constants_to_initializers),
