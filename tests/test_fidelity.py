@@ -105,6 +105,13 @@ def test_layouts_from_the_output_shape():
     undecoded = torch.rand(2, 3549, 6)
     undecoded[:, 7, 2] = -0.1  # a log size: YOLOX exported without its decoding holds no boxes to match
     assert output_layout(undecoded) == "other"
+    scores = torch.rand(2, 7600, 10) * 0.03  # class scores of a head exported undecoded (PicoDet's), no boxes:
+    assert output_layout(scores) == output_layout(scores.transpose(1, 2)) == "other"  # low everywhere
+    scores[:, 5, :2] = 0.9  # or near 0 for all anchors but a confident few
+    assert output_layout(scores) == output_layout(scores.transpose(1, 2)) == "other"
+    fractions = torch.rand(2, 300, 84)  # boxes in fractions of the image tile it
+    fractions[..., 4:] *= 0.03
+    assert output_layout(fractions) == "yolov5" and output_layout(fractions.transpose(1, 2)) == "yolov8"
     assert output_layout(torch.full((2, 3, 8, 8), -0.5)) == "other"
     assert output_layout(torch.rand(2, 1, 8, 8)) == "map"  # a sigmoid's text or segmentation map
     assert output_layout(torch.rand(2, 1, 8, 1)) == "other"
