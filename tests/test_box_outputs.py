@@ -281,3 +281,31 @@ def test_a_grid_held_as_constants_of_the_export_size_is_written_for_the_new_size
         np.testing.assert_allclose(ours[:, 4:], expected[:, 4:], atol=1e-5)
     dynamic_model = gp.load(save(grid_detector_onnx(fixed=False), tmp_path / "dynamic.onnx"))
     assert resize_input(dynamic_model, scale, box_outputs(dynamic_model, x)).meta[REGRIDDED] == {}  # nothing fixed
+
+
+def test_a_grid_of_cell_corners_is_written_for_the_new_size():
+    """YOLOX's decoding adds a (1, A, 2) grid of cell corners (no half-cell offset) and multiplies by
+    (1, A, 1) strides: both are found and written for 48 px; a grid off by a tenth of a cell is not."""
+    from torch import fx
+
+    from graphprune.passes.anchor_grid import regridded
+
+    def corners(side):
+        points = [torch.stack(torch.meshgrid(torch.arange(side // s), torch.arange(side // s), indexing="ij")[::-1], -1)
+                  .reshape(-1, 2) for s in (8, 16)]
+        strides = [torch.full(((side // s) ** 2, 1), float(s)) for s in (8, 16)]
+        return torch.cat(points).float()[None], torch.cat(strides)[None]
+
+    class Decode(torch.nn.Module):
+        def __init__(self, grid, strides):
+            super().__init__()
+            self.register_buffer("grid", grid)
+            self.register_buffer("strides", strides)
+
+        def forward(self, x):
+            return (x + self.grid) * self.strides
+
+    grid, strides = corners(64)
+    new = regridded(fx.symbolic_trace(Decode(grid, strides)), grid.shape[1], (64, 64), (48, 48))
+    assert torch.equal(new["grid"], corners(48)[0]) and torch.equal(new["strides"], corners(48)[1])
+    assert regridded(fx.symbolic_trace(Decode(grid + 0.1, strides)), grid.shape[1], (64, 64), (48, 48)) == {}

@@ -11,7 +11,10 @@ their values, not their names, and writes them for the new size:
 * strides: a float constant with one axis of the A anchors (every other axis 1) whose values are
   runs of one stride S_l each, ceil(H / S_l) x ceil(W / S_l) long at the input's (H, W), in order;
 * grids: a float constant whose two non-unit axes are (2, A) or (A, 2), equal to the cells'
-  centres, level by level, x + 0.5 and y + 0.5 with x fastest (``make_anchors`` with offset 0.5);
+  centres, level by level, x + 0.5 and y + 0.5 with x fastest (``make_anchors`` with offset 0.5),
+  or to their corners, x and y (``GRID_OFFSETS``: YOLOX's decoding, exported with
+  ``decode_in_inference``, adds a (1, A, 2) grid of corners to its offsets, then multiplies by a
+  (1, A, 1) strides constant);
 * shapes: a 1-d integer constant holding A once.
 
 Each is first written again at the original size and must equal the file's exactly; a constant
@@ -55,12 +58,15 @@ def _cells(size: tuple[int, int], stride: int) -> int:
     return math.ceil(size[0] / stride) * math.ceil(size[1] / stride)
 
 
-def _grid(levels: list[int], size: tuple[int, int]) -> torch.Tensor:
-    """(A, 2) cell centres (x, y) of every level at ``size``, x fastest."""
+GRID_OFFSETS = (0.5, 0.0)  # of a cell: its centre (ultralytics' make_anchors), its corner (YOLOX)
+
+
+def _grid(levels: list[int], size: tuple[int, int], offset: float) -> torch.Tensor:
+    """(A, 2) cell points (x, y) of every level at ``size``, x fastest, ``offset`` into each cell."""
     parts = []
     for stride in levels:
         height, width = math.ceil(size[0] / stride), math.ceil(size[1] / stride)
-        y, x = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+        y, x = torch.meshgrid(torch.arange(height) + offset, torch.arange(width) + offset, indexing="ij")
         parts.append(torch.stack((x, y), -1).view(-1, 2))
     return torch.cat(parts)
 
@@ -80,7 +86,7 @@ def regridded(gm, anchors: int, size: tuple[int, int], new_size: tuple[int, int]
     if levels is None:
         return {}
     new_anchors = sum(_cells(new_size, s) for s in levels)
-    grid, new_grid = _grid(levels, size), _grid(levels, new_size)
+    grids = [(_grid(levels, size, offset), _grid(levels, new_size, offset)) for offset in GRID_OFFSETS]
     out = {}
     for target, value in constants.items():
         wide = [d for d in value.shape if d != 1]
@@ -90,9 +96,12 @@ def regridded(gm, anchors: int, size: tuple[int, int], new_size: tuple[int, int]
             out[target] = torch.where(value == anchors, torch.tensor(new_anchors, dtype=value.dtype), value)
         elif value.numel() == anchors and torch.equal(value.flatten(), _strides(levels, size)):
             out[target] = _strides(levels, new_size).to(value.dtype).view(_with(value.shape, anchors, new_anchors))
-        elif wide == [2, anchors] and torch.equal(value.reshape(2, anchors), grid.T.to(value.dtype)):
-            out[target] = new_grid.T.to(value.dtype).reshape(_with(value.shape, anchors, new_anchors))
-        elif wide == [anchors, 2] and torch.equal(value.reshape(anchors, 2), grid.to(value.dtype)):
+        elif wide in ([2, anchors], [anchors, 2]):
+            points = value.reshape(wide) if wide[0] == anchors else value.reshape(wide).T  # (A, 2)
+            new_grid = next((new for grid, new in grids if torch.equal(points, grid.to(value.dtype))), None)
+            if new_grid is None:
+                return {}
+            new_grid = new_grid if wide[0] == anchors else new_grid.T
             out[target] = new_grid.to(value.dtype).reshape(_with(value.shape, anchors, new_anchors))
         else:
             return {}  # an axis of the anchors this module does not know how to write again

@@ -26,6 +26,7 @@ import torch
 from ..errors import GraphpruneError, first_line
 from ..formats.onnx_opset import default_opset
 from ..formats.ort_run import cpu_session, image_batches
+from ..memory import available_memory
 from .float_groups import name_nodes
 
 # A guard, not a measured knee: MinMax ranges are the extremes of the calibration activations, so
@@ -197,18 +198,6 @@ def activation_bytes(proto: onnx.ModelProto) -> int:
                 and all(d.HasField("dim_value") for d in kind.shape.dim)):
             total += 4 * int(np.prod([d.dim_value for d in kind.shape.dim]))
     return total
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available now (Linux: MemAvailable), else None."""
-    try:
-        with open("/proc/meminfo") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 @contextmanager

@@ -48,6 +48,7 @@ from torch import fx
 from ..errors import GraphpruneError
 from ..features import mimic_loss, mimic_targets, run_batched, target_names, target_weights, truncate
 from ..formats.io_onnx import onnx_index
+from ..memory import training_batch
 from ..model import Model
 from ..precision import autocast, check_precision
 from ..progress import progress_bar
@@ -226,11 +227,12 @@ def mimic_quantized(model: Model, teacher: Model, calibrated: Calibrated, config
     images = calibrated.images
     quantized = quantize_onnx(calibrated, config=replace(config, fmt="qdq", mimic=False))
     student_model = model.clone()
+    batch_size = training_batch(student_model, settings.batch_size)  # PicoDet at 800 x 608: 16 images ran out
     gm = student_model.graph_module.to(settings.device).eval()
     points = fake_quant_points(quantized)
     rounded, inserted = with_fake_quant(gm, points, tensor_nodes(gm, [spec.name for spec in model.inputs]))
     record = {"steps": 0, "quantised_tensors": len(points), "rounded_in_training": inserted,
-              "settings": {"steps": settings.steps, "lr": settings.lr, "batch_size": settings.batch_size}}
+              "settings": {"steps": settings.steps, "lr": settings.lr, "batch_size": batch_size}}
     if not inserted:
         record["skipped"] = "no tensor of the quantised graph maps to the model's graph (not converted from ONNX)"
         return student_model, record
@@ -254,7 +256,7 @@ def mimic_quantized(model: Model, teacher: Model, calibrated: Calibrated, config
     while len(curve) < total:
         for group in optimizer.param_groups:  # cosine from lr to 0 over the (possibly shortened) schedule
             group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * len(curve) / total))
-        pick = torch.randint(0, len(images), (min(settings.batch_size, len(images)),), generator=gen)
+        pick = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=gen)
         with autocast(settings.precision, settings.device):
             out = _as_tuple(student(images[pick].to(settings.device)))
         loss = mimic_loss([o.float() for o in out], [w[pick] for w in wanted], weights)

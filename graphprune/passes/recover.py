@@ -49,6 +49,7 @@ from ..data import TinySet
 from ..errors import GraphpruneError
 from ..features import (classifier_parameters, mimic_loss, mimic_targets, run_batched, target_names, target_weights,
                         truncate)
+from ..memory import training_batch
 from ..model import Model
 from ..precision import autocast, check_device, check_precision, memory_format, to_format
 from ..progress import progress_bar
@@ -175,6 +176,7 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     _check(settings, train)  # the augmentation and the maps are checked where they are built below
     student_model = model.clone()
     device = torch.device(settings.device)
+    batch_size = training_batch(student_model, settings.batch_size) if settings.iterations else settings.batch_size
     targets = mimic_targets(teacher, feature_node)
     mimicked = mimicked_nodes(teacher, student_model, targets, settings)
     teacher_full = teacher.clone().graph_module.to(device).eval()
@@ -236,7 +238,7 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
     while step < total:
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * schedule(step)
-        index = torch.randint(0, len(images), (min(settings.batch_size, len(images)),), generator=gen)
+        index = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=gen)
         batch = to_format(augment(images[index], gen).to(device), fmt)
         if settings.loss == "label":
             with cast():
@@ -313,7 +315,8 @@ def recover(model: Model, teacher: Model, train: TinySet, settings: RecoverySett
               "frozen_prefix": frozen_until if split is not None else None, "iterations_run": step,
               "loss_curve": curve, "final_loss": curve[-1]["loss"] if curve else None, "early_stop": early_stop,
               "kept_start_as_training_raised_its_error": diverged,
-              "train_images": len(images), "seconds": round(time.perf_counter() - start, 2)}
+              "train_images": len(images), "batch_size": batch_size,  # fewer than asked where memory is short
+              "seconds": round(time.perf_counter() - start, 2)}
     return student_model, record
 
 
