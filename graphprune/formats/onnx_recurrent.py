@@ -102,7 +102,7 @@ def convert_recurrent(node, graph):
         refuse("linear_before_reset 0")
     if "clip" in attributes:
         refuse("clip")
-    activations = [a.decode() if isinstance(a, bytes) else a for a in attributes.get("activations", [])]
+    activations = [_text(a) for a in attributes.get("activations", [])]
     directions = 2 if _text(attributes.get("direction", "forward")) == "bidirectional" else 1
     if activations and activations != DEFAULT_ACTIVATIONS[kind] * directions:
         refuse(f"activations {activations}")

@@ -41,8 +41,8 @@ neck concatenates its stride-32 map upsampled with the stride-16 one, so at 320 
 and 256 but not between (and at 319-289 px with 320's maps and latency). Where it cannot run at a
 candidate, the candidate rounded down to multiples of 2 to 64 pixels is tried in its place
 (:func:`.resize_input.aligned_sides`): YOLOX at 416 px runs at 384, 352, ..., none of the 15-pixel
-steps from 416. A detector's boxes are
-mapped back to the input's pixels (:mod:`.box_outputs`), read on the tiny set's first images.
+steps from 416. A detector's boxes are mapped back to the input's pixels (:mod:`.box_outputs`),
+read on the tiny set's first images.
 
 No training follows: on EfficientNet-Lite0 (200 photos, 22%) the resize alone kept 84.38 top-1 of
 87.12 on 800 other photos, where blocks kept 81.25, and recovery on 160 photos lowered top-1 on the

@@ -159,8 +159,8 @@ def check_resizable(model: Model, resized: Model, expected: list[tuple] | None =
         got = [tuple(t.shape) for t in fx_runner(resized)(image)]
     except Exception as exc:  # a fixed pooling window or reshape that the smaller map breaks
         raise CannotRunAt(f"the network cannot run at {size} inside the graph ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else 'no message'}): its layers fix the "
-                              "input's size") from None
+                          f"{str(exc).splitlines()[0] if str(exc) else 'no message'}): its layers fix the "
+                          "input's size") from None
     expected = output_shapes(model) if expected is None else expected
     anchors = {box.index: box.anchor_axis for box in boxes if box.anchor_axis is not None}
     if _without_anchors(got, anchors) != _without_anchors(expected, anchors):
