@@ -25,6 +25,7 @@ def test_the_batch_is_what_fits_the_memory_share():
     assert training_batch(model, 64, available=fits_ten) == 10
     assert training_batch(model, 8, available=fits_ten) == 8
     assert training_batch(model, 64, available=1) == 1  # never none
+    assert training_batch(model, 64, available=fits_ten, copies=2) == 5
 
 
 def test_recovery_trains_on_the_batch_that_fits(monkeypatch):
