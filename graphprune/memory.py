@@ -6,7 +6,8 @@ node's output for one image, times the batch. At 224 px that is tens of MB an im
 quantisation-aware mimicking at its batch of 16 grew the process past 20 GB on a 24 GiB machine,
 which the kernel killed (no line, no output; measured: ~1.06 GB more per image of the batch, the
 estimate 1.04 GB; at the smaller batch that memory then allowed, it still grew by 10 GB over its
-steps, to 20.5 GB: a tensor and its rounding are both kept, so mimicking counts two copies).
+steps, to 20.5 GB: a tensor and its rounding are both kept, so mimicking counts two copies, and
+the same run then peaked at 14.9 GB).
 :func:`training_batch` gives the batch asked for, or the most images whose activations fit
 ``TRAINING_MEMORY_SHARE`` of the memory available when the step is sized.
 """
