@@ -32,6 +32,8 @@ import torch
 from ..formats.onnx_lower import REGRIDDED  # Model.meta: get_attr target -> its tensor at the new size
 from ..ops import fetch_attr
 
+GRID_OFFSETS = (0.5, 0.0)  # of a cell: its centre (ultralytics' make_anchors), its corner (YOLOX)
+
 
 def _constants(gm) -> dict[str, torch.Tensor]:
     """Every get_attr tensor of ``gm`` by target."""
@@ -56,9 +58,6 @@ def _levels(strides: torch.Tensor, size: tuple[int, int]) -> list[int] | None:
 
 def _cells(size: tuple[int, int], stride: int) -> int:
     return math.ceil(size[0] / stride) * math.ceil(size[1] / stride)
-
-
-GRID_OFFSETS = (0.5, 0.0)  # of a cell: its centre (ultralytics' make_anchors), its corner (YOLOX)
 
 
 def _grid(levels: list[int], size: tuple[int, int], offset: float) -> torch.Tensor:

@@ -19,8 +19,8 @@ every box value within ``FRACTION_LIMIT`` on the images read (a box in pixels of
 than a couple of pixels reaches past it). A head with an output per anchor whose boxes reach past
 that but not ``DECODED_REACH`` of the image's side holds offsets decoded outside the file (on a
 grid the decoder builds for the file's size, which a resize's fewer anchors would not match): it is
-refused. Where the images read hold no box at all (final
-detections, all rows 0), which they are is unknown, and the model is refused.
+refused. Where the images read hold no box at all (final detections, all rows 0), which they are is
+unknown, and the model is refused.
 An ultralytics pose or segment head's rows after its boxes and classes (keypoints in pixels, mask
 coefficients with a prototype map of the input's size) are not mapped: such a model is refused.
 

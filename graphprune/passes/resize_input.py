@@ -198,17 +198,12 @@ def runs_smaller(model: Model) -> bool:
     its boxes mapped back): whether the resolution lever applies to it."""
     side = int(model.analysis_shape()[-2])
     boxes, expected = box_outputs(model), output_shapes(model)
-    tried = set()
-    for share in SMALLER_SHARES:
-        for smaller in aligned_sides(round(side * share)):
-            if smaller in tried:
-                continue
-            tried.add(smaller)
-            try:
-                check_resizable(model, resize_input(model, scale_for(side, smaller), boxes), expected)
-            except GraphpruneError:
-                continue
-            return True
+    for smaller in dict.fromkeys(s for share in SMALLER_SHARES for s in aligned_sides(round(side * share))):
+        try:
+            check_resizable(model, resize_input(model, scale_for(side, smaller), boxes), expected)
+        except GraphpruneError:
+            continue
+        return True
     return False
 
 
