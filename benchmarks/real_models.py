@@ -15,7 +15,8 @@ Models (``--model``):
   optimised model keeps (same class, IoU >= 0.5) and how many it adds, and the output's relative error.
 * ``yolox_ddddocr``: a YOLOX (416 px, one class) PyPI's ``ddddocr`` 1.6.1 ships undecoded, with the
   decoding YOLOX's own export writes appended (:mod:`benchmarks.yolox_model`); the same photos and
-  detection fidelity as the YOLOv8n.
+  detection fidelity as the YOLOv8n. ``yolox_ddddocr_raw``: the file as it ships, its head decoded by
+  graphprune's own fidelity (:mod:`graphprune.grid_head`), not in the graph.
 * ``ppocrv4_det``: PaddleOCR's PP-OCRv4 text detector (``rapidocr-onnxruntime``'s
   ``ch_PP-OCRv4_det_infer.onnx``, opset 12), fixed to 320 x 320, ImageNet normalisation; the same
   photos (few hold text); its probability map compared by the IoU of the regions it marks.
@@ -50,7 +51,7 @@ from pathlib import Path
 from typing import Callable
 
 from benchmarks.common import CACHE, DATA_DIR, results_dir, run_report_main
-from benchmarks.yolox_model import yolox_ddddocr_onnx
+from benchmarks.yolox_model import yolox_ddddocr_onnx, yolox_ddddocr_shipped_onnx
 from benchmarks.compare_rows import this_machine
 from benchmarks.rowfile import RowFile, report_fields, run_rows
 
@@ -156,6 +157,9 @@ MODELS = {
     # pixels 0-255 in, no mean or std
     "yolox_ddddocr": RealModel(yolox_ddddocr_onnx, (3, 416, 416), (0.0,) * 3, (1 / 255,) * 3, False,
                                {"graphprune": (0.10,), "graphprune-int8": (0.15,), "graphprune-resolution": (0.15,)}),
+    # the same file as it ships, undecoded: its head decoded by graphprune's fidelity (graphprune/grid_head.py)
+    "yolox_ddddocr_raw": RealModel(yolox_ddddocr_shipped_onnx, (3, 416, 416), (0.0,) * 3, (1 / 255,) * 3, False,
+                                   {"graphprune": (0.10,), "graphprune-int8": (0.15,)}),
     # text lines rendered for it (no photo holds one); PaddleOCR's recogniser normalisation (x - 0.5) / 0.5
     "ppocrv4_rec": RealModel(ppocr_rec_onnx, (3, 48, 320), (0.5,) * 3, (0.5,) * 3, False,
                              {"graphprune-int8": (0.3,)}, data="text-lines"),

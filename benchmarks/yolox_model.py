@@ -67,19 +67,24 @@ def decoded(proto):
     return out
 
 
-def yolox_ddddocr_onnx() -> Path:
-    """The decoded YOLOX file, made once under benchmarks/cache (``pip install --no-deps ddddocr==1.6.1``)."""
-    path = CACHE / "yolox_ddddocr_416.onnx"
-    if path.exists():
-        return path
+def yolox_ddddocr_shipped_onnx() -> Path:
+    """ddddocr's undecoded file as it ships (``pip install --no-deps ddddocr==1.6.1``)."""
     import importlib.util
-
-    import onnx
 
     spec = importlib.util.find_spec("ddddocr")  # not imported: its package needs opencv, the file does not
     if spec is None:
         raise SystemExit("the YOLOX detector needs ddddocr 1.6.1: pip install --no-deps ddddocr==1.6.1")
-    source = Path(spec.origin).parent / "common_det.onnx"
+    return Path(spec.origin).parent / "common_det.onnx"
+
+
+def yolox_ddddocr_onnx() -> Path:
+    """The decoded YOLOX file, made once under benchmarks/cache from :func:`yolox_ddddocr_shipped_onnx`."""
+    path = CACHE / "yolox_ddddocr_416.onnx"
+    if path.exists():
+        return path
+    import onnx
+
+    source = yolox_ddddocr_shipped_onnx()
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
     onnx.save(decoded(onnx.load(str(source))), str(tmp))

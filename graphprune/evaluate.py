@@ -38,7 +38,8 @@ from .data_sources import is_class_index
 from .ctc import CtcText
 from .errors import GraphpruneError
 from .detections import BOX_AXES, BOX_ROWS, CONFIDENCE, DECODERS, MATCH_IOU, MAX_DETECTIONS, NMS_IOU, DetectionCounts
-from .fidelity import HeadRows, MapOverlap, class_kl, detection_head, output_layout, same_top_classes
+from .fidelity import Head, HeadRows, MapOverlap, class_kl, detection_head, output_heads, output_layout, same_top_classes
+from .grid_head import GridHead
 from .formats.input_shape import recorded_detection_rows
 from .model import Model
 
@@ -100,7 +101,7 @@ class _OutputScore:
     description: str
     score_labels: bool
     compare: bool
-    head_rows: HeadRows | None = None  # the first rows a YOLOv8 head's (fidelity.detection_head)
+    head: Head | None = None  # how its detections are read (fidelity.detection_head)
     correct: int = 0
     agree: int = 0
     kl_sum: float = 0.0  # KL(original || this) of the class distributions, summed over the images
@@ -139,9 +140,9 @@ class _OutputScore:
             self.positions_agree += int((output.argmax(-1) == reference.argmax(-1)).sum())
             self.text.add(reference, output)
         elif self.layout in DECODERS and reference is not None:
-            self.detections.add(detection_head(reference, self.head_rows), detection_head(output, self.head_rows))
+            self.detections.add(detection_head(reference, self.head), detection_head(output, self.head))
         elif self.layout in DECODERS:
-            self.own_detections += sum(len(d) for d in DECODERS[self.layout](detection_head(output, self.head_rows)))
+            self.own_detections += sum(len(d) for d in DECODERS[self.layout](detection_head(output, self.head)))
         elif self.layout == "map" and reference is not None:
             self.overlap.add(reference, output)
 
@@ -212,7 +213,7 @@ def _scores(outputs: tuple[torch.Tensor, ...], names: list[str], data: TinySet, 
     says so); labels only where they can be scored (one line otherwise)."""
     names = names if len(names) == len(outputs) and len(set(names)) == len(names) else \
         [f"output{i}" for i in range(len(outputs))]
-    rows = [head_rows if i == 0 else None for i in range(len(outputs))]
+    rows = output_heads(outputs, head_rows, tuple(data.images.shape[-2:]) if data.images.dim() == 4 else None)
     layouts = [output_layout(out, r) for out, r in zip(outputs, rows)]
     labelled = data.has_labels
     if labelled and "classes" not in layouts:
@@ -234,12 +235,14 @@ def _scores(outputs: tuple[torch.Tensor, ...], names: list[str], data: TinySet, 
                               "each folder by its class index (e.g. 3/, 5/), or give a labels.csv")
     return [_OutputScore(name, layout, describe_layout(layout, out, r),
                          score_labels=layout == "classes" and labelled and out.shape[1] > most, compare=compare,
-                         head_rows=r if layout in ("yolov8", "yolov8_obb") else None)
+                         head=r if layout in ("yolov8", "yolov8_obb") or isinstance(r, GridHead) else None)
             for name, layout, out, r in zip(names, layouts, outputs, rows)]
 
 
-def describe_layout(layout: str, output: torch.Tensor, head: HeadRows | None = None) -> str:
+def describe_layout(layout: str, output: torch.Tensor, head: Head | None = None) -> str:
     """The report's words for how an output of this layout is read (the decoding used)."""
+    if isinstance(head, GridHead):
+        return f"{head.describe()}: {describe_layout(layout, head.read(output))}"
     if head is not None and layout in ("yolov8", "yolov8_obb") and output.shape[1] > head.rows + head.rotated:
         extra = output.shape[1] - head.rows - head.rotated
         return (f"{describe_layout(layout, detection_head(output, head))}; its other {extra} rows (mask "

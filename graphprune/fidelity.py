@@ -26,7 +26,9 @@ original's: the layout of an output, and how outputs of each layout are compared
   read so too (its first class as objectness): its file then says nothing to tell them apart. The
   widths and heights must be >= 0, as decoded ones are: a head exported undecoded (YOLOX's
   ``decode_in_inference=False``: grid offsets and log sizes, as ddddocr's detector ships) is
-  ``other``, since boxes it does not hold cannot be matched. In either layout, "boxes" all in
+  ``other`` by its values alone; read on images of a known size (:func:`output_heads`), one whose
+  anchors are a YOLOX grid's at that size is decoded first (:mod:`graphprune.grid_head`) and is
+  ``yolov5``. In either layout, "boxes" all in
   [0, 1] whose centres reach no further than ``TILED_REACH`` on an axis, or sit near 0 for most
   anchors (their mean under ``SPARSE_CENTRES`` of their largest), are class scores, not boxes in
   fractions of the image (whose centres tile it): a head exported undecoded with its scores apart
@@ -70,11 +72,14 @@ A detector's outputs are decoded and matched by :mod:`graphprune.detections`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 
 from .detections import BOX_ROWS
+from .grid_head import GridHead, grid_head
 
 DETECTION_COLUMNS = 6  # x1, y1, x2, y2, score, class: a list of final detections
 # box centres in fractions of the image tile it (mean about half the largest); class scores are
@@ -97,13 +102,23 @@ class HeadRows:
         """From ``formats.input_shape.recorded_detection_rows``'s record (None: none)."""
         return None if not record else cls(int(record["rows"]), record.get("task") == "obb")
 
+    def read(self, output: torch.Tensor) -> torch.Tensor:
+        """The head's rows of ``output`` (N, rows + more, anchors)."""
+        return output[:, :self.rows + self.rotated] if output.dim() == 3 else output
 
-def output_layout(output: torch.Tensor, head: HeadRows | None = None) -> str:
+
+Head = Union[HeadRows, GridHead]  # how an output is read before its layout
+
+
+def output_layout(output: torch.Tensor, head: Head | None = None) -> str:
     """``"classes"``, ``"sequence"``, ``"yolov8"``, ``"yolov8_obb"``, ``"yolov5"``, ``"detections"``,
     ``"detections_xywh"``, ``"map"`` or ``"other"`` for a batch of one output (see the module
-    docstring). ``head``: what the file's metadata says of its first output's rows."""
+    docstring). ``head``: what the file's metadata says of its first output's rows, or the
+    undecoded YOLOX head it is (:func:`output_heads`)."""
     if not output.is_floating_point():
         return "other"
+    if isinstance(head, GridHead):
+        return output_layout(head.read(output))
     if head is not None and output.dim() == 3 and BOX_ROWS < head.rows < output.shape[1] < output.shape[2]:
         if _within_0_1(output[:, BOX_ROWS:head.rows]):
             return "yolov8_obb" if head.rotated else "yolov8"
@@ -182,11 +197,25 @@ def class_kl(output: torch.Tensor, reference: torch.Tensor) -> float:
     return max(0.0, float(kl))  # >= 0 but for rounding
 
 
-def detection_head(output: torch.Tensor, head: HeadRows | None) -> torch.Tensor:
-    """The YOLOv8 head's rows of an output that holds more (boxes and class scores, and an obb head's
-    angles; the mask coefficients or keypoints after them are compared by the output's relative
-    error only), else the output."""
-    return output[:, :head.rows + head.rotated] if head is not None and output.dim() == 3 else output
+def detection_head(output: torch.Tensor, head: Head | None) -> torch.Tensor:
+    """The detections' part of an output as its decoder reads them: a YOLOv8 head's rows of an
+    output that holds more (boxes and class scores, and an obb head's angles; the mask coefficients
+    or keypoints after them are compared by the output's relative error only), an undecoded YOLOX
+    head decoded (:mod:`graphprune.grid_head`); else the output."""
+    return output if head is None else head.read(output)
+
+
+def output_heads(outputs: Sequence[torch.Tensor], recorded: HeadRows | None,
+                 size: tuple[int, int] | None) -> list[Head | None]:
+    """How each of a batch of outputs (of images of ``size``) is read before its layout: the first
+    by the rows its file records (``recorded``), any output by the YOLOX grid it is undecoded on."""
+    heads: list[Head | None] = []
+    for index, output in enumerate(outputs):
+        if index == 0 and recorded is not None:
+            heads.append(recorded)
+        else:
+            heads.append(grid_head(output, size) if size is not None else None)
+    return heads
 
 
 @dataclass

@@ -283,3 +283,48 @@ def grid_detector_onnx(fixed: bool, size=64, seed=0) -> onnx.ModelProto:
     constants), else with dynamic axes; ``imgsz`` in the metadata."""
     torch.manual_seed(seed)
     return _detector_onnx(GridDetector(fixed=fixed, size=size), size, dynamic=not fixed)
+
+
+class RawYolox(nn.Module):
+    """YOLOX's head as its export writes it without ``decode_in_inference``: per cell of strides 8,
+    16 and 32, raw offsets dx, dy, log sizes, objectness and class scores after their sigmoid,
+    (N, A, 5 + classes), levels in order, cells row by row; ``decode``: with YOLOX's decoding
+    ((d + cell corner) * stride, exp(log size) * stride) in the graph."""
+
+    strides = (8, 16, 32)
+
+    def __init__(self, classes=2, decode=False):
+        super().__init__()
+        self.decode, self.classes = decode, classes
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.downs = nn.ModuleList([nn.Conv2d(8, 8, 3, 2, 1), *(nn.Conv2d(8, 8, 3, 2, 1) for _ in self.strides)])
+        self.heads = nn.ModuleList(nn.Conv2d(8, 5 + classes, 1) for _ in self.strides)
+
+    def forward(self, x):
+        f = self.downs[0](self.stem(x).relu()).relu()  # stride 4
+        levels = []
+        for down, head in zip(self.downs[1:], self.heads):
+            f = down(f).relu()
+            y = head(f)
+            levels.append(torch.cat([y[:, :4] * 0.3, (y[:, 4:] + 1.0).sigmoid()], 1))  # scores mostly confident
+        out = torch.cat([level.flatten(2) for level in levels], 2).permute(0, 2, 1)
+        if not self.decode:
+            return out
+        corners, strides = [], []
+        for level, stride in zip(levels, self.strides):
+            h, w = level.shape[2:]
+            y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            corners.append(torch.stack((x, y), -1).view(-1, 2))
+            strides.append(torch.full((h * w, 1), float(stride)))
+        corners, strides = torch.cat(corners).float(), torch.cat(strides)
+        return torch.cat([(out[..., :2] + corners) * strides, out[..., 2:4].exp() * strides, out[..., 4:]], -1)
+
+
+def raw_yolox_onnx(decode=False, size=(64, 96), seed=0) -> onnx.ModelProto:
+    """:class:`RawYolox` with weights from ``seed``, exported at ``size`` (height, width) only."""
+    torch.manual_seed(seed)
+    buffer = io.BytesIO()
+    torch.onnx.export(RawYolox(decode=decode).eval(), (torch.randn(1, 3, *size),), buffer, opset_version=17,
+                      dynamo=False, input_names=["images"], output_names=["output"],
+                      dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}})
+    return onnx.load_from_string(buffer.getvalue())

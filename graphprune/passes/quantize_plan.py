@@ -38,7 +38,7 @@ from ..backends.base import CutMeasurement
 from ..ctc import same_text
 from ..errors import GraphpruneError
 from ..detections import DECODERS, DetectionCounts, lower_map50
-from ..fidelity import HeadRows, MapOverlap, detection_head, output_layout, same_top_classes
+from ..fidelity import HeadRows, MapOverlap, detection_head, output_heads, output_layout, same_top_classes
 from ..formats.input_shape import recorded_detection_rows
 from ..formats.ort_run import cpu_session, run_outputs
 from .float_groups import float_group_nodes
@@ -257,9 +257,11 @@ class _Judge:
         self.settings, self.images = settings, images
         self.reference = run_outputs(cpu_session(proto, "the float model"), images, settings.batch_size)
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
-        # an ultralytics segment, pose or obb head: its boxes and class scores judged as a detector's
-        self.head_rows = HeadRows.from_record(recorded_detection_rows(proto))
-        layout = output_layout(torch.from_numpy(self.reference), self.head_rows)
+        # an ultralytics segment, pose or obb head: its boxes and class scores judged as a detector's;
+        # an undecoded YOLOX head: decoded so (grid_head.py)
+        (self.head,) = output_heads([torch.from_numpy(self.reference)], HeadRows.from_record(recorded_detection_rows(proto)),
+                                    tuple(images.shape[-2:]))
+        layout = output_layout(torch.from_numpy(self.reference), self.head)
         classifier = layout in ("classes", "sequence")  # judged by the top class (a recogniser: its text)
         if layout != "classes":
             self.labels = None  # labels are classes of an image, which only a (N, K) output gives
@@ -267,7 +269,7 @@ class _Judge:
         # a detector is judged by its detections where the float model makes some here: its whole
         # output's relative error is the boxes' (pixels), blind to class scores in [0, 1] rounded away
         self.detector = layout in DECODERS and any(
-            len(d) for d in DECODERS[layout](detection_head(torch.from_numpy(self.reference), self.head_rows)))
+            len(d) for d in DECODERS[layout](detection_head(torch.from_numpy(self.reference), self.head)))
         self.layout = layout
         # a map is judged by the regions it marks (where the float model marks any), as its user
         # reads it, with a bound like the detector's: 1 - IoU (fidelity.MapOverlap)
@@ -317,8 +319,8 @@ class _Judge:
         candidate = Candidate(config, timing, error, proto=quantized, info=quantization_info(quantized))
         if self.detector:
             counts = DetectionCounts(self.layout)
-            counts.add(detection_head(torch.from_numpy(self.reference), self.head_rows),
-                       detection_head(torch.from_numpy(out), self.head_rows))
+            counts.add(detection_head(torch.from_numpy(self.reference), self.head),
+                       detection_head(torch.from_numpy(out), self.head))
             candidate.detections = counts.as_dict()
             candidate.loss = 1 - lower_map50(candidate.detections)
         elif self.map:
