@@ -95,3 +95,17 @@ def test_int8_judges_a_raw_head_by_its_detections():
                              fake_measure({"*": 0.3}))
     assert plan.metric == "map50_drop"
     assert all(c.detections is not None and c.detections["original"] > 0 for c in plan.candidates if not c.error)
+
+
+def test_the_resolution_lever_refuses_a_raw_head_saying_what_it_is(tmp_path):
+    """Its user builds the grid for the file's size: a smaller size inside the graph gives fewer
+    anchors that no longer match it (it was refused only as 'the outputs' shapes change')."""
+    from graphprune.errors import GraphpruneError
+    from graphprune.passes.box_outputs import box_outputs
+    from graphprune.passes.resize_input import check_resizable, resize_input, scale_for
+
+    model = gp.load(save(raw_yolox_onnx(), tmp_path / "raw.onnx"))
+    (box,) = box_outputs(model, torch.rand(2, 3, *SIZE) * 4 - 2)
+    assert not box.mapped and "output 0 is an undecoded YOLOX head" in box.unmappable
+    with pytest.raises(GraphpruneError, match="undecoded YOLOX head, which its user decodes on a grid of the file's"):
+        check_resizable(model, resize_input(model, scale_for(64, 32), (box,)))

@@ -19,7 +19,8 @@ every box value within ``FRACTION_LIMIT`` on the images read (a box in pixels of
 than a couple of pixels reaches past it). A head with an output per anchor whose boxes reach past
 that but not ``DECODED_REACH`` of the image's side holds offsets decoded outside the file (on a
 grid the decoder builds for the file's size, which a resize's fewer anchors would not match): it is
-refused. Where the images read hold no box at all (final detections, all rows 0), which they are is
+refused, as is an undecoded YOLOX head (:mod:`graphprune.grid_head`), decoded outside the file on a
+grid of its size alike. Where the images read hold no box at all (final detections, all rows 0), which they are is
 unknown, and the model is refused.
 An ultralytics pose or segment head's rows after its boxes and classes (keypoints in pixels, mask
 coefficients with a prototype map of the input's size) are not mapped: such a model is refused.
@@ -38,11 +39,15 @@ import torch
 
 from ..detections import BOX_AXES, BOX_ROWS
 from ..fidelity import output_layout
+from ..grid_head import grid_head
 
 FRACTION_LIMIT = 1.5  # box values all within this: fractions of the image, unchanged by a resize
 # every anchor's box is written, so boxes decoded into pixels reach across the image (a centre per
 # grid cell); raw offsets and log sizes, decoded outside the file on a grid of its own, stay small
 DECODED_REACH = 0.25  # of the image's shorter side
+UNDECODED_GRID = ("output {index} is an undecoded YOLOX head, which its user decodes on a grid of the file's size: the "
+                  "fewer anchors of a smaller size inside the graph would not match it (export it with its decoding: "
+                  "YOLOX's --decode_in_inference)")
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,9 @@ def box_outputs(model, images: torch.Tensor | None = None) -> tuple[BoxOutput, .
     for index, output in enumerate(torch.cat(parts) for parts in zip(*per_image)):
         rows = head if index == 0 else None
         layout = output_layout(output, rows)
+        if layout == "other" and grid_head(output, tuple(images.shape[-2:])) is not None:
+            found.append(BoxOutput(index, "yolov5", output.shape[2], 2, 1, UNDECODED_GRID.format(index=index)))
+            continue
         if layout not in BOX_AXES:
             continue
         coordinate_axis, anchor_axis = BOX_AXES[layout]
