@@ -109,3 +109,13 @@ def test_the_resolution_lever_refuses_a_raw_head_saying_what_it_is(tmp_path):
     assert not box.mapped and "output 0 is an undecoded YOLOX head" in box.unmappable
     with pytest.raises(GraphpruneError, match="undecoded YOLOX head, which its user decodes on a grid of the file's"):
         check_resizable(model, resize_input(model, scale_for(64, 32), (box,)))
+
+
+def test_the_cli_refuses_it_in_one_line_without_the_fixed_grid_advice(cli, tmp_path):
+    from test_resolution import optimize_at_lower_resolution
+
+    code, _, stderr, out = optimize_at_lower_resolution(cli, save(raw_yolox_onnx(size=(64, 64)), tmp_path / "r.onnx"),
+                                                        tmp_path)
+    lines = [line for line in stderr.splitlines() if line.startswith("graphprune: error:")]
+    assert code == 1 and not out.exists() and len(lines) == 1 and "Traceback" not in stderr
+    assert lines[0].endswith("(export it with its decoding: YOLOX's --decode_in_inference)")  # not ultralytics' dynamic=True

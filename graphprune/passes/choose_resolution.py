@@ -146,7 +146,7 @@ class ChooseResolution(Analysis):
             if (candidate_side, candidate_side) not in unrunnable:  # a size it cannot run at says nothing
                 above = min(above, candidate_side)  # of the smaller ones (a YOLO runs at 288 and 256 px only)
         else:
-            fixed = FIXED_ANCHORS if any(b.anchor_axis is not None for b in boxes) else ""
+            fixed = FIXED_ANCHORS if any(b.anchor_axis is not None and b.unmappable is None for b in boxes) else ""
             raise GraphpruneError(_unreachable(ctx.latency_cut, sides, measurements, unrunnable, fixed))
         below = candidate_side  # reaches the goal; latency falls by steps with the feature maps' sizes, so
         while above - below > 1:  # the largest side that reaches it lies in between: bisect
