@@ -115,6 +115,11 @@ BOX_AXES = {"yolov8": (1, 2), "yolov8_obb": (1, 2), "yolov5": (2, 1), "detection
             "detections_xywh": (2, None)}
 
 
+def within_0_1(values: torch.Tensor) -> bool:
+    """Whether every value lies in [0, 1] (scores after their sigmoid, probabilities)."""
+    return bool((values >= 0).all()) and bool((values <= 1).all())
+
+
 def _detections(centred_boxes: torch.Tensor, class_scores: torch.Tensor, confidence: float,
                 angles: torch.Tensor | None = None) -> Detections:
     """One image's detections from its anchors' boxes (4, A: cx, cy, w, h) and scores (C, A), and

@@ -36,6 +36,7 @@ import torch
 from .data import TinySet
 from .data_sources import is_class_index
 from .ctc import CtcText
+from .distribution_head import DistributionHead, distribution_head
 from .errors import GraphpruneError
 from .detections import BOX_AXES, BOX_ROWS, CONFIDENCE, DECODERS, MATCH_IOU, MAX_DETECTIONS, NMS_IOU, DetectionCounts
 from .fidelity import Head, HeadRows, MapOverlap, class_kl, detection_head, output_heads, output_layout, same_top_classes
@@ -47,6 +48,7 @@ Runner = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # one batch of imag
 BATCH_ELEMENTS = 2**23  # input floats per batch: 250 CIFAR images, 55 at 224 px, 6 at 640 px
 MAX_BATCH = 250
 HEADLINE = ("top1", "agreement", "detections", "map_iou")
+DECODED_NAME = "decoded detections"  # the scored output distribution_head.py decodes from several
 
 
 def evaluate(model: Model, data: TinySet, reference: Model | None = None, batch_size: int | None = None) -> dict:
@@ -186,15 +188,23 @@ def _evaluate(run: Runner, fixed: int | None, names: list[str], data: TinySet, r
         raise GraphpruneError(f"the model's fixed batch of {fixed} is more than the {len(data)} evaluation images")
     run_reference = fx_runner(reference) if reference is not None else None
     scores: list[_OutputScore] = []
+    decoded: DistributionHead | None = None  # detections decoded from several outputs, scored as one more
     for start in range(0, count, step):
         images, labels = data.images[start:start + step], data.labels[start:start + step]
         outputs = run(images)
         expected = run_reference(images) if run_reference is not None else None
         if not scores:  # layouts from the reference's outputs, which the model's must match
-            scores = _scores(outputs if expected is None else expected, names, data, compare=expected is not None,
-                             head_rows=rows)
-        if len(outputs) != len(scores):
-            raise GraphpruneError(f"the model has {len(outputs)} outputs; the original has {len(scores)}")
+            basis = outputs if expected is None else expected
+            decoded = distribution_head(basis, tuple(images.shape[-2:]))
+            scores = _scores(_with_decoded(basis, decoded), [*names, DECODED_NAME] if decoded else names, data,
+                             compare=expected is not None, head_rows=rows)
+            if decoded is not None:
+                scores[-1].description = f"{decoded.describe()}: {scores[-1].description}"
+        if len(outputs) + (decoded is not None) != len(scores):
+            raise GraphpruneError(f"the model has {len(outputs)} outputs; the original has "
+                                  f"{len(scores) - (decoded is not None)}")
+        outputs = _with_decoded(outputs, decoded)
+        expected = None if expected is None else _with_decoded(expected, decoded)
         for i, (score, output) in enumerate(zip(scores, outputs)):
             score.add(output, None if expected is None else expected[i], labels)
     per_output = {score.name: score.result(count) for score in scores}
@@ -205,6 +215,10 @@ def _evaluate(run: Runner, fixed: int | None, names: list[str], data: TinySet, r
             result[key] = first
     result["outputs"] = per_output
     return result
+
+
+def _with_decoded(outputs: tuple[torch.Tensor, ...], decoded: DistributionHead | None) -> tuple[torch.Tensor, ...]:
+    return outputs if decoded is None else (*outputs, decoded.read(outputs))
 
 
 def _scores(outputs: tuple[torch.Tensor, ...], names: list[str], data: TinySet, compare: bool,

@@ -78,7 +78,7 @@ from typing import Union
 
 import torch
 
-from .detections import BOX_ROWS
+from .detections import BOX_ROWS, within_0_1
 from .grid_head import GridHead, grid_head
 
 DETECTION_COLUMNS = 6  # x1, y1, x2, y2, score, class: a list of final detections
@@ -120,23 +120,23 @@ def output_layout(output: torch.Tensor, head: Head | None = None) -> str:
     if isinstance(head, GridHead):
         return output_layout(head.read(output))
     if head is not None and output.dim() == 3 and BOX_ROWS < head.rows < output.shape[1] < output.shape[2]:
-        if _within_0_1(output[:, BOX_ROWS:head.rows]):
+        if within_0_1(output[:, BOX_ROWS:head.rows]):
             return "yolov8_obb" if head.rotated else "yolov8"
     if output.dim() == 2 and output.shape[1] >= 2:
         return "classes"
     if output.dim() == 3 and output.shape[2] >= 2 and _distributions(output, -1):
         return "sequence"
     if output.dim() == 3 and BOX_ROWS < output.shape[1] < output.shape[2]:
-        if _within_0_1(output[:, BOX_ROWS:]) and not _scores_for_boxes(output[:, :2].transpose(1, 2)):
+        if within_0_1(output[:, BOX_ROWS:]) and not _scores_for_boxes(output[:, :2].transpose(1, 2)):
             return "yolov8"
     if _ranked_detections(output):
         boxes = output[..., :BOX_ROWS]
         return "detections" if bool((boxes[..., 2:] >= boxes[..., :2]).all()) else "detections_xywh"
     if output.dim() == 3 and BOX_ROWS + 1 < output.shape[2] < output.shape[1]:
-        if (_within_0_1(output[:, :, BOX_ROWS:]) and bool((output[:, :, 2:BOX_ROWS] >= 0).all())
+        if (within_0_1(output[:, :, BOX_ROWS:]) and bool((output[:, :, 2:BOX_ROWS] >= 0).all())
                 and not _scores_for_boxes(output[:, :, :2])):
             return "yolov5"
-    if output.dim() == 4 and output.shape[2] > 1 and output.shape[3] > 1 and _within_0_1(output):
+    if output.dim() == 4 and output.shape[2] > 1 and output.shape[3] > 1 and within_0_1(output):
         return "map"
     return "other"
 
@@ -147,7 +147,7 @@ def _ranked_detections(output: torch.Tensor) -> bool:
         return False
     boxes, scores, classes = output[..., :BOX_ROWS], output[..., BOX_ROWS], output[..., BOX_ROWS + 1]
     return (bool((boxes[..., 2:] >= torch.minimum(boxes[..., :2], torch.zeros_like(boxes[..., :2]))).all())
-            and _within_0_1(scores)
+            and within_0_1(scores)
             and bool((scores[:, 1:] <= scores[:, :-1]).all())
             and bool((classes >= 0).all()) and bool((classes == classes.round()).all()))
 
@@ -157,16 +157,12 @@ def _scores_for_boxes(centres: torch.Tensor) -> bool:
     all in [0, 1], and on an axis none past ``TILED_REACH`` or their mean under ``SPARSE_CENTRES``
     of their largest."""
     centres = centres.float()
-    if not _within_0_1(centres):
+    if not within_0_1(centres):
         return False
     largest = centres.amax((0, 1))
     if not bool((largest > 0).all()):  # no value to tell by (all 0: a shape, nothing read yet)
         return False
     return bool((largest < TILED_REACH).any() or (centres.mean((0, 1)) < SPARSE_CENTRES * largest).any())
-
-
-def _within_0_1(values: torch.Tensor) -> bool:
-    return bool((values >= 0).all()) and bool((values <= 1).all())
 
 
 def _distributions(output: torch.Tensor, dim: int) -> bool:

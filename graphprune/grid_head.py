@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .detections import BOX_ROWS
+from .detections import BOX_ROWS, within_0_1
 from .errors import GraphpruneError
 
 STRIDE_SETS = ((8, 16, 32), (8, 16, 32, 64))  # YOLOX's P3-P5 levels; a P6 model's P3-P6
@@ -55,14 +55,14 @@ class GridHead:
 
     @property
     def anchors(self) -> int:
-        return sum(cells for cells in _cells(self.strides, self.size))
+        return sum(level_cells(self.strides, self.size))
 
     def read(self, output: torch.Tensor) -> torch.Tensor:
         """``output`` (N, A, 5 + C) with its boxes decoded into the input's pixels (cx, cy, w, h)."""
         if output.dim() != 3 or output.shape[1] != self.anchors:
             raise GraphpruneError(f"an output of shape {tuple(output.shape)} is not the undecoded YOLOX head of "
                                   f"{self.anchors} anchors read at {self.size[0]}x{self.size[1]}")
-        corners, strides = _grid(self.strides, self.size, output.device)
+        corners, strides = cell_grid(self.strides, self.size, 0.0, output.device)
         raw = output.float()
         centres = (raw[..., :2] + corners) * strides
         sizes = raw[..., 2:BOX_ROWS].clamp(max=MAX_LOG_SIZE).exp() * strides
@@ -78,11 +78,11 @@ def grid_head(output: torch.Tensor, size: tuple[int, int]) -> GridHead | None:
     or None (module docstring)."""
     if not output.is_floating_point() or output.dim() != 3 or output.shape[2] < BOX_ROWS + 2 or output.numel() == 0:
         return None
-    strides = next((s for s in STRIDE_SETS if sum(_cells(s, size)) == output.shape[1]), None)
+    strides = next((s for s in STRIDE_SETS if sum(level_cells(s, size)) == output.shape[1]), None)
     if strides is None:
         return None
     scores, offsets, log_sizes = output[..., BOX_ROWS:], output[..., :2], output[..., 2:BOX_ROWS]
-    if not (bool((scores >= 0).all()) and bool((scores <= 1).all())):
+    if not within_0_1(scores):
         return None
     if not bool((log_sizes < 0).any()) or not bool(torch.isfinite(output).all()):
         return None
@@ -91,16 +91,19 @@ def grid_head(output: torch.Tensor, size: tuple[int, int]) -> GridHead | None:
     return GridHead(strides, (int(size[0]), int(size[1])))
 
 
-def _cells(strides: tuple[int, ...], size: tuple[int, int]) -> list[int]:
+def level_cells(strides: tuple[int, ...], size: tuple[int, int]) -> list[int]:
+    """The cells of each level at an input of ``size``: ceil(H / s) x ceil(W / s)."""
     return [math.ceil(size[0] / s) * math.ceil(size[1] / s) for s in strides]
 
 
-def _grid(strides: tuple[int, ...], size: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, 2) cell corners (x, y), level by level, rows of cells in order, and (A, 1) their strides."""
-    corners, per_anchor = [], []
+def cell_grid(strides: tuple[int, ...], size: tuple[int, int], offset: float,
+              device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, 2) cell positions (x, y) + ``offset`` (0: corners, 0.5: centres) in cells, level by
+    level, rows of cells in order, x fastest; and (A, 1) their strides."""
+    points, per_anchor = [], []
     for stride in strides:
         rows, columns = math.ceil(size[0] / stride), math.ceil(size[1] / stride)
         y, x = torch.meshgrid(torch.arange(rows, device=device), torch.arange(columns, device=device), indexing="ij")
-        corners.append(torch.stack([x, y], -1).reshape(-1, 2))
+        points.append(torch.stack([x, y], -1).reshape(-1, 2))
         per_anchor.append(torch.full((rows * columns, 1), stride, device=device))
-    return torch.cat(corners).float(), torch.cat(per_anchor).float()
+    return torch.cat(points).float() + offset, torch.cat(per_anchor).float()

