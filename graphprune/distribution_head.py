@@ -62,9 +62,10 @@ class DistributionHead:
 
     def describe(self) -> str:
         levels = ", ".join(map(str, self.strides))
-        return (f"detections decoded from outputs {', '.join(map(str, self.scores))} (class scores) and "
-                f"{', '.join(map(str, self.distributions))} (box distributions over {self.bins} bins per side) on a grid "
-                f"of strides {levels} at {self.size[0]}x{self.size[1]}, as PicoDet's and NanoDet's users decode them")
+        scores, distributions = ", ".join(map(str, self.scores)), ", ".join(map(str, self.distributions))
+        return (f"detections decoded from outputs {scores} (class scores) and {distributions} (box distributions "
+                f"over {self.bins} bins per side) on a grid of strides {levels} at {self.size[0]}x{self.size[1]}, as "
+                "PicoDet's and NanoDet's users decode them")
 
 
 def distribution_head(outputs: Sequence[torch.Tensor], size: tuple[int, int]) -> DistributionHead | None:

@@ -18,6 +18,9 @@ reference's output (the model's own without one; :mod:`graphprune.fidelity`), an
   its own without a reference);
 * maps of values in [0, 1] (N, C, H, W), with a reference: ``map_iou``, the IoU of the regions the
   two maps mark with the threshold integrated out.
+* a detector whose decoding its file leaves out, over several outputs (PicoDet's per-level scores
+  and box distributions, :mod:`graphprune.distribution_head`): one more output, ``DECODED_NAME``,
+  its decoded detections, scored as a YOLOv8 head's (the outputs themselves by their relative error).
 
 The result: ``{"images", "outputs": {name: {"layout", ...}}}`` and, for the first output that has
 each, ``top1``, ``agreement``, ``detections`` and ``map_iou`` at the top. A labelled set for a model without

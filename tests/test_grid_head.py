@@ -76,7 +76,8 @@ def test_a_raw_head_is_evaluated_as_the_same_head_decoded_in_the_graph(tmp_path)
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
         results[decode] = evaluate(changed, data, reference=original)
     raw, decoded = results[False]["outputs"]["output"], results[True]["outputs"]["output"]
-    assert raw["layout"].startswith("an undecoded YOLOX head (offsets and log sizes on a grid of strides 8, 16, 32 at 64x96)")
+    assert raw["layout"].startswith("an undecoded YOLOX head (offsets and log sizes on a grid of strides 8, 16, 32 "
+                                    "at 64x96)")
     assert raw["layout"].endswith(decoded["layout"])
     assert raw["detections"] == decoded["detections"] and raw["detections"]["original"] > 20
     assert 0 < raw["detections"]["map50"] < 1  # the perturbation moved some detections

@@ -263,8 +263,8 @@ class _Judge:
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
         # an ultralytics segment, pose or obb head: its boxes and class scores judged as a detector's;
         # an undecoded YOLOX head: decoded so (grid_head.py)
-        (self.head,) = output_heads([torch.from_numpy(self.reference)], HeadRows.from_record(recorded_detection_rows(proto)),
-                                    tuple(images.shape[-2:]))
+        recorded = HeadRows.from_record(recorded_detection_rows(proto))
+        (self.head,) = output_heads([torch.from_numpy(self.reference)], recorded, tuple(images.shape[-2:]))
         layout = output_layout(torch.from_numpy(self.reference), self.head)
         classifier = layout in ("classes", "sequence")  # judged by the top class (a recogniser: its text)
         if layout != "classes":
