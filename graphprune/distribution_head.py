@@ -21,7 +21,9 @@ such models do not depend on it.
 set at the input's size (:func:`~graphprune.grid_head.level_cells`) has exactly one output of its
 cell count with values all in [0, 1] (the scores; the same C at every level) and one with some value
 outside (the logits; the same 4 * B, B >= 2, at every level), and those are all the (N, A, K) outputs
-of those cell counts.
+of those cell counts. NanoDet's export writes both in one output, (N, A, C + 4 * B), every level's
+cells in one axis: recognised where A is a stride set's cell count, its first C >= 1 columns are all
+in [0, 1] and each of the other 4 * B (B >= 2) has some value outside.
 """
 
 from __future__ import annotations
@@ -47,11 +49,16 @@ class DistributionHead:
     strides: tuple[int, ...]
     size: tuple[int, int]
     bins: int
+    classes: int = 0  # one output holding both (NanoDet's): its first ``classes`` columns are the scores
 
     def read(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The ``yolov8`` (N, 4 + C, A) detections of ``outputs`` (every output of the model)."""
-        scores = torch.cat([outputs[i].float() for i in self.scores], 1)  # (N, A, C)
-        logits = torch.cat([outputs[i].float() for i in self.distributions], 1)
+        if self.classes:
+            (both,) = [outputs[i].float() for i in self.scores]
+            scores, logits = both[..., :self.classes], both[..., self.classes:]
+        else:
+            scores = torch.cat([outputs[i].float() for i in self.scores], 1)  # (N, A, C)
+            logits = torch.cat([outputs[i].float() for i in self.distributions], 1)
         bins = torch.arange(self.bins, dtype=logits.dtype, device=logits.device)
         centres, strides = cell_grid(self.strides, self.size, 0.5, logits.device)
         distances = (logits.unflatten(-1, (SIDES, self.bins)).softmax(-1) * bins).sum(-1) * strides  # (N, A, 4)
@@ -63,9 +70,10 @@ class DistributionHead:
     def describe(self) -> str:
         levels = ", ".join(map(str, self.strides))
         scores, distributions = ", ".join(map(str, self.scores)), ", ".join(map(str, self.distributions))
-        return (f"detections decoded from outputs {scores} (class scores) and {distributions} (box distributions "
-                f"over {self.bins} bins per side) on a grid of strides {levels} at {self.size[0]}x{self.size[1]}, as "
-                "PicoDet's and NanoDet's users decode them")
+        where = (f"output {scores}'s first {self.classes} columns (class scores) and the rest (box distributions" if
+                 self.classes else f"outputs {scores} (class scores) and {distributions} (box distributions")
+        return (f"detections decoded from {where} over {self.bins} bins per side) on a grid of strides {levels} at "
+                f"{self.size[0]}x{self.size[1]}, as PicoDet's and NanoDet's users decode them")
 
 
 def distribution_head(outputs: Sequence[torch.Tensor], size: tuple[int, int]) -> DistributionHead | None:
@@ -94,4 +102,19 @@ def distribution_head(outputs: Sequence[torch.Tensor], size: tuple[int, int]) ->
                 if width % SIDES == 0 and width // SIDES >= 2:
                     return DistributionHead(tuple(scores), tuple(distributions), strides,
                                             (int(size[0]), int(size[1])), width // SIDES)
+    return _one_output_head(per_anchor, size)
+
+
+def _one_output_head(per_anchor: dict[int, torch.Tensor], size: tuple[int, int]) -> DistributionHead | None:
+    """The first output holding both, every level's cells in one axis (module docstring)."""
+    for index, output in per_anchor.items():
+        strides = next((s for s in sorted(STRIDE_SETS, key=len, reverse=True)
+                        if sum(level_cells(s, size)) == output.shape[1]), None)
+        if strides is None:
+            continue
+        inside = ((output >= 0) & (output <= 1)).flatten(0, 1).all(0).tolist()  # per column
+        classes = inside.index(False) if False in inside else len(inside)
+        width = output.shape[2] - classes
+        if classes >= 1 and width % SIDES == 0 and width // SIDES >= 2 and not any(inside[classes:]):
+            return DistributionHead((index,), (index,), strides, (int(size[0]), int(size[1])), width // SIDES, classes)
     return None

@@ -90,3 +90,15 @@ def test_int8_judges_such_a_head_by_its_detections():
                              fake_measure({"*": 0.3}))
     assert plan.metric == "map50_drop"
     assert all(c.detections is not None and c.detections["original"] > 0 for c in plan.candidates if not c.error)
+
+
+def test_nanodets_one_output_of_scores_then_distributions_reads_as_the_same_detections():
+    outputs = _outputs(classes=3)
+    both = torch.cat([torch.cat(outputs[:4], 1), torch.cat(outputs[4:], 1)], -1)  # (N, 128, 3 + 32)
+    head = distribution_head([both], SIZE)
+    assert head == DistributionHead((0,), (0,), (8, 16, 32, 64), SIZE, 8, classes=3)
+    assert torch.allclose(head.read([both]), distribution_head(outputs, SIZE).read(outputs))
+    assert "output 0's first 3 columns (class scores)" in head.describe()
+    decoded_yolox = torch.cat([torch.rand(2, 128, 4) * 90 + 2, torch.rand(2, 128, 4)], -1)  # boxes in pixels first
+    assert distribution_head([decoded_yolox], SIZE) is None
+    assert distribution_head([both[..., :-1]], SIZE) is None  # 31 columns of distributions: not four sides
