@@ -102,3 +102,14 @@ def test_nanodets_one_output_of_scores_then_distributions_reads_as_the_same_dete
     decoded_yolox = torch.cat([torch.rand(2, 128, 4) * 90 + 2, torch.rand(2, 128, 4)], -1)  # boxes in pixels first
     assert distribution_head([decoded_yolox], SIZE) is None
     assert distribution_head([both[..., :-1]], SIZE) is None  # 31 columns of distributions: not four sides
+
+
+def test_the_resolution_lever_refuses_it_in_one_line_saying_what_it_is(cli, tmp_path):
+    from test_resolution import optimize_at_lower_resolution
+
+    code, _, stderr, out = optimize_at_lower_resolution(cli, save(raw_picodet_onnx(size=(64, 64)), tmp_path / "p.onnx"),
+                                                        tmp_path)
+    lines = [line for line in stderr.splitlines() if line.startswith("graphprune: error:")]
+    assert code == 1 and not out.exists() and len(lines) == 1 and "Traceback" not in stderr
+    assert "outputs 0, 1, 2, 3, 4, 5, 6, 7 are a detector's class scores and box distributions" in lines[0]
+    assert lines[0].endswith("(export it with its post-processing)")

@@ -19,8 +19,9 @@ every box value within ``FRACTION_LIMIT`` on the images read (a box in pixels of
 than a couple of pixels reaches past it). A head with an output per anchor whose boxes reach past
 that but not ``DECODED_REACH`` of the image's side holds offsets decoded outside the file (on a
 grid the decoder builds for the file's size, which a resize's fewer anchors would not match): it is
-refused, as is an undecoded YOLOX head (:mod:`graphprune.grid_head`), decoded outside the file on a
-grid of its size alike. Where the images read hold no box at all (final detections, all rows 0), which they are is
+refused, as are an undecoded YOLOX head (:mod:`graphprune.grid_head`) and a head of class scores and
+box distributions (:mod:`graphprune.distribution_head`), decoded outside the file on a grid of its
+size alike. Where the images read hold no box at all (final detections, all rows 0), which they are is
 unknown, and the model is refused.
 An ultralytics pose or segment head's rows after its boxes and classes (keypoints in pixels, mask
 coefficients with a prototype map of the input's size) are not mapped: such a model is refused.
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from ..detections import BOX_AXES, BOX_ROWS
+from ..distribution_head import distribution_head
 from ..fidelity import output_layout
 from ..grid_head import grid_head
 
@@ -45,6 +47,9 @@ FRACTION_LIMIT = 1.5  # box values all within this: fractions of the image, unch
 # every anchor's box is written, so boxes decoded into pixels reach across the image (a centre per
 # grid cell); raw offsets and log sizes, decoded outside the file on a grid of its own, stay small
 DECODED_REACH = 0.25  # of the image's shorter side
+UNDECODED_DISTRIBUTIONS = ("outputs {outputs} are a detector's class scores and box distributions, which its user "
+                           "decodes on a grid of the file's size: the fewer cells of a smaller size inside the graph "
+                           "would not match it (export it with its post-processing)")
 UNDECODED_GRID = ("output {index} is an undecoded YOLOX head, which its user decodes on a grid of the file's size: the "
                   "fewer anchors of a smaller size inside the graph would not match it (export it with its decoding: "
                   "YOLOX's --decode_in_inference)")
@@ -83,7 +88,15 @@ def box_outputs(model, images: torch.Tensor | None = None) -> tuple[BoxOutput, .
     found = []
     run = fx_runner(model)
     per_image = [run(images[i:i + 1]) for i in range(len(images))]  # one at a time: a batch may be fixed at 1
-    for index, output in enumerate(torch.cat(parts) for parts in zip(*per_image)):
+    outputs = [torch.cat(parts) for parts in zip(*per_image)]
+    decoded = distribution_head(outputs, tuple(images.shape[-2:]))
+    if decoded is not None:  # its user decodes on a grid of the file's size, as an undecoded YOLOX's
+        index = decoded.scores[0]
+        found.append(BoxOutput(index, "yolov8", outputs[index].shape[2], 2, 1, UNDECODED_DISTRIBUTIONS.format(
+            outputs=", ".join(map(str, sorted({*decoded.scores, *decoded.distributions}))))))
+    for index, output in enumerate(outputs):
+        if decoded is not None and index in {*decoded.scores, *decoded.distributions}:
+            continue
         rows = head if index == 0 else None
         layout = output_layout(output, rows)
         if layout == "other" and grid_head(output, tuple(images.shape[-2:])) is not None:
