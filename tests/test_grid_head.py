@@ -120,3 +120,15 @@ def test_the_cli_refuses_it_in_one_line_without_the_fixed_grid_advice(cli, tmp_p
     lines = [line for line in stderr.splitlines() if line.startswith("graphprune: error:")]
     assert code == 1 and not out.exists() and len(lines) == 1 and "Traceback" not in stderr
     assert lines[0].endswith("(export it with its decoding: YOLOX's --decode_in_inference)")  # not ultralytics' dynamic=True
+
+
+def test_inspect_says_why_the_resolution_lever_does_not_apply(cli, tmp_path):
+    import json
+
+    path = save(raw_yolox_onnx(size=(64, 64)), tmp_path / "r.onnx")
+    code, stdout, _ = cli("inspect", path)
+    assert code == 0 and ("resolution: no --lever resolution: the network cannot run at a lower resolution inside "
+                          "the graph: output 0 is an undecoded YOLOX head") in stdout
+    code, stdout, _ = cli("inspect", path, "--json")
+    found = json.loads(stdout)
+    assert found["runs_at_lower_resolution"] is False and "undecoded YOLOX head" in found["lower_resolution_refused"]

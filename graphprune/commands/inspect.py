@@ -10,7 +10,7 @@ import click
 from ..cli import load_model_from_args, model_options
 from ..cli_options import GroupedOption, subcommand
 from ..passes import FindBlocks
-from ..passes.resize_input import runs_smaller
+from ..passes.resize_input import why_not_smaller
 
 
 @subcommand("inspect", help="List the residual blocks of a model.")
@@ -20,17 +20,17 @@ def command(args) -> int:
     model = load_model_from_args(args)
     result = FindBlocks()(model)
     blocks, total = result.value, result.record["model_macs"]
-    smaller = runs_smaller(model)
+    refused = why_not_smaller(model)
     if args.json:
         print(json.dumps({"model": args.model, "input_shape": list(model.analysis_shape()),
                           "model_macs": total, "blocks": [b.summary() for b in blocks],
-                          "runs_at_lower_resolution": smaller}, indent=2))
+                          "runs_at_lower_resolution": refused is None, "lower_resolution_refused": refused}, indent=2))
         return 0
     print(format_block_table(blocks, total) if blocks else
           f"{args.model}: no residual blocks found (nothing graphprune can drop)")
     print("resolution: the network runs at a lower resolution inside the graph with its outputs' shapes, a "
-          "detector's anchors aside (optimize --lever resolution)" if smaller else
-          "resolution: its outputs follow the input's size, or it cannot run smaller (no --lever resolution)")
+          "detector's anchors aside (optimize --lever resolution)" if refused is None else
+          f"resolution: no --lever resolution: {refused}")
     return 0
 
 

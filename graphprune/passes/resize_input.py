@@ -196,15 +196,24 @@ def runs_smaller(model: Model) -> bool:
     """Whether ``model`` runs at one of ``SMALLER_SHARES`` of its side (or one of its
     :func:`aligned_sides`) with its outputs' shapes (a classifier that pools globally; a detector,
     its boxes mapped back): whether the resolution lever applies to it."""
+    return why_not_smaller(model) is None
+
+
+def why_not_smaller(model: Model) -> str | None:
+    """None where :func:`runs_smaller`, else why not: the refusal of the first size that ran (its
+    outputs changed, or boxes it cannot map back), else of the first size tried."""
     side = int(model.analysis_shape()[-2])
     boxes, expected = box_outputs(model), output_shapes(model)
+    refusals = []
     for smaller in dict.fromkeys(s for share in SMALLER_SHARES for s in aligned_sides(round(side * share))):
         try:
             check_resizable(model, resize_input(model, scale_for(side, smaller), boxes), expected)
-        except GraphpruneError:
+        except GraphpruneError as exc:
+            refusals.append(exc)
             continue
-        return True
-    return False
+        return None
+    ran = [exc for exc in refusals if not isinstance(exc, CannotRunAt)]
+    return str((ran or refusals)[0]) if refusals else "no smaller size to try"
 
 
 def resolution_hint(model: Model) -> str:
