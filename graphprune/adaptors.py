@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from .formats.batch_axis import BATCH_AXIS
 from .ops import op_kind
 
 
@@ -52,6 +53,8 @@ def insert_adaptor(gm: fx.GraphModule, producer: fx.Node, consumers: list[fx.Nod
     gm.add_submodule(name, Adaptor(channels, dim).to(device))
     with gm.graph.inserting_after(producer):
         node = gm.graph.call_module(name, (producer,))
+    if BATCH_AXIS in producer.meta:  # its value is the producer's, batch axis and all
+        node.meta[BATCH_AXIS] = producer.meta[BATCH_AXIS]
     for consumer in consumers:
         consumer.replace_input_with(producer, node)
     return node

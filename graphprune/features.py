@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .errors import GraphpruneError
+from .formats.batch_axis import BATCH_AXIS
 from .graph_stats import node_stats
 from .model import Model
 from .ops import (ancestors, constant_nodes, fetch_attr, is_binary_add, is_multi_output, is_weighted, module_parameters,
@@ -218,18 +219,29 @@ def classifier_parameters(model: Model) -> list[torch.nn.Parameter]:
 
 def truncate(gm: fx.GraphModule, output: str | Sequence[str]) -> fx.GraphModule:
     """A GraphModule (sharing ``gm``'s modules and weights) that returns node ``output``, or the
-    tuple of the nodes a list names."""
+    tuple of the nodes a list names, each with its batch first (a sequence-first value's batch axis,
+    ``formats.batch_axis.note_batch_axes``, moved to 0)."""
     graph = _plain_copy(gm.graph)
     _return(graph, output)
     return _without_dead_code(fx.GraphModule(gm, graph))
 
 
 def _return(graph: fx.Graph, output: str | Sequence[str]) -> None:
-    """Make ``graph`` return node ``output``, or the tuple of the nodes a list names."""
+    """Make ``graph`` return node ``output``, or the tuple of the nodes a list names, batch first."""
     old = graph.output_node()
+    values = _outputs(graph, output)
+    with graph.inserting_before(old):
+        values = fx.node.map_arg(values, _batch_first)
     with graph.inserting_after(old):
-        graph.output(_outputs(graph, output))
+        graph.output(values)
     graph.erase_node(old)
+
+
+def _batch_first(node: fx.Node) -> fx.Node:
+    """``node``, or where its batch is on another axis, that axis moved to 0 (inserted where the
+    graph inserts)."""
+    axis = node.meta.get(BATCH_AXIS)
+    return node if not axis else node.graph.call_function(torch.movedim, (node, axis, 0))
 
 
 def _outputs(graph: fx.Graph, output: str | Sequence[str]):
@@ -264,6 +276,10 @@ def suffix_from(gm: fx.GraphModule, start: str | Sequence[str], output: str | Se
     with graph.inserting_before(next(iter(graph.nodes))):
         inputs = [graph.placeholder("activation" if i == 0 else f"activation_{i}") for i in range(len(starts))]
     for name, value in zip(starts, inputs):
+        axis = nodes[name].meta.get(BATCH_AXIS)
+        if axis:  # fed batch first (as truncate returns it): back to the graph's own axis
+            with graph.inserting_after(value):
+                value = graph.call_function(torch.movedim, (value, 0, axis))
         nodes[name].replace_all_uses_with(value)
     placeholder = inputs[0]  # its batch stands in for a graph input read only for its shape
     suffix = _without_dead_code(fx.GraphModule(gm, graph))

@@ -40,6 +40,8 @@ from ..errors import GraphpruneError
 from ..model import Model
 from .batch_trace import trace_folded_batch
 
+BATCH_AXIS = "batch_axis"  # node meta: the axis of a sequence-first activation's batch (note_batch_axes)
+
 
 def free_fixed_batch(model: Model) -> bool:
     """Rewrite ``model``'s constants so batches run; True if it did (and checks out). Sets
@@ -133,6 +135,54 @@ def _free_resizes(gm: fx.GraphModule) -> list[Callable[[], None]]:
             undo.append(lambda module=module: setattr(module, "ignore_bs_ch_size", False))
             module.ignore_bs_ch_size = True
     return undo
+
+
+class _Shapes(fx.Interpreter):
+    """Records the shape of every node's tensor output."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def run_node(self, node: fx.Node):
+        value = super().run_node(node)
+        if isinstance(value, torch.Tensor):
+            self.shapes[node.name] = tuple(value.shape)
+        return value
+
+
+def note_batch_axes(model: Model) -> None:
+    """``node.meta[BATCH_AXIS]`` for every node whose output holds the batch on an axis other than
+    0 (sequence-first activations: CLIP's and DETR's ``(L, N, D)`` tokens, an LSTM's ``(T, N, H)``):
+    the one axis whose size is 1 for one image and 2 for two. Everything graphprune caches from
+    inside a network is read batch first (:func:`graphprune.features.truncate` moves such an axis
+    to 0, :func:`~graphprune.features.suffix_from` moves it back), so such a value is cached, sliced
+    and sampled image by image like any other. Nothing is noted where batches do not run."""
+    if model.meta.get("batches_run") is False or len(model.inputs) != 1:
+        return
+    gm = model.graph_module
+    try:
+        one, other = model.example_inputs(batch_size=1, seed=0), model.example_inputs(batch_size=1, seed=1)
+        shapes = []
+        was_training = gm.training
+        gm.eval()
+        try:
+            with torch.no_grad():
+                for inputs in (one, tuple(torch.cat([a, b]) for a, b in zip(one, other))):
+                    interpreter = _Shapes(gm)
+                    interpreter.run(*inputs)
+                    shapes.append(interpreter.shapes)
+        finally:
+            gm.train(was_training)
+    except Exception:  # a model that does not run here: its own error comes where it is run
+        return
+    for node in gm.graph.nodes:
+        single, double = shapes[0].get(node.name), shapes[1].get(node.name)
+        if single is None or double is None or len(single) != len(double):
+            continue
+        changed = [i for i, (a, b) in enumerate(zip(single, double)) if a != b]
+        if len(changed) == 1 and changed[0] != 0 and (single[changed[0]], double[changed[0]]) == (1, 2):
+            node.meta[BATCH_AXIS] = changed[0]
 
 
 def batch_consistent(model: Model, axis: int = 0) -> bool:

@@ -23,6 +23,7 @@ from ..errors import GraphpruneError
 from ..interrupts import raise_if_interrupted
 from ..model import Model
 from . import io_onnx, io_torch, torch_onnx
+from .batch_axis import note_batch_axes
 from .onnx_lower import lower
 from .onnx_opset import restore_opset
 from .onnx_read import check_onnx, simplify
@@ -35,6 +36,12 @@ def load(source, input_shape: tuple[int, ...] | None = None, weights: str | None
     ``torchvision:<arch>`` or ``zoo:<arch>`` (with an optional state-dict ``weights`` file)."""
     if isinstance(source, Model):
         return source
+    model = _load(source, input_shape, weights)
+    note_batch_axes(model)  # sequence-first activations, cached batch first (features.truncate)
+    return model
+
+
+def _load(source, input_shape: tuple[int, ...] | None, weights: str | None) -> Model:
     if isinstance(source, torch.export.ExportedProgram):
         return io_torch.load_program(source, "program", input_shape)
     if isinstance(source, nn.Module):
