@@ -44,6 +44,7 @@ from .errors import GraphpruneError
 from .detections import BOX_AXES, BOX_ROWS, CONFIDENCE, DECODERS, MATCH_IOU, MAX_DETECTIONS, NMS_IOU, DetectionCounts
 from .fidelity import Head, HeadRows, MapOverlap, class_kl, detection_head, output_heads, output_layout, same_top_classes
 from .grid_head import GridHead
+from .formats.batch_axis import batch_first, output_batch_axes
 from .formats.input_shape import recorded_detection_rows
 from .model import Model
 
@@ -69,9 +70,11 @@ def evaluate_onnx(proto: onnx.ModelProto, data: TinySet, reference: Model | None
 
     session = cpu_session(proto)
 
+    axes = output_batch_axes(reference) if reference is not None else ()  # the written file's are the original's
+
     def run(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         (feeds,) = image_batches(session, images, len(images))  # one batch: a multiple of a fixed one
-        return tuple(torch.from_numpy(np.asarray(out)) for out in session.run(None, feeds))
+        return batch_first(tuple(torch.from_numpy(np.asarray(out)) for out in session.run(None, feeds)), axes)
 
     rows = head_rows(reference) if reference is not None else HeadRows.from_record(recorded_detection_rows(proto))
     return _evaluate(run, fixed_batch(session), [o.name for o in session.get_outputs()], data, reference, batch_size,
@@ -299,15 +302,17 @@ def _shape(output: torch.Tensor) -> str:
 
 
 def fx_runner(model: Model) -> Runner:
-    """``run(images)``: every output tensor of the fx graph on one batch, in eval mode, no grad."""
+    """``run(images)``: every output tensor of the fx graph on one batch, in eval mode, no grad, each
+    batch first (a (T, N, C) output read as (N, T, C): ``batch_axis.output_batch_axes``)."""
     gm = model.graph_module
+    axes = output_batch_axes(model)
 
     def run(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         was_training = gm.training
         gm.eval()
         try:
             with torch.no_grad():
-                return _tensors(gm(images))
+                return batch_first(_tensors(gm(images)), axes)
         finally:
             gm.train(was_training)
 

@@ -5,6 +5,7 @@ a residual block like any other model."""
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -155,13 +156,51 @@ def test_what_torch_does_not_compute_is_refused_in_one_line(tmp_path, kind, chan
     assert f"{kind} with {words} is not converted" in str(exc.value) and "\n" not in str(exc.value)
 
 
-def test_an_output_with_its_batch_on_axis_1_is_refused_saying_so(tmp_path):
+def test_an_output_with_its_batch_on_axis_1_is_read_batch_first_and_optimized(tmp_path):
     """(T, N, C), a CTC recogniser's sequence-first output, declared with a dynamic batch: a batch
-    of two is two columns, not two rows; the refusal says where the batch is and what to export."""
-    from graphprune.optimize import image_input_shape
+    of two is two columns, not two rows. It was refused; every reader of the outputs (evaluate, the
+    int8 judge, onnxruntime's batches) now moves its batch to axis 0, and optimize writes a file
+    onnxruntime runs as the recovered model."""
+    from graphprune.data import TinySet
+    from graphprune.evaluate import evaluate
+    from graphprune.formats.batch_axis import output_batch_axes
+    from test_vit import FAST_CONFIG
 
     model = gp.load(save(crnn_onnx(sequence_first=True), tmp_path / "tnc.onnx"))
-    assert model.meta["batch_on_axis_1"] and model.meta["batches_run"] is False
-    with pytest.raises(GraphpruneError, match=r"output holds its batch on axis 1 \(\(T, N, C\)"):
-        image_input_shape(model)
-    assert "batch_on_axis_1" not in gp.load(save(crnn_onnx(), tmp_path / "ntc.onnx")).meta
+    assert model.meta.get("batches_run") is not False and "batch_on_axis_1" not in model.meta
+    assert output_batch_axes(model) == (1,) and output_batch_axes(gp.load(save(crnn_onnx(), tmp_path / "n.onnx"))) == (0,)
+    images = torch.randn(40, 1, 16, 32, generator=torch.Generator().manual_seed(0))
+    tiny = TinySet(images, -torch.ones(40, dtype=torch.long))
+    result = evaluate(model, tiny, reference=model)
+    assert result["outputs"]["y"]["layout"].startswith("other (N, 16, 5)") and result["images"] == 40
+    optimized = gp.optimize(model, tiny, replace(FAST_CONFIG, latency_cut=0.1))
+    assert optimized.report["dropped"] == ["block"] and optimized.report["recovery"]["final_loss"] is not None
+    path = gp.save(optimized.model, tmp_path / "fast.onnx")
+    x = images[:3]
+    written, expected = _onnxruntime(path, x), optimized.model.run(x).numpy()
+    assert written.shape == (16, 3, 5)  # the file keeps its layout
+    assert np.abs(written - expected).max() < 1e-4 * np.abs(expected).max()
+
+
+def test_a_sequence_of_another_width_is_refused_not_run(tmp_path):
+    """torch.lstm runs on inputs of any width without a word (15 px rows gave 60 features where the
+    weights take 64): the resolution lever took such a size, and onnxruntime refused the written file."""
+    from graphprune.passes.resize_input import CannotRunAt, check_resizable, resize_input, scale_for
+
+    model = gp.load(save(crnn_onnx(), tmp_path / "c.onnx"))
+    with pytest.raises(CannotRunAt, match="LSTM takes 64 input features, given 60"):
+        check_resizable(model, resize_input(model, scale_for(16, 15), ()))
+
+
+def test_int8_judges_a_sequence_first_output_batch_first():
+    """onnxruntime's batches of a (T, N, C) output are joined along N (batches of 16 and 4 were
+    joined along T, and failed), then read as (N, T, C)."""
+    from graphprune.passes.quantize import QuantizeSettings
+    from graphprune.passes.quantize_plan import plan_quantization
+    from test_quantize import fake_measure
+
+    x = torch.randn(40, 1, 16, 32, generator=torch.Generator().manual_seed(0))
+    plan = plan_quantization(crnn_onnx(sequence_first=True), x[:20], x[20:], QuantizeSettings(
+        max_calibration_images=20, batch_size=16), fake_measure({"*": 0.3}), output_axes=(1,))
+    judged = [c for c in plan.candidates if c.error is None]
+    assert judged and all(0 <= c.relative_error < 1 for c in judged)

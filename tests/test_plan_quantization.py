@@ -232,7 +232,8 @@ def test_the_plan_is_judged_on_every_tiny_image_with_their_labels(r20, monkeypat
     path, tiny = r20
     seen = {}
 
-    def spy(proto, calibration, judge_images, settings, measure, labels=None, improve=None, max_seconds=None):
+    def spy(proto, calibration, judge_images, settings, measure, labels=None, improve=None, max_seconds=None,
+            output_axes=()):
         seen.update(calibration=len(calibration), judged=judge_images, labels=labels)
         return QuantizationPlan(None, None, "spied", "", 0.0, [])
 
@@ -384,9 +385,9 @@ def test_auto_leaves_int8_off_where_no_candidate_can_be_made_or_compared(r20, mo
     real = quantize_plan.run_all_outputs
     calls = []
 
-    def fewer_detections(session, images, batch_size):  # the float model first, then the candidates
+    def fewer_detections(session, images, batch_size, axes=()):  # the float model first, then the candidates
         calls.append(1)
-        out = real(session, images, batch_size)
+        out = real(session, images, batch_size, axes)
         return out if len(calls) == 1 else [o[:-1] for o in out]
 
     monkeypatch.setattr(quantize_plan, "run_all_outputs", fewer_detections)

@@ -65,7 +65,8 @@ def test_int8_planning_takes_its_share_of_the_time_left_and_mimicking_the_time_l
 
     seen = {}
 
-    def fake_plan(proto, calibration, judge_images, settings, measure, labels=None, improve=None, max_seconds=None):
+    def fake_plan(proto, calibration, judge_images, settings, measure, labels=None, improve=None, max_seconds=None,
+                  output_axes=()):
         seen["plan"] = max_seconds
         seen["mimic"] = improve.args[4]().max_seconds  # _mimicked's MimicSettings, made when it is called
         raise planning.NoCandidate("stop here")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import fx
 
@@ -74,9 +75,10 @@ def free_fixed_batch(model: Model) -> bool:
 
 
 def _note_sequence_first(model: Model) -> None:
-    """Where batches run but the output holds them on axis 1 ((T, N, C): the sequence-first layout
-    of a CTC recogniser, as PyTorch's CTC loss takes it), ``model.meta["batch_on_axis_1"]``, so the
-    refusal says that, not that the graph fixes its batch."""
+    """Where a fixed batch of 1 runs batches but the output holds them on axis 1 ((T, N, C): the
+    sequence-first layout of a CTC recogniser, as PyTorch's CTC loss takes it),
+    ``model.meta["batch_on_axis_1"]``, so the refusal says that, not that the graph fixes its batch
+    (a file that declares its batch dynamic is read so: :func:`_check_declared_batch`)."""
     if batch_consistent(model, axis=1):
         model.meta["batch_on_axis_1"] = True
 
@@ -91,10 +93,10 @@ def _check_declared_batch(model: Model) -> None:
         model.example_inputs(batch_size=1)
     except GraphpruneError:
         return  # dynamic spatial sizes and no shape: nothing to run yet
-    if not batch_consistent(model):
-        model.meta["batches_run"] = False
-        model.meta["declared_batch"] = True
-        _note_sequence_first(model)
+    if batch_consistent(model) or batch_consistent(model, axis=1):  # (T, N, C): read batch first
+        return  # (note_batch_axes notes the axis, which every reader of the outputs moves to 0)
+    model.meta["batches_run"] = False
+    model.meta["declared_batch"] = True
 
 
 def _constant_arg(gm: fx.GraphModule, node: fx.Node, index: int, keyword: str) -> torch.Tensor | None:
@@ -183,6 +185,27 @@ def note_batch_axes(model: Model) -> None:
         changed = [i for i, (a, b) in enumerate(zip(single, double)) if a != b]
         if len(changed) == 1 and changed[0] != 0 and (single[changed[0]], double[changed[0]]) == (1, 2):
             node.meta[BATCH_AXIS] = changed[0]
+
+
+def output_batch_axes(model: Model) -> tuple[int, ...]:
+    """Per output tensor of ``model`` (in the order its graph returns them), the axis of its batch
+    (:func:`note_batch_axes`; 0 where none is noted)."""
+    leaves: list = []
+    fx.node.map_arg(model.graph_module.graph.output_node().args[0], leaves.append)
+    return tuple(int(leaf.meta.get(BATCH_AXIS, 0)) for leaf in leaves)
+
+
+def batch_first(outputs, axes: tuple[int, ...]) -> tuple:
+    """``outputs`` (tensors or arrays, one per output) with each one's batch axis (``axes``) moved to 0."""
+    if not any(axes) or len(axes) != len(outputs):
+        return tuple(outputs)
+    return tuple(_move_to_front(out, axis) for out, axis in zip(outputs, axes))
+
+
+def _move_to_front(value, axis: int):
+    if not axis:
+        return value
+    return value.movedim(axis, 0) if isinstance(value, torch.Tensor) else np.moveaxis(value, axis, 0)
 
 
 def batch_consistent(model: Model, axis: int = 0) -> bool:

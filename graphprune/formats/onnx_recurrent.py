@@ -56,6 +56,8 @@ class OnnxRecurrent(nn.Module):
             x = x.transpose(0, 1)
             initial_h = None if initial_h is None else initial_h.transpose(0, 1)
             initial_c = None if initial_c is None else initial_c.transpose(0, 1)
+        if x.shape[-1] != self.W.shape[-1]:  # torch.lstm and torch.gru do not check, and ran on (a resize's input)
+            raise RuntimeError(f"{self.kind} takes {self.W.shape[-1]} input features, given {x.shape[-1]}")
         directions, steps, batch = self.W.shape[0], x.shape[0], x.shape[1]
         zeros = x.new_zeros(directions, batch, self.hidden)
         initial_h = zeros if initial_h is None else initial_h

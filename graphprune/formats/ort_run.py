@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import GraphpruneError, first_line
+from .batch_axis import batch_first
 from .input_layout import TO_FILE_LAYOUT, looks_channels_last
 
 
@@ -48,14 +49,15 @@ def cpu_session(proto_or_bytes, what: str = "the model"):
         raise GraphpruneError(f"onnxruntime refuses {what}: {first_line(exc)}") from None
 
 
-def run_outputs(session, images: torch.Tensor, batch_size: int) -> np.ndarray:
-    """The first output of ``session`` on ``images``, batched."""
-    return run_all_outputs(session, images, batch_size)[0]
+def run_outputs(session, images: torch.Tensor, batch_size: int, axes: tuple[int, ...] = ()) -> np.ndarray:
+    """The first output of ``session`` on ``images``, batched (:func:`run_all_outputs`)."""
+    return run_all_outputs(session, images, batch_size, axes)[0]
 
 
-def run_all_outputs(session, images: torch.Tensor, batch_size: int) -> list[np.ndarray]:
-    """Every output of ``session`` on ``images``, batched."""
-    batches = [session.run(None, feeds) for feeds in image_batches(session, images, batch_size)]
+def run_all_outputs(session, images: torch.Tensor, batch_size: int, axes: tuple[int, ...] = ()) -> list[np.ndarray]:
+    """Every output of ``session`` on ``images``, batched, each batch first (``axes``: where the
+    model's outputs hold their batch, ``batch_axis.output_batch_axes``; () where all on axis 0)."""
+    batches = [batch_first(session.run(None, feeds), axes) for feeds in image_batches(session, images, batch_size)]
     return [np.concatenate(parts) for parts in zip(*batches)]
 
 

@@ -53,6 +53,7 @@ import onnx
 
 from ..backends.base import CutMeasurement, LatencyBackend
 from ..errors import GraphpruneError
+from ..formats.batch_axis import output_batch_axes
 from ..formats.model_io import to_onnx
 from ..model import Model
 from .base import Analysis, PassResult
@@ -184,7 +185,7 @@ class PlanQuantization(Analysis):
             plan = plan_quantization(proto, tiny.images, tiny.images, settings,
                                      onnxruntime_cut(proto, tiny.images, ctx.latency),
                                      tiny.labels if tiny.has_labels else None, improve,
-                                     ctx.stage_budget(None, share=PLAN_SHARE))
+                                     ctx.stage_budget(None, share=PLAN_SHARE), output_batch_axes(ctx.original))
         except NoCandidate as exc:  # none made or judged (a target it cannot time is refused): float
             if self.mode != "auto":
                 raise

@@ -151,18 +151,19 @@ class _TimeLimit:
 
 def plan_quantization(proto: onnx.ModelProto, calibration, judge_images, settings: QuantizeSettings,
                       measure: Measure, labels=None, improve: Improve | None = None,
-                      max_seconds: float | None = None) -> QuantizationPlan:
+                      max_seconds: float | None = None, output_axes: tuple[int, ...] = ()) -> QuantizationPlan:
     """Measure every candidate of ``settings`` and choose (see the module docstring): calibrated on
     ``calibration``, judged on ``judge_images`` (``labels``: theirs, or None); each is capped at
     ``max_calibration_images``, drawn with ``settings.seed``. ``improve``: where no candidate is
     within the bound, the closest is given to it, and what it returns judged as one more candidate
     (its config with ``mimic`` set; timed as the closest: the same graph with other weights).
-    ``max_seconds``: no candidate after the first starts that would end past it."""
+    ``max_seconds``: no candidate after the first starts that would end past it. ``output_axes``:
+    where the outputs hold their batch (``batch_axis.output_batch_axes``; () for axis 0)."""
     settings.check()
     limit = _TimeLimit(max_seconds)
     calibration, _ = _at_most(as_images(calibration), None, settings)
     prepared = Calibrated(proto, calibration, settings.batch_size)
-    judge = _Judge(proto, *_at_most(as_images(judge_images, "judge_images"), labels, settings), settings)
+    judge = _Judge(proto, *_at_most(as_images(judge_images, "judge_images"), labels, settings), settings, output_axes)
     tried = [c for i, config in enumerate(settings.candidates())
              if (c := limit.attempt(judge, prepared, config, measure, first=i == 0)) is not None]
     done = [c for c in tried if c.error is None]
@@ -254,9 +255,9 @@ MIN_LABELLED_TOP1 = 0.5  # a guard against labels that are not the model's class
 class _Judge:
     """Accuracy of candidates against the float model on the judge images, and the choice between two."""
 
-    def __init__(self, proto, images: torch.Tensor, labels, settings: QuantizeSettings):
-        self.settings, self.images = settings, images
-        everything = run_all_outputs(cpu_session(proto, "the float model"), images, settings.batch_size)
+    def __init__(self, proto, images: torch.Tensor, labels, settings: QuantizeSettings, axes: tuple[int, ...] = ()):
+        self.settings, self.images, self.axes = settings, images, axes
+        everything = run_all_outputs(cpu_session(proto, "the float model"), images, settings.batch_size, axes)
         # a head decoded outside the file from several outputs (PicoDet's): judged by its detections
         self.decoded = distribution_head([torch.from_numpy(o) for o in everything], tuple(images.shape[-2:]))
         self.reference = self._judged(everything)
@@ -320,7 +321,7 @@ class _Judge:
 
     def judge(self, config: QuantConfig, quantized: onnx.ModelProto, timing: Timing) -> Candidate:
         """The candidate ``quantized`` (made with ``config``, timed as ``timing``) against the float model."""
-        out = self._judged(run_all_outputs(cpu_session(quantized), self.images, self.settings.batch_size))
+        out = self._judged(run_all_outputs(cpu_session(quantized), self.images, self.settings.batch_size, self.axes))
         if out.shape != self.reference.shape:  # a size the data decides: detections after NMS
             return Candidate(config, timing, error=f"its output has shape {out.shape}, the float model's "
                              f"{self.reference.shape}: an output whose size depends on the values (detections "

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from ..formats.model_io import to_onnx
+from ..formats.batch_axis import output_batch_axes
 from ..formats.ort_run import cpu_session, run_outputs
 from ..model import Model
 from .base import Analysis, PassResult
@@ -74,7 +75,8 @@ class QuantizeResult(Analysis):
             # the plan trained this very model on these images (seeded): training again repeats its
             # minutes to the same weights
             quantized = QuantizedOnnx(plan.proto, quantization_info(plan.proto), plan.reason,
-                                      output_agreement(to_onnx(model), plan.proto, images, self.batch_size))
+                                      output_agreement(to_onnx(model), plan.proto, images, self.batch_size,
+                                                       output_batch_axes(model)))
         else:
             mimic = self.settings.mimic_settings(self.train_device, ctx.stage_budget(None, reserve=MIMIC_RESERVE_SECONDS))
             quantized = quantize_model(model, mimic_teacher(model, ctx.original), images, plan.config,
@@ -110,14 +112,17 @@ def quantize_model(model: Model, teacher: Model, images, config: QuantConfig, de
         proto = with_mimic_record(quantize_onnx(trained, config=config, device=device), record)
     else:
         proto = quantize_onnx(float_proto, images, config, device)
-    return QuantizedOnnx(proto, quantization_info(proto), reason, output_agreement(float_proto, proto, images, batch_size))
+    return QuantizedOnnx(proto, quantization_info(proto), reason,
+                         output_agreement(float_proto, proto, images, batch_size, output_batch_axes(model)))
 
 
-def output_agreement(float_proto: onnx.ModelProto, proto: onnx.ModelProto, images, batch_size: int = 64) -> dict:
+def output_agreement(float_proto: onnx.ModelProto, proto: onnx.ModelProto, images, batch_size: int = 64,
+                     axes: tuple[int, ...] = ()) -> dict:
     """The quantised model against the float one on ``images``: the output's relative error and,
-    for a classifier output (N, K), the fraction of images whose top-1 class is the same."""
-    reference = run_outputs(cpu_session(float_proto, "the float model"), images, batch_size)
-    out = run_outputs(cpu_session(proto), images, batch_size)
+    for a classifier output (N, K), the fraction of images whose top-1 class is the same
+    (``axes``: where the outputs hold their batch, ``batch_axis.output_batch_axes``)."""
+    reference = run_outputs(cpu_session(float_proto, "the float model"), images, batch_size, axes)
+    out = run_outputs(cpu_session(proto), images, batch_size, axes)
     result = {"images": int(len(out)),
               "relative_error": float(np.linalg.norm(out - reference) / max(np.linalg.norm(reference), 1e-12))}
     if reference.ndim == 2 and reference.shape[1] > 1:
