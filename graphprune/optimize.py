@@ -155,9 +155,9 @@ def _unbatched(meta: dict) -> tuple[str, str]:
     """Why a batch of images cannot run, as ``formats/batch_axis.py`` and ``batch_trace.py`` found
     it, and the export that runs batches."""
     if meta.get("batch_on_axis_1"):
-        return ("the model's output holds its batch on axis 1 ((T, N, C), a CTC recogniser's sequence-first layout), "
-                "where graphprune reads every output batch first", "with the batch first in its output (a transpose "
-                "to (N, T, C) before it)")
+        return ("the model's graph fixes its batch at 1 and its output holds the batch on axis 1 ((T, N, C), a CTC "
+                "recogniser's sequence-first layout)", "with a dynamic batch axis (graphprune reads such an output "
+                "batch first), or with the batch first in its output")
     if meta.get("declared_batch"):
         return ("the model's input declares a dynamic batch, but a batch of 2 images does not give what each gives "
                 "alone (an ultralytics export with nms=True keeps the first image's detections only)",

@@ -204,3 +204,21 @@ def test_int8_judges_a_sequence_first_output_batch_first():
         max_calibration_images=20, batch_size=16), fake_measure({"*": 0.3}), output_axes=(1,))
     judged = [c for c in plan.candidates if c.error is None]
     assert judged and all(0 <= c.relative_error < 1 for c in judged)
+
+
+def test_a_state_fixed_at_batch_1_is_refused_not_run(tmp_path):
+    """An export without a dynamic batch holds the LSTM's zero state as a constant of batch 1: torch's
+    kernel ran it on a batch of two and corrupted the heap (the process died: 'free(): invalid next
+    size'); the check of batches now refuses it and optimize says so in one line."""
+    from graphprune.optimize import image_input_shape
+
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.onnx.export(TinyCrnn("LSTM", sequence_first=True).eval(), (torch.randn(1, 1, 16, 32),), buffer,
+                      opset_version=17, dynamo=False, input_names=["x"], output_names=["y"])
+    model = gp.load(save(onnx.load_from_string(buffer.getvalue()), tmp_path / "fixed.onnx"))
+    with pytest.raises(GraphpruneError, match="fixes its batch at 1"):
+        image_input_shape(model)
+    module = next(m for m in model.graph_module.modules() if isinstance(m, OnnxRecurrent))
+    with pytest.raises(RuntimeError, match=r"LSTM state of shape \(2, 1, 12\) for a batch of 2"):
+        module(torch.randn(16, 2, 64), torch.zeros(2, 1, 12), torch.zeros(2, 1, 12))

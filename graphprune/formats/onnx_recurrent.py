@@ -60,6 +60,10 @@ class OnnxRecurrent(nn.Module):
             raise RuntimeError(f"{self.kind} takes {self.W.shape[-1]} input features, given {x.shape[-1]}")
         directions, steps, batch = self.W.shape[0], x.shape[0], x.shape[1]
         zeros = x.new_zeros(directions, batch, self.hidden)
+        for state in (initial_h, initial_c):  # torch's kernels do not check either, and corrupted memory
+            if state is not None and tuple(state.shape) != tuple(zeros.shape):
+                raise RuntimeError(f"{self.kind} state of shape {tuple(state.shape)} for a batch of {batch}: "
+                                   f"({directions}, {batch}, {self.hidden}) expected")
         initial_h = zeros if initial_h is None else initial_h
         reverse = self.direction == "reverse"
         if reverse:
