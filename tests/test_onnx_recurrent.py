@@ -109,8 +109,8 @@ def _recurrent_node_onnx(kind: str, direction: str, layout: int, **extra) -> onn
     inputs = ["X", "W", "R", "B", "lens" if inits[-1].name == "lens" else "", "H0"]
     attributes = {"linear_before_reset": 1} if kind == "GRU" else {}
     attributes.update(extra)
-    node = helper.make_node(kind, inputs, ["Y", "Y_h"], hidden_size=hidden, direction=direction, layout=layout,
-                            **attributes)
+    attributes = {"hidden_size": hidden, "direction": attributes.pop("node_direction", direction), **attributes}
+    node = helper.make_node(kind, inputs, ["Y", "Y_h"], layout=layout, **attributes)
     x_shape = [steps, batch, size] if layout == 0 else [batch, steps, size]
     y_shape = [steps, directions, batch, hidden] if layout == 0 else [batch, steps, directions, hidden]
     graph = helper.make_graph([node], "recurrent", [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape),
@@ -154,6 +154,16 @@ def test_what_torch_does_not_compute_is_refused_in_one_line(tmp_path, kind, chan
     with pytest.raises(GraphpruneError) as exc:
         gp.load(save(proto, tmp_path / "r.onnx"))
     assert f"{kind} with {words} is not converted" in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("kind, change", [("LSTM", {"hidden_size": 7}), ("GRU", {"node_direction": "bidirectional"})])
+def test_weights_that_do_not_fit_the_node_are_refused_in_one_line(tmp_path, kind, change):
+    """torch's kernels take the shapes they are given and read past them: a malformed node is refused."""
+    proto = _recurrent_node_onnx(kind, "forward", 0, **change)
+    with pytest.raises(GraphpruneError) as exc:
+        gp.load(save(proto, tmp_path / "r.onnx"))
+    assert f"{kind} weights of shapes" in str(exc.value) and "do not fit" in str(exc.value)
+    assert "\n" not in str(exc.value)
 
 
 def test_an_output_with_its_batch_on_axis_1_is_read_batch_first_and_optimized(tmp_path):

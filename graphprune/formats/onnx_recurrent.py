@@ -116,12 +116,28 @@ def convert_recurrent(node, graph):
         if inputs[index] not in graph.initializers:
             refuse(f"{name} computed in the graph")
     weight = lambda index: graph.initializers[inputs[index]].to_torch()  # noqa: E731
+    _check_shapes(kind, weight(1), weight(2), weight(3) if inputs[3] else None, directions,
+                  attributes.get("hidden_size"))
     module = OnnxRecurrent(kind, weight(1), weight(2), weight(3) if inputs[3] else None,
                            _text(attributes.get("direction", "forward")), bool(attributes.get("layout", 0)),
                            len(node.output_values))
     states = (inputs[5], inputs[6]) if kind == "LSTM" else (inputs[5],)
     mapping = OnnxMapping(inputs=(inputs[0],) + states, outputs=node.output_values)
     return OperationConverterResult(torch_module=module, onnx_mapping=mapping)
+
+
+def _check_shapes(kind: str, weights, recurrence, bias, directions: int, hidden_size) -> None:
+    """``W`` (D, G*H, I), ``R`` (D, G*H, H), ``B`` (D, 2*G*H) as the node's ``direction`` and
+    ``hidden_size`` say, else a malformed node: torch's kernels read whatever memory such shapes
+    point at."""
+    hidden = recurrence.shape[-1] if recurrence.dim() == 3 else -1
+    rows = GATES[kind] * hidden
+    expected = [(weights, (directions, rows, weights.shape[-1] if weights.dim() == 3 else -1)),
+                (recurrence, (directions, rows, hidden))] + ([(bias, (directions, 2 * rows))] if bias is not None else [])
+    if (hidden < 1 or (hidden_size is not None and int(hidden_size) != hidden)
+            or any(tuple(tensor.shape) != shape for tensor, shape in expected)):
+        raise ValueError(f"{kind} weights of shapes {[tuple(t.shape) for t, _ in expected]} do not fit {directions} "
+                         f"direction(s) and hidden_size {hidden_size if hidden_size is not None else hidden}")
 
 
 def _text(value) -> str:
