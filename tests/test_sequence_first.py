@@ -119,3 +119,41 @@ def test_optimize_drops_sequence_first_blocks_and_writes_what_onnxruntime_runs(m
     written = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     expected = result.model.run(x).numpy()
     assert np.abs(written - expected).max() < 1e-4 * np.abs(expected).max()
+
+
+class _EncoderNet(nn.Module):
+    """Patches through ``nn.TransformerEncoder`` in its default layout, (L, N, D)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 32, 8, 8)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).permute(2, 0, 1)
+        return self.head(self.encoder(tokens).mean(0))
+
+
+@pytest.mark.slow  # about 15 s
+def test_an_nn_transformer_encoder_is_traced_into_and_optimized(tmp_path):
+    """fx keeps torch.nn modules whole: the encoder was one node and no block was found; such a
+    module is exported with torch.export instead, its layers' attention and MLP become blocks, and
+    their (L, N, D) values are cached batch first."""
+    from test_vit import FAST_CONFIG
+
+    torch.manual_seed(0)
+    net = _EncoderNet().eval()
+    model = gp.load(net, input_shape=(1, 3, 32, 32))
+    assert [b.name for b in gp.find_blocks(model)] == ["encoder.layers.0.self_attn", "encoder.layers.0.linear1",
+                                                      "encoder.layers.1.self_attn", "encoder.layers.1.linear1"]
+    x = _images(3, seed=7)
+    assert torch.allclose(model.run(x), net(x), atol=1e-5)
+    result = gp.optimize(model, TinySet(_images(40), -torch.ones(40, dtype=torch.long)), FAST_CONFIG)
+    assert result.report["dropped"] and result.report["recovery"]["final_loss"] is not None
+    path = gp.save(result.model, tmp_path / "fast.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    written = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    expected = result.model.run(x).numpy()
+    assert np.abs(written - expected).max() < 1e-4 * np.abs(expected).max()

@@ -45,6 +45,8 @@ def load_module(module: nn.Module, input_shape: tuple[int, ...] | None = None, n
         # symbolic_trace keeps the original module's Python attributes; run once to be sure it works.
         with torch.no_grad():
             gm(torch.randn(shape))
+        if _hides_residual_blocks(gm):
+            raise _TraceInside
     except Exception:
         gm, fixed_batch = _export_module(module, shape)
     else:
@@ -56,6 +58,21 @@ def load_module(module: nn.Module, input_shape: tuple[int, ...] | None = None, n
     if fixed_batch:
         _free_exported_batch(model)
     return model
+
+
+# torch.nn modules that fx keeps whole (it traces into no torch.nn module) and whose residual adds
+# are the blocks: nn.TransformerEncoder's layers were one node, and no block was found
+RESIDUAL_CONTAINERS = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer,
+                       nn.TransformerDecoderLayer)
+
+
+class _TraceInside(Exception):
+    """fx traced the module with residual blocks inside one node: torch.export traces into them."""
+
+
+def _hides_residual_blocks(gm: fx.GraphModule) -> bool:
+    return any(node.op == "call_module" and isinstance(gm.get_submodule(node.target), RESIDUAL_CONTAINERS)
+               for node in gm.graph.nodes)
 
 
 def _export_module(module: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, bool]:
