@@ -45,12 +45,15 @@ def load_module(module: nn.Module, input_shape: tuple[int, ...] | None = None, n
         # symbolic_trace keeps the original module's Python attributes; run once to be sure it works.
         with torch.no_grad():
             gm(torch.randn(shape))
-        if _hides_residual_blocks(gm):
-            raise _TraceInside
     except Exception:
         gm, fixed_batch = _export_module(module, shape)
     else:
         fixed_batch = False
+        if _hides_residual_blocks(gm):  # torch.export traces into them; fx's graph where it cannot
+            try:
+                gm, fixed_batch = _export_module(module, shape)
+            except GraphpruneError:
+                pass
     gm.eval()
     spec = InputSpec(_placeholder_names(gm)[0], (None, *shape[1:]))
     model = Model(gm, "torch", (spec,), _output_names(gm), name or type(module).__name__, input_shape=shape)
@@ -64,10 +67,6 @@ def load_module(module: nn.Module, input_shape: tuple[int, ...] | None = None, n
 # are the blocks: nn.TransformerEncoder's layers were one node, and no block was found
 RESIDUAL_CONTAINERS = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer,
                        nn.TransformerDecoderLayer)
-
-
-class _TraceInside(Exception):
-    """fx traced the module with residual blocks inside one node: torch.export traces into them."""
 
 
 def _hides_residual_blocks(gm: fx.GraphModule) -> bool:
