@@ -26,8 +26,8 @@ the in-graph decoded output, mAP50 0.08 against the original's detections).
   are all >= 0 is read as decoded, ``yolov5``);
 * the offsets stay within ``GRID_REACH`` cells (decoded centres in pixels reach across the image).
 
-Other undecoded heads (PicoDet's and NanoDet's box distributions apart from their scores) are not
-decoded: they stay ``other``.
+PicoDet's and NanoDet's undecoded heads (box distributions beside their class scores) are read by
+:mod:`graphprune.distribution_head`.
 """
 
 from __future__ import annotations
