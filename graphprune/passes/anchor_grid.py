@@ -25,11 +25,10 @@ the model in one line, as before). The new values are the constants' meta (``REG
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..formats.onnx_lower import REGRIDDED  # Model.meta: get_attr target -> its tensor at the new size
+from ..grid_head import cell_grid, level_cells
 from ..ops import fetch_attr
 
 GRID_OFFSETS = (0.5, 0.0)  # of a cell: its centre (ultralytics' make_anchors), its corner (YOLOX)
@@ -48,30 +47,12 @@ def _levels(strides: torch.Tensor, size: tuple[int, int]) -> list[int] | None:
         stride = values[start]
         if stride <= 0 or stride != int(stride):
             return None
-        count = _cells(size, int(stride))
+        (count,) = level_cells((int(stride),), size)
         if values[start:start + count] != [stride] * count:
             return None
         levels.append(int(stride))
         start += count
     return levels
-
-
-def _cells(size: tuple[int, int], stride: int) -> int:
-    return math.ceil(size[0] / stride) * math.ceil(size[1] / stride)
-
-
-def _grid(levels: list[int], size: tuple[int, int], offset: float) -> torch.Tensor:
-    """(A, 2) cell points (x, y) of every level at ``size``, x fastest, ``offset`` into each cell."""
-    parts = []
-    for stride in levels:
-        height, width = math.ceil(size[0] / stride), math.ceil(size[1] / stride)
-        y, x = torch.meshgrid(torch.arange(height) + offset, torch.arange(width) + offset, indexing="ij")
-        parts.append(torch.stack((x, y), -1).view(-1, 2))
-    return torch.cat(parts)
-
-
-def _strides(levels: list[int], size: tuple[int, int]) -> torch.Tensor:
-    return torch.cat([torch.full((_cells(size, s),), float(s)) for s in levels])
 
 
 def regridded(gm, anchors: int, size: tuple[int, int], new_size: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -84,8 +65,9 @@ def regridded(gm, anchors: int, size: tuple[int, int], new_size: tuple[int, int]
                    for found in [_levels(v, size)] if found), None)  # from the first strides constant
     if levels is None:
         return {}
-    new_anchors = sum(_cells(new_size, s) for s in levels)
-    grids = [(_grid(levels, size, offset), _grid(levels, new_size, offset)) for offset in GRID_OFFSETS]
+    (corners, strides), (new_corners, new_strides) = cell_grid(levels, size, 0.0), cell_grid(levels, new_size, 0.0)
+    new_anchors = len(new_strides)
+    grids = [(corners + offset, new_corners + offset) for offset in GRID_OFFSETS]
     out = {}
     for target, value in constants.items():
         wide = [d for d in value.shape if d != 1]
@@ -93,8 +75,8 @@ def regridded(gm, anchors: int, size: tuple[int, int], new_size: tuple[int, int]
             if value.tolist().count(anchors) != 1:
                 return {}
             out[target] = torch.where(value == anchors, torch.tensor(new_anchors, dtype=value.dtype), value)
-        elif value.numel() == anchors and torch.equal(value.flatten(), _strides(levels, size)):
-            out[target] = _strides(levels, new_size).to(value.dtype).view(_with(value.shape, anchors, new_anchors))
+        elif value.numel() == anchors and torch.equal(value.flatten(), strides.flatten()):
+            out[target] = new_strides.to(value.dtype).view(_with(value.shape, anchors, new_anchors))
         elif wide in ([2, anchors], [anchors, 2]):
             points = value.reshape(wide) if wide[0] == anchors else value.reshape(wide).T  # (A, 2)
             new_grid = next((new for grid, new in grids if torch.equal(points, grid.to(value.dtype))), None)
