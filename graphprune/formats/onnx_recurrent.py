@@ -115,10 +115,9 @@ def convert_recurrent(node, graph):
     for name, index in (("W", 1), ("R", 2)) + ((("B", 3),) if inputs[3] else ()):
         if inputs[index] not in graph.initializers:
             refuse(f"{name} computed in the graph")
-    weight = lambda index: graph.initializers[inputs[index]].to_torch()  # noqa: E731
-    _check_shapes(kind, weight(1), weight(2), weight(3) if inputs[3] else None, directions,
-                  attributes.get("hidden_size"))
-    module = OnnxRecurrent(kind, weight(1), weight(2), weight(3) if inputs[3] else None,
+    weights, recurrence, bias = (graph.initializers[inputs[i]].to_torch() if inputs[i] else None for i in (1, 2, 3))
+    _check_shapes(kind, weights, recurrence, bias, directions, attributes.get("hidden_size"))
+    module = OnnxRecurrent(kind, weights, recurrence, bias,
                            _text(attributes.get("direction", "forward")), bool(attributes.get("layout", 0)),
                            len(node.output_values))
     states = (inputs[5], inputs[6]) if kind == "LSTM" else (inputs[5],)

@@ -90,12 +90,13 @@ def box_outputs(model, images: torch.Tensor | None = None) -> tuple[BoxOutput, .
     per_image = [run(images[i:i + 1]) for i in range(len(images))]  # one at a time: a batch may be fixed at 1
     outputs = [torch.cat(parts) for parts in zip(*per_image)]
     decoded = distribution_head(outputs, tuple(images.shape[-2:]))
-    if decoded is not None:  # its user decodes on a grid of the file's size, as an undecoded YOLOX's
+    in_head = sorted({*decoded.scores, *decoded.distributions}) if decoded is not None else []
+    if in_head:  # its user decodes on a grid of the file's size, as an undecoded YOLOX's
         index = decoded.scores[0]
-        found.append(BoxOutput(index, "yolov8", outputs[index].shape[2], 2, 1, UNDECODED_DISTRIBUTIONS.format(
-            outputs=", ".join(map(str, sorted({*decoded.scores, *decoded.distributions}))))))
+        found.append(BoxOutput(index, "yolov8", outputs[index].shape[2], 2, 1,
+                               UNDECODED_DISTRIBUTIONS.format(outputs=", ".join(map(str, in_head)))))
     for index, output in enumerate(outputs):
-        if decoded is not None and index in {*decoded.scores, *decoded.distributions}:
+        if index in in_head:
             continue
         rows = head if index == 0 else None
         layout = output_layout(output, rows)
