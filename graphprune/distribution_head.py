@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .detections import within_0_1
-from .grid_head import STRIDE_SETS, cell_grid, level_cells
+from .grid_head import STRIDE_SETS, cell_grid, grid_strides, level_cells
 
 SIDES = 4  # left, top, right, bottom
 
@@ -81,7 +81,7 @@ def distribution_head(outputs: Sequence[torch.Tensor], size: tuple[int, int]) ->
     (module docstring)."""
     per_anchor = {i: out for i, out in enumerate(outputs)
                   if out.is_floating_point() and out.dim() == 3 and out.numel() and bool(torch.isfinite(out).all())}
-    for strides in sorted(STRIDE_SETS, key=len, reverse=True):  # a model's every level, not its first three
+    for strides in STRIDE_SETS:  # longest first: a model's every level, not its first three
         cells = level_cells(strides, size)
         if len(set(cells)) != len(cells):
             continue  # two levels of one count: which is which is unknown
@@ -108,8 +108,7 @@ def distribution_head(outputs: Sequence[torch.Tensor], size: tuple[int, int]) ->
 def _one_output_head(per_anchor: dict[int, torch.Tensor], size: tuple[int, int]) -> DistributionHead | None:
     """The first output holding both, every level's cells in one axis (module docstring)."""
     for index, output in per_anchor.items():
-        strides = next((s for s in sorted(STRIDE_SETS, key=len, reverse=True)
-                        if sum(level_cells(s, size)) == output.shape[1]), None)
+        strides = grid_strides(output.shape[1], size)
         if strides is None:
             continue
         inside = ((output >= 0) & (output <= 1)).flatten(0, 1).all(0).tolist()  # per column

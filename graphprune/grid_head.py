@@ -40,7 +40,9 @@ import torch
 from .detections import BOX_ROWS, within_0_1
 from .errors import GraphpruneError
 
-STRIDE_SETS = ((8, 16, 32), (8, 16, 32, 64))  # YOLOX's P3-P5 levels; a P6 model's P3-P6
+# a P6 model's P3-P6 levels, YOLOX's P3-P5: longest first, so that a head of four levels is not read as its
+# first three where each level is an output of its own (distribution_head.py)
+STRIDE_SETS = ((8, 16, 32, 64), (8, 16, 32))
 GRID_REACH = 8.0  # cells: YOLOX's offsets stay within a few (its labels are assigned within 2.5)
 MAX_LOG_SIZE = 20.0  # exp() of a pruned model's wild log sizes stays finite
 
@@ -78,7 +80,7 @@ def grid_head(output: torch.Tensor, size: tuple[int, int]) -> GridHead | None:
     or None (module docstring)."""
     if not output.is_floating_point() or output.dim() != 3 or output.shape[2] < BOX_ROWS + 2 or output.numel() == 0:
         return None
-    strides = next((s for s in STRIDE_SETS if sum(level_cells(s, size)) == output.shape[1]), None)
+    strides = grid_strides(output.shape[1], size)
     if strides is None:
         return None
     scores, offsets, log_sizes = output[..., BOX_ROWS:], output[..., :2], output[..., 2:BOX_ROWS]
@@ -89,6 +91,11 @@ def grid_head(output: torch.Tensor, size: tuple[int, int]) -> GridHead | None:
     if float(offsets.abs().max()) > GRID_REACH:
         return None
     return GridHead(strides, (int(size[0]), int(size[1])))
+
+
+def grid_strides(anchors: int, size: tuple[int, int]) -> tuple[int, ...] | None:
+    """The stride set whose cells at an input of ``size`` number ``anchors``, or None."""
+    return next((s for s in STRIDE_SETS if sum(level_cells(s, size)) == anchors), None)
 
 
 def level_cells(strides: tuple[int, ...], size: tuple[int, int]) -> list[int]:
