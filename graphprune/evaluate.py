@@ -201,16 +201,16 @@ def _evaluate(run: Runner, fixed: int | None, names: list[str], data: TinySet, r
         expected = run_reference(images) if run_reference is not None else None
         if not scores:  # layouts from the reference's outputs, which the model's must match
             basis = outputs if expected is None else expected
-            decoded = distribution_head(basis, tuple(images.shape[-2:]))
-            scores = _scores(_with_decoded(basis, decoded), [*names, DECODED_NAME] if decoded else names, data,
-                             compare=expected is not None, head_rows=rows)
-            if decoded is not None:
-                scores[-1].description = f"{decoded.describe()}: {scores[-1].description}"
-        if len(outputs) + (decoded is not None) != len(scores):
-            raise GraphpruneError(f"the model has {len(outputs)} outputs; the original has "
-                                  f"{len(scores) - (decoded is not None)}")
+            original_count, decoded = len(basis), distribution_head(basis, tuple(images.shape[-2:]))
+        if len(outputs) != original_count:
+            raise GraphpruneError(f"the model has {len(outputs)} outputs; the original has {original_count}")
         outputs = _with_decoded(outputs, decoded)
         expected = None if expected is None else _with_decoded(expected, decoded)
+        if not scores:
+            scores = _scores(outputs if expected is None else expected, [*names, DECODED_NAME] if decoded else names,
+                             data, compare=expected is not None, head_rows=rows)
+            if decoded is not None:
+                scores[-1].description = f"{decoded.describe()}: {scores[-1].description}"
         for i, (score, output) in enumerate(zip(scores, outputs)):
             score.add(output, None if expected is None else expected[i], labels)
     per_output = {score.name: score.result(count) for score in scores}
