@@ -51,13 +51,17 @@ def cpu_session(proto_or_bytes, what: str = "the model"):
 
 def run_outputs(session, images: torch.Tensor, batch_size: int, axes: tuple[int, ...] = ()) -> np.ndarray:
     """The first output of ``session`` on ``images``, batched (:func:`run_all_outputs`)."""
-    return run_all_outputs(session, images, batch_size, axes)[0]
+    return run_all_outputs(session, images, batch_size, axes, first_only=True)[0]
 
 
-def run_all_outputs(session, images: torch.Tensor, batch_size: int, axes: tuple[int, ...] = ()) -> list[np.ndarray]:
-    """Every output of ``session`` on ``images``, batched, each batch first (``axes``: where the
-    model's outputs hold their batch, ``batch_axis.output_batch_axes``; () where all on axis 0)."""
-    batches = [batch_first(session.run(None, feeds), axes) for feeds in image_batches(session, images, batch_size)]
+def run_all_outputs(session, images: torch.Tensor, batch_size: int, axes: tuple[int, ...] = (),
+                    first_only: bool = False) -> list[np.ndarray]:
+    """Every output of ``session`` on ``images`` (``first_only``: the first alone; the others are
+    not kept), batched, each batch first (``axes``: where the model's outputs hold their batch,
+    ``batch_axis.output_batch_axes``; () where all on axis 0)."""
+    kept = 1 if first_only else None
+    batches = [batch_first(session.run(None, feeds), axes)[:kept]
+               for feeds in image_batches(session, images, batch_size)]
     return [np.concatenate(parts) for parts in zip(*batches)]
 
 

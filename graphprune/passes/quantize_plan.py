@@ -41,7 +41,7 @@ from ..detections import DECODERS, DetectionCounts, lower_map50
 from ..distribution_head import distribution_head
 from ..fidelity import HeadRows, MapOverlap, detection_head, output_heads, output_layout, same_top_classes
 from ..formats.input_shape import recorded_detection_rows
-from ..formats.ort_run import cpu_session, run_all_outputs
+from ..formats.ort_run import cpu_session, fixed_batch, run_all_outputs
 from .float_groups import float_group_nodes
 from .calibration import Calibrated, as_images
 from .quantize import QuantConfig, QuantizeSettings, quantization_info, quantize_onnx
@@ -257,10 +257,13 @@ class _Judge:
 
     def __init__(self, proto, images: torch.Tensor, labels, settings: QuantizeSettings, axes: tuple[int, ...] = ()):
         self.settings, self.images, self.axes = settings, images, axes
-        everything = run_all_outputs(cpu_session(proto, "the float model"), images, settings.batch_size, axes)
-        # a head decoded outside the file from several outputs (PicoDet's): judged by its detections
-        self.decoded = distribution_head([torch.from_numpy(o) for o in everything], tuple(images.shape[-2:]))
-        self.reference = self._judged(everything)
+        session = cpu_session(proto, "the float model")
+        # a head decoded outside the file from several outputs (PicoDet's): judged by its detections,
+        # found on one batch; other models' outputs after the first are not kept
+        probe = run_all_outputs(session, images[:max(settings.batch_size, fixed_batch(session) or 0)],
+                                settings.batch_size, axes)
+        self.decoded = distribution_head([torch.from_numpy(o) for o in probe], tuple(images.shape[-2:]))
+        self.reference = self._judged(session)
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
         # an ultralytics segment, pose or obb head: its boxes and class scores judged as a detector's;
         # an undecoded YOLOX head: decoded so (grid_head.py)
@@ -290,8 +293,10 @@ class _Judge:
         else:
             self.metric, self.bound = "relative_error", settings.max_relative_error
 
-    def _judged(self, outputs: list[np.ndarray]) -> np.ndarray:
-        """The output judged: the first, or the detections decoded from every output."""
+    def _judged(self, session) -> np.ndarray:
+        """The output of ``session`` judged on the images: the first, or the detections decoded from every output."""
+        outputs = run_all_outputs(session, self.images, self.settings.batch_size, self.axes,
+                                  first_only=self.decoded is None)
         if self.decoded is None:
             return outputs[0]
         return self.decoded.read([torch.from_numpy(o) for o in outputs]).numpy()
@@ -321,7 +326,7 @@ class _Judge:
 
     def judge(self, config: QuantConfig, quantized: onnx.ModelProto, timing: Timing) -> Candidate:
         """The candidate ``quantized`` (made with ``config``, timed as ``timing``) against the float model."""
-        out = self._judged(run_all_outputs(cpu_session(quantized), self.images, self.settings.batch_size, self.axes))
+        out = self._judged(cpu_session(quantized))
         if out.shape != self.reference.shape:  # a size the data decides: detections after NMS
             return Candidate(config, timing, error=f"its output has shape {out.shape}, the float model's "
                              f"{self.reference.shape}: an output whose size depends on the values (detections "
