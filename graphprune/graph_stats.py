@@ -83,3 +83,42 @@ def count_params(nodes, gm: fx.GraphModule) -> int:
         for tensor in node_weight_tensors(node, gm):
             seen[id(tensor)] = tensor.numel()
     return sum(seen.values())
+
+
+class _KeepingInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
+        super().__init__(gm)
+        self.wanted, self.kept = wanted, {}
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if n in self.wanted:
+            self.kept[n] = result
+        return result
+
+
+@torch.no_grad()
+def node_values(model: Model, nodes) -> dict[fx.Node, object]:
+    """The values of ``nodes`` in one eval-mode run on the example input (batch 1)."""
+    gm = model.graph_module
+    was_training = gm.training
+    gm.eval()
+    try:
+        interp = _KeepingInterpreter(gm, set(nodes))
+        interp.run(*model.example_inputs(batch_size=1))
+    finally:
+        gm.train(was_training)
+    return interp.kept
+
+
+@torch.no_grad()
+def run_node_with(gm: fx.GraphModule, node: fx.Node, values: list) -> object:
+    """What ``node`` computes when its argument slots (in :func:`graphprune.ops.tensor_args`
+    order, constants included) hold ``values``."""
+    slots = iter(values)
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda _: next(slots))
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)

@@ -141,7 +141,8 @@ def fetch_attr(gm: fx.GraphModule, target: str):
 def is_multi_output(node: fx.Node) -> bool:
     """True for a node whose value is a tuple of tensors (an ONNX ``Split``, ``torch.chunk``): read
     only through ``getitem``, never a tensor to cache, feed or fit an adaptor on."""
-    return bool(node.users) and all(u.op == "call_function" and u.target is operator.getitem for u in node.users)
+    return bool(node.users) and all(u.op == "call_function" and u.target is operator.getitem
+                                    and isinstance(u.args[1], int) for u in node.users)  # x[:, :8] is a tensor's
 
 
 def merge_duplicate_getitems(gm: fx.GraphModule) -> int:

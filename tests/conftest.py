@@ -29,6 +29,7 @@ TORCHVISION_MODELS = {
     "efficientnet_b0": ((2, 3, 64, 64), 9),
     "regnet_x_400mf": ((2, 3, 64, 64), 22),
     "convnext_tiny": ((2, 3, 64, 64), 18),
+    "shufflenet_v2_x0_5": ((2, 3, 64, 64), 13),  # channel-split residuals: cat(x1, f(x2))
     "vit_b_16": ((1, 3, 224, 224), 24),
     "swin_t": ((1, 3, 224, 224), 24),
 }

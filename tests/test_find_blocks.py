@@ -13,7 +13,7 @@ EXPECTED_FIRST = {
     "resnet18": ("layer1.0", "identity"), "resnet50": ("layer1.0", "projection"),
     "mobilenet_v2": ("features.3", "identity"), "mobilenet_v3_large": ("features.1", "identity"),
     "efficientnet_b0": ("features.2.1", "identity"), "regnet_x_400mf": ("trunk_output.block1.block1-0", "projection"),
-    "convnext_tiny": ("features.1.0", "identity"),
+    "convnext_tiny": ("features.1.0", "identity"), "shufflenet_v2_x0_5": ("stage2.1", "split"),
     "vit_b_16": ("encoder.layers.encoder_layer_0.self_attention", "identity"),
     "swin_t": ("features.1.0.attn", "identity"),
 }

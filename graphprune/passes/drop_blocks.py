@@ -2,7 +2,8 @@
 
 Dropping a block computes what the original computes when the block's residual branch outputs
 zero: the merge ``shortcut + branch`` becomes ``shortcut`` (the identity, the parameter-free
-shortcut, or the projection). Mechanically: every reader of the merge reads the shortcut's output
+shortcut, or the projection). A channel-split block's branch becomes the identity on its piece, so
+its concat becomes the entry it split. Mechanically: every reader of the merge reads the shortcut's output
 instead, and dead code elimination removes the branch. A post-merge activation stays unless it is
 provably a no-op on the shortcut (a ReLU of a value that is already >= 0), in which case it goes
 too. Nothing else in the graph changes but the merges of the blocks that stay, which keep their
@@ -114,12 +115,16 @@ def _drop(model: Model, chosen: list[Block], blocks: list[Block]) -> tuple[Model
 
 
 def zero_branch(model: Model, block: Block) -> Model:
-    """A copy of ``model`` in which ``block``'s residual branch outputs zeros (the reference that a
-    dropped block must equal)."""
+    """A copy of ``model`` in which ``block``'s residual branch outputs zeros, or for a split block
+    its input piece (the reference that a dropped block must equal)."""
     new = model.clone()
     gm = new.graph_module
     nodes = {n.name: n for n in gm.graph.nodes}
     merge, branch_out = nodes[block.merge], nodes[block.branch_output]
+    if block.branch_input is not None:
+        merge.replace_input_with(branch_out, nodes[block.branch_input])
+        gm.recompile()
+        return new
     with gm.graph.inserting_before(merge):
         zeros = gm.graph.call_function(torch.zeros_like, (branch_out,))
     merge.replace_input_with(branch_out, zeros)

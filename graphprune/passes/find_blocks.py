@@ -20,6 +20,14 @@ path from the entry to ``m``. ``m`` is a residual block when
    become one conv once reparameterised), is one layer, not a block around one. Their identity
    branch, x + convs(x), is a block.
 
+A *channel-split residual* (ShuffleNetV2's unit: ``cat(x1, f(x2))`` where ``x1, x2`` split ``x``)
+is a block of kind ``split``: its merge is a concat of two tensors, its region is single-entry
+single-exit as in 1., one side (the pass-through) is parameter-free slicing of the entry and the
+other, the branch, carries the weights and keeps its input piece's shape, and the concat computes
+the entry exactly when the branch is replaced by the identity on its piece (checked on the values
+of one forward pass, whatever ops do the slicing). Dropping it makes the concat's readers read the
+entry.
+
 An activation that is the merge's only reader belongs to the block. Blocks are named after the
 module path shared by the merge and the branch's weighted ops (``layer2.1``, ``features.3``);
 where two blocks would share a name (two residuals in one transformer layer) the branch's own path
@@ -32,12 +40,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import networkx as nx
+import torch
 from torch import fx
 
 from ..errors import GraphpruneError
-from ..graph_stats import count_params, node_stats
+from ..graph_stats import count_params, node_stats, node_values, run_node_with
 from ..model import Model
-from ..ops import ACTIVATIONS, NO_OPS, ancestors, constant_nodes, is_binary_add, is_weighted, op_kind
+from ..ops import (ACTIVATIONS, NO_OPS, ancestors, constant_nodes, is_binary_add, is_multi_output, is_weighted,
+                   op_kind, tensor_args)
 from ..scopes import common_prefix, node_scope
 from .base import Analysis, PassResult
 
@@ -52,18 +62,19 @@ class Block:
     """A residual block, by fx node names. ``exit`` is the merge or its post-merge activation."""
 
     name: str
-    kind: str  # "identity" | "shortcut" | "projection"
+    kind: str  # "identity" | "shortcut" | "projection" | "split"
     entry: str
     merge: str
     exit: str
     branch: tuple[str, ...]
     shortcut: tuple[str, ...]
     branch_output: str
-    shortcut_output: str
+    shortcut_output: str  # the value the merge becomes when the block goes (a split block: the entry)
     input_shape: tuple[int, ...] | None = None
     output_shape: tuple[int, ...] | None = None
     params: int = 0
     macs: int = 0
+    branch_input: str | None = None  # a split block's: the piece of the entry its branch transforms
 
     def summary(self) -> dict:
         """The JSON record used by ``inspect --json`` and reports."""
@@ -99,16 +110,24 @@ def find_blocks(model: Model, require: bool = False) -> list[Block]:
     stats = node_stats(model)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     weighted = {n for n in graph if n is not _ROOT and is_weighted(n, gm, constants)}
-    raw = []
+    raw, splits = [], []
     for node in gm.graph.nodes:
-        if node not in graph or not is_binary_add(node, gm):
+        if node not in graph:
             continue
-        a, b = node.args
-        if a in constants or b in constants or a is b:
+        if is_binary_add(node, gm):
+            a, b = node.args
+            if a in constants or b in constants or a is b:
+                continue
+            found = _match_block(node, a, b, graph, idom, gm, constants)
+        elif op_kind(node, gm) == "cat":
+            found = _match_split(node, graph, idom, gm, constants)
+            splits += [found] if found is not None else []
             continue
-        found = _match_block(node, a, b, graph, idom, gm, constants)
+        else:
+            continue
         if found is not None and not weighted <= set(found.branch):  # not a global residual (4.)
             raw.append(found)
+    raw += [r for r in _exact_splits(model, splits) if not weighted <= set(r.branch)]
     blocks = _name_blocks(raw, gm, constants, stats)
     blocks.sort(key=lambda blk: order[node_named(gm, blk.merge)])
     if require and not blocks:
@@ -158,19 +177,28 @@ class _Raw:
     shortcut: list[fx.Node]
     branch_output: fx.Node
     shortcut_output: fx.Node
+    branch_input: fx.Node | None = None
+
+
+def _sese_region(entry, merge, graph) -> set | None:
+    """Every node on a path from ``entry`` to ``merge``, where that region is single-entry
+    single-exit (rule 1), else None."""
+    region = (nx.descendants(graph, entry) & nx.ancestors(graph, merge)) | {entry, merge}
+    for node in region:
+        if node is not entry and any(p not in region for p in graph.predecessors(node)):
+            return None
+        if node is not entry and node is not merge and any(s not in region for s in graph.successors(node)):
+            return None
+    return region
 
 
 def _match_block(merge, a, b, graph, idom, gm, constants) -> _Raw | None:
     entry = idom.get(merge)
     if entry is None or entry == _ROOT:
         return None
-    ancestors = nx.ancestors(graph, merge)
-    region = (nx.descendants(graph, entry) & ancestors) | {entry, merge}
-    for node in region:
-        if node is not entry and any(p not in region for p in graph.predecessors(node)):
-            return None
-        if node is not entry and node is not merge and any(s not in region for s in graph.successors(node)):
-            return None
+    region = _sese_region(entry, merge, graph)
+    if region is None:
+        return None
     side_a = _side(a, entry, region, graph)
     side_b = _side(b, entry, region, graph)
     if side_a & side_b or (side_a | side_b | {entry, merge}) != region:
@@ -191,14 +219,73 @@ def _match_block(merge, a, b, graph, idom, gm, constants) -> _Raw | None:
     kind = "projection" if shortcut[2] else ("shortcut" if shortcut[3] else "identity")
     if kind == "projection" and all(op_kind(n, gm) in _LINEAR_KINDS for n in branch[1]):
         return None  # rule 5: parallel linear branches summed, one conv once reparameterised
-    exit_node = merge
-    users = [u for u in merge.users]
+    topo = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return _Raw(merge, entry, _exit(merge, gm, constants), kind,
+                sorted(branch[1], key=topo.get), sorted(shortcut[1], key=topo.get), branch[0], shortcut[0])
+
+
+def _exit(merge, gm, constants):
+    """The merge, or its post-merge activation where that is its only reader."""
+    users = list(merge.users)
     if len(users) == 1 and op_kind(users[0], gm) in ACTIVATIONS and \
             [i for i in users[0].all_input_nodes if i not in constants] == [merge]:
-        exit_node = users[0]
+        return users[0]
+    return merge
+
+
+def _match_split(merge, graph, idom, gm, constants) -> _Raw | None:
+    """A channel-split residual by structure (module docstring); :func:`_exact_splits` checks its
+    values. The entry is the value split; a multi-output splitter (``torch.chunk``) between them
+    belongs to the pass-through side."""
+    operands = [a for a in tensor_args(merge) if a not in constants]
+    if len(operands) != 2 or operands[0] is operands[1]:
+        return None
+    entry, splitter = idom.get(merge), None
+    if entry is not None and entry != _ROOT and is_multi_output(entry):
+        inputs = [i for i in entry.all_input_nodes if i not in constants]
+        entry, splitter = (inputs[0], entry) if len(inputs) == 1 else (None, None)
+    if entry is None or entry == _ROOT:
+        return None
+    region = _sese_region(entry, merge, graph)
+    if region is None:
+        return None
+    sides = [_side(operand, entry, region, graph) - {splitter} for operand in operands]
+    if sides[0] & sides[1] or sides[0] | sides[1] | {entry, merge, splitter} != region | {splitter}:
+        return None
+    weighted = [[n for n in side if is_weighted(n, gm, constants)] for side in sides]
+    if bool(weighted[0]) == bool(weighted[1]):
+        return None  # one side passes its piece through, the other carries the weights
+    through, branch = (0, 1) if weighted[1] else (1, 0)
+    if len(sides[through]) > MAX_SHORTCUT_NODES:
+        return None
+    starts = [n for n in sides[branch] if {i for i in n.all_input_nodes if i not in constants} <= {entry, splitter}]
+    if len(starts) != 1 or starts[0] is operands[branch]:
+        return None
     topo = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return _Raw(merge, entry, exit_node, kind,
-                sorted(branch[1], key=topo.get), sorted(shortcut[1], key=topo.get), branch[0], shortcut[0])
+    passing = sorted(sides[through] | ({splitter} if splitter is not None else set()), key=topo.get)
+    raw = _Raw(merge, entry, _exit(merge, gm, constants), "split", sorted(sides[branch], key=topo.get), passing,
+               operands[branch], entry)
+    raw.branch_input = starts[0]
+    return raw
+
+
+def _exact_splits(model: Model, candidates: list[_Raw]) -> list[_Raw]:
+    """The candidates whose concat gives back the entry, on one forward pass's values, when the
+    branch's output is replaced by its input piece."""
+    if not candidates:
+        return []
+    wanted = {n for r in candidates for n in (r.entry, r.branch_input, *tensor_args(r.merge))}
+    values = node_values(model, wanted)
+    exact = []
+    for r in candidates:
+        swapped = [values.get(r.branch_input) if a is r.branch_output else values.get(a) for a in tensor_args(r.merge)]
+        if any(not isinstance(values.get(n), torch.Tensor) for n in (r.entry, r.branch_input, r.branch_output)) or \
+                values[r.branch_output].shape != values[r.branch_input].shape:
+            continue
+        out = run_node_with(model.graph_module, r.merge, swapped)
+        if isinstance(out, torch.Tensor) and out.shape == values[r.entry].shape and torch.equal(out, values[r.entry]):
+            exact.append(r)
+    return exact
 
 
 def _side(operand, entry, region, graph) -> set:
@@ -234,6 +321,7 @@ def _name_blocks(raw: list[_Raw], gm, constants, stats) -> list[Block]:
             output_shape=stats[r.exit.name].shape if r.exit.name in stats else None,
             params=count_params(with_constants, gm),
             macs=sum(stats[n.name].macs for n in with_constants if n.name in stats),
+            branch_input=r.branch_input.name if r.branch_input is not None else None,
         ))
     return blocks
 
