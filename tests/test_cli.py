@@ -80,7 +80,7 @@ def test_unknown_block_lists_available(cli, tmp_path):
 
 def test_no_residual_blocks_on_drop(cli, tmp_path):
     out = tmp_path / "o.onnx"
-    _assert_clean_failure(cli("drop", "torchvision:vgg11", "--input-shape", "1,3,32,32", "--blocks", "x", "-o", out),
+    _assert_clean_failure(cli("drop", "torchvision:squeezenet1_1", "--input-shape", "1,3,64,64", "--blocks", "x", "-o", out),
                           "no residual blocks", out)
 
 

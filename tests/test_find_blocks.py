@@ -53,7 +53,13 @@ def test_cifar_resnets_have_option_a_shortcuts(depth, count):
     assert blocks[0].input_shape == (1, 16, 32, 32) and blocks[-1].output_shape == (1, 64, 8, 8)
 
 
-@pytest.mark.parametrize("name", ["vgg11", "densenet121"])
+def test_a_plain_network_drops_its_shape_keeping_layers():
+    blocks = gp.find_blocks(gp.load("torchvision:vgg11", input_shape=(1, 3, 64, 64)))
+    assert [(b.name, b.kind) for b in blocks] == [(f"features.{i}", "layer") for i in (8, 13, 16, 18)] + \
+        [("classifier.3", "layer")]  # the 3x3 convs that keep their channels, the 4096 -> 4096 Linear
+
+
+@pytest.mark.parametrize("name", ["squeezenet1_1"])
 def test_networks_without_residual_blocks(name, cli):
     model = gp.load(f"torchvision:{name}", input_shape=(1, 3, 64, 64))
     assert gp.find_blocks(model) == []
@@ -77,7 +83,8 @@ def test_bias_adds_and_two_long_computations_are_not_blocks():
         def forward(self, x):
             return self.a(x) + self.b(x) + self.bias.reshape(1, 8, 1, 1)
 
-    assert gp.find_blocks(gp.load(Head(), input_shape=(1, 3, 16, 16))) == []
+    blocks = gp.find_blocks(gp.load(Head(), input_shape=(1, 3, 16, 16)))
+    assert [(b.name, b.kind) for b in blocks] == [("a.2", "layer"), ("b.2", "layer")]  # no residual: its layers
 
 
 class _Res(nn.Module):

@@ -186,8 +186,8 @@ def test_optimize_bad_input(cli, r20_onnx, tmp_path, case):
         argv[5] = tmp_path / "bad.npz"
         np.savez(argv[5], images=np.zeros((40, 32), np.uint8))
     elif case == "no_blocks":
-        argv[1] = "torchvision:vgg11"
-        argv += ["--input-shape", "1,3,32,32"]
+        argv[1] = "torchvision:squeezenet1_1"
+        argv += ["--input-shape", "1,3,64,64"]
     elif case == "nan_weights":
         proto = onnx.load(str(model))
         init = proto.graph.initializer[0]

@@ -313,7 +313,7 @@ def test_inspect_says_whether_the_resolution_lever_applies(cli, tmp_path):
 
     classifier = _pooling_net_onnx(tmp_path / "net.onnx")
     code, stdout, _ = cli("inspect", classifier)
-    assert code == 0 and "no residual blocks found" in stdout
+    assert code == 0 and "1 layers of a network without residual blocks" in stdout
     assert "resolution: the network runs at a lower resolution inside the graph" in stdout
     code, stdout, _ = cli("inspect", classifier, "--json")
     assert code == 0 and json.loads(stdout)["runs_at_lower_resolution"] is True

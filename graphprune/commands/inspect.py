@@ -44,7 +44,8 @@ def format_block_table(blocks, total_macs: int) -> str:
     lines = ["  ".join(cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"{len(blocks)} residual blocks; model total {total_macs / 1e6:.2f} MMACs")
+    what = "layers of a network without residual blocks" if all(b.kind == "layer" for b in blocks) else "residual blocks"
+    lines.append(f"{len(blocks)} {what}; model total {total_macs / 1e6:.2f} MMACs")
     return "\n".join(lines)
 
 

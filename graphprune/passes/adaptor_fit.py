@@ -33,6 +33,8 @@ def shape_region(blocks: list[Block], block: Block) -> list[Block]:
     """The run of consecutive blocks (each one's entry is the previous one's exit) around ``block``
     whose outputs have ``block``'s shape: one stage of a ResNet, the encoder of a ViT."""
     index = blocks.index(block)
+    if block.kind == "layer":
+        return [block]  # a plain network's layer: one adaptor where it was (adaptor_sites)
     lo = hi = index
     while lo > 0 and blocks[lo - 1].output_shape == block.output_shape and blocks[lo].entry == blocks[lo - 1].exit:
         lo -= 1
@@ -45,7 +47,9 @@ def shape_region(blocks: list[Block], block: Block) -> list[Block]:
 def adaptor_sites(gm: fx.GraphModule, blocks: list[Block], region: list[Block],
                   dropped: Block) -> list[tuple[str, list[str]]]:
     """(producer, readers) edges of the original graph that get an adaptor when ``dropped`` goes
-    (see the module docstring)."""
+    (see the module docstring); a layer unit's: where it was, for all its readers."""
+    if dropped.kind == "layer":
+        return [(dropped.exit, [u.name for u in node_named(gm, dropped.exit).users])]
     sites: list[tuple[str, list[str]]] = []
     position = region.index(dropped)
     for before in region[:position]:

@@ -3,7 +3,8 @@
 Dropping a block computes what the original computes when the block's residual branch outputs
 zero: the merge ``shortcut + branch`` becomes ``shortcut`` (the identity, the parameter-free
 shortcut, or the projection). A channel-split block's branch becomes the identity on its piece, so
-its concat becomes the entry it split. Mechanically: every reader of the merge reads the shortcut's output
+its concat becomes the entry it split; a plain network's layer unit (``layer_units.py``) becomes the
+identity: its readers read its entry. Mechanically: every reader of the merge reads the shortcut's output
 instead, and dead code elimination removes the branch. A post-merge activation stays unless it is
 provably a no-op on the shortcut (a ReLU of a value that is already >= 0), in which case it goes
 too. Nothing else in the graph changes but the merges of the blocks that stay, which keep their
@@ -116,11 +117,15 @@ def _drop(model: Model, chosen: list[Block], blocks: list[Block]) -> tuple[Model
 
 def zero_branch(model: Model, block: Block) -> Model:
     """A copy of ``model`` in which ``block``'s residual branch outputs zeros, or for a split block
-    its input piece (the reference that a dropped block must equal)."""
+    its input piece, or a layer unit is the identity (the reference that a dropped block must equal)."""
     new = model.clone()
     gm = new.graph_module
     nodes = {n.name: n for n in gm.graph.nodes}
     merge, branch_out = nodes[block.merge], nodes[block.branch_output]
+    if block.kind == "layer":  # its readers read its entry: the identity in its place
+        nodes[block.exit].replace_all_uses_with(nodes[block.entry])
+        gm.recompile()
+        return new
     if block.branch_input is not None:
         merge.replace_input_with(branch_out, nodes[block.branch_input])
         gm.recompile()

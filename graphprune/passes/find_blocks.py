@@ -50,6 +50,7 @@ from ..ops import (ACTIVATIONS, NO_OPS, ancestors, constant_nodes, is_binary_add
                    op_kind, tensor_args)
 from ..scopes import common_prefix, node_scope
 from .base import Analysis, PassResult
+from .layer_units import layer_units
 
 MAX_SHORTCUT_NODES = 8  # longer parameter-free paths are computations, not shortcuts
 # Kinds of a branch that is a linear map of the entry (rule 5): reparameterisable parallel convs.
@@ -62,7 +63,7 @@ class Block:
     """A residual block, by fx node names. ``exit`` is the merge or its post-merge activation."""
 
     name: str
-    kind: str  # "identity" | "shortcut" | "projection" | "split"
+    kind: str  # "identity" | "shortcut" | "projection" | "split" | "layer"
     entry: str
     merge: str
     exit: str
@@ -128,10 +129,14 @@ def find_blocks(model: Model, require: bool = False) -> list[Block]:
         if found is not None and not weighted <= set(found.branch):  # not a global residual (4.)
             raw.append(found)
     raw += [r for r in _exact_splits(model, splits) if not weighted <= set(r.branch)]
+    if not raw:  # a plain network: its stride-1, channel-keeping layers (layer_units.py)
+        shapes = {name: s.shape for name, s in stats.items()}
+        raw = [_Raw(exit_node, entry, exit_node, "layer", nodes[:-1], [], exit_node, entry)
+               for entry, nodes, exit_node in layer_units(gm, graph, constants, shapes, _ROOT)]
     blocks = _name_blocks(raw, gm, constants, stats)
     blocks.sort(key=lambda blk: order[node_named(gm, blk.merge)])
     if require and not blocks:
-        raise GraphpruneError(f"no residual blocks found in {model.name}: nothing to drop")
+        raise GraphpruneError(f"no residual blocks found in {model.name}, nor a layer that keeps its shape: nothing to drop")
     return blocks
 
 
@@ -334,8 +339,9 @@ def _block_names(raw: list[_Raw], gm, constants) -> list[str]:
     weighted = [[node_scope(n) for n in r.branch if is_weighted(n, gm, constants)] for r in raw]
     bases = []
     for r, scopes in zip(raw, weighted):
-        base = node_scope(r.merge) or common_prefix([s for s in scopes if s])
-        bases.append(base or r.merge.meta.get("onnx_name", r.merge.name))
+        anchor = [*r.branch, r.merge][0] if r.kind == "layer" else r.merge  # a layer: its weighted op
+        base = node_scope(anchor) or common_prefix([s for s in scopes if s])
+        bases.append(base or anchor.meta.get("onnx_name", anchor.name))
     names = []
     for r, base, scopes in zip(raw, bases, weighted):
         if "block_name" in r.merge.meta:  # recorded by graphprune when it exported the model
