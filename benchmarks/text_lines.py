@@ -8,7 +8,8 @@ background of random tone, at a random horizontal offset, with mild noise; then 
 model's 48 x 320 as any image is. A seed fixes a set; the tiny set and the evaluation set use
 different seeds, so they share no line. :func:`read_rate` is the share of lines a recogniser reads
 exactly (greedy CTC decoding with the dictionary in its file's ``character`` metadata): the check
-that the original reads this text at all.
+that the original reads this text at all. :func:`pages` stacks such lines into square pages turned
+by 0, 90, 180 or 270 degrees: a document-orientation classifier's labelled sets.
 """
 
 from __future__ import annotations
@@ -83,3 +84,25 @@ def dictionary_of(path: Path) -> list[str]:
 
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     return meta["character"].splitlines()
+
+
+PAGE_LINES = 6  # lines a page stacks: 6 x 48 px on a 320 x 320 page
+ROTATIONS = (0, 90, 180, 270)  # a page's class: how far it is turned clockwise (PP-LCNet's orientation labels)
+
+
+def pages(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` square pages of ``PAGE_LINES`` rendered lines each, (N, 320, 320, 3) uint8, page i
+    turned clockwise by ``ROTATIONS[i % 4]``, and those classes (an orientation classifier's
+    labelled tiny and evaluation sets); the lines come from :func:`render` with the same seed."""
+    lines, _ = render(count * PAGE_LINES, seed)
+    side = SIZE[1]
+    out = np.empty((count, side, side, 3), np.uint8)
+    labels = np.arange(count) % len(ROTATIONS)
+    for i in range(count):
+        stack = lines[i * PAGE_LINES:(i + 1) * PAGE_LINES]
+        page = np.empty((side, side, 3), np.uint8)
+        page[:] = stack[0, :2].reshape(-1, 3).mean(0).astype(np.uint8)  # the first line's background
+        top = (side - PAGE_LINES * SIZE[0]) // 2
+        page[top:top + PAGE_LINES * SIZE[0]] = stack.reshape(-1, side, 3)
+        out[i] = np.rot90(page, -labels[i])  # np.rot90 turns counter-clockwise
+    return out, labels

@@ -28,6 +28,9 @@ the entry exactly when the branch is replaced by the identity on its piece (chec
 of one forward pass, whatever ops do the slicing). Dropping it makes the concat's readers read the
 entry.
 
+A network with neither kind of block (VGG, PP-LCNet) gets its *layer units* instead, kind ``layer``
+(:mod:`.layer_units`): a residual network keeps exactly its blocks.
+
 An activation that is the merge's only reader belongs to the block. Blocks are named after the
 module path shared by the merge and the branch's weighted ops (``layer2.1``, ``features.3``);
 where two blocks would share a name (two residuals in one transformer layer) the branch's own path
@@ -111,24 +114,16 @@ def find_blocks(model: Model, require: bool = False) -> list[Block]:
     stats = node_stats(model)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     weighted = {n for n in graph if n is not _ROOT and is_weighted(n, gm, constants)}
-    raw, splits = [], []
+    added, concatenated = [], []
     for node in gm.graph.nodes:
         if node not in graph:
             continue
-        if is_binary_add(node, gm):
-            a, b = node.args
-            if a in constants or b in constants or a is b:
-                continue
-            found = _match_block(node, a, b, graph, idom, gm, constants)
+        if is_binary_add(node, gm) and not ({*node.args} & constants) and node.args[0] is not node.args[1]:
+            added.append(_match_block(node, *node.args, graph, idom, gm, constants))
         elif op_kind(node, gm) == "cat":
-            found = _match_split(node, graph, idom, gm, constants)
-            splits += [found] if found is not None else []
-            continue
-        else:
-            continue
-        if found is not None and not weighted <= set(found.branch):  # not a global residual (4.)
-            raw.append(found)
-    raw += [r for r in _exact_splits(model, splits) if not weighted <= set(r.branch)]
+            concatenated.append(_match_split(node, graph, idom, gm, constants))
+    splits = _exact_splits(model, [r for r in concatenated if r is not None])
+    raw = [r for r in added + splits if r is not None and not weighted <= set(r.branch)]  # no global residual (4.)
     if not raw:  # a plain network: its stride-1, channel-keeping layers (layer_units.py)
         shapes = {name: s.shape for name, s in stats.items()}
         raw = [_Raw(exit_node, entry, exit_node, "layer", nodes[:-1], [], exit_node, entry)
