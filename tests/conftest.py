@@ -54,11 +54,11 @@ def torchvision_module(name: str) -> torch.nn.Module:
 
     torch.manual_seed(0)
     module = torchvision.models.get_model(name, weights=None).eval()
-    _randomise_norms(module)
+    randomise_norms(module)
     return module
 
 
-def _randomise_norms(module: torch.nn.Module) -> None:
+def randomise_norms(module: torch.nn.Module) -> None:
     """Random weights make zero biases and unit norms; perturb them so no value is special."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -7,7 +7,6 @@ stopped with "no residual blocks found" wherever int8 alone did not reach the ta
 from __future__ import annotations
 
 import copy
-import io
 
 import numpy as np
 import onnxruntime as ort
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 import graphprune as gp
+from conftest import export_onnx, randomise_norms
 from graphprune.data import TinySet
 from graphprune.ops import op_kind
 from graphprune.passes import zero_branch
@@ -46,21 +46,12 @@ class PlainNet(nn.Module):
 def _net():
     torch.manual_seed(0)
     net = PlainNet().eval()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.weight.uniform_(0.5, 1.5)
+    randomise_norms(net)
     return net
 
 
 def _onnx_path(tmp_path):
-    buffer = io.BytesIO()
-    torch.onnx.export(_net(), (torch.randn(1, 3, 32, 32),), buffer, opset_version=17, dynamo=False,
-                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
-    path = tmp_path / "plain.onnx"
-    path.write_bytes(buffer.getvalue())
-    return path
+    return export_onnx(_net(), (1, 3, 32, 32), tmp_path / "plain.onnx", opset=17)
 
 
 def test_layer_units_alike_in_pytorch_and_onnx(tmp_path):

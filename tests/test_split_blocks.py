@@ -5,8 +5,6 @@ stopped with "no residual blocks found"."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -14,6 +12,7 @@ import torch
 from torch import nn
 
 import graphprune as gp
+from conftest import export_onnx, randomise_norms
 from graphprune.data import TinySet
 from graphprune.passes import zero_branch
 
@@ -59,21 +58,12 @@ class SplitNet(nn.Module):
 def _net():
     torch.manual_seed(0)
     net = SplitNet().eval()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.weight.uniform_(0.5, 1.5)
+    randomise_norms(net)
     return net
 
 
 def _onnx(tmp_path):
-    buffer = io.BytesIO()
-    torch.onnx.export(_net(), (torch.randn(1, 3, 32, 32),), buffer, opset_version=17, dynamo=False,
-                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
-    path = tmp_path / "split.onnx"
-    path.write_bytes(buffer.getvalue())
-    return path
+    return export_onnx(_net(), (1, 3, 32, 32), tmp_path / "split.onnx", opset=17)
 
 
 @pytest.fixture(params=["torch", "onnx"])

@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 import graphprune as gp
-from conftest import _randomise_norms, export_onnx
+from conftest import randomise_norms, export_onnx
 from graphprune.adaptors import Adaptor
 from graphprune.backends.base import LatencySettings
 from graphprune.data import TinySet
@@ -29,7 +29,7 @@ def small_vit(layers: int = 2) -> torch.nn.Module:
     torch.manual_seed(0)
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=layers, num_heads=2,
                                                hidden_dim=HIDDEN, mlp_dim=64, num_classes=10).eval()
-    _randomise_norms(vit)
+    randomise_norms(vit)
     with torch.no_grad():  # torchvision zero-initialises the head: every output would be its bias
         vit.heads.head.weight.normal_(0, 0.5)
     return vit
