@@ -131,7 +131,8 @@ def find_blocks(model: Model, require: bool = False) -> list[Block]:
     blocks = _name_blocks(raw, gm, constants, stats)
     blocks.sort(key=lambda blk: order[node_named(gm, blk.merge)])
     if require and not blocks:
-        raise GraphpruneError(f"no residual blocks found in {model.name}, nor a layer that keeps its shape: nothing to drop")
+        raise GraphpruneError(f"no residual blocks found in {model.name}, nor a layer that keeps its shape: "
+                              "nothing to drop")
     return blocks
 
 

@@ -3,9 +3,10 @@
 A *layer unit* starts at a weighted op ``w`` (conv, linear) that reads one computed tensor, the
 *entry*, and takes in what follows it up to the next weighted op: while the value so far has an
 immediate post-dominator ``p`` (every path from it to the output passes ``p``) such that the nodes
-between them are few (at most ``MAX_TAIL_NODES``), carry no weights, read only from that span and
-are read only within it, ``p`` joins the unit (a norm, an activation, a hard-swish written as
-``x * clip(x + 3, 0, 6) / 6``), if it keeps the entry's shape. The last value is the unit's *exit*. It is a unit where
+between them are few (at most ``MAX_TAIL_NODES``), carry no weights, keep the entry's shape, read
+only from that span and are read only within it, ``p`` joins the unit (a norm, an activation, a
+hard-swish written as ``x * clip(x + 3, 0, 6) / 6``; not a pooling). The last value is the unit's
+*exit*. It is a unit where
 
 1. every value in it has the entry's shape (a stride-1, channel-keeping layer), so that the exit's
    readers can read the entry instead: dropping a unit is the identity in its place, and the
