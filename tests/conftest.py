@@ -52,8 +52,13 @@ def data_path(*parts) -> Path:
 def torchvision_module(name: str) -> torch.nn.Module:
     import torchvision
 
+    return seeded_module(lambda: torchvision.models.get_model(name, weights=None))
+
+
+def seeded_module(make) -> torch.nn.Module:
+    """``make()`` built under seed 0, in eval mode, its norms perturbed (``randomise_norms``)."""
     torch.manual_seed(0)
-    module = torchvision.models.get_model(name, weights=None).eval()
+    module = make().eval()
     randomise_norms(module)
     return module
 
@@ -79,6 +84,26 @@ def export_onnx(module: torch.nn.Module, shape, path: Path, opset: int = 14) -> 
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     return path
+
+
+def optimized_file_agrees(model, images: torch.Tensor, config, path: Path):
+    """``optimize`` on ``images`` (unlabelled) drops something and recovers; the file it writes to
+    ``path`` runs in onnxruntime as the optimised graph does. Returns the result."""
+    import numpy as np
+    import onnxruntime as ort
+
+    import graphprune as gp
+    from graphprune.data import TinySet
+
+    result = gp.optimize(model, TinySet(images, -torch.ones(len(images), dtype=torch.long)), config)
+    assert result.report["dropped"] and result.report["recovery"]["final_loss"] is not None
+    gp.save(result.model, path)
+    x = images[:3]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    written = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    expected = result.model.run(x).numpy()
+    assert np.abs(written - expected).max() < 1e-4 * np.abs(expected).max()
+    return result
 
 
 def plain_cnn_onnx(path: Path) -> Path:

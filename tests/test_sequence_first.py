@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -19,7 +17,7 @@ from graphprune.data import TinySet
 from graphprune.features import run_batched, truncate
 from graphprune.formats.batch_axis import BATCH_AXIS
 from graphprune.passes.recoverability import RecoverabilitySettings, score_blocks
-from onnx_builders import save
+from conftest import optimized_file_agrees
 
 
 class _Block(nn.Module):
@@ -110,15 +108,7 @@ def test_blocks_score_alike_whichever_axis_holds_the_batch(models):
 def test_optimize_drops_sequence_first_blocks_and_writes_what_onnxruntime_runs(models, tmp_path):
     from test_vit import FAST_CONFIG
 
-    model = models[0]
-    result = gp.optimize(model, TinySet(_images(40), -torch.ones(40, dtype=torch.long)), FAST_CONFIG)
-    assert result.report["dropped"] and result.report["recovery"]["final_loss"] is not None
-    path = gp.save(result.model, tmp_path / "fast.onnx")
-    x = _images(3, seed=5)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    written = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    expected = result.model.run(x).numpy()
-    assert np.abs(written - expected).max() < 1e-4 * np.abs(expected).max()
+    optimized_file_agrees(models[0], _images(40), FAST_CONFIG, tmp_path / "fast.onnx")
 
 
 class _EncoderNet(nn.Module):
@@ -150,10 +140,4 @@ def test_an_nn_transformer_encoder_is_traced_into_and_optimized(tmp_path):
                                                       "encoder.layers.1.self_attn", "encoder.layers.1.linear1"]
     x = _images(3, seed=7)
     assert torch.allclose(model.run(x), net(x), atol=1e-5)
-    result = gp.optimize(model, TinySet(_images(40), -torch.ones(40, dtype=torch.long)), FAST_CONFIG)
-    assert result.report["dropped"] and result.report["recovery"]["final_loss"] is not None
-    path = gp.save(result.model, tmp_path / "fast.onnx")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    written = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    expected = result.model.run(x).numpy()
-    assert np.abs(written - expected).max() < 1e-4 * np.abs(expected).max()
+    optimized_file_agrees(model, _images(40), FAST_CONFIG, tmp_path / "fast.onnx")
