@@ -182,7 +182,7 @@ MODELS = {
     # a plain network (its layers are what can go: graphprune/passes/layer_units.py); rendered pages
     # turned by 0/90/180/270 degrees, labelled; its own preprocessing (shorter side 256, centre 224)
     "lcnet_orientation": RealModel(lcnet_orientation_onnx, (3, 224, 224), (0.485, 0.456, 0.406),
-                                   (0.229, 0.224, 0.225), True, {"graphprune": (0.2,), "graphprune-int8": (0.2,)},
+                                   (0.229, 0.224, 0.225), True, {"graphprune": (0.3,), "graphprune-int8": (0.2,)},
                                    crop=0.875, data="text-pages"),
 }
 TEXT_SEEDS = {"tiny": 1, "eval": 2}  # the rendered tiny and evaluation sets share no line
