@@ -1,4 +1,4 @@
-"""A network without residual blocks (VGG, PP-LCNet, YOLOv7's ELAN) drops its stride-1,
+"""A network without residual blocks (VGG, PP-LCNet) drops its stride-1,
 channel-keeping layers instead (passes/layer_units.py): each weighted op with the weight-free tail
 that keeps its shape (a norm, a hard-swish written out as x * clip(x + 3, 0, 6) / 6), found alike
 in PyTorch and through ONNX, dropped as the identity, optimized end to end. Before, such a network

@@ -1,4 +1,4 @@
-"""Layer units: what a network without residual blocks can drop (VGG, PP-LCNet, YOLOv7's ELAN).
+"""Layer units: what a network without residual blocks can drop (VGG, PP-LCNet).
 
 A *layer unit* starts at a weighted op ``w`` (conv, linear) that reads one computed tensor, the
 *entry*, and takes in what follows it up to the next weighted op: while the value so far has an
