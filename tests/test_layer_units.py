@@ -83,3 +83,38 @@ def test_optimize_drops_layers_of_a_plain_network_and_writes_what_onnxruntime_ru
 
     images = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     optimized_file_agrees(gp.load(_onnx_path(tmp_path)), images, FAST_CONFIG, tmp_path / "fast.onnx")
+
+
+class _Elan(nn.Module):
+    """YOLOv7's ELAN in small: a chain of 3x3 layers whose outputs the final Concat also reads."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        half = width // 2
+        self.stem = nn.Conv2d(3, width, 3, 2, 1)
+        self.cv1, self.cv2 = nn.Conv2d(width, half, 1), nn.Conv2d(width, half, 1)
+        self.chain = nn.ModuleList(nn.Sequential(nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.SiLU())
+                                   for _ in range(4))
+        self.out, self.head = nn.Conv2d(2 * width, width, 1), nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        first, second = self.cv1(x), self.cv2(x)
+        chain = [second]
+        for layer in self.chain:
+            chain.append(layer(chain[-1]))
+        return self.head(self.out(torch.cat([chain[4], chain[2], second, first], 1)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("source", ["torch", "onnx"])
+def test_layers_read_by_a_concat_too_are_units_and_drop_to_the_identity(source, tmp_path):
+    net = seeded_module(_Elan)
+    model = gp.load(net, input_shape=(1, 3, 32, 32)) if source == "torch" else \
+        gp.load(export_onnx(net, (1, 3, 32, 32), tmp_path / "elan.onnx", opset=17))
+    blocks = gp.find_blocks(model)
+    assert [b.kind for b in blocks] == ["layer"] * 4
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    for i, block in enumerate(blocks):
+        reference = copy.deepcopy(net)
+        reference.chain[i] = nn.Identity()
+        assert torch.allclose(gp.drop_blocks(model, [block.name], blocks).run(x), reference(x), atol=1e-5), block.name
