@@ -85,30 +85,40 @@ def count_params(nodes, gm: fx.GraphModule) -> int:
     return sum(seen.values())
 
 
-class _KeepingInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
+class _Recorder(fx.Interpreter):
+    """Runs the graph (freeing each value after its last use), keeping ``keep(node, value)``."""
+
+    def __init__(self, gm: fx.GraphModule, keep):
         super().__init__(gm)
-        self.wanted, self.kept = wanted, {}
+        self.keep, self.kept = keep, {}
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
-        if n in self.wanted:
-            self.kept[n] = result
+        kept = self.keep(n, result)
+        if kept is not None:
+            self.kept[n] = kept
         return result
 
 
 @torch.no_grad()
-def node_values(model: Model, nodes) -> dict[fx.Node, object]:
-    """The values of ``nodes`` in one eval-mode run on the example input (batch 1)."""
-    gm = model.graph_module
+def record_nodes(gm: fx.GraphModule, inputs, keep) -> dict[fx.Node, object]:
+    """``keep(node, value)`` of every node, where not None, in one eval-mode run of ``gm`` on
+    ``inputs`` (no value is held past its last use unless ``keep`` returns it)."""
     was_training = gm.training
     gm.eval()
     try:
-        interp = _KeepingInterpreter(gm, set(nodes))
-        interp.run(*model.example_inputs(batch_size=1))
+        recorder = _Recorder(gm, keep)
+        recorder.run(*inputs)
     finally:
         gm.train(was_training)
-    return interp.kept
+    return recorder.kept
+
+
+def node_values(model: Model, nodes) -> dict[fx.Node, object]:
+    """The values of ``nodes`` in one eval-mode run on the example input (batch 1)."""
+    wanted = set(nodes)
+    return record_nodes(model.graph_module, model.example_inputs(batch_size=1),
+                        lambda node, value: value if node in wanted else None)
 
 
 @torch.no_grad()

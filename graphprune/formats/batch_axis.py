@@ -38,6 +38,7 @@ import torch
 from torch import fx
 
 from ..errors import GraphpruneError
+from ..graph_stats import record_nodes
 from ..model import Model
 from .batch_trace import trace_folded_batch
 
@@ -139,20 +140,6 @@ def _free_resizes(gm: fx.GraphModule) -> list[Callable[[], None]]:
     return undo
 
 
-class _Shapes(fx.Interpreter):
-    """Records the shape of every node's tensor output."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.shapes: dict[str, tuple[int, ...]] = {}
-
-    def run_node(self, node: fx.Node):
-        value = super().run_node(node)
-        if isinstance(value, torch.Tensor):
-            self.shapes[node.name] = tuple(value.shape)
-        return value
-
-
 def note_batch_axes(model: Model) -> None:
     """``node.meta[BATCH_AXIS]`` for every node whose output holds the batch on an axis other than
     0 (sequence-first activations: CLIP's and DETR's ``(L, N, D)`` tokens, an LSTM's ``(T, N, H)``):
@@ -165,26 +152,21 @@ def note_batch_axes(model: Model) -> None:
     gm = model.graph_module
     try:
         one, other = model.example_inputs(batch_size=1, seed=0), model.example_inputs(batch_size=1, seed=1)
-        shapes = []
-        was_training = gm.training
-        gm.eval()
-        try:
-            with torch.no_grad():
-                for inputs in (one, tuple(torch.cat([a, b]) for a, b in zip(one, other))):
-                    interpreter = _Shapes(gm)
-                    interpreter.run(*inputs)
-                    shapes.append(interpreter.shapes)
-        finally:
-            gm.train(was_training)
+        shapes = [record_nodes(gm, inputs, _tensor_shape)
+                  for inputs in (one, tuple(torch.cat([a, b]) for a, b in zip(one, other)))]
     except Exception:  # a model that does not run here: its own error comes where it is run
         return
     for node in gm.graph.nodes:
-        single, double = shapes[0].get(node.name), shapes[1].get(node.name)
+        single, double = shapes[0].get(node), shapes[1].get(node)
         if single is None or double is None or len(single) != len(double):
             continue
         changed = [i for i, (a, b) in enumerate(zip(single, double)) if a != b]
         if len(changed) == 1 and changed[0] != 0 and (single[changed[0]], double[changed[0]]) == (1, 2):
             node.meta[BATCH_AXIS] = changed[0]
+
+
+def _tensor_shape(node: fx.Node, value) -> tuple[int, ...] | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
 def output_batch_axes(model: Model) -> tuple[int, ...]:

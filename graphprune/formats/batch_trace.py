@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 from torch import fx
 
+from ..graph_stats import record_nodes
 from ..model import Model
 from .batch_modules import ConcatRepeatingConstants, GatherEachImage, ReshapeToBatched
 
@@ -106,28 +107,19 @@ class _Seen:
     second: torch.Tensor
 
 
-class _Sampling(fx.Interpreter):
-    """Runs the graph (freeing each value after its last use) and keeps each tensor's sample."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.samples: dict[fx.Node, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
-
-    def run_node(self, node: fx.Node):
-        value = super().run_node(node)
-        if isinstance(value, torch.Tensor):
-            positions = _sample(value.numel())
-            self.samples[node] = (tuple(value.shape), positions, value.reshape(-1)[positions].clone())
-        return value
+def _sampled(node: fx.Node, value):
+    """A tensor's sizes and its values at a fixed sample of positions (the tensor itself is not kept)."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    positions = _sample(value.numel())
+    return tuple(value.shape), positions, value.reshape(-1)[positions].clone()
 
 
 def _seen_alone(gm: fx.GraphModule, one: torch.Tensor, other: torch.Tensor) -> dict[fx.Node, _Seen]:
-    first, second = _Sampling(gm), _Sampling(gm)
-    first.run(one)
-    second.run(other)
-    return {node: _Seen(shape, positions, values, second.samples[node][2])
-            for node, (shape, positions, values) in first.samples.items()
-            if node in second.samples and second.samples[node][0] == shape}
+    first, second = record_nodes(gm, (one,), _sampled), record_nodes(gm, (other,), _sampled)
+    return {node: _Seen(shape, positions, values, second[node][2])
+            for node, (shape, positions, values) in first.items()
+            if node in second and second[node][0] == shape}
 
 
 class _Trace:
