@@ -119,15 +119,15 @@ def find_blocks(model: Model, require: bool = False) -> list[Block]:
         if node not in graph:
             continue
         if is_binary_add(node, gm) and not ({*node.args} & constants) and node.args[0] is not node.args[1]:
-            added.append(_match_block(node, *node.args, graph, idom, gm, constants))
+            added.append(_match_block(node, *node.args, graph, idom, gm, constants, order))
         elif op_kind(node, gm) == "cat":
-            concatenated.append(_match_split(node, graph, idom, gm, constants))
+            concatenated.append(_match_split(node, graph, idom, gm, constants, order))
     splits = _exact_splits(model, [r for r in concatenated if r is not None])
     raw = [r for r in added + splits if r is not None and not weighted <= set(r.branch)]  # no global residual (4.)
     if not raw:  # a plain network: its stride-1, channel-keeping layers (layer_units.py)
         shapes = {name: s.shape for name, s in stats.items()}
         raw = [_Raw(exit_node, entry, exit_node, "layer", nodes[:-1], [], exit_node, entry)
-               for entry, nodes, exit_node in layer_units(gm, graph, constants, shapes, _ROOT)]
+               for entry, nodes, exit_node in layer_units(gm, graph, constants, shapes, _ROOT, order)]
     blocks = _name_blocks(raw, gm, constants, stats)
     blocks.sort(key=lambda blk: order[node_named(gm, blk.merge)])
     if require and not blocks:
@@ -193,7 +193,7 @@ def _sese_region(entry, merge, graph) -> set | None:
     return region
 
 
-def _match_block(merge, a, b, graph, idom, gm, constants) -> _Raw | None:
+def _match_block(merge, a, b, graph, idom, gm, constants, order) -> _Raw | None:
     entry = idom.get(merge)
     if entry is None or entry == _ROOT:
         return None
@@ -220,9 +220,8 @@ def _match_block(merge, a, b, graph, idom, gm, constants) -> _Raw | None:
     kind = "projection" if shortcut[2] else ("shortcut" if shortcut[3] else "identity")
     if kind == "projection" and all(op_kind(n, gm) in _LINEAR_KINDS for n in branch[1]):
         return None  # rule 5: parallel linear branches summed, one conv once reparameterised
-    topo = {n: i for i, n in enumerate(gm.graph.nodes)}
     return _Raw(merge, entry, _exit(merge, gm, constants), kind,
-                sorted(branch[1], key=topo.get), sorted(shortcut[1], key=topo.get), branch[0], shortcut[0])
+                sorted(branch[1], key=order.get), sorted(shortcut[1], key=order.get), branch[0], shortcut[0])
 
 
 def _exit(merge, gm, constants):
@@ -234,7 +233,7 @@ def _exit(merge, gm, constants):
     return merge
 
 
-def _match_split(merge, graph, idom, gm, constants) -> _Raw | None:
+def _match_split(merge, graph, idom, gm, constants, order) -> _Raw | None:
     """A channel-split residual by structure (module docstring); :func:`_exact_splits` checks its
     values. The entry is the value split; a multi-output splitter (``torch.chunk``) between them
     belongs to the pass-through side."""
@@ -262,9 +261,8 @@ def _match_split(merge, graph, idom, gm, constants) -> _Raw | None:
     starts = [n for n in sides[branch] if {i for i in n.all_input_nodes if i not in constants} <= {entry, splitter}]
     if len(starts) != 1 or starts[0] is operands[branch]:
         return None
-    topo = {n: i for i, n in enumerate(gm.graph.nodes)}
-    passing = sorted(sides[through] | ({splitter} if splitter is not None else set()), key=topo.get)
-    raw = _Raw(merge, entry, _exit(merge, gm, constants), "split", sorted(sides[branch], key=topo.get), passing,
+    passing = sorted(sides[through] | ({splitter} if splitter is not None else set()), key=order.get)
+    raw = _Raw(merge, entry, _exit(merge, gm, constants), "split", sorted(sides[branch], key=order.get), passing,
                operands[branch], entry)
     raw.branch_input = starts[0]
     return raw

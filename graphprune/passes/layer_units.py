@@ -30,10 +30,10 @@ MAX_TAIL_NODES = 8  # a longer weight-free span is a computation of its own, not
 
 
 def layer_units(gm: fx.GraphModule, graph: nx.DiGraph, constants: set[fx.Node], shapes: dict[str, tuple],
-                root) -> list[tuple[fx.Node, list[fx.Node], fx.Node]]:
+                root, order: dict[fx.Node, int]) -> list[tuple[fx.Node, list[fx.Node], fx.Node]]:
     """(entry, nodes, exit) of every layer unit of ``gm`` in graph order (module docstring);
     ``graph``: the dataflow graph without constants, ``root`` its virtual source; ``shapes``:
-    output shapes by node name."""
+    output shapes by node name; ``order``: each node's position in the graph."""
     output = gm.graph.output_node()
     if output not in graph:
         return []
@@ -50,7 +50,7 @@ def layer_units(gm: fx.GraphModule, graph: nx.DiGraph, constants: set[fx.Node], 
         shape = shapes.get(entry.name)
         nodes, exit_node = [w], w
         while True:
-            span = _tail_span(exit_node, ipdom.get(exit_node), graph, gm, constants)
+            span = _tail_span(exit_node, ipdom.get(exit_node), graph, gm, constants, order)
             if span is None or any(shapes.get(n.name) != shape for n in span):
                 break  # a pooling after the layer is the next layer's business
             nodes += span
@@ -61,7 +61,7 @@ def layer_units(gm: fx.GraphModule, graph: nx.DiGraph, constants: set[fx.Node], 
     return units
 
 
-def _tail_span(start: fx.Node, end, graph: nx.DiGraph, gm: fx.GraphModule, constants) -> list[fx.Node] | None:
+def _tail_span(start: fx.Node, end, graph: nx.DiGraph, gm: fx.GraphModule, constants, order) -> list[fx.Node] | None:
     """The nodes after ``start`` up to ``end`` (its immediate post-dominator), in graph order,
     where they can join ``start``'s unit: few, weight-free, single-entry single-exit; else None."""
     if end is None or end is start or end.op == "output" or is_weighted(end, gm, constants):
@@ -75,5 +75,4 @@ def _tail_span(start: fx.Node, end, graph: nx.DiGraph, gm: fx.GraphModule, const
             return None
         if node is not end and any(s not in inside for s in graph.successors(node)):
             return None
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(between, key=order.get)
