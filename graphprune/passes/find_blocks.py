@@ -262,10 +262,8 @@ def _match_split(merge, graph, idom, gm, constants, order) -> _Raw | None:
     if len(starts) != 1 or starts[0] is operands[branch]:
         return None
     passing = sorted(sides[through] | ({splitter} if splitter is not None else set()), key=order.get)
-    raw = _Raw(merge, entry, _exit(merge, gm, constants), "split", sorted(sides[branch], key=order.get), passing,
-               operands[branch], entry)
-    raw.branch_input = starts[0]
-    return raw
+    return _Raw(merge, entry, _exit(merge, gm, constants), "split", sorted(sides[branch], key=order.get), passing,
+                operands[branch], entry, branch_input=starts[0])
 
 
 def _exact_splits(model: Model, candidates: list[_Raw]) -> list[_Raw]:
