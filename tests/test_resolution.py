@@ -268,12 +268,12 @@ def test_optimize_with_the_resolution_lever_writes_a_file_onnxruntime_runs(tmp_p
         OptimizeConfig(lever="pixels")
 
 
-def optimize_at_lower_resolution(cli, path, tmp_path):
-    """``optimize --lever resolution`` at a 20% target on 24 random 64 px images, float:
+def optimize_at_lower_resolution(cli, path, tmp_path, cut=0.2):
+    """``optimize --lever resolution`` at a ``cut`` target (20%) on 24 random 64 px images, float:
     (status, stdout, stderr, the output path)."""
     np.savez(tmp_path / "tiny.npz", images=np.random.default_rng(0).integers(0, 255, (24, 64, 64, 3), np.uint8))
     out = tmp_path / "fast.onnx"
-    code, stdout, stderr = cli("optimize", path, "--data", tmp_path / "tiny.npz", "--latency-cut", "0.2",
+    code, stdout, stderr = cli("optimize", path, "--data", tmp_path / "tiny.npz", "--latency-cut", str(cut),
                                "--lever", "resolution", "--quantize", "none", "-o", out)
     return code, stdout, stderr, out
 
