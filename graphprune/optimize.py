@@ -80,9 +80,9 @@ class OptimizeConfig:
     # what the result will be written as, where the caller knows ("onnx" or "pt2"): quantize "auto"
     # leaves int8 off for "pt2", since an int8 model is ONNX only
     output_format: str = "onnx"
-    # seconds the whole run should take (None: no limit): int8 planning, scoring, refinement and recovery
-    # are sized to the time left when they start (PassContext.stage_budget); profiling costs what the
-    # model costs
+    # seconds the whole run should take (None: no limit): int8 planning, profiling (past every distinct
+    # block), scoring, refinement and recovery are sized to the time left when they start
+    # (PassContext.stage_budget)
     time_budget_s: float | None = None
     quantization: QuantizeSettings = QuantizeSettings()
     # what is cut to reach the target: "blocks" (PRACTISE: drop residual blocks, then recover) or
@@ -254,7 +254,7 @@ def build_report(original: Model, state: PassState, ctx: PassContext, config: Op
     selection, final = found.get(Selection), found.get(FinalCut)
     table, pooled = found.get(BlockLatencyTable), found.get(PooledLatency)
     recoverabilities, refinement, recovery = found.get(BlockRecoverabilities), found.get(Refinement), found.get(RecoveryLog)
-    latency = {row.name: row for row in table.rows} if table else {}
+    latency = {row.name: row for row in table.rows if row.name not in table.unmeasured} if table else {}
     pooled_saved = pooled.saved_fractions() if pooled else {}
     scores = {s.name: s for s in selection.scores} if selection else {}
     recoverability = {r.name: r for r in recoverabilities or []}
@@ -271,7 +271,7 @@ def build_report(original: Model, state: PassState, ctx: PassContext, config: Op
             "score": score.to_dict()["score"] if score else None,
             "dropped": block.name in dropped,
         })
-    measured = table.saved_fractions() if table else {}
+    measured = {name: row.saved_fraction for name, row in latency.items()}
     return {
         "model": original.name,
         "dropped": dropped,

@@ -108,8 +108,8 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
      help="the resolution lever's margin: it lands at its goal, not past it by a block, so it needs one above "
           "the timings' noise")
 @opt("latency", "--time-budget", fills="time_budget_s", type=POSITIVE, metavar="SECONDS",
-     help="seconds the whole run should take (2700: 45 minutes): int8 planning, scoring, refinement and "
-          "recovery are sized to the time left when they start; profiling costs what the model costs (default: "
+     help="seconds the whole run should take (2700: 45 minutes): int8 planning, profiling (past every "
+          "distinct block), scoring, refinement and recovery are sized to the time left when they start (default: "
           "no limit)")
 @opt("scoring", "--estimator", fills="recoverability.estimator", type=click.Choice(ESTIMATORS),
      help="recoverability estimator")

@@ -5,8 +5,8 @@ every pass. A pass asks for what it needs with :meth:`PassContext.need`, which n
 setting in one line instead of failing deep inside the pass.
 
 Time: with a ``deadline`` (``optimize``'s ``time_budget_s``), the passes whose length is theirs to
-choose (refinement's joint fits, recovery's steps) size themselves to the time left,
-:meth:`PassContext.stage_budget`; the rest (profiling, scoring) cost what the model costs.
+choose (int8 planning, profiling's twins, scoring's steps, refinement's joint fits, recovery's steps)
+size themselves to the time left, :meth:`PassContext.stage_budget`.
 
 Resume caches: ``ctx.cache(kind, *key_parts)`` is a :class:`~graphprune.cache.JsonCache` keyed by
 the model's fingerprint plus whatever else the pass's results depend on (its settings, the data);

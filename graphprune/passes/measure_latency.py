@@ -23,6 +23,15 @@ behave. :func:`measure_cut` therefore measures any candidate (a set of blocks dr
 against the original, interleaved in the same way; the block selection uses it to check
 combinations.
 
+Time: a pair costs the candidate's preparation plus both models' runs, about 9 s a block on
+MaxViT-T at 224 px (55 blocks: 8 minutes). With a ``--time-budget``, ``profile_blocks`` takes at most
+``PROFILE_SHARE`` of the time left when it starts, spent where it tells most: every block that has
+no identical twin (:mod:`.pool_latency`) and one of each group of twins first, always (a block never
+measured could not be ranked); the other twins then while the share lasts. A twin left unmeasured
+stands in with its group's median (``BlockLatencyTable.unmeasured`` names it; it is not cached, so a
+resumed run measures it), which is the figure pooling gives every twin anyway. MaxViT-T's 55 blocks
+hold 16 distinct ones.
+
 With int8 planned (:mod:`.plan_quantization`), ``profile_blocks`` times the blocks as the model will
 run, quantised (:func:`~.plan_quantization.measuring_backend`), or times none where quantisation
 alone already reaches the goal (:func:`~.plan_quantization.no_block_needed`); ``measure_result`` times
@@ -32,8 +41,11 @@ recovered float model, so the report splits the final cut into block dropping's 
 
 from __future__ import annotations
 
+import logging
 import os
+import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -45,6 +57,7 @@ from ..model import Model
 from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
 from .find_blocks import Block, Blocks, blocks_of, find_blocks
+from .identical_blocks import identical_groups
 from .plan_quantization import QuantizationPlan, measuring_backend, no_block_needed
 from .quantize_result import QuantizedOnnx
 
@@ -73,13 +86,15 @@ class BlockLatencyTable:
     backend_info: dict
     pooled_groups: list[list[str]] = field(default_factory=list)  # set by pool_latency.pool_savings
     from_cache: int = 0  # rows read from a resume cache rather than measured in this run
+    unmeasured: list[str] = field(default_factory=list)  # twins whose row is their group's median (no time left)
 
     def saved_fractions(self) -> dict[str, float]:
         return {row.name: row.saved_fraction for row in self.rows}
 
     def to_dict(self) -> dict:
         return {"latency_ms": self.original.to_dict(), "blocks": [row.to_dict() for row in self.rows],
-                "settings": {**self.settings.to_dict(), **self.backend_info}}
+                "settings": {**self.settings.to_dict(), **self.backend_info},
+                **({"unmeasured": list(self.unmeasured)} if self.unmeasured else {})}
 
 
 def measure_cut(backend: LatencyBackend, original: Model, candidate: Model, settings: LatencySettings,
@@ -94,47 +109,73 @@ def measure_cut(backend: LatencyBackend, original: Model, candidate: Model, sett
     return CutMeasurement(original_stats, candidate_stats, latency_cut(original_stats, candidate_stats))
 
 
+log = logging.getLogger("graphprune")
+
 ORIGINAL_KEY = "__original__"
+# with a --time-budget, profiling may take this share of the time left when it starts (every distinct
+# block is measured even past it). A guard, not a knee: scoring takes half of what is left after it,
+# then selection, refinement and recovery size themselves to the rest
+PROFILE_SHARE = 0.25
 
 
 def measure_block_latency(backend: LatencyBackend, model: Model, settings: LatencySettings,
                           blocks: list[Block] | None = None, progress: bool | None = None,
-                          on_block: Callable[[BlockLatency], None] | None = None, cache=None) -> BlockLatencyTable:
-    """The per-block table (see the module docstring).
+                          on_block: Callable[[BlockLatency], None] | None = None, cache=None,
+                          twins: list[list[str]] | None = None, deadline: float | None = None) -> BlockLatencyTable:
+    """The per-block table (see the module docstring), its rows in the order of ``blocks``.
 
     ``progress``: a tqdm bar on stderr; ``None`` shows it only when stderr is a terminal.
     ``on_block`` is called with each row as soon as it is measured. ``cache`` (a dict-like of JSON
     records, e.g. :class:`graphprune.cache.JsonCache`) keeps the original's statistics and every
     row as soon as it is measured, so an interrupted profile resumes where it stopped.
+    ``twins``: groups of identical blocks (:func:`~.pool_latency.identical_groups`); each group's
+    first is measured with the blocks that have none, its others after them and, with a
+    ``deadline`` (``time.monotonic()``), only while the mean pair so far still fits before it.
     """
     from tqdm import tqdm
 
     cache = {} if cache is None else cache
     blocks = find_blocks(model) if blocks is None else blocks
+    later = {name for names in twins or () for name in names[1:]}
     original_run = None
     if ORIGINAL_KEY not in cache:
         original_run = backend.prepare(model, settings)
         cache[ORIGINAL_KEY] = time_runs(original_run, settings).to_dict()
     original = LatencyStats.from_dict(cache.get(ORIGINAL_KEY))
-    rows: list[BlockLatency] = []
+    rows: dict[str, BlockLatency] = {}
+    pair_seconds: list[float] = []
     with tqdm(total=len(blocks), desc="measuring blocks", unit="block", file=sys.stderr, leave=False,
               disable=None if progress is None else not progress) as bar:
-        for block in blocks:
+        for block in [b for b in blocks if b.name not in later] + [b for b in blocks if b.name in later]:
             raise_if_interrupted()
             bar.set_postfix_str(block.name)
             if block.name in cache:
-                row = BlockLatency(**cache.get(block.name))
+                rows[block.name] = BlockLatency(**cache.get(block.name))
+            elif block.name in later and deadline is not None and pair_seconds and \
+                    time.monotonic() + statistics.fmean(pair_seconds) > deadline:
+                pass  # its group's median stands in, below
             else:
+                started = time.monotonic()
                 original_run = original_run or backend.prepare(model, settings)
                 candidate = drop_blocks(model, [block.name], blocks)
                 cut = measure_cut(backend, model, candidate, settings, original_run)
                 row = BlockLatency(block.name, cut.saved_ms, cut.cut, cut.original.median_ms, cut.candidate.median_ms)
+                rows[block.name] = row
                 cache[block.name] = row.to_dict()
+                pair_seconds.append(time.monotonic() - started)
                 if on_block is not None:
                     on_block(row)
-            rows.append(row)
             bar.update()
-    return BlockLatencyTable(original, rows, settings, backend.describe(settings))
+    unmeasured = [b.name for b in blocks if b.name not in rows]
+    for names in twins or ():
+        measured = [rows[n] for n in names if n in rows]
+        for name in (n for n in names if n not in rows):
+            rows[name] = BlockLatency(name, statistics.median(r.saved_ms for r in measured),
+                                      statistics.median(r.saved_fraction for r in measured),
+                                      statistics.median(r.original_ms for r in measured),
+                                      statistics.median(r.candidate_ms for r in measured))
+    return BlockLatencyTable(original, [rows[b.name] for b in blocks], settings, backend.describe(settings),
+                             unmeasured=unmeasured)
 
 
 class MeasureBlockLatency(Analysis):
@@ -157,10 +198,19 @@ class MeasureBlockLatency(Analysis):
         blocks = blocks_of(model, inputs)
         cache = measuring.cache(ctx, "latency")
         cached = sum(1 for b in blocks if b.name in cache)
+        seconds = ctx.stage_budget(None, share=PROFILE_SHARE)
+        twins = identical_groups(model, blocks) if seconds is not None else None
         table = measure_block_latency(measuring.backend, model, ctx.latency, blocks,
-                                      None if ctx.show_progress else False, cache=cache)
+                                      None if ctx.show_progress else False, cache=cache, twins=twins,
+                                      deadline=None if seconds is None else time.monotonic() + seconds)
         table.from_cache = cached
-        return PassResult(model, record={**table.to_dict(), "from_cache": cached}, artifacts=[table])
+        if table.unmeasured:
+            log.info("profiling: %d of %d blocks measured in %.0f s of the time budget; %d twins take their "
+                     "group's median", len(blocks) - len(table.unmeasured), len(blocks), seconds, len(table.unmeasured))
+        record = {**table.to_dict(), "from_cache": cached}
+        if seconds is not None:
+            record["time_limit"] = {"seconds": seconds, "unmeasured_twins": len(table.unmeasured)}
+        return PassResult(model, record=record, artifacts=[table])
 
 
 @dataclass(frozen=True)
