@@ -149,3 +149,23 @@ def test_a_time_limit_that_fits_leaves_every_score_as_it_was():
     unlimited = score_blocks(model, blocks, train, holdout, settings, show_progress=False)
     assert limited.settings == settings
     assert [s.recoverability for s in limited] == [s.recoverability for s in unlimited]
+
+
+def test_scoring_at_no_step_takes_the_drop_error_and_fits_no_adaptor(monkeypatch):
+    """A budget's 0 steps: the adaptors would stay the identity, so the score is the held-out error
+    of the block simply gone, with no adaptor built nor prefix cached (MaxViT-T at 224 px: 4.6 s a
+    block instead of 11.5)."""
+    from graphprune.passes import recoverability
+    from graphprune.passes.recoverability import RecoverabilitySettings, score_blocks
+
+    model = gp.load("zoo:cifar10_resnet20")
+    blocks = gp.find_blocks(model)[:3]
+    train = TinySet(torch.randn(16, 3, 32, 32), torch.full((16,), -1))
+    holdout = TinySet(torch.randn(16, 3, 32, 32), torch.full((16,), -1))
+    identity = score_blocks(model, blocks, train, holdout, RecoverabilitySettings(iterations=1, lr=0.0),
+                            show_progress=False)  # one step that moves nothing: the identity adaptors fitted
+    monkeypatch.setattr(recoverability._Context, "_practise", lambda *args: pytest.fail("fitted adaptors"))
+    scores = score_blocks(model, blocks, train, holdout, RecoverabilitySettings(iterations=0), show_progress=False)
+    assert [s.recoverability for s in scores] == [s.before_fit for s in scores]
+    assert [s.recoverability for s in scores] == pytest.approx([s.recoverability for s in identity], rel=1e-5)
+    assert all(s.recoverability > 0 for s in scores)

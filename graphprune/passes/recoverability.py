@@ -272,8 +272,8 @@ class _Context:
         dropped = drop_blocks(self.model, [block.name], self.blocks)
         gm = dropped.graph_module
         before = self._holdout_mse(self._student(gm), self.holdout_x)
-        if self.settings.estimator == "none":
-            after = before
+        if self.settings.estimator == "none" or self.settings.iterations <= 0:
+            after = before  # no step: the adaptors stay the identity (a time budget's 0 steps, scoring_budget.py)
         elif self.settings.estimator == "lstsq":
             after = self._lstsq(block, gm)
         else:
