@@ -1,7 +1,7 @@
 """``optimize``: the PRACTISE pipeline as one short list of named, timed steps.
 
-    find_blocks -> profile_blocks -> pool_identical_blocks -> check_reachable -> score_recoverability
-    -> select_blocks -> refine_selection -> drop_blocks -> recover -> measure_result
+    find_blocks -> add_layers -> profile_blocks -> pool_identical_blocks -> check_reachable
+    -> score_recoverability -> select_blocks -> refine_selection -> drop_blocks -> recover -> measure_result
 
 With ``quantize="auto"`` or ``"int8"`` one target is met by the cheapest mix of block dropping and
 int8: ``plan_quantization`` follows find_blocks and ``quantize_result`` follows recover
@@ -39,12 +39,13 @@ from .features import describe_targets
 from .formats.input_layout import looks_channels_last
 from .formats.model_io import atomic_write, save
 from .model import HALF_DTYPES, Model
-from .passes import (BlockLatencyTable, BlockRecoverabilities, Blocks, CheckFidelity, CheckReachable, ChooseResolution,
+from .passes import (AddLayers, BlockLatencyTable, BlockRecoverabilities, Blocks, CheckFidelity, CheckReachable, ChooseResolution,
                      DropBlocks, ResizeInput, ResolutionChoice,
                      FinalCut, FindBlocks, HeldOutFidelity, MeasureBlockLatency, MeasureResult, Pass, PassContext, PassState,
                      Pipeline, PlanQuantization, PooledLatency, PoolIdenticalBlocks, QuantizationPlan, QuantizedOnnx,
                      QuantizeResult, Recover, Recoverability, RecoveryLog, Refinement, RefineSelection, SelectBlocks,
                      Selection, available_passes)
+from .passes.add_layers import check_layers_mode
 from .passes.plan_quantization import check_quantize_mode, no_block_needed
 from .passes.quantize import QuantizeSettings
 from .passes.recover import RecoverySettings
@@ -90,9 +91,14 @@ class OptimizeConfig:
     # passes/choose_resolution.py), each composed with int8 as quantize says; "auto": both, the one
     # whose result stays closer to the original on the held-out images kept (choose_lever.py)
     lever: str = "blocks"
+    # the plain layers outside a network's residual blocks (passes/add_layers.py): "auto" adds them to
+    # the candidates where every block dropped falls short of the goal (PP-OCRv4's detector), "always",
+    # or "never"
+    layers: str = "auto"
 
     def __post_init__(self):
         check_quantize_mode(self.quantize)
+        check_layers_mode(self.layers)
         if self.lever not in LEVERS:
             raise GraphpruneError(f"lever must be one of {', '.join(LEVERS)}, got '{self.lever}'", parameter="lever")
         if self.output_format not in ("onnx", "pt2"):
@@ -191,6 +197,7 @@ def default_pipeline(config: OptimizeConfig = OptimizeConfig()) -> list[Pass]:
     return [
         FindBlocks(),
         *([PlanQuantization.from_config(config)] if quantized else []),
+        AddLayers.from_config(config),
         MeasureBlockLatency(),
         PoolIdenticalBlocks(),
         CheckReachable(),

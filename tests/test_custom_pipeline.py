@@ -32,7 +32,7 @@ def test_a_pass_inserted_into_the_default_pipeline_shapes_the_result():
     steps = gp.default_pipeline(config)
     steps.insert(1, KeepFirstStage())
     result = gp.optimize(model, tiny, config, pipeline=steps)
-    assert list(result.state.records)[:3] == ["find_blocks", "keep_first_stage", "profile_blocks"]
+    assert list(result.state.records)[:4] == ["find_blocks", "keep_first_stage", "add_layers", "profile_blocks"]
     assert result.state.records["keep_first_stage"]["kept"] == 6
     assert result.report["dropped"] and not any(n.startswith("layer1.") for n in result.report["dropped"])
     assert [b["name"] for b in result.report["blocks"]] == [b.name for b in gp.find_blocks(model)][3:]

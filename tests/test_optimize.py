@@ -41,7 +41,7 @@ def test_optimize_writes_a_verified_faster_model_and_a_report(cli, r20_onnx, tmp
     assert doc["latency"]["selection_cut"] >= 0.2 and isinstance(doc["latency"]["cut"], float)
     assert doc["dropped"] and set(doc["dropped"]) <= {b["name"] for b in doc["blocks"]}
     assert all(b["recoverability"] is not None and b["saved_fraction"] is not None for b in doc["blocks"])
-    assert set(doc["seconds_per_stage"]) == {"find_blocks", "profile_blocks", "pool_identical_blocks", "check_reachable",
+    assert set(doc["seconds_per_stage"]) == {"find_blocks", "add_layers", "profile_blocks", "pool_identical_blocks", "check_reachable",
                                              "score_recoverability", "select_blocks", "refine_selection",
                                              "drop_blocks", "recover", "measure_result", "check_fidelity"}
     assert doc["refinement"]["skipped"] == "estimator lstsq"  # joint fits need the PRACTISE adaptors
@@ -119,7 +119,7 @@ def test_optimize_python_api_is_a_pipeline_of_passes(r20_onnx):
     config = OptimizeConfig(latency_cut=0.15, quantize="none", latency=LatencySettings(min_time_s=0.05),
                             recovery=RecoverySettings(iterations=4, batch_size=8), show_progress=False)
     result = optimize(model, tiny, config)
-    assert list(result.state.records) == ["find_blocks", "profile_blocks", "pool_identical_blocks", "check_reachable",
+    assert list(result.state.records) == ["find_blocks", "add_layers", "profile_blocks", "pool_identical_blocks", "check_reachable",
                                           "score_recoverability", "select_blocks", "refine_selection",
                                           "drop_blocks", "recover", "measure_result", "check_fidelity"]
     refinement = result.report["refinement"]

@@ -39,7 +39,7 @@ from graphprune.report import format_summary
 
 from conftest import plain_cnn_onnx
 
-FLOAT_STEPS = ["find_blocks", "profile_blocks", "pool_identical_blocks", "check_reachable", "score_recoverability", "select_blocks",
+FLOAT_STEPS = ["find_blocks", "add_layers", "profile_blocks", "pool_identical_blocks", "check_reachable", "score_recoverability", "select_blocks",
                "refine_selection", "drop_blocks", "recover", "measure_result", "check_fidelity"]
 ONE_CANDIDATE = QuantizeSettings(formats=("qdq",), activation_types=("uint8",), float_groups=())
 
@@ -105,7 +105,7 @@ def test_pipeline_with_quantisation_adds_two_steps_and_keeps_the_others():
     for mode in ("auto", "int8"):
         steps = default_pipeline(OptimizeConfig(quantize=mode))
         names = [p.name for p in steps]
-        assert names == FLOAT_STEPS[:1] + ["plan_quantization"] + FLOAT_STEPS[1:9] + ["quantize_result",
+        assert names == FLOAT_STEPS[:1] + ["plan_quantization"] + FLOAT_STEPS[1:10] + ["quantize_result",
                                                                                    *FLOAT_STEPS[-2:]]
         Pipeline(steps).check()
         Pipeline(pipeline_from_names(names, OptimizeConfig(quantize=mode))).check()
@@ -122,7 +122,7 @@ def test_int8_end_to_end_writes_a_quantised_file_close_to_the_recovered_float_mo
     asked = fake_quantization_alone(monkeypatch, 0.0)
     result = optimize(model, tiny, config(latency_cut=0.5, quantize="int8"))
     records = result.state.records
-    assert list(records) == FLOAT_STEPS[:1] + ["plan_quantization"] + FLOAT_STEPS[1:9] + ["quantize_result",
+    assert list(records) == FLOAT_STEPS[:1] + ["plan_quantization"] + FLOAT_STEPS[1:10] + ["quantize_result",
                                                                                             *FLOAT_STEPS[-2:]]
     assert len(asked) == 1 and asked[0].config is not None  # once, right after planning
     assert records["plan_quantization"]["alone"]["cut"] == 0.0

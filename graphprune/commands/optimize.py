@@ -102,6 +102,9 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
           "the target, no training; for networks whose outputs do not follow the input's size, such as "
           "classifiers that pool globally), or auto (both; the result closer to the original on the held-out "
           "images is written)")
+@opt("latency", "--layers", fills="layers", type=click.Choice(["auto", "always", "never"]),
+     help="the plain layers outside the residual blocks (a stride-1 layer that keeps its shape) as candidates "
+          "too: auto (where every block dropped falls short of the target), always, or never")
 @opt("latency", "--margin", fills="margin", type=NON_NEGATIVE,
      help="select blocks until the measured cut reaches cut+margin")
 @opt("latency", "--resolution-margin", fills="resolution_margin", type=NON_NEGATIVE,

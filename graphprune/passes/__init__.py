@@ -1,6 +1,7 @@
 """graphprune's passes. Each module holds one pass; :mod:`.base` holds the contracts,
 :mod:`.context` what passes share, :mod:`.pipeline` the runner and its instruments."""
 
+from .add_layers import AddLayers
 from .base import Analysis, Artifacts, Pass, PassResult, Transform, available_passes
 from .check_fidelity import CheckFidelity, HeldOutFidelity
 from .check_reachable import CheckReachable
@@ -22,7 +23,7 @@ from .resize_input import ResizeInput, ResolutionChoice, resize_input
 from .select_blocks import SelectBlocks
 from .selection import BlockScore, Selection
 
-BUILTIN_PASSES = (FindBlocks, PlanQuantization, MeasureBlockLatency, PoolIdenticalBlocks, CheckReachable, Recoverability,
+BUILTIN_PASSES = (FindBlocks, AddLayers, PlanQuantization, MeasureBlockLatency, PoolIdenticalBlocks, CheckReachable, Recoverability,
                   SelectBlocks, RefineSelection, DropBlocks, Recover, QuantizeResult, MeasureResult, CheckFidelity,
                   ChooseResolution, ResizeInput)
 ALIASES = {"measure_block_latency": MeasureBlockLatency, "recoverability": Recoverability}  # earlier names
@@ -33,7 +34,7 @@ def builtin_passes() -> dict[str, type[Pass]]:
 
 
 __all__ = [
-    "Analysis", "Artifacts", "CheckReachable", "Pass", "PassContext", "PassResult", "PassState", "Pipeline", "Step", "Transform",
+    "AddLayers", "Analysis", "Artifacts", "CheckReachable", "Pass", "PassContext", "PassResult", "PassState", "Pipeline", "Step", "Transform",
     "Instrument", "available_passes", "builtin_passes", "default_instruments", "run_step",
     "Block", "BlockLatency", "BlockLatencyTable", "BlockRecoverabilities", "BlockScore", "Blocks", "CutMeasurement",
     "FinalCut", "HeldOutFidelity", "PooledLatency", "QuantizationPlan", "QuantizedOnnx", "Refinement", "RecoveryLog",

@@ -30,16 +30,20 @@ if TYPE_CHECKING:
 
 
 def shape_region(blocks: list[Block], block: Block) -> list[Block]:
-    """The run of consecutive blocks (each one's entry is the previous one's exit) around ``block``
-    whose outputs have ``block``'s shape: one stage of a ResNet, the encoder of a ViT."""
+    """The run of consecutive residual blocks (each one's entry is the previous one's exit) around
+    ``block`` whose outputs have ``block``'s shape: one stage of a ResNet, the encoder of a ViT. A
+    layer unit is a region of its own, and ends a run of blocks (it has no branch to adapt)."""
     index = blocks.index(block)
     if block.kind == "layer":
-        return [block]  # a plain network's layer: one adaptor where it was (adaptor_sites)
+        return [block]  # one adaptor where it was (adaptor_sites)
+
+    def joins(other: Block, entry: str, exit_: str) -> bool:
+        return other.kind != "layer" and other.output_shape == block.output_shape and entry == exit_
+
     lo = hi = index
-    while lo > 0 and blocks[lo - 1].output_shape == block.output_shape and blocks[lo].entry == blocks[lo - 1].exit:
+    while lo > 0 and joins(blocks[lo - 1], blocks[lo].entry, blocks[lo - 1].exit):
         lo -= 1
-    while hi + 1 < len(blocks) and blocks[hi + 1].output_shape == block.output_shape and \
-            blocks[hi + 1].entry == blocks[hi].exit:
+    while hi + 1 < len(blocks) and joins(blocks[hi + 1], blocks[hi + 1].entry, blocks[hi].exit):
         hi += 1
     return blocks[lo:hi + 1]
 

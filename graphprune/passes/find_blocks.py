@@ -29,7 +29,9 @@ of one forward pass, whatever ops do the slicing). Dropping it makes the concat'
 entry.
 
 A network with neither kind of block (VGG, PP-LCNet) gets its *layer units* instead, kind ``layer``
-(:mod:`.layer_units`): a residual network keeps exactly its blocks.
+(:mod:`.layer_units`): a residual network keeps exactly its blocks, and with ``layers`` gets the
+units that share no node with any block besides them (:func:`outside_layers`, which
+:mod:`.add_layers` offers where the blocks cannot reach the target).
 
 An activation that is the merge's only reader belongs to the block. Blocks are named after the
 module path shared by the merge and the branch's weighted ops (``layer2.1``, ``features.3``);
@@ -40,7 +42,7 @@ node's name.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import networkx as nx
 import torch
@@ -105,8 +107,10 @@ class FindBlocks(Analysis):
         return PassResult(model, changed=False, record=record, artifacts=[Blocks(blocks)])
 
 
-def find_blocks(model: Model, require: bool = False) -> list[Block]:
-    """The residual blocks of ``model`` in graph order. With ``require``, none is an error."""
+def find_blocks(model: Model, require: bool = False, layers: bool = False) -> list[Block]:
+    """The residual blocks of ``model`` in graph order. With ``require``, none is an error. With
+    ``layers``, also the layer units that lie wholly outside every block (a detector's plain
+    backbone beside its residual neck; :func:`outside_layers` says which those are)."""
     gm = model.graph_module
     constants = constant_nodes(gm)
     graph = _dataflow_graph(gm, constants)
@@ -124,16 +128,43 @@ def find_blocks(model: Model, require: bool = False) -> list[Block]:
             concatenated.append(_match_split(node, graph, idom, gm, constants, order))
     splits = _exact_splits(model, [r for r in concatenated if r is not None])
     raw = [r for r in added + splits if r is not None and not weighted <= set(r.branch)]  # no global residual (4.)
-    if not raw:  # a plain network: its stride-1, channel-keeping layers (layer_units.py)
+    units = []
+    if not raw or layers:  # a plain network's (or a plain part's) stride-1, channel-keeping layers
         shapes = {name: s.shape for name, s in stats.items()}
-        raw = [_Raw(exit_node, entry, exit_node, "layer", nodes[:-1], [], exit_node, entry)
-               for entry, nodes, exit_node in layer_units(gm, graph, constants, shapes, _ROOT, order)]
+        units = [_Raw(exit_node, entry, exit_node, "layer", nodes[:-1], [], exit_node, entry)
+                 for entry, nodes, exit_node in layer_units(gm, graph, constants, shapes, _ROOT, order)]
+    if not raw:
+        raw, units = units, []
     blocks = _name_blocks(raw, gm, constants, stats)
+    taken = {b.name for b in blocks}
+    for unit in _name_blocks(_outside(units, raw), gm, constants, stats):
+        name, k = unit.name, 1
+        while name in taken:  # a block keeps its name; the layer beside it gives way
+            name, k = f"{unit.name}#{k}", k + 1
+        blocks.append(replace(unit, name=name))
+        taken.add(name)
     blocks.sort(key=lambda blk: order[node_named(gm, blk.merge)])
     if require and not blocks:
         raise GraphpruneError(f"no residual blocks found in {model.name}, nor a layer that keeps its shape: "
                               "nothing to drop")
     return blocks
+
+
+def outside_layers(model: Model, blocks: list[Block]) -> list[Block]:
+    """The layer units of ``model`` that share no node with any of its residual ``blocks`` (their
+    entries aside), named so that no block's name changes; none where ``blocks`` holds layer units
+    itself (a plain network's candidates are its layers already)."""
+    if not blocks or any(b.kind == "layer" for b in blocks):
+        return []
+    found = {b.name for b in blocks}
+    return [b for b in find_blocks(model, layers=True) if b.kind == "layer" and b.name not in found]
+
+
+def _outside(units: list["_Raw"], raw: list["_Raw"]) -> list["_Raw"]:
+    """The units none of whose nodes belongs to a block of ``raw`` (its entry excepted: a layer may
+    read a block's output, and a block a layer's)."""
+    covered = {n for r in raw for n in (*r.branch, *r.shortcut, r.merge, r.exit)}
+    return [u for u in units if covered.isdisjoint((*u.branch, u.merge))]
 
 
 def blocks_of(model: Model, inputs) -> list[Block]:

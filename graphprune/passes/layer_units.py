@@ -14,9 +14,10 @@ hard-swish written as ``x * clip(x + 3, 0, 6) / 6``; not a pooling). The last va
 2. the entry is no graph input and the exit no graph output, and ``w`` is not the network's only
    weighted op.
 
-:func:`graphprune.passes.find_blocks.find_blocks` looks for units only in a network with no
-residual block, so every residual network keeps exactly its blocks: inside a residual branch a
-layer is part of its block, and a plain network has nothing else to drop.
+:func:`graphprune.passes.find_blocks.find_blocks` returns the units of a network with no residual
+block (it has nothing else to drop); in a residual network only those outside every block, and only
+where asked (``layers``; :mod:`.add_layers` asks where the blocks cannot reach the target): inside
+a residual branch a layer is part of its block.
 """
 
 from __future__ import annotations

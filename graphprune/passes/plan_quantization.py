@@ -1,6 +1,6 @@
 """One latency target over block dropping *and* int8: plan the quantisation, measure as it will run.
 
-    find_blocks -> plan_quantization -> profile_blocks -> ... -> recover -> quantize_result -> measure_result
+    find_blocks -> plan_quantization -> add_layers -> profile_blocks -> ... -> recover -> quantize_result -> measure_result
 
 * :class:`PlanQuantization` (analysis -> :class:`~.quantize_plan.QuantizationPlan`) plans int8 on the
   float original with :func:`~.quantize_plan.plan_quantization`: calibrated on ``ctx.tiny`` and
