@@ -144,3 +144,16 @@ def test_optimize_ranks_layers_beside_blocks_and_writes_what_onnxruntime_runs(tm
     result = optimized_file_agrees(model, images, replace(FAST_CONFIG, layers="always"), tmp_path / "fast.onnx")
     assert [b["kind"] for b in result.report["blocks"]] == ["layer", "layer", "identity"]
     assert result.state.records["add_layers"]["added"] == [b["name"] for b in result.report["blocks"][:2]]
+
+
+def test_inspect_names_the_layers_outside_the_blocks(cli, tmp_path):
+    import json
+
+    _, model = _model("onnx", tmp_path)
+    path = tmp_path / "plain_res.onnx"
+    code, stdout, _ = cli("inspect", path)
+    assert code == 0 and "1 residual blocks" in stdout and "2 layers outside the blocks keep their shape" in stdout
+    code, stdout, _ = cli("inspect", path, "--json")
+    found = json.loads(stdout)
+    assert [b["kind"] for b in found["blocks"]] == ["identity"]
+    assert [b["name"] for b in found["layers_outside_blocks"]] == [b.name for b in gp.find_blocks(model, layers=True)[:2]]

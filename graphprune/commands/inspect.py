@@ -10,6 +10,7 @@ import click
 from ..cli import load_model_from_args, model_options
 from ..cli_options import GroupedOption, subcommand
 from ..passes import FindBlocks
+from ..passes.find_blocks import outside_layers
 from ..passes.resize_input import why_not_smaller
 
 
@@ -21,13 +22,18 @@ def command(args) -> int:
     result = FindBlocks()(model)
     blocks, total = result.value, result.record["model_macs"]
     refused = why_not_smaller(model)
+    layers = outside_layers(model, blocks)
     if args.json:
         print(json.dumps({"model": args.model, "input_shape": list(model.analysis_shape()),
                           "model_macs": total, "blocks": [b.summary() for b in blocks],
+                          "layers_outside_blocks": [b.summary() for b in layers],
                           "runs_at_lower_resolution": refused is None, "lower_resolution_refused": refused}, indent=2))
         return 0
     print(format_block_table(blocks, total) if blocks else
           f"{args.model}: no residual blocks found (nothing graphprune can drop)")
+    if layers:
+        print(f"{len(layers)} layers outside the blocks keep their shape ({sum(b.macs for b in layers) / 1e6:.2f} "
+              "MMACs): optimize offers them too where the blocks cannot reach the target (--layers)")
     print("resolution: the network runs at a lower resolution inside the graph with its outputs' shapes, a "
           "detector's anchors aside (optimize --lever resolution)" if refused is None else
           f"resolution: no --lever resolution: {refused}")

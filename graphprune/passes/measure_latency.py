@@ -61,6 +61,8 @@ from .identical_blocks import identical_groups
 from .plan_quantization import QuantizationPlan, measuring_backend, no_block_needed
 from .quantize_result import QuantizedOnnx
 
+log = logging.getLogger("graphprune")
+
 
 @dataclass(frozen=True)
 class BlockLatency:
@@ -109,8 +111,6 @@ def measure_cut(backend: LatencyBackend, original: Model, candidate: Model, sett
     return CutMeasurement(original_stats, candidate_stats, latency_cut(original_stats, candidate_stats))
 
 
-log = logging.getLogger("graphprune")
-
 ORIGINAL_KEY = "__original__"
 # with a --time-budget, profiling may take this share of the time left when it starts (every distinct
 # block is measured even past it). A guard, not a knee: scoring takes half of what is left after it,
@@ -128,7 +128,7 @@ def measure_block_latency(backend: LatencyBackend, model: Model, settings: Laten
     ``on_block`` is called with each row as soon as it is measured. ``cache`` (a dict-like of JSON
     records, e.g. :class:`graphprune.cache.JsonCache`) keeps the original's statistics and every
     row as soon as it is measured, so an interrupted profile resumes where it stopped.
-    ``twins``: groups of identical blocks (:func:`~.pool_latency.identical_groups`); each group's
+    ``twins``: groups of identical blocks (:func:`~.identical_blocks.identical_groups`); each group's
     first is measured with the blocks that have none, its others after them and, with a
     ``deadline`` (``time.monotonic()``), only while the mean pair so far still fits before it.
     """

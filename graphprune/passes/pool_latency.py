@@ -2,8 +2,8 @@
 
 Two blocks are *identical* when their nodes, in order, have the same op kind, output shape, input
 shapes, non-tensor arguments (stride, padding, ...) and module configuration and parameter shapes
-(:func:`.identical_blocks.block_signature`): the runtime executes the same kernels on the same shapes for either, so
-the time dropping one saves differs from the other's only by measurement noise. That noise is not
+(:func:`.identical_blocks.block_signature`): the runtime executes the same kernels on the same
+shapes for either, so the time dropping one saves differs from the other's only by measurement noise. That noise is not
 small next to what separates blocks: on ResNet-56 (onnxruntime, CPU, 1 thread, batch 1) the eight
 identical inner blocks of one stage measured single-block savings from 3.3% to 4.3%, about as far
 apart as the stages themselves, and a recoverability / saving score then ranks identical blocks by
@@ -13,8 +13,9 @@ timing luck. So every block of a group of identical blocks gets the group's medi
 
 (the median, not the mean, so one measurement disturbed by other load does not move the group).
 A block with no twin keeps its own measurement; a twin that profiling left unmeasured (time
-budget: ``BlockLatencyTable.unmeasured``) takes no part in its group's median. Combined sets are still measured as a whole by
-:mod:`.select_blocks`; only the ranking and the predicted cut use the pooled figures.
+budget: ``BlockLatencyTable.unmeasured``) takes no part in its group's median. Combined sets are
+still measured as a whole by :mod:`.select_blocks`; only the ranking and the predicted cut use the
+pooled figures.
 """
 
 from __future__ import annotations
