@@ -166,8 +166,9 @@ MODELS = {
                                  {"graphprune": (0.10,), "block-influence": (0.10,), "graphprune-int8": (0.15, 0.5),
                                   "graphprune-resolution": (0.15,), "graphprune-auto": (0.15,)}),
     # a probability map (N, 1, H, W): compared by its map IoU; its 6-8 droppable blocks cut 3-5% in
-    # all (issue 28), so float at 15% (the issue's detector target) takes the layers of its plain
-    # backbone too (--layers auto, passes/add_layers.py). PaddleOCR's normalisation (ImageNet mean and std)
+    # all (issue 28), so float at 15% (the issue's detector target) needs the layers of its plain
+    # backbone too (--layers auto, passes/add_layers.py; they lost every region). PaddleOCR's
+    # normalisation (ImageNet mean and std)
     "ppocrv4_det": RealModel(ppocr_det_onnx, (3, 320, 320), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False,
                              {"graphprune": (0.15,), "graphprune-int8": (0.3,)}),
     # a YOLOX with real weights, decoded in the graph as YOLOX's export writes it (benchmarks/yolox_model.py);
@@ -349,6 +350,8 @@ def cmd_run(args) -> None:
         overrides["margin"] = args.margin
     if args.resolution_margin is not None:
         overrides["resolution_margin"] = args.resolution_margin
+    if args.layers:
+        overrides["layers"] = args.layers
     done = set() if args.redo else ROWS.done(this_machine())  # a redone row replaces this CPU's
     todo = [r for r in grid(args.model, methods, seeds, cuts, overrides) if row_id(r) not in done]
     print(f"{len(todo)} rows to run on {this_machine()}", flush=True)
@@ -452,6 +455,8 @@ def run_options(parser) -> None:
     parser.add_argument("--time-budget", type=float, help="optimize's time budget in seconds")
     parser.add_argument("--margin", type=float, help="optimize's --margin (default: the product's)")
     parser.add_argument("--resolution-margin", type=float, help="optimize's --resolution-margin (default: the product's)")
+    parser.add_argument("--layers", choices=["auto", "always", "never"],
+                        help="optimize's --layers (default: the product's)")
     parser.add_argument("--redo", action="store_true", help="run rows this CPU has finished again (replacing them)")
 
 

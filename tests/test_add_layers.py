@@ -141,6 +141,7 @@ def test_optimize_ranks_layers_beside_blocks_and_writes_what_onnxruntime_runs(tm
 
     _, model = _model("onnx", tmp_path)
     images = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert gp.OptimizeConfig().layers == "never"  # the layers are the user's choice (passes/add_layers.py)
     result = optimized_file_agrees(model, images, replace(FAST_CONFIG, layers="always"), tmp_path / "fast.onnx")
     assert [b["kind"] for b in result.report["blocks"]] == ["layer", "layer", "identity"]
     assert result.state.records["add_layers"]["added"] == [b["name"] for b in result.report["blocks"][:2]]
@@ -157,3 +158,20 @@ def test_inspect_names_the_layers_outside_the_blocks(cli, tmp_path):
     found = json.loads(stdout)
     assert [b["kind"] for b in found["blocks"]] == ["identity"]
     assert [b["name"] for b in found["layers_outside_blocks"]] == [b.name for b in gp.find_blocks(model, layers=True)[:2]]
+
+
+def test_a_target_the_blocks_cannot_reach_names_the_layers_left_out(monkeypatch):
+    from dataclasses import replace
+
+    from graphprune.passes import CheckReachable, Pipeline
+    from test_check_reachable import _fake_measure, _profiled
+
+    model = gp.load(seeded_module(PlainThenResidual), input_shape=(1, 3, 32, 32))
+    tiny = gp.data.TinySet(torch.randn(24, 3, 32, 32), torch.arange(24) % 10)
+    for layers, hint in (("never", True), ("auto", False)):
+        state, ctx = _profiled(model, tiny, 0.5)
+        ctx.config = replace(ctx.config, layers=layers)
+        _fake_measure(monkeypatch, 0.1)
+        with pytest.raises(gp.GraphpruneError) as exc:
+            Pipeline([CheckReachable()]).run(model, ctx, state)
+        assert ("; the 2 plain layers outside the blocks may reach it (--layers auto)" in str(exc.value)) == hint

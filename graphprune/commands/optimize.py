@@ -104,7 +104,8 @@ DERIVED = {"cache_dir": "--cache-dir, or none with --no-cache", "preprocessing.s
           "images is written)")
 @opt("latency", "--layers", fills="layers", type=click.Choice(["auto", "always", "never"]),
      help="the plain layers outside the residual blocks (a stride-1 layer that keeps its shape) as candidates "
-          "too: auto (where every block dropped falls short of the target), always, or never")
+          "too: auto (where every block dropped falls short of the target), always, or never (the default: "
+          "on PP-OCRv4's detector they reached 15% and lost every detection)")
 @opt("latency", "--margin", fills="margin", type=NON_NEGATIVE,
      help="select blocks until the measured cut reaches cut+margin")
 @opt("latency", "--resolution-margin", fills="resolution_margin", type=NON_NEGATIVE,

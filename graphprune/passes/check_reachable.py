@@ -11,7 +11,8 @@ of after scoring every block: PP-OCRv4's detector at a 30% target with int8 (its
 4% together) was still scoring blocks after 24 minutes, past its 15-minute --time-budget, when the
 run was stopped. Where quantisation alone reaches the goal, or no target is set, there is nothing to check.
 Where the network can run at a lower resolution inside the graph, the line says the resolution lever
-may reach the target (:func:`~.resize_input.resolution_hint`).
+may reach the target (:func:`~.resize_input.resolution_hint`); where plain layers lie outside the
+blocks and the run left them out, how many (:func:`layers_hint`, :mod:`.add_layers`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,21 @@ from __future__ import annotations
 from ..errors import GraphpruneError
 from ..model import Model
 from .base import Analysis, PassResult
-from .find_blocks import Blocks
+from .find_blocks import Blocks, outside_layers
 from .measure_latency import BlockLatencyTable
 from .plan_quantization import SELECTION_CACHE, QuantizationPlan, measuring_backend, no_block_needed
 from .pool_latency import PooledLatency
 from .resize_input import resolution_hint
 from .select_blocks import int8_off_reason, scoring_latency, set_measurer, unreachable
 from .selection import check_latency_cut, goal_cut
+
+
+def layers_hint(model: Model, blocks: list, ctx) -> str:
+    """Where the run left the layers outside the blocks out (``--layers never``), how many there are."""
+    if getattr(ctx.config, "layers", "never") != "never":
+        return ""
+    layers = outside_layers(model, blocks)
+    return f"; the {len(layers)} plain layers outside the blocks may reach it (--layers auto)" if layers else ""
 
 
 class CheckReachable(Analysis):
@@ -57,5 +66,6 @@ class CheckReachable(Analysis):
                                   blocks_found=len(inputs[Blocks]))
             # lever "auto" has tried resolution itself and says so
             auto = getattr(ctx.config, "lever", None) == "auto"
+            refused = f"{refused}{layers_hint(model, inputs[Blocks], ctx)}"
             raise GraphpruneError(refused if auto else f"{refused}{resolution_hint(model)}")
         return PassResult(model, record={"candidates": len(names), "all_dropped_cut": best, "goal": goal})
