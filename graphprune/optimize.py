@@ -304,6 +304,8 @@ def build_report(original: Model, state: PassState, ctx: PassContext, config: Op
         "settings": {**config.to_dict(), "backend_info": table.backend_info if table else None},
         "seconds_per_stage": dict(state.timings),
         "scoring_steps": _scoring_steps(recoverabilities, config),
+        # add_layers' record: the layers outside the blocks, whether they joined the candidates and why
+        "layers_outside_blocks": state.records.get("add_layers"),
         "resumed_from_cache": {"latency_rows": table.from_cache if table else 0,
                                "recoverability": recoverabilities.from_cache if recoverabilities else 0},
         "held_out": found.get(HeldOutFidelity).to_dict() if found.get(HeldOutFidelity) else None,

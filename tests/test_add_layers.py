@@ -144,7 +144,7 @@ def test_optimize_ranks_layers_beside_blocks_and_writes_what_onnxruntime_runs(tm
     assert gp.OptimizeConfig().layers == "never"  # the layers are the user's choice (passes/add_layers.py)
     result = optimized_file_agrees(model, images, replace(FAST_CONFIG, layers="always"), tmp_path / "fast.onnx")
     assert [b["kind"] for b in result.report["blocks"]] == ["layer", "layer", "identity"]
-    assert result.state.records["add_layers"]["added"] == [b["name"] for b in result.report["blocks"][:2]]
+    assert result.report["layers_outside_blocks"]["added"] == [b["name"] for b in result.report["blocks"][:2]]
 
 
 def test_inspect_names_the_layers_outside_the_blocks(cli, tmp_path):
