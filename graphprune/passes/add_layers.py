@@ -20,8 +20,9 @@ as candidates already.
 The product's default is "never" (``OptimizeConfig.layers``), from the one real model measured:
 PP-OCRv4's detector at a 15% target reached 15.1% with 5 blocks and 6 layers of its backbone (the
 layers' held-out feature errors 0.51-1.01 each, the blocks' 0.005-0.06), and its probability map
-lost every region (map IoU 0.000 on 800 photos; 45 recovery steps under a 900 s budget). A plain network's layers recover (PP-LCNet's orientation classifier: 20% at no loss), a
-backbone's here did not. A target the blocks cannot reach says how many layers ``--layers auto``
+lost every region (map IoU 0.000 on 800 photos; 45 recovery steps under a 900 s budget). A plain
+network's layers recover (PP-LCNet's orientation classifier: 20% at no loss), a backbone's here did
+not. A target the blocks cannot reach says how many layers ``--layers auto``
 would add (:mod:`.check_reachable`).
 """
 
@@ -70,10 +71,11 @@ class AddLayers(Analysis):
             unchanged = "no residual block: the network's layers are its candidates already"
         else:
             unchanged = no_block_needed(ctx, inputs)
-        layers = [] if unchanged else outside_layers(model, blocks)
-        if not unchanged and not layers:
+        looked = not unchanged  # "never" does not look for them (None in the record)
+        layers = outside_layers(model, blocks) if looked else []
+        record = {"mode": self.mode, "layers_outside": len(layers) if looked else None}
+        if looked and not layers:
             unchanged = "no layer outside the residual blocks keeps its shape"
-        record = {"mode": self.mode, "layers_outside": len(layers)}
         if not unchanged and self.mode == "auto":
             cut = self._every_block_dropped(model, ctx, inputs, blocks)
             goal = goal_cut(ctx.need("latency_cut", self.name), ctx.margin)
