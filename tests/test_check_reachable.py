@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import graphprune as gp
-import graphprune.passes.check_reachable as reachable_module
+import graphprune.passes.select_blocks as select_module
 from graphprune.backends import LatencySettings
 from graphprune.backends.base import CutMeasurement, LatencyStats
 from graphprune.data import TinySet
@@ -54,7 +54,7 @@ def _fake_measure(monkeypatch, cut: float) -> list[list[str]]:
     def set_measurer(model, blocks, backend, settings, cache=None, reference=None):
         return lambda names: measured.append(list(names)) or _cut(cut)
 
-    monkeypatch.setattr(reachable_module, "set_measurer", set_measurer)
+    monkeypatch.setattr(select_module, "set_measurer", set_measurer)  # what run_set_measurer builds on
     return measured
 
 

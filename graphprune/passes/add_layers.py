@@ -34,8 +34,8 @@ from ..errors import GraphpruneError
 from ..model import Model
 from .base import Analysis, PassResult
 from .find_blocks import Blocks, outside_layers
-from .plan_quantization import SELECTION_CACHE, QuantizationPlan, measuring_backend, no_block_needed
-from .select_blocks import set_measurer
+from .plan_quantization import QuantizationPlan, measuring_backend, no_block_needed
+from .select_blocks import run_set_measurer
 from .selection import goal_cut
 
 log = logging.getLogger("graphprune")
@@ -92,7 +92,5 @@ class AddLayers(Analysis):
         return PassResult(model, record={**record, "added": [b.name for b in layers]}, artifacts=[Blocks(merged)])
 
     def _every_block_dropped(self, model: Model, ctx, inputs, blocks) -> float:
-        measuring = measuring_backend(ctx, inputs, self.name)
-        measure = set_measurer(model, blocks, measuring.backend, ctx.latency, measuring.cache(ctx, SELECTION_CACHE),
-                               measuring.reference)
+        measure = run_set_measurer(measuring_backend(ctx, inputs, self.name), model, blocks, ctx)
         return measure([b.name for b in blocks]).cut

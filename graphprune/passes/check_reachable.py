@@ -22,10 +22,10 @@ from ..model import Model
 from .base import Analysis, PassResult
 from .find_blocks import Blocks, outside_layers
 from .measure_latency import BlockLatencyTable
-from .plan_quantization import SELECTION_CACHE, QuantizationPlan, measuring_backend, no_block_needed
+from .plan_quantization import QuantizationPlan, measuring_backend, no_block_needed
 from .pool_latency import PooledLatency
 from .resize_input import resolution_hint
-from .select_blocks import int8_off_reason, scoring_latency, set_measurer, unreachable
+from .select_blocks import int8_off_reason, run_set_measurer, scoring_latency, unreachable
 from .selection import check_latency_cut, goal_cut
 
 
@@ -54,8 +54,7 @@ class CheckReachable(Analysis):
             return PassResult(model, record={"skipped": skipped})
         names = [row.name for row in scoring_latency(inputs).rows if row.saved_fraction > 0]
         measuring = measuring_backend(ctx, inputs, self.name)
-        measure = set_measurer(model, inputs[Blocks], measuring.backend, ctx.latency,
-                               measuring.cache(ctx, SELECTION_CACHE), measuring.reference)
+        measure = run_set_measurer(measuring, model, inputs[Blocks], ctx)
         target = ctx.need("latency_cut", self.name)
         goal = goal_cut(target, ctx.margin)
         alone = measuring.plan.alone if measuring.plan is not None else None

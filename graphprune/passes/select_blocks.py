@@ -129,6 +129,14 @@ def set_measurer(model: Model, blocks: list[Block], backend: LatencyBackend, set
     return measure
 
 
+def run_set_measurer(measuring, model: Model, blocks: list[Block], ctx):
+    """:func:`set_measurer` on a pass's ``measuring`` backend (:func:`~.plan_quantization.measuring_backend`:
+    quantised where int8 is planned) and the run's resume cache of measured sets, which every pass
+    measuring sets shares."""
+    return set_measurer(model, blocks, measuring.backend, ctx.latency, measuring.cache(ctx, SELECTION_CACHE),
+                        measuring.reference)
+
+
 def unreachable(target: float, goal: float, candidates: int, best: float, alone: CutMeasurement | None,
                 int8_off: str | None, blocks_found: int | None = None) -> GraphpruneError:
     """The one line a target out of reach gets: the largest cut measured with every candidate dropped
