@@ -60,6 +60,11 @@ def node_stats(model: Model) -> dict[str, NodeStats]:
     return interp.stats
 
 
+def model_macs(model: Model) -> int:
+    """The MACs of one forward pass at batch size 1 (:func:`node_stats`, summed)."""
+    return sum(s.macs for s in node_stats(model).values())
+
+
 def node_weight_tensors(node: fx.Node, gm: fx.GraphModule) -> list[torch.Tensor]:
     """The parameters and constant tensors a node reads directly (its own weights)."""
     from .ops import fetch_attr

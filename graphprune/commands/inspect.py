@@ -9,8 +9,8 @@ import click
 
 from ..cli import load_model_from_args, model_options
 from ..cli_options import GroupedOption, subcommand
-from ..passes import FindBlocks
-from ..passes.find_blocks import outside_layers
+from ..graph_stats import model_macs
+from ..passes.find_blocks import find_blocks, split_layers
 from ..passes.resize_input import why_not_smaller
 
 
@@ -19,10 +19,9 @@ from ..passes.resize_input import why_not_smaller
 @click.option("--json", cls=GroupedOption, group="output", is_flag=True, help="print JSON to stdout")
 def command(args) -> int:
     model = load_model_from_args(args)
-    result = FindBlocks()(model)
-    blocks, total = result.value, result.record["model_macs"]
+    blocks, layers = split_layers(find_blocks(model, layers=True))  # one search for both
+    total = model_macs(model) if blocks else 0
     refused = why_not_smaller(model)
-    layers = outside_layers(model, blocks)
     if args.json:
         print(json.dumps({"model": args.model, "input_shape": list(model.analysis_shape()),
                           "model_macs": total, "blocks": [b.summary() for b in blocks],

@@ -49,7 +49,7 @@ import torch
 from torch import fx
 
 from ..errors import GraphpruneError
-from ..graph_stats import count_params, node_stats, node_values, run_node_with
+from ..graph_stats import count_params, model_macs, node_stats, node_values, run_node_with
 from ..model import Model
 from ..ops import (ACTIVATIONS, NO_OPS, ancestors, constant_nodes, is_binary_add, is_multi_output, is_weighted,
                    op_kind, tensor_args)
@@ -101,7 +101,7 @@ class FindBlocks(Analysis):
 
     def run(self, model: Model, ctx=None, inputs=None) -> PassResult:
         blocks = find_blocks(model)
-        total_macs = sum(s.macs for s in node_stats(model).values()) if blocks else 0
+        total_macs = model_macs(model) if blocks else 0
         record = {"count": len(blocks), "model_macs": total_macs,
                   "blocks": [b.summary() for b in blocks]}
         return PassResult(model, changed=False, record=record, artifacts=[Blocks(blocks)])
@@ -156,8 +156,15 @@ def outside_layers(model: Model, blocks: list[Block]) -> list[Block]:
     itself (a plain network's candidates are its layers already)."""
     if not blocks or any(b.kind == "layer" for b in blocks):
         return []
-    found = {b.name for b in blocks}
-    return [b for b in find_blocks(model, layers=True) if b.kind == "layer" and b.name not in found]
+    return split_layers(find_blocks(model, layers=True))[1]
+
+
+def split_layers(found: list[Block]) -> tuple[list[Block], list[Block]]:
+    """``find_blocks(model, layers=True)`` as (its blocks, the layers outside them): a network with
+    no residual block has its layers as its blocks and none outside."""
+    if all(b.kind == "layer" for b in found):
+        return found, []
+    return [b for b in found if b.kind != "layer"], [b for b in found if b.kind == "layer"]
 
 
 def _outside(units: list["_Raw"], raw: list["_Raw"]) -> list["_Raw"]:
