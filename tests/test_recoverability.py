@@ -169,3 +169,28 @@ def test_blocks_on_a_folded_batch_score_from_the_cached_prefix(tmp_path):
     scores = score_blocks(model, blocks, train, holdout, RecoverabilitySettings(iterations=6, batch_size=16),
                           show_progress=False)
     assert all(0 <= s.recoverability <= s.before_fit for s in scores)
+
+
+def test_errors_without_adaptors_run_each_block_from_one_recorded_pass(pretrained_r20, tiny_split, monkeypatch):
+    """Scoring at 0 steps (a time budget's floor) records every block's input in one pass of the
+    original, then runs only the network after each block; the errors are those of the whole
+    network without that block, run from the images."""
+    from graphprune.features import mimic_loss, mimic_targets, run_batched, target_names, target_weights, truncate
+    from graphprune.passes.drop_blocks import drop_blocks
+
+    train, holdout = tiny_split
+    blocks = gp.find_blocks(pretrained_r20)
+    recorded = []
+    real = rec._Context.record
+    monkeypatch.setattr(rec._Context, "record", lambda self, split, cut=(): recorded.append(split) or real(self, split, cut))
+    scores = score_blocks(pretrained_r20, blocks, train, holdout, RecoverabilitySettings(iterations=0),
+                          show_progress=False)
+    assert recorded == ["holdout"]  # one pass, for all 9 blocks
+    gm = pretrained_r20.graph_module
+    targets = mimic_targets(pretrained_r20, None)
+    teacher = [run_batched(truncate(gm, target_names(gm, targets)), x) for x in (train.images, holdout.images)]
+    for block, score in zip(blocks, scores):
+        student = drop_blocks(pretrained_r20, [block.name], blocks).graph_module
+        whole = run_batched(truncate(student, target_names(student, targets)), holdout.images)
+        expected = float(mimic_loss(whole, teacher[1], target_weights(teacher[0])))
+        assert score.before_fit == score.recoverability == pytest.approx(expected, rel=1e-5) and expected > 0
