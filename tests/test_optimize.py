@@ -234,3 +234,15 @@ def test_the_summary_warns_where_the_written_models_cut_is_short_of_the_target()
     assert "short of the 10.0% target" in fresh and "from the cache" not in fresh
     for cut in (0.09, 0.1, 0.3):  # within the interleaved noise of the target, or past it: no warning
         assert "warning" not in format_summary({**report, "latency": {**latency, "cut": cut}})
+
+
+def test_the_summary_warns_where_the_steps_overran_the_time_budget():
+    from graphprune.report import format_summary
+
+    stages = {"profile_blocks": 119.0, "score_recoverability": 148.0, "recover": 100.0, "measure_result": 15.0}
+    report = {"latency": None, "blocks": [], "dropped": [], "seconds_per_stage": stages,
+              "settings": {"time_budget_s": 300.0}}
+    (line,) = [line for line in format_summary(report).splitlines() if line.startswith("warning:")]
+    assert "took 382 s, over the 300 s --time-budget" in line and "score_recoverability 148 s, profile_blocks 119 s" in line
+    for settings in ({"time_budget_s": 382 / 1.05}, {"time_budget_s": None}, {}):  # within the slack; no budget
+        assert "warning" not in format_summary({**report, "settings": settings})
