@@ -194,3 +194,30 @@ def test_errors_without_adaptors_run_each_block_from_one_recorded_pass(pretraine
         whole = run_batched(truncate(student, target_names(student, targets)), holdout.images)
         expected = float(mimic_loss(whole, teacher[1], target_weights(teacher[0])))
         assert score.before_fit == score.recoverability == pytest.approx(expected, rel=1e-5) and expected > 0
+
+
+def test_recording_stays_within_its_memory_share_and_frees_what_was_scored(pretrained_r20, tiny_split, monkeypatch):
+    """With no room (RECORD_MEMORY_SHARE 0) each block records only its own input, one pass each;
+    the scores are the same, and every planned value is freed once its block is scored."""
+    train, holdout = tiny_split
+    blocks = gp.find_blocks(pretrained_r20)
+    contexts, passes = [], []
+    real = rec._Context.record
+
+    def record(self, split, cut=()):
+        contexts.append(self)
+        before = len(self.recorded[split])
+        real(self, split, cut)
+        passes.append(len(self.recorded[split]) - before)
+    monkeypatch.setattr(rec._Context, "record", record)
+    for settings in (RecoverabilitySettings(iterations=0), RecoverabilitySettings(iterations=4, batch_size=16)):
+        roomy = score_blocks(pretrained_r20, blocks, train, holdout, settings, show_progress=False)
+        assert not contexts[-1].recorded["holdout"] and not contexts[-1].recorded["train"]  # all freed
+        assert not contexts[-1].named_by and not contexts[-1].planned["holdout"]
+        roomy_passes, passes[:] = len(passes), []
+        monkeypatch.setattr(rec, "RECORD_MEMORY_SHARE", 0.0)
+        tight = score_blocks(pretrained_r20, blocks, train, holdout, settings, show_progress=False)
+        monkeypatch.setattr(rec, "RECORD_MEMORY_SHARE", 0.25)
+        assert len(passes) > roomy_passes and max(passes) <= 2  # a cut at a time: the input (and a shortcut)
+        assert [s.to_dict() | {"seconds": None} for s in tight] == [s.to_dict() | {"seconds": None} for s in roomy]
+        passes[:] = []

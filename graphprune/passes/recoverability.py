@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -59,6 +61,7 @@ from ..data import TinySet
 from ..errors import GraphpruneError
 from ..features import cached_suffix, cut_before, mimic_loss, mimic_targets, run_batched, target_names, target_weights, truncate
 from ..graph_stats import node_stats
+from ..memory import available_memory
 from ..model import Model
 from ..ops import is_multi_output
 from ..precision import check_precision
@@ -73,6 +76,9 @@ from .scoring_budget import SCORE_SHARE, affordable_iterations
 
 log = logging.getLogger("graphprune")
 ESTIMATORS = ("practise", "lstsq", "none", "influence")
+# one recording pass keeps at most this share of the memory available (the rest is recorded when
+# needed): ResNet-50's 16 block inputs at 224 px are 4.4 GB for 200 held-out images
+RECORD_MEMORY_SHARE = 0.25
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -209,6 +215,7 @@ def score_blocks(model: Model, blocks: list[Block], train: TinySet, holdout: Tin
                 context = _Context(model, blocks, train, holdout, targets, settings)
                 context.plan(uncached, ("train", "holdout") if _fits_adaptors(settings) else ("holdout",))
             result = replace(context.score(block), seconds=round(time.perf_counter() - started, 2))
+            context.done(block)
             if cache is not None:
                 cache[block.name] = result.to_dict()
         else:
@@ -274,6 +281,8 @@ class _Context:
         # every planned node in one pass (plan), or for one cut on demand
         self.recorded: dict[str, dict[str, torch.Tensor]] = {"train": {}, "holdout": {}}
         self.planned: dict[str, dict[str, None]] = {"train": {}, "holdout": {}}  # ordered sets
+        self.uses: dict[str, Counter] = {"train": Counter(), "holdout": Counter()}  # blocks left that name each
+        self.named_by: dict[str, dict[str, list[str]]] = {}  # block -> split -> the values planned for it
         self.step_seconds: list[float] = []  # adaptor steps' own seconds (scoring_budget.py reads them)
 
     @staticmethod
@@ -382,30 +391,54 @@ class _Context:
     def plan(self, blocks: list[Block], splits: tuple[str, ...]) -> None:
         """Name the values that scoring ``blocks`` starts from on ``splits`` (each block's entry,
         for its error without adaptors; on ``train`` too, its shape region's entry, where adaptors
-        are fitted), so that the first block to need one records them all in one pass of the
-        original network per split, not one pass up to each. Scoring at 0 adaptor steps is then
-        a pass of the network after each block instead of the whole (a budget's floor on big
-        models: MaxViT-T's 55 blocks at 224 px)."""
+        are fitted), so that the first block to need one records them, as many as memory allows,
+        in one pass of the original network per split, not one pass up to each. Scoring at 0
+        adaptor steps is then a pass of the network after each block instead of the whole (a
+        budget's floor on big models: MaxViT-T's 55 blocks at 224 px). A planned value is freed
+        once every block that named it is scored."""
         original = self.model.graph_module
-        if self.settings.estimator == "influence":  # each block's input, output and shortcut
-            self.planned["train"].update(dict.fromkeys(n for b in blocks for n in (b.entry, b.exit, b.shortcut_output)))
-            return
-        starts = {"holdout": [b.entry for b in blocks]}
-        if "train" in splits:
-            starts["train"] = [shape_region(self.blocks, b)[0].entry for b in blocks]
-            starts["holdout"] += starts["train"]
-        for split in splits:
-            for start in dict.fromkeys(starts[split]):
-                self.planned[split].update(dict.fromkeys(cut_before(original, start) or []))
+        for block in blocks:
+            if self.settings.estimator == "influence":  # the block's input, output and shortcut
+                starts = {"train": [block.entry, block.exit, block.shortcut_output]}
+            else:
+                region = [shape_region(self.blocks, block)[0].entry] if "train" in splits else []
+                starts = {"train": region, "holdout": [block.entry, *region]}
+            names = {split: list(dict.fromkeys(n for start in starts.get(split, ()) for n in (
+                [start] if self.settings.estimator == "influence" else cut_before(original, start) or [])))
+                for split in splits if starts.get(split)}
+            mine = self.named_by.setdefault(block.name, {})  # planned again (a budget's steps): only what is new
+            for split, planned in names.items():
+                new = [n for n in planned if n not in mine.get(split, ())]
+                mine[split] = [*mine.get(split, ()), *new]
+                self.planned[split].update(dict.fromkeys(new))
+                self.uses[split].update(new)
+
+    def done(self, block: Block) -> None:
+        """``block`` is scored: free the planned values no block left to score names."""
+        for split, names in self.named_by.pop(block.name, {}).items():
+            self.uses[split].subtract(names)
+            for name in names:
+                if self.uses[split][name] <= 0:
+                    self.recorded[split].pop(name, None)
+                    self.planned[split].pop(name, None)
 
     def record(self, split: str, cut: list[str] = ()) -> None:
-        """Record the original network's values at ``cut`` and at every planned node not yet
-        recorded on ``split``'s images, in one pass."""
-        recorded = self.recorded[split]
-        names = [n for n in dict.fromkeys([*cut, *self.planned[split]]) if n not in recorded
-                 and not is_multi_output(node_named(self.model.graph_module, n))]
+        """Record the original network's values at ``cut`` and at the planned nodes not yet
+        recorded on ``split``'s images (in the order planned, while their bytes stay within
+        ``RECORD_MEMORY_SHARE`` of the memory available), in one pass."""
+        recorded, gm = self.recorded[split], self.model.graph_module
+        wanted = [n for n in dict.fromkeys([*cut, *self.planned[split]]) if n not in recorded
+                  and not is_multi_output(node_named(gm, n))]
+        available = available_memory()
+        room = None if available is None else RECORD_MEMORY_SHARE * available
+        names = []
+        for name in wanted:
+            size = math.prod(self.shapes.get(name) or ()) * 4 * len(self.images[split])  # float32
+            if name in cut or room is None or size <= room:
+                names.append(name)
+                room = None if room is None else room - size
         if names:
-            values = run_batched(truncate(self.model.graph_module, names), self.images[split])
+            values = run_batched(truncate(gm, names), self.images[split])
             recorded.update(zip(names, values if isinstance(values, tuple) else (values,)))
 
     def _values(self, split: str, cut: list[str]) -> tuple[torch.Tensor, ...]:
@@ -428,6 +461,7 @@ class _Context:
             return self._student(gm), *((self.images[split],) for split in splits)
         cut, student = found
         return student, *(self._values(split, list(cut)) for split in splits)
+
 
 __all__ = ["Adaptor", "BlockRecoverability", "ESTIMATORS", "Recoverability", "RecoverabilitySettings",
            "adaptor_sites", "score_blocks", "set_scorer", "shape_region"]
