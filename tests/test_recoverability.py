@@ -180,9 +180,11 @@ def test_errors_without_adaptors_run_each_block_from_one_recorded_pass(pretraine
 
     train, holdout = tiny_split
     blocks = gp.find_blocks(pretrained_r20)
+    from graphprune.passes.recording import Recording
+
     recorded = []
-    real = rec._Context.record
-    monkeypatch.setattr(rec._Context, "record", lambda self, split, cut=(): recorded.append(split) or real(self, split, cut))
+    real = Recording.record
+    monkeypatch.setattr(Recording, "record", lambda self, split, cut=(): recorded.append(split) or real(self, split, cut))
     scores = score_blocks(pretrained_r20, blocks, train, holdout, RecoverabilitySettings(iterations=0),
                           show_progress=False)
     assert recorded == ["holdout"]  # one pass, for all 9 blocks
@@ -199,25 +201,28 @@ def test_errors_without_adaptors_run_each_block_from_one_recorded_pass(pretraine
 def test_recording_stays_within_its_memory_share_and_frees_what_was_scored(pretrained_r20, tiny_split, monkeypatch):
     """With no room (RECORD_MEMORY_SHARE 0) each block records only its own input, one pass each;
     the scores are the same, and every planned value is freed once its block is scored."""
+    from graphprune.passes import recording
+    from graphprune.passes.recording import Recording
+
     train, holdout = tiny_split
     blocks = gp.find_blocks(pretrained_r20)
     contexts, passes = [], []
-    real = rec._Context.record
+    real = Recording.record
 
     def record(self, split, cut=()):
         contexts.append(self)
         before = len(self.recorded[split])
         real(self, split, cut)
         passes.append(len(self.recorded[split]) - before)
-    monkeypatch.setattr(rec._Context, "record", record)
+    monkeypatch.setattr(Recording, "record", record)
     for settings in (RecoverabilitySettings(iterations=0), RecoverabilitySettings(iterations=4, batch_size=16)):
         roomy = score_blocks(pretrained_r20, blocks, train, holdout, settings, show_progress=False)
         assert not contexts[-1].recorded["holdout"] and not contexts[-1].recorded["train"]  # all freed
         assert not contexts[-1].named_by and not contexts[-1].planned["holdout"]
         roomy_passes, passes[:] = len(passes), []
-        monkeypatch.setattr(rec, "RECORD_MEMORY_SHARE", 0.0)
+        monkeypatch.setattr(recording, "RECORD_MEMORY_SHARE", 0.0)
         tight = score_blocks(pretrained_r20, blocks, train, holdout, settings, show_progress=False)
-        monkeypatch.setattr(rec, "RECORD_MEMORY_SHARE", 0.25)
+        monkeypatch.setattr(recording, "RECORD_MEMORY_SHARE", 0.25)
         assert len(passes) > roomy_passes and max(passes) <= 2  # a cut at a time: the input (and a shortcut)
         assert [s.to_dict() | {"seconds": None} for s in tight] == [s.to_dict() | {"seconds": None} for s in roomy]
         passes[:] = []

@@ -21,13 +21,13 @@ Estimators (``estimator=``):
   mode. The frozen prefix before the region is computed once per image and cached, so each step
   runs only the region and what follows (where the rest of the network also reads earlier values,
   a neck's shortcut from before the region, those are cached with it: ``features.cut_before``).
-  The original network's values at every block's start are recorded in one pass per split
-  (``_Context.plan``/``record``), so the error without adaptors (``before_fit``; at 0 steps, a time
-  budget's floor, the score) runs only the network after the block: MaxViT-T at 224 px, 16
-  held-out images, 1-2.5 s a block instead of 4.3 s.
   The score is the held-out error of the best checkpoint (the identity start and every fifth of
   the steps): a fit never scores worse than no fit, where the adaptors fit the few training
   images and not the rest.
+  The original network's values at every block's start are recorded in one pass per split
+  (:mod:`.recording`), so the error without adaptors (``before_fit``; at 0 steps, a time
+  budget's floor, the score) runs only the network after the block: MaxViT-T at 224 px, 16
+  held-out images, 1-2.5 s a block instead of 4.3 s.
 * ``"lstsq"``: one adaptor at the gap, solved in closed form so that it maps the value arriving at
   the gap to the original block's output (ridge least squares over every position of every
   training image), then the held-out feature MSE as above. Costs one partial forward pass.
@@ -46,9 +46,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -61,7 +59,6 @@ from ..data import TinySet
 from ..errors import GraphpruneError
 from ..features import cached_suffix, cut_before, mimic_loss, mimic_targets, run_batched, target_names, target_weights, truncate
 from ..graph_stats import node_stats
-from ..memory import available_memory
 from ..model import Model
 from ..ops import is_multi_output
 from ..precision import check_precision
@@ -70,15 +67,13 @@ from .base import Analysis, PassResult
 from .drop_blocks import drop_blocks
 from .find_blocks import Block, Blocks, blocks_of, node_named
 from .plan_quantization import no_block_needed
+from .recording import Recording
 from .quantize_plan import QuantizationPlan
 from .adaptor_fit import adaptor_sites, current_input, fit_adaptors, redirect, ridge_map, shape_region
 from .scoring_budget import SCORE_SHARE, affordable_iterations
 
 log = logging.getLogger("graphprune")
 ESTIMATORS = ("practise", "lstsq", "none", "influence")
-# one recording pass keeps at most this share of the memory available (the rest is recorded when
-# needed): ResNet-50's 16 block inputs at 224 px are 4.4 GB for 200 held-out images
-RECORD_MEMORY_SHARE = 0.25
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -195,7 +190,7 @@ def score_blocks(model: Model, blocks: list[Block], train: TinySet, holdout: Tin
         started = time.perf_counter()
         context = _Context(model, blocks, train, holdout, targets, settings)
         context.plan(uncached, ("holdout",))
-        context.record("holdout")  # once for every block: not a cost of the probed blocks'
+        context.recording.record("holdout")  # once for every block: not a cost of the probed blocks'
         steps = affordable_iterations(settings.iterations, len(todo), max_seconds - (time.perf_counter() - started),
                                       [functools.partial(_probe, context, block)
                                        for block in dict.fromkeys((uncached[0], uncached[-1]))])
@@ -277,12 +272,8 @@ class _Context:
         self.shapes = {b.exit: b.output_shape for b in blocks}
         self.shapes.update({name: s.shape for name, s in node_stats(self._on_cpu(model)).items()})
         self.images = {"train": self.train_x, "holdout": self.holdout_x}
-        # the original network's values at the nodes scoring starts from, per split: recorded for
-        # every planned node in one pass (plan), or for one cut on demand
-        self.recorded: dict[str, dict[str, torch.Tensor]] = {"train": {}, "holdout": {}}
-        self.planned: dict[str, dict[str, None]] = {"train": {}, "holdout": {}}  # ordered sets
-        self.uses: dict[str, Counter] = {"train": Counter(), "holdout": Counter()}  # blocks left that name each
-        self.named_by: dict[str, dict[str, list[str]]] = {}  # block -> split -> the values planned for it
+        # the original's values where scoring starts, one pass per split for every planned block (plan)
+        self.recording = Recording(model.graph_module, self.images, self.shapes)
         self.step_seconds: list[float] = []  # adaptor steps' own seconds (scoring_budget.py reads them)
 
     @staticmethod
@@ -390,62 +381,25 @@ class _Context:
 
     def plan(self, blocks: list[Block], splits: tuple[str, ...]) -> None:
         """Name the values that scoring ``blocks`` starts from on ``splits`` (each block's entry,
-        for its error without adaptors; on ``train`` too, its shape region's entry, where adaptors
-        are fitted), so that the first block to need one records them, as many as memory allows,
-        in one pass of the original network per split, not one pass up to each. Scoring at 0
-        adaptor steps is then a pass of the network after each block instead of the whole (a
-        budget's floor on big models: MaxViT-T's 55 blocks at 224 px). A planned value is freed
-        once every block that named it is scored."""
+        for its error without adaptors; its shape region's entry too, on ``train`` and
+        ``holdout``, where adaptors are fitted; Block Influence: its input, output and shortcut),
+        so that one pass of the original per split records them (:mod:`.recording`)."""
         original = self.model.graph_module
         for block in blocks:
-            if self.settings.estimator == "influence":  # the block's input, output and shortcut
-                starts = {"train": [block.entry, block.exit, block.shortcut_output]}
-            else:
-                region = [shape_region(self.blocks, block)[0].entry] if "train" in splits else []
-                starts = {"train": region, "holdout": [block.entry, *region]}
-            names = {split: list(dict.fromkeys(n for start in starts.get(split, ()) for n in (
-                [start] if self.settings.estimator == "influence" else cut_before(original, start) or [])))
-                for split in splits if starts.get(split)}
-            mine = self.named_by.setdefault(block.name, {})  # planned again (a budget's steps): only what is new
-            for split, planned in names.items():
-                new = [n for n in planned if n not in mine.get(split, ())]
-                mine[split] = [*mine.get(split, ()), *new]
-                self.planned[split].update(dict.fromkeys(new))
-                self.uses[split].update(new)
+            if self.settings.estimator == "influence":
+                self.recording.plan(block.name, {"train": [block.entry, block.exit, block.shortcut_output]})
+                continue
+            region = [shape_region(self.blocks, block)[0].entry] if "train" in splits else []
+            starts = {"train": region, "holdout": [block.entry, *region]}
+            self.recording.plan(block.name, {split: [n for start in starts[split] for n in cut_before(original, start) or []]
+                                             for split in splits})
 
     def done(self, block: Block) -> None:
-        """``block`` is scored: free the planned values no block left to score names."""
-        for split, names in self.named_by.pop(block.name, {}).items():
-            self.uses[split].subtract(names)
-            for name in names:
-                if self.uses[split][name] <= 0:
-                    self.recorded[split].pop(name, None)
-                    self.planned[split].pop(name, None)
-
-    def record(self, split: str, cut: list[str] = ()) -> None:
-        """Record the original network's values at ``cut`` and at the planned nodes not yet
-        recorded on ``split``'s images (in the order planned, while their bytes stay within
-        ``RECORD_MEMORY_SHARE`` of the memory available), in one pass."""
-        recorded, gm = self.recorded[split], self.model.graph_module
-        wanted = [n for n in dict.fromkeys([*cut, *self.planned[split]]) if n not in recorded
-                  and not is_multi_output(node_named(gm, n))]
-        available = available_memory()
-        room = None if available is None else RECORD_MEMORY_SHARE * available
-        names = []
-        for name in wanted:
-            size = math.prod(self.shapes.get(name) or ()) * 4 * len(self.images[split])  # float32
-            if name in cut or room is None or size <= room:
-                names.append(name)
-                room = None if room is None else room - size
-        if names:
-            values = run_batched(truncate(gm, names), self.images[split])
-            recorded.update(zip(names, values if isinstance(values, tuple) else (values,)))
+        """``block`` is scored: its recorded values go where no block left to score reads them."""
+        self.recording.done(block.name)
 
     def _values(self, split: str, cut: list[str]) -> tuple[torch.Tensor, ...]:
-        """The original network's values at the nodes ``cut`` names on ``split``'s images."""
-        if not set(cut) <= set(self.recorded[split]):
-            self.record(split, cut)
-        return tuple(self.recorded[split][name] for name in cut)
+        return self.recording.values(split, cut)
 
     def _from_cache(self, gm: fx.GraphModule, start: str, splits: tuple[str, ...] = ("train", "holdout")):
         """``gm``'s targets as a function of recorded values before node ``start`` (unchanged by
