@@ -61,11 +61,11 @@ def format_summary(report: dict) -> str:
     if held_out:
         lines.append(_held_out_line(held_out))
         if held_out.get("warning"):
-            int8 = _int8_hint(quantization) + (" (or --lever auto, which also tries the network at a lower "
-                                               "resolution inside the graph)" if lever.get("resolution_applies") else "")
+            hints = _int8_hint(quantization) + (" (or --lever auto, which also tries the network at a lower "
+                                                "resolution inside the graph)" if lever.get("resolution_applies") else "")
             lines.append(f"warning: the optimised model keeps little of the original's function on the held-out "
                          f"images ({held_out['warning']}); a smaller --latency-cut or more images may serve "
-                         f"better{int8}")
+                         f"better{hints}")
     if "eval" in report:
         lines.extend(_eval_lines(report["eval"]))
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in report["seconds_per_stage"].items())
