@@ -38,7 +38,8 @@ ARCHS = tuple(f"timm:{name}" for name in (
     "repvit_m0_9:128", "mobilenetv4_conv_small:128", "xcit_nano_12_p16_224:224", "efficientvit_b0:128",
     "hrnet_w18_small:128", "inception_next_tiny:128", "ghostnetv2_100:128"))
 OPTIMIZE = ("--data-free", "--synthetic", "procedural", "--num-samples", "32", "--latency-cut", "0.1",
-            "--time-budget", "120", "--quantize", "none", "--recovery-iterations", "20", "--no-cache", "--quiet")
+            "--time-budget", "120", "--quantize", "none", "--recovery-iterations", "20", "--no-cache", "--quiet",
+            "--layers", "auto")  # the layers outside the blocks where blocks alone fall short (ReXNet, DPN, VoVNet)
 TIMEOUT_S = 600
 
 
