@@ -46,6 +46,7 @@ def report_fields(report: dict, wall_s: float) -> dict:
         "dropped": report["dropped"], "quantized": bool(quant.get("used")),
         "plan": (quant.get("plan") or {}).get("chosen"), "plan_reason": quant.get("reason"),
         "float_nodes": quant.get("float_nodes"),
+        "scoring_steps": report.get("scoring_steps"),  # where a time budget made them fewer than asked
         "seconds_per_stage": {k: round(v, 1) for k, v in report["seconds_per_stage"].items()},
         "wall_s": round(wall_s, 1), "load_average": os.getloadavg(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
