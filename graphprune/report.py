@@ -61,11 +61,11 @@ def format_summary(report: dict) -> str:
     if held_out:
         lines.append(_held_out_line(held_out))
         if held_out.get("warning"):
-            hints = _int8_hint(quantization) + (" (or --lever auto, which also tries the network at a lower "
-                                                "resolution inside the graph)" if lever.get("resolution_applies") else "")
+            others = [hint for hint in (_int8_hint(quantization), "--lever auto, which also tries the network at a "
+                      "lower resolution inside the graph" if lever.get("resolution_applies") else "") if hint]
             lines.append(f"warning: the optimised model keeps little of the original's function on the held-out "
                          f"images ({held_out['warning']}); a smaller --latency-cut or more images may serve "
-                         f"better{hints}")
+                         "better" + (f" (or {'; or '.join(others)})" if others else ""))
     if "eval" in report:
         lines.extend(_eval_lines(report["eval"]))
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in report["seconds_per_stage"].items())
@@ -133,10 +133,10 @@ def _int8_hint(quantization: dict) -> str:
     if quantization.get("used"):
         return ""
     if quantization.get("mode") in (None, "none"):
-        return " (or int8: --quantize auto)"
+        return "int8: --quantize auto"
     candidates = (quantization.get("plan") or {}).get("candidates") or []
     faster = any((c.get("timing") or {}).get("cut", 0) > 0 for c in candidates if not c.get("error"))
-    return " (or --quantize int8, which auto left off)" if faster else ""  # not where int8 cannot run or is slower
+    return "--quantize int8, which auto left off" if faster else ""  # not where int8 cannot run or is slower
 
 
 def _eval_lines(evaluation: dict) -> list[str]:
