@@ -49,6 +49,7 @@ def test_estimators_on_real_weights(pretrained_r20, tiny_split):
                             show_progress=False, candidates=some)
 
     none, lstsq = score(estimator="none"), score(estimator="lstsq")
+    assert [s.recoverability for s in score(estimator="lstsq", iterations=0)] == [s.recoverability for s in lstsq]  # closed form: no steps
     practise = score(estimator="practise", iterations=15, batch_size=32)
     for a, b, c in zip(none, lstsq, practise):
         assert a.recoverability == a.before_fit > 0

@@ -291,9 +291,9 @@ class _Context:
         dropped = drop_blocks(self.model, [block.name], self.blocks)
         gm = dropped.graph_module
         before = self._holdout_mse(*self._from_cache(gm, block.entry, splits=("holdout",)))
-        if self.settings.estimator == "none" or self.settings.iterations <= 0:
+        if self.settings.estimator == "none" or not _fits_adaptors(self.settings) and self.settings.estimator == "practise":
             after = before  # no step: the adaptors stay the identity (a time budget's 0 steps, scoring_budget.py)
-        elif self.settings.estimator == "lstsq":
+        elif self.settings.estimator == "lstsq":  # closed form: no steps, whatever iterations says
             after = self._lstsq(block, gm)
         else:
             after = self._practise([block], gm)
