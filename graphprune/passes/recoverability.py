@@ -291,7 +291,7 @@ class _Context:
         dropped = drop_blocks(self.model, [block.name], self.blocks)
         gm = dropped.graph_module
         before = self._holdout_mse(*self._from_cache(gm, block.entry, splits=("holdout",)))
-        if self.settings.estimator == "none" or not _fits_adaptors(self.settings) and self.settings.estimator == "practise":
+        if self.settings.estimator == "none" or (self.settings.estimator == "practise" and self.settings.iterations <= 0):
             after = before  # no step: the adaptors stay the identity (a time budget's 0 steps, scoring_budget.py)
         elif self.settings.estimator == "lstsq":  # closed form: no steps, whatever iterations says
             after = self._lstsq(block, gm)
