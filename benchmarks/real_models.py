@@ -298,7 +298,9 @@ def config_for(row: dict):
     return base
 
 
-def run_row(row: dict, original_path: Path, tiny, test, spec: RealModel) -> dict:
+def run_row(row: dict, original_path: Path, tiny, test, spec: RealModel, empty_cache: bool = False) -> dict:
+    """One row: optimize, write, evaluate. ``empty_cache``: block timings and scores from an empty
+    cache (a row's time from scratch), not the benchmark's, which earlier rows filled."""
     import onnx
 
     import graphprune as gp
@@ -311,9 +313,11 @@ def run_row(row: dict, original_path: Path, tiny, test, spec: RealModel) -> dict
     pipeline = ([PlanQuantization("auto", config.quantization, config.recovery.device),
                 QuantizeResult.from_config(config), MeasureResult()]
                 if row["method"] == "int8-only" else None)
-    start = time.perf_counter()
-    result = optimize(model, tiny, config, pipeline)
-    wall_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="graphprune-cache-") as empty:
+        config = replace(config, cache_dir=empty) if empty_cache else config
+        start = time.perf_counter()
+        result = optimize(model, tiny, config, pipeline)
+        wall_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as work:
         proto = onnx.load(str(write_result(result, Path(work) / "out.onnx", str(original_path))))
     report, records = result.report, result.state.records
@@ -330,6 +334,7 @@ def run_row(row: dict, original_path: Path, tiny, test, spec: RealModel) -> dict
         "refinement_fits": len((report.get("refinement") or {}).get("evaluations", [])),
         "resolution": report.get("resolution"),
         "lever": report.get("lever"),
+        "cache": "empty" if empty_cache else "benchmark",
     }
 
 
@@ -357,7 +362,8 @@ def cmd_run(args) -> None:
     print(f"{len(todo)} rows to run on {this_machine()}", flush=True)
     spec = MODELS[args.model]
     original_path, tiny, test = spec.path(), tiny_set(spec), eval_set(spec)
-    run_rows(ROWS, todo, row_id, lambda row: run_row(row, original_path, tiny, test, spec), summary, this_machine())
+    run_rows(ROWS, todo, row_id, lambda row: run_row(row, original_path, tiny, test, spec, args.empty_cache), summary,
+             this_machine())
     cmd_report(args)
 
 
@@ -458,6 +464,8 @@ def run_options(parser) -> None:
     parser.add_argument("--layers", choices=["auto", "always", "never"],
                         help="optimize's --layers (default: the product's)")
     parser.add_argument("--redo", action="store_true", help="run rows this CPU has finished again (replacing them)")
+    parser.add_argument("--empty-cache", action="store_true",
+                        help="time and score blocks from an empty cache, not the benchmark's (a run from scratch)")
 
 
 if __name__ == "__main__":
