@@ -57,7 +57,8 @@ from ..adaptors import Adaptor, channel_dim, insert_adaptor
 from ..cache import tensor_fingerprint
 from ..data import TinySet
 from ..errors import GraphpruneError
-from ..features import cached_suffix, cut_before, mimic_loss, mimic_targets, run_batched, target_names, target_weights, truncate
+from ..features import (cached_suffix, cut_before, mimic_loss, mimic_targets, run_batched, target_names, target_weights,
+                        truncate)
 from ..graph_stats import node_stats
 from ..model import Model
 from ..ops import is_multi_output
@@ -210,7 +211,7 @@ def score_blocks(model: Model, blocks: list[Block], train: TinySet, holdout: Tin
                 context = _Context(model, blocks, train, holdout, targets, settings)
                 context.plan(uncached, ("train", "holdout") if _fits_adaptors(settings) else ("holdout",))
             result = replace(context.score(block), seconds=round(time.perf_counter() - started, 2))
-            context.done(block)
+            context.recording.done(block.name)  # its recorded values go where no block left reads them
             if cache is not None:
                 cache[block.name] = result.to_dict()
         else:
@@ -291,9 +292,10 @@ class _Context:
         dropped = drop_blocks(self.model, [block.name], self.blocks)
         gm = dropped.graph_module
         before = self._holdout_mse(*self._from_cache(gm, block.entry, splits=("holdout",)))
-        if self.settings.estimator == "none" or (self.settings.estimator == "practise" and self.settings.iterations <= 0):
+        estimator = self.settings.estimator
+        if estimator == "none" or (estimator == "practise" and self.settings.iterations <= 0):
             after = before  # no step: the adaptors stay the identity (a time budget's 0 steps, scoring_budget.py)
-        elif self.settings.estimator == "lstsq":  # closed form: no steps, whatever iterations says
+        elif estimator == "lstsq":  # closed form: no steps, whatever iterations says
             after = self._lstsq(block, gm)
         else:
             after = self._practise([block], gm)
@@ -309,12 +311,13 @@ class _Context:
     # --- block influence (ShortGPT) -------------------------------------------------------------
     def _influence(self, block: Block) -> float:
         original = self.model.graph_module
-        y, = self._values("train", [block.exit])
+        y, = self.recording.values("train", [block.exit])
         # the block's input, or, where the entry is a tuple (a Split) or the block changes the
         # shape, the value its shortcut adds to the branch
-        x = None if is_multi_output(node_named(original, block.entry)) else self._values("train", [block.entry])[0]
+        x = None if is_multi_output(node_named(original, block.entry)) else \
+            self.recording.values("train", [block.entry])[0]
         if x is None or x.shape != y.shape:
-            x, = self._values("train", [block.shortcut_output])
+            x, = self.recording.values("train", [block.shortcut_output])
         dim = channel_dim(node_named(original, block.exit), original, tuple(y.shape))
         cos = F.cosine_similarity(x.movedim(dim, -1).reshape(-1, x.shape[dim]),
                                   y.movedim(dim, -1).reshape(-1, y.shape[dim]), dim=-1)
@@ -391,15 +394,9 @@ class _Context:
                 continue
             region = [shape_region(self.blocks, block)[0].entry] if "train" in splits else []
             starts = {"train": region, "holdout": [block.entry, *region]}
-            self.recording.plan(block.name, {split: [n for start in starts[split] for n in cut_before(original, start) or []]
-                                             for split in splits})
-
-    def done(self, block: Block) -> None:
-        """``block`` is scored: its recorded values go where no block left to score reads them."""
-        self.recording.done(block.name)
-
-    def _values(self, split: str, cut: list[str]) -> tuple[torch.Tensor, ...]:
-        return self.recording.values(split, cut)
+            names = {split: [n for start in starts[split] for n in cut_before(original, start) or []]
+                     for split in splits}
+            self.recording.plan(block.name, names)
 
     def _from_cache(self, gm: fx.GraphModule, start: str, splits: tuple[str, ...] = ("train", "holdout")):
         """``gm``'s targets as a function of recorded values before node ``start`` (unchanged by
@@ -414,7 +411,7 @@ class _Context:
         if found is None or not set(found[0]) <= original:
             return self._student(gm), *((self.images[split],) for split in splits)
         cut, student = found
-        return student, *(self._values(split, list(cut)) for split in splits)
+        return student, *(self.recording.values(split, list(cut)) for split in splits)
 
 
 __all__ = ["Adaptor", "BlockRecoverability", "ESTIMATORS", "Recoverability", "RecoverabilitySettings",
